@@ -1,0 +1,227 @@
+"""Capture: torch.export -> core ATen graph -> our op graph, through ops' lowering table.
+
+Generic by construction: every ATen node is looked up in `ops.registry.LOWERINGS`; any
+composition of supported ops compiles. Parameters and buffers are read in place (the
+graph keeps references to the module's own tensors, never copies).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+
+import torch
+import torch.utils._pytree as pytree
+from torch.export.graph_signature import InputKind
+
+from mkcompiler.errors import UnsupportedOpError
+from mkcompiler.ir import BufferKind, Graph, OpNode, View
+from mkcompiler.ops import registry
+
+IGNORED = {
+    torch.ops.aten._assert_tensor_metadata.default,
+    torch.ops.aten._assert_scalar.default,
+    torch.ops.aten.sym_constrain_range_for_size.default,
+}
+
+
+def user_source(fx_node) -> str:
+    """'file:line: code' of the innermost stack frame outside torch, or ''."""
+    trace = fx_node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', trace)
+    user = [f for f in frames if "/torch/" not in f[0]]
+    if not (user or frames):
+        return ""
+    path, line, code = (user or frames)[-1]
+    return f"{path}:{line}: {code.strip()}"
+
+
+class Refused:
+    """Stands for a value we cannot produce; using it raises."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+
+class LoweringContext:
+    """What a lowering function may do: make tensors, emit ops, and refuse clearly."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.fx_node = None
+
+    # ---- errors ----
+    def unsupported(self, node, what: str):
+        node = node or self.fx_node
+        where = user_source(node) if node is not None else ""
+        supported = ", ".join(sorted({str(t).replace("aten.", "") for t in registry.LOWERINGS}))
+        raise UnsupportedOpError(
+            f"mkcompiler cannot compile {what}"
+            + (f" (ATen op {node.target}, node {node.name})" if node is not None else "")
+            + (f"\n  at {where}" if where else "")
+            + f"\n  supported ATen ops: {supported}"
+        )
+
+    def refused(self, node, what: str) -> Refused:
+        return Refused(what)
+
+    # ---- tensors ----
+    def new_output(self, node, index=None) -> View:
+        val = node.meta["val"]
+        if index is not None:
+            val = val[index]
+        return self.graph.new_tensor(node.name, tuple(val.shape), val.dtype)
+
+    def row_input(self, v: View) -> View:
+        """A view of rank <= 4 whose last dim is the row (leading dims merged when needed)."""
+        if v.rank == 0:
+            return v.reshape((1,))
+        if v.rank <= 4:
+            return v
+        flat = v.reshape((-1, v.shape[-1]))
+        return flat if flat is not None else self.copy(v).reshape((-1, v.shape[-1]))
+
+    # ---- ops ----
+    def emit(self, node, kind: str, inputs, outputs, **attrs) -> OpNode:
+        for x in inputs:
+            if isinstance(x, Refused):
+                self.unsupported(node, x.what)
+        op = OpNode(kind, tuple(inputs), tuple(outputs), dict(attrs),
+                    name=node.name if node is not None else f"{kind}{len(self.graph.ops)}",
+                    source=user_source(node) if node is not None else "")
+        self.graph.ops.append(op)
+        return op
+
+    def emit_matmul(self, node, a: View, b: View, bias: View | None) -> View:
+        if a.rank != 2 or b.rank != 2:
+            self.unsupported(node, f"a matmul of ranks {a.rank} x {b.rank} (batched matmul)")
+        out = self.graph.new_tensor(node.name, (a.shape[0], b.shape[1]), node.meta["val"].dtype)
+        self.emit(node, "matmul", (a, b, bias), (out,))
+        return out
+
+    def elementwise(self, node, name: str, *operands) -> View:
+        tensors = [x for x in operands if isinstance(x, View)]
+        for x in operands:
+            if isinstance(x, Refused):
+                self.unsupported(node, x.what)
+        if node is not None:
+            shape, dtype = tuple(node.meta["val"].shape), node.meta["val"].dtype
+        else:
+            shape = tuple(torch.broadcast_shapes(*(t.shape for t in tensors)))
+            dtype = tensors[0].dtype
+            for t in tensors[1:]:
+                dtype = torch.promote_types(dtype, t.dtype)
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            self.unsupported(node, f"elementwise {name} producing {dtype} (only floating point)")
+        inputs, leaves = [], []
+        for x in operands:
+            if isinstance(x, View):
+                leaves.append(("in", len(inputs)))
+                inputs.append(x.expand(shape))
+            elif isinstance(x, (int, float, bool)):
+                leaves.append(("const", float(x)))
+            else:
+                self.unsupported(node, f"elementwise {name} on a {type(x).__name__} operand")
+        out = self.graph.new_tensor(node.name if node is not None else name, shape, dtype)
+        self.emit(node, "elementwise", inputs, (out,), expr=("op", name, dtype, *leaves))
+        return out
+
+    def copy(self, v: View) -> View:
+        """A fresh contiguous copy of v."""
+        out = self.graph.new_tensor("copy", v.shape, v.dtype)
+        self.emit(None, "elementwise", (v,), (out,), expr=("op", "copy", v.dtype, ("in", 0)))
+        return out
+
+    def copy_into(self, src: View, dst: View, node=None):
+        self.emit(node, "elementwise", (src.expand(dst.shape),), (dst,), expr=("op", "copy", dst.dtype, ("in", 0)))
+
+
+def _module_tensors(model: torch.nn.Module, ep) -> dict[str, torch.Tensor]:
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(dict(model.named_buffers(remove_duplicate=False)))
+    tensors.update(getattr(ep, "constants", {}) or {})
+    return tensors
+
+
+def _bind_param(graph: Graph, name: str, t: torch.Tensor) -> View:
+    t = t.detach()
+    span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride())) if t.numel() else 0
+    buf = graph.add_buffer(name, max(span, 1), t.dtype, BufferKind.PARAM)
+    graph.params[buf.id] = t
+    return View(buf.id, t.dtype, tuple(t.shape), tuple(t.stride()), 0)
+
+
+def capture(model: torch.nn.Module, example_inputs: tuple) -> Graph:
+    """Export `model` and lower it into an op graph."""
+    registry.load_all()
+    ep = torch.export.export(model, tuple(example_inputs), strict=False)
+    ep = ep.run_decompositions()
+    graph = Graph(out_spec=ep.call_spec.out_spec)
+    ctx = LoweringContext(graph)
+    env: dict = {}
+    module_tensors = _module_tensors(model, ep)
+    user_inputs = iter(range(10**9))
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            env[spec.arg.name] = ("user", next(user_inputs))
+        elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+            env[spec.arg.name] = _bind_param(graph, spec.target, module_tensors[spec.target])
+        else:
+            raise UnsupportedOpError(f"mkcompiler cannot capture graph input kind {spec.kind}")
+    mutated = [s for s in ep.graph_signature.output_specs if s.kind.name != "USER_OUTPUT"]
+    if mutated:
+        raise UnsupportedOpError(f"mkcompiler cannot compile models that mutate state ({mutated[0].target})")
+    flat_inputs = pytree.tree_leaves(tuple(example_inputs))
+    for fx_node in ep.graph.nodes:
+        ctx.fx_node = fx_node
+        if fx_node.op == "placeholder":
+            env[fx_node.name] = _bind_user_input(graph, ctx, fx_node, env[fx_node.name], flat_inputs)
+        elif fx_node.op == "call_function":
+            env[fx_node.name] = _lower_node(ctx, fx_node, env)
+        elif fx_node.op == "output":
+            graph.outputs = [_output_value(ctx, fx_node, x, env) for x in fx_node.args[0]]
+    return graph
+
+
+def _bind_user_input(graph, ctx, fx_node, bound, flat_inputs):
+    if not (isinstance(bound, tuple) and bound[0] == "user"):
+        return bound
+    val = fx_node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        ctx.unsupported(fx_node, f"a non-tensor input {fx_node.name!r}")
+    buf = graph.add_buffer(fx_node.name, max(math.prod(val.shape), 1), val.dtype, BufferKind.INPUT)
+    graph.inputs.append((buf.id, tuple(val.shape), val.dtype))
+    return View.full(buf, tuple(val.shape)) if val.dim() else View(buf.id, val.dtype, (), (), 0)
+
+
+def _map_arg(a, env):
+    if isinstance(a, torch.fx.Node):
+        return env[a.name]
+    if isinstance(a, (list, tuple)):
+        return type(a)(_map_arg(x, env) for x in a)
+    return a
+
+
+def _lower_node(ctx, fx_node, env):
+    target = fx_node.target
+    if target in IGNORED:
+        return None
+    if target is operator.getitem:
+        seq, i = fx_node.args
+        return env[seq.name][i]
+    fn = registry.LOWERINGS.get(target)
+    if fn is None:
+        ctx.unsupported(fx_node, f"the op {target}")
+    args = _map_arg(fx_node.args, env)
+    kwargs = {k: _map_arg(v, env) for k, v in fx_node.kwargs.items()}
+    return fn(ctx, fx_node, *args, **kwargs)
+
+
+def _output_value(ctx, fx_node, x, env):
+    if isinstance(x, torch.fx.Node):
+        v = env[x.name]
+        if isinstance(v, Refused):
+            ctx.unsupported(x, v.what)
+        return v
+    return x

@@ -1,0 +1,72 @@
+"""Device functions of the queue protocol: bounded waits, signals, the error record.
+
+Facts this relies on (TRITON_3_6_NOTES.md): a spin on a plain load is deleted by the
+compiler, so polls are `atomic_add(p, 0, sem="acquire")`; a scalar release atomic is issued
+by one thread with no barrier before it, so callers put tl.debug_barrier() before signal().
+"""
+
+import triton
+import triton.language as tl
+
+from mkcompiler.layout import NUM_WAIT_FIELDS, ErrorField, Field, WaitField
+
+WAIT_BEGIN: tl.constexpr = tl.constexpr(int(Field.WAIT_BEGIN))
+WAIT_END: tl.constexpr = tl.constexpr(int(Field.WAIT_END))
+SIGNAL: tl.constexpr = tl.constexpr(int(Field.SIGNAL))
+WAIT_ROW: tl.constexpr = tl.constexpr(NUM_WAIT_FIELDS)
+W_COUNTER: tl.constexpr = tl.constexpr(int(WaitField.COUNTER))
+W_COUNT: tl.constexpr = tl.constexpr(int(WaitField.COUNT))
+E_FLAG: tl.constexpr = tl.constexpr(int(ErrorField.FLAG))
+E_INSTRUCTION: tl.constexpr = tl.constexpr(int(ErrorField.INSTRUCTION))
+E_COUNTER: tl.constexpr = tl.constexpr(int(ErrorField.COUNTER))
+E_VALUE: tl.constexpr = tl.constexpr(int(ErrorField.VALUE))
+E_TARGET: tl.constexpr = tl.constexpr(int(ErrorField.TARGET))
+E_WORKER: tl.constexpr = tl.constexpr(int(ErrorField.WORKER))
+
+
+@triton.jit
+def aborted(err_ptr):
+    """True once any worker has given up (every worker then stops)."""
+    return tl.load(err_ptr + E_FLAG, volatile=True) != 0
+
+
+@triton.jit
+def record_stuck_wait(err_ptr, idx, counter, value, target):
+    if tl.atomic_cas(err_ptr + E_FLAG, 0, 1) == 0:  # first one to give up tells its story
+        tl.store(err_ptr + E_INSTRUCTION, idx)
+        tl.store(err_ptr + E_COUNTER, counter)
+        tl.store(err_ptr + E_VALUE, value)
+        tl.store(err_ptr + E_TARGET, target)
+        tl.store(err_ptr + E_WORKER, tl.program_id(0))
+
+
+@triton.jit
+def wait_all(row_ptr, idx, waits_ptr, counters_ptr, err_ptr, generation, MAX_SPIN: tl.constexpr):
+    """Wait (acquire) until each of the instruction's counters reaches count x generation.
+    Returns 1 when all are met, 0 when one gave up after MAX_SPIN polls (recorded in err)."""
+    w = tl.load(row_ptr + WAIT_BEGIN)
+    w_end = tl.load(row_ptr + WAIT_END)
+    ok = 1
+    while (w < w_end) & (ok == 1):
+        counter = tl.load(waits_ptr + w * WAIT_ROW + W_COUNTER)
+        target = tl.load(waits_ptr + w * WAIT_ROW + W_COUNT) * generation
+        value = tl.atomic_add(counters_ptr + counter, 0, sem="acquire")
+        spins = 0
+        while (value < target) & (spins < MAX_SPIN):
+            value = tl.atomic_add(counters_ptr + counter, 0, sem="acquire")
+            spins += 1
+            if aborted(err_ptr):
+                spins = MAX_SPIN
+        if value < target:
+            ok = 0
+            record_stuck_wait(err_ptr, idx, counter, value, target)
+        w += 1
+    return ok
+
+
+@triton.jit
+def signal(row_ptr, counters_ptr):
+    """Release: publish this instruction's writes to whoever waits on its counter."""
+    counter = tl.load(row_ptr + SIGNAL)
+    if counter >= 0:
+        tl.atomic_add(counters_ptr + counter, 1, sem="release")

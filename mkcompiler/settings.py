@@ -1,0 +1,41 @@
+"""Every knob in one typed place. Options passed to `mkcompiler.compile(**options)` override
+the defaults; MKCOMPILER_DEBUG / MKCOMPILER_DUMP environment variables set debug and dumps.
+Everything here that changes generated code or the queue is part of `Settings.key()`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Settings:
+    num_workers: int | None = None  # persistent programs; default: SM count (GPU) or 4 (interpreter)
+    schedule: str = "dynamic"  # "dynamic" (atomic queue head) or "static" (per-worker lists)
+    max_spin: int | None = None  # polls before a wait gives up; default 2**22 (GPU), 2000 (interpreter)
+    fp32_precision: str = "ieee"  # tl.dot precision for fp32 operands: "ieee" or "tf32"
+    matmul_tile: tuple[int, int, int] | None = None  # (BM, BN, BK); default chosen per shape
+    elementwise_block: int = 1024  # elements per elementwise tile
+    row_block: int = 4  # rows per tile for norms, reductions, softmax, embedding
+    row_chunk: int = 1024  # columns per step of a row sweep (max)
+    num_warps: int = 4
+    num_stages: int = 2
+    interpret: bool | None = None  # run in the Triton interpreter; default: when there is no GPU
+    copy_outputs: bool = True  # return fresh tensors (not views of the megakernel's buffers)
+    debug: int = int(os.environ.get("MKCOMPILER_DEBUG", "0"))  # 1: check pass invariants; 2: print
+    dump_dir: str | None = os.environ.get("MKCOMPILER_DUMP") or None
+
+    def replace(self, **changes) -> Settings:
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown mkcompiler options: {sorted(unknown)}; known: {[f.name for f in dataclasses.fields(self)]}")
+        s = dataclasses.replace(self, **changes)
+        if s.schedule not in ("dynamic", "static"):
+            raise ValueError(f"schedule must be 'dynamic' or 'static', not {s.schedule!r}")
+        if s.fp32_precision not in ("ieee", "tf32"):
+            raise ValueError(f"fp32_precision must be 'ieee' or 'tf32', not {s.fp32_precision!r}")
+        return s
+
+    def key(self) -> tuple:
+        return tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in ("debug", "dump_dir"))

@@ -1,0 +1,1 @@
+"""Op families: one module each. `registry.FAMILIES` maps an op kind to its family."""

@@ -1,0 +1,163 @@
+"""What every op family provides, and the region arithmetic tile dependencies are built on.
+
+A family (one module in ops/) says how one of its ops:
+  - tiles:      `tiles(node)` -> list of tile coordinates (tuples of ints),
+  - is encoded: `view_args(node)` -> views whose ids lead the instruction args (coords follow),
+  - touches memory: `regions(node, coords)` -> (reads, writes) as buffer intervals,
+  - costs:      `cost(node, coords)` -> estimated ns (bytes / bandwidth + flops / rate),
+  - generates:  `key(node)` -> specialization key (one opcode per key) and `emit(key, name)`,
+  - computes:   `reference(node, coords, tensor_of)` -> the tile in torch (the VM's spec).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mkcompiler.ir import OpNode, View
+
+# Region of one buffer: sorted, disjoint half-open element intervals.
+Intervals = tuple[tuple[int, int], ...]
+MAX_INTERVALS = 64  # more than this collapses to one bounding interval (conservative)
+
+BYTES_PER_NS = 3000.0  # ~HBM bandwidth in bytes/ns, for the cost model only
+FLOPS_PER_NS = 400e3  # ~dense bf16 rate in flop/ns, for the cost model only
+TILE_OVERHEAD_NS = 500.0
+
+
+@dataclass(frozen=True)
+class Access:
+    buffer: int
+    intervals: Intervals
+
+
+def merge_intervals(pairs) -> Intervals:
+    pairs = sorted(pairs)
+    out: list[list[int]] = []
+    for lo, hi in pairs:
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    if len(out) > MAX_INTERVALS:
+        return ((out[0][0], out[-1][1]),)
+    return tuple((a, b) for a, b in out)
+
+
+def offsets_intervals(offsets: np.ndarray) -> Intervals:
+    """Exact intervals covering a set of element offsets."""
+    if offsets.size == 0:
+        return ()
+    u = np.unique(offsets)
+    breaks = np.nonzero(np.diff(u) != 1)[0]
+    starts = np.concatenate([[u[0]], u[breaks + 1]])
+    ends = np.concatenate([u[breaks], [u[-1]]]) + 1
+    return merge_intervals(zip(starts.tolist(), ends.tolist()))
+
+
+def box_access(view: View, box: tuple[tuple[int, int], ...]) -> Access:
+    """Elements of `view` with index d in [box[d][0], box[d][1]) for every dim."""
+    sub = view
+    for d, (lo, hi) in enumerate(box):
+        sub = sub.slice(d, lo, hi)
+    if sub.numel == 0:
+        return Access(view.buffer, ())
+    c = sub.coalesced()
+    # Innermost contiguous run stays one interval; enumerate the outer index space.
+    if c.strides[-1] == 1:
+        run = c.shape[-1]
+        outer = View(c.buffer, c.dtype, c.shape[:-1] or (1,), c.strides[:-1] or (0,), c.offset)
+    else:
+        run, outer = 1, c
+    if outer.numel > 4 * MAX_INTERVALS:
+        lo, hi = c.span()
+        return Access(view.buffer, ((lo, hi),))
+    starts = outer.offsets()
+    return Access(view.buffer, merge_intervals((int(s), int(s) + run) for s in starts))
+
+
+def linear_access(view: View, start: int, end: int) -> Access:
+    """Elements [start, end) of `view` in row-major order."""
+    n = view.numel
+    end = min(end, n)
+    if view.is_contiguous():
+        return Access(view.buffer, ((view.offset + start, view.offset + end),))
+    idx = np.arange(start, end, dtype=np.int64)
+    off = np.full_like(idx, view.offset)
+    for size, stride in zip(reversed(view.shape), reversed(view.strides)):
+        off += (idx % size) * stride
+        idx //= size
+    return Access(view.buffer, offsets_intervals(off))
+
+
+
+def row_access(view: View, r0: int, r1: int) -> Access:
+    cols = view.shape[-1] if view.rank else 1
+    return linear_access(view, r0 * cols, r1 * cols)
+
+
+def whole(view: View) -> Access:
+    return box_access(view, tuple((0, s) for s in view.shape))
+
+
+def bytes_cost(nbytes: float, flops: float = 0.0) -> float:
+    return TILE_OVERHEAD_NS + max(nbytes / BYTES_PER_NS, flops / FLOPS_PER_NS)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+TL_DTYPE = {
+    torch.float32: "tl.float32",
+    torch.float16: "tl.float16",
+    torch.bfloat16: "tl.bfloat16",
+    torch.int64: "tl.int64",
+    torch.int32: "tl.int32",
+    torch.bool: "tl.int1",
+}
+
+
+def tl_dtype(dtype: torch.dtype) -> str:
+    if dtype not in TL_DTYPE:
+        raise NotImplementedError(f"dtype {dtype} is not supported in kernels")
+    return TL_DTYPE[dtype]
+
+
+class OpFamily:
+    """Base of every family; see the module docstring for the contract."""
+
+    kind: str = ""
+
+    def key(self, node: OpNode) -> tuple:
+        raise NotImplementedError
+
+    def view_args(self, node: OpNode) -> list[View | None]:
+        return list(node.inputs) + list(node.outputs)
+
+    def tiles(self, node: OpNode) -> list[tuple[int, ...]]:
+        raise NotImplementedError
+
+    def regions(self, node: OpNode, coords) -> tuple[list[Access], list[Access]]:
+        raise NotImplementedError
+
+    def cost(self, node: OpNode, coords) -> float:
+        return TILE_OVERHEAD_NS
+
+    def emit(self, key: tuple, name: str) -> tuple[str, str]:
+        """(source defining helpers or '', call expression with {row},{addrs},{views})."""
+        raise NotImplementedError
+
+    def describe(self, node: OpNode, coords) -> str:
+        return f"{node.name}{list(coords)}"
+
+    def reference(self, node: OpNode, coords, tensor_of) -> None:
+        """Compute this tile with torch; `tensor_of(view)` gives a writable strided tensor."""
+        raise NotImplementedError

@@ -1,0 +1,83 @@
+"""Triton helpers every tile routine shares: reading instruction args and strided views.
+
+A view id names a row of the view table (layout.ViewField); its buffer's base address
+comes from the address table, so one routine serves every layer's tensors.
+"""
+
+import triton
+import triton.language as tl
+
+from mkcompiler.layout import MAX_RANK, NUM_VIEW_FIELDS, Field, ViewField
+
+ARG0: tl.constexpr = tl.constexpr(int(Field.ARG0))
+VIEW_ROW: tl.constexpr = tl.constexpr(NUM_VIEW_FIELDS)
+V_BUFFER: tl.constexpr = tl.constexpr(int(ViewField.BUFFER))
+V_OFFSET: tl.constexpr = tl.constexpr(int(ViewField.OFFSET))
+V_SIZE0: tl.constexpr = tl.constexpr(int(ViewField.SIZE0))
+V_STRIDE0: tl.constexpr = tl.constexpr(int(ViewField.STRIDE0))
+assert MAX_RANK == 4, "view_offsets below unrolls exactly four dims"
+
+
+@triton.jit
+def arg(row_ptr, i: tl.constexpr):
+    """Instruction argument i (int32)."""
+    return tl.load(row_ptr + ARG0 + i)
+
+
+@triton.jit
+def view_base(addrs_ptr, views_ptr, v, DTYPE: tl.constexpr):
+    """Typed pointer to element 0 of view v."""
+    vrow = views_ptr + v.to(tl.int64) * VIEW_ROW
+    buf = tl.load(vrow + V_BUFFER)
+    off = tl.load(vrow + V_OFFSET)
+    base = tl.load(addrs_ptr + buf).to(tl.pointer_type(DTYPE), bitcast=True)
+    return base + off
+
+
+@triton.jit
+def view_size(views_ptr, v, d: tl.constexpr):
+    return tl.load(views_ptr + v.to(tl.int64) * VIEW_ROW + V_SIZE0 + d)
+
+
+@triton.jit
+def view_stride(views_ptr, v, d: tl.constexpr):
+    return tl.load(views_ptr + v.to(tl.int64) * VIEW_ROW + V_STRIDE0 + d)
+
+
+@triton.jit
+def view_numel(views_ptr, v):
+    return view_size(views_ptr, v, 0) * view_size(views_ptr, v, 1) * view_size(views_ptr, v, 2) * view_size(views_ptr, v, 3)
+
+
+@triton.jit
+def view_offsets(views_ptr, v, lin):
+    """Element offsets (int64, relative to view_base) of row-major linear indices `lin`."""
+    lin = lin.to(tl.int64)
+    s1 = view_size(views_ptr, v, 1)
+    s2 = view_size(views_ptr, v, 2)
+    s3 = view_size(views_ptr, v, 3)
+    i3 = lin % s3
+    t = lin // s3
+    i2 = t % s2
+    t = t // s2
+    i1 = t % s1
+    i0 = t // s1
+    return (
+        i0 * view_stride(views_ptr, v, 0)
+        + i1 * view_stride(views_ptr, v, 1)
+        + i2 * view_stride(views_ptr, v, 2)
+        + i3 * view_stride(views_ptr, v, 3)
+    )
+
+
+@triton.jit
+def load_view(addrs_ptr, views_ptr, v, lin, mask, DTYPE: tl.constexpr):
+    """Elements `lin` of view v as fp32 (masked lanes read 0)."""
+    p = view_base(addrs_ptr, views_ptr, v, DTYPE)
+    return tl.load(p + view_offsets(views_ptr, v, lin), mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_view(addrs_ptr, views_ptr, v, lin, mask, value, DTYPE: tl.constexpr):
+    p = view_base(addrs_ptr, views_ptr, v, DTYPE)
+    tl.store(p + view_offsets(views_ptr, v, lin), value.to(DTYPE), mask=mask)

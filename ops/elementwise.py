@@ -1,0 +1,266 @@
+"""Elementwise ops with broadcasting, fused into one generated tile op per chain.
+
+Capture lowers each ATen elementwise op to an `elementwise` node whose `expr` is a small
+tree: ("in", k) | ("const", value) | ("op", name, dtype, *args). The fuse pass splices a
+producer's tree into its consumer's, so a chain becomes one node; codegen emits one
+@triton.jit routine per distinct tree (shared by every layer with the same chain). Every
+input view is expanded to the output shape, so one linear index addresses them all.
+Arithmetic is fp32; each node's result is rounded to its own dtype, as eager would store it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+
+from mkcompiler.ops.base import OpFamily, bytes_cost, cdiv, linear_access, tl_dtype
+from mkcompiler.ops.registry import family, lowers
+
+aten = torch.ops.aten
+
+# name -> (Triton template over "{0}", "{1}"...; torch function on fp32 tensors)
+OPS = {
+    "copy": ("{0}", lambda a: a),
+    "add": ("({0} + {1})", torch.add),
+    "sub": ("({0} - {1})", torch.sub),
+    "mul": ("({0} * {1})", torch.mul),
+    "div": ("({0} / {1})", torch.div),
+    "neg": ("(-{0})", torch.neg),
+    "exp": ("tl.exp({0})", torch.exp),
+    "log": ("tl.log({0})", torch.log),
+    "sqrt": ("tl.sqrt({0})", torch.sqrt),
+    "rsqrt": ("(1.0 / tl.sqrt({0}))", torch.rsqrt),
+    "reciprocal": ("(1.0 / {0})", torch.reciprocal),
+    "abs": ("tl.abs({0})", torch.abs),
+    "sigmoid": ("tl.sigmoid({0})", torch.sigmoid),
+    "silu": ("({0} * tl.sigmoid({0}))", torch.nn.functional.silu),
+    "relu": ("tl.maximum({0}, 0.0)", torch.relu),
+    "tanh": ("(2.0 * tl.sigmoid(2.0 * {0}) - 1.0)", torch.tanh),
+    "gelu": ("(0.5 * {0} * (1.0 + tl.erf({0} * 0.7071067811865476)))", torch.nn.functional.gelu),
+    "gelu_tanh": (
+        "(0.5 * {0} * (2.0 * tl.sigmoid(1.5957691216057308 * ({0} + 0.044715 * {0} * {0} * {0}))))",
+        lambda a: torch.nn.functional.gelu(a, approximate="tanh"),
+    ),
+    "maximum": ("tl.maximum({0}, {1})", torch.maximum),
+    "minimum": ("tl.minimum({0}, {1})", torch.minimum),
+    "pow": ("tl.exp2({1} * tl.log2({0}))", torch.pow),  # general exponent: base must be > 0
+    "sin": ("tl.sin({0})", torch.sin),
+    "cos": ("tl.cos({0})", torch.cos),
+}
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _lower_simple(name):
+    def lower(ctx, node, *args, **kwargs):
+        return ctx.elementwise(node, name, *args)
+
+    return lower
+
+
+for _name, _targets in {
+    "add": [aten.add.Tensor, aten.add.Scalar],
+    "sub": [aten.sub.Tensor, aten.sub.Scalar],
+    "mul": [aten.mul.Tensor, aten.mul.Scalar],
+    "div": [aten.div.Tensor, aten.div.Scalar],
+    "neg": [aten.neg.default],
+    "exp": [aten.exp.default],
+    "log": [aten.log.default],
+    "sqrt": [aten.sqrt.default],
+    "rsqrt": [aten.rsqrt.default],
+    "reciprocal": [aten.reciprocal.default],
+    "abs": [aten.abs.default],
+    "sigmoid": [aten.sigmoid.default],
+    "silu": [aten.silu.default],
+    "relu": [aten.relu.default],
+    "tanh": [aten.tanh.default],
+    "maximum": [aten.maximum.default],
+    "minimum": [aten.minimum.default],
+    "sin": [aten.sin.default],
+    "cos": [aten.cos.default],
+}.items():
+    lowers(*_targets)(_lower_simple(_name))
+
+
+@lowers(aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar)
+def lower_add_sub(ctx, node, a, b, alpha=1):
+    name = "add" if node.target in (aten.add.Tensor, aten.add.Scalar) else "sub"
+    if alpha != 1:
+        b = ctx.elementwise(None, "mul", b, alpha) if not isinstance(b, (int, float)) else b * alpha
+    return ctx.elementwise(node, name, a, b)
+
+
+@lowers(aten.div.Tensor_mode)
+def lower_div_mode(ctx, node, a, b, rounding_mode=None):
+    if rounding_mode is not None:
+        ctx.unsupported(node, f"div with rounding_mode={rounding_mode!r}")
+    return ctx.elementwise(node, "div", a, b)
+
+
+@lowers(aten.gelu.default)
+def lower_gelu(ctx, node, a, approximate="none"):
+    return ctx.elementwise(node, "gelu" if approximate == "none" else "gelu_tanh", a)
+
+
+@lowers(aten.pow.Tensor_Scalar)
+def lower_pow(ctx, node, a, exponent):
+    # Small integer exponents become products (exact, any sign of the base), like eager.
+    if float(exponent) == int(exponent) and 1 <= int(exponent) <= 4:
+        out = a
+        for i in range(int(exponent) - 1):
+            out = ctx.elementwise(node if i == int(exponent) - 2 else None, "mul", out, a)
+        return out if int(exponent) > 1 else ctx.elementwise(node, "copy", a)
+    if exponent == 0.5:
+        return ctx.elementwise(node, "sqrt", a)
+    if exponent == -0.5:
+        return ctx.elementwise(node, "rsqrt", a)
+    if exponent == -1:
+        return ctx.elementwise(node, "reciprocal", a)
+    return ctx.elementwise(node, "pow", a, float(exponent))
+
+
+@lowers(aten._to_copy.default, aten.to.dtype, aten.clone.default)
+def lower_to_copy(ctx, node, a, *args, **kwargs):
+    out_dtype = node.meta["val"].dtype
+    if out_dtype == a.dtype:
+        return a  # values are never mutated in place, so a copy can alias its source
+    return ctx.elementwise(node, "copy", a)
+
+
+def expr_key(expr) -> str:
+    return repr(expr)
+
+
+def _const_src(v: float) -> str:
+    if math.isinf(v) or math.isnan(v):
+        return f"float('{v}')"
+    return repr(float(v))
+
+
+def _round_src(dtype: torch.dtype) -> str:
+    return "" if dtype == torch.float32 else f".to({tl_dtype(dtype)}).to(tl.float32)"
+
+
+def expr_source(expr, n_inputs: int) -> tuple[list[str], str]:
+    """SSA lines computing `expr` from x0..x{n-1}; returns (lines, name of the result)."""
+    lines: list[str] = []
+    memo: dict = {}
+
+    def visit(e):
+        if e in memo:
+            return memo[e]
+        if e[0] == "in":
+            out = f"x{e[1]}"
+        elif e[0] == "const":
+            out = _const_src(e[1])
+        else:
+            _, name, dtype, *args = e
+            code = OPS[name][0].format(*(visit(a) for a in args))
+            out = f"t{len(lines)}"
+            lines.append(f"{out} = ({code}){_round_src(dtype)}")
+        memo[e] = out
+        return out
+
+    result = visit(expr)
+    if expr[0] != "op":  # a bare input/const: give it a tensor name
+        lines.append(f"t{len(lines)} = {result} + tl.zeros([BLOCK], tl.float32)")
+        result = f"t{len(lines) - 1}"
+    return lines, result
+
+
+def expr_torch(expr, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """The same expression evaluated with torch (fp32 arithmetic, per-node rounding)."""
+    memo: dict = {}
+
+    def visit(e):
+        if e in memo:
+            return memo[e]
+        if e[0] == "in":
+            out = inputs[e[1]].float()
+        elif e[0] == "const":
+            out = torch.tensor(e[1], dtype=torch.float32)
+        else:
+            _, name, dtype, *args = e
+            out = OPS[name][1](*(visit(a) for a in args)).to(dtype).float()
+        memo[e] = out
+        return out
+
+    return visit(expr)
+
+
+def joint_coalesce(views):
+    """Drop size-1 dims and merge dims contiguous in every view (all views share one shape)."""
+    keep = [i for i, s in enumerate(views[0].shape) if s != 1]
+    shape = [views[0].shape[i] for i in keep]
+    strides = [[v.strides[i] for i in keep] for v in views]
+    for d in range(len(shape) - 1, 0, -1):
+        if all(st[d - 1] == st[d] * shape[d] for st in strides):
+            shape[d - 1] *= shape.pop(d)
+            for st in strides:
+                st[d - 1] = st.pop(d)
+    if not shape:
+        shape, strides = [1], [[1] for _ in views]
+    return [replace(v, shape=tuple(shape), strides=tuple(st)) for v, st in zip(views, strides)]
+
+
+@family
+class Elementwise(OpFamily):
+    kind = "elementwise"
+
+    def key(self, node):
+        return (
+            self.kind,
+            expr_key(node.attrs["expr"]),
+            tuple(v.dtype for v in node.inputs),
+            node.outputs[0].dtype,
+            node.attrs["block"],
+        )
+
+    def view_args(self, node):
+        return joint_coalesce([node.outputs[0], *node.inputs])
+
+    def emit(self, key, name):
+        _, expr_repr, in_dtypes, out_dtype, block = key
+        expr = eval(expr_repr, {"torch": torch})  # repr of nested tuples of literals and dtypes
+        lines, result = expr_source(expr, len(in_dtypes))
+        n = len(in_dtypes)
+        src = [
+            "@triton.jit",
+            f"def {name}(row_ptr, addrs_ptr, views_ptr, BLOCK: tl.constexpr):",
+            "    out_v = arg(row_ptr, 0)",
+            f"    lin = arg(row_ptr, {n + 1}) * BLOCK + tl.arange(0, BLOCK)",
+            "    mask = lin < view_numel(views_ptr, out_v)",
+        ]
+        for k, dt in enumerate(in_dtypes):
+            src.append(f"    x{k} = load_view(addrs_ptr, views_ptr, arg(row_ptr, {k + 1}), lin, mask, {tl_dtype(dt)})")
+        src += [f"    {line}" for line in lines]
+        src.append(f"    store_view(addrs_ptr, views_ptr, out_v, lin, mask, {result}, {tl_dtype(out_dtype)})")
+        return "\n".join(src) + "\n", f"{name}({{row}}, {{addrs}}, {{views}}, {block})"
+
+    def tiles(self, node):
+        return [(b,) for b in range(cdiv(node.outputs[0].numel, node.attrs["block"]))]
+
+    def regions(self, node, coords):
+        block = node.attrs["block"]
+        lo, hi = coords[0] * block, (coords[0] + 1) * block
+        reads = [linear_access(v, lo, hi) for v in node.inputs]
+        return reads, [linear_access(node.outputs[0], lo, hi)]
+
+    def cost(self, node, coords):
+        n = node.attrs["block"]
+        return bytes_cost(n * sum(v.dtype.itemsize for v in (*node.inputs, node.outputs[0])))
+
+    def describe(self, node, coords):
+        b = node.attrs["block"]
+        return f"{node.name}[{coords[0] * b}:+{b}]"
+
+    def reference(self, node, coords, tensor_of):
+        block = node.attrs["block"]
+        sl = slice(coords[0] * block, (coords[0] + 1) * block)
+        ins = [tensor_of(v).reshape(-1)[sl] for v in node.inputs]
+        out = expr_torch(node.attrs["expr"], ins)
+        dst = tensor_of(node.outputs[0])
+        idx = torch.unravel_index(torch.arange(sl.start, min(sl.stop, dst.numel())), dst.shape)
+        dst[idx] = out.to(dst.dtype)

@@ -1,0 +1,81 @@
+"""Embedding lookup: out[r, :] = weight[indices[r], :], a tile is BR index rows."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mkcompiler.ops.base import bytes_cost, linear_access, row_access, tl_dtype, whole
+from mkcompiler.ops.common import arg, store_view, view_base, view_numel, view_offsets, view_size, view_stride
+from mkcompiler.ops.reduce import RowFamily
+from mkcompiler.ops.registry import family, lowers
+
+aten = torch.ops.aten
+
+
+@triton.jit
+def embedding_rows(row_ptr, addrs_ptr, views_ptr, W_DT: tl.constexpr, I_DT: tl.constexpr, Y_DT: tl.constexpr,
+                   BR: tl.constexpr, BC: tl.constexpr):
+    vw = arg(row_ptr, 0)
+    vi = arg(row_ptr, 1)
+    vy = arg(row_ptr, 2)
+    R = view_numel(views_ptr, vi)
+    V = view_size(views_ptr, vw, 2)
+    C = view_size(views_ptr, vw, 3)
+    rows = arg(row_ptr, 3) * BR + tl.arange(0, BR)
+    row_ok = rows < R
+    idx = tl.load(view_base(addrs_ptr, views_ptr, vi, I_DT) + view_offsets(views_ptr, vi, rows), mask=row_ok, other=0)
+    idx = idx.to(tl.int64)
+    ok = row_ok & (idx >= 0) & (idx < V)  # out-of-range ids read nothing (rows stay 0)
+    w_ptr = view_base(addrs_ptr, views_ptr, vw, W_DT)
+    sv = view_stride(views_ptr, vw, 2)
+    sc = view_stride(views_ptr, vw, 3)
+    for c0 in range(0, C, BC):
+        cols = c0 + tl.arange(0, BC)
+        col_ok = cols < C
+        x = tl.load(w_ptr + idx[:, None] * sv + cols[None, :] * sc, mask=ok[:, None] & col_ok[None, :], other=0.0)
+        store_view(addrs_ptr, views_ptr, vy, rows[:, None] * C + cols[None, :], row_ok[:, None] & col_ok[None, :],
+                   x.to(tl.float32), Y_DT)
+
+
+@lowers(aten.embedding.default)
+def lower_embedding(ctx, node, weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
+    if weight.rank != 2:
+        ctx.unsupported(node, "embedding with a weight that is not 2-D")
+    out = ctx.new_output(node)
+    ctx.emit(node, "embedding", (weight, ctx.row_input(indices)), (out,))
+    return out
+
+
+@family
+class Embedding(RowFamily):
+    kind = "embedding"
+
+    def rows(self, node):
+        return node.inputs[1].numel
+
+    def key(self, node):
+        w, i = node.inputs
+        return (self.kind, w.dtype, i.dtype, node.outputs[0].dtype, node.attrs["tile"])
+
+    def emit(self, key, name):
+        _, wdt, idt, ydt, (br, bc) = key
+        return "", f"embedding_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(wdt)}, {tl_dtype(idt)}, {tl_dtype(ydt)}, {br}, {bc})"
+
+    def regions(self, node, coords):
+        w, i = node.inputs
+        r0, r1 = self.row_range(node, coords)
+        return [whole(w), linear_access(i, r0, r1)], [row_access(node.outputs[0], r0, r1)]
+
+    def cost(self, node, coords):
+        r0, r1 = self.row_range(node, coords)
+        w = node.inputs[0]
+        return bytes_cost(2 * (r1 - r0) * w.shape[1] * w.dtype.itemsize)
+
+    def reference(self, node, coords, tensor_of):
+        r0, r1 = self.row_range(node, coords)
+        w, i = node.inputs
+        ids = tensor_of(i).reshape(-1)[r0:r1]
+        c = w.shape[1]
+        tensor_of(node.outputs[0]).view(-1, c)[r0:r1] = tensor_of(w)[ids].to(node.outputs[0].dtype)

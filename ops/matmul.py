@@ -1,0 +1,178 @@
+"""Matrix products: mm, addmm (bias), linear; C[M,N] = A[M,K] @ B[K,N] (+ bias[N]).
+
+Tiles are BM x BN output blocks. Operands are 2-D strided views, so a transposed weight
+(linear's W^T) is read in place. Accumulation is fp32; fp32 operands use `precision`
+("ieee" by default: exact-ish fp32, "tf32" for speed).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mkcompiler.ir import View
+from mkcompiler.ops.base import OpFamily, bytes_cost, box_access, cdiv, tl_dtype, whole
+from mkcompiler.ops.common import arg, view_base, view_size, view_stride
+from mkcompiler.ops.registry import family, lowers
+
+aten = torch.ops.aten
+
+
+@triton.jit
+def matmul_tile(
+    row_ptr,
+    addrs_ptr,
+    views_ptr,
+    A_DT: tl.constexpr,
+    B_DT: tl.constexpr,
+    BIAS_DT: tl.constexpr,
+    C_DT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_DT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    va = arg(row_ptr, 0)
+    vb = arg(row_ptr, 1)
+    vbias = arg(row_ptr, 2)
+    vc = arg(row_ptr, 3)
+    tm = arg(row_ptr, 4)
+    tn = arg(row_ptr, 5)
+    M = view_size(views_ptr, va, 2)
+    K = view_size(views_ptr, va, 3)
+    N = view_size(views_ptr, vb, 3)
+    a_ptr = view_base(addrs_ptr, views_ptr, va, A_DT)
+    b_ptr = view_base(addrs_ptr, views_ptr, vb, B_DT)
+    sam = view_stride(views_ptr, va, 2)
+    sak = view_stride(views_ptr, va, 3)
+    sbk = view_stride(views_ptr, vb, 2)
+    sbn = view_stride(views_ptr, vb, 3)
+    rm = tm * BM + tl.arange(0, BM)
+    rn = tn * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, K, BK):
+        rk = k + tl.arange(0, BK)
+        a = tl.load(
+            a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0
+        )
+        b = tl.load(
+            b_ptr + rk[:, None] * sbk + rn[None, :] * sbn, mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0
+        )
+        acc = tl.dot(a.to(DOT_DT), b.to(DOT_DT), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        bias_ptr = view_base(addrs_ptr, views_ptr, vbias, BIAS_DT)
+        bias = tl.load(bias_ptr + rn * view_stride(views_ptr, vbias, 3), mask=rn < N, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    c_ptr = view_base(addrs_ptr, views_ptr, vc, C_DT)
+    scm = view_stride(views_ptr, vc, 2)
+    scn = view_stride(views_ptr, vc, 3)
+    tl.store(
+        c_ptr + rm[:, None] * scm + rn[None, :] * scn, acc.to(C_DT), mask=(rm[:, None] < M) & (rn[None, :] < N)
+    )
+
+
+def _as_2d(ctx, v: View) -> View:
+    """Flatten leading dims of a matmul operand (no copy when strides allow)."""
+    if v.rank == 2:
+        return v
+    flat = v.reshape((-1, v.shape[-1]))
+    return flat if flat is not None else ctx.copy(v).reshape((-1, v.shape[-1]))
+
+
+@lowers(aten.mm.default)
+def lower_mm(ctx, node, a, b):
+    return ctx.emit_matmul(node, a, b, None)
+
+
+@lowers(aten.addmm.default)
+def lower_addmm(ctx, node, bias, a, b, beta=1, alpha=1):
+    if beta != 1 or alpha != 1:
+        ctx.unsupported(node, "addmm with beta/alpha != 1")
+    if bias.rank == 2 and bias.shape[0] != 1:
+        ctx.unsupported(node, "addmm with a 2-D (per-row) bias")
+    return ctx.emit_matmul(node, a, b, bias.reshape((bias.shape[-1],)) if bias.rank == 2 else bias)
+
+
+@lowers(aten.linear.default)
+def lower_linear(ctx, node, x, w, bias=None):
+    x2 = _as_2d(ctx, x)
+    out = ctx.emit_matmul(node, x2, w.permute((1, 0)), bias)
+    return out.reshape(x.shape[:-1] + (w.shape[0],))
+
+
+@lowers(aten.matmul.default)
+def lower_matmul(ctx, node, a, b):
+    if b.rank != 2 or a.rank < 1:
+        ctx.unsupported(node, "matmul of batched right operand")
+    a2 = _as_2d(ctx, a if a.rank > 1 else a.unsqueeze(0))
+    out = ctx.emit_matmul(node, a2, b, None)
+    return out.reshape(tuple(a.shape[:-1]) + (b.shape[1],))
+
+
+@family
+class Matmul(OpFamily):
+    kind = "matmul"
+
+    def key(self, node):
+        a, b, bias = node.inputs
+        c = node.outputs[0]
+        dot = torch.bfloat16 if a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        if a.dtype == b.dtype == torch.float16:
+            dot = torch.float16
+        t = node.attrs["tile"]
+        prec = node.attrs.get("precision", "ieee") if dot == torch.float32 else "tf32"
+        return (self.kind, a.dtype, b.dtype, bias.dtype if bias is not None else None, c.dtype, dot, prec, t)
+
+    def emit(self, key, name):
+        _, a, b, bias, c, dot, prec, (bm, bn, bk) = key
+        bias_dt = tl_dtype(bias) if bias is not None else "tl.float32"
+        call = (
+            f"matmul_tile({{row}}, {{addrs}}, {{views}}, {tl_dtype(a)}, {tl_dtype(b)}, {bias_dt}, {tl_dtype(c)}, "
+            f"{bias is not None}, {tl_dtype(dot)}, {prec!r}, {bm}, {bn}, {bk})"
+        )
+        return "", call
+
+    def tiles(self, node):
+        bm, bn, _ = node.attrs["tile"]
+        m, n = node.outputs[0].shape
+        return [(i, j) for i in range(cdiv(m, bm)) for j in range(cdiv(n, bn))]
+
+    def regions(self, node, coords):
+        a, b, bias = node.inputs
+        c = node.outputs[0]
+        bm, bn, _ = node.attrs["tile"]
+        i, j = coords
+        rows = (i * bm, min((i + 1) * bm, c.shape[0]))
+        cols = (j * bn, min((j + 1) * bn, c.shape[1]))
+        reads = [box_access(a, (rows, (0, a.shape[1]))), box_access(b, ((0, b.shape[0]), cols))]
+        if bias is not None:
+            reads.append(box_access(bias, (cols,)))
+        return reads, [box_access(c, (rows, cols))]
+
+    def cost(self, node, coords):
+        a, b, _ = node.inputs
+        bm, bn, _ = node.attrs["tile"]
+        k = a.shape[1]
+        nbytes = (min(bm, a.shape[0]) * a.dtype.itemsize + bn * b.dtype.itemsize) * k
+        return bytes_cost(nbytes, 2.0 * bm * bn * k)
+
+    def describe(self, node, coords):
+        bm, bn, _ = node.attrs["tile"]
+        return f"{node.name}[m{coords[0] * bm}:+{bm}, n{coords[1] * bn}:+{bn}]"
+
+    def reference(self, node, coords, tensor_of):
+        a, b, bias = node.inputs
+        c = node.outputs[0]
+        bm, bn, _ = node.attrs["tile"]
+        i, j = coords
+        rs, cs = slice(i * bm, (i + 1) * bm), slice(j * bn, (j + 1) * bn)
+        acc = tensor_of(a)[rs].double() @ tensor_of(b)[:, cs].double()
+        if bias is not None:
+            acc = acc + tensor_of(bias)[cs].double()
+        tensor_of(c)[rs, cs] = acc.to(c.dtype)
+
+
+__all__ = ["matmul_tile", "whole"]

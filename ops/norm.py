@@ -1,0 +1,132 @@
+"""LayerNorm and RMSNorm over the last dim, as single row ops.
+
+RMSNorm written by hand (pow, mean, add, rsqrt, mul) needs no pattern: it lowers through
+elementwise + reduce. These cover `aten.native_layer_norm` (what nn.LayerNorm exports to)
+and `aten.rms_norm` where a graph keeps it whole.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mkcompiler.ops.base import tl_dtype
+from mkcompiler.ops.common import arg, load_view, store_view, view_numel, view_size
+from mkcompiler.ops.reduce import RowFamily
+from mkcompiler.ops.registry import family, lowers
+
+aten = torch.ops.aten
+
+
+@triton.jit
+def norm_rows(row_ptr, addrs_ptr, views_ptr, X_DT: tl.constexpr, W_DT: tl.constexpr, B_DT: tl.constexpr,
+              Y_DT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr,
+              EPS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    vx = arg(row_ptr, 0)
+    vw = arg(row_ptr, 1)
+    vb = arg(row_ptr, 2)
+    vy = arg(row_ptr, 3)
+    C = view_size(views_ptr, vx, 3)
+    R = view_numel(views_ptr, vx) // C
+    rows = arg(row_ptr, 4) * BR + tl.arange(0, BR)
+    row_ok = rows < R
+    mean = tl.zeros([BR], tl.float32)
+    if not RMS:
+        for c0 in range(0, C, BC):
+            cols = c0 + tl.arange(0, BC)
+            mask = row_ok[:, None] & (cols[None, :] < C)
+            mean += tl.sum(load_view(addrs_ptr, views_ptr, vx, rows[:, None] * C + cols[None, :], mask, X_DT), axis=1)
+        mean = mean / C
+    var = tl.zeros([BR], tl.float32)
+    for c0 in range(0, C, BC):
+        cols = c0 + tl.arange(0, BC)
+        mask = row_ok[:, None] & (cols[None, :] < C)
+        x = load_view(addrs_ptr, views_ptr, vx, rows[:, None] * C + cols[None, :], mask, X_DT)
+        d = tl.where(mask, x - mean[:, None], 0.0)
+        var += tl.sum(d * d, axis=1)
+    rstd = 1.0 / tl.sqrt(var / C + EPS)
+    for c0 in range(0, C, BC):
+        cols = c0 + tl.arange(0, BC)
+        col_ok = cols < C
+        mask = row_ok[:, None] & col_ok[None, :]
+        lin = rows[:, None] * C + cols[None, :]
+        y = (load_view(addrs_ptr, views_ptr, vx, lin, mask, X_DT) - mean[:, None]) * rstd[:, None]
+        if HAS_W:
+            y = y * load_view(addrs_ptr, views_ptr, vw, cols, col_ok, W_DT)[None, :]
+        if HAS_B:
+            y = y + load_view(addrs_ptr, views_ptr, vb, cols, col_ok, B_DT)[None, :]
+        store_view(addrs_ptr, views_ptr, vy, lin, mask, y, Y_DT)
+
+
+def _check_last_dim(ctx, node, x, normalized_shape):
+    if len(normalized_shape) != 1:
+        ctx.unsupported(node, f"normalization over {len(normalized_shape)} dims (only the last dim)")
+
+
+@lowers(aten.native_layer_norm.default)
+def lower_layer_norm(ctx, node, x, normalized_shape, weight, bias, eps):
+    _check_last_dim(ctx, node, x, normalized_shape)
+    out = ctx.new_output(node, index=0)
+    ctx.emit(node, "norm", (ctx.row_input(x), weight, bias), (out,), rms=False, eps=float(eps))
+    # mean and rstd (training-only outputs) are refused if anything reads them.
+    return (out, ctx.refused(node, "the mean output of layer_norm"), ctx.refused(node, "the rstd output of layer_norm"))
+
+
+@lowers(aten.layer_norm.default)
+def lower_layer_norm_whole(ctx, node, x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
+    _check_last_dim(ctx, node, x, normalized_shape)
+    out = ctx.new_output(node)
+    ctx.emit(node, "norm", (ctx.row_input(x), weight, bias), (out,), rms=False, eps=float(eps))
+    return out
+
+
+@lowers(aten.rms_norm.default)
+def lower_rms_norm(ctx, node, x, normalized_shape, weight=None, eps=None):
+    _check_last_dim(ctx, node, x, normalized_shape)
+    if eps is None:
+        eps = torch.finfo(node.meta["val"].dtype).eps
+    out = ctx.new_output(node)
+    ctx.emit(node, "norm", (ctx.row_input(x), weight, None), (out,), rms=True, eps=float(eps))
+    return out
+
+
+@family
+class Norm(RowFamily):
+    kind = "norm"
+
+    def key(self, node):
+        x, w, b = node.inputs
+        return (self.kind, x.dtype, w.dtype if w is not None else None, b.dtype if b is not None else None,
+                node.outputs[0].dtype, node.attrs["rms"], node.attrs["eps"], node.attrs["tile"])
+
+    def emit(self, key, name):
+        _, xdt, wdt, bdt, ydt, rms, eps, (br, bc) = key
+        w = tl_dtype(wdt) if wdt is not None else "tl.float32"
+        b = tl_dtype(bdt) if bdt is not None else "tl.float32"
+        return "", (
+            f"norm_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(xdt)}, {w}, {b}, {tl_dtype(ydt)}, "
+            f"{wdt is not None}, {bdt is not None}, {rms}, {eps!r}, {br}, {bc})"
+        )
+
+    def regions(self, node, coords):
+        reads, writes = super().regions(node, coords)
+        from mkcompiler.ops.base import whole
+
+        reads = reads[:1] + [whole(v) for v in node.inputs[1:] if v is not None]
+        return reads, writes
+
+    def reference(self, node, coords, tensor_of):
+        r0, r1 = self.row_range(node, coords)
+        x, w, b = node.inputs
+        c = x.shape[-1]
+        xs = tensor_of(x).reshape(-1, c)[r0:r1].double()
+        if node.attrs["rms"]:
+            y = xs * torch.rsqrt((xs * xs).mean(-1, keepdim=True) + node.attrs["eps"])
+        else:
+            y = torch.nn.functional.layer_norm(xs, (c,), eps=node.attrs["eps"])
+        if w is not None:
+            y = y * tensor_of(w).double()
+        if b is not None:
+            y = y + tensor_of(b).double()
+        tensor_of(node.outputs[0]).view(-1, c)[r0:r1] = y.to(node.outputs[0].dtype)

@@ -1,0 +1,179 @@
+"""Row ops over the last dim: sum / mean / amax (keepdim or not) and softmax.
+
+A tile is a block of BR rows; each row is swept in BC-column chunks, so any row length
+works with one compiled routine. Also defines RowFamily, the tiling shared with norms.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mkcompiler.ops.base import OpFamily, bytes_cost, cdiv, row_access, tl_dtype
+from mkcompiler.ops.common import arg, load_view, store_view, view_numel, view_size
+from mkcompiler.ops.registry import family, lowers
+
+aten = torch.ops.aten
+MODES = {"sum": 0, "mean": 1, "amax": 2}
+
+
+@triton.jit
+def reduce_rows(row_ptr, addrs_ptr, views_ptr, X_DT: tl.constexpr, Y_DT: tl.constexpr, MODE: tl.constexpr,
+                BR: tl.constexpr, BC: tl.constexpr):
+    vx = arg(row_ptr, 0)
+    vy = arg(row_ptr, 1)
+    C = view_size(views_ptr, vx, 3)
+    R = view_numel(views_ptr, vx) // C
+    rows = arg(row_ptr, 2) * BR + tl.arange(0, BR)
+    if MODE == 2:
+        acc = tl.full([BR], float("-inf"), tl.float32)
+    else:
+        acc = tl.zeros([BR], tl.float32)
+    for c0 in range(0, C, BC):
+        cols = c0 + tl.arange(0, BC)
+        mask = (rows[:, None] < R) & (cols[None, :] < C)
+        x = load_view(addrs_ptr, views_ptr, vx, rows[:, None] * C + cols[None, :], mask, X_DT)
+        if MODE == 2:
+            acc = tl.maximum(acc, tl.max(tl.where(mask, x, float("-inf")), axis=1))
+        else:
+            acc += tl.sum(x, axis=1)
+    if MODE == 1:
+        acc = acc / C
+    store_view(addrs_ptr, views_ptr, vy, rows, rows < R, acc, Y_DT)
+
+
+@triton.jit
+def softmax_rows(row_ptr, addrs_ptr, views_ptr, X_DT: tl.constexpr, Y_DT: tl.constexpr,
+                 BR: tl.constexpr, BC: tl.constexpr):
+    vx = arg(row_ptr, 0)
+    vy = arg(row_ptr, 1)
+    C = view_size(views_ptr, vx, 3)
+    R = view_numel(views_ptr, vx) // C
+    rows = arg(row_ptr, 2) * BR + tl.arange(0, BR)
+    row_ok = rows < R
+    m = tl.full([BR], float("-inf"), tl.float32)
+    s = tl.zeros([BR], tl.float32)
+    for c0 in range(0, C, BC):  # online max and sum of exponentials
+        cols = c0 + tl.arange(0, BC)
+        mask = row_ok[:, None] & (cols[None, :] < C)
+        x = load_view(addrs_ptr, views_ptr, vx, rows[:, None] * C + cols[None, :], mask, X_DT)
+        x = tl.where(mask, x, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        m_new = tl.where(row_ok, m_new, 0.0)
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+        m = m_new
+    for c0 in range(0, C, BC):
+        cols = c0 + tl.arange(0, BC)
+        mask = row_ok[:, None] & (cols[None, :] < C)
+        lin = rows[:, None] * C + cols[None, :]
+        x = load_view(addrs_ptr, views_ptr, vx, lin, mask, X_DT)
+        store_view(addrs_ptr, views_ptr, vy, lin, mask, tl.exp(x - m[:, None]) / s[:, None], Y_DT)
+
+
+def _last_dim(ctx, node, x, dims):
+    dims = [d % x.rank for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+    if dims != [x.rank - 1]:
+        ctx.unsupported(node, f"reduction over dims {dims}: only the last dim is supported")
+
+
+def _reduce(ctx, node, mode, x, dims, keepdim=False, dtype=None):
+    _last_dim(ctx, node, x, dims)
+    x = ctx.row_input(x)
+    out = ctx.new_output(node)
+    ctx.emit(node, "reduce", (x,), (out,), mode=mode)
+    return out
+
+
+@lowers(aten.sum.dim_IntList)
+def lower_sum(ctx, node, x, dims, keepdim=False, dtype=None):
+    return _reduce(ctx, node, "sum", x, dims)
+
+
+@lowers(aten.mean.dim)
+def lower_mean(ctx, node, x, dims, keepdim=False, dtype=None):
+    return _reduce(ctx, node, "mean", x, dims)
+
+
+@lowers(aten.amax.default)
+def lower_amax(ctx, node, x, dims=(), keepdim=False):
+    return _reduce(ctx, node, "amax", x, dims)
+
+
+@lowers(aten._softmax.default, aten.softmax.int)
+def lower_softmax(ctx, node, x, dim, half_to_float=False):
+    _last_dim(ctx, node, x, dim)
+    x = ctx.row_input(x)
+    out = ctx.new_output(node)
+    ctx.emit(node, "softmax", (x,), (out,))
+    return out
+
+
+class RowFamily(OpFamily):
+    """Ops whose tile is BR whole rows of inputs[0] (last dim = row)."""
+
+    def rows(self, node) -> int:
+        x = node.inputs[0]
+        return x.numel // x.shape[-1]
+
+    def tiles(self, node):
+        return [(b,) for b in range(cdiv(self.rows(node), node.attrs["tile"][0]))]
+
+    def row_range(self, node, coords):
+        br = node.attrs["tile"][0]
+        return coords[0] * br, min((coords[0] + 1) * br, self.rows(node))
+
+    def regions(self, node, coords):
+        r0, r1 = self.row_range(node, coords)
+        reads = [row_access(node.inputs[0], r0, r1)]
+        reads += [row_access(v, 0, 1) for v in node.inputs[1:] if v is not None]  # per-column params
+        return reads, [row_access(v, r0, r1) for v in node.outputs]
+
+    def cost(self, node, coords):
+        r0, r1 = self.row_range(node, coords)
+        x = node.inputs[0]
+        return bytes_cost((r1 - r0) * x.shape[-1] * (x.dtype.itemsize + node.outputs[0].dtype.itemsize))
+
+    def describe(self, node, coords):
+        r0, r1 = self.row_range(node, coords)
+        return f"{node.name}[rows {r0}:{r1}]"
+
+
+@family
+class Reduce(RowFamily):
+    kind = "reduce"
+
+    def key(self, node):
+        return (self.kind, node.attrs["mode"], node.inputs[0].dtype, node.outputs[0].dtype, node.attrs["tile"])
+
+    def emit(self, key, name):
+        _, mode, xdt, ydt, (br, bc) = key
+        return "", f"reduce_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(xdt)}, {tl_dtype(ydt)}, {MODES[mode]}, {br}, {bc})"
+
+    def reference(self, node, coords, tensor_of):
+        r0, r1 = self.row_range(node, coords)
+        x = tensor_of(node.inputs[0])
+        x = x.reshape(-1, x.shape[-1])[r0:r1].double()
+        y = {"sum": lambda t: t.sum(-1), "mean": lambda t: t.mean(-1), "amax": lambda t: t.amax(-1)}[node.attrs["mode"]](x)
+        out = tensor_of(node.outputs[0])
+        idx = torch.unravel_index(torch.arange(r0, r1), out.shape)
+        out[idx] = y.to(out.dtype)
+
+
+@family
+class Softmax(RowFamily):
+    kind = "softmax"
+
+    def key(self, node):
+        return (self.kind, node.inputs[0].dtype, node.outputs[0].dtype, node.attrs["tile"])
+
+    def emit(self, key, name):
+        _, xdt, ydt, (br, bc) = key
+        return "", f"softmax_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(xdt)}, {tl_dtype(ydt)}, {br}, {bc})"
+
+    def reference(self, node, coords, tensor_of):
+        r0, r1 = self.row_range(node, coords)
+        x = tensor_of(node.inputs[0])
+        c = x.shape[-1]
+        y = torch.softmax(x.reshape(-1, c)[r0:r1].double(), -1)
+        tensor_of(node.outputs[0]).view(-1, c)[r0:r1] = y.to(node.outputs[0].dtype)

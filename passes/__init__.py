@@ -1,0 +1,1 @@
+"""Compiler passes: pure functions, run in the order `pipeline.PIPELINE` lists them."""

@@ -1,0 +1,49 @@
+"""Dependency counters: which counter each task signals and which counters it waits on.
+
+Tasks with the same set of successors form one group with one counter: each member adds 1
+when done, so a successor (which needs every member) waits for counter >= group size.
+Every task signals at most one counter and every edge is covered exactly: a task's waits
+are the groups of its predecessors. Targets are generation-relative (size x launch number),
+so counters are never reset between launches.
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+
+
+def assign_counters(dag: nx.DiGraph) -> nx.DiGraph:
+    group_of: dict[frozenset, int] = {}
+    sizes: list[int] = []
+    for t in sorted(dag.nodes):
+        succ = frozenset(dag.successors(t))
+        if not succ:
+            dag.nodes[t]["signal"] = -1
+            continue
+        if succ not in group_of:
+            group_of[succ] = len(sizes)
+            sizes.append(0)
+        c = group_of[succ]
+        sizes[c] += 1
+        dag.nodes[t]["signal"] = c
+    for t in dag.nodes:
+        groups = sorted({dag.nodes[p]["signal"] for p in dag.predecessors(t)})
+        dag.nodes[t]["waits"] = [(c, sizes[c]) for c in groups]
+    dag.graph["counter_sizes"] = sizes
+    return dag
+
+
+def check_counters(dag: nx.DiGraph) -> None:
+    """Every wait is met by exactly the signals of its group, and covers every predecessor."""
+    sizes = dag.graph["counter_sizes"]
+    signals = [0] * len(sizes)
+    for t in dag.nodes:
+        if dag.nodes[t]["signal"] >= 0:
+            signals[dag.nodes[t]["signal"]] += 1
+    assert signals == sizes, "counter group sizes disagree with signals"
+    for t in dag.nodes:
+        waited = {c for c, _ in dag.nodes[t]["waits"]}
+        for p in dag.predecessors(t):
+            assert dag.nodes[p]["signal"] in waited, f"task {t} does not wait for predecessor {p}"
+        for c, n in dag.nodes[t]["waits"]:
+            assert n == sizes[c] and n > 0

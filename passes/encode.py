@@ -1,0 +1,98 @@
+"""Encode the scheduled DAG as the instruction queue (no code is generated here).
+
+Opcodes are numbered per distinct family key (one kernel branch per op kind and config,
+not per layer). Each row: opcode, the op's view ids then its tile coordinates, the wait
+range, the signal counter and the task id.
+"""
+
+from __future__ import annotations
+
+import re
+
+import networkx as nx
+import numpy as np
+
+from mkcompiler.ir import Graph, View
+from mkcompiler.layout import MAX_RANK, NUM_ARGS, NUM_FIELDS, NUM_VIEW_FIELDS, NUM_WAIT_FIELDS, Field, ViewField
+from mkcompiler.ops.registry import FAMILIES
+from mkcompiler.queue import Queue
+from mkcompiler.passes.schedule import Schedule
+
+
+def opcode_name(key: tuple) -> str:
+    """A readable, stable name for an opcode (the full key is in Queue.opcode_keys)."""
+    kind = key[0]
+    if kind == "elementwise":
+        names = re.findall(r"\('op', '(\w+)'", key[1])
+        return "ew_" + "_".join(dict.fromkeys(reversed(names)))[:24]
+    extras = {"reduce": lambda k: k[1], "norm": lambda k: "rms" if k[5] else "layer"}.get(kind)
+    return f"{kind}_{extras(key)}" if extras else kind
+
+
+class ViewTable:
+    def __init__(self):
+        self.rows: list[list[int]] = []
+        self.index: dict[View, int] = {}
+
+    def id(self, v: View | None) -> int:
+        if v is None:
+            return -1
+        if v not in self.index:
+            shape, strides = v.padded(MAX_RANK) if v.rank <= MAX_RANK else _too_many_dims(v)
+            row = [0] * NUM_VIEW_FIELDS
+            row[ViewField.BUFFER] = v.buffer
+            row[ViewField.OFFSET] = v.offset
+            row[ViewField.SIZE0 : ViewField.SIZE0 + MAX_RANK] = shape
+            row[ViewField.STRIDE0 : ViewField.STRIDE0 + MAX_RANK] = strides
+            self.index[v] = len(self.rows)
+            self.rows.append(row)
+        return self.index[v]
+
+
+def _too_many_dims(v: View):
+    c = v.coalesced()
+    if c.rank > MAX_RANK:
+        raise NotImplementedError(f"a view of rank {v.rank} ({v.shape}) cannot be expressed in {MAX_RANK} dims")
+    return c.padded(MAX_RANK)
+
+
+def encode(graph: Graph, dag: nx.DiGraph, schedule: Schedule) -> Queue:
+    views = ViewTable()
+    keys: dict[tuple, int] = {}
+    pos = {t: i for i, t in enumerate(schedule.order)}
+    rows = np.full((len(schedule.order), NUM_FIELDS), -1, dtype=np.int32)
+    waits: list[tuple[int, int]] = []
+    descs = []
+    op_views: dict[int, list[int]] = {}
+    for i, t in enumerate(schedule.order):
+        node = dag.nodes[t]
+        op = graph.ops[node["op"]]
+        fam = FAMILIES[op.kind]
+        key = fam.key(op)
+        opcode = keys.setdefault(key, len(keys))
+        if node["op"] not in op_views:
+            op_views[node["op"]] = [views.id(v) for v in fam.view_args(op)]
+        args = op_views[node["op"]] + list(node["coords"])
+        assert len(args) <= NUM_ARGS, f"{op.name}: {len(args)} instruction args > {NUM_ARGS}"
+        rows[i, Field.OPCODE] = opcode
+        rows[i, Field.ARG0 : Field.ARG0 + len(args)] = args
+        rows[i, Field.WAIT_BEGIN] = len(waits)
+        waits.extend(node["waits"])
+        rows[i, Field.WAIT_END] = len(waits)
+        rows[i, Field.SIGNAL] = node["signal"]
+        rows[i, Field.TASK] = t
+        descs.append(node["desc"])
+    begin = np.cumsum([0] + [len(w) for w in schedule.worker_lists]).astype(np.int32)
+    order = np.array([pos[t] for w in schedule.worker_lists for t in w], dtype=np.int32)
+    key_list = sorted(keys, key=keys.get)
+    return Queue(
+        rows=rows,
+        waits=np.array(waits, dtype=np.int32).reshape(-1, NUM_WAIT_FIELDS),
+        views=np.array(views.rows, dtype=np.int64).reshape(-1, NUM_VIEW_FIELDS),
+        opcode_keys=key_list,
+        opcode_names=[f"{opcode_name(k)}#{i}" for i, k in enumerate(key_list)],
+        worker_begin=begin,
+        worker_order=order,
+        descs=descs,
+        num_counters=len(dag.graph["counter_sizes"]),
+    )

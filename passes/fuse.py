@@ -1,0 +1,87 @@
+"""Fuse chains of elementwise ops into one op (one generated tile routine, one pass over memory).
+
+A producer P is spliced into its consumer C when P's output buffer is read by C alone,
+once, through P's own full view (optionally broadcast), and is not a model output. Buffers
+are written once and never mutated, so computing P's tree later, inside C, reads the same
+values. The merged node keeps C's output view (which may be a slice, e.g. of a cat).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from mkcompiler.ir import Graph, View, contiguous_strides
+
+MAX_INPUTS = 8  # instruction args: output view + inputs + block index <= layout.NUM_ARGS
+
+
+def _reindex(expr, mapping):
+    if expr[0] == "in":
+        return ("in", mapping[expr[1]])
+    if expr[0] == "const":
+        return expr
+    return expr[:3] + tuple(_reindex(a, mapping) for a in expr[3:])
+
+
+def _is_broadcast_of_full(view: View, full_shape) -> bool:
+    """view == (contiguous view of a buffer of shape full_shape).expand(view.shape)?"""
+    if view.offset != 0:
+        return False
+    try:
+        ref = View(view.buffer, view.dtype, tuple(full_shape), contiguous_strides(tuple(full_shape))).expand(view.shape)
+    except (ValueError, AssertionError):
+        return False
+    return ref.strides == view.strides
+
+
+def fuse_elementwise(graph: Graph) -> Graph:
+    outputs = {v.buffer for v in graph.outputs if isinstance(v, View)}
+    reads = Counter(v.buffer for op in graph.ops for v in op.inputs if v is not None)
+    producer = {}
+    for op in graph.ops:
+        if op.kind == "elementwise":
+            out = op.outputs[0]
+            if out.offset == 0 and out.is_contiguous() and out.buffer not in outputs and reads[out.buffer] == 1:
+                producer[out.buffer] = op
+    removed = set()
+    for op in graph.ops:
+        if op.kind != "elementwise":
+            continue
+        changed = True
+        while changed:
+            changed = False
+            for k, v in enumerate(op.inputs):
+                p = producer.get(v.buffer)
+                if p is None or id(p) in removed or not _is_broadcast_of_full(v, p.outputs[0].shape):
+                    continue
+                new_inputs = list(op.inputs[:k]) + list(op.inputs[k + 1 :])
+                extra = [x.expand(v.shape) for x in p.inputs]
+                mapping_c = {}
+                for i in range(len(op.inputs)):
+                    if i != k:
+                        mapping_c[i] = i if i < k else i - 1
+                mapping_p = {}
+                for j, x in enumerate(extra):
+                    if x in new_inputs:
+                        mapping_p[j] = new_inputs.index(x)
+                    else:
+                        mapping_p[j] = len(new_inputs)
+                        new_inputs.append(x)
+                if len(new_inputs) > MAX_INPUTS:
+                    continue
+                p_expr = _reindex(p.attrs["expr"], mapping_p)
+                op.attrs["expr"] = _substitute(op.attrs["expr"], k, p_expr, mapping_c)
+                op.inputs = tuple(new_inputs)
+                removed.add(id(p))
+                changed = True
+                break
+    graph.ops = [op for op in graph.ops if id(op) not in removed]
+    return graph
+
+
+def _substitute(expr, k, replacement, mapping):
+    if expr[0] == "in":
+        return replacement if expr[1] == k else ("in", mapping[expr[1]])
+    if expr[0] == "const":
+        return expr
+    return expr[:3] + tuple(_substitute(a, k, replacement, mapping) for a in expr[3:])

@@ -1,0 +1,80 @@
+"""The pass pipeline, listed once, in order. Each pass is timed, can be dumped, and (with
+settings.debug >= 1) is followed by its invariant check."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+from mkcompiler.ir import Graph
+from mkcompiler.passes.cleanup import check_single_writer_order, eliminate_dead_ops
+from mkcompiler.passes.counters import assign_counters, check_counters
+from mkcompiler.passes.dependencies import build_dag, check_dag
+from mkcompiler.passes.encode import encode
+from mkcompiler.passes.fuse import fuse_elementwise
+from mkcompiler.passes.schedule import Schedule, list_schedule
+from mkcompiler.passes.tile import choose_tiles
+from mkcompiler.passes.verify import check_dynamic, check_static
+from mkcompiler.queue import Queue
+from mkcompiler.settings import Settings
+
+
+@dataclass
+class Compilation:
+    graph: Graph
+    settings: Settings
+    num_workers: int
+    dag: nx.DiGraph | None = None
+    schedule: Schedule | None = None
+    queue: Queue | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _verify(c: Compilation) -> None:
+    check_dynamic(c.dag, c.schedule.order)
+    if c.settings.schedule == "static":
+        check_static(c.dag, c.schedule.worker_lists)
+
+
+# (name, step, invariant check or None)
+PIPELINE = [
+    ("eliminate_dead_ops", lambda c: setattr(c, "graph", eliminate_dead_ops(c.graph)), lambda c: check_single_writer_order(c.graph)),
+    ("fuse_elementwise", lambda c: setattr(c, "graph", fuse_elementwise(c.graph)), lambda c: check_single_writer_order(c.graph)),
+    ("choose_tiles", lambda c: setattr(c, "graph", choose_tiles(c.graph, c.settings)), None),
+    ("build_dag", lambda c: setattr(c, "dag", build_dag(c.graph)), lambda c: check_dag(c.dag)),
+    ("assign_counters", lambda c: setattr(c, "dag", assign_counters(c.dag)), lambda c: check_counters(c.dag)),
+    ("schedule", lambda c: setattr(c, "schedule", list_schedule(c.dag, c.num_workers)), None),
+    ("verify_schedule", _verify, None),  # always runs: never launch a schedule that could deadlock
+    ("encode", lambda c: setattr(c, "queue", encode(c.graph, c.dag, c.schedule)), None),
+]
+
+
+def run_pipeline(graph: Graph, settings: Settings, num_workers: int) -> Compilation:
+    c = Compilation(graph, settings, num_workers)
+    for name, step, check in PIPELINE:
+        t0 = time.perf_counter()
+        step(c)
+        c.timings[name] = time.perf_counter() - t0
+        if check is not None and settings.debug >= 1:
+            check(c)
+        if settings.dump_dir:
+            _dump(c, name, settings.dump_dir)
+    return c
+
+
+def _dump(c: Compilation, name: str, root: str) -> None:
+    os.makedirs(root, exist_ok=True)
+    index = [n for n, _, _ in PIPELINE].index(name)
+    path = os.path.join(root, f"{index:02d}_{name}.txt")
+    with open(path, "w") as f:
+        if c.queue is not None:
+            f.write(c.queue.table())
+        elif c.dag is not None:
+            for t in sorted(c.dag.nodes):
+                f.write(f"{t} {c.dag.nodes[t]['desc']} <- {sorted(c.dag.predecessors(t))}\n")
+        else:
+            for op in c.graph.ops:
+                f.write(f"{op.name}: {op.kind} {op.attrs} in={op.inputs} out={op.outputs}\n")
