@@ -119,12 +119,9 @@ class Matmul(OpFamily):
     def key(self, node):
         a, b, bias = node.inputs
         c = node.outputs[0]
-        dot = torch.bfloat16 if a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16) else torch.float32
-        if a.dtype == b.dtype == torch.float16:
-            dot = torch.float16
-        t = node.attrs["tile"]
-        prec = node.attrs.get("precision", "ieee") if dot == torch.float32 else "tf32"
-        return (self.kind, a.dtype, b.dtype, bias.dtype if bias is not None else None, c.dtype, dot, prec, t)
+        dot, prec = node.attrs["dot"]
+        return (self.kind, a.dtype, b.dtype, bias.dtype if bias is not None else None, c.dtype, dot, prec,
+                node.attrs["tile"])
 
     def emit(self, key, name):
         _, a, b, bias, c, dot, prec, (bm, bn, bk) = key

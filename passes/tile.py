@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+import torch
+
 from mkcompiler.ir import Graph
 from mkcompiler.ops.base import next_pow2
 from mkcompiler.settings import Settings
@@ -16,12 +20,25 @@ def matmul_tile(m: int, n: int, k: int, settings: Settings) -> tuple[int, int, i
     return (bm, bn, bk)
 
 
+def dot_config(a: torch.dtype, b: torch.dtype, settings: Settings) -> tuple[torch.dtype, str]:
+    """(operand dtype, precision) for tl.dot. Half-precision pairs use the tensor cores with
+    fp32 accumulation; anything else is fp32. Triton 3.6's interpreter computes bf16 dots
+    wrongly, so there half operands are widened to fp32 (exact: products of halves fit)."""
+    if a == b and a in (torch.bfloat16, torch.float16) and not interpreting():
+        return a, "tf32"  # precision is ignored for half operands
+    return torch.float32, settings.fp32_precision
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def choose_tiles(graph: Graph, settings: Settings) -> Graph:
     for op in graph.ops:
         if op.kind == "matmul":
             a, b, _ = op.inputs
             op.attrs["tile"] = matmul_tile(a.shape[0], b.shape[1], a.shape[1], settings)
-            op.attrs["precision"] = settings.fp32_precision
+            op.attrs["dot"] = dot_config(a.dtype, b.dtype, settings)
         elif op.kind == "elementwise":
             op.attrs["block"] = min(settings.elementwise_block, max(16, next_pow2(op.outputs[0].numel)))
         else:  # row ops: BR rows per tile, BC columns per sweep step

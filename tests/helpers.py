@@ -1,0 +1,39 @@
+"""Shared test helpers: relative error against a high-precision reference, poisoned runs."""
+
+import torch
+import torch.utils._pytree as pytree
+
+import mkcompiler
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN anywhere (an unwritten, poisoned tile) fails."""
+    out, ref = out.double(), ref.double()
+    if torch.isnan(out).any():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def reference(model, inputs):
+    """Eager model run in float64 (a copy), outputs cast back to the model's dtypes."""
+    import copy
+
+    m64 = copy.deepcopy(model).double()
+    ins = [x.double() if x.is_floating_point() else x for x in inputs]
+    return m64(*ins)
+
+
+def compile_and_check(model, inputs, dtype, tol=None, **options):
+    """Compile, poison every intermediate, run, and compare each output with a float64 eager run."""
+    mk = mkcompiler.compile(model, tuple(inputs), **options)
+    mk.poison()
+    out = mk(*inputs)
+    ref = reference(model, inputs)
+    tol = tol or TOL[dtype]
+    for o, r in zip(pytree.tree_leaves(out), pytree.tree_leaves(ref)):
+        assert o.shape == r.shape, (o.shape, r.shape)
+        err = rel_err(o, r)
+        assert err <= tol, f"relative error {err:.3g} > {tol:g}"
+    return mk, out
