@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import operator
 import re
+import warnings
 
 import torch
 import torch.utils._pytree as pytree
@@ -155,8 +156,10 @@ def _bind_param(graph: Graph, name: str, t: torch.Tensor) -> View:
 def capture(model: torch.nn.Module, example_inputs: tuple) -> Graph:
     """Export `model` and lower it into an op graph."""
     registry.load_all()
-    ep = torch.export.export(model, tuple(example_inputs), strict=False)
-    ep = ep.run_decompositions()
+    with warnings.catch_warnings():  # torch.export's own deprecation chatter
+        warnings.simplefilter("ignore", FutureWarning)
+        ep = torch.export.export(model, tuple(example_inputs), strict=False)
+        ep = ep.run_decompositions()
     graph = Graph(out_spec=ep.call_spec.out_spec)
     ctx = LoweringContext(graph)
     env: dict = {}
