@@ -1,0 +1,57 @@
+"""GPU tier: the whole models on the real kernel with one worker per SM (pytest -m gpu)."""
+
+import time
+
+import pytest
+import torch
+
+import mkcompiler
+from mkcompiler.layout import Field
+from tests.helpers import compile_and_check, reference, rel_err
+from tests.models import ResidualMLP, TransformerMLP
+
+pytestmark = pytest.mark.gpu
+
+CASES = [
+    (ResidualMLP, dict(dim=256, hidden=512), (8, 256)),
+    (TransformerMLP, dict(dim=256, hidden=1024, layers=2), (4, 256)),
+    (TransformerMLP, dict(dim=2048, hidden=8192, layers=2), (1, 2048)),
+]
+
+
+@pytest.mark.parametrize("schedule", ["dynamic", "static"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0].__name__}{c[2]}")
+def test_model_matches_eager(case, dtype, schedule):
+    cls, kwargs, shape = case
+    torch.manual_seed(0)
+    model = cls(**kwargs).to("cuda", dtype)
+    x = torch.randn(*shape, device="cuda", dtype=dtype)
+    mk, _ = compile_and_check(model, [x], dtype, schedule=schedule)
+    assert mk.num_workers == torch.cuda.get_device_properties(0).multi_processor_count
+    for _ in range(3):  # fresh inputs, counters carried over between launches
+        x = torch.randn(*shape, device="cuda", dtype=dtype)
+        mk.poison()
+        out = mk(x)
+        assert rel_err(out, reference(model, [x])) <= (1e-4 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("schedule", ["dynamic", "static"])
+def test_broken_queue_raises_not_hangs(schedule):
+    torch.manual_seed(0)
+    model = TransformerMLP(dim=256, hidden=512).cuda()
+    x = torch.randn(4, 256, device="cuda")
+    mk = mkcompiler.compile(model, (x,), schedule=schedule, max_spin=1 << 16)
+    good = mk.queue.rows.copy()
+    waited = {c for i in range(len(mk.queue)) for c, _ in mk.queue.waits_of(i)}
+    victim = next(i for i in range(len(mk.queue)) if mk.queue.rows[i, Field.SIGNAL] in waited)
+    mk.queue.rows[victim, Field.SIGNAL] = -1
+    mk.upload_queue(check=False)
+    t0 = time.perf_counter()
+    with pytest.raises(mkcompiler.MegakernelError, match="counter"):
+        mk(x)
+    assert time.perf_counter() - t0 < 30
+    mk.queue.rows[:] = good
+    mk.upload_queue()
+    out = mk(x)
+    assert torch.allclose(out, model(x), rtol=1e-3, atol=1e-3)
