@@ -11,11 +11,11 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 git log --oneline -1 2>/dev/null || true
 rc=0
 if [[ "$what" == tests || "$what" == all ]]; then
-  timeout 420 python3 -m pytest -m gpu -q -x tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  timeout 420 python3 -m pytest -m gpu -q -x -p no:logging tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
   rc=${PIPESTATUS[0]}
 fi
 if [[ "$what" == bench || "$what" == all ]]; then
-  timeout 400 python3 benchmarks/bench_mlp.py --layers 4 --json "$OUT/bench_mlp.json" 2>&1 | grep -v Warning | tail -12
+  timeout 400 python3 benchmarks/bench_mlp.py --layers 4 ${BENCH_ARGS:-} --json "$OUT/bench_mlp.json" 2>&1 | grep -v Warning | tail -12
 fi
 echo "gpu tests exit code: $rc"
 exit $rc

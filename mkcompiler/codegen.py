@@ -24,8 +24,9 @@ from mkcompiler.ops.matmul import matmul_tile
 from mkcompiler.ops.norm import norm_rows
 from mkcompiler.ops.reduce import reduce_rows, softmax_rows
 
-NUM_FIELDS: tl.constexpr = {num_fields}
-OPCODE: tl.constexpr = {opcode}
+# tl.constexpr(...) values: the compiler (unlike the interpreter) refuses plain int globals.
+NUM_FIELDS = tl.constexpr({num_fields})
+OPCODE = tl.constexpr({opcode})
 
 '''
 

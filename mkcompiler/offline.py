@@ -8,7 +8,8 @@ TRITON_INTERPRET=1 (what `import mkcompiler` sets without a GPU) @triton.jit ret
 interpreter functions that cannot be compiled, so compile_sm90 runs this module in a
 subprocess with TRITON_INTERPRET=0.
 
-Registers, stack and shared memory come from `cuobjdump -res-usage` on the cubin; spill
+Registers and stack come from `cuobjdump -res-usage` on the cubin (its SHARED is only the
+static part: Triton's shared memory is dynamic, sized by the kernel's metadata); spill
 stores/loads from ptxas' own log (`ptxas -v`, which Triton runs and prints when
 TRITON_DUMP_PTXAS_LOG=1). The subprocess compiles afresh (TRITON_ALWAYS_COMPILE=1) so that
 log exists and the compile time is real.
@@ -164,8 +165,8 @@ def report_for(path: str, num_warps: int = 4, num_stages: int = 2, arch: int = 9
         "spill_loads": loads,
         "spilled_bytes": stores + loads,
         "local": res.get("local", 0),
-        "shared": res.get("shared", compiled.metadata.shared),
-        "metadata_shared": compiled.metadata.shared,
+        "shared": compiled.metadata.shared,  # what the launch requests (Triton's shared memory is dynamic)
+        "static_shared": res.get("shared", 0),  # cuobjdump SHARED: on sm_90 the 1 KiB system reserve
         "stack": res.get("stack", 0),
         "ptx_lines": compiled.asm["ptx"].count("\n"),
         "compile_s": round(seconds, 3),

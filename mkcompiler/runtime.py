@@ -160,8 +160,9 @@ class Megakernel:
     def check(self) -> None:
         err = self.err.cpu().tolist()
         if err[ErrorField.FLAG]:
+            message = self._describe_error(err)  # before reset(), which zeroes the launch number
             self.reset()
-            raise MegakernelError(self._describe_error(err))
+            raise MegakernelError(message)
 
     def __call__(self, *args, **kwargs):
         self._bind(args, kwargs)

@@ -91,6 +91,17 @@ def lower_rms_norm(ctx, node, x, normalized_shape, weight=None, eps=None):
     return out
 
 
+@lowers(aten._fused_rms_norm.default)
+def lower_fused_rms_norm(ctx, node, x, normalized_shape, weight=None, eps=None):
+    """What nn.RMSNorm exports to on CUDA: (output, rstd)."""
+    _check_last_dim(ctx, node, x, normalized_shape)
+    if eps is None:
+        eps = torch.finfo(node.meta["val"][0].dtype).eps
+    out = ctx.new_output(node, index=0)
+    ctx.emit(node, "norm", (ctx.row_input(x), weight, None), (out,), rms=True, eps=float(eps))
+    return (out, ctx.refused(node, "the rstd output of rms_norm"))
+
+
 @family
 class Norm(RowFamily):
     kind = "norm"

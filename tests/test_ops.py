@@ -19,6 +19,7 @@ OPTS = dict(matmul_tile=(16, 16, 16), elementwise_block=64, row_block=2)
 DTYPES = [torch.float32, torch.bfloat16]
 R, C = 5, 40  # not multiples of the tiles: masks matter
 B, S, H = 2, 3, 24
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class Fn(nn.Module):
@@ -165,10 +166,14 @@ def test_to_bf16_of_fp32():
 
 
 def test_cast_round_trip():
-    # Eager rounds to bf16 in the middle; so must we (compared at fp32 tolerance).
+    # Eager rounds to bf16 in the middle, and so must the kernel: an fp32 tolerance cannot see
+    # that, so compare exactly. Triton 3.6's interpreter truncates fp32 -> bf16 (its fp_trunc
+    # ignores the rounding mode) where GPUs round to nearest even; both are accepted here.
     x = randn(R, C, dtype=torch.float32)
-    mk, out = check(lambda x: x.to(torch.bfloat16).float() + 1.0, [x], torch.float32)
-    assert torch.equal(out, x.to(torch.bfloat16).float() + 1.0)
+    _, out = check(lambda x: x.to(torch.bfloat16).float() + 1.0, [x], torch.float32, tol=TOL[torch.bfloat16])
+    nearest = x.to(torch.bfloat16).float() + 1.0
+    truncated = (x.view(torch.int32) & -65536).view(torch.float32) + 1.0
+    assert torch.equal(out, nearest) or (INTERPRETING and torch.equal(out, truncated))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -247,7 +252,7 @@ LAYOUT = {
     "slice_rows": (lambda x: x[1:4] * 2.0, [(R, C)]),
     "slice_step": (lambda x: x[:, ::3] - 1.0, [(R, C)]),
     "slice_matmul": (lambda a, b: a[:, 8:] @ b, [(R, C), (32, 24)]),
-    "select": (lambda x: x[:, 2] + x[1], [(B, S, H)]),
+    "select": (lambda x: x[:, 2] + x[1, 0], [(B, S, H)]),
     "unsqueeze_expand": (lambda x, y: x.unsqueeze(1) * y, [(R, C), (R, 3, C)]),
     "cat_last": (lambda a, b: torch.cat([a * 2.0, b + 1.0], dim=-1), [(R, C), (R, 24)]),
     "cat_first": (lambda a, b: torch.cat([a, torch.sigmoid(b)], dim=0), [(R, C), (3, C)]),
