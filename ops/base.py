@@ -125,6 +125,11 @@ TL_DTYPE = {
 }
 
 
+def flat_flags(*views) -> tuple[bool, ...]:
+    """Per view (None counts as flat): is it contiguous, so that offsets = linear index?"""
+    return tuple(v is None or v.is_contiguous() for v in views)
+
+
 def tl_dtype(dtype: torch.dtype) -> str:
     if dtype not in TL_DTYPE:
         raise NotImplementedError(f"dtype {dtype} is not supported in kernels")

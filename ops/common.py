@@ -71,13 +71,24 @@ def view_offsets(views_ptr, v, lin):
 
 
 @triton.jit
-def load_view(addrs_ptr, views_ptr, v, lin, mask, DTYPE: tl.constexpr):
-    """Elements `lin` of view v as fp32 (masked lanes read 0)."""
-    p = view_base(addrs_ptr, views_ptr, v, DTYPE)
-    return tl.load(p + view_offsets(views_ptr, v, lin), mask=mask, other=0.0).to(tl.float32)
+def offsets_of(views_ptr, v, lin, FLAT: tl.constexpr):
+    """view_offsets, or `lin` itself when the view is known (at compile time) to be contiguous:
+    then Triton sees unit stride and issues wide, coalesced accesses."""
+    if FLAT:
+        offs = lin.to(tl.int64)
+    else:
+        offs = view_offsets(views_ptr, v, lin)
+    return offs
 
 
 @triton.jit
-def store_view(addrs_ptr, views_ptr, v, lin, mask, value, DTYPE: tl.constexpr):
+def load_view(addrs_ptr, views_ptr, v, lin, mask, DTYPE: tl.constexpr, FLAT: tl.constexpr):
+    """Elements `lin` of view v as fp32 (masked lanes read 0)."""
     p = view_base(addrs_ptr, views_ptr, v, DTYPE)
-    tl.store(p + view_offsets(views_ptr, v, lin), value.to(DTYPE), mask=mask)
+    return tl.load(p + offsets_of(views_ptr, v, lin, FLAT), mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_view(addrs_ptr, views_ptr, v, lin, mask, value, DTYPE: tl.constexpr, FLAT: tl.constexpr):
+    p = view_base(addrs_ptr, views_ptr, v, DTYPE)
+    tl.store(p + offsets_of(views_ptr, v, lin, FLAT), value.to(DTYPE), mask=mask)

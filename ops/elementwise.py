@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import torch
 
-from mkcompiler.ops.base import OpFamily, bytes_cost, cdiv, linear_access, tl_dtype
+from mkcompiler.ops.base import OpFamily, bytes_cost, cdiv, flat_flags, linear_access, tl_dtype
 from mkcompiler.ops.registry import family, lowers
 
 aten = torch.ops.aten
@@ -216,13 +216,14 @@ class Elementwise(OpFamily):
             tuple(v.dtype for v in node.inputs),
             node.outputs[0].dtype,
             node.attrs["block"],
+            flat_flags(*self.view_args(node)),
         )
 
     def view_args(self, node):
         return joint_coalesce([node.outputs[0], *node.inputs])
 
     def emit(self, key, name):
-        _, expr_repr, in_dtypes, out_dtype, block = key
+        _, expr_repr, in_dtypes, out_dtype, block, flat = key
         expr = eval(expr_repr, {"torch": torch})  # repr of nested tuples of literals and dtypes
         lines, result = expr_source(expr, len(in_dtypes))
         n = len(in_dtypes)
@@ -234,9 +235,9 @@ class Elementwise(OpFamily):
             "    mask = lin < view_numel(views_ptr, out_v)",
         ]
         for k, dt in enumerate(in_dtypes):
-            src.append(f"    x{k} = load_view(addrs_ptr, views_ptr, arg(row_ptr, {k + 1}), lin, mask, {tl_dtype(dt)})")
+            src.append(f"    x{k} = load_view(addrs_ptr, views_ptr, arg(row_ptr, {k + 1}), lin, mask, {tl_dtype(dt)}, {flat[k + 1]})")
         src += [f"    {line}" for line in lines]
-        src.append(f"    store_view(addrs_ptr, views_ptr, out_v, lin, mask, {result}, {tl_dtype(out_dtype)})")
+        src.append(f"    store_view(addrs_ptr, views_ptr, out_v, lin, mask, {result}, {tl_dtype(out_dtype)}, {flat[0]})")
         return "\n".join(src) + "\n", f"{name}({{row}}, {{addrs}}, {{views}}, {block})"
 
     def tiles(self, node):

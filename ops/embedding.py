@@ -16,7 +16,7 @@ aten = torch.ops.aten
 
 @triton.jit
 def embedding_rows(row_ptr, addrs_ptr, views_ptr, W_DT: tl.constexpr, I_DT: tl.constexpr, Y_DT: tl.constexpr,
-                   BR: tl.constexpr, BC: tl.constexpr):
+                   BR: tl.constexpr, BC: tl.constexpr, Y_FLAT: tl.constexpr):
     vw = arg(row_ptr, 0)
     vi = arg(row_ptr, 1)
     vy = arg(row_ptr, 2)
@@ -36,7 +36,7 @@ def embedding_rows(row_ptr, addrs_ptr, views_ptr, W_DT: tl.constexpr, I_DT: tl.c
         col_ok = cols < C
         x = tl.load(w_ptr + idx[:, None] * sv + cols[None, :] * sc, mask=ok[:, None] & col_ok[None, :], other=0.0)
         store_view(addrs_ptr, views_ptr, vy, rows[:, None] * C + cols[None, :], row_ok[:, None] & col_ok[None, :],
-                   x.to(tl.float32), Y_DT)
+                   x.to(tl.float32), Y_DT, Y_FLAT)
 
 
 @lowers(aten.embedding.default)
@@ -57,11 +57,12 @@ class Embedding(RowFamily):
 
     def key(self, node):
         w, i = node.inputs
-        return (self.kind, w.dtype, i.dtype, node.outputs[0].dtype, node.attrs["tile"])
+        return (self.kind, w.dtype, i.dtype, node.outputs[0].dtype, node.attrs["tile"], node.outputs[0].is_contiguous())
 
     def emit(self, key, name):
-        _, wdt, idt, ydt, (br, bc) = key
-        return "", f"embedding_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(wdt)}, {tl_dtype(idt)}, {tl_dtype(ydt)}, {br}, {bc})"
+        _, wdt, idt, ydt, (br, bc), y_flat = key
+        return "", (f"embedding_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(wdt)}, {tl_dtype(idt)}, {tl_dtype(ydt)}, "
+                    f"{br}, {bc}, {y_flat})")
 
     def regions(self, node, coords):
         w, i = node.inputs

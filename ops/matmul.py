@@ -34,6 +34,10 @@ def matmul_tile(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    A_K_UNIT: tl.constexpr,
+    B_K_UNIT: tl.constexpr,
+    B_N_UNIT: tl.constexpr,
+    C_N_UNIT: tl.constexpr,
 ):
     va = arg(row_ptr, 0)
     vb = arg(row_ptr, 1)
@@ -46,10 +50,12 @@ def matmul_tile(
     N = view_size(views_ptr, vb, 3)
     a_ptr = view_base(addrs_ptr, views_ptr, va, A_DT)
     b_ptr = view_base(addrs_ptr, views_ptr, vb, B_DT)
+    # A literal unit stride (X_UNIT) lets Triton see contiguity and issue wide, coalesced
+    # loads; a stride read from the view table at run time would hide it.
     sam = view_stride(views_ptr, va, 2)
-    sak = view_stride(views_ptr, va, 3)
-    sbk = view_stride(views_ptr, vb, 2)
-    sbn = view_stride(views_ptr, vb, 3)
+    sak = 1 if A_K_UNIT else view_stride(views_ptr, va, 3)
+    sbk = 1 if B_K_UNIT else view_stride(views_ptr, vb, 2)
+    sbn = 1 if B_N_UNIT else view_stride(views_ptr, vb, 3)
     rm = tm * BM + tl.arange(0, BM)
     rn = tn * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -68,7 +74,7 @@ def matmul_tile(
         acc += bias.to(tl.float32)[None, :]
     c_ptr = view_base(addrs_ptr, views_ptr, vc, C_DT)
     scm = view_stride(views_ptr, vc, 2)
-    scn = view_stride(views_ptr, vc, 3)
+    scn = 1 if C_N_UNIT else view_stride(views_ptr, vc, 3)
     tl.store(
         c_ptr + rm[:, None] * scm + rn[None, :] * scn, acc.to(C_DT), mask=(rm[:, None] < M) & (rn[None, :] < N)
     )
@@ -120,15 +126,16 @@ class Matmul(OpFamily):
         a, b, bias = node.inputs
         c = node.outputs[0]
         dot, prec = node.attrs["dot"]
+        units = (a.strides[1] == 1, b.strides[0] == 1, b.strides[1] == 1 and b.strides[0] != 1, c.strides[1] == 1)
         return (self.kind, a.dtype, b.dtype, bias.dtype if bias is not None else None, c.dtype, dot, prec,
-                node.attrs["tile"])
+                node.attrs["tile"], units)
 
     def emit(self, key, name):
-        _, a, b, bias, c, dot, prec, (bm, bn, bk) = key
+        _, a, b, bias, c, dot, prec, (bm, bn, bk), units = key
         bias_dt = tl_dtype(bias) if bias is not None else "tl.float32"
         call = (
             f"matmul_tile({{row}}, {{addrs}}, {{views}}, {tl_dtype(a)}, {tl_dtype(b)}, {bias_dt}, {tl_dtype(c)}, "
-            f"{bias is not None}, {tl_dtype(dot)}, {prec!r}, {bm}, {bn}, {bk})"
+            f"{bias is not None}, {tl_dtype(dot)}, {prec!r}, {bm}, {bn}, {bk}, {', '.join(map(str, units))})"
         )
         return "", call
 

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mkcompiler.ops.base import tl_dtype
+from mkcompiler.ops.base import flat_flags, tl_dtype
 from mkcompiler.ops.common import arg, load_view, store_view, view_numel, view_size
 from mkcompiler.ops.reduce import RowFamily
 from mkcompiler.ops.registry import family, lowers
@@ -22,7 +22,8 @@ aten = torch.ops.aten
 @triton.jit
 def norm_rows(row_ptr, addrs_ptr, views_ptr, X_DT: tl.constexpr, W_DT: tl.constexpr, B_DT: tl.constexpr,
               Y_DT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr,
-              EPS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+              EPS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, X_FLAT: tl.constexpr,
+              W_FLAT: tl.constexpr, B_FLAT: tl.constexpr, Y_FLAT: tl.constexpr):
     vx = arg(row_ptr, 0)
     vw = arg(row_ptr, 1)
     vb = arg(row_ptr, 2)
@@ -36,13 +37,13 @@ def norm_rows(row_ptr, addrs_ptr, views_ptr, X_DT: tl.constexpr, W_DT: tl.conste
         for c0 in range(0, C, BC):
             cols = c0 + tl.arange(0, BC)
             mask = row_ok[:, None] & (cols[None, :] < C)
-            mean += tl.sum(load_view(addrs_ptr, views_ptr, vx, rows[:, None] * C + cols[None, :], mask, X_DT), axis=1)
+            mean += tl.sum(load_view(addrs_ptr, views_ptr, vx, rows[:, None] * C + cols[None, :], mask, X_DT, X_FLAT), axis=1)
         mean = mean / C
     var = tl.zeros([BR], tl.float32)
     for c0 in range(0, C, BC):
         cols = c0 + tl.arange(0, BC)
         mask = row_ok[:, None] & (cols[None, :] < C)
-        x = load_view(addrs_ptr, views_ptr, vx, rows[:, None] * C + cols[None, :], mask, X_DT)
+        x = load_view(addrs_ptr, views_ptr, vx, rows[:, None] * C + cols[None, :], mask, X_DT, X_FLAT)
         d = tl.where(mask, x - mean[:, None], 0.0)
         var += tl.sum(d * d, axis=1)
     rstd = 1.0 / tl.sqrt(var / C + EPS)
@@ -51,12 +52,12 @@ def norm_rows(row_ptr, addrs_ptr, views_ptr, X_DT: tl.constexpr, W_DT: tl.conste
         col_ok = cols < C
         mask = row_ok[:, None] & col_ok[None, :]
         lin = rows[:, None] * C + cols[None, :]
-        y = (load_view(addrs_ptr, views_ptr, vx, lin, mask, X_DT) - mean[:, None]) * rstd[:, None]
+        y = (load_view(addrs_ptr, views_ptr, vx, lin, mask, X_DT, X_FLAT) - mean[:, None]) * rstd[:, None]
         if HAS_W:
-            y = y * load_view(addrs_ptr, views_ptr, vw, cols, col_ok, W_DT)[None, :]
+            y = y * load_view(addrs_ptr, views_ptr, vw, cols, col_ok, W_DT, W_FLAT)[None, :]
         if HAS_B:
-            y = y + load_view(addrs_ptr, views_ptr, vb, cols, col_ok, B_DT)[None, :]
-        store_view(addrs_ptr, views_ptr, vy, lin, mask, y, Y_DT)
+            y = y + load_view(addrs_ptr, views_ptr, vb, cols, col_ok, B_DT, B_FLAT)[None, :]
+        store_view(addrs_ptr, views_ptr, vy, lin, mask, y, Y_DT, Y_FLAT)
 
 
 def _check_last_dim(ctx, node, x, normalized_shape):
@@ -109,15 +110,16 @@ class Norm(RowFamily):
     def key(self, node):
         x, w, b = node.inputs
         return (self.kind, x.dtype, w.dtype if w is not None else None, b.dtype if b is not None else None,
-                node.outputs[0].dtype, node.attrs["rms"], node.attrs["eps"], node.attrs["tile"])
+                node.outputs[0].dtype, node.attrs["rms"], node.attrs["eps"], node.attrs["tile"],
+                flat_flags(x, w, b, node.outputs[0]))
 
     def emit(self, key, name):
-        _, xdt, wdt, bdt, ydt, rms, eps, (br, bc) = key
+        _, xdt, wdt, bdt, ydt, rms, eps, (br, bc), flat = key
         w = tl_dtype(wdt) if wdt is not None else "tl.float32"
         b = tl_dtype(bdt) if bdt is not None else "tl.float32"
         return "", (
             f"norm_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(xdt)}, {w}, {b}, {tl_dtype(ydt)}, "
-            f"{wdt is not None}, {bdt is not None}, {rms}, {eps!r}, {br}, {bc})"
+            f"{wdt is not None}, {bdt is not None}, {rms}, {eps!r}, {br}, {bc}, {', '.join(map(str, flat))})"
         )
 
     def regions(self, node, coords):

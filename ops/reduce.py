@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mkcompiler.ops.base import OpFamily, bytes_cost, cdiv, row_access, tl_dtype
+from mkcompiler.ops.base import OpFamily, bytes_cost, cdiv, flat_flags, row_access, tl_dtype
 from mkcompiler.ops.common import arg, load_view, store_view, view_numel, view_size
 from mkcompiler.ops.registry import family, lowers
 
@@ -20,7 +20,7 @@ MODES = {"sum": 0, "mean": 1, "amax": 2}
 
 @triton.jit
 def reduce_rows(row_ptr, addrs_ptr, views_ptr, X_DT: tl.constexpr, Y_DT: tl.constexpr, MODE: tl.constexpr,
-                BR: tl.constexpr, BC: tl.constexpr):
+                BR: tl.constexpr, BC: tl.constexpr, X_FLAT: tl.constexpr, Y_FLAT: tl.constexpr):
     vx = arg(row_ptr, 0)
     vy = arg(row_ptr, 1)
     C = view_size(views_ptr, vx, 3)
@@ -33,19 +33,19 @@ def reduce_rows(row_ptr, addrs_ptr, views_ptr, X_DT: tl.constexpr, Y_DT: tl.cons
     for c0 in range(0, C, BC):
         cols = c0 + tl.arange(0, BC)
         mask = (rows[:, None] < R) & (cols[None, :] < C)
-        x = load_view(addrs_ptr, views_ptr, vx, rows[:, None] * C + cols[None, :], mask, X_DT)
+        x = load_view(addrs_ptr, views_ptr, vx, rows[:, None] * C + cols[None, :], mask, X_DT, X_FLAT)
         if MODE == 2:
             acc = tl.maximum(acc, tl.max(tl.where(mask, x, float("-inf")), axis=1))
         else:
             acc += tl.sum(x, axis=1)
     if MODE == 1:
         acc = acc / C
-    store_view(addrs_ptr, views_ptr, vy, rows, rows < R, acc, Y_DT)
+    store_view(addrs_ptr, views_ptr, vy, rows, rows < R, acc, Y_DT, Y_FLAT)
 
 
 @triton.jit
 def softmax_rows(row_ptr, addrs_ptr, views_ptr, X_DT: tl.constexpr, Y_DT: tl.constexpr,
-                 BR: tl.constexpr, BC: tl.constexpr):
+                 BR: tl.constexpr, BC: tl.constexpr, X_FLAT: tl.constexpr, Y_FLAT: tl.constexpr):
     vx = arg(row_ptr, 0)
     vy = arg(row_ptr, 1)
     C = view_size(views_ptr, vx, 3)
@@ -57,7 +57,7 @@ def softmax_rows(row_ptr, addrs_ptr, views_ptr, X_DT: tl.constexpr, Y_DT: tl.con
     for c0 in range(0, C, BC):  # online max and sum of exponentials
         cols = c0 + tl.arange(0, BC)
         mask = row_ok[:, None] & (cols[None, :] < C)
-        x = load_view(addrs_ptr, views_ptr, vx, rows[:, None] * C + cols[None, :], mask, X_DT)
+        x = load_view(addrs_ptr, views_ptr, vx, rows[:, None] * C + cols[None, :], mask, X_DT, X_FLAT)
         x = tl.where(mask, x, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=1))
         m_new = tl.where(row_ok, m_new, 0.0)
@@ -67,8 +67,8 @@ def softmax_rows(row_ptr, addrs_ptr, views_ptr, X_DT: tl.constexpr, Y_DT: tl.con
         cols = c0 + tl.arange(0, BC)
         mask = row_ok[:, None] & (cols[None, :] < C)
         lin = rows[:, None] * C + cols[None, :]
-        x = load_view(addrs_ptr, views_ptr, vx, lin, mask, X_DT)
-        store_view(addrs_ptr, views_ptr, vy, lin, mask, tl.exp(x - m[:, None]) / s[:, None], Y_DT)
+        x = load_view(addrs_ptr, views_ptr, vx, lin, mask, X_DT, X_FLAT)
+        store_view(addrs_ptr, views_ptr, vy, lin, mask, tl.exp(x - m[:, None]) / s[:, None], Y_DT, Y_FLAT)
 
 
 def _last_dim(ctx, node, x, dims):
@@ -144,11 +144,13 @@ class Reduce(RowFamily):
     kind = "reduce"
 
     def key(self, node):
-        return (self.kind, node.attrs["mode"], node.inputs[0].dtype, node.outputs[0].dtype, node.attrs["tile"])
+        return (self.kind, node.attrs["mode"], node.inputs[0].dtype, node.outputs[0].dtype, node.attrs["tile"],
+                flat_flags(node.inputs[0], node.outputs[0]))
 
     def emit(self, key, name):
-        _, mode, xdt, ydt, (br, bc) = key
-        return "", f"reduce_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(xdt)}, {tl_dtype(ydt)}, {MODES[mode]}, {br}, {bc})"
+        _, mode, xdt, ydt, (br, bc), flat = key
+        return "", (f"reduce_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(xdt)}, {tl_dtype(ydt)}, {MODES[mode]}, {br}, "
+                    f"{bc}, {', '.join(map(str, flat))})")
 
     def reference(self, node, coords, tensor_of):
         r0, r1 = self.row_range(node, coords)
@@ -165,11 +167,13 @@ class Softmax(RowFamily):
     kind = "softmax"
 
     def key(self, node):
-        return (self.kind, node.inputs[0].dtype, node.outputs[0].dtype, node.attrs["tile"])
+        return (self.kind, node.inputs[0].dtype, node.outputs[0].dtype, node.attrs["tile"],
+                flat_flags(node.inputs[0], node.outputs[0]))
 
     def emit(self, key, name):
-        _, xdt, ydt, (br, bc) = key
-        return "", f"softmax_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(xdt)}, {tl_dtype(ydt)}, {br}, {bc})"
+        _, xdt, ydt, (br, bc), flat = key
+        return "", (f"softmax_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(xdt)}, {tl_dtype(ydt)}, {br}, {bc}, "
+                    f"{', '.join(map(str, flat))})")
 
     def reference(self, node, coords, tensor_of):
         r0, r1 = self.row_range(node, coords)

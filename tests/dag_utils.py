@@ -12,10 +12,10 @@ from __future__ import annotations
 import networkx as nx
 import numpy as np
 from hypothesis import strategies as st
-
-from mkcompiler.layout import NUM_FIELDS, NUM_VIEW_FIELDS, NUM_WAIT_FIELDS, Field
 from mkcompiler.passes.counters import assign_counters
 from mkcompiler.passes.schedule import Schedule, list_schedule
+
+from mkcompiler.layout import NUM_FIELDS, NUM_VIEW_FIELDS, NUM_WAIT_FIELDS, Field
 from mkcompiler.queue import Queue
 
 MAX_NODES = 40

@@ -9,11 +9,11 @@ import time
 import pytest
 import torch
 from helpers import TOL, reference, rel_err
+from mkcompiler.passes.verify import check_static
 
 import mkcompiler
 from mkcompiler import MegakernelError
 from mkcompiler.layout import Field
-from mkcompiler.passes.verify import check_static
 
 MAX_SPIN = 200
 FAST = 10.0  # seconds: a tiny model plus 200 interpreted polls; a hang would be unbounded

@@ -14,11 +14,11 @@ import pytest
 from dag_utils import critical_path, dags, queue_from_dag, replay_makespan, scheduled
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mkcompiler.passes.counters import check_counters
+from mkcompiler.passes.verify import check_dynamic
 
 from mkcompiler.errors import MegakernelError
 from mkcompiler.layout import Field
-from mkcompiler.passes.counters import check_counters
-from mkcompiler.passes.verify import check_dynamic
 
 workers = st.integers(1, 6)
 

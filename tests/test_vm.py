@@ -16,12 +16,12 @@ from dag_utils import dags, make_dag, queue_from_dag, scheduled, static_queue
 from helpers import TOL, reference, rel_err
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
+from mkcompiler.passes.counters import assign_counters
+from mkcompiler.passes.verify import check_static, static_wait_graph
 
 import mkcompiler
 from mkcompiler.errors import MegakernelError
 from mkcompiler.layout import Field
-from mkcompiler.passes.counters import assign_counters
-from mkcompiler.passes.verify import check_static, static_wait_graph
 from mkcompiler.vm import VMDeadlock, run_megakernel, run_queue
 
 SEEDS = 12
@@ -143,8 +143,10 @@ def test_check_static_accepts_exactly_the_schedules_the_vm_finishes(dag, data):
     stuck = stuck_tasks(dag, lists)
     for seed in range(SEEDS):
         ran: set[int] = set()
-        with pytest.raises(VMDeadlock):
-            run_queue(q, lambda i: ran.add(int(q.rows[i, Field.TASK])), dynamic=False, seed=seed)
+        with pytest.raises(VMDeadlock) as info:
+            run_queue(q, lambda i, ran=ran: ran.add(int(q.rows[i, Field.TASK])), dynamic=False, seed=seed)
+        held = [int(i) for i in re.findall(r"holds instruction (\d+)", str(info.value))]
+        assert held and all(int(q.rows[i, Field.TASK]) in stuck for i in held), str(info.value)
         # Exactly the tasks not held up by a cycle ran, whatever the interleaving.
         assert ran == set(dag.nodes) - stuck
 
