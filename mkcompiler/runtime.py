@@ -19,7 +19,7 @@ import torch.utils._pytree as pytree
 from mkcompiler.errors import InputError, MegakernelError
 from mkcompiler.ir import BufferKind, View
 from mkcompiler.layout import NUM_ERROR_FIELDS, ErrorField, Field
-from mkcompiler.passes.counters import check_counters  # noqa: F401  (re-exported for tests)
+from mkcompiler.passes.verify import check_queue
 
 COUNTER_LIMIT = 2**31 - 1
 
@@ -98,7 +98,7 @@ class Megakernel:
         waits are not met exactly by its signals before launching it."""
         q = self.queue
         if check:
-            _check_queue(q)
+            check_queue(q, static=self.settings.schedule == "static")
         dev = self.device
         self.instr = torch.from_numpy(np.ascontiguousarray(q.rows)).to(dev)
         self.waits = torch.from_numpy(np.ascontiguousarray(q.waits)).reshape(-1).to(dev)
@@ -205,15 +205,3 @@ class Megakernel:
             f"{err[ErrorField.VALUE]} (launch {self.generation}); instructions that signal counter {c}: "
             f"{producers[:16]}{' ...' if len(producers) > 16 else ''}. The kernel stopped; counters were reset."
         )
-
-
-def _check_queue(q) -> None:
-    """Host-side check of an (edited) queue: every counter's waits equal its signal count."""
-    signals = np.bincount(q.rows[:, Field.SIGNAL][q.rows[:, Field.SIGNAL] >= 0], minlength=q.num_counters)
-    for i in range(len(q)):
-        for c, n in q.waits_of(i):
-            if signals[c] != n:
-                raise MegakernelError(
-                    f"instruction {i} ({q.opcode_name(i)} {q.descs[i]}) waits for {n} signals on counter {c}, "
-                    f"but the queue holds {signals[c]}: launching it would stall"
-                )

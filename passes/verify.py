@@ -46,3 +46,47 @@ def check_static(dag: nx.DiGraph, worker_lists: list[list[int]]) -> None:
         "static schedule could deadlock: a cycle of waits through tasks "
         + " -> ".join(str(u) for u, _ in cycle)
     )
+
+
+def check_queue(queue, static: bool) -> None:
+    """Check an encoded (possibly hand-edited) queue before launch: every wait is met exactly
+    by the signals the queue holds, signals come earlier in the queue than their waiters
+    (dynamic fetch), and the static lists hold every instruction once with no cycle of waits."""
+    from mkcompiler.layout import Field
+
+    signal = queue.rows[:, Field.SIGNAL]
+    signallers: dict[int, list[int]] = {}
+    for i, c in enumerate(signal.tolist()):
+        if c >= 0:
+            signallers.setdefault(c, []).append(i)
+    g = nx.DiGraph()
+    g.add_nodes_from(range(len(queue)))
+    for i in range(len(queue)):
+        for c, n in queue.waits_of(i):
+            have = signallers.get(c, [])
+            if len(have) != n:
+                raise MegakernelError(
+                    f"instruction {i} ({queue.opcode_name(i)} {queue.descs[i]}) waits for {n} signals on counter "
+                    f"{c}, but the queue holds {len(have)}: launching it would stall"
+                )
+            late = [j for j in have if j >= i]
+            if late and not static:
+                raise MegakernelError(
+                    f"instruction {i} waits on counter {c}, which instruction {late[0]} (later in the queue) signals"
+                )
+            g.add_edges_from((j, i) for j in have)
+    if static:
+        order = queue.worker_order.tolist()
+        if sorted(order) != list(range(len(queue))):
+            raise MegakernelError("static worker lists do not hold every instruction exactly once")
+        for w in range(queue.num_workers):
+            mine = order[queue.worker_begin[w] : queue.worker_begin[w + 1]]
+            g.add_edges_from(zip(mine, mine[1:]))
+        try:
+            cycle = nx.find_cycle(g)
+        except nx.NetworkXNoCycle:
+            return
+        raise MegakernelError(
+            "static schedule could deadlock: a cycle of waits through instructions "
+            + " -> ".join(str(u) for u, _ in cycle)
+        )
