@@ -1,6 +1,8 @@
 """Matrix products: mm, addmm (bias), linear; C[M,N] = A[M,K] @ B[K,N] (+ bias[N]).
 
-Tiles are BM x BN output blocks. Operands are 2-D strided views, so a transposed weight
+Tiles are BM x BN output blocks. Split-K (passes/split_k.py): the output is then a [S, M, N]
+fp32 view of partial sums, tile (i, j, s) covers the s-th K chunk, and an elementwise op adds
+the S partials (plus bias, cast) afterwards. Operands are 2-D strided views, so a transposed weight
 (linear's W^T) is read in place. Accumulation is fp32; fp32 operands use `precision`
 ("ieee" by default: exact-ish fp32, "tf32" for speed).
 """
@@ -45,9 +47,14 @@ def matmul_tile(
     vc = arg(row_ptr, 3)
     tm = arg(row_ptr, 4)
     tn = arg(row_ptr, 5)
+    ks = arg(row_ptr, 6)
     M = view_size(views_ptr, va, 2)
     K = view_size(views_ptr, va, 3)
     N = view_size(views_ptr, vb, 3)
+    # Split-K: chunk ks of S (S = 1 when C is a plain [M, N] view: padded dim 1 has size 1).
+    k_chunk = tl.cdiv(tl.cdiv(K, view_size(views_ptr, vc, 1)), BK) * BK
+    k_lo = ks * k_chunk
+    k_hi = tl.minimum(K, k_lo + k_chunk)
     a_ptr = view_base(addrs_ptr, views_ptr, va, A_DT)
     b_ptr = view_base(addrs_ptr, views_ptr, vb, B_DT)
     # A literal unit stride (X_UNIT) lets Triton see contiguity and issue wide, coalesced
@@ -59,20 +66,20 @@ def matmul_tile(
     rm = tm * BM + tl.arange(0, BM)
     rn = tn * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k in range(0, K, BK):
+    for k in range(k_lo, k_hi, BK):
         rk = k + tl.arange(0, BK)
         a = tl.load(
-            a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0
+            a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=(rm[:, None] < M) & (rk[None, :] < k_hi), other=0.0
         )
         b = tl.load(
-            b_ptr + rk[:, None] * sbk + rn[None, :] * sbn, mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0
+            b_ptr + rk[:, None] * sbk + rn[None, :] * sbn, mask=(rk[:, None] < k_hi) & (rn[None, :] < N), other=0.0
         )
         acc = tl.dot(a.to(DOT_DT), b.to(DOT_DT), acc, input_precision=PRECISION)
     if HAS_BIAS:
         bias_ptr = view_base(addrs_ptr, views_ptr, vbias, BIAS_DT)
         bias = tl.load(bias_ptr + rn * view_stride(views_ptr, vbias, 3), mask=rn < N, other=0.0)
         acc += bias.to(tl.float32)[None, :]
-    c_ptr = view_base(addrs_ptr, views_ptr, vc, C_DT)
+    c_ptr = view_base(addrs_ptr, views_ptr, vc, C_DT) + ks * view_stride(views_ptr, vc, 1)
     scm = view_stride(views_ptr, vc, 2)
     scn = 1 if C_N_UNIT else view_stride(views_ptr, vc, 3)
     tl.store(
@@ -139,44 +146,61 @@ class Matmul(OpFamily):
         )
         return "", call
 
+    def splits(self, node) -> int:
+        c = node.outputs[0]
+        return c.shape[0] if c.rank == 3 else 1
+
+    def k_range(self, node, s: int) -> tuple[int, int]:
+        """K chunk of split s; the kernel computes the same chunks."""
+        k = node.inputs[0].shape[1]
+        bk = node.attrs["tile"][2]
+        chunk = cdiv(cdiv(k, self.splits(node)), bk) * bk
+        return min(k, s * chunk), min(k, (s + 1) * chunk)
+
     def tiles(self, node):
         bm, bn, _ = node.attrs["tile"]
-        m, n = node.outputs[0].shape
-        return [(i, j) for i in range(cdiv(m, bm)) for j in range(cdiv(n, bn))]
+        m, n = node.outputs[0].shape[-2:]
+        return [(i, j, s) for s in range(self.splits(node)) for i in range(cdiv(m, bm)) for j in range(cdiv(n, bn))]
 
     def regions(self, node, coords):
         a, b, bias = node.inputs
         c = node.outputs[0]
         bm, bn, _ = node.attrs["tile"]
-        i, j = coords
-        rows = (i * bm, min((i + 1) * bm, c.shape[0]))
-        cols = (j * bn, min((j + 1) * bn, c.shape[1]))
-        reads = [box_access(a, (rows, (0, a.shape[1]))), box_access(b, ((0, b.shape[0]), cols))]
+        i, j, s = coords
+        m, n = c.shape[-2:]
+        rows = (i * bm, min((i + 1) * bm, m))
+        cols = (j * bn, min((j + 1) * bn, n))
+        ks = self.k_range(node, s)
+        reads = [box_access(a, (rows, ks)), box_access(b, (ks, cols))]
         if bias is not None:
             reads.append(box_access(bias, (cols,)))
-        return reads, [box_access(c, (rows, cols))]
+        out = box_access(c, ((s, s + 1), rows, cols)) if c.rank == 3 else box_access(c, (rows, cols))
+        return reads, [out]
 
     def cost(self, node, coords):
         a, b, _ = node.inputs
         bm, bn, _ = node.attrs["tile"]
-        k = a.shape[1]
-        nbytes = (min(bm, a.shape[0]) * a.dtype.itemsize + bn * b.dtype.itemsize) * k
-        return bytes_cost(nbytes, 2.0 * bm * bn * k)
+        k0, k1 = self.k_range(node, coords[2])
+        nbytes = (min(bm, a.shape[0]) * a.dtype.itemsize + bn * b.dtype.itemsize) * (k1 - k0)
+        return bytes_cost(nbytes, 2.0 * bm * bn * (k1 - k0))
 
     def describe(self, node, coords):
         bm, bn, _ = node.attrs["tile"]
-        return f"{node.name}[m{coords[0] * bm}:+{bm}, n{coords[1] * bn}:+{bn}]"
+        split = f", k{self.k_range(node, coords[2])[0]}:" if self.splits(node) > 1 else ""
+        return f"{node.name}[m{coords[0] * bm}:+{bm}, n{coords[1] * bn}:+{bn}{split}]"
 
     def reference(self, node, coords, tensor_of):
         a, b, bias = node.inputs
         c = node.outputs[0]
         bm, bn, _ = node.attrs["tile"]
-        i, j = coords
+        i, j, s = coords
         rs, cs = slice(i * bm, (i + 1) * bm), slice(j * bn, (j + 1) * bn)
-        acc = tensor_of(a)[rs].double() @ tensor_of(b)[:, cs].double()
+        k0, k1 = self.k_range(node, s)
+        acc = tensor_of(a)[rs, k0:k1].double() @ tensor_of(b)[k0:k1, cs].double()
         if bias is not None:
             acc = acc + tensor_of(bias)[cs].double()
-        tensor_of(c)[rs, cs] = acc.to(c.dtype)
+        out = tensor_of(c)
+        (out[s] if c.rank == 3 else out)[rs, cs] = acc.to(c.dtype)
 
 
 __all__ = ["matmul_tile", "whole"]

@@ -16,6 +16,7 @@ from mkcompiler.passes.dependencies import build_dag, check_dag
 from mkcompiler.passes.encode import encode
 from mkcompiler.passes.fuse import fuse_elementwise
 from mkcompiler.passes.schedule import Schedule, list_schedule
+from mkcompiler.passes.split_k import split_k
 from mkcompiler.passes.tile import choose_tiles
 from mkcompiler.passes.verify import check_dynamic, check_static
 from mkcompiler.queue import Queue
@@ -42,6 +43,7 @@ def _verify(c: Compilation) -> None:
 # (name, step, invariant check or None)
 PIPELINE = [
     ("eliminate_dead_ops", lambda c: setattr(c, "graph", eliminate_dead_ops(c.graph)), lambda c: check_single_writer_order(c.graph)),
+    ("split_k", lambda c: setattr(c, "graph", split_k(c.graph, c.settings, c.num_workers)), lambda c: check_single_writer_order(c.graph)),
     ("fuse_elementwise", lambda c: setattr(c, "graph", fuse_elementwise(c.graph)), lambda c: check_single_writer_order(c.graph)),
     ("choose_tiles", lambda c: setattr(c, "graph", choose_tiles(c.graph, c.settings)), None),
     ("build_dag", lambda c: setattr(c, "dag", build_dag(c.graph)), lambda c: check_dag(c.dag)),
