@@ -19,6 +19,7 @@ from torch.export.graph_signature import InputKind
 from mkcompiler.errors import UnsupportedOpError
 from mkcompiler.ir import BufferKind, Graph, OpNode, View
 from mkcompiler.ops import registry
+from mkcompiler.ops.elementwise import VALUE_DTYPES
 
 IGNORED = {
     torch.ops.aten._assert_tensor_metadata.default,
@@ -113,8 +114,8 @@ class LoweringContext:
             dtype = tensors[0].dtype
             for t in tensors[1:]:
                 dtype = torch.promote_types(dtype, t.dtype)
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            self.unsupported(node, f"elementwise {name} producing {dtype} (only floating point)")
+        if dtype not in VALUE_DTYPES:
+            self.unsupported(node, f"elementwise {name} producing {dtype}")
         inputs, leaves = [], []
         for x in operands:
             if isinstance(x, View):
@@ -198,12 +199,56 @@ def _bind_user_input(graph, ctx, fx_node, bound, flat_inputs):
     return View.full(buf, tuple(val.shape)) if val.dim() else View(buf.id, val.dtype, (), (), 0)
 
 
-def _map_arg(a, env):
+class Const:
+    """A value computed at compile time (it depends on no input, parameter or state): masks
+    built from shapes, position tables. Bound as a read-only buffer only if an op reads it."""
+
+    def __init__(self, value: torch.Tensor):
+        self.value = value
+        self.view: View | None = None
+
+
+def _map_arg(a, env, ctx=None):
     if isinstance(a, torch.fx.Node):
-        return env[a.name]
+        v = env[a.name]
+        if isinstance(v, Const) and ctx is not None:
+            if v.view is None:
+                v.view = _bind_param(ctx.graph, f"const_{a.name}", v.value)
+            return v.view
+        return v
     if isinstance(a, (list, tuple)):
-        return type(a)(_map_arg(x, env) for x in a)
+        return type(a)(_map_arg(x, env, ctx) for x in a)
     return a
+
+
+# Ops whose result depends only on their tensor argument's shape, dtype and device.
+SHAPE_ONLY = {
+    torch.ops.aten.full_like.default,
+    torch.ops.aten.zeros_like.default,
+    torch.ops.aten.ones_like.default,
+}
+
+
+def _fold(fx_node, env):
+    """Evaluate a node whose tensor inputs are all compile-time constants (or that has none)."""
+    nodes = [a for a in pytree.tree_leaves((fx_node.args, fx_node.kwargs)) if isinstance(a, torch.fx.Node)]
+    shape_only = fx_node.target in SHAPE_ONLY
+    if not shape_only and not all(isinstance(env[a.name], Const) for a in nodes):
+        return None
+    if fx_node.target in IGNORED or not isinstance(fx_node.meta.get("val"), torch.Tensor):
+        return None
+
+    def value(a):
+        if not isinstance(a, torch.fx.Node):
+            return a
+        if shape_only:
+            val = a.meta["val"]
+            return torch.empty(val.shape, dtype=val.dtype, device=val.device)
+        return env[a.name].value
+
+    args = pytree.tree_map(value, fx_node.args)
+    kwargs = pytree.tree_map(value, fx_node.kwargs)
+    return Const(fx_node.target(*args, **kwargs))
 
 
 def _lower_node(ctx, fx_node, env):
@@ -213,17 +258,20 @@ def _lower_node(ctx, fx_node, env):
     if target is operator.getitem:
         seq, i = fx_node.args
         return env[seq.name][i]
+    folded = _fold(fx_node, env)
+    if folded is not None:
+        return folded
     fn = registry.LOWERINGS.get(target)
     if fn is None:
         ctx.unsupported(fx_node, f"the op {target}")
-    args = _map_arg(fx_node.args, env)
-    kwargs = {k: _map_arg(v, env) for k, v in fx_node.kwargs.items()}
+    args = _map_arg(fx_node.args, env, ctx)
+    kwargs = {k: _map_arg(v, env, ctx) for k, v in fx_node.kwargs.items()}
     return fn(ctx, fx_node, *args, **kwargs)
 
 
 def _output_value(ctx, fx_node, x, env):
     if isinstance(x, torch.fx.Node):
-        v = env[x.name]
+        v = _map_arg(x, env, ctx)
         if isinstance(v, Refused):
             ctx.unsupported(x, v.what)
         return v

@@ -61,8 +61,17 @@ def compile_sm90(
         f.write(source)
         path = f.name
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_ALWAYS_COMPILE="1")
-    cmd = [sys.executable, "-m", "mkcompiler.offline", path, "--json", f"--num-warps={num_warps}",
-           f"--num-stages={num_stages}", f"--arch={arch}", "--dynamic" if dynamic else "--static"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mkcompiler.offline",
+        path,
+        "--json",
+        f"--num-warps={num_warps}",
+        f"--num-stages={num_stages}",
+        f"--arch={arch}",
+        "--dynamic" if dynamic else "--static",
+    ]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     finally:
@@ -142,8 +151,14 @@ def _ptxas_spills(log: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def report_for(path: str, num_warps: int = 4, num_stages: int = 2, arch: int = 90, dynamic: bool = True,
-               dump_dir: str | None = None) -> dict:
+def report_for(
+    path: str,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    arch: int = 90,
+    dynamic: bool = True,
+    dump_dir: str | None = None,
+) -> dict:
     kernel = _load_kernel(path)
     t0 = time.perf_counter()
     compiled, log = _compile(kernel, num_warps, num_stages, arch, dynamic)

@@ -48,9 +48,23 @@ OPS = {
     "pow": ("tl.exp2({1} * tl.log2({0}))", torch.pow),  # general exponent: base must be > 0
     "sin": ("tl.sin({0})", torch.sin),
     "cos": ("tl.cos({0})", torch.cos),
+    # Comparisons and logic yield 0.0 / 1.0 (stored as bool where the node is bool).
+    "lt": ("({0} < {1}).to(tl.float32)", lambda a, b: (a < b).float()),
+    "le": ("({0} <= {1}).to(tl.float32)", lambda a, b: (a <= b).float()),
+    "gt": ("({0} > {1}).to(tl.float32)", lambda a, b: (a > b).float()),
+    "ge": ("({0} >= {1}).to(tl.float32)", lambda a, b: (a >= b).float()),
+    "eq": ("({0} == {1}).to(tl.float32)", lambda a, b: (a == b).float()),
+    "ne": ("({0} != {1}).to(tl.float32)", lambda a, b: (a != b).float()),
+    "logical_not": ("({0} == 0.0).to(tl.float32)", lambda a: (a == 0).float()),
+    "logical_and": ("((({0} != 0.0) & ({1} != 0.0))).to(tl.float32)", lambda a, b: ((a != 0) & (b != 0)).float()),
+    "logical_or": ("((({0} != 0.0) | ({1} != 0.0))).to(tl.float32)", lambda a, b: ((a != 0) | (b != 0)).float()),
+    "where": ("tl.where({0} != 0.0, {1}, {2})", lambda c, a, b: torch.where(c != 0, a, b)),
 }
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Integer and bool values are computed in fp32 too: exact for |x| < 2**24 (positions, indices,
+# masks); what needs more range is refused at capture.
+VALUE_DTYPES = FLOAT_DTYPES + (torch.bool, torch.int32, torch.int64)
 
 
 def _lower_simple(name):
@@ -80,6 +94,16 @@ for _name, _targets in {
     "minimum": [aten.minimum.default],
     "sin": [aten.sin.default],
     "cos": [aten.cos.default],
+    "lt": [aten.lt.Tensor, aten.lt.Scalar],
+    "le": [aten.le.Tensor, aten.le.Scalar],
+    "gt": [aten.gt.Tensor, aten.gt.Scalar],
+    "ge": [aten.ge.Tensor, aten.ge.Scalar],
+    "eq": [aten.eq.Tensor, aten.eq.Scalar],
+    "ne": [aten.ne.Tensor, aten.ne.Scalar],
+    "logical_not": [aten.logical_not.default, aten.bitwise_not.default],
+    "logical_and": [aten.logical_and.default, aten.bitwise_and.Tensor],
+    "logical_or": [aten.logical_or.default, aten.bitwise_or.Tensor],
+    "where": [aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther, aten.where.Scalar],
 }.items():
     lowers(*_targets)(_lower_simple(_name))
 
@@ -140,7 +164,10 @@ def _const_src(v: float) -> str:
 
 
 def _round_src(dtype: torch.dtype) -> str:
-    return "" if dtype == torch.float32 else f".to({tl_dtype(dtype)}).to(tl.float32)"
+    """Round an fp32 value as storing it in `dtype` would (integers truncate toward zero)."""
+    if dtype == torch.float32 or dtype == torch.bool:
+        return ""
+    return f".to({tl_dtype(dtype)}).to(tl.float32)"
 
 
 def expr_source(expr, n_inputs: int) -> tuple[list[str], str]:

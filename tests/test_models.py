@@ -58,6 +58,17 @@ def transformer_mlp(layers=2):
 MODELS = {"residual_mlp": (ResidualMLP, (B * S, D)), "transformer_mlp": (transformer_mlp, (B, S, D))}
 
 
+@pytest.fixture(autouse=True)
+def _on_device(device):
+    """Every tensor made on the device kernels run on (CPU under the interpreter)."""
+    if device == "cpu":
+        yield
+        return
+    torch.set_default_device(device)
+    yield
+    torch.set_default_device(None)
+
+
 def make(name, dtype):
     torch.manual_seed(0)
     ctor, shape = MODELS[name]
