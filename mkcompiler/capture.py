@@ -14,7 +14,7 @@ import warnings
 
 import torch
 import torch.utils._pytree as pytree
-from torch.export.graph_signature import InputKind
+from torch.export.graph_signature import InputKind, OutputKind
 
 from mkcompiler.errors import UnsupportedOpError
 from mkcompiler.ir import BufferKind, Graph, OpNode, View
@@ -74,6 +74,15 @@ class LoweringContext:
         if index is not None:
             val = val[index]
         return self.graph.new_tensor(node.name, tuple(val.shape), val.dtype)
+
+    def writable_in_place(self, fx_node, base: View) -> bool:
+        """Can `fx_node` (a functional update of `base`) write into base's storage? Only for
+        model state or intermediates, and only if nothing later reads base's old value."""
+        kind = self.graph.buffers[base.buffer].kind
+        if kind not in (BufferKind.STATE, BufferKind.ACT):
+            return False
+        src = fx_node.args[0]
+        return all(self.order[u] <= self.order[fx_node] for u in src.users)
 
     def row_input(self, v: View) -> View:
         """A view of rank <= 4 whose last dim is the row (leading dims merged when needed)."""
@@ -146,10 +155,10 @@ def _module_tensors(model: torch.nn.Module, ep) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _bind_param(graph: Graph, name: str, t: torch.Tensor) -> View:
+def _bind_param(graph: Graph, name: str, t: torch.Tensor, kind: BufferKind = BufferKind.PARAM) -> View:
     t = t.detach()
     span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride())) if t.numel() else 0
-    buf = graph.add_buffer(name, max(span, 1), t.dtype, BufferKind.PARAM)
+    buf = graph.add_buffer(name, max(span, 1), t.dtype, kind)
     graph.params[buf.id] = t
     return View(buf.id, t.dtype, tuple(t.shape), tuple(t.stride()), 0)
 
@@ -160,22 +169,29 @@ def capture(model: torch.nn.Module, example_inputs: tuple) -> Graph:
     with warnings.catch_warnings():  # torch.export's own deprecation chatter
         warnings.simplefilter("ignore", FutureWarning)
         ep = torch.export.export(model, tuple(example_inputs), strict=False)
-        ep = ep.run_decompositions()
+        ep = ep.run_decompositions(_decompositions())
     graph = Graph(out_spec=ep.call_spec.out_spec)
     ctx = LoweringContext(graph)
+    ctx.order = {n: i for i, n in enumerate(ep.graph.nodes)}
     env: dict = {}
     module_tensors = _module_tensors(model, ep)
     user_inputs = iter(range(10**9))
+    outputs = ep.graph_signature.output_specs
+    state = {s.target for s in outputs if s.kind == OutputKind.BUFFER_MUTATION}
+    refused = [s for s in outputs if s.kind not in (OutputKind.BUFFER_MUTATION, OutputKind.USER_OUTPUT)]
+    if refused:
+        raise UnsupportedOpError(f"mkcompiler cannot compile a model that mutates {refused[0].target} ({refused[0].kind})")
+    state_views: dict[str, View] = {}
     for spec in ep.graph_signature.input_specs:
         if spec.kind == InputKind.USER_INPUT:
             env[spec.arg.name] = ("user", next(user_inputs))
         elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
-            env[spec.arg.name] = _bind_param(graph, spec.target, module_tensors[spec.target])
+            kind = BufferKind.STATE if spec.target in state else BufferKind.PARAM
+            env[spec.arg.name] = _bind_param(graph, spec.target, module_tensors[spec.target], kind)
+            if spec.target in state:
+                state_views[spec.target] = env[spec.arg.name]
         else:
             raise UnsupportedOpError(f"mkcompiler cannot capture graph input kind {spec.kind}")
-    mutated = [s for s in ep.graph_signature.output_specs if s.kind.name != "USER_OUTPUT"]
-    if mutated:
-        raise UnsupportedOpError(f"mkcompiler cannot compile models that mutate state ({mutated[0].target})")
     flat_inputs = pytree.tree_leaves(tuple(example_inputs))
     for fx_node in ep.graph.nodes:
         ctx.fx_node = fx_node
@@ -184,8 +200,28 @@ def capture(model: torch.nn.Module, example_inputs: tuple) -> Graph:
         elif fx_node.op == "call_function":
             env[fx_node.name] = _lower_node(ctx, fx_node, env)
         elif fx_node.op == "output":
-            graph.outputs = [_output_value(ctx, fx_node, x, env) for x in fx_node.args[0]]
+            values = [_output_value(ctx, fx_node, x, env) for x in fx_node.args[0]]
+            for spec, v in zip(outputs, values):
+                if spec.kind == OutputKind.BUFFER_MUTATION:
+                    _write_back(ctx, v, state_views[spec.target])
+            graph.outputs = [v for spec, v in zip(outputs, values) if spec.kind == OutputKind.USER_OUTPUT]
     return graph
+
+
+def _decompositions():
+    """Core ATen, but scaled_dot_product_attention stays whole (ops/attention.py lowers it)."""
+    table = torch.export.default_decompositions()
+    table.pop(torch.ops.aten.scaled_dot_product_attention.default, None)
+    return table
+
+
+def _write_back(ctx, value, state: View) -> None:
+    """Make the state buffer hold `value` at the end of the step (in-place writes already do)."""
+    if isinstance(value, View) and value == state:
+        return
+    if not isinstance(value, View):
+        raise UnsupportedOpError("mkcompiler cannot write a non-tensor value back into model state")
+    ctx.copy_into(value, state)
 
 
 def _bind_user_input(graph, ctx, fx_node, bound, flat_inputs):

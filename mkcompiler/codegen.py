@@ -19,10 +19,7 @@ import triton.language as tl
 
 from mkcompiler.kernel_lib import aborted, signal, wait_all
 from mkcompiler.ops.common import arg, load_view, store_view, view_numel
-from mkcompiler.ops.embedding import embedding_rows
-from mkcompiler.ops.matmul import matmul_tile
-from mkcompiler.ops.norm import norm_rows
-from mkcompiler.ops.reduce import reduce_rows, softmax_rows
+{imports}
 
 # tl.constexpr(...) values: the compiler (unlike the interpreter) refuses plain int globals.
 NUM_FIELDS = tl.constexpr({num_fields})
@@ -81,5 +78,7 @@ def generate(queue: Queue) -> str:
         branches.append(f"            {keyword} op == {opcode}:  # {queue.opcode_names[opcode]}\n                {call}\n")
     if not branches:
         branches.append("            pass\n")
-    header = HEADER.format(num_fields=NUM_FIELDS, opcode=int(Field.OPCODE))
+    imports = sorted({f"from {type(FAMILIES[k[0]]).__module__} import {r}" for k in queue.opcode_keys
+                      for r in FAMILIES[k[0]].routines})
+    header = HEADER.format(num_fields=NUM_FIELDS, opcode=int(Field.OPCODE), imports="\n".join(imports))
     return header + "\n\n".join(routines) + LOOP_HEAD + "".join(branches) + LOOP_TAIL

@@ -18,6 +18,7 @@ import torch
 class BufferKind(enum.Enum):
     INPUT = "input"  # bound to a user tensor at each call
     PARAM = "param"  # a module parameter/buffer/constant, read in place
+    STATE = "state"  # a module buffer the model mutates (a KV cache), updated in place
     ACT = "act"  # an intermediate allocated by the megakernel
     OUTPUT = "output"  # an intermediate that (a view of) a model output lives in
 

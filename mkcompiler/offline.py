@@ -200,12 +200,13 @@ def main(argv=None) -> None:
     p.add_argument("--dump", metavar="DIR", help="write ttir/ttgir/llir/ptx here")
     p.add_argument("--json", action="store_true", help="print the report as one JSON line")
     a = p.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") == "1" or "TRITON_ALWAYS_COMPILE" not in os.environ:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" or os.environ.get("TRITON_ALWAYS_COMPILE") != "1":
         # `import mkcompiler` (which runs before this module) chose the interpreter, so the ops'
         # @triton.jit functions cannot be compiled any more: start again without it. A cached
         # kernel would have no ptxas log, hence TRITON_ALWAYS_COMPILE.
         env = dict(os.environ, TRITON_INTERPRET="0", TRITON_ALWAYS_COMPILE="1")
-        os.execve(sys.executable, [sys.executable, "-m", "mkcompiler.offline", *sys.argv[1:]], env)
+        args = sys.argv[1:] if argv is None else list(argv)
+        os.execve(sys.executable, [sys.executable, "-m", "mkcompiler.offline", *args], env)
     r = report_for(a.source, a.num_warps, a.num_stages, a.arch, a.dynamic, a.dump)
     print(json.dumps(r) if a.json else format_report(r))
 

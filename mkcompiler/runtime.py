@@ -173,7 +173,7 @@ class Megakernel:
     def tensor_of(self, v: View) -> torch.Tensor:
         """A strided tensor over the memory a view names (buffers, parameters or bound inputs)."""
         kind = self.graph.buffers[v.buffer].kind
-        if kind == BufferKind.PARAM:
+        if kind in (BufferKind.PARAM, BufferKind.STATE):
             base = self.graph.params[v.buffer]
             return torch.as_strided(base, v.shape, v.strides, base.storage_offset() + v.offset)
         base = self._bound[v.buffer] if kind == BufferKind.INPUT else self.buffers[v.buffer]

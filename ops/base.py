@@ -140,6 +140,7 @@ class OpFamily:
     """Base of every family; see the module docstring for the contract."""
 
     kind: str = ""
+    routines: tuple[str, ...] = ()  # @triton.jit tile routines in this module the kernel calls
 
     def key(self, node: OpNode) -> tuple:
         raise NotImplementedError

@@ -51,6 +51,7 @@ def lower_embedding(ctx, node, weight, indices, padding_idx=-1, scale_grad_by_fr
 @family
 class Embedding(RowFamily):
     kind = "embedding"
+    routines = ("embedding_rows",)
 
     def rows(self, node):
         return node.inputs[1].numel

@@ -128,6 +128,7 @@ def lower_matmul(ctx, node, a, b):
 @family
 class Matmul(OpFamily):
     kind = "matmul"
+    routines = ("matmul_tile",)
 
     def key(self, node):
         a, b, bias = node.inputs

@@ -106,6 +106,7 @@ def lower_fused_rms_norm(ctx, node, x, normalized_shape, weight=None, eps=None):
 @family
 class Norm(RowFamily):
     kind = "norm"
+    routines = ("norm_rows",)
 
     def key(self, node):
         x, w, b = node.inputs

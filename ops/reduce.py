@@ -44,6 +44,30 @@ def reduce_rows(row_ptr, addrs_ptr, views_ptr, X_DT: tl.constexpr, Y_DT: tl.cons
 
 
 @triton.jit
+def argmax_rows(row_ptr, addrs_ptr, views_ptr, X_DT: tl.constexpr, Y_DT: tl.constexpr,
+                BR: tl.constexpr, BC: tl.constexpr, X_FLAT: tl.constexpr, Y_FLAT: tl.constexpr):
+    """Index of the first maximum of each row (as torch.argmax)."""
+    vx = arg(row_ptr, 0)
+    vy = arg(row_ptr, 1)
+    C = view_size(views_ptr, vx, 3)
+    R = view_numel(views_ptr, vx) // C
+    rows = arg(row_ptr, 2) * BR + tl.arange(0, BR)
+    best = tl.full([BR], float("-inf"), tl.float32)
+    best_i = tl.zeros([BR], tl.int32)
+    for c0 in range(0, C, BC):
+        cols = c0 + tl.arange(0, BC)
+        mask = (rows[:, None] < R) & (cols[None, :] < C)
+        x = load_view(addrs_ptr, views_ptr, vx, rows[:, None] * C + cols[None, :], mask, X_DT, X_FLAT)
+        x = tl.where(mask, x, float("-inf"))
+        chunk_max = tl.max(x, axis=1)
+        chunk_arg = tl.argmax(x, axis=1, tie_break_left=True).to(tl.int32) + c0
+        better = chunk_max > best  # strict: an earlier chunk keeps ties
+        best_i = tl.where(better, chunk_arg, best_i)
+        best = tl.where(better, chunk_max, best)
+    store_view(addrs_ptr, views_ptr, vy, rows, rows < R, best_i.to(tl.float32), Y_DT, Y_FLAT)
+
+
+@triton.jit
 def softmax_rows(row_ptr, addrs_ptr, views_ptr, X_DT: tl.constexpr, Y_DT: tl.constexpr,
                  BR: tl.constexpr, BC: tl.constexpr, X_FLAT: tl.constexpr, Y_FLAT: tl.constexpr):
     vx = arg(row_ptr, 0)
@@ -100,6 +124,16 @@ def lower_amax(ctx, node, x, dims=(), keepdim=False):
     return _reduce(ctx, node, "amax", x, dims)
 
 
+@lowers(aten.argmax.default)
+def lower_argmax(ctx, node, x, dim=None, keepdim=False):
+    if dim is None:
+        ctx.unsupported(node, "argmax over all elements (give dim=-1)")
+    _last_dim(ctx, node, x, dim)
+    out = ctx.new_output(node)
+    ctx.emit(node, "argmax", (ctx.row_input(x),), (out,))
+    return out
+
+
 @lowers(aten._softmax.default, aten.softmax.int)
 def lower_softmax(ctx, node, x, dim, half_to_float=False):
     _last_dim(ctx, node, x, dim)
@@ -142,6 +176,7 @@ class RowFamily(OpFamily):
 @family
 class Reduce(RowFamily):
     kind = "reduce"
+    routines = ("reduce_rows",)
 
     def key(self, node):
         return (self.kind, node.attrs["mode"], node.inputs[0].dtype, node.outputs[0].dtype, node.attrs["tile"],
@@ -163,8 +198,30 @@ class Reduce(RowFamily):
 
 
 @family
+class Argmax(RowFamily):
+    kind = "argmax"
+    routines = ("argmax_rows",)
+
+    def key(self, node):
+        return (self.kind, node.inputs[0].dtype, node.outputs[0].dtype, node.attrs["tile"],
+                flat_flags(node.inputs[0], node.outputs[0]))
+
+    def emit(self, key, name):
+        _, xdt, ydt, (br, bc), flat = key
+        return "", (f"argmax_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(xdt)}, {tl_dtype(ydt)}, {br}, {bc}, "
+                    f"{', '.join(map(str, flat))})")
+
+    def reference(self, node, coords, tensor_of):
+        r0, r1 = self.row_range(node, coords)
+        x = tensor_of(node.inputs[0])
+        y = x.reshape(-1, x.shape[-1])[r0:r1].float().argmax(-1)
+        tensor_of(node.outputs[0]).view(-1)[r0:r1] = y.to(node.outputs[0].dtype)
+
+
+@family
 class Softmax(RowFamily):
     kind = "softmax"
+    routines = ("softmax_rows",)
 
     def key(self, node):
         return (self.kind, node.inputs[0].dtype, node.outputs[0].dtype, node.attrs["tile"],

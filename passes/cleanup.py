@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from mkcompiler.ir import Graph, View
+from mkcompiler.ir import BufferKind, Graph, View
 
 
 def eliminate_dead_ops(graph: Graph) -> Graph:
     live = {v.buffer for v in graph.outputs if isinstance(v, View)}
+    live |= {b.id for b in graph.buffers if b.kind == BufferKind.STATE}  # state updates are results too
     kept = []
     for op in reversed(graph.ops):
         # An op writing a slice of a live buffer (cat pieces) is live too.
@@ -19,7 +20,7 @@ def eliminate_dead_ops(graph: Graph) -> Graph:
 
 def check_single_writer_order(graph: Graph) -> None:
     """Invariant: every intermediate buffer is written before it is read."""
-    written = {b.id for b in graph.buffers if b.kind.value in ("input", "param")}
+    written = {b.id for b in graph.buffers if b.kind.value in ("input", "param", "state")}
     for op in graph.ops:
         for v in op.inputs:
             if v is not None:

@@ -39,6 +39,12 @@ def choose_tiles(graph: Graph, settings: Settings) -> Graph:
             a, b, _ = op.inputs
             op.attrs["tile"] = matmul_tile(a.shape[0], b.shape[1], a.shape[1], settings)
             op.attrs["dot"] = dot_config(a.dtype, b.dtype, settings)
+        elif op.kind == "attention":
+            q, k = op.inputs[0], op.inputs[1]
+            op.attrs["tile"] = (16 if q.shape[2] <= 16 else 64, 64)
+            op.attrs["dot"] = dot_config(q.dtype, k.dtype, settings)[0]
+        elif op.kind == "scatter":
+            pass  # rows of the update (ops/scatter.py)
         elif op.kind == "elementwise":
             op.attrs["block"] = min(settings.elementwise_block, max(16, next_pow2(op.outputs[0].numel)))
         else:  # row ops: BR rows per tile, BC columns per sweep step

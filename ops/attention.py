@@ -1,0 +1,211 @@
+"""Scaled dot-product attention (aten.scaled_dot_product_attention, kept whole at capture).
+
+q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] with Hq = G x Hkv (grouped-query: head h reads kv head
+h // G), an optional mask (bool: keep where true; float: added to the scores) broadcast to
+[B, Hq, Sq, Skv], causal (top-left aligned, as torch) or not. A tile is BM query rows of one
+(batch, head): a flash-style sweep over BN-key blocks with an online softmax, fp32 state.
+Rows whose every key is masked produce 0 (torch gives NaN there).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from mkcompiler.ir import View
+from mkcompiler.ops.base import OpFamily, box_access, bytes_cost, cdiv, next_pow2, tl_dtype, whole
+from mkcompiler.ops.common import arg, view_base, view_size, view_stride
+from mkcompiler.ops.registry import family, lowers
+
+aten = torch.ops.aten
+
+
+@triton.jit
+def attention_tile(row_ptr, addrs_ptr, views_ptr, Q_DT: tl.constexpr, K_DT: tl.constexpr, V_DT: tl.constexpr,
+                   M_DT: tl.constexpr, O_DT: tl.constexpr, DOT_DT: tl.constexpr, HAS_MASK: tl.constexpr,
+                   MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr, SCALE: tl.constexpr, GROUP: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    vq = arg(row_ptr, 0)
+    vk = arg(row_ptr, 1)
+    vv = arg(row_ptr, 2)
+    vm = arg(row_ptr, 3)
+    vo = arg(row_ptr, 4)
+    b = arg(row_ptr, 5)
+    h = arg(row_ptr, 6)
+    mb = arg(row_ptr, 7)
+    hk = h // GROUP
+    Sq = view_size(views_ptr, vq, 2)
+    D = view_size(views_ptr, vq, 3)
+    Skv = view_size(views_ptr, vk, 2)
+    rows = mb * BM + tl.arange(0, BM)
+    d = tl.arange(0, BD)
+    row_ok = rows < Sq
+    d_ok = d < D
+    q_ptr = view_base(addrs_ptr, views_ptr, vq, Q_DT) + b * view_stride(views_ptr, vq, 0) + h * view_stride(views_ptr, vq, 1)
+    q = tl.load(q_ptr + rows[:, None] * view_stride(views_ptr, vq, 2) + d[None, :] * view_stride(views_ptr, vq, 3),
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = (q.to(tl.float32) * SCALE).to(DOT_DT)
+    k_ptr = view_base(addrs_ptr, views_ptr, vk, K_DT) + b * view_stride(views_ptr, vk, 0) + hk * view_stride(views_ptr, vk, 1)
+    v_ptr = view_base(addrs_ptr, views_ptr, vv, V_DT) + b * view_stride(views_ptr, vv, 0) + hk * view_stride(views_ptr, vv, 1)
+    sk2 = view_stride(views_ptr, vk, 2)
+    sk3 = view_stride(views_ptr, vk, 3)
+    sv2 = view_stride(views_ptr, vv, 2)
+    sv3 = view_stride(views_ptr, vv, 3)
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BD], tl.float32)
+    kv_end = Skv
+    if CAUSAL:
+        kv_end = tl.minimum(Skv, mb * BM + BM)
+    for n0 in range(0, kv_end, BN):
+        cols = n0 + tl.arange(0, BN)
+        col_ok = cols < Skv
+        k = tl.load(k_ptr + cols[None, :] * sk2 + d[:, None] * sk3, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        s = tl.dot(q, k.to(DOT_DT), input_precision="ieee")
+        keep = row_ok[:, None] & col_ok[None, :]
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None])
+        if HAS_MASK:
+            m_ptr = view_base(addrs_ptr, views_ptr, vm, M_DT) + b * view_stride(views_ptr, vm, 0) + h * view_stride(views_ptr, vm, 1)
+            mval = tl.load(m_ptr + rows[:, None] * view_stride(views_ptr, vm, 2) + cols[None, :] * view_stride(views_ptr, vm, 3),
+                           mask=keep, other=0)
+            if MASK_BOOL:
+                keep = keep & (mval != 0)
+            else:
+                s = s + mval.to(tl.float32)
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing kept yet
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + cols[:, None] * sv2 + d[None, :] * sv3, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DT), v.to(DOT_DT), input_precision="ieee")
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_ptr = view_base(addrs_ptr, views_ptr, vo, O_DT) + b * view_stride(views_ptr, vo, 0) + h * view_stride(views_ptr, vo, 1)
+    tl.store(o_ptr + rows[:, None] * view_stride(views_ptr, vo, 2) + d[None, :] * view_stride(views_ptr, vo, 3),
+             out.to(O_DT), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def _as_4d(ctx, node, v: View, what: str) -> View:
+    if v.rank == 4:
+        return v
+    if v.rank == 3:
+        return v.unsqueeze(0)
+    ctx.unsupported(node, f"attention with a rank-{v.rank} {what}")
+
+
+@lowers(aten.scaled_dot_product_attention.default)
+def lower_sdpa(ctx, node, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    if dropout_p:
+        ctx.unsupported(node, "attention with dropout")
+    q4, k4, v4 = (_as_4d(ctx, node, t, n) for t, n in ((q, "query"), (k, "key"), (v, "value")))
+    hq, hk = q4.shape[1], k4.shape[1]
+    if hq % hk:
+        ctx.unsupported(node, f"attention with {hq} query heads over {hk} key heads")
+    k4, v4, hk = _ungroup(ctx, k4), _ungroup(ctx, v4), None
+    if attn_mask is not None:
+        attn_mask = attn_mask.expand((q4.shape[0], hq, q4.shape[2], k4.shape[2]))
+    # Stored as [B, Sq, H, D] (what the output projection reads after transpose(1, 2)), seen
+    # here as [B, H, Sq, D]: the usual transpose + reshape that follows is then a free view.
+    b, h, sq, dv = q4.shape[0], q4.shape[1], q4.shape[2], v4.shape[3]
+    out = ctx.graph.new_tensor(node.name, (b, sq, h, dv), node.meta["val"].dtype).permute((0, 2, 1, 3))
+    scale = 1.0 / math.sqrt(q4.shape[3]) if scale is None else float(scale)
+    ctx.emit(node, "attention", (q4, k4, v4, attn_mask), (out,), scale=scale, causal=bool(is_causal),
+             group=hq // k4.shape[1])
+    return out.reshape(tuple(node.meta["val"].shape))
+
+
+def _ungroup(ctx, kv: View) -> View:
+    """Undo repeat_kv: if kv is a copy of an expanded [B, Hkv, G, S, D] view, read the source
+    (G heads share one kv head) instead of the copy; the copy then dies (dead-op pass)."""
+    op = next((o for o in ctx.graph.ops if o.outputs[0].buffer == kv.buffer and o.kind == "elementwise"), None)
+    if op is None or op.attrs["expr"][1] != "copy" or len(op.inputs) != 1:
+        return kv
+    src = op.inputs[0]
+    if src.rank == 5 and src.strides[2] == 0 and kv.shape[1] == src.shape[1] * src.shape[2]:
+        return src.select(2, 0)
+    return kv
+
+
+@family
+class Attention(OpFamily):
+    kind = "attention"
+    routines = ("attention_tile",)
+
+    def tile_rows(self, node) -> int:
+        return node.attrs.get("tile", (16, 64))[0]
+
+    def key(self, node):
+        q, k, v, mask = node.inputs
+        bm, bn = node.attrs["tile"]
+        return (self.kind, q.dtype, k.dtype, v.dtype, mask.dtype if mask is not None else None,
+                node.outputs[0].dtype, node.attrs["dot"], node.attrs["causal"], node.attrs["scale"],
+                node.attrs["group"], bm, bn, max(16, next_pow2(q.shape[3])))
+
+    def emit(self, key, name):
+        _, qdt, kdt, vdt, mdt, odt, dot, causal, scale, group, bm, bn, bd = key
+        mask_dt = tl_dtype(mdt) if mdt is not None else "tl.float32"
+        return "", (f"attention_tile({{row}}, {{addrs}}, {{views}}, {tl_dtype(qdt)}, {tl_dtype(kdt)}, {tl_dtype(vdt)}, "
+                    f"{mask_dt}, {tl_dtype(odt)}, {tl_dtype(dot)}, {mdt is not None}, {mdt == torch.bool}, "
+                    f"{causal}, {scale!r}, {group}, {bm}, {bn}, {bd})")
+
+    def view_args(self, node):
+        return list(node.inputs) + list(node.outputs)
+
+    def tiles(self, node):
+        q = node.inputs[0]
+        bm = node.attrs["tile"][0]
+        return [(b, h, m) for b in range(q.shape[0]) for h in range(q.shape[1]) for m in range(cdiv(q.shape[2], bm))]
+
+    def regions(self, node, coords):
+        q, k, v, mask = node.inputs
+        b, h, m = coords
+        bm = node.attrs["tile"][0]
+        rows = (m * bm, min((m + 1) * bm, q.shape[2]))
+        hk = h // node.attrs["group"]
+        reads = [box_access(q, ((b, b + 1), (h, h + 1), rows, (0, q.shape[3]))),
+                 box_access(k, ((b, b + 1), (hk, hk + 1), (0, k.shape[2]), (0, k.shape[3]))),
+                 box_access(v, ((b, b + 1), (hk, hk + 1), (0, v.shape[2]), (0, v.shape[3])))]
+        if mask is not None:
+            reads.append(whole(mask))
+        out = node.outputs[0]
+        return reads, [box_access(out, ((b, b + 1), (h, h + 1), rows, (0, out.shape[3])))]
+
+    def cost(self, node, coords):
+        q, k, v, _ = node.inputs
+        bm = node.attrs["tile"][0]
+        return bytes_cost(k.shape[2] * k.shape[3] * (k.dtype.itemsize + v.dtype.itemsize),
+                          4.0 * bm * k.shape[2] * k.shape[3])
+
+    def describe(self, node, coords):
+        bm = node.attrs["tile"][0]
+        return f"{node.name}[b{coords[0]} h{coords[1]} q{coords[2] * bm}:+{bm}]"
+
+    def reference(self, node, coords, tensor_of):
+        q, k, v, mask = node.inputs
+        b, h, m = coords
+        bm = node.attrs["tile"][0]
+        rs = slice(m * bm, (m + 1) * bm)
+        hk = h // node.attrs["group"]
+        qq = tensor_of(q)[b, h, rs].double() * node.attrs["scale"]
+        kk = tensor_of(k)[b, hk].double()
+        vv = tensor_of(v)[b, hk].double()
+        s = qq @ kk.T
+        keep = torch.ones_like(s, dtype=torch.bool)
+        if node.attrs["causal"]:
+            i = torch.arange(q.shape[2])[rs][:, None]
+            keep &= torch.arange(k.shape[2])[None, :] <= i
+        if mask is not None:
+            mv = tensor_of(mask)[b, h, rs]
+            if mask.dtype == torch.bool:
+                keep &= mv
+            else:
+                s = s + mv.double()
+        s = s.masked_fill(~keep, float("-inf"))
+        p = torch.softmax(s, -1).nan_to_num(0.0)
+        tensor_of(node.outputs[0])[b, h, rs] = (p @ vv).to(node.outputs[0].dtype)

@@ -1,0 +1,157 @@
+"""Indexed writes along one dim: index_put / index_copy (KV-cache appends).
+
+`base[..., index[j], ...] = values[..., j, ...]` for a runtime index tensor. When `base` is
+model state (a mutated buffer: torch.export functionalizes `cache[:, :, pos] = k` into
+index_put + a write-back), the write happens in place, in the state's own storage: regions
+make the old value's readers finish first (write-after-read) and the new value's readers
+wait for it (read-after-write). The written slot is only known at run time, so a tile's
+write region covers every slot of its rows. Out-of-range indices write nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from mkcompiler.ir import View
+from mkcompiler.ops.base import OpFamily, bytes_cost, cdiv, flat_flags, linear_access, tl_dtype, whole
+from mkcompiler.ops.common import arg, load_view, view_base, view_numel, view_offsets, view_size, view_stride
+from mkcompiler.ops.registry import family, lowers
+
+aten = torch.ops.aten
+TILE_ELEMENTS = 4096  # elements of `values` per tile (whole rows)
+
+
+@triton.jit
+def scatter_rows(row_ptr, addrs_ptr, views_ptr, V_DT: tl.constexpr, I_DT: tl.constexpr, O_DT: tl.constexpr,
+                 DIM: tl.constexpr, BLOCK: tl.constexpr, V_FLAT: tl.constexpr):
+    vv = arg(row_ptr, 0)  # values, expanded to the update shape
+    vi = arg(row_ptr, 1)  # 1-D index
+    vo = arg(row_ptr, 2)  # base restricted to the update shape (dim DIM sized like the index)
+    vb = arg(row_ptr, 3)  # the whole base (for the size of dim DIM)
+    r0 = arg(row_ptr, 4)
+    r1 = arg(row_ptr, 5)
+    inner = 1
+    for d in tl.static_range(DIM + 1, 4):
+        inner = inner * view_size(views_ptr, vo, d)
+    n_idx = view_size(views_ptr, vo, DIM)
+    limit = view_size(views_ptr, vb, DIM)
+    per_row = n_idx * inner
+    n = view_numel(views_ptr, vo)
+    o_ptr = view_base(addrs_ptr, views_ptr, vo, O_DT)
+    i_ptr = view_base(addrs_ptr, views_ptr, vi, I_DT)
+    stride = view_stride(views_ptr, vo, DIM)
+    for start in range(r0 * per_row, tl.minimum(r1 * per_row, n), BLOCK):
+        lin = start + tl.arange(0, BLOCK)
+        mask = (lin < r1 * per_row) & (lin < n)
+        x = load_view(addrs_ptr, views_ptr, vv, lin, mask, V_DT, V_FLAT)
+        j = (lin // inner) % n_idx
+        idx = tl.load(i_ptr + view_offsets(views_ptr, vi, j), mask=mask, other=0).to(tl.int64)
+        idx = tl.where(idx < 0, idx + limit, idx)
+        ok = mask & (idx >= 0) & (idx < limit)
+        tl.store(o_ptr + view_offsets(views_ptr, vo, lin) + (idx - j) * stride, x.to(O_DT), mask=ok)
+
+
+def _one_index(ctx, node, base: View, indices):
+    dims = [d for d, ix in enumerate(indices) if ix is not None]
+    if len(dims) != 1 or indices[dims[0]].rank != 1:
+        ctx.unsupported(node, "index_put with other than one 1-D index tensor")
+    return dims[0], indices[dims[0]]
+
+
+def _scatter(ctx, node, base: View, dim: int, index: View, values: View):
+    update = base.slice(dim, 0, index.shape[0])  # base's strides, the index's extent along dim
+    if not ctx.writable_in_place(node, base):
+        base = ctx.copy(base)
+        update = base.slice(dim, 0, index.shape[0])
+    values = values.expand(update.shape) if isinstance(values, View) else ctx.unsupported(node, "a scalar value")
+    ctx.emit(node, "scatter", (values, index, update, base), (base,), dim=dim)
+    return base
+
+
+@lowers(aten.index_put.default, aten.index_put_.default)
+def lower_index_put(ctx, node, base, indices, values, accumulate=False):
+    if accumulate:
+        ctx.unsupported(node, "index_put with accumulate=True")
+    dim, index = _one_index(ctx, node, base, list(indices) + [None] * (base.rank - len(indices)))
+    return _scatter(ctx, node, base, dim, index, values)
+
+
+@lowers(aten.index_copy.default, aten.index_copy_.default)
+def lower_index_copy(ctx, node, base, dim, index, values):
+    return _scatter(ctx, node, base, dim % base.rank, index, values)
+
+
+@family
+class Scatter(OpFamily):
+    kind = "scatter"
+    routines = ("scatter_rows",)
+
+    def view_args(self, node):
+        values, index, update, base = node.inputs
+        return [values, index, update, base]
+
+    def padded_dim(self, node) -> int:
+        update = node.inputs[2]
+        if update.rank > 4:
+            raise NotImplementedError("index_put on a tensor of rank > 4")
+        return node.attrs["dim"] + 4 - update.rank
+
+    def key(self, node):
+        values, index, update, base = node.inputs
+        return (self.kind, values.dtype, index.dtype, base.dtype, self.padded_dim(node), 1024,
+                flat_flags(values)[0])
+
+    def emit(self, key, name):
+        _, vdt, idt, odt, dim, block, v_flat = key
+        return "", (f"scatter_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(vdt)}, {tl_dtype(idt)}, {tl_dtype(odt)}, "
+                    f"{dim}, {block}, {v_flat})")
+
+    def rows(self, node) -> tuple[int, int]:
+        update = node.inputs[2]
+        outer = math.prod(update.shape[: node.attrs["dim"]])
+        per_row = math.prod(update.shape[node.attrs["dim"] :])
+        return outer, per_row
+
+    def tiles(self, node):
+        outer, per_row = self.rows(node)
+        step = max(1, TILE_ELEMENTS // max(per_row, 1))
+        return [(r, min(r + step, outer)) for r in range(0, outer, step)]
+
+    def regions(self, node, coords):
+        values, index, update, base = node.inputs
+        r0, r1 = coords
+        _, per_row = self.rows(node)
+        base_row = math.prod(base.shape[node.attrs["dim"] :])
+        if base.is_contiguous():
+            written = linear_access(base, r0 * base_row, r1 * base_row)  # every slot of these rows
+        else:
+            written = whole(base)
+        return [linear_access(values, r0 * per_row, r1 * per_row), whole(index)], [written]
+
+    def cost(self, node, coords):
+        _, per_row = self.rows(node)
+        return bytes_cost(2 * (coords[1] - coords[0]) * per_row * node.inputs[0].dtype.itemsize)
+
+    def describe(self, node, coords):
+        return f"{node.name}[rows {coords[0]}:{coords[1]}]"
+
+    def reference(self, node, coords, tensor_of):
+        values, index, update, base = node.inputs
+        dim = node.attrs["dim"]
+        r0, r1 = coords
+        outer = update.shape[:dim]
+        b = tensor_of(base).reshape(-1, *base.shape[dim:]) if base.is_contiguous() else None
+        if b is None:
+            raise NotImplementedError("VM scatter into a strided base")
+        v = tensor_of(values).reshape(-1, *update.shape[dim:])
+        idx = tensor_of(index).long()
+        idx = torch.where(idx < 0, idx + base.shape[dim], idx)
+        for r in range(r0, r1):
+            for j, i in enumerate(idx.tolist()):
+                if 0 <= i < base.shape[dim]:
+                    b[r, i] = v[r, j].to(b.dtype)
+        del outer
