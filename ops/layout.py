@@ -78,3 +78,32 @@ def lower_cat(ctx, node, tensors, dim=0):
         ctx.copy_into(t, out.slice(dim, start, start + n), node)
         start += n
     return out
+
+
+@lowers(aten.split_with_sizes.default)
+def lower_split_with_sizes(ctx, node, x, sizes, dim=0):
+    out, start = [], 0
+    for n in sizes:
+        out.append(x.slice(dim, start, start + n))
+        start += n
+    return tuple(out)
+
+
+@lowers(aten.split.Tensor)
+def lower_split(ctx, node, x, size, dim=0):
+    total = x.shape[dim % x.rank]
+    return tuple(x.slice(dim, s, min(s + size, total)) for s in range(0, total, size))
+
+
+@lowers(aten.unbind.int)
+def lower_unbind(ctx, node, x, dim=0):
+    return tuple(x.select(dim, i) for i in range(x.shape[dim % x.rank]))
+
+
+@lowers(aten.stack.default)
+def lower_stack(ctx, node, tensors, dim=0):
+    out = ctx.new_output(node)
+    dim %= out.rank
+    for i, t in enumerate(tensors):
+        ctx.copy_into(t, out.select(dim, i), node)
+    return out

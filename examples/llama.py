@@ -1,0 +1,135 @@
+"""A plain-PyTorch Llama (gpt-fast style) with a static KV cache, written the way people
+write it: nothing in it knows about mkcompiler. `forward(tokens, input_pos)` runs prefill
+(S tokens) or decode (S = 1); the KV cache is a module buffer updated in place.
+
+    from examples.llama import Llama, LlamaConfig
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 128256
+    dim: int = 2048
+    n_layers: int = 16
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    hidden: int = 8192
+    max_seq_len: int = 1024
+    max_batch: int = 1
+    rope_theta: float = 500000.0
+    norm_eps: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+CONFIGS = {
+    "tiny": LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=128, max_seq_len=64),
+    "llama-3.2-1b": LlamaConfig(),
+    "llama-3.1-8b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden=14336),
+}
+
+
+def rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.c = c
+        self.wq = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=False)
+        self.wk = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
+        self.wv = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
+        self.wo = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
+        shape = (c.max_batch, c.n_kv_heads, c.max_seq_len, c.head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        b, s, _ = x.shape
+        c = self.c
+        q = self.wq(x).view(b, s, c.n_heads, c.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, s, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, s, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        self.k_cache[:b, :, input_pos] = k
+        self.v_cache[:b, :, input_pos] = v
+        o = F.scaled_dot_product_attention(q, self.k_cache[:b], self.v_cache[:b], attn_mask=mask, enable_gqa=True)
+        return self.wo(o.transpose(1, 2).reshape(b, s, c.dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.gate = nn.Linear(c.dim, c.hidden, bias=False)
+        self.up = nn.Linear(c.dim, c.hidden, bias=False)
+        self.down = nn.Linear(c.hidden, c.dim, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(c.dim, eps=c.norm_eps)
+        self.attn = Attention(c)
+        self.mlp_norm = nn.RMSNorm(c.dim, eps=c.norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.c = c
+        self.embed = nn.Embedding(c.vocab_size, c.dim)
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+        self.norm = nn.RMSNorm(c.dim, eps=c.norm_eps)
+        self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2).float() / c.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, tokens, input_pos):
+        """tokens [B, S] int64, input_pos [S] int64 (cache slots) -> logits [B, S, vocab]."""
+        x = self.embed(tokens)
+        freqs = input_pos[:, None].float() * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        mask = input_pos[:, None] >= torch.arange(self.c.max_seq_len, device=tokens.device)[None, :]
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, input_pos)
+        return self.lm_head(self.norm(x))
+
+    def reset_cache(self) -> None:
+        for layer in self.layers:
+            layer.attn.k_cache.zero_()
+            layer.attn.v_cache.zero_()
+
+
+def random_llama(name_or_config, dtype=torch.float32, device="cpu", seed=0, **overrides) -> Llama:
+    """A Llama of the given shape with random weights (nothing is downloaded)."""
+    torch.manual_seed(seed)
+    c = CONFIGS[name_or_config] if isinstance(name_or_config, str) else name_or_config
+    if overrides:
+        c = LlamaConfig(**{**c.__dict__, **overrides})
+    model = Llama(c)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02) if p.dim() > 1 else p.uniform_(0.8, 1.2)
+    return model.to(device=device, dtype=dtype)
