@@ -9,7 +9,7 @@ import torch
 from mkcompiler.capture import capture
 from mkcompiler.codegen import generate
 from mkcompiler.passes.pipeline import run_pipeline
-from mkcompiler.runtime import Megakernel
+from mkcompiler.runtime import Megakernel, check_num_workers
 from mkcompiler.settings import Settings
 
 INTERPRETER_WORKERS = 4
@@ -45,6 +45,7 @@ def compile(model: torch.nn.Module, example_inputs, **options) -> Megakernel:
         num_workers = INTERPRETER_WORKERS
     else:
         num_workers = torch.cuda.get_device_properties(device).multi_processor_count
+    check_num_workers(num_workers, device, interpret)  # before the (slow) capture
     graph = capture(model, example_inputs)
     comp = run_pipeline(graph, settings, num_workers)
     return Megakernel(comp, generate(comp.queue), device, interpret)

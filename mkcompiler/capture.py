@@ -19,6 +19,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from mkcompiler.errors import UnsupportedOpError
 from mkcompiler.ir import BufferKind, Graph, OpNode, View
 from mkcompiler.ops import registry
+from mkcompiler.ops.base import ALIGN_BYTES
 from mkcompiler.ops.elementwise import VALUE_DTYPES
 
 IGNORED = {
@@ -157,6 +158,11 @@ def _module_tensors(model: torch.nn.Module, ep) -> dict[str, torch.Tensor]:
 
 def _bind_param(graph: Graph, name: str, t: torch.Tensor, kind: BufferKind = BufferKind.PARAM) -> View:
     t = t.detach()
+    if t.data_ptr() % ALIGN_BYTES:  # kernels assume 16-byte aligned buffers (wide loads)
+        if kind == BufferKind.STATE:
+            raise UnsupportedOpError(f"model state {name!r} is not 16-byte aligned; it must be updated in place")
+        warnings.warn(f"mkcompiler: copying {name!r}, which is not 16-byte aligned", stacklevel=3)
+        t = t.clone()
     span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride())) if t.numel() else 0
     buf = graph.add_buffer(name, max(span, 1), t.dtype, kind)
     graph.params[buf.id] = t

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from mkcompiler.kernel_lib import aborted, signal, wait_all
-from mkcompiler.ops.common import arg, load_view, store_view, view_numel
+from mkcompiler.ops.common import aligned_stride, arg, load_view, store_view, view_numel
 {imports}
 
 # tl.constexpr(...) values: the compiler (unlike the interpreter) refuses plain int globals.

@@ -7,10 +7,12 @@ dynamic queue head are never reset between calls: targets scale with the launch 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
 import sys
+import threading
 
 import numpy as np
 import torch
@@ -18,10 +20,14 @@ import torch.utils._pytree as pytree
 
 from mkcompiler.errors import InputError, MegakernelError
 from mkcompiler.ir import BufferKind, View
+from mkcompiler.ops.base import ALIGN_BYTES
 from mkcompiler.layout import NUM_ERROR_FIELDS, ErrorField, Field
 from mkcompiler.passes.verify import check_queue
 
 COUNTER_LIMIT = 2**31 - 1
+# Triton's interpreter is not thread-safe: a launch sets a global grid index and patches
+# triton.language for its duration (and restores it at the end, under any other launch).
+INTERPRETER_LOCK = threading.Lock()
 
 
 def cache_dir() -> str:
@@ -49,6 +55,48 @@ def load_source(source: str):
     return module
 
 
+def check_input(t, what: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    """Raise TypeError/InputError naming `what`, the expected and the given fact, or return."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what}: expected a torch.Tensor of shape {shape} and dtype {dtype}, got {type(t).__name__}")
+    got = tuple(t.shape)
+    if len(got) != len(shape):
+        raise InputError(f"{what}: expected rank {len(shape)} (shape {shape}), got rank {len(got)} (shape {got})")
+    if got != shape:
+        raise InputError(
+            f"{what}: expected shape {shape}, got {got} "
+            "(a megakernel is compiled for one shape; compile another for a new shape)"
+        )
+    if t.dtype != dtype:
+        raise InputError(f"{what}: expected dtype {dtype}, got {t.dtype}")
+    if t.device.type != device.type or (device.index is not None and t.device.index != device.index):
+        raise InputError(f"{what}: expected a tensor on {device}, got one on {t.device}")
+    if not t.is_contiguous():
+        # A silent copy would hide a per-call cost and break in-place updates of the input.
+        raise InputError(
+            f"{what}: expected a contiguous tensor, got strides {tuple(t.stride())} for shape {got}; pass .contiguous()"
+        )
+
+
+def max_workers(device: torch.device, interpret: bool) -> int | None:
+    """How many persistent programs can be resident at once (None: no limit). Workers spin-wait
+    on each other, so a worker that never gets an SM would hang the rest: at most one per SM."""
+    if interpret:
+        return None  # interpreted programs run one after another (or one thread each)
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def check_num_workers(num_workers, device: torch.device, interpret: bool) -> None:
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+        raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
+    limit = max_workers(device, interpret)
+    if limit is not None and num_workers > limit:
+        raise ValueError(
+            f"num_workers={num_workers} is more than can be co-resident on {device} ({limit} SMs): every worker of "
+            f"a persistent kernel must run at once, one per SM; use num_workers <= {limit}"
+        )
+
+
 class Megakernel:
     def __init__(self, compilation, source: str, device: torch.device, interpret: bool):
         self.compilation = compilation
@@ -74,6 +122,7 @@ class Megakernel:
         self.head = torch.zeros(1, dtype=torch.int32, device=device)
         self.err = torch.zeros(NUM_ERROR_FIELDS, dtype=torch.int32, device=device)
         self.generation = 0
+        self._lock = threading.Lock()
         self.upload_queue(check=False)
 
     # ---- what users inspect ----
@@ -118,29 +167,66 @@ class Megakernel:
         self.generation = 0
 
     # ---- calling ----
+    def input_names(self) -> list[str]:
+        """The flat user inputs' names: the forward's parameter names, as torch.export keeps them."""
+        return [self.graph.buffers[bid].name for bid, _, _ in self.graph.inputs]
+
     def _bind(self, args, kwargs) -> None:
+        """Point the address table at the call's inputs, once every input has been checked:
+        a refused call changes nothing (no binding, no launch, counters and state untouched)."""
         flat = pytree.tree_leaves((args, kwargs))
         expected = self.graph.inputs
         if len(flat) != len(expected):
-            raise InputError(f"expected {len(expected)} tensor inputs, got {len(flat)}")
-        changed = False
+            raise InputError(
+                f"expected {len(expected)} tensor inputs ({', '.join(self.input_names())}), got {len(flat)}"
+            )
         for i, (t, (bid, shape, dtype)) in enumerate(zip(flat, expected)):
-            if not isinstance(t, torch.Tensor):
-                raise InputError(f"input {i}: expected a tensor, got {type(t).__name__}")
-            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                raise InputError(
-                    f"input {i}: expected shape {tuple(shape)} {dtype}, got {tuple(t.shape)} {t.dtype} "
-                    "(a megakernel is compiled for one shape; compile another for a new shape)"
-                )
-            if t.device != self.device:
-                raise InputError(f"input {i}: expected a tensor on {self.device}, got {t.device}")
-            t = t.contiguous()
+            check_input(t, f"input {i} ({self.graph.buffers[bid].name!r})", tuple(shape), dtype, self.device)
+        self._check_overlaps(flat)
+        changed = False
+        for t, (bid, _, _) in zip(flat, expected):
+            if t.data_ptr() % ALIGN_BYTES:
+                t = t.clone()  # kernels assume 16-byte aligned buffers (wide loads)
             self._bound[bid] = t
             if self._addrs_host[bid] != t.data_ptr():
                 self._addrs_host[bid] = t.data_ptr()
                 changed = True
         if changed:
             self.addrs.copy_(self._addrs_host)
+
+    def _written_ranges(self) -> list[tuple[int, int, str]]:
+        """[start, end) byte ranges of the memory the kernel writes: its intermediates and outputs,
+        and model state updated in place (KV caches). An input there would change under the kernel."""
+        ranges = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), self.graph.buffers[bid].name)
+                  for bid, t in self.buffers.items()]
+        for bid, t in self.graph.params.items():
+            b = self.graph.buffers[bid]
+            if b.kind == BufferKind.STATE:
+                ranges.append((t.data_ptr(), t.data_ptr() + b.numel * t.element_size(), f"{b.name} (model state)"))
+        return ranges
+
+    def _check_overlaps(self, flat: list[torch.Tensor]) -> None:
+        """Inputs are read while the kernel writes elsewhere: each input must have memory of its
+        own, shared with no other input and with nothing the kernel writes."""
+        names = self.input_names()
+        spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in flat]
+        for i, (lo, hi) in enumerate(spans):
+            if lo == hi:
+                continue  # an empty tensor reads nothing
+            for j in range(i):
+                if spans[j][0] < hi and lo < spans[j][1]:
+                    raise InputError(
+                        f"input {i} ({names[i]!r}) overlaps input {j} ({names[j]!r}): they share memory; "
+                        f"expected inputs in separate memory, got bytes [{lo:#x}, {hi:#x}) and "
+                        f"[{spans[j][0]:#x}, {spans[j][1]:#x}); pass a .clone()"
+                    )
+            for start, end, what in self._written_ranges():
+                if start < hi and lo < end:
+                    raise InputError(
+                        f"input {i} ({names[i]!r}) overlaps the megakernel's buffer {what!r}, which the kernel "
+                        "writes (with copy_outputs=False, outputs are views of such buffers); expected an input "
+                        "in memory of its own; pass a .clone()"
+                    )
 
     def launch(self) -> None:
         if (self.generation + 1) * self._max_count >= COUNTER_LIMIT or (
@@ -152,10 +238,12 @@ class Megakernel:
         if not self.interpret:
             kwargs.update(num_warps=self.settings.num_warps, num_stages=self.settings.num_stages,
                           launch_cooperative_grid=True)
-        self._kernel[(self.num_workers,)](
-            self.instr, len(self.queue), self.waits, self.counters, self.head, self.err, self.addrs,
-            self.views, self.order, self.worker_begin, self.generation, **kwargs,
-        )
+        # The interpreter keeps global state (grid index, patched triton.language): one launch at a time.
+        with INTERPRETER_LOCK if self.interpret else contextlib.nullcontext():
+            self._kernel[(self.num_workers,)](
+                self.instr, len(self.queue), self.waits, self.counters, self.head, self.err, self.addrs,
+                self.views, self.order, self.worker_begin, self.generation, **kwargs,
+            )
 
     def check(self) -> None:
         err = self.err.cpu().tolist()
@@ -165,10 +253,12 @@ class Megakernel:
             raise MegakernelError(message)
 
     def __call__(self, *args, **kwargs):
-        self._bind(args, kwargs)
-        self.launch()
-        self.check()
-        return self.outputs()
+        # One call at a time per Megakernel: bind, launch, check and outputs share its buffers.
+        with self._lock:
+            self._bind(args, kwargs)
+            self.launch()
+            self.check()
+            return self.outputs()
 
     def tensor_of(self, v: View) -> torch.Tensor:
         """A strided tensor over the memory a view names (buffers, parameters or bound inputs)."""

@@ -125,9 +125,32 @@ TL_DTYPE = {
 }
 
 
-def flat_flags(*views) -> tuple[bool, ...]:
-    """Per view (None counts as flat): is it contiguous, so that offsets = linear index?"""
-    return tuple(v is None or v.is_contiguous() for v in views)
+ALIGN_BYTES = 16  # buffers start 16-byte aligned (allocations are; runtime/capture enforce it)
+
+
+def aligned(view: View) -> bool:
+    """Does every row of `view` start on a 16-byte boundary (offset and outer strides)?"""
+    size = view.dtype.itemsize
+    if (view.offset * size) % ALIGN_BYTES:
+        return False
+    inner = [st for sz, st in zip(view.shape, view.strides) if sz != 1 and st != 1]
+    return all((st * size) % ALIGN_BYTES == 0 for st in inner)
+
+
+def flat_flags(*views) -> tuple[int, ...]:
+    """Per view, how its offsets are computed (ops/common.offsets_of): 0 strided (view table),
+    1 contiguous (offset = linear index), 2 contiguous and 16-byte aligned (wide accesses).
+    None (an absent operand) counts as 1."""
+    return tuple(1 if v is None else (0 if not v.is_contiguous() else (2 if aligned(v) else 1)) for v in views)
+
+
+def row_flags(x: View, *others) -> tuple[int, ...]:
+    """flat_flags for a row op whose first view holds the rows: it keeps 2 (aligned) only if
+    every row starts 16-byte aligned, i.e. the row length is a multiple of 16 bytes too."""
+    flags = flat_flags(x, *others)
+    if flags[0] == 2 and (x.shape[-1] * x.dtype.itemsize) % ALIGN_BYTES:
+        flags = (1,) + flags[1:]
+    return flags
 
 
 def tl_dtype(dtype: torch.dtype) -> str:

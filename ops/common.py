@@ -35,6 +35,15 @@ def view_base(addrs_ptr, views_ptr, v, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def view_base_aligned(addrs_ptr, views_ptr, v, DTYPE: tl.constexpr):
+    """view_base for a view known (from the op's key) to start 16-byte aligned. The hint must be
+    applied here, on the add: a hint on a value returned from a call is lost when it is inlined."""
+    vrow = views_ptr + v.to(tl.int64) * VIEW_ROW
+    base = tl.load(addrs_ptr + tl.load(vrow + V_BUFFER)).to(tl.pointer_type(DTYPE), bitcast=True)
+    return tl.multiple_of(base + tl.load(vrow + V_OFFSET), 16)
+
+
+@triton.jit
 def view_size(views_ptr, v, d: tl.constexpr):
     return tl.load(views_ptr + v.to(tl.int64) * VIEW_ROW + V_SIZE0 + d)
 
@@ -72,9 +81,9 @@ def view_offsets(views_ptr, v, lin):
 
 @triton.jit
 def offsets_of(views_ptr, v, lin, FLAT: tl.constexpr):
-    """view_offsets, or `lin` itself when the view is known (at compile time) to be contiguous:
-    then Triton sees unit stride and issues wide, coalesced accesses."""
-    if FLAT:
+    """view_offsets, or `lin` itself when the view is known (at compile time) to be contiguous
+    (FLAT >= 1, see base.flat_flags): then Triton sees unit stride and coalesces accesses."""
+    if FLAT >= 1:
         offs = lin.to(tl.int64)
     else:
         offs = view_offsets(views_ptr, v, lin)
@@ -84,11 +93,24 @@ def offsets_of(views_ptr, v, lin, FLAT: tl.constexpr):
 @triton.jit
 def load_view(addrs_ptr, views_ptr, v, lin, mask, DTYPE: tl.constexpr, FLAT: tl.constexpr):
     """Elements `lin` of view v as fp32 (masked lanes read 0)."""
-    p = view_base(addrs_ptr, views_ptr, v, DTYPE)
+    if FLAT == 2:
+        p = view_base_aligned(addrs_ptr, views_ptr, v, DTYPE)  # lets Triton issue 16-byte loads
+    else:
+        p = view_base(addrs_ptr, views_ptr, v, DTYPE)
     return tl.load(p + offsets_of(views_ptr, v, lin, FLAT), mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def store_view(addrs_ptr, views_ptr, v, lin, mask, value, DTYPE: tl.constexpr, FLAT: tl.constexpr):
-    p = view_base(addrs_ptr, views_ptr, v, DTYPE)
+    if FLAT == 2:
+        p = view_base_aligned(addrs_ptr, views_ptr, v, DTYPE)
+    else:
+        p = view_base(addrs_ptr, views_ptr, v, DTYPE)
     tl.store(p + offsets_of(views_ptr, v, lin, FLAT), value.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def aligned_stride(stride, VEC: tl.constexpr):
+    """A stride known (from the op's key) to be a multiple of VEC elements, written so that
+    Triton's divisibility analysis can see it: this is what enables 16-byte loads."""
+    return (stride // VEC) * VEC

@@ -153,6 +153,25 @@ def lower_to_copy(ctx, node, a, *args, **kwargs):
     return ctx.elementwise(node, "copy", a)
 
 
+@lowers(aten.copy.default)
+def lower_copy(ctx, node, dst, src, non_blocking=False):
+    # Functional `dst.copy_(src)` (what export makes of an in-place copy into model state):
+    # src broadcast to dst's shape, in dst's dtype. dst's old values are not read.
+    return ctx.elementwise(node, "copy", src)
+
+
+@lowers(aten.bmm.default)
+def lower_bmm(ctx, node, a, b):
+    # A batched product with K = 1 is an outer product (rotary tables: inv_freq @ positions):
+    # one multiply per element, as exact as eager's. Otherwise one mm per batch entry.
+    if a.shape[2] == 1:
+        return ctx.elementwise(node, "mul", a, b)
+    out = ctx.new_output(node)
+    for i in range(a.shape[0]):
+        ctx.copy_into(ctx.emit_matmul(node, a.select(0, i), b.select(0, i), None), out.select(0, i), node)
+    return out
+
+
 def expr_key(expr) -> str:
     return repr(expr)
 
@@ -244,13 +263,15 @@ class Elementwise(OpFamily):
             node.outputs[0].dtype,
             node.attrs["block"],
             flat_flags(*self.view_args(node)),
+            node.outputs[0].numel % 8 == 0,
         )
 
     def view_args(self, node):
         return joint_coalesce([node.outputs[0], *node.inputs])
 
     def emit(self, key, name):
-        _, expr_repr, in_dtypes, out_dtype, block, flat = key
+        _, expr_repr, in_dtypes, out_dtype, block, flat, numel_div = key
+        vec = numel_div and all(f == 2 for f in flat)  # 16-byte accesses need uniform masks too
         expr = eval(expr_repr, {"torch": torch})  # repr of nested tuples of literals and dtypes
         lines, result = expr_source(expr, len(in_dtypes))
         n = len(in_dtypes)
@@ -259,7 +280,8 @@ class Elementwise(OpFamily):
             f"def {name}(row_ptr, addrs_ptr, views_ptr, BLOCK: tl.constexpr):",
             "    out_v = arg(row_ptr, 0)",
             f"    lin = arg(row_ptr, {n + 1}) * BLOCK + tl.arange(0, BLOCK)",
-            "    mask = lin < view_numel(views_ptr, out_v)",
+            f"    n = {'aligned_stride(view_numel(views_ptr, out_v), 8)' if vec else 'view_numel(views_ptr, out_v)'}",
+            "    mask = lin < n",
         ]
         for k, dt in enumerate(in_dtypes):
             src.append(f"    x{k} = load_view(addrs_ptr, views_ptr, arg(row_ptr, {k + 1}), lin, mask, {tl_dtype(dt)}, {flat[k + 1]})")

@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from mkcompiler.ir import View
-from mkcompiler.ops.base import OpFamily, bytes_cost, box_access, cdiv, tl_dtype, whole
-from mkcompiler.ops.common import arg, view_base, view_size, view_stride
+from mkcompiler.ops.base import OpFamily, aligned, bytes_cost, box_access, cdiv, tl_dtype, whole
+from mkcompiler.ops.common import aligned_stride, arg, view_base, view_base_aligned, view_size, view_stride
 from mkcompiler.ops.registry import family, lowers
 
 aten = torch.ops.aten
@@ -40,6 +40,10 @@ def matmul_tile(
     B_K_UNIT: tl.constexpr,
     B_N_UNIT: tl.constexpr,
     C_N_UNIT: tl.constexpr,
+    A_ALIGNED: tl.constexpr,
+    B_ALIGNED: tl.constexpr,
+    C_ALIGNED: tl.constexpr,
+    KN_DIV: tl.constexpr,
 ):
     va = arg(row_ptr, 0)
     vb = arg(row_ptr, 1)
@@ -51,6 +55,9 @@ def matmul_tile(
     M = view_size(views_ptr, va, 2)
     K = view_size(views_ptr, va, 3)
     N = view_size(views_ptr, vb, 3)
+    if KN_DIV:  # K and N are multiples of 8: masks then stay uniform across a 16-byte vector
+        K = aligned_stride(K, 8)
+        N = aligned_stride(N, 8)
     # Split-K: chunk ks of S (S = 1 when C is a plain [M, N] view: padded dim 1 has size 1).
     k_chunk = tl.cdiv(tl.cdiv(K, view_size(views_ptr, vc, 1)), BK) * BK
     k_lo = ks * k_chunk
@@ -59,10 +66,21 @@ def matmul_tile(
     b_ptr = view_base(addrs_ptr, views_ptr, vb, B_DT)
     # A literal unit stride (X_UNIT) lets Triton see contiguity and issue wide, coalesced
     # loads; a stride read from the view table at run time would hide it.
+    # X_ALIGNED: the view starts 16-byte aligned and its outer stride is a multiple of 16 bytes.
     sam = view_stride(views_ptr, va, 2)
     sak = 1 if A_K_UNIT else view_stride(views_ptr, va, 3)
     sbk = 1 if B_K_UNIT else view_stride(views_ptr, vb, 2)
     sbn = 1 if B_N_UNIT else view_stride(views_ptr, vb, 3)
+    if A_ALIGNED:
+        a_ptr = view_base_aligned(addrs_ptr, views_ptr, va, A_DT)
+        if A_K_UNIT:
+            sam = aligned_stride(sam, 128 // A_DT.primitive_bitwidth)
+    if B_ALIGNED:
+        b_ptr = view_base_aligned(addrs_ptr, views_ptr, vb, B_DT)
+        if B_K_UNIT:
+            sbn = aligned_stride(sbn, 128 // B_DT.primitive_bitwidth)
+        if B_N_UNIT:
+            sbk = aligned_stride(sbk, 128 // B_DT.primitive_bitwidth)
     rm = tm * BM + tl.arange(0, BM)
     rn = tn * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -82,6 +100,10 @@ def matmul_tile(
     c_ptr = view_base(addrs_ptr, views_ptr, vc, C_DT) + ks * view_stride(views_ptr, vc, 1)
     scm = view_stride(views_ptr, vc, 2)
     scn = 1 if C_N_UNIT else view_stride(views_ptr, vc, 3)
+    if C_ALIGNED:
+        c_ptr = view_base_aligned(addrs_ptr, views_ptr, vc, C_DT)
+        if C_N_UNIT:
+            scm = aligned_stride(scm, 128 // C_DT.primitive_bitwidth)
     tl.store(
         c_ptr + rm[:, None] * scm + rn[None, :] * scn, acc.to(C_DT), mask=(rm[:, None] < M) & (rn[None, :] < N)
     )
@@ -134,7 +156,9 @@ class Matmul(OpFamily):
         a, b, bias = node.inputs
         c = node.outputs[0]
         dot, prec = node.attrs["dot"]
-        units = (a.strides[1] == 1, b.strides[0] == 1, b.strides[1] == 1 and b.strides[0] != 1, c.strides[1] == 1)
+        units = (a.strides[1] == 1, b.strides[0] == 1, b.strides[1] == 1 and b.strides[0] != 1, c.strides[-1] == 1)
+        units += (aligned(a), aligned(b), aligned(c) and self.splits(node) == 1)
+        units += (a.shape[1] % 8 == 0 and b.shape[1] % 8 == 0,)
         return (self.kind, a.dtype, b.dtype, bias.dtype if bias is not None else None, c.dtype, dot, prec,
                 node.attrs["tile"], units)
 

@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mkcompiler.ops.base import flat_flags, tl_dtype
-from mkcompiler.ops.common import arg, load_view, store_view, view_numel, view_size
+from mkcompiler.ops.base import row_flags, tl_dtype
+from mkcompiler.ops.common import aligned_stride, arg, load_view, store_view, view_numel, view_size
 from mkcompiler.ops.reduce import RowFamily
 from mkcompiler.ops.registry import family, lowers
 
@@ -29,6 +29,8 @@ def norm_rows(row_ptr, addrs_ptr, views_ptr, X_DT: tl.constexpr, W_DT: tl.conste
     vb = arg(row_ptr, 2)
     vy = arg(row_ptr, 3)
     C = view_size(views_ptr, vx, 3)
+    if X_FLAT == 2:  # rows start 16-byte aligned (key: row_flags), so masks may assume it
+        C = aligned_stride(C, 128 // X_DT.primitive_bitwidth)
     R = view_numel(views_ptr, vx) // C
     rows = arg(row_ptr, 4) * BR + tl.arange(0, BR)
     row_ok = rows < R
@@ -112,7 +114,7 @@ class Norm(RowFamily):
         x, w, b = node.inputs
         return (self.kind, x.dtype, w.dtype if w is not None else None, b.dtype if b is not None else None,
                 node.outputs[0].dtype, node.attrs["rms"], node.attrs["eps"], node.attrs["tile"],
-                flat_flags(x, w, b, node.outputs[0]))
+                row_flags(x, w, b, node.outputs[0]))
 
     def emit(self, key, name):
         _, xdt, wdt, bdt, ydt, rms, eps, (br, bc), flat = key

@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mkcompiler.ops.base import OpFamily, bytes_cost, cdiv, flat_flags, row_access, tl_dtype
-from mkcompiler.ops.common import arg, load_view, store_view, view_numel, view_size
+from mkcompiler.ops.base import OpFamily, bytes_cost, cdiv, flat_flags, row_access, row_flags, tl_dtype
+from mkcompiler.ops.common import aligned_stride, arg, load_view, store_view, view_numel, view_size
 from mkcompiler.ops.registry import family, lowers
 
 aten = torch.ops.aten
@@ -24,6 +24,8 @@ def reduce_rows(row_ptr, addrs_ptr, views_ptr, X_DT: tl.constexpr, Y_DT: tl.cons
     vx = arg(row_ptr, 0)
     vy = arg(row_ptr, 1)
     C = view_size(views_ptr, vx, 3)
+    if X_FLAT == 2:  # rows start 16-byte aligned (key: row_flags), so masks may assume it
+        C = aligned_stride(C, 128 // X_DT.primitive_bitwidth)
     R = view_numel(views_ptr, vx) // C
     rows = arg(row_ptr, 2) * BR + tl.arange(0, BR)
     if MODE == 2:
@@ -50,6 +52,8 @@ def argmax_rows(row_ptr, addrs_ptr, views_ptr, X_DT: tl.constexpr, Y_DT: tl.cons
     vx = arg(row_ptr, 0)
     vy = arg(row_ptr, 1)
     C = view_size(views_ptr, vx, 3)
+    if X_FLAT == 2:  # rows start 16-byte aligned (key: row_flags), so masks may assume it
+        C = aligned_stride(C, 128 // X_DT.primitive_bitwidth)
     R = view_numel(views_ptr, vx) // C
     rows = arg(row_ptr, 2) * BR + tl.arange(0, BR)
     best = tl.full([BR], float("-inf"), tl.float32)
@@ -73,6 +77,8 @@ def softmax_rows(row_ptr, addrs_ptr, views_ptr, X_DT: tl.constexpr, Y_DT: tl.con
     vx = arg(row_ptr, 0)
     vy = arg(row_ptr, 1)
     C = view_size(views_ptr, vx, 3)
+    if X_FLAT == 2:  # rows start 16-byte aligned (key: row_flags), so masks may assume it
+        C = aligned_stride(C, 128 // X_DT.primitive_bitwidth)
     R = view_numel(views_ptr, vx) // C
     rows = arg(row_ptr, 2) * BR + tl.arange(0, BR)
     row_ok = rows < R
@@ -180,7 +186,7 @@ class Reduce(RowFamily):
 
     def key(self, node):
         return (self.kind, node.attrs["mode"], node.inputs[0].dtype, node.outputs[0].dtype, node.attrs["tile"],
-                flat_flags(node.inputs[0], node.outputs[0]))
+                row_flags(node.inputs[0], node.outputs[0]))
 
     def emit(self, key, name):
         _, mode, xdt, ydt, (br, bc), flat = key
@@ -204,7 +210,7 @@ class Argmax(RowFamily):
 
     def key(self, node):
         return (self.kind, node.inputs[0].dtype, node.outputs[0].dtype, node.attrs["tile"],
-                flat_flags(node.inputs[0], node.outputs[0]))
+                row_flags(node.inputs[0], node.outputs[0]))
 
     def emit(self, key, name):
         _, xdt, ydt, (br, bc), flat = key
@@ -225,7 +231,7 @@ class Softmax(RowFamily):
 
     def key(self, node):
         return (self.kind, node.inputs[0].dtype, node.outputs[0].dtype, node.attrs["tile"],
-                flat_flags(node.inputs[0], node.outputs[0]))
+                row_flags(node.inputs[0], node.outputs[0]))
 
     def emit(self, key, name):
         _, xdt, ydt, (br, bc), flat = key
