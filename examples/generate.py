@@ -96,8 +96,11 @@ def hf_names(n_layers: int) -> dict[str, str]:
     """Hugging Face LlamaForCausalLM parameter name -> our Llama's. HF's q/k projections are
     stored for the half-split rotary convention (rotate_half), which our Llama uses too, so
     the weights load as they are (no permutation)."""
-    names = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
-             "lm_head.weight": "lm_head.weight"}
+    names = {
+        "model.embed_tokens.weight": "embed.weight",
+        "model.norm.weight": "norm.weight",
+        "lm_head.weight": "lm_head.weight",
+    }
     for i in range(n_layers):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
         for p in "qkvo":
@@ -205,8 +208,9 @@ def kernel_ms(mk, repeats: int = 10) -> float:
     return start.elapsed_time(end) / repeats
 
 
-def generate(model: Llama, prompt: torch.Tensor, new_tokens: int, check: bool = False, warmup: int = 0,
-             log=print, **options) -> dict:
+def generate(
+    model: Llama, prompt: torch.Tensor, new_tokens: int, check: bool = False, warmup: int = 0, log=print, **options
+) -> dict:
     """Prefill `prompt` [B, S] and decode greedily until `new_tokens` tokens per row exist.
     With `check`, an eager copy of the model runs each step on the same tokens."""
     device = prompt.device
@@ -226,8 +230,10 @@ def generate(model: Llama, prompt: torch.Tensor, new_tokens: int, check: bool = 
     t = time.perf_counter()
     decode = mkcompiler.compile(model, (tok, pos), **options)
     t_dec_compile = time.perf_counter() - t
-    log(f"compiled: prefill {len(prefill.queue)} instructions in {t_pre_compile:.1f}s, "
-        f"decode {len(decode.queue)} instructions in {t_dec_compile:.1f}s ({decode.num_workers} workers)")
+    log(
+        f"compiled: prefill {len(prefill.queue)} instructions in {t_pre_compile:.1f}s, "
+        f"decode {len(decode.queue)} instructions in {t_dec_compile:.1f}s ({decode.num_workers} workers)"
+    )
 
     prompt_pos = torch.arange(s, device=device)
     pos.fill_(s)
@@ -269,23 +275,28 @@ def generate(model: Llama, prompt: torch.Tensor, new_tokens: int, check: bool = 
     }
     log(f"prefill: {b}x{s} tokens in {t_prefill * 1e3:.1f} ms = {result['prefill_tokens_per_s']:.1f} tokens/s")
     if steps:
-        log(f"decode: {steps} steps x {b} rows in {t_decode * 1e3:.1f} ms = {result['decode_tokens_per_s']:.1f} "
-            f"tokens/s ({t_decode / steps * 1e3:.2f} ms/step)")
+        log(
+            f"decode: {steps} steps x {b} rows in {t_decode * 1e3:.1f} ms = {result['decode_tokens_per_s']:.1f} "
+            f"tokens/s ({t_decode / steps * 1e3:.2f} ms/step)"
+        )
     if steps and device.type == "cuda":
         k = kernel_ms(decode)
         result["decode_kernel_ms"] = k
         log(f"decode step: megakernel {k:.3f} ms, host work and launch {t_decode / steps * 1e3 - k:.3f} ms")
     if check:
-        result.update(max_rel_err=max(errors), rel_errs=errors, argmax_mismatches=mismatches,
-                      ok=max(errors) <= tol)
-        log(f"check vs eager: max relative error of logits {max(errors):.3g} over {len(errors)} steps "
+        result.update(max_rel_err=max(errors), rel_errs=errors, argmax_mismatches=mismatches, ok=max(errors) <= tol)
+        log(
+            f"check vs eager: max relative error of logits {max(errors):.3g} over {len(errors)} steps "
             f"(tolerance {tol:g}), {mismatches} greedy tokens differ from eager's argmax: "
-            f"{'OK' if result['ok'] else 'FAILED'}")
+            f"{'OK' if result['ok'] else 'FAILED'}"
+        )
     return result
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", choices=sorted(CONFIGS), default="tiny", help="shape of the random model")
     p.add_argument("--checkpoint", help="local Hugging Face Llama directory (config.json, *.safetensors)")
     p.add_argument("--prompt-len", type=int, default=8)
@@ -311,9 +322,11 @@ def main(argv=None, log=print) -> dict:
     max_seq_len = args.max_seq_len or 64 * math.ceil((args.prompt_len + args.new_tokens) / 64)
     model = make_model(args, device, max_seq_len)
     c = model.c
-    log(f"model: {args.checkpoint or args.model} {args.dtype} (dim {c.dim}, {c.n_layers} layers, {c.n_heads}/"
+    log(
+        f"model: {args.checkpoint or args.model} {args.dtype} (dim {c.dim}, {c.n_layers} layers, {c.n_heads}/"
         f"{c.n_kv_heads} heads, vocab {c.vocab_size}, KV cache {args.batch}x{max_seq_len}) on "
-        f"{'the Triton interpreter (CPU)' if interpret else torch.cuda.get_device_name(device)}")
+        f"{'the Triton interpreter (CPU)' if interpret else torch.cuda.get_device_name(device)}"
+    )
     gen = torch.Generator().manual_seed(args.seed)
     if args.prompt_ids:
         prompt = torch.tensor(ids).expand(args.batch, -1).contiguous()

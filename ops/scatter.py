@@ -85,6 +85,22 @@ def lower_index_copy(ctx, node, base, dim, index, values):
     return _scatter(ctx, node, base, dim % base.rank, index, values)
 
 
+@lowers(aten.slice_scatter.default)
+def lower_slice_scatter(ctx, node, base, src, dim=0, start=None, end=None, step=1):
+    """`base` with base[start:end:step] along dim replaced by src. `cache[:b, :, pos] = k` with
+    b below the cache's batch exports as index_put on a slice of the cache, then a
+    slice_scatter of that back: the index_put already wrote in the cache's own storage, so
+    src *is* that slice and there is nothing left to copy."""
+    dim %= base.rank
+    start, end = 0 if start is None else start, base.shape[dim] if end is None else end
+    if src == base.slice(dim, start, end, step):
+        return base
+    if not ctx.writable_in_place(node, base):
+        base = ctx.copy(base)
+    ctx.copy_into(src, base.slice(dim, start, end, step), node)
+    return base
+
+
 @family
 class Scatter(OpFamily):
     kind = "scatter"

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import networkx as nx
+import numpy as np
 
 from mkcompiler.ir import Graph
 from mkcompiler.ops.base import Intervals
@@ -30,11 +31,39 @@ def overlaps(a: Intervals, b: Intervals) -> bool:
     return False
 
 
+class AccessIndex:
+    """The accesses of one buffer so far, with a vectorized bounding-interval prefilter: the
+    exact interval test then runs only on candidates (thousands of tiles writing one big
+    output, e.g. an LM head, would otherwise cost a quadratic number of Python checks)."""
+
+    def __init__(self):
+        self.tasks: list[int] = []
+        self.intervals: list[Intervals] = []
+        self.bounds = np.empty((64, 2), dtype=np.int64)
+
+    def add(self, task: int, intervals: Intervals) -> None:
+        if not intervals:
+            return
+        n = len(self.tasks)
+        if n == len(self.bounds):
+            self.bounds = np.concatenate([self.bounds, np.empty_like(self.bounds)])
+        self.bounds[n] = (intervals[0][0], intervals[-1][1])
+        self.tasks.append(task)
+        self.intervals.append(intervals)
+
+    def overlapping(self, intervals: Intervals) -> list[int]:
+        if not intervals or not self.tasks:
+            return []
+        b = self.bounds[: len(self.tasks)]
+        hits = np.nonzero((b[:, 0] < intervals[-1][1]) & (b[:, 1] > intervals[0][0]))[0]
+        return [self.tasks[i] for i in hits.tolist() if overlaps(self.intervals[i], intervals)]
+
+
 def build_dag(graph: Graph) -> nx.DiGraph:
     dag = nx.DiGraph()
     written = {o.buffer for op in graph.ops for o in op.outputs}
-    writers: dict[int, list] = defaultdict(list)  # buffer -> [(task, intervals)]
-    readers: dict[int, list] = defaultdict(list)
+    writers: dict[int, AccessIndex] = defaultdict(AccessIndex)
+    readers: dict[int, AccessIndex] = defaultdict(AccessIndex)
     task = 0
     for op_index, op in enumerate(graph.ops):
         fam = FAMILIES[op.kind]
@@ -44,18 +73,15 @@ def build_dag(graph: Graph) -> nx.DiGraph:
                          desc=fam.describe(op, coords))
             for acc in reads:
                 if acc.buffer in written:
-                    for w, iv in writers[acc.buffer]:
-                        if overlaps(iv, acc.intervals):
-                            dag.add_edge(w, task)
+                    dag.add_edges_from((w, task) for w in writers[acc.buffer].overlapping(acc.intervals))
             for acc in writes:
-                for w, iv in writers[acc.buffer] + readers[acc.buffer]:
-                    if w != task and overlaps(iv, acc.intervals):
-                        dag.add_edge(w, task)
+                earlier = writers[acc.buffer].overlapping(acc.intervals) + readers[acc.buffer].overlapping(acc.intervals)
+                dag.add_edges_from((w, task) for w in earlier if w != task)
             for acc in reads:
                 if acc.buffer in written:
-                    readers[acc.buffer].append((task, acc.intervals))
+                    readers[acc.buffer].add(task, acc.intervals)
             for acc in writes:
-                writers[acc.buffer].append((task, acc.intervals))
+                writers[acc.buffer].add(task, acc.intervals)
             task += 1
     return dag
 
