@@ -32,6 +32,10 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() / (ms * 1e-3)
 
 
+def say(*a) -> None:
+    print(*a, flush=True)
+
+
 def rel(a, b) -> float:
     a, b = a.float(), b.float()
     return ((a - b).norm() / b.norm()).item()
@@ -60,9 +64,11 @@ def main() -> None:
         t0 = time.perf_counter()
         pre = mkcompiler.compile(model, (toks, pos))
         res["prefill_compile_s"] = time.perf_counter() - t0
+        say(f"prefill compiled in {res['prefill_compile_s']:.1f} s: {len(pre.queue)} instructions")
         res["prefill_err"] = rel(pre(toks, pos), ref(toks, pos))
         res["prefill_ms"] = triton.testing.do_bench(lambda: pre(toks, pos), warmup=5, rep=50, return_mode="median")
         res["prefill_eager_ms"] = triton.testing.do_bench(lambda: ref(toks, pos), warmup=5, rep=50, return_mode="median")
+        say(f"prefill {args.prefill}: rel err {res['prefill_err']:.1e}, {res['prefill_ms']:.2f} ms (eager {res['prefill_eager_ms']:.2f} ms)")
     # Fill the caches up to ctx (same contents in both models), then check decode steps.
     for layer, rlayer in zip(model.layers, ref.layers):
         for name in ("k_cache", "v_cache"):
@@ -75,11 +81,13 @@ def main() -> None:
     dec = mkcompiler.compile(model, (tok, pos))
     res["decode_compile_s"] = time.perf_counter() - t0
     res["instructions"] = len(dec.queue)
+    say(f"decode compiled in {res['decode_compile_s']:.1f} s: {len(dec.queue)} instructions; timings {dec.timings}")
     errs = []
     for i in range(args.steps):
         pos = torch.tensor([args.ctx + i], device=dev)
         out, expect = dec(tok, pos), ref(tok, pos)
         errs.append(rel(out, expect))
+        say(f"decode step {i}: rel err {errs[-1]:.2e}")
         tok = expect[:, -1].argmax(-1, keepdim=True)
     res["decode_errs"] = errs
     res["cache_err"] = max(rel(a.attn.k_cache, b.attn.k_cache) for a, b in zip(model.layers, ref.layers))
@@ -93,6 +101,7 @@ def main() -> None:
         "mkcompiler kernel": triton.testing.do_bench(dec.launch, warmup=20, rep=200, return_mode="median"),
         "eager": triton.testing.do_bench(lambda: ref(tok, pos), warmup=5, rep=50, return_mode="median"),
     }
+    say(f"mkcompiler {rows['mkcompiler call']:.3f} ms/step (kernel {rows['mkcompiler kernel']:.3f}), eager {rows['eager']:.3f}")
     if args.baselines:
         with torch.no_grad():
             for mode, name in (("max-autotune-no-cudagraphs", "torch.compile max-autotune (no graphs)"),
@@ -102,6 +111,7 @@ def main() -> None:
                 for _ in range(3):
                     f(tok, pos)
                 rows[name] = triton.testing.do_bench(lambda f=f: f(tok, pos), warmup=20, rep=200, return_mode="median")
+                say(f"{name}: {rows[name]:.3f} ms")
     res.update(floor_ms=floor, bw=bw, ms=rows)
     print(f"\n{res['device']}: {args.model} batch {args.batch} ctx {args.ctx} bf16; {len(dec.queue)} instructions; "
           f"floor {floor:.3f} ms ({(weight_bytes + kv_bytes) / 1e9:.2f} GB at {bw / 1e9:.0f} GB/s)")

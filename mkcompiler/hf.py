@@ -31,11 +31,19 @@ FAMILIES = {
     "mistral": ("MistralConfig", "MistralForCausalLM"),
 }
 
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=64,
+)
 
 
-def random_model(family: str, dtype=torch.float32, seed: int = 0, **config) -> nn.Module:
+def random_model(family: str, dtype=torch.float32, seed: int = 0, device="cpu", **config) -> nn.Module:
     """A `*ForCausalLM` of `family` with random weights, built from a config (TINY unless
     overridden), using PyTorch's scaled_dot_product_attention ("sdpa")."""
     import transformers
@@ -44,7 +52,8 @@ def random_model(family: str, dtype=torch.float32, seed: int = 0, **config) -> n
     cfg = getattr(transformers, config_name)(**{**TINY, **config})
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    model = getattr(transformers, model_name)(cfg)
+    with torch.device(device):
+        model = getattr(transformers, model_name)(cfg)
     return model.to(dtype).eval()
 
 
@@ -80,7 +89,9 @@ class StaticCacheLM(nn.Module):
             self.register_buffer(f"cache_length_{i}", layer.cumulative_length, persistent=False)
 
     def caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(getattr(self, f"key_cache_{i}"), getattr(self, f"value_cache_{i}")) for i in range(len(self.cache.layers))]
+        return [
+            (getattr(self, f"key_cache_{i}"), getattr(self, f"value_cache_{i}")) for i in range(len(self.cache.layers))
+        ]
 
     def reset(self) -> None:
         for name, buf in self.named_buffers():
@@ -110,17 +121,20 @@ class StaticCacheLM(nn.Module):
 
 
 def greedy(prefill, decode, prompt: torch.Tensor, new_tokens: int, on_logits=None) -> torch.Tensor:
-    """Greedy generation with step functions `f(input_ids, cache_position) -> logits` (an eager
-    StaticCacheLM or compiled megakernels): prefill the prompt [B, P], then decode one token at
-    a time. Returns the new tokens [B, new_tokens]; `on_logits(step, logits)` sees each step's."""
-    p = prompt.shape[1]
-    logits = prefill(prompt, torch.arange(p))
-    if on_logits is not None:
-        on_logits(0, logits)
-    tokens = [logits[:, -1].argmax(-1)]
-    for step in range(1, new_tokens):
-        logits = decode(tokens[-1][:, None], torch.tensor([p + step - 1]))
+    """Greedy generation with step functions `f(input_ids, cache_position) -> logits` (or
+    (logits, next_token), as StaticCacheLM(next_token=True) returns): an eager StaticCacheLM or
+    compiled megakernels. Prefills the prompt [B, P], then decodes one token at a time; returns
+    the new tokens [B, new_tokens]. `on_logits(step, logits)` sees each step's logits."""
+    p, device = prompt.shape[1], prompt.device
+
+    def step(fn, i, ids, pos):
+        out = fn(ids, pos)
+        logits, nxt = out if isinstance(out, tuple) else (out, out[:, -1].argmax(-1))
         if on_logits is not None:
-            on_logits(step, logits)
-        tokens.append(logits[:, -1].argmax(-1))
+            on_logits(i, logits)
+        return nxt
+
+    tokens = [step(prefill, 0, prompt, torch.arange(p, device=device))]
+    for i in range(1, new_tokens):
+        tokens.append(step(decode, i, tokens[-1][:, None], torch.tensor([p + i - 1], device=device)))
     return torch.stack(tokens, dim=1)

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mkcompiler.ops.base import OpFamily, bytes_cost, cdiv, flat_flags, row_access, row_flags, tl_dtype
+from mkcompiler.ops.base import OpFamily, bytes_cost, cdiv, flat_flags, linear_access, row_access, row_flags, tl_dtype
 from mkcompiler.ops.common import aligned_stride, arg, load_view, store_view, view_numel, view_size
 from mkcompiler.ops.registry import family, lowers
 
@@ -167,7 +167,10 @@ class RowFamily(OpFamily):
         r0, r1 = self.row_range(node, coords)
         reads = [row_access(node.inputs[0], r0, r1)]
         reads += [row_access(v, 0, 1) for v in node.inputs[1:] if v is not None]  # per-column params
-        return reads, [row_access(v, r0, r1) for v in node.outputs]
+        # An output holds numel / rows elements per row: a whole row (softmax, norms) or one
+        # (reductions, whose output's last dim is another dim of x when keepdim=False).
+        rows = self.rows(node)
+        return reads, [linear_access(v, r0 * (v.numel // rows), r1 * (v.numel // rows)) for v in node.outputs]
 
     def cost(self, node, coords):
         r0, r1 = self.row_range(node, coords)

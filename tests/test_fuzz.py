@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from helpers import rel_err
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, Phase, assume, event, given, settings
 from hypothesis import strategies as st
 
 import mkcompiler
@@ -115,7 +115,7 @@ class Program:
         lines = [f"inputs {[(v.shape, str(v.dtype)[6:]) for v in self.inputs]}"]
         n = len(self.inputs)
         lines += [f"  v{n + i} = {s}" for i, s in enumerate(self.steps)]
-        lines.append(f"  return {['v%d' % o for o in self.outputs]}")
+        lines.append(f"  return {[f'v{o}' for o in self.outputs]}")
         return "\n".join(lines)
 
 
@@ -272,8 +272,19 @@ def a_step(draw, vals: list[Value], allow_casts: bool) -> Step:
     """One random step over `vals`; hypothesis shrinks towards early values and simple ops."""
     i = draw(st.integers(0, len(vals) - 1).map(lambda k: len(vals) - 1 - k))  # recent first
     x = vals[i]
-    kinds = ["unary", "binary", "scalar", "param_binary", "reduce", "softmax", "layer_norm", "rms_norm",
-             "reshape", "slice", "cat"]
+    kinds = [
+        "unary",
+        "binary",
+        "scalar",
+        "param_binary",
+        "reduce",
+        "softmax",
+        "layer_norm",
+        "rms_norm",
+        "reshape",
+        "slice",
+        "cat",
+    ]
     if x.shape:
         kinds += ["linear"] if len(x.shape) in (2, 3) else []
         kinds += ["matmul_bt", "matmul_at"] if len(x.shape) == 2 else []
@@ -292,7 +303,9 @@ def a_step(draw, vals: list[Value], allow_casts: bool) -> Step:
     if kind == "param_binary":
         shape = tuple(draw(related_shape(x.shape)))
         shape = shape if broadcastable(x.shape, shape) else x.shape[-1:]
-        return Step(kind, (i,), (("fn", draw(st.sampled_from(sorted(BINARY)))), ("shape", shape), ("swap", draw(st.booleans()))))
+        return Step(
+            kind, (i,), (("fn", draw(st.sampled_from(sorted(BINARY)))), ("shape", shape), ("swap", draw(st.booleans())))
+        )
     if kind == "scalar":
         c = draw(st.sampled_from([0.5, -1.25, 2.0, 3.0]))
         return Step(kind, (i,), (("fn", draw(st.sampled_from(sorted(SCALAR)))), ("c", c)))
@@ -320,19 +333,31 @@ def a_step(draw, vals: list[Value], allow_casts: bool) -> Step:
         n = x.shape[dim]
         start = draw(st.integers(0, n - 1))
         end = draw(st.integers(start + 1, n))
-        return Step(kind, (i,), (("dim", dim), ("start", start), ("end", end), ("step", draw(st.sampled_from([1, 1, 2])))))
+        return Step(
+            kind, (i,), (("dim", dim), ("start", start), ("end", end), ("step", draw(st.sampled_from([1, 1, 2]))))
+        )
     if kind == "cat":
         dim = draw(st.integers(0, len(x.shape) - 1))
-        others = [j for j, v in enumerate(vals) if len(v.shape) == len(x.shape)
-                  and all(a == b for d, (a, b) in enumerate(zip(v.shape, x.shape)) if d != dim)]
+        others = [
+            j
+            for j, v in enumerate(vals)
+            if len(v.shape) == len(x.shape)
+            and all(a == b for d, (a, b) in enumerate(zip(v.shape, x.shape)) if d != dim)
+        ]
         return Step(kind, (i, draw(st.sampled_from(others))), (("dim", dim),))
     raise AssertionError(kind)
 
 
+DTYPE_MODES = {
+    "fp32": (st.just(torch.float32), False),  # no casts: the 1e-4 tolerance applies
+    "bf16": (st.just(torch.bfloat16), True),  # bf16 inputs; casts to fp32 and back
+    "mixed": (st.sampled_from(DTYPES), True),
+}
+
+
 @st.composite
-def programs(draw, max_steps: int = 6, max_numel: int = MAX_NUMEL):
-    allow_casts = draw(st.booleans())
-    dtype = st.sampled_from(DTYPES) if allow_casts else st.just(torch.float32)
+def programs(draw, mode: str = "mixed", max_steps: int = 6, max_numel: int = MAX_NUMEL):
+    dtype, allow_casts = DTYPE_MODES[mode]
     first = draw(shapes())
     inputs = [Value(first, draw(dtype))]
     if draw(st.booleans()):
@@ -409,9 +434,21 @@ def check_outputs(program, model, outs, eager, exact) -> None:
         assert err <= tol, f"output {k}: relative error {err:.3g} > {tol:.3g} (eager's own: {eager_err:.3g})\n{program}"
 
 
-@settings(max_examples=VM_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(programs(), compile_options, st.integers(0, 2**16), st.integers(0, 2**16))
-def test_random_models_match_eager_in_the_vm(program, options, seed, vm_seed):
+# No explain phase: it re-runs a failing example dozens of times (compiles are slow) and
+# the minimal program printed with the failure says what it would.
+FUZZ = dict(
+    deadline=None,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+@pytest.mark.timeout(600)  # room to shrink a failure; a passing run takes well under a minute
+@pytest.mark.parametrize("mode", list(DTYPE_MODES))
+@settings(max_examples=VM_EXAMPLES // len(DTYPE_MODES), **FUZZ)
+@given(data=st.data(), options=compile_options, seed=st.integers(0, 2**16), vm_seed=st.integers(0, 2**16))
+def test_random_models_match_eager_in_the_vm(mode, data, options, seed, vm_seed):
+    program = data.draw(programs(mode), label="program")
     model, inputs, eager, exact = make_case(program, seed)
     mk = mkcompiler.compile(model, inputs, **options)
     mk.poison()
@@ -419,16 +456,18 @@ def test_random_models_match_eager_in_the_vm(program, options, seed, vm_seed):
     check_outputs(program, model, outs, eager, exact)
 
 
+# Programs run one after another in the interpreter: a static schedule runs on one worker.
 kernel_options = compile_options.map(lambda o: {**o, "schedule": "dynamic"} if o["num_workers"] > 1 else o)
 
 
-@settings(max_examples=KERNEL_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(programs(max_steps=4, max_numel=256), kernel_options, st.integers(0, 2**16))
-def test_random_models_match_eager_in_the_kernel(program, options, seed):
-    """The generated kernel in the interpreter (programs run one after another there, so a
-    static schedule runs on one worker)."""
+@pytest.mark.timeout(600)
+@settings(max_examples=KERNEL_EXAMPLES, **FUZZ)
+@given(data=st.data(), options=kernel_options, seed=st.integers(0, 2**16))
+def test_random_models_match_eager_in_the_kernel(data, options, seed):
+    """The generated Triton kernel itself, in the interpreter (small programs: ~20 ms per instruction)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("fuzzes the CPU interpreter")
+    program = data.draw(programs(data.draw(st.sampled_from(list(DTYPE_MODES))), max_steps=4, max_numel=256))
     model, inputs, eager, exact = make_case(program, seed)
     mk = mkcompiler.compile(model, inputs, **options)
     mk.poison()

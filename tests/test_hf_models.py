@@ -30,7 +30,8 @@ FAMILIES = {
     "qwen3": {},  # q/k RMSNorm per head
     "mistral": {"sliding_window": 8},  # shorter than the 20 positions a test covers
 }
-OPTIONS = dict(matmul_tile=(16, 64, 32), elementwise_block=64, row_block=2)
+# Big tiles: few instructions per step (the interpreter costs ~15 ms each); ops tests cover small tiles.
+OPTIONS = dict(matmul_tile=(16, 128, 64), elementwise_block=1024, row_block=8)
 
 
 def _build(family, dtype, batch=1):
@@ -75,9 +76,9 @@ def _confined(step, lm):
 def _teacher_forced(model_step, tokens):
     """Logits of every step when `tokens` [B, T] are fed: prefill of PROMPT, then one at a time."""
     with torch.no_grad():
-        out = [model_step(tokens[:, :PROMPT], torch.arange(PROMPT))]
+        out = [model_step(tokens[:, :PROMPT].contiguous(), torch.arange(PROMPT))]
         for p in range(PROMPT, tokens.shape[1]):
-            out.append(model_step(tokens[:, p : p + 1], torch.tensor([p])))
+            out.append(model_step(tokens[:, p : p + 1].contiguous(), torch.tensor([p])))
     return out
 
 
@@ -130,7 +131,10 @@ def test_hf_batch2_next_token():
     ref = StaticCacheLM(copy.deepcopy(model).double(), batch_size=2, max_cache_len=MAX_CACHE, next_token=True)
     tokens = torch.randint(0, 128, (2, PROMPT + 1))
     prefill, decode = _compile(lm, batch=2)
-    got = [prefill(tokens[:, :PROMPT], torch.arange(PROMPT)), decode(tokens[:, PROMPT:], torch.tensor([PROMPT]))]
+    got = [
+        prefill(tokens[:, :PROMPT].contiguous(), torch.arange(PROMPT)),
+        decode(tokens[:, PROMPT:].contiguous(), torch.tensor([PROMPT])),
+    ]
     expected = _teacher_forced(ref, tokens)
     for (x, nxt), (r, rn) in zip(got, expected):
         assert rel_err(x, r) <= 1e-4

@@ -107,12 +107,36 @@ def x() -> torch.Tensor:
 CASES = {
     "not_a_tensor": (lambda: (x(), 2.5), TypeError, ["input 1 ('residual')", "torch.Tensor", "(3, 16)", "got float"]),
     "numpy_array": (lambda: (x().numpy(), x()), TypeError, ["input 0 ('hidden')", "torch.Tensor", "got ndarray"]),
-    "rank": (lambda: (x(), x()[None]), InputError, ["input 1 ('residual')", "expected rank 2", "got rank 3 (shape (1, 3, 16))"]),
-    "shape": (lambda: (torch.randn(4, 16), x()), InputError, ["input 0 ('hidden')", "expected shape (3, 16)", "got (4, 16)"]),
-    "dtype": (lambda: (x(), x().bfloat16()), InputError, ["input 1 ('residual')", "expected dtype torch.float32", "got torch.bfloat16"]),
-    "device": (lambda: (torch.empty(3, 16, device="meta"), x()), InputError, ["input 0 ('hidden')", "on cpu", "got one on meta"]),
-    "non_contiguous": (lambda: (x(), torch.randn(16, 3).t()), InputError, ["input 1 ('residual')", "contiguous", "strides (1, 3)"]),
-    "expanded": (lambda: (torch.randn(1, 16).expand(3, 16), x()), InputError, ["input 0 ('hidden')", "contiguous", "strides (0, 1)"]),
+    "rank": (
+        lambda: (x(), x()[None]),
+        InputError,
+        ["input 1 ('residual')", "expected rank 2", "got rank 3 (shape (1, 3, 16))"],
+    ),
+    "shape": (
+        lambda: (torch.randn(4, 16), x()),
+        InputError,
+        ["input 0 ('hidden')", "expected shape (3, 16)", "got (4, 16)"],
+    ),
+    "dtype": (
+        lambda: (x(), x().bfloat16()),
+        InputError,
+        ["input 1 ('residual')", "expected dtype torch.float32", "got torch.bfloat16"],
+    ),
+    "device": (
+        lambda: (torch.empty(3, 16, device="meta"), x()),
+        InputError,
+        ["input 0 ('hidden')", "on cpu", "got one on meta"],
+    ),
+    "non_contiguous": (
+        lambda: (x(), torch.randn(16, 3).t()),
+        InputError,
+        ["input 1 ('residual')", "contiguous", "strides (1, 3)"],
+    ),
+    "expanded": (
+        lambda: (torch.randn(1, 16).expand(3, 16), x()),
+        InputError,
+        ["input 0 ('hidden')", "contiguous", "strides (0, 1)"],
+    ),
     "too_few": (lambda: (x(),), InputError, ["expected 2 tensor inputs (hidden, residual)", "got 1"]),
     "too_many": (lambda: (x(), x(), x()), InputError, ["expected 2 tensor inputs", "got 3"]),
 }
@@ -178,9 +202,18 @@ def kv():
 
 
 KV_CASES = {
-    "position_dtype": (lambda m: (torch.randn(1, 8), torch.tensor([1], dtype=torch.int32)), ["input 1 ('pos')", "expected dtype torch.int64", "got torch.int32"]),
-    "token_shape": (lambda m: (torch.randn(2, 8), torch.tensor([1])), ["input 0 ('token')", "expected shape (1, 8)", "got (2, 8)"]),
-    "token_in_the_cache": (lambda m: (m.cache[1:2], torch.tensor([1])), ["input 0 ('token') overlaps the megakernel's buffer 'cache (model state)'"]),
+    "position_dtype": (
+        lambda m: (torch.randn(1, 8), torch.tensor([1], dtype=torch.int32)),
+        ["input 1 ('pos')", "expected dtype torch.int64", "got torch.int32"],
+    ),
+    "token_shape": (
+        lambda m: (torch.randn(2, 8), torch.tensor([1])),
+        ["input 0 ('token')", "expected shape (1, 8)", "got (2, 8)"],
+    ),
+    "token_in_the_cache": (
+        lambda m: (m.cache[1:2], torch.tensor([1])),
+        ["input 0 ('token') overlaps the megakernel's buffer 'cache (model state)'"],
+    ),
 }
 
 
@@ -200,3 +233,17 @@ def test_refused_call_leaves_model_state_alone(kv, case):
     out = mk(token, pos)
     assert rel_err(model.cache, expected_cache) <= TOL[torch.float32]
     assert rel_err(out, expected_cache.sum(-1)) <= TOL[torch.float32]
+
+
+@pytest.mark.gpu
+def test_gpu_megakernel_refuses_host_and_strided_inputs():
+    torch.manual_seed(0)
+    model = TwoInputs().cuda()
+    a, b = torch.randn(3, 16, device="cuda"), torch.randn(3, 16, device="cuda")
+    mk = mkcompiler.compile(model, (a, b))
+    assert rel_err(mk(a, b), reference(model, (a, b))) <= TOL[torch.float32]
+    message = refused(mk, InputError, a, b.cpu())
+    assert "input 1 ('residual'): expected a tensor on cuda:0, got one on cpu" in message
+    message = refused(mk, InputError, torch.randn(16, 3, device="cuda").t(), b)
+    assert "input 0 ('hidden'): expected a contiguous tensor, got strides (1, 3)" in message
+    assert rel_err(mk(a, b), reference(model, (a, b))) <= TOL[torch.float32]

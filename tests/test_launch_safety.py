@@ -50,7 +50,9 @@ def two_sms(monkeypatch):
 def test_more_workers_than_sms_is_refused_before_capture(two_sms, monkeypatch):
     captured = []
     monkeypatch.setattr(mkcompiler.api, "capture", lambda *a: captured.append(a))
-    with pytest.raises(ValueError, match=r"num_workers=3 is more than can be co-resident on cpu \(2 SMs\).*num_workers <= 2"):
+    with pytest.raises(
+        ValueError, match=r"num_workers=3 is more than can be co-resident on cpu \(2 SMs\).*num_workers <= 2"
+    ):
         mkcompiler.compile(layer_norm_mlp(), (torch.randn(4, 8),), num_workers=3, **OPTIONS)
     assert not captured  # refused up front, not after the slow part
 
@@ -123,6 +125,25 @@ def test_kernel_error_leaves_the_megakernel_usable(case):
         for _ in range(2):
             assert_correct(mk, model, torch.randn(3, 16))
         assert mk.generation == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("schedule", ["dynamic", "static"])
+def test_gpu_kernel_error_leaves_the_megakernel_usable(schedule):
+    """One worker per SM, really concurrent: the same drop-a-signal check as above."""
+    torch.manual_seed(0)
+    model = ResidualMLP(64, 128).cuda()
+    mk = mkcompiler.compile(model, (torch.randn(8, 64, device="cuda"),), schedule=schedule, max_spin=1 << 14)
+    assert_correct(mk, model, torch.randn(8, 64, device="cuda"))
+    i = a_waited_on_signal(mk.queue)
+    signal = int(mk.instr[i, Field.SIGNAL])
+    mk.instr[i, Field.SIGNAL] = -1
+    with pytest.raises(MegakernelError, match="counters were reset"):
+        mk(torch.randn(8, 64, device="cuda"))
+    assert_reset(mk)
+    mk.instr[i, Field.SIGNAL] = signal
+    for _ in range(3):
+        assert_correct(mk, model, torch.randn(8, 64, device="cuda"))
 
 
 # ---- separate state ----
