@@ -34,18 +34,18 @@ FAMILIES = {
 OPTIONS = dict(matmul_tile=(16, 128, 64), elementwise_block=1024, row_block=8)
 
 
-def _build(family, dtype, batch=1):
-    model = random_model(family, dtype, seed=1, **FAMILIES[family])
+def _build(family, dtype, device, batch=1):
+    model = random_model(family, dtype, seed=1, device=device, **FAMILIES[family])
     lm = StaticCacheLM(model, batch_size=batch, max_cache_len=MAX_CACHE)
     eager = StaticCacheLM(model, batch_size=batch, max_cache_len=MAX_CACHE)  # same weights, own cache
     ref = StaticCacheLM(copy.deepcopy(model).double(), batch_size=batch, max_cache_len=MAX_CACHE)
     return lm, eager, ref
 
 
-def _compile(lm, batch=1):
-    prompt = torch.randint(0, 128, (batch, PROMPT))
-    prefill = mkcompiler.compile(lm, (prompt, torch.arange(PROMPT)), **OPTIONS)
-    decode = mkcompiler.compile(lm, (prompt[:, :1], torch.tensor([PROMPT])), **OPTIONS)
+def _compile(lm, device, batch=1):
+    prompt = torch.randint(0, 128, (batch, PROMPT), device=device)
+    prefill = mkcompiler.compile(lm, (prompt, torch.arange(PROMPT, device=device)), **OPTIONS)
+    decode = mkcompiler.compile(lm, (prompt[:, :1].contiguous(), torch.tensor([PROMPT], device=device)), **OPTIONS)
     prefill.poison()
     decode.poison()
     return prefill, decode
@@ -63,7 +63,7 @@ def _confined(step, lm):
                 v[:, :, hi:] = torch.randn_like(v[:, :, hi:])
         before = [t.clone() for kv in lm.caches() for t in kv]
         out = step(ids, pos)
-        outside = torch.ones(MAX_CACHE, dtype=torch.bool)
+        outside = torch.ones(MAX_CACHE, dtype=torch.bool, device=ids.device)
         outside[lo:hi] = False
         for b, a in zip(before, (t for kv in lm.caches() for t in kv)):
             assert torch.equal(a[:, :, outside], b[:, :, outside]), f"a step at {lo}:{hi} wrote outside its slots"
@@ -75,19 +75,20 @@ def _confined(step, lm):
 
 def _teacher_forced(model_step, tokens):
     """Logits of every step when `tokens` [B, T] are fed: prefill of PROMPT, then one at a time."""
+    dev = tokens.device
     with torch.no_grad():
-        out = [model_step(tokens[:, :PROMPT].contiguous(), torch.arange(PROMPT))]
+        out = [model_step(tokens[:, :PROMPT].contiguous(), torch.arange(PROMPT, device=dev))]
         for p in range(PROMPT, tokens.shape[1]):
-            out.append(model_step(tokens[:, p : p + 1].contiguous(), torch.tensor([p])))
+            out.append(model_step(tokens[:, p : p + 1].contiguous(), torch.tensor([p], device=dev)))
     return out
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_hf_greedy_fp32(family):
+def test_hf_greedy_fp32(family, device):
     torch.manual_seed(0)
-    lm, eager, ref = _build(family, torch.float32)
-    prefill, decode = _compile(lm)
-    prompt = torch.randint(0, 128, (1, PROMPT))
+    lm, eager, ref = _build(family, torch.float32, device)
+    prefill, decode = _compile(lm, device)
+    prompt = torch.randint(0, 128, (1, PROMPT), device=device)
     logits = []
     got = greedy(_confined(prefill, lm), _confined(decode, lm), prompt, 16, lambda s, x: logits.append(x))
     with torch.no_grad():
@@ -107,13 +108,14 @@ def test_hf_greedy_fp32(family):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_hf_teacher_forced_bf16(family):
+def test_hf_teacher_forced_bf16(family, device):
     torch.manual_seed(0)
-    lm, _, ref = _build(family, torch.bfloat16)
-    prefill, decode = _compile(lm)
-    tokens = torch.randint(0, 128, (1, PROMPT + 8))
-    got = [prefill(tokens[:, :PROMPT], torch.arange(PROMPT))]
-    got += [decode(tokens[:, p : p + 1], torch.tensor([p])) for p in range(PROMPT, PROMPT + 8)]
+    lm, _, ref = _build(family, torch.bfloat16, device)
+    prefill, decode = _compile(lm, device)
+    tokens = torch.randint(0, 128, (1, PROMPT + 8), device=device)
+    got = [prefill(tokens[:, :PROMPT].contiguous(), torch.arange(PROMPT, device=device))]
+    for p in range(PROMPT, PROMPT + 8):
+        got.append(decode(tokens[:, p : p + 1].contiguous(), torch.tensor([p], device=device)))
     expected = _teacher_forced(ref, tokens)
     for step, (x, r) in enumerate(zip(got, expected)):
         assert x.dtype == torch.bfloat16 and x.shape == r.shape
@@ -123,17 +125,17 @@ def test_hf_teacher_forced_bf16(family):
         assert rel_err(k[:, :, : PROMPT + 8], rk[:, :, : PROMPT + 8]) <= 3e-2
 
 
-def test_hf_batch2_next_token():
+def test_hf_batch2_next_token(device):
     """Batch 2, with the greedy next token computed in the kernel (argmax) as well."""
     torch.manual_seed(0)
-    model = random_model("llama", seed=2)
+    model = random_model("llama", seed=2, device=device)
     lm = StaticCacheLM(model, batch_size=2, max_cache_len=MAX_CACHE, next_token=True)
     ref = StaticCacheLM(copy.deepcopy(model).double(), batch_size=2, max_cache_len=MAX_CACHE, next_token=True)
-    tokens = torch.randint(0, 128, (2, PROMPT + 1))
-    prefill, decode = _compile(lm, batch=2)
+    tokens = torch.randint(0, 128, (2, PROMPT + 1), device=device)
+    prefill, decode = _compile(lm, device, batch=2)
     got = [
-        prefill(tokens[:, :PROMPT].contiguous(), torch.arange(PROMPT)),
-        decode(tokens[:, PROMPT:].contiguous(), torch.tensor([PROMPT])),
+        prefill(tokens[:, :PROMPT].contiguous(), torch.arange(PROMPT, device=device)),
+        decode(tokens[:, PROMPT:].contiguous(), torch.tensor([PROMPT], device=device)),
     ]
     expected = _teacher_forced(ref, tokens)
     for (x, nxt), (r, rn) in zip(got, expected):
