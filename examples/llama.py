@@ -133,3 +133,34 @@ def random_llama(name_or_config, dtype=torch.float32, device="cpu", seed=0, **ov
         for p in model.parameters():
             p.normal_(0.0, 0.02) if p.dim() > 1 else p.uniform_(0.8, 1.2)
     return model.to(device=device, dtype=dtype)
+
+
+class GreedyLoop(nn.Module):
+    """One greedy decode step with its loop state on the device: the current token and position
+    and the tokens generated so far are module buffers the step updates in place. A megakernel
+    compiled from it needs no inputs, so generating N tokens is N launches with no host work in
+    between (no sync, no copies): `for _ in range(n): mk.launch()`."""
+
+    def __init__(self, model: Llama, batch: int, max_new: int):
+        super().__init__()
+        self.model = model
+        device = next(model.parameters()).device
+        self.register_buffer("token", torch.zeros(batch, 1, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("pos", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("step", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("generated", torch.zeros(batch, max_new, dtype=torch.long, device=device),
+                             persistent=False)
+
+    def start(self, token: torch.Tensor, pos: int) -> None:
+        self.token.copy_(token)
+        self.pos.fill_(pos)
+        self.step.zero_()
+
+    def forward(self):
+        logits = self.model(self.token, self.pos)
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        self.generated[:, self.step] = nxt
+        self.token.copy_(nxt)
+        self.pos.add_(1)
+        self.step.add_(1)
+        return nxt
