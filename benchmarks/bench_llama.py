@@ -41,6 +41,38 @@ def rel(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def greedy_loop(model, ref, tok, args) -> dict:
+    """N greedy tokens as N back-to-back launches of one megakernel (state on the device), then
+    the same N tokens from eager: how many agree before the first difference (bf16 near-ties)."""
+    from examples.llama import GreedyLoop
+
+    loop = GreedyLoop(model, args.batch, args.loop)
+    mk = mkcompiler.compile(loop, ())
+    start = args.ctx + args.steps + 1 - args.loop if args.ctx + args.steps + 1 > args.loop else 0
+    start = min(start, model.c.max_seq_len - args.loop)
+    loop.start(tok, start)
+    mk.launch()  # warm-up (compiles); restart the loop state afterwards
+    mk.check()
+    loop.start(tok, start)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.loop):
+        mk.launch()  # no host work in between: no sync, no copies, no checks
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - t0) * 1e3 / args.loop
+    mk.check()
+    got = loop.generated.clone()
+    t, want = tok, []
+    for i in range(args.loop):
+        t = ref(t, torch.tensor([start + i], device=tok.device))[:, -1].argmax(-1, keepdim=True)
+        want.append(t)
+    want = torch.cat(want, dim=1)
+    agree = int((got == want).all(0).long().cumprod(0).sum().item())
+    say(f"greedy loop: {args.loop} tokens, {ms:.3f} ms/token ({1e3 / ms:.0f} tokens/s per sequence), "
+        f"{agree}/{args.loop} leading tokens equal to eager")
+    return dict(ms_per_token=ms, agree=agree, tokens=args.loop)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="llama-3.2-1b")
@@ -49,6 +81,7 @@ def main() -> None:
     p.add_argument("--prefill", type=int, default=0, help="also compile and check a prefill of this many tokens")
     p.add_argument("--steps", type=int, default=4, help="decode steps checked against eager")
     p.add_argument("--baselines", action="store_true", help="time torch.compile baselines too")
+    p.add_argument("--loop", type=int, default=0, help="generate this many tokens with GreedyLoop: launches only")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     dev = "cuda"
@@ -112,6 +145,8 @@ def main() -> None:
                     f(tok, pos)
                 rows[name] = triton.testing.do_bench(lambda f=f: f(tok, pos), warmup=20, rep=200, return_mode="median")
                 say(f"{name}: {rows[name]:.3f} ms")
+    if args.loop:
+        res["loop"] = greedy_loop(model, ref, tok, args)
     res.update(floor_ms=floor, bw=bw, ms=rows)
     print(f"\n{res['device']}: {args.model} batch {args.batch} ctx {args.ctx} bf16; {len(dec.queue)} instructions; "
           f"floor {floor:.3f} ms ({(weight_bytes + kv_bytes) / 1e9:.2f} GB at {bw / 1e9:.0f} GB/s)")

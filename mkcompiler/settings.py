@@ -17,10 +17,10 @@ class Settings:
     fp32_precision: str = "ieee"  # tl.dot precision for fp32 operands: "ieee" or "tf32"
     matmul_tile: tuple[int, int, int] | None = None  # (BM, BN, BK); default chosen per shape
     split_k: int | None = None  # K chunks per matmul; default: enough to give every worker a tile
-    elementwise_block: int = 1024  # elements per elementwise tile
+    elementwise_block: int | None = None  # elements per elementwise tile; default: by size (passes/tile.py)
     row_block: int = 4  # rows per tile for norms, reductions, softmax, embedding
     row_chunk: int = 1024  # columns per step of a row sweep (max)
-    num_warps: int = 4
+    num_warps: int = 8  # 4 spills registers once prefill-sized tiles and attention share the kernel
     num_stages: int = 2
     interpret: bool | None = None  # run in the Triton interpreter; default: when there is no GPU
     copy_outputs: bool = True  # return fresh tensors (not views of the megakernel's buffers)

@@ -45,7 +45,7 @@ PIPELINE = [
     ("eliminate_dead_ops", lambda c: setattr(c, "graph", eliminate_dead_ops(c.graph)), lambda c: check_single_writer_order(c.graph)),
     ("split_k", lambda c: setattr(c, "graph", split_k(c.graph, c.settings, c.num_workers)), lambda c: check_single_writer_order(c.graph)),
     ("fuse_elementwise", lambda c: setattr(c, "graph", fuse_elementwise(c.graph)), lambda c: check_single_writer_order(c.graph)),
-    ("choose_tiles", lambda c: setattr(c, "graph", choose_tiles(c.graph, c.settings)), None),
+    ("choose_tiles", lambda c: setattr(c, "graph", choose_tiles(c.graph, c.settings, c.num_workers)), None),
     ("build_dag", lambda c: setattr(c, "dag", build_dag(c.graph)), lambda c: check_dag(c.dag)),
     ("assign_counters", lambda c: setattr(c, "dag", assign_counters(c.dag)), lambda c: check_counters(c.dag)),
     ("schedule", lambda c: setattr(c, "schedule", list_schedule(c.dag, c.num_workers)), None),

@@ -15,7 +15,7 @@ def matmul_tile(m: int, n: int, k: int, settings: Settings) -> tuple[int, int, i
     if settings.matmul_tile is not None:
         return tuple(settings.matmul_tile)
     bm = min(64, max(16, next_pow2(m)))
-    bn = min(64, max(16, next_pow2(n)))
+    bn = min(128 if m > 64 else 64, max(16, next_pow2(n)))  # large M (prefill): fewer, wider tiles
     bk = min(64, max(16, next_pow2(k)))
     return (bm, bn, bk)
 
@@ -33,7 +33,18 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def choose_tiles(graph: Graph, settings: Settings) -> Graph:
+ELEMENTWISE_MAX_BLOCK = 4096  # beyond this the widest fused chains start to spill registers
+
+
+def elementwise_block(numel: int, settings: Settings, num_workers: int) -> int:
+    """Elements per tile: the setting if given, else about two tiles per worker, 1024..4096."""
+    if settings.elementwise_block is not None:
+        return min(settings.elementwise_block, max(16, next_pow2(numel)))
+    target = next_pow2(max(1, numel // (2 * num_workers)))
+    return min(max(16, next_pow2(numel)), min(ELEMENTWISE_MAX_BLOCK, max(1024, target)))
+
+
+def choose_tiles(graph: Graph, settings: Settings, num_workers: int = 1) -> Graph:
     for op in graph.ops:
         if op.kind == "matmul":
             a, b, _ = op.inputs
@@ -46,7 +57,7 @@ def choose_tiles(graph: Graph, settings: Settings) -> Graph:
         elif op.kind == "scatter":
             pass  # rows of the update (ops/scatter.py)
         elif op.kind == "elementwise":
-            op.attrs["block"] = min(settings.elementwise_block, max(16, next_pow2(op.outputs[0].numel)))
+            op.attrs["block"] = elementwise_block(op.outputs[0].numel, settings, num_workers)
         else:  # row ops: BR rows per tile, BC columns per sweep step
             row = op.inputs[0].shape[-1] if op.kind != "embedding" else op.inputs[0].shape[-1]
             op.attrs["tile"] = (settings.row_block, min(settings.row_chunk, max(16, next_pow2(row))))
