@@ -48,8 +48,7 @@ def greedy_loop(model, ref, tok, args) -> dict:
 
     loop = GreedyLoop(model, args.batch, args.loop)
     mk = mkcompiler.compile(loop, ())
-    start = args.ctx + args.steps + 1 - args.loop if args.ctx + args.steps + 1 > args.loop else 0
-    start = min(start, model.c.max_seq_len - args.loop)
+    start = args.ctx + args.steps  # the slots after the checked decode steps
     loop.start(tok, start)
     mk.launch()  # warm-up (compiles); restart the loop state afterwards
     mk.check()
@@ -85,7 +84,7 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     dev = "cuda"
-    max_seq = max(args.ctx + args.steps + 1, args.prefill + 1)
+    max_seq = max(args.ctx + args.steps + args.loop + 1, args.prefill + 1)
     model = random_llama(args.model, dtype=torch.bfloat16, device=dev, max_seq_len=max_seq, max_batch=args.batch)
     ref = copy.deepcopy(model)
     c = model.c
