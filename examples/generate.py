@@ -329,6 +329,8 @@ def main(argv=None, log=print) -> dict:
     )
     gen = torch.Generator().manual_seed(args.seed)
     if args.prompt_ids:
+        if not all(0 <= i < c.vocab_size for i in ids):
+            raise ValueError(f"--prompt-ids must lie in [0, {c.vocab_size})")
         prompt = torch.tensor(ids).expand(args.batch, -1).contiguous()
     else:
         prompt = torch.randint(0, c.vocab_size, (args.batch, args.prompt_len), generator=gen)

@@ -8,6 +8,7 @@ dynamic queue head are never reset between calls: targets scale with the launch 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import os
@@ -194,6 +195,10 @@ class Megakernel:
         if changed:
             self.addrs.copy_(self._addrs_host)
 
+    @functools.cached_property
+    def _written(self) -> list[tuple[int, int, str]]:
+        return self._written_ranges()  # buffers never move: computed once, not per call
+
     def _written_ranges(self) -> list[tuple[int, int, str]]:
         """[start, end) byte ranges of the memory the kernel writes: its intermediates and outputs,
         and model state updated in place (KV caches). An input there would change under the kernel."""
@@ -220,7 +225,7 @@ class Megakernel:
                         f"expected inputs in separate memory, got bytes [{lo:#x}, {hi:#x}) and "
                         f"[{spans[j][0]:#x}, {spans[j][1]:#x}); pass a .clone()"
                     )
-            for start, end, what in self._written_ranges():
+            for start, end, what in self._written:
                 if start < hi and lo < end:
                     raise InputError(
                         f"input {i} ({names[i]!r}) overlaps the megakernel's buffer {what!r}, which the kernel "

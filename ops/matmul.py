@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from mkcompiler.ir import View
-from mkcompiler.ops.base import OpFamily, aligned, bytes_cost, box_access, cdiv, tl_dtype, whole
+from mkcompiler.ops.base import ALIGN_BYTES, OpFamily, aligned, bytes_cost, box_access, cdiv, tl_dtype, whole
 from mkcompiler.ops.common import aligned_stride, arg, view_base, view_base_aligned, view_size, view_stride
 from mkcompiler.ops.registry import family, lowers
 
@@ -147,6 +147,10 @@ def lower_matmul(ctx, node, a, b):
     return out.reshape(tuple(a.shape[:-1]) + (b.shape[1],))
 
 
+def _stride_aligned(v: View, dim: int) -> bool:
+    return v.shape[dim] == 1 or (v.strides[dim] * v.dtype.itemsize) % ALIGN_BYTES == 0
+
+
 @family
 class Matmul(OpFamily):
     kind = "matmul"
@@ -156,8 +160,15 @@ class Matmul(OpFamily):
         a, b, bias = node.inputs
         c = node.outputs[0]
         dot, prec = node.attrs["dot"]
-        units = (a.strides[1] == 1, b.strides[0] == 1, b.strides[1] == 1 and b.strides[0] != 1, c.strides[-1] == 1)
-        units += (aligned(a), aligned(b), aligned(c) and self.splits(node) == 1)
+        a_k, b_k, b_n, c_n = a.strides[1] == 1, b.strides[0] == 1, b.strides[1] == 1 and b.strides[0] != 1, c.strides[-1] == 1
+        units = (a_k, b_k, b_n, c_n)
+        # X_ALIGNED makes the kernel take the stride of the dim beside a unit one as a multiple of
+        # 16 bytes. aligned() skips every stride-1 dim, so it must be checked here: a [M, 1] view
+        # with strides (1, 1) is "unit" along its size-1 dim and has an M stride of one element.
+        a_al = aligned(a) and (not a_k or _stride_aligned(a, 0))
+        b_al = aligned(b) and (not b_k or _stride_aligned(b, 1)) and (not b_n or _stride_aligned(b, 0))
+        c_al = aligned(c) and self.splits(node) == 1 and (not c_n or _stride_aligned(c, -2))
+        units += (a_al, b_al, c_al)
         units += (a.shape[1] % 8 == 0 and b.shape[1] % 8 == 0,)
         return (self.kind, a.dtype, b.dtype, bias.dtype if bias is not None else None, c.dtype, dot, prec,
                 node.attrs["tile"], units)

@@ -45,7 +45,7 @@ VM_EXAMPLES = int(os.environ.get("MKCOMPILER_FUZZ_VM", "300"))
 KERNEL_EXAMPLES = int(os.environ.get("MKCOMPILER_FUZZ_KERNEL", "25"))
 FLOOR = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 EAGER_FACTOR = 4.0
-MAX_NUMEL = 768  # per value: keeps the VM and the interpreter fast
+MAX_NUMEL = 1024  # per value: keeps the VM and the interpreter fast
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -226,7 +226,8 @@ class FuzzModel(torch.nn.Module):
 
 # ---- the generator ----
 
-dims = st.integers(1, 12)
+# Mostly small; sometimes past a 16-wide tile, so matmuls and rows split into several tiles.
+dims = st.integers(1, 12) | st.sampled_from([16, 17, 20, 33])
 
 
 def broadcastable(a: tuple, b: tuple) -> bool:
@@ -285,9 +286,9 @@ def a_step(draw, vals: list[Value], allow_casts: bool) -> Step:
         "slice",
         "cat",
     ]
-    if x.shape:
-        kinds += ["linear"] if len(x.shape) in (2, 3) else []
-        kinds += ["matmul_bt", "matmul_at"] if len(x.shape) == 2 else []
+    if x.shape:  # the matmul family twice over: few values have the rank it needs
+        kinds += ["linear"] * 2 if len(x.shape) in (2, 3) else []
+        kinds += ["matmul_bt", "matmul_at"] * 2 if len(x.shape) == 2 else []
         kinds += ["transpose"] if len(x.shape) >= 2 else []
     else:
         kinds = ["unary", "binary", "scalar", "param_binary"]
@@ -356,7 +357,7 @@ DTYPE_MODES = {
 
 
 @st.composite
-def programs(draw, mode: str = "mixed", max_steps: int = 6, max_numel: int = MAX_NUMEL):
+def programs(draw, mode: str = "mixed", max_steps: int = 8, max_numel: int = MAX_NUMEL):
     dtype, allow_casts = DTYPE_MODES[mode]
     first = draw(shapes())
     inputs = [Value(first, draw(dtype))]
@@ -364,7 +365,7 @@ def programs(draw, mode: str = "mixed", max_steps: int = 6, max_numel: int = MAX
         inputs.append(Value(draw(related_shape(first)) or first, draw(dtype)))
     vals = list(inputs)
     steps = []
-    for _ in range(draw(st.integers(1, max_steps))):
+    for _ in range(draw(st.integers(2, max_steps))):
         step = draw(a_step(vals, allow_casts))
         v = meta_value(step, vals)
         if math.prod(v.shape) > max_numel or 0 in v.shape:
@@ -383,7 +384,8 @@ compile_options = st.fixed_dictionaries(
     dict(
         num_workers=st.integers(1, 4),
         schedule=st.sampled_from(["dynamic", "static"]),
-        matmul_tile=st.just((16, 16, 16)),
+        matmul_tile=st.sampled_from([(16, 16, 16), (32, 16, 16), (16, 32, 32)]),
+        split_k=st.sampled_from([None, 1, 2]),
         elementwise_block=st.sampled_from([16, 32, 64]),
         row_block=st.sampled_from([1, 2, 4]),
         row_chunk=st.sampled_from([16, 1024]),  # 16: rows longer than 16 are swept in steps

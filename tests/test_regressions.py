@@ -46,3 +46,24 @@ def test_reduction_without_keepdim_waits_for_every_row(model, shape):
     waited only for the first row tile and read unwritten (NaN) rows.
     Fixed in ops/reduce.py RowFamily.regions (an output holds numel / rows elements per row)."""
     check(model, (torch.randn(*shape),))
+
+
+class AbsLinear(torch.nn.Module):
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(n_in, n_out, bias=False)
+
+    def forward(self, x):
+        return self.proj(torch.abs(x))
+
+
+@pytest.mark.parametrize(
+    "n_in, n_out, rows", [(1, 1, 2), (1, 4, 3), (4, 1, 3)], ids=["column_in_and_out", "column_in", "column_out"]
+)
+def test_matmul_of_column_views(n_in, n_out, rows):
+    """An [M, 1] operand or output has strides (1, 1): unit along its size-1 dim, so the kernel
+    took the M stride (one element) as a multiple of 16 bytes (aligned_stride rounded it to 0)
+    and every row read or wrote row 0. The VM was right; the kernel left rows unwritten.
+    Fixed in ops/matmul.py Matmul.key (alignment flags check the stride the kernel relies on)."""
+    torch.manual_seed(0)
+    check(AbsLinear(n_in, n_out), (torch.randn(rows, n_in),))
