@@ -47,12 +47,19 @@ SIGNATURE = {
 GPU_MAX_SPIN = 1 << 22  # runtime.Megakernel's default on a GPU
 
 
+def default_num_warps() -> int:
+    """What a megakernel launches with unless told otherwise (one definition: settings.py)."""
+    from mkcompiler.settings import Settings
+
+    return Settings().num_warps
+
+
 class OfflineCompileError(RuntimeError):
     pass
 
 
 def compile_sm90(
-    source: str, num_warps: int = 4, num_stages: int = 2, arch: int = 90, dynamic: bool = True, timeout: float = 600
+    source: str, num_warps: int | None = None, num_stages: int = 2, arch: int = 90, dynamic: bool = True, timeout: float = 600
 ) -> dict:
     """Compile megakernel source for sm_`arch` in a subprocess; return its resource report:
     regs (per thread), spill_stores / spill_loads / spilled_bytes (bytes per thread), shared
@@ -60,6 +67,7 @@ def compile_sm90(
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(source)
         path = f.name
+    num_warps = num_warps or default_num_warps()
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_ALWAYS_COMPILE="1")
     cmd = [
         sys.executable,
@@ -153,12 +161,13 @@ def _ptxas_spills(log: str) -> tuple[int, int]:
 
 def report_for(
     path: str,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     num_stages: int = 2,
     arch: int = 90,
     dynamic: bool = True,
     dump_dir: str | None = None,
 ) -> dict:
+    num_warps = num_warps or default_num_warps()
     kernel = _load_kernel(path)
     t0 = time.perf_counter()
     compiled, log = _compile(kernel, num_warps, num_stages, arch, dynamic)
@@ -191,7 +200,7 @@ def report_for(
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Compile a generated megakernel source file for sm_90 (no GPU needed).")
     p.add_argument("source", help="generated megakernel source (mk.source written to a file)")
-    p.add_argument("--num-warps", type=int, default=4)
+    p.add_argument("--num-warps", type=int, default=None, help="default: Settings().num_warps")
     p.add_argument("--num-stages", type=int, default=2)
     p.add_argument("--arch", type=int, default=90)
     sched = p.add_mutually_exclusive_group()

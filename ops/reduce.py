@@ -64,7 +64,7 @@ def argmax_rows(row_ptr, addrs_ptr, views_ptr, X_DT: tl.constexpr, Y_DT: tl.cons
         x = load_view(addrs_ptr, views_ptr, vx, rows[:, None] * C + cols[None, :], mask, X_DT, X_FLAT)
         x = tl.where(mask, x, float("-inf"))
         chunk_max = tl.max(x, axis=1)
-        chunk_arg = tl.argmax(x, axis=1, tie_break_left=True).to(tl.int32) + c0
+        chunk_arg = (tl.argmax(x, axis=1, tie_break_left=True) + c0).to(tl.int32)
         better = chunk_max > best  # strict: an earlier chunk keeps ties
         best_i = tl.where(better, chunk_arg, best_i)
         best = tl.where(better, chunk_max, best)
