@@ -26,6 +26,10 @@ def _default_interpret() -> None:
 
 
 _default_interpret()
+if _os.environ.get("TRITON_INTERPRET") == "1":
+    from mkcompiler import interp_patches as _interp_patches
+
+    _interp_patches.install()
 
 from mkcompiler.api import compile  # noqa: E402
 from mkcompiler.errors import InputError, MegakernelError, UnsupportedOpError  # noqa: E402
