@@ -81,12 +81,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="decode steps checked against eager")
     p.add_argument("--baselines", action="store_true", help="time torch.compile baselines too")
     p.add_argument("--loop", type=int, default=0, help="generate this many tokens with GreedyLoop: launches only")
+    p.add_argument("--fp32-ref", action="store_true",
+                   help="also compare mkcompiler and eager bf16 with an fp32 copy of the model (more memory)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     dev = "cuda"
     max_seq = max(args.ctx + args.steps + args.loop + 1, args.prefill + 1)
     model = random_llama(args.model, dtype=torch.bfloat16, device=dev, max_seq_len=max_seq, max_batch=args.batch)
     ref = copy.deepcopy(model)
+    ref32 = copy.deepcopy(model).float() if args.fp32_ref else None
     c = model.c
     res: dict = dict(device=torch.cuda.get_device_name(), args=vars(args))
     gen = torch.Generator(device=dev).manual_seed(1)
@@ -102,11 +105,13 @@ def main() -> None:
         res["prefill_eager_ms"] = triton.testing.do_bench(lambda: ref(toks, pos), warmup=5, rep=50, return_mode="median")
         say(f"prefill {args.prefill}: rel err {res['prefill_err']:.1e}, {res['prefill_ms']:.2f} ms (eager {res['prefill_eager_ms']:.2f} ms)")
     # Fill the caches up to ctx (same contents in both models), then check decode steps.
-    for layer, rlayer in zip(model.layers, ref.layers):
+    for i, (layer, rlayer) in enumerate(zip(model.layers, ref.layers)):
         for name in ("k_cache", "v_cache"):
             t = torch.randn_like(getattr(layer.attn, name)) * 0.5
             getattr(layer.attn, name).copy_(t)
             getattr(rlayer.attn, name).copy_(t)
+            if ref32 is not None:
+                getattr(ref32.layers[i].attn, name).copy_(t)
     tok = torch.randint(0, c.vocab_size, (args.batch, 1), device=dev, generator=gen)
     pos = torch.tensor([args.ctx], device=dev)
     t0 = time.perf_counter()
@@ -119,7 +124,12 @@ def main() -> None:
         pos = torch.tensor([args.ctx + i], device=dev)
         out, expect = dec(tok, pos), ref(tok, pos)
         errs.append(rel(out, expect))
-        say(f"decode step {i}: rel err {errs[-1]:.2e}")
+        extra = ""
+        if ref32 is not None:
+            truth = ref32(tok, pos)
+            res.setdefault("vs_fp32", []).append((rel(out, truth), rel(expect, truth)))
+            extra = f"; vs fp32 model: mkcompiler {rel(out, truth):.2e}, eager bf16 {rel(expect, truth):.2e}"
+        say(f"decode step {i}: rel err vs eager bf16 {errs[-1]:.2e}{extra}")
         tok = expect[:, -1].argmax(-1, keepdim=True)
     res["decode_errs"] = errs
     res["cache_err"] = max(rel(a.attn.k_cache, b.attn.k_cache) for a, b in zip(model.layers, ref.layers))
