@@ -279,38 +279,45 @@ class Elementwise(OpFamily):
             "@triton.jit",
             f"def {name}(row_ptr, addrs_ptr, views_ptr, BLOCK: tl.constexpr):",
             "    out_v = arg(row_ptr, 0)",
-            f"    lin = arg(row_ptr, {n + 1}) * BLOCK + tl.arange(0, BLOCK)",
+            f"    first = arg(row_ptr, {n + 1})",
             f"    n = {'aligned_stride(view_numel(views_ptr, out_v), 8)' if vec else 'view_numel(views_ptr, out_v)'}",
-            "    mask = lin < n",
+            f"    for blk in range(first, first + arg(row_ptr, {n + 2})):  # the tile's blocks",
+            "        lin = blk * BLOCK + tl.arange(0, BLOCK)",
+            "        mask = lin < n",
         ]
         for k, dt in enumerate(in_dtypes):
-            src.append(f"    x{k} = load_view(addrs_ptr, views_ptr, arg(row_ptr, {k + 1}), lin, mask, {tl_dtype(dt)}, {flat[k + 1]})")
-        src += [f"    {line}" for line in lines]
-        src.append(f"    store_view(addrs_ptr, views_ptr, out_v, lin, mask, {result}, {tl_dtype(out_dtype)}, {flat[0]})")
+            src.append(f"        x{k} = load_view(addrs_ptr, views_ptr, arg(row_ptr, {k + 1}), lin, mask, {tl_dtype(dt)}, {flat[k + 1]})")
+        src += [f"        {line}" for line in lines]
+        src.append(f"        store_view(addrs_ptr, views_ptr, out_v, lin, mask, {result}, {tl_dtype(out_dtype)}, {flat[0]})")
         return "\n".join(src) + "\n", f"{name}({{row}}, {{addrs}}, {{views}}, {block})"
 
     def tiles(self, node):
-        return [(b,) for b in range(cdiv(node.outputs[0].numel, node.attrs["block"]))]
+        """(first block, number of blocks): big tensors get several blocks per tile (passes/tile)."""
+        blocks = cdiv(node.outputs[0].numel, node.attrs["block"])
+        per = node.attrs.get("blocks_per_tile", 1)
+        return [(b, min(per, blocks - b)) for b in range(0, blocks, per)]
+
+    def span(self, node, coords) -> tuple[int, int]:
+        block = node.attrs["block"]
+        return coords[0] * block, min((coords[0] + coords[1]) * block, node.outputs[0].numel)
 
     def regions(self, node, coords):
-        block = node.attrs["block"]
-        lo, hi = coords[0] * block, (coords[0] + 1) * block
+        lo, hi = self.span(node, coords)
         reads = [linear_access(v, lo, hi) for v in node.inputs]
         return reads, [linear_access(node.outputs[0], lo, hi)]
 
     def cost(self, node, coords):
-        n = node.attrs["block"]
-        return bytes_cost(n * sum(v.dtype.itemsize for v in (*node.inputs, node.outputs[0])))
+        lo, hi = self.span(node, coords)
+        return bytes_cost((hi - lo) * sum(v.dtype.itemsize for v in (*node.inputs, node.outputs[0])))
 
     def describe(self, node, coords):
-        b = node.attrs["block"]
-        return f"{node.name}[{coords[0] * b}:+{b}]"
+        lo, hi = self.span(node, coords)
+        return f"{node.name}[{lo}:{hi}]"
 
     def reference(self, node, coords, tensor_of):
-        block = node.attrs["block"]
-        sl = slice(coords[0] * block, (coords[0] + 1) * block)
+        sl = slice(*self.span(node, coords))
         ins = [tensor_of(v).reshape(-1)[sl] for v in node.inputs]
         out = expr_torch(node.attrs["expr"], ins)
         dst = tensor_of(node.outputs[0])
-        idx = torch.unravel_index(torch.arange(sl.start, min(sl.stop, dst.numel())), dst.shape)
+        idx = torch.unravel_index(torch.arange(sl.start, sl.stop), dst.shape)
         dst[idx] = out.to(dst.dtype)

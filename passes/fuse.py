@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections import Counter
 
 from mkcompiler.ir import Graph, View, contiguous_strides
+from mkcompiler.layout import NUM_ARGS
 
-MAX_INPUTS = 8  # instruction args: output view + inputs + block index <= layout.NUM_ARGS
+MAX_INPUTS = NUM_ARGS - 3  # instruction args: output view, the inputs, first block, block count
 
 
 def _reindex(expr, mapping):

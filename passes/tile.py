@@ -58,6 +58,9 @@ def choose_tiles(graph: Graph, settings: Settings, num_workers: int = 1) -> Grap
             pass  # rows of the update (ops/scatter.py)
         elif op.kind == "elementwise":
             op.attrs["block"] = elementwise_block(op.outputs[0].numel, settings, num_workers)
+            if settings.elementwise_block is None:  # about one tile per worker for big tensors
+                blocks = -(-op.outputs[0].numel // op.attrs["block"])
+                op.attrs["blocks_per_tile"] = max(1, -(-blocks // num_workers))
         else:  # row ops: BR rows per tile, BC columns per sweep step
             row = op.inputs[0].shape[-1] if op.kind != "embedding" else op.inputs[0].shape[-1]
             op.attrs["tile"] = (settings.row_block, min(settings.row_chunk, max(16, next_pow2(row))))
