@@ -28,7 +28,9 @@ OPCODE = tl.constexpr({opcode})
 '''
 
 LOOP_HEAD = '''
-@triton.jit
+# The launch number changes every call: specialising on it (value 1, multiples of 16) would
+# recompile the whole megakernel at launches 1, 16, 32, ...
+@triton.jit(do_not_specialize=["generation", "n_instr"])
 def megakernel(instr_ptr, n_instr, waits_ptr, counters_ptr, head_ptr, err_ptr, addrs_ptr, views_ptr,
                order_ptr, worker_begin_ptr, generation, MAX_SPIN: tl.constexpr, DYNAMIC: tl.constexpr):
     """Each program is one worker: fetch an instruction, wait for its inputs, run its tile, signal."""
