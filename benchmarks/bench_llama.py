@@ -67,8 +67,10 @@ def greedy_loop(model, ref, tok, args) -> dict:
         want.append(t)
     want = torch.cat(want, dim=1)
     agree = int((got == want).all(0).long().cumprod(0).sum().item())
-    say(f"greedy loop: {args.loop} tokens, {ms:.3f} ms/token ({1e3 / ms:.0f} tokens/s per sequence), "
-        f"{agree}/{args.loop} leading tokens equal to eager")
+    say(
+        f"greedy loop: {args.loop} tokens, {ms:.3f} ms/token ({1e3 / ms:.0f} tokens/s per sequence), "
+        f"{agree}/{args.loop} leading tokens equal to eager"
+    )
     return dict(ms_per_token=ms, agree=agree, tokens=args.loop)
 
 
@@ -81,8 +83,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="decode steps checked against eager")
     p.add_argument("--baselines", action="store_true", help="time torch.compile baselines too")
     p.add_argument("--loop", type=int, default=0, help="generate this many tokens with GreedyLoop: launches only")
-    p.add_argument("--fp32-ref", action="store_true",
-                   help="also compare mkcompiler and eager bf16 with an fp32 copy of the model (more memory)")
+    p.add_argument(
+        "--fp32-ref",
+        action="store_true",
+        help="also compare mkcompiler and eager bf16 with an fp32 copy of the model (more memory)",
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args()
     dev = "cuda"
@@ -102,8 +107,12 @@ def main() -> None:
         say(f"prefill compiled in {res['prefill_compile_s']:.1f} s: {len(pre.queue)} instructions")
         res["prefill_err"] = rel(pre(toks, pos), ref(toks, pos))
         res["prefill_ms"] = triton.testing.do_bench(lambda: pre(toks, pos), warmup=5, rep=50, return_mode="median")
-        res["prefill_eager_ms"] = triton.testing.do_bench(lambda: ref(toks, pos), warmup=5, rep=50, return_mode="median")
-        say(f"prefill {args.prefill}: rel err {res['prefill_err']:.1e}, {res['prefill_ms']:.2f} ms (eager {res['prefill_eager_ms']:.2f} ms)")
+        res["prefill_eager_ms"] = triton.testing.do_bench(
+            lambda: ref(toks, pos), warmup=5, rep=50, return_mode="median"
+        )
+        say(
+            f"prefill {args.prefill}: rel err {res['prefill_err']:.1e}, {res['prefill_ms']:.2f} ms (eager {res['prefill_eager_ms']:.2f} ms)"
+        )
     # Fill the caches up to ctx (same contents in both models), then check decode steps.
     for i, (layer, rlayer) in enumerate(zip(model.layers, ref.layers)):
         for name in ("k_cache", "v_cache"):
@@ -143,11 +152,15 @@ def main() -> None:
         "mkcompiler kernel": triton.testing.do_bench(dec.launch, warmup=20, rep=200, return_mode="median"),
         "eager": triton.testing.do_bench(lambda: ref(tok, pos), warmup=5, rep=50, return_mode="median"),
     }
-    say(f"mkcompiler {rows['mkcompiler call']:.3f} ms/step (kernel {rows['mkcompiler kernel']:.3f}), eager {rows['eager']:.3f}")
+    say(
+        f"mkcompiler {rows['mkcompiler call']:.3f} ms/step (kernel {rows['mkcompiler kernel']:.3f}), eager {rows['eager']:.3f}"
+    )
     if args.baselines:
         with torch.no_grad():
-            for mode, name in (("max-autotune-no-cudagraphs", "torch.compile max-autotune (no graphs)"),
-                               ("max-autotune", "torch.compile max-autotune + CUDA graphs")):
+            for mode, name in (
+                ("max-autotune-no-cudagraphs", "torch.compile max-autotune (no graphs)"),
+                ("max-autotune", "torch.compile max-autotune + CUDA graphs"),
+            ):
                 torch._dynamo.reset()
                 f = torch.compile(ref, mode=mode, fullgraph=True)
                 for _ in range(3):
@@ -157,13 +170,19 @@ def main() -> None:
     if args.loop:
         res["loop"] = greedy_loop(model, ref, tok, args)
     res.update(floor_ms=floor, bw=bw, ms=rows)
-    print(f"\n{res['device']}: {args.model} batch {args.batch} ctx {args.ctx} bf16; {len(dec.queue)} instructions; "
-          f"floor {floor:.3f} ms ({(weight_bytes + kv_bytes) / 1e9:.2f} GB at {bw / 1e9:.0f} GB/s)")
-    print(f"decode rel err per step {', '.join(f'{e:.1e}' for e in errs)}; kv-cache rel err {res['cache_err']:.1e}; "
-          f"decode compile {res['decode_compile_s']:.1f} s")
+    print(
+        f"\n{res['device']}: {args.model} batch {args.batch} ctx {args.ctx} bf16; {len(dec.queue)} instructions; "
+        f"floor {floor:.3f} ms ({(weight_bytes + kv_bytes) / 1e9:.2f} GB at {bw / 1e9:.0f} GB/s)"
+    )
+    print(
+        f"decode rel err per step {', '.join(f'{e:.1e}' for e in errs)}; kv-cache rel err {res['cache_err']:.1e}; "
+        f"decode compile {res['decode_compile_s']:.1f} s"
+    )
     if args.prefill:
-        print(f"prefill {args.prefill}: rel err {res['prefill_err']:.1e}, {res['prefill_ms']:.2f} ms "
-              f"(eager {res['prefill_eager_ms']:.2f} ms), compile {res['prefill_compile_s']:.1f} s")
+        print(
+            f"prefill {args.prefill}: rel err {res['prefill_err']:.1e}, {res['prefill_ms']:.2f} ms "
+            f"(eager {res['prefill_eager_ms']:.2f} ms), compile {res['prefill_compile_s']:.1f} s"
+        )
     print(f"{'decode step':<44}{'ms':>9}{'% floor':>9}{'vs mk':>8}")
     for k, ms in rows.items():
         print(f"{k:<44}{ms:>9.3f}{100 * floor / ms:>8.1f}%{ms / rows['mkcompiler call']:>8.2f}")

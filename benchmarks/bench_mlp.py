@@ -18,8 +18,9 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-import mkcompiler  # noqa: E402
 from models import TransformerMLP  # noqa: E402
+
+import mkcompiler  # noqa: E402
 
 
 def copy_bandwidth() -> float:
@@ -66,9 +67,11 @@ def main() -> None:
                 c2(x)
             rows["torch.compile max-autotune + CUDA graphs"] = bench(lambda: c2(x))
     name = torch.cuda.get_device_name()
-    print(f"\n{name}: {args.layers} MLP blocks dim {args.dim} hidden {args.hidden} batch {args.batch} bf16; "
-          f"weights {weight_bytes / 1e6:.1f} MB, copy bandwidth {bw / 1e9:.0f} GB/s, floor {floor_ms:.4f} ms; "
-          f"mkcompiler rel err {err:.2e}; {mk}")
+    print(
+        f"\n{name}: {args.layers} MLP blocks dim {args.dim} hidden {args.hidden} batch {args.batch} bf16; "
+        f"weights {weight_bytes / 1e6:.1f} MB, copy bandwidth {bw / 1e9:.0f} GB/s, floor {floor_ms:.4f} ms; "
+        f"mkcompiler rel err {err:.2e}; {mk}"
+    )
     print(f"{'what':<44}{'ms':>9}{'x floor':>9}{'% floor':>9}{'vs mk':>8}")
     for k, ms in rows.items():
         print(f"{k:<44}{ms:>9.4f}{ms / floor_ms:>9.2f}{100 * floor_ms / ms:>8.1f}%{ms / rows['mkcompiler call']:>8.2f}")

@@ -148,8 +148,9 @@ class GreedyLoop(nn.Module):
         self.register_buffer("token", torch.zeros(batch, 1, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("pos", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("step", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
-        self.register_buffer("generated", torch.zeros(batch, max_new, dtype=torch.long, device=device),
-                             persistent=False)
+        self.register_buffer(
+            "generated", torch.zeros(batch, max_new, dtype=torch.long, device=device), persistent=False
+        )
 
     def start(self, token: torch.Tensor, pos: int) -> None:
         self.token.copy_(token)

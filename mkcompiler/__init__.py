@@ -1,8 +1,8 @@
 """mkcompiler: compile a PyTorch model into one persistent Triton megakernel.
 
-    mk = mkcompiler.compile(model, example_inputs)
-    out = mk(*inputs)          # same outputs as model(*inputs)
-    mk.source, mk.queue, mk.dag
+mk = mkcompiler.compile(model, example_inputs)
+out = mk(*inputs)          # same outputs as model(*inputs)
+mk.source, mk.queue, mk.dag
 """
 
 import os as _os
@@ -10,9 +10,7 @@ import os as _os
 # In a source checkout ops/ and passes/ sit beside this package; installed, they live
 # inside it (pyproject maps them to mkcompiler.ops / mkcompiler.passes).
 _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "ops")) and _os.path.isdir(
-    _os.path.join(_root, "ops")
-):
+if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "ops")) and _os.path.isdir(_os.path.join(_root, "ops")):
     __path__.append(_root)  # noqa: F821
 
 

@@ -16,7 +16,9 @@ INTERPRETER_WORKERS = 4
 
 
 def _device_of(model: torch.nn.Module, example_inputs) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()) + [x for x in example_inputs if isinstance(x, torch.Tensor)]:
+    for t in (
+        list(model.parameters()) + list(model.buffers()) + [x for x in example_inputs if isinstance(x, torch.Tensor)]
+    ):
         return t.device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -99,9 +99,14 @@ class LoweringContext:
         for x in inputs:
             if isinstance(x, Refused):
                 self.unsupported(node, x.what)
-        op = OpNode(kind, tuple(inputs), tuple(outputs), dict(attrs),
-                    name=node.name if node is not None else f"{kind}{len(self.graph.ops)}",
-                    source=user_source(node) if node is not None else "")
+        op = OpNode(
+            kind,
+            tuple(inputs),
+            tuple(outputs),
+            dict(attrs),
+            name=node.name if node is not None else f"{kind}{len(self.graph.ops)}",
+            source=user_source(node) if node is not None else "",
+        )
         self.graph.ops.append(op)
         return op
 
@@ -186,7 +191,9 @@ def capture(model: torch.nn.Module, example_inputs: tuple) -> Graph:
     state = {s.target for s in outputs if s.kind == OutputKind.BUFFER_MUTATION}
     refused = [s for s in outputs if s.kind not in (OutputKind.BUFFER_MUTATION, OutputKind.USER_OUTPUT)]
     if refused:
-        raise UnsupportedOpError(f"mkcompiler cannot compile a model that mutates {refused[0].target} ({refused[0].kind})")
+        raise UnsupportedOpError(
+            f"mkcompiler cannot compile a model that mutates {refused[0].target} ({refused[0].kind})"
+        )
     state_views: dict[str, View] = {}
     for spec in ep.graph_signature.input_specs:
         if spec.kind == InputKind.USER_INPUT:

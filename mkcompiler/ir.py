@@ -64,9 +64,7 @@ class View:
         return math.prod(self.shape)
 
     def is_contiguous(self) -> bool:
-        return all(
-            st == cs for sz, st, cs in zip(self.shape, self.strides, contiguous_strides(self.shape)) if sz != 1
-        )
+        return all(st == cs for sz, st, cs in zip(self.shape, self.strides, contiguous_strides(self.shape)) if sz != 1)
 
     def permute(self, dims) -> View:
         dims = [d % self.rank for d in dims]
@@ -95,7 +93,11 @@ class View:
 
     def unsqueeze(self, dim: int) -> View:
         dim %= self.rank + 1
-        return replace(self, shape=self.shape[:dim] + (1,) + self.shape[dim:], strides=self.strides[:dim] + (0,) + self.strides[dim:])
+        return replace(
+            self,
+            shape=self.shape[:dim] + (1,) + self.shape[dim:],
+            strides=self.strides[:dim] + (0,) + self.strides[dim:],
+        )
 
     def expand(self, shape: tuple[int, ...]) -> View:
         """Broadcast to `shape` (numpy rules): new leading dims and size-1 dims get stride 0."""

@@ -59,7 +59,12 @@ class OfflineCompileError(RuntimeError):
 
 
 def compile_sm90(
-    source: str, num_warps: int | None = None, num_stages: int = 2, arch: int = 90, dynamic: bool = True, timeout: float = 600
+    source: str,
+    num_warps: int | None = None,
+    num_stages: int = 2,
+    arch: int = 90,
+    dynamic: bool = True,
+    timeout: float = 600,
 ) -> dict:
     """Compile megakernel source for sm_`arch` in a subprocess; return its resource report:
     regs (per thread), spill_stores / spill_loads / spilled_bytes (bytes per thread), shared

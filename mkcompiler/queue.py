@@ -56,7 +56,7 @@ class Queue:
             sig = int(self.rows[i, Field.SIGNAL])
             lines.append(
                 f"{i:>6} {workers[i]:>6}  {self.opcode_name(i):<22} {self.descs[i]:<34} {waits:<26} "
-                f"{'c%d+1' % sig if sig >= 0 else '-'}"
+                + (f"c{sig}+1" if sig >= 0 else "-")
             )
         if n < len(self):
             lines.append(f"... {len(self) - n} more instructions")

@@ -21,8 +21,8 @@ import torch.utils._pytree as pytree
 
 from mkcompiler.errors import InputError, MegakernelError
 from mkcompiler.ir import BufferKind, View
-from mkcompiler.ops.base import ALIGN_BYTES
 from mkcompiler.layout import NUM_ERROR_FIELDS, ErrorField, Field
+from mkcompiler.ops.base import ALIGN_BYTES
 from mkcompiler.passes.verify import check_queue
 
 COUNTER_LIMIT = 2**31 - 1
@@ -202,8 +202,10 @@ class Megakernel:
     def _written_ranges(self) -> list[tuple[int, int, str]]:
         """[start, end) byte ranges of the memory the kernel writes: its intermediates and outputs,
         and model state updated in place (KV caches). An input there would change under the kernel."""
-        ranges = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), self.graph.buffers[bid].name)
-                  for bid, t in self.buffers.items()]
+        ranges = [
+            (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), self.graph.buffers[bid].name)
+            for bid, t in self.buffers.items()
+        ]
         for bid, t in self.graph.params.items():
             b = self.graph.buffers[bid]
             if b.kind == BufferKind.STATE:
@@ -241,13 +243,24 @@ class Megakernel:
         self.generation += 1
         kwargs = dict(MAX_SPIN=self.max_spin, DYNAMIC=self.settings.schedule == "dynamic")
         if not self.interpret:
-            kwargs.update(num_warps=self.settings.num_warps, num_stages=self.settings.num_stages,
-                          launch_cooperative_grid=True)
+            kwargs.update(
+                num_warps=self.settings.num_warps, num_stages=self.settings.num_stages, launch_cooperative_grid=True
+            )
         # The interpreter keeps global state (grid index, patched triton.language): one launch at a time.
         with INTERPRETER_LOCK if self.interpret else contextlib.nullcontext():
             self._kernel[(self.num_workers,)](
-                self.instr, len(self.queue), self.waits, self.counters, self.head, self.err, self.addrs,
-                self.views, self.order, self.worker_begin, self.generation, **kwargs,
+                self.instr,
+                len(self.queue),
+                self.waits,
+                self.counters,
+                self.head,
+                self.err,
+                self.addrs,
+                self.views,
+                self.order,
+                self.worker_begin,
+                self.generation,
+                **kwargs,
             )
 
     def check(self) -> None:

@@ -30,7 +30,9 @@ class Settings:
     def replace(self, **changes) -> Settings:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise TypeError(f"unknown mkcompiler options: {sorted(unknown)}; known: {[f.name for f in dataclasses.fields(self)]}")
+            raise TypeError(
+                f"unknown mkcompiler options: {sorted(unknown)}; known: {[f.name for f in dataclasses.fields(self)]}"
+            )
         s = dataclasses.replace(self, **changes)
         if s.schedule not in ("dynamic", "static"):
             raise ValueError(f"schedule must be 'dynamic' or 'static', not {s.schedule!r}")
@@ -39,4 +41,6 @@ class Settings:
         return s
 
     def key(self) -> tuple:
-        return tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in ("debug", "dump_dir"))
+        return tuple(
+            (f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in ("debug", "dump_dir")
+        )

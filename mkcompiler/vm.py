@@ -31,8 +31,16 @@ class VMResult:
     steps: int = 0
 
 
-def run_queue(queue: Queue, execute, *, dynamic: bool = True, seed: int = 0, choose=None,
-              counters: np.ndarray | None = None, generation: int = 1) -> VMResult:
+def run_queue(
+    queue: Queue,
+    execute,
+    *,
+    dynamic: bool = True,
+    seed: int = 0,
+    choose=None,
+    counters: np.ndarray | None = None,
+    generation: int = 1,
+) -> VMResult:
     """Run `queue`; `execute(i)` performs instruction i. `choose(candidates)` -> one of them
     (default: seeded random). Raises VMDeadlock if the workers get stuck."""
     rng = random.Random(seed)
@@ -92,8 +100,10 @@ def _deadlock_story(queue, stuck, counters, generation) -> str:
         if i is None:
             continue
         unmet = [(c, k * generation, int(counters[c])) for c, k in queue.waits_of(i) if counters[c] < k * generation]
-        lines.append(f"  worker {w} holds instruction {i} ({queue.descs[i]}) waiting on "
-                     + ", ".join(f"counter {c} = {v} < {t}" for c, t, v in unmet))
+        lines.append(
+            f"  worker {w} holds instruction {i} ({queue.descs[i]}) waiting on "
+            + ", ".join(f"counter {c} = {v} < {t}" for c, t, v in unmet)
+        )
     return "\n".join(lines)
 
 

@@ -14,20 +14,35 @@ import math
 import torch
 import triton
 import triton.language as tl
-
-from mkcompiler.ir import View
 from mkcompiler.ops.base import OpFamily, box_access, bytes_cost, cdiv, next_pow2, tl_dtype, whole
 from mkcompiler.ops.common import arg, view_base, view_size, view_stride
 from mkcompiler.ops.registry import family, lowers
+
+from mkcompiler.ir import View
 
 aten = torch.ops.aten
 
 
 @triton.jit
-def attention_tile(row_ptr, addrs_ptr, views_ptr, Q_DT: tl.constexpr, K_DT: tl.constexpr, V_DT: tl.constexpr,
-                   M_DT: tl.constexpr, O_DT: tl.constexpr, DOT_DT: tl.constexpr, HAS_MASK: tl.constexpr,
-                   MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr, SCALE: tl.constexpr, GROUP: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+def attention_tile(
+    row_ptr,
+    addrs_ptr,
+    views_ptr,
+    Q_DT: tl.constexpr,
+    K_DT: tl.constexpr,
+    V_DT: tl.constexpr,
+    M_DT: tl.constexpr,
+    O_DT: tl.constexpr,
+    DOT_DT: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    SCALE: tl.constexpr,
+    GROUP: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BD: tl.constexpr,
+):
     vq = arg(row_ptr, 0)
     vk = arg(row_ptr, 1)
     vv = arg(row_ptr, 2)
@@ -44,12 +59,27 @@ def attention_tile(row_ptr, addrs_ptr, views_ptr, Q_DT: tl.constexpr, K_DT: tl.c
     d = tl.arange(0, BD)
     row_ok = rows < Sq
     d_ok = d < D
-    q_ptr = view_base(addrs_ptr, views_ptr, vq, Q_DT) + b * view_stride(views_ptr, vq, 0) + h * view_stride(views_ptr, vq, 1)
-    q = tl.load(q_ptr + rows[:, None] * view_stride(views_ptr, vq, 2) + d[None, :] * view_stride(views_ptr, vq, 3),
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q_ptr = (
+        view_base(addrs_ptr, views_ptr, vq, Q_DT)
+        + b * view_stride(views_ptr, vq, 0)
+        + h * view_stride(views_ptr, vq, 1)
+    )
+    q = tl.load(
+        q_ptr + rows[:, None] * view_stride(views_ptr, vq, 2) + d[None, :] * view_stride(views_ptr, vq, 3),
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     q = (q.to(tl.float32) * SCALE).to(DOT_DT)
-    k_ptr = view_base(addrs_ptr, views_ptr, vk, K_DT) + b * view_stride(views_ptr, vk, 0) + hk * view_stride(views_ptr, vk, 1)
-    v_ptr = view_base(addrs_ptr, views_ptr, vv, V_DT) + b * view_stride(views_ptr, vv, 0) + hk * view_stride(views_ptr, vv, 1)
+    k_ptr = (
+        view_base(addrs_ptr, views_ptr, vk, K_DT)
+        + b * view_stride(views_ptr, vk, 0)
+        + hk * view_stride(views_ptr, vk, 1)
+    )
+    v_ptr = (
+        view_base(addrs_ptr, views_ptr, vv, V_DT)
+        + b * view_stride(views_ptr, vv, 0)
+        + hk * view_stride(views_ptr, vv, 1)
+    )
     sk2 = view_stride(views_ptr, vk, 2)
     sk3 = view_stride(views_ptr, vk, 3)
     sv2 = view_stride(views_ptr, vv, 2)
@@ -69,9 +99,16 @@ def attention_tile(row_ptr, addrs_ptr, views_ptr, Q_DT: tl.constexpr, K_DT: tl.c
         if CAUSAL:
             keep = keep & (cols[None, :] <= rows[:, None])
         if HAS_MASK:
-            m_ptr = view_base(addrs_ptr, views_ptr, vm, M_DT) + b * view_stride(views_ptr, vm, 0) + h * view_stride(views_ptr, vm, 1)
-            mval = tl.load(m_ptr + rows[:, None] * view_stride(views_ptr, vm, 2) + cols[None, :] * view_stride(views_ptr, vm, 3),
-                           mask=keep, other=0)
+            m_ptr = (
+                view_base(addrs_ptr, views_ptr, vm, M_DT)
+                + b * view_stride(views_ptr, vm, 0)
+                + h * view_stride(views_ptr, vm, 1)
+            )
+            mval = tl.load(
+                m_ptr + rows[:, None] * view_stride(views_ptr, vm, 2) + cols[None, :] * view_stride(views_ptr, vm, 3),
+                mask=keep,
+                other=0,
+            )
             if MASK_BOOL:
                 keep = keep & (mval != 0)
             else:
@@ -86,9 +123,16 @@ def attention_tile(row_ptr, addrs_ptr, views_ptr, Q_DT: tl.constexpr, K_DT: tl.c
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DT), v.to(DOT_DT), input_precision="ieee")
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    o_ptr = view_base(addrs_ptr, views_ptr, vo, O_DT) + b * view_stride(views_ptr, vo, 0) + h * view_stride(views_ptr, vo, 1)
-    tl.store(o_ptr + rows[:, None] * view_stride(views_ptr, vo, 2) + d[None, :] * view_stride(views_ptr, vo, 3),
-             out.to(O_DT), mask=row_ok[:, None] & d_ok[None, :])
+    o_ptr = (
+        view_base(addrs_ptr, views_ptr, vo, O_DT)
+        + b * view_stride(views_ptr, vo, 0)
+        + h * view_stride(views_ptr, vo, 1)
+    )
+    tl.store(
+        o_ptr + rows[:, None] * view_stride(views_ptr, vo, 2) + d[None, :] * view_stride(views_ptr, vo, 3),
+        out.to(O_DT),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
 
 
 def _as_4d(ctx, node, v: View, what: str) -> View:
@@ -115,8 +159,9 @@ def lower_sdpa(ctx, node, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=Fals
     b, h, sq, dv = q4.shape[0], q4.shape[1], q4.shape[2], v4.shape[3]
     out = ctx.graph.new_tensor(node.name, (b, sq, h, dv), node.meta["val"].dtype).permute((0, 2, 1, 3))
     scale = 1.0 / math.sqrt(q4.shape[3]) if scale is None else float(scale)
-    ctx.emit(node, "attention", (q4, k4, v4, attn_mask), (out,), scale=scale, causal=bool(is_causal),
-             group=hq // k4.shape[1])
+    ctx.emit(
+        node, "attention", (q4, k4, v4, attn_mask), (out,), scale=scale, causal=bool(is_causal), group=hq // k4.shape[1]
+    )
     return out.reshape(tuple(node.meta["val"].shape))
 
 
@@ -143,16 +188,30 @@ class Attention(OpFamily):
     def key(self, node):
         q, k, v, mask = node.inputs
         bm, bn = node.attrs["tile"]
-        return (self.kind, q.dtype, k.dtype, v.dtype, mask.dtype if mask is not None else None,
-                node.outputs[0].dtype, node.attrs["dot"], node.attrs["causal"], node.attrs["scale"],
-                node.attrs["group"], bm, bn, max(16, next_pow2(q.shape[3])))
+        return (
+            self.kind,
+            q.dtype,
+            k.dtype,
+            v.dtype,
+            mask.dtype if mask is not None else None,
+            node.outputs[0].dtype,
+            node.attrs["dot"],
+            node.attrs["causal"],
+            node.attrs["scale"],
+            node.attrs["group"],
+            bm,
+            bn,
+            max(16, next_pow2(q.shape[3])),
+        )
 
     def emit(self, key, name):
         _, qdt, kdt, vdt, mdt, odt, dot, causal, scale, group, bm, bn, bd = key
         mask_dt = tl_dtype(mdt) if mdt is not None else "tl.float32"
-        return "", (f"attention_tile({{row}}, {{addrs}}, {{views}}, {tl_dtype(qdt)}, {tl_dtype(kdt)}, {tl_dtype(vdt)}, "
-                    f"{mask_dt}, {tl_dtype(odt)}, {tl_dtype(dot)}, {mdt is not None}, {mdt == torch.bool}, "
-                    f"{causal}, {scale!r}, {group}, {bm}, {bn}, {bd})")
+        return "", (
+            f"attention_tile({{row}}, {{addrs}}, {{views}}, {tl_dtype(qdt)}, {tl_dtype(kdt)}, {tl_dtype(vdt)}, "
+            f"{mask_dt}, {tl_dtype(odt)}, {tl_dtype(dot)}, {mdt is not None}, {mdt == torch.bool}, "
+            f"{causal}, {scale!r}, {group}, {bm}, {bn}, {bd})"
+        )
 
     def view_args(self, node):
         return list(node.inputs) + list(node.outputs)
@@ -168,9 +227,11 @@ class Attention(OpFamily):
         bm = node.attrs["tile"][0]
         rows = (m * bm, min((m + 1) * bm, q.shape[2]))
         hk = h // node.attrs["group"]
-        reads = [box_access(q, ((b, b + 1), (h, h + 1), rows, (0, q.shape[3]))),
-                 box_access(k, ((b, b + 1), (hk, hk + 1), (0, k.shape[2]), (0, k.shape[3]))),
-                 box_access(v, ((b, b + 1), (hk, hk + 1), (0, v.shape[2]), (0, v.shape[3])))]
+        reads = [
+            box_access(q, ((b, b + 1), (h, h + 1), rows, (0, q.shape[3]))),
+            box_access(k, ((b, b + 1), (hk, hk + 1), (0, k.shape[2]), (0, k.shape[3]))),
+            box_access(v, ((b, b + 1), (hk, hk + 1), (0, v.shape[2]), (0, v.shape[3]))),
+        ]
         if mask is not None:
             reads.append(whole(mask))
         out = node.outputs[0]
@@ -179,8 +240,9 @@ class Attention(OpFamily):
     def cost(self, node, coords):
         q, k, v, _ = node.inputs
         bm = node.attrs["tile"][0]
-        return bytes_cost(k.shape[2] * k.shape[3] * (k.dtype.itemsize + v.dtype.itemsize),
-                          4.0 * bm * k.shape[2] * k.shape[3])
+        return bytes_cost(
+            k.shape[2] * k.shape[3] * (k.dtype.itemsize + v.dtype.itemsize), 4.0 * bm * k.shape[2] * k.shape[3]
+        )
 
     def describe(self, node, coords):
         bm = node.attrs["tile"][0]

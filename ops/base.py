@@ -93,7 +93,6 @@ def linear_access(view: View, start: int, end: int) -> Access:
     return Access(view.buffer, offsets_intervals(off))
 
 
-
 def row_access(view: View, r0: int, r1: int) -> Access:
     cols = view.shape[-1] if view.rank else 1
     return linear_access(view, r0 * cols, r1 * cols)

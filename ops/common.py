@@ -55,7 +55,12 @@ def view_stride(views_ptr, v, d: tl.constexpr):
 
 @triton.jit
 def view_numel(views_ptr, v):
-    return view_size(views_ptr, v, 0) * view_size(views_ptr, v, 1) * view_size(views_ptr, v, 2) * view_size(views_ptr, v, 3)
+    return (
+        view_size(views_ptr, v, 0)
+        * view_size(views_ptr, v, 1)
+        * view_size(views_ptr, v, 2)
+        * view_size(views_ptr, v, 3)
+    )
 
 
 @triton.jit

@@ -14,7 +14,6 @@ import math
 from dataclasses import replace
 
 import torch
-
 from mkcompiler.ops.base import OpFamily, bytes_cost, cdiv, flat_flags, linear_access, tl_dtype
 from mkcompiler.ops.registry import family, lowers
 
@@ -286,9 +285,13 @@ class Elementwise(OpFamily):
             "        mask = lin < n",
         ]
         for k, dt in enumerate(in_dtypes):
-            src.append(f"        x{k} = load_view(addrs_ptr, views_ptr, arg(row_ptr, {k + 1}), lin, mask, {tl_dtype(dt)}, {flat[k + 1]})")
+            src.append(
+                f"        x{k} = load_view(addrs_ptr, views_ptr, arg(row_ptr, {k + 1}), lin, mask, {tl_dtype(dt)}, {flat[k + 1]})"
+            )
         src += [f"        {line}" for line in lines]
-        src.append(f"        store_view(addrs_ptr, views_ptr, out_v, lin, mask, {result}, {tl_dtype(out_dtype)}, {flat[0]})")
+        src.append(
+            f"        store_view(addrs_ptr, views_ptr, out_v, lin, mask, {result}, {tl_dtype(out_dtype)}, {flat[0]})"
+        )
         return "\n".join(src) + "\n", f"{name}({{row}}, {{addrs}}, {{views}}, {block})"
 
     def tiles(self, node):

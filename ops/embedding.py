@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from mkcompiler.ops.base import bytes_cost, linear_access, row_access, tl_dtype, whole
 from mkcompiler.ops.common import arg, store_view, view_base, view_numel, view_offsets, view_size, view_stride
 from mkcompiler.ops.reduce import RowFamily
@@ -15,8 +14,17 @@ aten = torch.ops.aten
 
 
 @triton.jit
-def embedding_rows(row_ptr, addrs_ptr, views_ptr, W_DT: tl.constexpr, I_DT: tl.constexpr, Y_DT: tl.constexpr,
-                   BR: tl.constexpr, BC: tl.constexpr, Y_FLAT: tl.constexpr):
+def embedding_rows(
+    row_ptr,
+    addrs_ptr,
+    views_ptr,
+    W_DT: tl.constexpr,
+    I_DT: tl.constexpr,
+    Y_DT: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+    Y_FLAT: tl.constexpr,
+):
     vw = arg(row_ptr, 0)
     vi = arg(row_ptr, 1)
     vy = arg(row_ptr, 2)
@@ -35,8 +43,16 @@ def embedding_rows(row_ptr, addrs_ptr, views_ptr, W_DT: tl.constexpr, I_DT: tl.c
         cols = c0 + tl.arange(0, BC)
         col_ok = cols < C
         x = tl.load(w_ptr + idx[:, None] * sv + cols[None, :] * sc, mask=ok[:, None] & col_ok[None, :], other=0.0)
-        store_view(addrs_ptr, views_ptr, vy, rows[:, None] * C + cols[None, :], row_ok[:, None] & col_ok[None, :],
-                   x.to(tl.float32), Y_DT, Y_FLAT)
+        store_view(
+            addrs_ptr,
+            views_ptr,
+            vy,
+            rows[:, None] * C + cols[None, :],
+            row_ok[:, None] & col_ok[None, :],
+            x.to(tl.float32),
+            Y_DT,
+            Y_FLAT,
+        )
 
 
 @lowers(aten.embedding.default)
@@ -62,8 +78,10 @@ class Embedding(RowFamily):
 
     def emit(self, key, name):
         _, wdt, idt, ydt, (br, bc), y_flat = key
-        return "", (f"embedding_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(wdt)}, {tl_dtype(idt)}, {tl_dtype(ydt)}, "
-                    f"{br}, {bc}, {y_flat})")
+        return "", (
+            f"embedding_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(wdt)}, {tl_dtype(idt)}, {tl_dtype(ydt)}, "
+            f"{br}, {bc}, {y_flat})"
+        )
 
     def regions(self, node, coords):
         w, i = node.inputs

@@ -6,7 +6,6 @@ then lets the piece's producer write there directly)."""
 from __future__ import annotations
 
 import torch
-
 from mkcompiler.ops.registry import lowers
 
 aten = torch.ops.aten

@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from mkcompiler.ir import View
-from mkcompiler.ops.base import ALIGN_BYTES, OpFamily, aligned, bytes_cost, box_access, cdiv, tl_dtype, whole
+from mkcompiler.ops.base import ALIGN_BYTES, OpFamily, aligned, box_access, bytes_cost, cdiv, tl_dtype, whole
 from mkcompiler.ops.common import aligned_stride, arg, view_base, view_base_aligned, view_size, view_stride
 from mkcompiler.ops.registry import family, lowers
+
+from mkcompiler.ir import View
 
 aten = torch.ops.aten
 
@@ -104,9 +104,7 @@ def matmul_tile(
         c_ptr = view_base_aligned(addrs_ptr, views_ptr, vc, C_DT)
         if C_N_UNIT:
             scm = aligned_stride(scm, 128 // C_DT.primitive_bitwidth)
-    tl.store(
-        c_ptr + rm[:, None] * scm + rn[None, :] * scn, acc.to(C_DT), mask=(rm[:, None] < M) & (rn[None, :] < N)
-    )
+    tl.store(c_ptr + rm[:, None] * scm + rn[None, :] * scn, acc.to(C_DT), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 def _as_2d(ctx, v: View) -> View:
@@ -160,7 +158,12 @@ class Matmul(OpFamily):
         a, b, bias = node.inputs
         c = node.outputs[0]
         dot, prec = node.attrs["dot"]
-        a_k, b_k, b_n, c_n = a.strides[1] == 1, b.strides[0] == 1, b.strides[1] == 1 and b.strides[0] != 1, c.strides[-1] == 1
+        a_k, b_k, b_n, c_n = (
+            a.strides[1] == 1,
+            b.strides[0] == 1,
+            b.strides[1] == 1 and b.strides[0] != 1,
+            c.strides[-1] == 1,
+        )
         units = (a_k, b_k, b_n, c_n)
         # X_ALIGNED makes the kernel take the stride of the dim beside a unit one as a multiple of
         # 16 bytes. aligned() skips every stride-1 dim, so it must be checked here: a [M, 1] view
@@ -170,8 +173,17 @@ class Matmul(OpFamily):
         c_al = aligned(c) and self.splits(node) == 1 and (not c_n or _stride_aligned(c, -2))
         units += (a_al, b_al, c_al)
         units += (a.shape[1] % 8 == 0 and b.shape[1] % 8 == 0,)
-        return (self.kind, a.dtype, b.dtype, bias.dtype if bias is not None else None, c.dtype, dot, prec,
-                node.attrs["tile"], units)
+        return (
+            self.kind,
+            a.dtype,
+            b.dtype,
+            bias.dtype if bias is not None else None,
+            c.dtype,
+            dot,
+            prec,
+            node.attrs["tile"],
+            units,
+        )
 
     def emit(self, key, name):
         _, a, b, bias, c, dot, prec, (bm, bn, bk), units = key

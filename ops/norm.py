@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from mkcompiler.ops.base import row_flags, tl_dtype
 from mkcompiler.ops.common import aligned_stride, arg, load_view, store_view, view_numel, view_size
 from mkcompiler.ops.reduce import RowFamily
@@ -20,10 +19,25 @@ aten = torch.ops.aten
 
 
 @triton.jit
-def norm_rows(row_ptr, addrs_ptr, views_ptr, X_DT: tl.constexpr, W_DT: tl.constexpr, B_DT: tl.constexpr,
-              Y_DT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, RMS: tl.constexpr,
-              EPS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, X_FLAT: tl.constexpr,
-              W_FLAT: tl.constexpr, B_FLAT: tl.constexpr, Y_FLAT: tl.constexpr):
+def norm_rows(
+    row_ptr,
+    addrs_ptr,
+    views_ptr,
+    X_DT: tl.constexpr,
+    W_DT: tl.constexpr,
+    B_DT: tl.constexpr,
+    Y_DT: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    RMS: tl.constexpr,
+    EPS: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+    X_FLAT: tl.constexpr,
+    W_FLAT: tl.constexpr,
+    B_FLAT: tl.constexpr,
+    Y_FLAT: tl.constexpr,
+):
     vx = arg(row_ptr, 0)
     vw = arg(row_ptr, 1)
     vb = arg(row_ptr, 2)
@@ -39,7 +53,9 @@ def norm_rows(row_ptr, addrs_ptr, views_ptr, X_DT: tl.constexpr, W_DT: tl.conste
         for c0 in range(0, C, BC):
             cols = c0 + tl.arange(0, BC)
             mask = row_ok[:, None] & (cols[None, :] < C)
-            mean += tl.sum(load_view(addrs_ptr, views_ptr, vx, rows[:, None] * C + cols[None, :], mask, X_DT, X_FLAT), axis=1)
+            mean += tl.sum(
+                load_view(addrs_ptr, views_ptr, vx, rows[:, None] * C + cols[None, :], mask, X_DT, X_FLAT), axis=1
+            )
         mean = mean / C
     var = tl.zeros([BR], tl.float32)
     for c0 in range(0, C, BC):
@@ -112,9 +128,17 @@ class Norm(RowFamily):
 
     def key(self, node):
         x, w, b = node.inputs
-        return (self.kind, x.dtype, w.dtype if w is not None else None, b.dtype if b is not None else None,
-                node.outputs[0].dtype, node.attrs["rms"], node.attrs["eps"], node.attrs["tile"],
-                row_flags(x, w, b, node.outputs[0]))
+        return (
+            self.kind,
+            x.dtype,
+            w.dtype if w is not None else None,
+            b.dtype if b is not None else None,
+            node.outputs[0].dtype,
+            node.attrs["rms"],
+            node.attrs["eps"],
+            node.attrs["tile"],
+            row_flags(x, w, b, node.outputs[0]),
+        )
 
     def emit(self, key, name):
         _, xdt, wdt, bdt, ydt, rms, eps, (br, bc), flat = key

@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from mkcompiler.ops.base import OpFamily, bytes_cost, cdiv, flat_flags, linear_access, row_access, row_flags, tl_dtype
+from mkcompiler.ops.base import OpFamily, bytes_cost, cdiv, linear_access, row_access, row_flags, tl_dtype
 from mkcompiler.ops.common import aligned_stride, arg, load_view, store_view, view_numel, view_size
 from mkcompiler.ops.registry import family, lowers
 
@@ -19,8 +18,18 @@ MODES = {"sum": 0, "mean": 1, "amax": 2}
 
 
 @triton.jit
-def reduce_rows(row_ptr, addrs_ptr, views_ptr, X_DT: tl.constexpr, Y_DT: tl.constexpr, MODE: tl.constexpr,
-                BR: tl.constexpr, BC: tl.constexpr, X_FLAT: tl.constexpr, Y_FLAT: tl.constexpr):
+def reduce_rows(
+    row_ptr,
+    addrs_ptr,
+    views_ptr,
+    X_DT: tl.constexpr,
+    Y_DT: tl.constexpr,
+    MODE: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+    X_FLAT: tl.constexpr,
+    Y_FLAT: tl.constexpr,
+):
     vx = arg(row_ptr, 0)
     vy = arg(row_ptr, 1)
     C = view_size(views_ptr, vx, 3)
@@ -46,8 +55,17 @@ def reduce_rows(row_ptr, addrs_ptr, views_ptr, X_DT: tl.constexpr, Y_DT: tl.cons
 
 
 @triton.jit
-def argmax_rows(row_ptr, addrs_ptr, views_ptr, X_DT: tl.constexpr, Y_DT: tl.constexpr,
-                BR: tl.constexpr, BC: tl.constexpr, X_FLAT: tl.constexpr, Y_FLAT: tl.constexpr):
+def argmax_rows(
+    row_ptr,
+    addrs_ptr,
+    views_ptr,
+    X_DT: tl.constexpr,
+    Y_DT: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+    X_FLAT: tl.constexpr,
+    Y_FLAT: tl.constexpr,
+):
     """Index of the first maximum of each row (as torch.argmax)."""
     vx = arg(row_ptr, 0)
     vy = arg(row_ptr, 1)
@@ -72,8 +90,17 @@ def argmax_rows(row_ptr, addrs_ptr, views_ptr, X_DT: tl.constexpr, Y_DT: tl.cons
 
 
 @triton.jit
-def softmax_rows(row_ptr, addrs_ptr, views_ptr, X_DT: tl.constexpr, Y_DT: tl.constexpr,
-                 BR: tl.constexpr, BC: tl.constexpr, X_FLAT: tl.constexpr, Y_FLAT: tl.constexpr):
+def softmax_rows(
+    row_ptr,
+    addrs_ptr,
+    views_ptr,
+    X_DT: tl.constexpr,
+    Y_DT: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+    X_FLAT: tl.constexpr,
+    Y_FLAT: tl.constexpr,
+):
     vx = arg(row_ptr, 0)
     vy = arg(row_ptr, 1)
     C = view_size(views_ptr, vx, 3)
@@ -188,19 +215,29 @@ class Reduce(RowFamily):
     routines = ("reduce_rows",)
 
     def key(self, node):
-        return (self.kind, node.attrs["mode"], node.inputs[0].dtype, node.outputs[0].dtype, node.attrs["tile"],
-                row_flags(node.inputs[0], node.outputs[0]))
+        return (
+            self.kind,
+            node.attrs["mode"],
+            node.inputs[0].dtype,
+            node.outputs[0].dtype,
+            node.attrs["tile"],
+            row_flags(node.inputs[0], node.outputs[0]),
+        )
 
     def emit(self, key, name):
         _, mode, xdt, ydt, (br, bc), flat = key
-        return "", (f"reduce_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(xdt)}, {tl_dtype(ydt)}, {MODES[mode]}, {br}, "
-                    f"{bc}, {', '.join(map(str, flat))})")
+        return "", (
+            f"reduce_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(xdt)}, {tl_dtype(ydt)}, {MODES[mode]}, {br}, "
+            f"{bc}, {', '.join(map(str, flat))})"
+        )
 
     def reference(self, node, coords, tensor_of):
         r0, r1 = self.row_range(node, coords)
         x = tensor_of(node.inputs[0])
         x = x.reshape(-1, x.shape[-1])[r0:r1].double()
-        y = {"sum": lambda t: t.sum(-1), "mean": lambda t: t.mean(-1), "amax": lambda t: t.amax(-1)}[node.attrs["mode"]](x)
+        y = {"sum": lambda t: t.sum(-1), "mean": lambda t: t.mean(-1), "amax": lambda t: t.amax(-1)}[
+            node.attrs["mode"]
+        ](x)
         out = tensor_of(node.outputs[0])
         idx = torch.unravel_index(torch.arange(r0, r1), out.shape)
         out[idx] = y.to(out.dtype)
@@ -212,13 +249,20 @@ class Argmax(RowFamily):
     routines = ("argmax_rows",)
 
     def key(self, node):
-        return (self.kind, node.inputs[0].dtype, node.outputs[0].dtype, node.attrs["tile"],
-                row_flags(node.inputs[0], node.outputs[0]))
+        return (
+            self.kind,
+            node.inputs[0].dtype,
+            node.outputs[0].dtype,
+            node.attrs["tile"],
+            row_flags(node.inputs[0], node.outputs[0]),
+        )
 
     def emit(self, key, name):
         _, xdt, ydt, (br, bc), flat = key
-        return "", (f"argmax_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(xdt)}, {tl_dtype(ydt)}, {br}, {bc}, "
-                    f"{', '.join(map(str, flat))})")
+        return "", (
+            f"argmax_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(xdt)}, {tl_dtype(ydt)}, {br}, {bc}, "
+            f"{', '.join(map(str, flat))})"
+        )
 
     def reference(self, node, coords, tensor_of):
         r0, r1 = self.row_range(node, coords)
@@ -233,13 +277,20 @@ class Softmax(RowFamily):
     routines = ("softmax_rows",)
 
     def key(self, node):
-        return (self.kind, node.inputs[0].dtype, node.outputs[0].dtype, node.attrs["tile"],
-                row_flags(node.inputs[0], node.outputs[0]))
+        return (
+            self.kind,
+            node.inputs[0].dtype,
+            node.outputs[0].dtype,
+            node.attrs["tile"],
+            row_flags(node.inputs[0], node.outputs[0]),
+        )
 
     def emit(self, key, name):
         _, xdt, ydt, (br, bc), flat = key
-        return "", (f"softmax_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(xdt)}, {tl_dtype(ydt)}, {br}, {bc}, "
-                    f"{', '.join(map(str, flat))})")
+        return "", (
+            f"softmax_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(xdt)}, {tl_dtype(ydt)}, {br}, {bc}, "
+            f"{', '.join(map(str, flat))})"
+        )
 
     def reference(self, node, coords, tensor_of):
         r0, r1 = self.row_range(node, coords)

@@ -15,19 +15,28 @@ import math
 import torch
 import triton
 import triton.language as tl
-
-from mkcompiler.ir import View
-from mkcompiler.ops.base import OpFamily, bytes_cost, cdiv, flat_flags, linear_access, tl_dtype, whole
+from mkcompiler.ops.base import OpFamily, bytes_cost, flat_flags, linear_access, tl_dtype, whole
 from mkcompiler.ops.common import arg, load_view, view_base, view_numel, view_offsets, view_size, view_stride
 from mkcompiler.ops.registry import family, lowers
+
+from mkcompiler.ir import View
 
 aten = torch.ops.aten
 TILE_ELEMENTS = 4096  # elements of `values` per tile (whole rows)
 
 
 @triton.jit
-def scatter_rows(row_ptr, addrs_ptr, views_ptr, V_DT: tl.constexpr, I_DT: tl.constexpr, O_DT: tl.constexpr,
-                 DIM: tl.constexpr, BLOCK: tl.constexpr, V_FLAT: tl.constexpr):
+def scatter_rows(
+    row_ptr,
+    addrs_ptr,
+    views_ptr,
+    V_DT: tl.constexpr,
+    I_DT: tl.constexpr,
+    O_DT: tl.constexpr,
+    DIM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    V_FLAT: tl.constexpr,
+):
     vv = arg(row_ptr, 0)  # values, expanded to the update shape
     vi = arg(row_ptr, 1)  # 1-D index
     vo = arg(row_ptr, 2)  # base restricted to the update shape (dim DIM sized like the index)
@@ -118,13 +127,14 @@ class Scatter(OpFamily):
 
     def key(self, node):
         values, index, update, base = node.inputs
-        return (self.kind, values.dtype, index.dtype, base.dtype, self.padded_dim(node), 1024,
-                flat_flags(values)[0])
+        return (self.kind, values.dtype, index.dtype, base.dtype, self.padded_dim(node), 1024, flat_flags(values)[0])
 
     def emit(self, key, name):
         _, vdt, idt, odt, dim, block, v_flat = key
-        return "", (f"scatter_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(vdt)}, {tl_dtype(idt)}, {tl_dtype(odt)}, "
-                    f"{dim}, {block}, {v_flat})")
+        return "", (
+            f"scatter_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(vdt)}, {tl_dtype(idt)}, {tl_dtype(odt)}, "
+            f"{dim}, {block}, {v_flat})"
+        )
 
     def rows(self, node) -> tuple[int, int]:
         update = node.inputs[2]

@@ -13,10 +13,10 @@ from collections import defaultdict
 
 import networkx as nx
 import numpy as np
-
-from mkcompiler.ir import Graph
 from mkcompiler.ops.base import Intervals
 from mkcompiler.ops.registry import FAMILIES
+
+from mkcompiler.ir import Graph
 
 
 def overlaps(a: Intervals, b: Intervals) -> bool:
@@ -69,13 +69,16 @@ def build_dag(graph: Graph) -> nx.DiGraph:
         fam = FAMILIES[op.kind]
         for coords in fam.tiles(op):
             reads, writes = fam.regions(op, coords)
-            dag.add_node(task, op=op_index, coords=tuple(coords), cost=fam.cost(op, coords),
-                         desc=fam.describe(op, coords))
+            dag.add_node(
+                task, op=op_index, coords=tuple(coords), cost=fam.cost(op, coords), desc=fam.describe(op, coords)
+            )
             for acc in reads:
                 if acc.buffer in written:
                     dag.add_edges_from((w, task) for w in writers[acc.buffer].overlapping(acc.intervals))
             for acc in writes:
-                earlier = writers[acc.buffer].overlapping(acc.intervals) + readers[acc.buffer].overlapping(acc.intervals)
+                earlier = writers[acc.buffer].overlapping(acc.intervals) + readers[acc.buffer].overlapping(
+                    acc.intervals
+                )
                 dag.add_edges_from((w, task) for w in earlier if w != task)
             for acc in reads:
                 if acc.buffer in written:

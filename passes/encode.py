@@ -11,12 +11,12 @@ import re
 
 import networkx as nx
 import numpy as np
+from mkcompiler.ops.registry import FAMILIES
+from mkcompiler.passes.schedule import Schedule
 
 from mkcompiler.ir import Graph, View
 from mkcompiler.layout import MAX_RANK, NUM_ARGS, NUM_FIELDS, NUM_VIEW_FIELDS, NUM_WAIT_FIELDS, Field, ViewField
-from mkcompiler.ops.registry import FAMILIES
 from mkcompiler.queue import Queue
-from mkcompiler.passes.schedule import Schedule
 
 
 def opcode_name(key: tuple) -> str:

@@ -8,8 +8,6 @@ import time
 from dataclasses import dataclass, field
 
 import networkx as nx
-
-from mkcompiler.ir import Graph
 from mkcompiler.passes.cleanup import check_single_writer_order, eliminate_dead_ops
 from mkcompiler.passes.counters import assign_counters, check_counters
 from mkcompiler.passes.dependencies import build_dag, check_dag
@@ -19,6 +17,8 @@ from mkcompiler.passes.schedule import Schedule, list_schedule
 from mkcompiler.passes.split_k import split_k
 from mkcompiler.passes.tile import choose_tiles
 from mkcompiler.passes.verify import check_dynamic, check_static
+
+from mkcompiler.ir import Graph
 from mkcompiler.queue import Queue
 from mkcompiler.settings import Settings
 
@@ -42,9 +42,21 @@ def _verify(c: Compilation) -> None:
 
 # (name, step, invariant check or None)
 PIPELINE = [
-    ("eliminate_dead_ops", lambda c: setattr(c, "graph", eliminate_dead_ops(c.graph)), lambda c: check_single_writer_order(c.graph)),
-    ("split_k", lambda c: setattr(c, "graph", split_k(c.graph, c.settings, c.num_workers)), lambda c: check_single_writer_order(c.graph)),
-    ("fuse_elementwise", lambda c: setattr(c, "graph", fuse_elementwise(c.graph)), lambda c: check_single_writer_order(c.graph)),
+    (
+        "eliminate_dead_ops",
+        lambda c: setattr(c, "graph", eliminate_dead_ops(c.graph)),
+        lambda c: check_single_writer_order(c.graph),
+    ),
+    (
+        "split_k",
+        lambda c: setattr(c, "graph", split_k(c.graph, c.settings, c.num_workers)),
+        lambda c: check_single_writer_order(c.graph),
+    ),
+    (
+        "fuse_elementwise",
+        lambda c: setattr(c, "graph", fuse_elementwise(c.graph)),
+        lambda c: check_single_writer_order(c.graph),
+    ),
     ("choose_tiles", lambda c: setattr(c, "graph", choose_tiles(c.graph, c.settings, c.num_workers)), None),
     ("build_dag", lambda c: setattr(c, "dag", build_dag(c.graph)), lambda c: check_dag(c.dag)),
     ("assign_counters", lambda c: setattr(c, "dag", assign_counters(c.dag)), lambda c: check_counters(c.dag)),

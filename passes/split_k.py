@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-
-from mkcompiler.ir import Graph, OpNode, View
 from mkcompiler.ops.base import cdiv
 from mkcompiler.passes.tile import matmul_tile
+
+from mkcompiler.ir import Graph, OpNode, View
 from mkcompiler.settings import Settings
 
 MAX_SPLITS = 6  # the sum's inputs (S partials + bias) must fit an instruction (fuse.MAX_INPUTS)

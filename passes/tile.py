@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 import torch
+from mkcompiler.ops.base import next_pow2
 
 from mkcompiler.ir import Graph
-from mkcompiler.ops.base import next_pow2
 from mkcompiler.settings import Settings
 
 

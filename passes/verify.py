@@ -43,8 +43,7 @@ def check_static(dag: nx.DiGraph, worker_lists: list[list[int]]) -> None:
     except nx.NetworkXNoCycle:
         return
     raise MegakernelError(
-        "static schedule could deadlock: a cycle of waits through tasks "
-        + " -> ".join(str(u) for u, _ in cycle)
+        "static schedule could deadlock: a cycle of waits through tasks " + " -> ".join(str(u) for u, _ in cycle)
     )
 
 

@@ -326,3 +326,28 @@ def test_hf_llama_matches_example_llama(tmp_path):
         steps = [model(tokens[:, :30], torch.arange(30))]  # prefill, then decode token by token
         steps += [model(tokens[:, i : i + 1], torch.tensor([i])) for i in range(30, 40)]
     assert rel_err(torch.cat(steps, 1), expected) <= 1e-5
+
+
+def test_greedy_loop_generates_eager_tokens_with_launches_only():
+    """GreedyLoop keeps token, position and output on the device: N tokens are N launches with
+    nothing else in between, and (fp32) they are eager's greedy tokens."""
+
+    from examples.llama import GreedyLoop, random_llama
+
+    model = random_llama("tiny", dtype=torch.float32, seed=3)
+    ref = copy.deepcopy(model)
+    prompt = torch.randint(0, model.c.vocab_size, (1, 6))
+    pos = torch.arange(6)
+    prefill = mkcompiler.compile(model, (prompt, pos))
+    loop = GreedyLoop(model, 1, 10)
+    step = mkcompiler.compile(loop, ())
+    loop.start(prefill(prompt, pos)[:, -1].argmax(-1, keepdim=True), 6)
+    for _ in range(10):
+        step.launch()
+    step.check()
+    tok, want = ref(prompt, pos)[:, -1].argmax(-1, keepdim=True), []
+    for i in range(10):
+        tok = ref(tok, torch.tensor([6 + i]))[:, -1].argmax(-1, keepdim=True)
+        want.append(tok.item())
+    assert loop.generated[0].tolist() == want
+    assert loop.pos.item() == 16 and loop.step.item() == 10
