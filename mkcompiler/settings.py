@@ -16,6 +16,7 @@ class Settings:
     max_spin: int | None = None  # polls before a wait gives up; default 2**22 (GPU), 2000 (interpreter)
     fp32_precision: str = "ieee"  # tl.dot precision for fp32 operands: "ieee" or "tf32"
     matmul_tile: tuple[int, int, int] | None = None  # (BM, BN, BK); default chosen per shape
+    split_kv: int | None = None  # key chunks per decode attention; default: enough to give every worker a tile
     split_k: int | None = None  # K chunks per matmul; default: enough to give every worker a tile
     elementwise_block: int | None = None  # elements per elementwise tile; default: by size (passes/tile.py)
     row_block: int = 4  # rows per tile for norms, reductions, softmax, embedding

@@ -42,6 +42,7 @@ def attention_tile(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BD: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     vq = arg(row_ptr, 0)
     vk = arg(row_ptr, 1)
@@ -51,6 +52,8 @@ def attention_tile(
     b = arg(row_ptr, 5)
     h = arg(row_ptr, 6)
     mb = arg(row_ptr, 7)
+    part = arg(row_ptr, 8)  # split-KV: which chunk of the keys (0 without a split)
+    vml = arg(row_ptr, 9)  # split-KV: [P*B, H, Sq, 2] fp32 running max and sum per chunk
     hk = h // GROUP
     Sq = view_size(views_ptr, vq, 2)
     D = view_size(views_ptr, vq, 3)
@@ -87,10 +90,16 @@ def attention_tile(
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
+    kv_lo = 0
     kv_end = Skv
+    if SPLIT:
+        B = view_size(views_ptr, vq, 0)
+        chunk = tl.cdiv(tl.cdiv(Skv, view_size(views_ptr, vml, 0) // B), BN) * BN
+        kv_lo = part * chunk
+        kv_end = tl.minimum(Skv, kv_lo + chunk)
     if CAUSAL:
-        kv_end = tl.minimum(Skv, mb * BM + BM)
-    for n0 in range(0, kv_end, BN):
+        kv_end = tl.minimum(kv_end, mb * BM + BM)
+    for n0 in range(kv_lo, kv_end, BN):
         cols = n0 + tl.arange(0, BN)
         col_ok = cols < Skv
         k = tl.load(k_ptr + cols[None, :] * sk2 + d[:, None] * sk3, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
@@ -122,10 +131,23 @@ def attention_tile(
         v = tl.load(v_ptr + cols[:, None] * sv2 + d[None, :] * sv3, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DT), v.to(DOT_DT), input_precision="ieee")
         m_i = m_new
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if SPLIT:  # unnormalised partial; attention_combine merges the chunks
+        out = acc
+        ob = part * view_size(views_ptr, vq, 0) + b
+        ml_ptr = (
+            view_base(addrs_ptr, views_ptr, vml, tl.float32)
+            + ob * view_stride(views_ptr, vml, 0)
+            + h * view_stride(views_ptr, vml, 1)
+            + rows * view_stride(views_ptr, vml, 2)
+        )
+        tl.store(ml_ptr, m_i, mask=row_ok)
+        tl.store(ml_ptr + view_stride(views_ptr, vml, 3), l_i, mask=row_ok)
+    else:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        ob = b
     o_ptr = (
         view_base(addrs_ptr, views_ptr, vo, O_DT)
-        + b * view_stride(views_ptr, vo, 0)
+        + ob * view_stride(views_ptr, vo, 0)
         + h * view_stride(views_ptr, vo, 1)
     )
     tl.store(
@@ -133,6 +155,48 @@ def attention_tile(
         out.to(O_DT),
         mask=row_ok[:, None] & d_ok[None, :],
     )
+
+
+@triton.jit
+def attention_combine_rows(row_ptr, addrs_ptr, views_ptr, O_DT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
+    """out[b, h] = sum_p exp(m_p - M) acc_p / sum_p exp(m_p - M) l_p over the split-KV chunks."""
+    vpart = arg(row_ptr, 0)  # [P*B, H, Sq, D] fp32 unnormalised partial outputs
+    vml = arg(row_ptr, 1)  # [P*B, H, Sq, 2] fp32 (max, sum) per chunk
+    vo = arg(row_ptr, 2)  # [B, H, Sq, D]
+    b = arg(row_ptr, 3)
+    h = arg(row_ptr, 4)
+    B = view_size(views_ptr, vo, 0)
+    P = view_size(views_ptr, vml, 0) // B
+    Sq = view_size(views_ptr, vo, 2)
+    D = view_size(views_ptr, vo, 3)
+    rows = tl.arange(0, BM)
+    d = tl.arange(0, BD)
+    row_ok = rows < Sq
+    mask = row_ok[:, None] & (d[None, :] < D)
+    ml_base = view_base(addrs_ptr, views_ptr, vml, tl.float32) + h * view_stride(views_ptr, vml, 1)
+    p_base = view_base(addrs_ptr, views_ptr, vpart, tl.float32) + h * view_stride(views_ptr, vpart, 1)
+    big = tl.full([BM], float("-inf"), tl.float32)
+    for p in range(0, P):
+        ml = ml_base + (p * B + b) * view_stride(views_ptr, vml, 0) + rows * view_stride(views_ptr, vml, 2)
+        big = tl.maximum(big, tl.load(ml, mask=row_ok, other=float("-inf")))
+    big = tl.where(big == float("-inf"), 0.0, big)
+    acc = tl.zeros([BM, BD], tl.float32)
+    total = tl.zeros([BM], tl.float32)
+    for p in range(0, P):
+        ml = ml_base + (p * B + b) * view_stride(views_ptr, vml, 0) + rows * view_stride(views_ptr, vml, 2)
+        w = tl.exp(tl.load(ml, mask=row_ok, other=float("-inf")) - big)
+        total += w * tl.load(ml + view_stride(views_ptr, vml, 3), mask=row_ok, other=0.0)
+        part = p_base + (p * B + b) * view_stride(views_ptr, vpart, 0)
+        offs = rows[:, None] * view_stride(views_ptr, vpart, 2) + d[None, :] * view_stride(views_ptr, vpart, 3)
+        acc += w[:, None] * tl.load(part + offs, mask=mask, other=0.0)
+    out = acc / tl.where(total > 0, total, 1.0)[:, None]
+    o_ptr = (
+        view_base(addrs_ptr, views_ptr, vo, O_DT)
+        + b * view_stride(views_ptr, vo, 0)
+        + h * view_stride(views_ptr, vo, 1)
+    )
+    offs = rows[:, None] * view_stride(views_ptr, vo, 2) + d[None, :] * view_stride(views_ptr, vo, 3)
+    tl.store(o_ptr + offs, out.to(O_DT), mask=mask)
 
 
 def _as_4d(ctx, node, v: View, what: str) -> View:
@@ -179,11 +243,13 @@ def _ungroup(ctx, kv: View) -> View:
 
 @family
 class Attention(OpFamily):
+    """Outputs: (out,) or, split over the keys (passes/split_kv.py), (partials, max_and_sum)."""
+
     kind = "attention"
     routines = ("attention_tile",)
 
-    def tile_rows(self, node) -> int:
-        return node.attrs.get("tile", (16, 64))[0]
+    def splits(self, node) -> int:
+        return node.attrs.get("split", 1)
 
     def key(self, node):
         q, k, v, mask = node.inputs
@@ -202,72 +268,156 @@ class Attention(OpFamily):
             bm,
             bn,
             max(16, next_pow2(q.shape[3])),
+            self.splits(node) > 1,
         )
 
     def emit(self, key, name):
-        _, qdt, kdt, vdt, mdt, odt, dot, causal, scale, group, bm, bn, bd = key
+        _, qdt, kdt, vdt, mdt, odt, dot, causal, scale, group, bm, bn, bd, split = key
         mask_dt = tl_dtype(mdt) if mdt is not None else "tl.float32"
         return "", (
             f"attention_tile({{row}}, {{addrs}}, {{views}}, {tl_dtype(qdt)}, {tl_dtype(kdt)}, {tl_dtype(vdt)}, "
             f"{mask_dt}, {tl_dtype(odt)}, {tl_dtype(dot)}, {mdt is not None}, {mdt == torch.bool}, "
-            f"{causal}, {scale!r}, {group}, {bm}, {bn}, {bd})"
+            f"{causal}, {scale!r}, {group}, {bm}, {bn}, {bd}, {split})"
         )
 
     def view_args(self, node):
-        return list(node.inputs) + list(node.outputs)
+        """q, k, v, mask, out (or partials), then tile coords (b, h, m, chunk), then max_and_sum."""
+        return list(node.inputs) + [node.outputs[0]]
+
+    def instruction_tail(self, node):
+        return [node.outputs[1] if self.splits(node) > 1 else None]
 
     def tiles(self, node):
         q = node.inputs[0]
         bm = node.attrs["tile"][0]
-        return [(b, h, m) for b in range(q.shape[0]) for h in range(q.shape[1]) for m in range(cdiv(q.shape[2], bm))]
+        return [
+            (b, h, m, p)
+            for p in range(self.splits(node))
+            for b in range(q.shape[0])
+            for h in range(q.shape[1])
+            for m in range(cdiv(q.shape[2], bm))
+        ]
+
+    def kv_range(self, node, p: int) -> tuple[int, int]:
+        """Keys of chunk p; the kernel computes the same chunks."""
+        skv, bn = node.inputs[1].shape[2], node.attrs["tile"][1]
+        chunk = cdiv(cdiv(skv, self.splits(node)), bn) * bn
+        return min(skv, p * chunk), min(skv, (p + 1) * chunk)
 
     def regions(self, node, coords):
         q, k, v, mask = node.inputs
-        b, h, m = coords
+        b, h, m, p = coords
         bm = node.attrs["tile"][0]
         rows = (m * bm, min((m + 1) * bm, q.shape[2]))
         hk = h // node.attrs["group"]
+        keys = self.kv_range(node, p)
         reads = [
             box_access(q, ((b, b + 1), (h, h + 1), rows, (0, q.shape[3]))),
-            box_access(k, ((b, b + 1), (hk, hk + 1), (0, k.shape[2]), (0, k.shape[3]))),
-            box_access(v, ((b, b + 1), (hk, hk + 1), (0, v.shape[2]), (0, v.shape[3]))),
+            box_access(k, ((b, b + 1), (hk, hk + 1), keys, (0, k.shape[3]))),
+            box_access(v, ((b, b + 1), (hk, hk + 1), keys, (0, v.shape[3]))),
         ]
         if mask is not None:
             reads.append(whole(mask))
-        out = node.outputs[0]
-        return reads, [box_access(out, ((b, b + 1), (h, h + 1), rows, (0, out.shape[3])))]
+        ob = p * q.shape[0] + b
+        writes = [box_access(o, ((ob, ob + 1), (h, h + 1), rows, (0, o.shape[3]))) for o in node.outputs]
+        return reads, writes
 
     def cost(self, node, coords):
         q, k, v, _ = node.inputs
         bm = node.attrs["tile"][0]
+        lo, hi = self.kv_range(node, coords[3])
         return bytes_cost(
-            k.shape[2] * k.shape[3] * (k.dtype.itemsize + v.dtype.itemsize), 4.0 * bm * k.shape[2] * k.shape[3]
+            (hi - lo) * k.shape[3] * (k.dtype.itemsize + v.dtype.itemsize), 4.0 * bm * (hi - lo) * k.shape[3]
         )
 
     def describe(self, node, coords):
         bm = node.attrs["tile"][0]
-        return f"{node.name}[b{coords[0]} h{coords[1]} q{coords[2] * bm}:+{bm}]"
+        split = f" kv{self.kv_range(node, coords[3])[0]}:" if self.splits(node) > 1 else ""
+        return f"{node.name}[b{coords[0]} h{coords[1]} q{coords[2] * bm}:+{bm}{split}]"
 
     def reference(self, node, coords, tensor_of):
         q, k, v, mask = node.inputs
-        b, h, m = coords
+        b, h, m, p = coords
         bm = node.attrs["tile"][0]
         rs = slice(m * bm, (m + 1) * bm)
+        ks = slice(*self.kv_range(node, p))
         hk = h // node.attrs["group"]
         qq = tensor_of(q)[b, h, rs].double() * node.attrs["scale"]
-        kk = tensor_of(k)[b, hk].double()
-        vv = tensor_of(v)[b, hk].double()
-        s = qq @ kk.T
+        s = qq @ tensor_of(k)[b, hk, ks].double().T
         keep = torch.ones_like(s, dtype=torch.bool)
         if node.attrs["causal"]:
-            i = torch.arange(q.shape[2])[rs][:, None]
-            keep &= torch.arange(k.shape[2])[None, :] <= i
+            keep &= torch.arange(k.shape[2])[ks][None, :] <= torch.arange(q.shape[2])[rs][:, None]
         if mask is not None:
-            mv = tensor_of(mask)[b, h, rs]
+            mv = tensor_of(mask)[b, h, rs, ks]
             if mask.dtype == torch.bool:
                 keep &= mv
             else:
                 s = s + mv.double()
         s = s.masked_fill(~keep, float("-inf"))
-        p = torch.softmax(s, -1).nan_to_num(0.0)
-        tensor_of(node.outputs[0])[b, h, rs] = (p @ vv).to(node.outputs[0].dtype)
+        vv = tensor_of(v)[b, hk, ks].double()
+        if self.splits(node) == 1:
+            out = (torch.softmax(s, -1).nan_to_num(0.0) @ vv).to(node.outputs[0].dtype)
+            tensor_of(node.outputs[0])[b, h, rs] = out
+            return
+        # A chunk past the last key (or fully masked) leaves max -inf and sum 0, as the kernel does.
+        mx = s.amax(-1) if s.shape[-1] else torch.full(s.shape[:1], float("-inf"), dtype=s.dtype)
+        e = torch.exp(s - torch.where(mx == float("-inf"), 0.0, mx)[:, None])
+        ob = p * q.shape[0] + b
+        tensor_of(node.outputs[0])[ob, h, rs] = (e @ vv).float()
+        tensor_of(node.outputs[1])[ob, h, rs, 0] = mx.float()
+        tensor_of(node.outputs[1])[ob, h, rs, 1] = e.sum(-1).float()
+
+
+@family
+class AttentionCombine(OpFamily):
+    """Merges split-KV partials: inputs (partials, max_and_sum), output the attention output."""
+
+    kind = "attention_combine"
+    routines = ("attention_combine_rows",)
+
+    def key(self, node):
+        out = node.outputs[0]
+        return (self.kind, out.dtype, max(16, next_pow2(out.shape[2])), max(16, next_pow2(out.shape[3])))
+
+    def emit(self, key, name):
+        _, odt, bm, bd = key
+        return "", f"attention_combine_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(odt)}, {bm}, {bd})"
+
+    def tiles(self, node):
+        out = node.outputs[0]
+        return [(b, h) for b in range(out.shape[0]) for h in range(out.shape[1])]
+
+    def regions(self, node, coords):
+        part, ml = node.inputs
+        out = node.outputs[0]
+        b, h = coords
+        B = out.shape[0]
+        reads = [
+            box_access(t, ((p * B + b, p * B + b + 1), (h, h + 1), (0, t.shape[2]), (0, t.shape[3])))
+            for t in (part, ml)
+            for p in range(part.shape[0] // B)
+        ]
+        return reads, [box_access(out, ((b, b + 1), (h, h + 1), (0, out.shape[2]), (0, out.shape[3])))]
+
+    def cost(self, node, coords):
+        part = node.inputs[0]
+        return bytes_cost(part.numel * 4 / max(1, part.shape[1]))
+
+    def describe(self, node, coords):
+        return f"{node.name}[b{coords[0]} h{coords[1]}]"
+
+    def reference(self, node, coords, tensor_of):
+        part, ml = node.inputs
+        out = node.outputs[0]
+        b, h = coords
+        B = out.shape[0]
+        idx = [p * B + b for p in range(part.shape[0] // B)]
+        mx = tensor_of(ml)[idx, h, :, 0].double()
+        sm = tensor_of(ml)[idx, h, :, 1].double()
+        acc = tensor_of(part)[idx, h].double()
+        big = mx.amax(0)
+        big = torch.where(big == float("-inf"), 0.0, big)
+        w = torch.exp(mx - big)
+        total = (w * sm).sum(0)
+        res = (w[..., None] * acc).sum(0) / torch.where(total > 0, total, 1.0)[:, None]
+        tensor_of(out)[b, h] = res.to(out.dtype)

@@ -170,6 +170,10 @@ class OpFamily:
     def view_args(self, node: OpNode) -> list[View | None]:
         return list(node.inputs) + list(node.outputs)
 
+    def instruction_tail(self, node: OpNode) -> list[View | None]:
+        """Views whose ids follow the tile coordinates in the instruction (rarely needed)."""
+        return []
+
     def tiles(self, node: OpNode) -> list[tuple[int, ...]]:
         raise NotImplementedError
 

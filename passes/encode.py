@@ -71,8 +71,12 @@ def encode(graph: Graph, dag: nx.DiGraph, schedule: Schedule) -> Queue:
         key = fam.key(op)
         opcode = keys.setdefault(key, len(keys))
         if node["op"] not in op_views:
-            op_views[node["op"]] = [views.id(v) for v in fam.view_args(op)]
-        args = op_views[node["op"]] + list(node["coords"])
+            op_views[node["op"]] = (
+                [views.id(v) for v in fam.view_args(op)],
+                [views.id(v) for v in fam.instruction_tail(op)],
+            )
+        head, tail = op_views[node["op"]]
+        args = head + list(node["coords"]) + tail
         assert len(args) <= NUM_ARGS, f"{op.name}: {len(args)} instruction args > {NUM_ARGS}"
         rows[i, Field.OPCODE] = opcode
         rows[i, Field.ARG0 : Field.ARG0 + len(args)] = args

@@ -15,6 +15,7 @@ from mkcompiler.passes.encode import encode
 from mkcompiler.passes.fuse import fuse_elementwise
 from mkcompiler.passes.schedule import Schedule, list_schedule
 from mkcompiler.passes.split_k import split_k
+from mkcompiler.passes.split_kv import split_kv
 from mkcompiler.passes.tile import choose_tiles
 from mkcompiler.passes.verify import check_dynamic, check_static
 
@@ -58,6 +59,11 @@ PIPELINE = [
         lambda c: check_single_writer_order(c.graph),
     ),
     ("choose_tiles", lambda c: setattr(c, "graph", choose_tiles(c.graph, c.settings, c.num_workers)), None),
+    (
+        "split_kv",
+        lambda c: setattr(c, "graph", split_kv(c.graph, c.settings, c.num_workers)),
+        lambda c: check_single_writer_order(c.graph),
+    ),
     ("build_dag", lambda c: setattr(c, "dag", build_dag(c.graph)), lambda c: check_dag(c.dag)),
     ("assign_counters", lambda c: setattr(c, "dag", assign_counters(c.dag)), lambda c: check_counters(c.dag)),
     ("schedule", lambda c: setattr(c, "schedule", list_schedule(c.dag, c.num_workers)), None),

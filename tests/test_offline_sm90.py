@@ -66,7 +66,7 @@ def llama_sources() -> dict[str, str]:
     on-device greedy step (decode attention, KV-cache scatter, argmax, state write-backs)."""
     from examples.llama import GreedyLoop, random_llama
 
-    model = random_llama("tiny", dtype=torch.bfloat16, max_seq_len=160)
+    model = random_llama("tiny", dtype=torch.bfloat16, max_seq_len=1024)  # long enough for split-KV
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tile, "interpreting", lambda: False)
         tokens = torch.randint(0, 256, (1, 128))

@@ -1,0 +1,49 @@
+"""Split-KV for decode attention: too few (batch, head, query-block) tiles to occupy the
+workers and a long context. Each tile then covers one chunk of the keys and writes an
+unnormalised partial output plus its running max and sum (fp32); an attention_combine op
+merges the chunks (flash-decoding). Runs after choose_tiles (it needs the attention tile)."""
+
+from __future__ import annotations
+
+import torch
+
+from mkcompiler.ir import Graph, OpNode
+from mkcompiler.ops.base import cdiv
+from mkcompiler.settings import Settings
+
+MAX_SPLITS = 16
+MIN_KEYS_PER_SPLIT = 256  # shorter chunks cost more in merging than they save
+
+
+def choose_kv_splits(tiles: int, keys: int, settings: Settings, num_workers: int) -> int:
+    if settings.split_kv is not None:
+        return max(1, settings.split_kv)
+    if tiles >= num_workers:
+        return 1
+    return max(1, min(cdiv(num_workers, tiles), keys // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
+
+
+def split_kv(graph: Graph, settings: Settings, num_workers: int) -> Graph:
+    ops: list[OpNode] = []
+    for op in graph.ops:
+        ops.append(op)
+        if op.kind != "attention":
+            continue
+        q, k = op.inputs[0], op.inputs[1]
+        b, h, sq, d = q.shape[0], q.shape[1], q.shape[2], op.outputs[0].shape[3]
+        tiles = b * h * cdiv(sq, op.attrs["tile"][0])
+        p = choose_kv_splits(tiles, k.shape[2], settings, num_workers)
+        if p == 1:
+            continue
+        out = op.outputs[0]
+        partials = graph.new_tensor(f"{op.name}_partials", (p * b, h, sq, d), torch.float32)
+        max_and_sum = graph.new_tensor(f"{op.name}_max_sum", (p * b, h, sq, 2), torch.float32)
+        op.outputs = (partials, max_and_sum)
+        op.attrs["split"] = p
+        ops.append(
+            OpNode(
+                "attention_combine", (partials, max_and_sum), (out,), {}, name=f"{op.name}_combine", source=op.source
+            )
+        )
+    graph.ops = ops
+    return graph
