@@ -6,9 +6,9 @@ merges the chunks (flash-decoding). Runs after choose_tiles (it needs the attent
 from __future__ import annotations
 
 import torch
+from mkcompiler.ops.base import cdiv
 
 from mkcompiler.ir import Graph, OpNode
-from mkcompiler.ops.base import cdiv
 from mkcompiler.settings import Settings
 
 MAX_SPLITS = 16
