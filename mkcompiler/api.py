@@ -8,6 +8,8 @@ import torch
 
 from mkcompiler.capture import capture
 from mkcompiler.codegen import generate
+from mkcompiler.errors import UnsupportedOpError
+from mkcompiler.fallback import SegmentedModel, compile_with_fallback
 from mkcompiler.passes.pipeline import run_pipeline
 from mkcompiler.runtime import Megakernel, check_num_workers
 from mkcompiler.settings import Settings
@@ -23,10 +25,11 @@ def _device_of(model: torch.nn.Module, example_inputs) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def compile(model: torch.nn.Module, example_inputs, **options) -> Megakernel:
+def compile(model: torch.nn.Module, example_inputs, **options) -> Megakernel | SegmentedModel:
     """Compile `model` (called as model(*example_inputs)) into one persistent megakernel.
 
-    Options are the fields of `mkcompiler.Settings` (num_workers, schedule, ...)."""
+    Options are the fields of `mkcompiler.Settings` (num_workers, schedule, ...). With
+    fallback="eager", a model with ops mkcompiler cannot compile becomes a SegmentedModel."""
     settings = Settings().replace(**options)
     interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
     interpret = interpreting if settings.interpret is None else settings.interpret
@@ -48,6 +51,12 @@ def compile(model: torch.nn.Module, example_inputs, **options) -> Megakernel:
     else:
         num_workers = torch.cuda.get_device_properties(device).multi_processor_count
     check_num_workers(num_workers, device, interpret)  # before the (slow) capture
-    graph = capture(model, example_inputs)
+    try:
+        graph = capture(model, example_inputs)
+    except UnsupportedOpError:
+        if settings.fallback != "eager":
+            raise
+        # Megakernels for what compiles, eager PyTorch for the rest (a warning names what fell back).
+        return compile_with_fallback(model, example_inputs, options, compile)
     comp = run_pipeline(graph, settings, num_workers)
     return Megakernel(comp, generate(comp.queue), device, interpret)

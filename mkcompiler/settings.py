@@ -25,6 +25,7 @@ class Settings:
     num_stages: int = 2
     interpret: bool | None = None  # run in the Triton interpreter; default: when there is no GPU
     copy_outputs: bool = True  # return fresh tensors (not views of the megakernel's buffers)
+    fallback: str = "error"  # unsupported ops: "error" raises; "eager" runs them eagerly between megakernels
     debug: int = int(os.environ.get("MKCOMPILER_DEBUG", "0"))  # 1: check pass invariants; 2: print
     dump_dir: str | None = os.environ.get("MKCOMPILER_DUMP") or None
 
@@ -39,6 +40,8 @@ class Settings:
             raise ValueError(f"schedule must be 'dynamic' or 'static', not {s.schedule!r}")
         if s.fp32_precision not in ("ieee", "tf32"):
             raise ValueError(f"fp32_precision must be 'ieee' or 'tf32', not {s.fp32_precision!r}")
+        if s.fallback not in ("error", "eager"):
+            raise ValueError(f"fallback must be 'error' or 'eager', not {s.fallback!r}")
         return s
 
     def key(self) -> tuple:
