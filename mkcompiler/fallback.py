@@ -212,6 +212,7 @@ class _Segment:
     nodes: list[fx.Node] = field(default_factory=list)  # real and free nodes, in graph order
     inputs: list[fx.Node] = field(default_factory=list)  # placeholders and earlier segments' nodes
     outputs: list[fx.Node] = field(default_factory=list)  # what later segments or the model's output read
+    tail: list[fx.Node] = field(default_factory=list)  # views and parameters the model returns (last segment)
     runner: object = None  # the compiled Megakernel or the eager GraphModule
 
 
@@ -253,7 +254,8 @@ def _levels(gm: fx.GraphModule, kinds: dict, closure: _Closure) -> dict:
         deps = set(real)
         written = n.args[0] if _is_write(n) else None
         for r in roots:
-            deps |= {last_write[r]} if r in last_write else set()
+            if r in last_write:
+                deps.add(last_write[r])
             if r is written:
                 deps |= reads_since[r]
         kind = kinds[n]
@@ -294,9 +296,10 @@ def _plan(gm: fx.GraphModule, kinds: dict) -> list[_Segment]:
             segments.append(_Segment(kind, real))
     out = _output_node(gm.graph)
     tail = [a for a in out.all_input_nodes if a not in kinds and a.op != "placeholder"]
-    if tail:  # the model returns views (or parameters): one last eager segment makes them
-        segments.append(_Segment(EAGER, []))
-        segments[-1].outputs = tail
+    if tail:  # the model returns views (or parameters): the last segment, made eager, makes them
+        if not segments or segments[-1].kind != EAGER:
+            segments.append(_Segment(EAGER, []))
+        segments[-1].tail = tail
     _fill(segments, closure, out)
     return segments
 
@@ -306,16 +309,15 @@ def _fill(segments: list[_Segment], closure: _Closure, out: fx.Node) -> None:
     position = {n: i for i, n in enumerate(out.graph.nodes)}
     for seg in segments:
         members = set(seg.real)
-        for n in seg.real + seg.outputs:
+        for n in seg.real + seg.tail:
             members |= closure(n)[1]
-        members |= {n for n in seg.outputs if n.op != "get_attr"}
+        members |= {n for n in seg.tail if n.op != "get_attr"}
         seg.nodes = sorted(members, key=position.__getitem__)
         inputs = {a for n in seg.nodes for a in n.all_input_nodes if a not in members and a.op != "get_attr"}
         seg.inputs = sorted(inputs, key=position.__getitem__)
     needed = {a for a in out.all_input_nodes}
     for seg in reversed(segments):
-        if seg.real:
-            seg.outputs = [n for n in seg.real if n in needed]
+        seg.outputs = [n for n in seg.real if n in needed] + seg.tail
         needed |= set(seg.inputs)
 
 

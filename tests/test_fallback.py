@@ -213,13 +213,13 @@ def test_all_supported_model_is_one_megakernel_without_warning():
 
 
 def test_all_eager_model_has_no_megakernel_source():
-    model = Lambda(lambda x: torch.cumsum(x, dim=0))
+    model = Lambda(lambda x: torch.cumsum(x, dim=0).t())
     mk = compile_fallback(model, (torch.randn(R, D),), "cumsum")
-    assert kinds(mk) == [EAGER]
+    assert kinds(mk) == [EAGER]  # the returned view is made in the same (eager) segment
     with pytest.raises(AttributeError, match="no megakernel segment"):
         mk.source  # noqa: B018
     x = torch.randn(R, D)
-    torch.testing.assert_close(mk(x), torch.cumsum(x, dim=0))
+    torch.testing.assert_close(mk(x), torch.cumsum(x, dim=0).t())
 
 
 def test_model_state_is_updated_in_place_across_segments():
@@ -234,6 +234,29 @@ def test_model_state_is_updated_in_place_across_segments():
         x, pos = torch.randn(1, D), torch.tensor([step])
         out, ref = mk(x, pos), eager(x, pos)
         assert rel_err(model.cache, eager.cache) <= TOL[torch.float32]
+        assert rel_err(out, ref) <= TOL[torch.float32], step
+
+
+class ReadBeforeWrite(Cache):
+    """An eager op reads the cache's old value; the megakernel computes the new one: the write
+    must wait for the eager read (it lands in the eager segment, after it)."""
+
+    def forward(self, x, pos):
+        old = torch.cumsum(self.cache, dim=0)
+        self.cache.index_copy_(0, pos, torch.relu(self.proj(x)))
+        return self.out(old) + self.cache.sum()
+
+
+def test_state_read_by_an_eager_op_is_written_after_it():
+    model = ReadBeforeWrite()
+    model.cache.normal_()
+    eager = copy.deepcopy(model)
+    mk = compile_fallback(model, (torch.randn(1, D), torch.tensor([0])), "cumsum")
+    mk.poison()
+    for step in range(2):
+        x, pos = torch.randn(1, D), torch.tensor([step])
+        out, ref = mk(x, pos), eager(x, pos)
+        assert rel_err(model.cache, eager.cache) <= TOL[torch.float32], step
         assert rel_err(out, ref) <= TOL[torch.float32], step
 
 
