@@ -55,3 +55,30 @@ def test_broken_queue_raises_not_hangs(schedule):
     mk.upload_queue()
     out = mk(x)
     assert torch.allclose(out, model(x), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("schedule", ["dynamic", "static"])
+def test_corrupted_queue_raises_within_a_second_of_the_wait_bound(schedule):
+    """Issue 6 acceptance: with a small bound (2**14 polls, a few ms) the error reaches the host
+    in well under a second, and the very next call on the same Megakernel is correct."""
+    torch.manual_seed(0)
+    model = TransformerMLP(dim=256, hidden=512).cuda()
+    x = torch.randn(4, 256, device="cuda")
+    mk = mkcompiler.compile(model, (x,), schedule=schedule, max_spin=1 << 14)
+    mk(x)  # compiled and warm
+    good = mk.queue.rows.copy()
+    waited = {c for i in range(len(mk.queue)) for c, _ in mk.queue.waits_of(i)}
+    victim = next(i for i in range(len(mk.queue)) if mk.queue.rows[i, Field.SIGNAL] in waited)
+    mk.queue.rows[victim, Field.SIGNAL] = -1
+    mk.upload_queue(check=False)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with pytest.raises(mkcompiler.MegakernelError, match=f"instruction|counter"):
+        mk(x)
+    elapsed = time.perf_counter() - t0
+    print(f"\n{schedule}: MegakernelError after {elapsed * 1e3:.1f} ms (bound 2**14 polls)")
+    assert elapsed < 1.0
+    mk.queue.rows[:] = good
+    mk.upload_queue()
+    x = torch.randn(4, 256, device="cuda")
+    assert rel_err(mk(x), reference(model, [x])) <= 1e-4
