@@ -73,7 +73,7 @@ def test_corrupted_queue_raises_within_a_second_of_the_wait_bound(schedule):
     mk.upload_queue(check=False)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    with pytest.raises(mkcompiler.MegakernelError, match=f"instruction|counter"):
+    with pytest.raises(mkcompiler.MegakernelError, match="instruction|counter"):
         mk(x)
     elapsed = time.perf_counter() - t0
     print(f"\n{schedule}: MegakernelError after {elapsed * 1e3:.1f} ms (bound 2**14 polls)")
