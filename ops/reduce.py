@@ -243,26 +243,23 @@ class Reduce(RowFamily):
         out[idx] = y.to(out.dtype)
 
 
-@family
-class Argmax(RowFamily):
-    kind = "argmax"
-    routines = ("argmax_rows",)
+class OneInOneOut(RowFamily):
+    """A row op x -> y whose routine takes (X_DT, Y_DT, BR, BC, X_FLAT, Y_FLAT) only."""
 
     def key(self, node):
-        return (
-            self.kind,
-            node.inputs[0].dtype,
-            node.outputs[0].dtype,
-            node.attrs["tile"],
-            row_flags(node.inputs[0], node.outputs[0]),
-        )
+        x, y = node.inputs[0], node.outputs[0]
+        return (self.kind, x.dtype, y.dtype, node.attrs["tile"], row_flags(x, y))
 
     def emit(self, key, name):
         _, xdt, ydt, (br, bc), flat = key
-        return "", (
-            f"argmax_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(xdt)}, {tl_dtype(ydt)}, {br}, {bc}, "
-            f"{', '.join(map(str, flat))})"
-        )
+        args = f"{tl_dtype(xdt)}, {tl_dtype(ydt)}, {br}, {bc}, {', '.join(map(str, flat))}"
+        return "", f"{self.routines[0]}({{row}}, {{addrs}}, {{views}}, {args})"
+
+
+@family
+class Argmax(OneInOneOut):
+    kind = "argmax"
+    routines = ("argmax_rows",)
 
     def reference(self, node, coords, tensor_of):
         r0, r1 = self.row_range(node, coords)
@@ -272,25 +269,9 @@ class Argmax(RowFamily):
 
 
 @family
-class Softmax(RowFamily):
+class Softmax(OneInOneOut):
     kind = "softmax"
     routines = ("softmax_rows",)
-
-    def key(self, node):
-        return (
-            self.kind,
-            node.inputs[0].dtype,
-            node.outputs[0].dtype,
-            node.attrs["tile"],
-            row_flags(node.inputs[0], node.outputs[0]),
-        )
-
-    def emit(self, key, name):
-        _, xdt, ydt, (br, bc), flat = key
-        return "", (
-            f"softmax_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(xdt)}, {tl_dtype(ydt)}, {br}, {bc}, "
-            f"{', '.join(map(str, flat))})"
-        )
 
     def reference(self, node, coords, tensor_of):
         r0, r1 = self.row_range(node, coords)

@@ -2,6 +2,8 @@
 
 import torch
 
+from mkcompiler.demo import MLPBlock, TinyTransformerMLP  # noqa: F401  (MLPBlock re-exported)
+
 
 class ResidualMLP(torch.nn.Module):
     """3 Linear layers with residual connections and different activations."""
@@ -18,27 +20,8 @@ class ResidualMLP(torch.nn.Module):
         return x + self.fc3(h)
 
 
-class MLPBlock(torch.nn.Module):
-    """Pre-norm transformer MLP block: x + down(silu(gate(rmsnorm(x))) * up(rmsnorm(x)))."""
+class TransformerMLP(TinyTransformerMLP):
+    """The demo's pre-norm transformer MLP stack, with the tests' default sizes."""
 
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.norm = torch.nn.RMSNorm(dim, eps=1e-6)
-        self.gate = torch.nn.Linear(dim, hidden, bias=False)
-        self.up = torch.nn.Linear(dim, hidden, bias=False)
-        self.down = torch.nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x):
-        h = self.norm(x)
-        return x + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
-
-
-class TransformerMLP(torch.nn.Module):
     def __init__(self, dim: int = 32, hidden: int = 64, layers: int = 2):
-        super().__init__()
-        self.blocks = torch.nn.ModuleList(MLPBlock(dim, hidden) for _ in range(layers))
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return x
+        super().__init__(dim, hidden, layers)
