@@ -24,15 +24,8 @@ R, D, H = 5, 24, 40  # rows not a multiple of the tiles: masks matter
 
 
 @pytest.fixture(autouse=True)
-def _on_device(device):
-    """Seeded, and every tensor made where kernels run (the CPU under the interpreter)."""
-    torch.manual_seed(0)
-    if device == "cpu":
-        yield
-        return
-    torch.set_default_device(device)
-    yield
-    torch.set_default_device(None)
+def _on_device(on_device):
+    """Seeded, tensors made where kernels run (conftest.on_device)."""
 
 
 class Sandwich(nn.Module):

@@ -59,14 +59,8 @@ MODELS = {"residual_mlp": (ResidualMLP, (B * S, D)), "transformer_mlp": (transfo
 
 
 @pytest.fixture(autouse=True)
-def _on_device(device):
-    """Every tensor made on the device kernels run on (CPU under the interpreter)."""
-    if device == "cpu":
-        yield
-        return
-    torch.set_default_device(device)
-    yield
-    torch.set_default_device(None)
+def _on_device(on_device):
+    """Seeded, tensors made where kernels run (conftest.on_device)."""
 
 
 def make(name, dtype):

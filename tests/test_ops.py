@@ -47,15 +47,8 @@ def check(fn, inputs, dtype, tol=None):
 
 
 @pytest.fixture(autouse=True)
-def _on_device(device):
-    """Seeded, and every tensor made on the device kernels run on (CPU under the interpreter)."""
-    torch.manual_seed(0)
-    if device == "cpu":
-        yield
-        return
-    torch.set_default_device(device)
-    yield
-    torch.set_default_device(None)
+def _on_device(on_device):
+    """Seeded, tensors made where kernels run (conftest.on_device)."""
 
 
 # ---- matrix products ----
