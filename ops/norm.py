@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 from mkcompiler.ops.base import row_flags, tl_dtype
-from mkcompiler.ops.common import aligned_stride, arg, load_view, store_view, view_numel, view_size
-from mkcompiler.ops.reduce import RowFamily
+from mkcompiler.ops.common import arg, load_view, store_view
+from mkcompiler.ops.reduce import RowFamily, row_shape
 from mkcompiler.ops.registry import family, lowers
 
 aten = torch.ops.aten
@@ -42,10 +42,7 @@ def norm_rows(
     vw = arg(row_ptr, 1)
     vb = arg(row_ptr, 2)
     vy = arg(row_ptr, 3)
-    C = view_size(views_ptr, vx, 3)
-    if X_FLAT == 2:  # rows start 16-byte aligned (key: row_flags), so masks may assume it
-        C = aligned_stride(C, 128 // X_DT.primitive_bitwidth)
-    R = view_numel(views_ptr, vx) // C
+    C, R = row_shape(views_ptr, vx, X_DT, X_FLAT)
     rows = arg(row_ptr, 4) * BR + tl.arange(0, BR)
     row_ok = rows < R
     mean = tl.zeros([BR], tl.float32)

@@ -18,6 +18,17 @@ MODES = {"sum": 0, "mean": 1, "amax": 2}
 
 
 @triton.jit
+def row_shape(views_ptr, vx, X_DT: tl.constexpr, X_FLAT: tl.constexpr):
+    """(row length C, number of rows R) of a row op's input view (last dim = row). With
+    X_FLAT == 2 every row starts 16-byte aligned (key: base.row_flags), and C is written so
+    that Triton sees it: masks then stay uniform across 16-byte vectors."""
+    C = view_size(views_ptr, vx, 3)
+    if X_FLAT == 2:
+        C = aligned_stride(C, 128 // X_DT.primitive_bitwidth)
+    return C, view_numel(views_ptr, vx) // C
+
+
+@triton.jit
 def reduce_rows(
     row_ptr,
     addrs_ptr,
@@ -32,10 +43,7 @@ def reduce_rows(
 ):
     vx = arg(row_ptr, 0)
     vy = arg(row_ptr, 1)
-    C = view_size(views_ptr, vx, 3)
-    if X_FLAT == 2:  # rows start 16-byte aligned (key: row_flags), so masks may assume it
-        C = aligned_stride(C, 128 // X_DT.primitive_bitwidth)
-    R = view_numel(views_ptr, vx) // C
+    C, R = row_shape(views_ptr, vx, X_DT, X_FLAT)
     rows = arg(row_ptr, 2) * BR + tl.arange(0, BR)
     if MODE == 2:
         acc = tl.full([BR], float("-inf"), tl.float32)
@@ -69,10 +77,7 @@ def argmax_rows(
     """Index of the first maximum of each row (as torch.argmax)."""
     vx = arg(row_ptr, 0)
     vy = arg(row_ptr, 1)
-    C = view_size(views_ptr, vx, 3)
-    if X_FLAT == 2:  # rows start 16-byte aligned (key: row_flags), so masks may assume it
-        C = aligned_stride(C, 128 // X_DT.primitive_bitwidth)
-    R = view_numel(views_ptr, vx) // C
+    C, R = row_shape(views_ptr, vx, X_DT, X_FLAT)
     rows = arg(row_ptr, 2) * BR + tl.arange(0, BR)
     best = tl.full([BR], float("-inf"), tl.float32)
     best_i = tl.zeros([BR], tl.int32)
@@ -103,10 +108,7 @@ def softmax_rows(
 ):
     vx = arg(row_ptr, 0)
     vy = arg(row_ptr, 1)
-    C = view_size(views_ptr, vx, 3)
-    if X_FLAT == 2:  # rows start 16-byte aligned (key: row_flags), so masks may assume it
-        C = aligned_stride(C, 128 // X_DT.primitive_bitwidth)
-    R = view_numel(views_ptr, vx) // C
+    C, R = row_shape(views_ptr, vx, X_DT, X_FLAT)
     rows = arg(row_ptr, 2) * BR + tl.arange(0, BR)
     row_ok = rows < R
     m = tl.full([BR], float("-inf"), tl.float32)
