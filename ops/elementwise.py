@@ -171,10 +171,6 @@ def lower_bmm(ctx, node, a, b):
     return out
 
 
-def expr_key(expr) -> str:
-    return repr(expr)
-
-
 def _const_src(v: float) -> str:
     if math.isinf(v) or math.isnan(v):
         return f"float('{v}')"
@@ -257,7 +253,7 @@ class Elementwise(OpFamily):
     def key(self, node):
         return (
             self.kind,
-            expr_key(node.attrs["expr"]),
+            node.attrs["expr"],  # nested tuples of literals and dtypes: hashable as is
             tuple(v.dtype for v in node.inputs),
             node.outputs[0].dtype,
             node.attrs["block"],
@@ -269,9 +265,8 @@ class Elementwise(OpFamily):
         return joint_coalesce([node.outputs[0], *node.inputs])
 
     def emit(self, key, name):
-        _, expr_repr, in_dtypes, out_dtype, block, flat, numel_div = key
+        _, expr, in_dtypes, out_dtype, block, flat, numel_div = key
         vec = numel_div and all(f == 2 for f in flat)  # 16-byte accesses need uniform masks too
-        expr = eval(expr_repr, {"torch": torch})  # repr of nested tuples of literals and dtypes
         lines, result = expr_source(expr, len(in_dtypes))
         n = len(in_dtypes)
         src = [

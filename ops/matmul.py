@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from mkcompiler.ops.base import ALIGN_BYTES, OpFamily, aligned, box_access, bytes_cost, cdiv, tl_dtype, whole
+from mkcompiler.ops.base import ALIGN_BYTES, OpFamily, aligned, box_access, bytes_cost, cdiv, tl_dtype
 from mkcompiler.ops.common import aligned_stride, arg, view_base, view_base_aligned, view_size, view_stride
 from mkcompiler.ops.registry import family, lowers
 
@@ -249,6 +249,3 @@ class Matmul(OpFamily):
             acc = acc + tensor_of(bias)[cs].double()
         out = tensor_of(c)
         (out[s] if c.rank == 3 else out)[rs, cs] = acc.to(c.dtype)
-
-
-__all__ = ["matmul_tile", "whole"]

@@ -169,7 +169,6 @@ class Scatter(OpFamily):
         values, index, update, base = node.inputs
         dim = node.attrs["dim"]
         r0, r1 = coords
-        outer = update.shape[:dim]
         b = tensor_of(base).reshape(-1, *base.shape[dim:]) if base.is_contiguous() else None
         if b is None:
             raise NotImplementedError("VM scatter into a strided base")
@@ -180,4 +179,3 @@ class Scatter(OpFamily):
             for j, i in enumerate(idx.tolist()):
                 if 0 <= i < base.shape[dim]:
                     b[r, i] = v[r, j].to(b.dtype)
-        del outer

@@ -23,7 +23,7 @@ def opcode_name(key: tuple) -> str:
     """A readable, stable name for an opcode (the full key is in Queue.opcode_keys)."""
     kind = key[0]
     if kind == "elementwise":
-        names = re.findall(r"\('op', '(\w+)'", key[1])
+        names = re.findall(r"\('op', '(\w+)'", repr(key[1]))
         return "ew_" + "_".join(dict.fromkeys(reversed(names)))[:24]
     extras = {"reduce": lambda k: k[1], "norm": lambda k: "rms" if k[5] else "layer"}.get(kind)
     return f"{kind}_{extras(key)}" if extras else kind

@@ -62,6 +62,6 @@ def choose_tiles(graph: Graph, settings: Settings, num_workers: int = 1) -> Grap
                 blocks = -(-op.outputs[0].numel // op.attrs["block"])
                 op.attrs["blocks_per_tile"] = max(1, -(-blocks // num_workers))
         else:  # row ops: BR rows per tile, BC columns per sweep step
-            row = op.inputs[0].shape[-1] if op.kind != "embedding" else op.inputs[0].shape[-1]
+            row = op.inputs[0].shape[-1]  # embedding: inputs[0] is the weight, its rows are the output rows
             op.attrs["tile"] = (settings.row_block, min(settings.row_chunk, max(16, next_pow2(row))))
     return graph
