@@ -22,14 +22,8 @@ import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mkcompiler  # noqa: E402
+from benchmarks.bench_mlp import copy_bandwidth  # noqa: E402
 from examples.llama import random_llama  # noqa: E402
-
-
-def copy_bandwidth() -> float:
-    a = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=50, rep=200, return_mode="median")
-    return 2 * a.numel() / (ms * 1e-3)
 
 
 def say(*a) -> None:
