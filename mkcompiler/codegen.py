@@ -8,6 +8,7 @@ it imports only triton and mkcompiler.
 
 from __future__ import annotations
 
+from mkcompiler import profiling
 from mkcompiler.layout import NUM_FIELDS, Field
 from mkcompiler.ops.registry import FAMILIES
 from mkcompiler.queue import Queue
@@ -17,13 +18,18 @@ HEADER = """\
 import triton
 import triton.language as tl
 
-from mkcompiler.kernel_lib import aborted, signal, wait_all
+from mkcompiler.kernel_lib import aborted, now, signal, wait_all
 from mkcompiler.ops.common import aligned_stride, arg, load_view, store_view, view_numel
 {imports}
 
 # tl.constexpr(...) values: the compiler (unlike the interpreter) refuses plain int globals.
 NUM_FIELDS = tl.constexpr({num_fields})
 OPCODE = tl.constexpr({opcode})
+NUM_STAMPS = tl.constexpr({num_stamps})
+S_WORKER = tl.constexpr({s_worker})
+S_FETCH = tl.constexpr({s_fetch})
+S_READY = tl.constexpr({s_ready})
+S_END = tl.constexpr({s_end})
 
 """
 
@@ -32,8 +38,11 @@ LOOP_HEAD = '''
 # recompile the whole megakernel at launches 1, 16, 32, ...
 @triton.jit(do_not_specialize=["generation", "n_instr"])
 def megakernel(instr_ptr, n_instr, waits_ptr, counters_ptr, head_ptr, err_ptr, addrs_ptr, views_ptr,
-               order_ptr, worker_begin_ptr, generation, MAX_SPIN: tl.constexpr, DYNAMIC: tl.constexpr):
-    """Each program is one worker: fetch an instruction, wait for its inputs, run its tile, signal."""
+               order_ptr, worker_begin_ptr, generation, prof_ptr, MAX_SPIN: tl.constexpr, DYNAMIC: tl.constexpr,
+               PROFILE: tl.constexpr, LOGICAL_CLOCK: tl.constexpr):
+    """Each program is one worker: fetch an instruction, wait for its inputs, run its tile, signal.
+    PROFILE (a separate compile, only when asked) stamps (worker, fetch, ready, end) per
+    instruction into prof_ptr (profiling.py's columns); prof_ptr[-1] is the logical clock."""
     pid = tl.program_id(0)
     if DYNAMIC:
         # The head only grows: each launch takes n_instr + num_programs fetches from it.
@@ -49,9 +58,13 @@ def megakernel(instr_ptr, n_instr, waits_ptr, counters_ptr, head_ptr, err_ptr, a
         else:
             idx = tl.load(order_ptr + cursor)
         row = instr_ptr + idx * NUM_FIELDS
+        if PROFILE:
+            t_fetch = now(prof_ptr + n_instr * NUM_STAMPS, LOGICAL_CLOCK)
         if wait_all(row, idx, waits_ptr, counters_ptr, err_ptr, generation, MAX_SPIN) == 0:
             cursor = stop
         else:
+            if PROFILE:
+                t_ready = now(prof_ptr + n_instr * NUM_STAMPS, LOGICAL_CLOCK)
             tl.debug_barrier()
             op = tl.load(row + OPCODE)
 '''
@@ -59,6 +72,13 @@ def megakernel(instr_ptr, n_instr, waits_ptr, counters_ptr, head_ptr, err_ptr, a
 LOOP_TAIL = """\
             tl.debug_barrier()  # every thread's stores happen before the release below
             signal(row, counters_ptr)
+            if PROFILE:
+                t_end = now(prof_ptr + n_instr * NUM_STAMPS, LOGICAL_CLOCK)
+                stamp = prof_ptr + idx.to(tl.int64) * NUM_STAMPS
+                tl.store(stamp + S_WORKER, pid.to(tl.int64))
+                tl.store(stamp + S_FETCH, t_fetch)
+                tl.store(stamp + S_READY, t_ready)
+                tl.store(stamp + S_END, t_end)
             if DYNAMIC:
                 cursor = tl.atomic_add(head_ptr, 1) - base
             else:
@@ -89,5 +109,14 @@ def generate(queue: Queue) -> str:
             for r in FAMILIES[k[0]].routines
         }
     )
-    header = HEADER.format(num_fields=NUM_FIELDS, opcode=int(Field.OPCODE), imports="\n".join(imports))
+    header = HEADER.format(
+        num_fields=NUM_FIELDS,
+        opcode=int(Field.OPCODE),
+        num_stamps=profiling.NUM_STAMPS,
+        s_worker=profiling.WORKER,
+        s_fetch=profiling.FETCH,
+        s_ready=profiling.READY,
+        s_end=profiling.END,
+        imports="\n".join(imports),
+    )
     return header + "\n\n".join(routines) + LOOP_HEAD + "".join(branches) + LOOP_TAIL

@@ -25,6 +25,17 @@ E_WORKER: tl.constexpr = tl.constexpr(int(ErrorField.WORKER))
 
 
 @triton.jit
+def now(clock_ptr, LOGICAL: tl.constexpr):
+    """A profile stamp: %globaltimer in ns on the GPU; in the interpreter (no inline asm) a
+    shared tick counter, which orders events across workers but measures no duration."""
+    if LOGICAL:
+        t = tl.atomic_add(clock_ptr, 1).to(tl.int64)
+    else:
+        t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+    return t
+
+
+@triton.jit
 def aborted(err_ptr):
     """True once any worker has given up (every worker then stops)."""
     return tl.load(err_ptr + E_FLAG, volatile=True) != 0

@@ -41,8 +41,11 @@ SIGNATURE = {
     "order_ptr": "*i32",
     "worker_begin_ptr": "*i32",
     "generation": "i32",
+    "prof_ptr": "*i64",
     "MAX_SPIN": "constexpr",
     "DYNAMIC": "constexpr",
+    "PROFILE": "constexpr",
+    "LOGICAL_CLOCK": "constexpr",
 }
 GPU_MAX_SPIN = 1 << 22  # runtime.Megakernel's default on a GPU
 
@@ -65,6 +68,7 @@ def compile_sm90(
     arch: int = 90,
     dynamic: bool = True,
     timeout: float = 600,
+    profile: bool = False,
 ) -> dict:
     """Compile megakernel source for sm_`arch` in a subprocess; return its resource report:
     regs (per thread), spill_stores / spill_loads / spilled_bytes (bytes per thread), shared
@@ -84,6 +88,7 @@ def compile_sm90(
         f"--num-stages={num_stages}",
         f"--arch={arch}",
         "--dynamic" if dynamic else "--static",
+        *(["--profile"] if profile else []),
     ]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -119,7 +124,7 @@ def _load_kernel(path: str):
     return kernel
 
 
-def _compile(kernel, num_warps: int, num_stages: int, arch: int, dynamic: bool):
+def _compile(kernel, num_warps: int, num_stages: int, arch: int, dynamic: bool, profile: bool = False):
     """triton.compile for a CUDA target without a driver; returns (kernel, ptxas log)."""
     import triton
     from triton import knobs
@@ -127,7 +132,12 @@ def _compile(kernel, num_warps: int, num_stages: int, arch: int, dynamic: bool):
     from triton.compiler import ASTSource
 
     index = {name: i for i, name in enumerate(kernel.arg_names)}
-    constexprs = {(index["MAX_SPIN"],): GPU_MAX_SPIN, (index["DYNAMIC"],): dynamic}
+    constexprs = {
+        (index["MAX_SPIN"],): GPU_MAX_SPIN,
+        (index["DYNAMIC"],): dynamic,
+        (index["PROFILE"],): profile,
+        (index["LOGICAL_CLOCK"],): False,
+    }
     # The JIT marks 16-byte-aligned pointers divisible by 16; without it nothing is vectorized.
     attrs = {(index[n],): [["tt.divisibility", 16]] for n, t in SIGNATURE.items() if t.startswith("*")}
     src = ASTSource(fn=kernel, signature=dict(SIGNATURE), constexprs=constexprs, attrs=attrs)
@@ -171,11 +181,12 @@ def report_for(
     arch: int = 90,
     dynamic: bool = True,
     dump_dir: str | None = None,
+    profile: bool = False,
 ) -> dict:
     num_warps = num_warps or default_num_warps()
     kernel = _load_kernel(path)
     t0 = time.perf_counter()
-    compiled, log = _compile(kernel, num_warps, num_stages, arch, dynamic)
+    compiled, log = _compile(kernel, num_warps, num_stages, arch, dynamic, profile)
     seconds = time.perf_counter() - t0
     res = _res_usage(compiled.asm["cubin"])
     stores, loads = _ptxas_spills(log)
@@ -189,6 +200,7 @@ def report_for(
         "num_warps": num_warps,
         "num_stages": num_stages,
         "dynamic": dynamic,
+        "profile": profile,
         "regs": res["reg"],
         "spill_stores": stores,
         "spill_loads": loads,
@@ -211,6 +223,7 @@ def main(argv=None) -> None:
     sched = p.add_mutually_exclusive_group()
     sched.add_argument("--dynamic", dest="dynamic", action="store_true", default=True)
     sched.add_argument("--static", dest="dynamic", action="store_false")
+    p.add_argument("--profile", action="store_true", help="the profiling variant (per-instruction stamps)")
     p.add_argument("--dump", metavar="DIR", help="write ttir/ttgir/llir/ptx here")
     p.add_argument("--json", action="store_true", help="print the report as one JSON line")
     a = p.parse_args(argv)
@@ -221,7 +234,7 @@ def main(argv=None) -> None:
         env = dict(os.environ, TRITON_INTERPRET="0", TRITON_ALWAYS_COMPILE="1")
         args = sys.argv[1:] if argv is None else list(argv)
         os.execve(sys.executable, [sys.executable, "-m", "mkcompiler.offline", *args], env)
-    r = report_for(a.source, a.num_warps, a.num_stages, a.arch, a.dynamic, a.dump)
+    r = report_for(a.source, a.num_warps, a.num_stages, a.arch, a.dynamic, a.dump, a.profile)
     print(json.dumps(r) if a.json else format_report(r))
 
 

@@ -24,6 +24,7 @@ from mkcompiler.ir import BufferKind, View
 from mkcompiler.layout import NUM_ERROR_FIELDS, ErrorField, Field
 from mkcompiler.ops.base import ALIGN_BYTES
 from mkcompiler.passes.verify import check_queue
+from mkcompiler.profiling import NUM_STAMPS, Profile
 
 COUNTER_LIMIT = 2**31 - 1
 # Triton's interpreter is not thread-safe: a launch sets a global grid index and patches
@@ -235,13 +236,20 @@ class Megakernel:
                         "in memory of its own; pass a .clone()"
                     )
 
-    def launch(self) -> None:
+    def launch(self, prof: torch.Tensor | None = None) -> None:
+        """One launch of the kernel on the bound inputs (no checks: see __call__). With `prof`
+        (int64 [n * NUM_STAMPS + 1]), the profiling variant of the kernel stamps into it."""
         if (self.generation + 1) * self._max_count >= COUNTER_LIMIT or (
             (self.generation + 1) * (len(self.queue) + self.num_workers) >= COUNTER_LIMIT
         ):
             self.reset()
         self.generation += 1
-        kwargs = dict(MAX_SPIN=self.max_spin, DYNAMIC=self.settings.schedule == "dynamic")
+        kwargs = dict(
+            MAX_SPIN=self.max_spin,
+            DYNAMIC=self.settings.schedule == "dynamic",
+            PROFILE=prof is not None,
+            LOGICAL_CLOCK=self.interpret,
+        )
         if not self.interpret:
             kwargs.update(
                 num_warps=self.settings.num_warps, num_stages=self.settings.num_stages, launch_cooperative_grid=True
@@ -260,6 +268,7 @@ class Megakernel:
                 self.order,
                 self.worker_begin,
                 self.generation,
+                self.err if prof is None else prof,
                 **kwargs,
             )
 
@@ -277,6 +286,31 @@ class Megakernel:
             self.launch()
             self.check()
             return self.outputs()
+
+    def profile(self, *args, **kwargs) -> Profile:
+        """Run once with per-instruction stamps (a separately compiled variant of the kernel, so
+        normal calls carry no timing code). Returns a Profile (profiling.py): trace(), gantt(),
+        summary(). Outputs of this run are in `profile.outputs`."""
+        with self._lock:
+            self._bind(args, kwargs)
+            n = len(self.queue)
+            prof = torch.full((n * NUM_STAMPS + 1,), -1, dtype=torch.int64, device=self.device)
+            prof[-1] = 0  # the interpreter's logical clock
+            self.launch(prof)
+            self.check()
+            outputs = self.outputs()
+        stamps = prof[:-1].reshape(n, NUM_STAMPS).cpu().numpy()
+        name = "Triton interpreter (CPU)" if self.interpret else torch.cuda.get_device_name(self.device)
+        result = Profile(
+            self.queue,
+            stamps,
+            unit="tick" if self.interpret else "ns",
+            source="interpreter" if self.interpret else "gpu",
+            device_name=name,
+            compilation=self.compilation,
+        )
+        result.outputs = outputs
+        return result
 
     def tensor_of(self, v: View) -> torch.Tensor:
         """A strided tensor over the memory a view names (buffers, parameters or bound inputs)."""

@@ -1,0 +1,83 @@
+"""Profile one Llama decode step on the GPU: per-instruction stamps, saved for offline analysis.
+
+    python benchmarks/profile_decode.py --model llama-3.2-1b --batch 1 --ctx 512 --out DIR
+
+Writes DIR/stamps.npz (stamps, op names, opcode names, descs) and prints the time per op (busy
+= ready -> end, wait = fetch -> ready) and the step's span. Options after `--opt k=v` are passed
+to mkcompiler.compile (ints/bools parsed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import sys
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import mkcompiler  # noqa: E402
+from examples.llama import random_llama  # noqa: E402
+from mkcompiler.layout import Field  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="llama-3.2-1b")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--out", default=os.environ.get("OUT", "/tmp/mk_out"))
+    p.add_argument("--opt", action="append", default=[], help="compile option k=v")
+    args = p.parse_args()
+    opts = {}
+    for kv in args.opt:
+        k, v = kv.split("=", 1)
+        try:
+            opts[k] = ast.literal_eval(v)
+        except ValueError:
+            opts[k] = v
+    dev = "cuda"
+    model = random_llama(args.model, dtype=torch.bfloat16, device=dev, max_seq_len=args.ctx + 8, max_batch=args.batch)
+    tok = torch.randint(0, model.c.vocab_size, (args.batch, 1), device=dev)
+    pos = torch.tensor([args.ctx], device=dev)
+    t0 = time.perf_counter()
+    mk = mkcompiler.compile(model, (tok, pos), **opts)
+    print(f"compiled in {time.perf_counter() - t0:.1f} s, {len(mk.queue)} instructions", flush=True)
+    mk(tok, pos)
+    for _ in range(3):
+        prof = mk.profile(tok, pos)
+    s = prof.stamps.astype(np.int64)
+    q, dag, graph = mk.queue, mk.dag, mk.graph
+    op_names = [graph.ops[dag.nodes[int(q.rows[i, Field.TASK])]["op"]].name for i in range(len(q))]
+    kinds = [q.opcode_name(i) for i in range(len(q))]
+    os.makedirs(args.out, exist_ok=True)
+    np.savez_compressed(
+        os.path.join(args.out, "stamps.npz"),
+        stamps=s,
+        op_names=np.array(op_names),
+        kinds=np.array(kinds),
+        descs=np.array(q.descs),
+    )
+    t_begin, t_end = s[:, 1].min(), s[:, 3].max()
+    print(f"span {(t_end - t_begin) / 1e3:.1f} us over {len(q)} instructions")
+    busy, wait, count = defaultdict(float), defaultdict(float), defaultdict(int)
+    for i in range(len(q)):
+        key = op_names[i].rstrip("0123456789_") + " " + kinds[i].split("#")[0]
+        busy[key] += (s[i, 3] - s[i, 2]) / 1e3
+        wait[key] += (s[i, 2] - s[i, 1]) / 1e3
+        count[key] += 1
+    print(f"{'op':<48}{'n':>7}{'busy us':>10}{'mean us':>9}{'wait us':>10}")
+    for k in sorted(busy, key=busy.get, reverse=True):
+        print(f"{k:<48}{count[k]:>7}{busy[k]:>10.0f}{busy[k] / count[k]:>9.2f}{wait[k]:>10.0f}")
+    per_worker_busy = np.zeros(mk.num_workers)
+    np.add.at(per_worker_busy, s[:, 0], (s[:, 3] - s[:, 2]) / 1e3)
+    span = (t_end - t_begin) / 1e3
+    print(f"worker busy share: mean {per_worker_busy.mean() / span:.1%}, max {per_worker_busy.max() / span:.1%}")
+
+
+if __name__ == "__main__":
+    main()
