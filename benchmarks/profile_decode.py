@@ -10,6 +10,7 @@ to mkcompiler.compile (ints/bools parsed).
 from __future__ import annotations
 
 import argparse
+import re
 import ast
 import os
 import sys
@@ -18,6 +19,7 @@ from collections import defaultdict
 
 import numpy as np
 import torch
+import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mkcompiler  # noqa: E402
@@ -31,6 +33,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/mk_out"))
+    p.add_argument("--tag", default="", help="suffix of the stamps file")
     p.add_argument("--opt", action="append", default=[], help="compile option k=v")
     args = p.parse_args()
     opts = {}
@@ -56,7 +59,7 @@ def main() -> None:
     kinds = [q.opcode_name(i) for i in range(len(q))]
     os.makedirs(args.out, exist_ok=True)
     np.savez_compressed(
-        os.path.join(args.out, "stamps.npz"),
+        os.path.join(args.out, f"stamps{args.tag}.npz"),
         stamps=s,
         op_names=np.array(op_names),
         kinds=np.array(kinds),
@@ -66,17 +69,20 @@ def main() -> None:
     print(f"span {(t_end - t_begin) / 1e3:.1f} us over {len(q)} instructions")
     busy, wait, count = defaultdict(float), defaultdict(float), defaultdict(int)
     for i in range(len(q)):
-        key = op_names[i].rstrip("0123456789_") + " " + kinds[i].split("#")[0]
+        key = re.sub(r"_\d+", "", op_names[i]) + " " + kinds[i].split("#")[0]
         busy[key] += (s[i, 3] - s[i, 2]) / 1e3
         wait[key] += (s[i, 2] - s[i, 1]) / 1e3
         count[key] += 1
     print(f"{'op':<48}{'n':>7}{'busy us':>10}{'mean us':>9}{'wait us':>10}")
-    for k in sorted(busy, key=busy.get, reverse=True):
+    for k in sorted(busy, key=busy.get, reverse=True)[:16]:
         print(f"{k:<48}{count[k]:>7}{busy[k]:>10.0f}{busy[k] / count[k]:>9.2f}{wait[k]:>10.0f}")
     per_worker_busy = np.zeros(mk.num_workers)
     np.add.at(per_worker_busy, s[:, 0], (s[:, 3] - s[:, 2]) / 1e3)
     span = (t_end - t_begin) / 1e3
     print(f"worker busy share: mean {per_worker_busy.mean() / span:.1%}, max {per_worker_busy.max() / span:.1%}")
+    kernel = triton.testing.do_bench(mk.launch, warmup=20, rep=200, return_mode="median")
+    call = triton.testing.do_bench(lambda: mk(tok, pos), warmup=20, rep=200, return_mode="median")
+    print(f"RESULT {opts}: kernel {kernel:.3f} ms, call {call:.3f} ms, profiled span {span / 1e3:.3f} ms")
 
 
 if __name__ == "__main__":

@@ -39,10 +39,11 @@ LOOP_HEAD = '''
 @triton.jit(do_not_specialize=["generation", "n_instr"])
 def megakernel(instr_ptr, n_instr, waits_ptr, counters_ptr, head_ptr, err_ptr, addrs_ptr, views_ptr,
                order_ptr, worker_begin_ptr, generation, prof_ptr, MAX_SPIN: tl.constexpr, DYNAMIC: tl.constexpr,
-               PROFILE: tl.constexpr, LOGICAL_CLOCK: tl.constexpr):
+               PROFILE: tl.constexpr, LOGICAL_CLOCK: tl.constexpr, L2_PREFETCH: tl.constexpr):
     """Each program is one worker: fetch an instruction, wait for its inputs, run its tile, signal.
     PROFILE (a separate compile, only when asked) stamps (worker, fetch, ready, end) per
-    instruction into prof_ptr (profiling.py's columns); prof_ptr[-1] is the logical clock."""
+    instruction into prof_ptr (profiling.py's columns); prof_ptr[-1] is the logical clock.
+    L2_PREFETCH (GPU only: inline PTX) asks L2 for an instruction's weights before its wait."""
     pid = tl.program_id(0)
     if DYNAMIC:
         # The head only grows: each launch takes n_instr + num_programs fetches from it.
@@ -60,7 +61,7 @@ def megakernel(instr_ptr, n_instr, waits_ptr, counters_ptr, head_ptr, err_ptr, a
         row = instr_ptr + idx * NUM_FIELDS
         if PROFILE:
             t_fetch = now(prof_ptr + n_instr * NUM_STAMPS, LOGICAL_CLOCK)
-        if wait_all(row, idx, waits_ptr, counters_ptr, err_ptr, generation, MAX_SPIN) == 0:
+{prefetch}        if wait_all(row, idx, waits_ptr, counters_ptr, err_ptr, generation, MAX_SPIN) == 0:
             cursor = stop
         else:
             if PROFILE:
@@ -102,6 +103,15 @@ def generate(queue: Queue) -> str:
         )
     if not branches:
         branches.append("            pass\n")
+    prefetch = []
+    for opcode, key in enumerate(queue.opcode_keys):
+        call = FAMILIES[key[0]].emit_prefetch(key)
+        if call:
+            keyword = "if" if not prefetch else "elif"
+            call = call.format(row="row", addrs="addrs_ptr", views="views_ptr")
+            prefetch.append(f"            {keyword} op == {opcode}:\n                {call}\n")
+    if prefetch:
+        prefetch.insert(0, "        if L2_PREFETCH:\n            op = tl.load(row + OPCODE)\n")
     imports = sorted(
         {
             f"from {type(FAMILIES[k[0]]).__module__} import {r}"
@@ -119,4 +129,5 @@ def generate(queue: Queue) -> str:
         s_end=profiling.END,
         imports="\n".join(imports),
     )
-    return header + "\n\n".join(routines) + LOOP_HEAD + "".join(branches) + LOOP_TAIL
+    head = LOOP_HEAD.replace("{prefetch}", "".join(prefetch))
+    return header + "\n\n".join(routines) + head + "".join(branches) + LOOP_TAIL

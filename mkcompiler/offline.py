@@ -46,6 +46,7 @@ SIGNATURE = {
     "DYNAMIC": "constexpr",
     "PROFILE": "constexpr",
     "LOGICAL_CLOCK": "constexpr",
+    "L2_PREFETCH": "constexpr",
 }
 GPU_MAX_SPIN = 1 << 22  # runtime.Megakernel's default on a GPU
 
@@ -137,6 +138,7 @@ def _compile(kernel, num_warps: int, num_stages: int, arch: int, dynamic: bool, 
         (index["DYNAMIC"],): dynamic,
         (index["PROFILE"],): profile,
         (index["LOGICAL_CLOCK"],): False,
+        (index["L2_PREFETCH"],): True,
     }
     # The JIT marks 16-byte-aligned pointers divisible by 16; without it nothing is vectorized.
     attrs = {(index[n],): [["tt.divisibility", 16]] for n, t in SIGNATURE.items() if t.startswith("*")}

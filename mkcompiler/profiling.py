@@ -3,20 +3,161 @@
 A profile is one row per instruction: (worker, fetch, ready, end) stamps, where `fetch` is when
 the worker took the instruction, `ready` when its waits were met and `end` after its signal.
 The GPU kernel stamps with %globaltimer (ns); the interpreter with a shared atomic tick counter
-(a logical clock: order, not duration); the VM with time.perf_counter_ns().
+(a logical clock: order, not duration); the VM with time.perf_counter_ns(). Rows of
+instructions that never ran hold -1.
+
+    prof = mk.profile(x)            # or profile_vm(mk, x): the reference VM, host clock
+    prof.trace("trace.json")        # Chrome / Perfetto trace: one track per worker (SM)
+    prof.gantt("gantt.png")         # one row per worker, one colour per op kind
+    print(prof.summary(bandwidth=3.35e12, flops=989e12))
+
+Bytes and FLOPs per instruction (`instruction_work`) come from the compilation: matmul,
+attention, embedding and scatter tiles are counted from their shapes (what the tile routine
+loads and stores); other tiles from the buffer regions they read and write.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from mkcompiler.layout import Field
 from mkcompiler.queue import Queue
 
 # Column layout of Profile.stamps (one definition: codegen and the VM write these columns).
 WORKER, FETCH, READY, END = range(4)
 NUM_STAMPS = 4
+HATCH_LIMIT = 2000  # Gantt charts hatch wait bars up to this many
+
+
+# ---- bytes and FLOPs of each instruction ----
+
+
+def _access_bytes(graph, accesses) -> int:
+    return sum(sum(hi - lo for lo, hi in a.intervals) * graph.buffers[a.buffer].dtype.itemsize for a in accesses)
+
+
+def _work_fn(graph, op):
+    """coords -> (bytes, flops) of one tile of `op` (per-op constants computed once)."""
+    from mkcompiler.ops.registry import FAMILIES
+
+    fam = FAMILIES[op.kind]
+    if op.kind == "matmul":
+        a, b, bias = op.inputs
+        c = op.outputs[0]
+        bm, bn, _ = op.attrs["tile"]
+        m, n = c.shape[-2:]
+        a_sz, b_sz, c_sz = a.dtype.itemsize, b.dtype.itemsize, c.dtype.itemsize
+        bias_sz = bias.dtype.itemsize if bias is not None else 0
+
+        def matmul(coords):
+            i, j, s = coords
+            rows, cols = min(bm, m - i * bm), min(bn, n - j * bn)
+            k0, k1 = fam.k_range(op, s)
+            k = k1 - k0
+            nbytes = rows * k * a_sz + k * cols * b_sz + cols * bias_sz + rows * cols * c_sz
+            return nbytes, 2.0 * rows * cols * k
+
+        return matmul
+    if op.kind == "attention":
+        q, k, v, mask = op.inputs
+        bm = op.attrs["tile"][0]
+        sq, dq, dv = q.shape[2], q.shape[3], v.shape[3]
+        causal, split = op.attrs["causal"], fam.splits(op) > 1
+        q_sz, k_sz, v_sz = q.dtype.itemsize, k.dtype.itemsize, v.dtype.itemsize
+        m_sz, o_sz = (mask.dtype.itemsize if mask is not None else 0), op.outputs[0].dtype.itemsize
+
+        def attention(coords):
+            _, _, mb, p = coords
+            r0, r1 = mb * bm, min((mb + 1) * bm, sq)
+            lo, hi = fam.kv_range(op, p)
+            if causal:  # row r sees keys <= r (top-left aligned, as the kernel)
+                keys = np.clip(np.minimum(hi, np.arange(r0, r1) + 1) - lo, 0, None)
+                pairs, span = int(keys.sum()), int(keys.max(initial=0))
+            else:
+                pairs, span = (r1 - r0) * (hi - lo), hi - lo
+            nbytes = (r1 - r0) * (dq * q_sz + dv * o_sz + (8 if split else 0))
+            nbytes += span * (dq * k_sz + dv * v_sz) + pairs * m_sz
+            return nbytes, 2.0 * pairs * (dq + dv)
+
+        return attention
+    if op.kind == "embedding":
+        w, idx = op.inputs
+        per_row = w.shape[1] * (w.dtype.itemsize + op.outputs[0].dtype.itemsize) + idx.dtype.itemsize
+
+        def embedding(coords):
+            r0, r1 = fam.row_range(op, coords)
+            return (r1 - r0) * per_row, 0.0
+
+        return embedding
+    if op.kind == "scatter":
+        values, index, _, base = op.inputs
+        _, per_row = fam.rows(op)
+        row_bytes = per_row * (values.dtype.itemsize + base.dtype.itemsize)
+        index_bytes = index.numel * index.dtype.itemsize
+
+        def scatter(coords):
+            return (coords[1] - coords[0]) * row_bytes + index_bytes, 0.0
+
+        return scatter
+
+    def regions(coords):
+        reads, writes = fam.regions(op, coords)
+        return _access_bytes(graph, reads) + _access_bytes(graph, writes), 0.0
+
+    return regions
+
+
+def instruction_work(compilation, queue: Queue | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(bytes[n], flops[n]) per instruction of `queue` (default: the compilation's). FLOPs
+    count matmul (2 M N K) and attention (2 x query-key pairs x (d_qk + d_v)) only."""
+    queue = compilation.queue if queue is None else queue
+    graph, dag = compilation.graph, compilation.dag
+    n = len(queue)
+    nbytes, flops = np.zeros(n), np.zeros(n)
+    fns: dict[int, object] = {}
+    for i, task in enumerate(queue.rows[:, Field.TASK].tolist()):
+        node = dag.nodes[task]
+        fn = fns.get(node["op"])
+        if fn is None:
+            fn = fns[node["op"]] = _work_fn(graph, graph.ops[node["op"]])
+        nbytes[i], flops[i] = fn(tuple(node["coords"]))
+    return nbytes, flops
+
+
+# ---- formatting ----
+
+
+def _fmt_time(x: float, unit: str) -> str:
+    if unit == "tick":
+        return f"{x:,.0f} ticks"
+    for scale, name in ((1e9, "s"), (1e6, "ms"), (1e3, "us")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {name}"
+    return f"{x:.0f} ns"
+
+
+def _fmt_si(x: float, suffix: str) -> str:
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {prefix}{suffix}"
+    return f"{x:.3g} {suffix}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(r[c])) for r in [header, *rows]) for c in range(len(header))]
+    out = []
+    for r in [header, *rows]:
+        cells = [str(v).ljust(w) if c == 0 else str(v).rjust(w) for c, (v, w) in enumerate(zip(r, widths))]
+        out.append("  " + "  ".join(cells).rstrip())
+    return out
+
+
+# ---- the profile ----
 
 
 @dataclass
@@ -27,3 +168,389 @@ class Profile:
     source: str  # "gpu", "interpreter" or "vm"
     device_name: str = ""
     compilation: object | None = None  # passes.pipeline.Compilation (graph and DAG for bytes/FLOPs)
+
+    # -- derived arrays --
+    def ran(self) -> np.ndarray:
+        """Bool per instruction: it has all four stamps (instructions that never ran hold -1)."""
+        s = np.asarray(self.stamps)
+        return (s >= 0).all(axis=1)
+
+    def missing(self) -> list[int]:
+        return np.nonzero(~self.ran())[0].tolist()
+
+    def kinds(self) -> list[str]:
+        """Op kind (family) of each instruction."""
+        q = self.queue
+        return [q.opcode_keys[o][0] for o in q.rows[:, Field.OPCODE].tolist()]
+
+    def work(self) -> tuple[np.ndarray, np.ndarray]:
+        """(bytes, flops) per instruction (zeros without a compilation); computed once."""
+        cached = getattr(self, "_work", None)
+        if cached is None:
+            if self.compilation is None:
+                n = len(self.queue)
+                cached = (np.zeros(n), np.zeros(n))
+            else:
+                cached = instruction_work(self.compilation, self.queue)
+            self._work = cached
+        return cached
+
+    def _times(self):
+        """(ok mask, worker, fetch, ready, end, origin) with times as float64 relative to the
+        earliest fetch; ready/end are clamped to be monotone (fetch <= ready <= end)."""
+        s = np.asarray(self.stamps, dtype=np.int64)
+        ok = self.ran()
+        origin = int(s[ok, FETCH].min()) if ok.any() else 0
+        fetch = (s[:, FETCH] - origin).astype(np.float64)
+        ready = np.maximum((s[:, READY] - origin).astype(np.float64), fetch)
+        end = np.maximum((s[:, END] - origin).astype(np.float64), ready)
+        return ok, s[:, WORKER], fetch, ready, end, origin
+
+    def span(self) -> float:
+        """First fetch to last end, in `unit`."""
+        ok, _, fetch, _, end, _ = self._times()
+        return float(end[ok].max() - fetch[ok].min()) if ok.any() else 0.0
+
+    def _track_name(self, w: int) -> str:
+        return f"SM {w}" if self.source == "gpu" else f"worker {w}"
+
+    # -- Chrome / Perfetto trace --
+    def trace(self, path: str, waits: bool = True) -> str:
+        """Write a Chrome trace (open in ui.perfetto.dev or chrome://tracing): one track per
+        worker; per instruction one complete event from ready to end named by its opcode, and
+        (with `waits`) a "wait" event (category "wait") from fetch to ready when it waited.
+        Times in microseconds from the earliest fetch (ticks are shown as microseconds)."""
+        ok, worker, fetch, ready, end, origin = self._times()
+        scale = 1e-3 if self.unit == "ns" else 1.0
+        q = self.queue
+        kinds = self.kinds()
+        nbytes, flops = self.work()
+        label = f"megakernel ({self.source}{', ' + self.device_name if self.device_name else ''})"
+        events: list[dict] = [{"name": "process_name", "ph": "M", "pid": 0, "tid": 0, "args": {"name": label}}]
+        for w in sorted(set(worker[ok].tolist())):
+            events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": w, "args": {"name": self._track_name(w)}})
+            events.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": w, "args": {"sort_index": w}})
+        for i in np.nonzero(ok)[0].tolist():
+            w = int(worker[i])
+            wait = ready[i] - fetch[i]
+            if waits and wait > 0:
+                events.append(
+                    {
+                        "name": "wait",
+                        "cat": "wait",
+                        "ph": "X",
+                        "pid": 0,
+                        "tid": w,
+                        "ts": round(fetch[i] * scale, 3),
+                        "dur": round(wait * scale, 3),
+                        "args": {"instruction": i, "waiting for": q.opcode_name(i)},
+                    }
+                )
+            events.append(
+                {
+                    "name": q.opcode_name(i),
+                    "cat": kinds[i],
+                    "ph": "X",
+                    "pid": 0,
+                    "tid": w,
+                    "ts": round(ready[i] * scale, 3),
+                    "dur": round((end[i] - ready[i]) * scale, 3),
+                    "args": {
+                        "instruction": i,
+                        "tile": q.descs[i],
+                        "wait": round(wait * scale, 3),
+                        "bytes": int(nbytes[i]),
+                        "flops": float(flops[i]),
+                    },
+                }
+            )
+        doc = {
+            "traceEvents": events,
+            "displayTimeUnit": "ns" if self.unit == "ns" else "ms",
+            "otherData": {
+                "source": self.source,
+                "device": self.device_name,
+                "unit": self.unit if self.unit == "ns" else "tick (shown as us)",
+                "origin": origin,
+                "instructions": len(q),
+                "missing_instructions": self.missing(),
+            },
+        }
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(doc, f)
+        return path
+
+    # -- Gantt chart --
+    def gantt(self, path: str, title: str | None = None, dpi: int = 100) -> str:
+        """Write a PNG Gantt chart: one row per worker, one colour per op kind, waits (fetch to
+        ready) light grey and hatched. One PolyCollection per kind: fast for 10^4+ bars."""
+        from matplotlib.collections import PolyCollection
+        from matplotlib.figure import Figure
+        from matplotlib.patches import Patch
+
+        ok, worker, fetch, ready, end, _ = self._times()
+        scale, xunit = (1e-3, "us") if self.unit == "ns" else (1.0, "ticks")
+        kinds = np.array(self.kinds(), dtype=object)
+        workers = sorted(set(worker[ok].tolist())) or [0]
+        row = {w: k for k, w in enumerate(workers)}
+        y = np.array([row.get(int(w), 0) for w in worker], dtype=np.float64)
+        height = 0.8
+
+        def boxes(sel, x0, x1):
+            x0, x1, yy = x0[sel] * scale, x1[sel] * scale, y[sel]
+            v = np.empty((len(x0), 4, 2))
+            v[:, 0, 0] = v[:, 1, 0] = x0
+            v[:, 2, 0] = v[:, 3, 0] = x1
+            v[:, 0, 1] = v[:, 3, 1] = yy - height / 2
+            v[:, 1, 1] = v[:, 2, 1] = yy + height / 2
+            return v
+
+        n_rows = len(workers)
+        fig = Figure(figsize=(14, min(2.0 + 0.13 * n_rows, 40.0)), dpi=dpi)
+        ax = fig.add_subplot()
+        handles = []
+        waited = ok & (ready > fetch)
+        if waited.any():
+            # Hatching costs seconds for 10^4 bars in Agg: beyond a few thousand, light grey only.
+            hatch = "///" if waited.sum() <= HATCH_LIMIT else None
+            ax.add_collection(
+                PolyCollection(
+                    boxes(waited, fetch, ready), facecolors="#d9d9d9", edgecolors="#a0a0a0", linewidths=0, hatch=hatch
+                )
+            )
+            handles.append(Patch(facecolor="#d9d9d9", edgecolor="#a0a0a0", hatch=hatch, label="wait (fetch to ready)"))
+        palette = [
+            "#1f77b4",
+            "#ff7f0e",
+            "#2ca02c",
+            "#d62728",
+            "#9467bd",
+            "#8c564b",
+            "#e377c2",
+            "#7f7f7f",
+            "#bcbd22",
+            "#17becf",
+            "#393b79",
+            "#637939",
+        ]
+        for k, kind in enumerate(sorted(set(kinds[ok].tolist()))):
+            sel = ok & (kinds == kind)
+            color = palette[k % len(palette)]
+            ax.add_collection(PolyCollection(boxes(sel, ready, end), facecolors=color, edgecolors="none"))
+            handles.append(Patch(facecolor=color, label=f"{kind} ({int(sel.sum())})"))
+        x_end = float(end[ok].max() * scale) if ok.any() else 1.0
+        ax.set_xlim(0, max(x_end, 1e-9) * 1.01)
+        ax.set_ylim(-0.6, n_rows - 0.4)
+        ax.invert_yaxis()
+        step = max(1, n_rows // 40)
+        ax.set_yticks(range(0, n_rows, step))
+        ax.set_yticklabels([self._track_name(workers[k]) for k in range(0, n_rows, step)], fontsize=7)
+        ax.set_xlabel(f"time ({xunit}) from the first fetch")
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+        missing = len(self.missing())
+        title = title or (
+            f"megakernel profile: {int(ok.sum())} instructions on {len(workers)} workers, "
+            f"total {_fmt_time(self.span(), self.unit)} ({self.source}"
+            f"{', ' + self.device_name if self.device_name else ''})" + (f", {missing} never ran" if missing else "")
+        )
+        ax.set_title(title, fontsize=10)
+        fig.subplots_adjust(left=0.07, right=0.84, top=1 - 0.4 / fig.get_figheight(), bottom=0.7 / fig.get_figheight())
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, format="png")
+        return path
+
+    # -- text summary --
+    def summary(self, bandwidth: float | None = None, flops: float | None = None, top: int = 5) -> str:
+        """Where the time went. `bandwidth` (bytes/s) and `flops` (FLOP/s): ceilings to compare
+        achieved rates with. Busy = ready to end; wall = a kind's first ready to its last end."""
+        ok, worker, fetch, ready, end, _ = self._times()
+        q, unit = self.queue, self.unit
+        timed = unit == "ns"
+        kinds = np.array(self.kinds(), dtype=object)
+        nbytes, nflops = self.work()
+        n = len(q)
+        workers = sorted(set(worker[ok].tolist()))
+        span = self.span()
+        lines = [
+            f"profile ({self.source}{', ' + self.device_name if self.device_name else ''}, unit {unit}): "
+            f"{int(ok.sum())} of {n} instructions on {len(workers)} workers, "
+            f"total span {_fmt_time(span, unit)} (first fetch to last end)"
+        ]
+        if unit == "tick":
+            lines.append("  times are logical ticks of the interpreter (order, not duration): no bytes/s or FLOP/s")
+        missing = self.missing()
+        if missing:
+            shown = ", ".join(f"{i} ({q.opcode_name(i)} {q.descs[i]})" for i in missing[:8])
+            lines.append(
+                f"  WARNING: {len(missing)} instructions never ran (stamps -1): {shown}{' ...' if len(missing) > 8 else ''}"
+            )
+        if not ok.any():
+            return "\n".join(lines)
+        busy = end - ready
+        wait = ready - fetch
+        total_busy = float(busy[ok].sum()) or 1.0
+
+        # per op kind
+        lines.append("")
+        lines.append("per op kind (busy = sum of ready->end; wall = the kind's first ready to its last end):")
+        header = ["kind", "instr", "busy", "share", "wall", "bytes", "FLOPs"]
+        if timed:
+            header += ["B/s busy", "B/s wall", "FLOP/s busy", "FLOP/s wall"]
+            if bandwidth:
+                header += ["%BW wall"]
+            if flops:
+                header += ["%FLOP wall"]
+        rows = []
+        for kind in sorted(set(kinds[ok].tolist()), key=lambda k: -busy[ok & (kinds == k)].sum()):
+            sel = ok & (kinds == kind)
+            b, wall = float(busy[sel].sum()), float(end[sel].max() - ready[sel].min())
+            by, fl = float(nbytes[sel].sum()), float(nflops[sel].sum())
+            r = [
+                kind,
+                str(int(sel.sum())),
+                _fmt_time(b, unit),
+                f"{100 * b / total_busy:.1f}%",
+                _fmt_time(wall, unit),
+                _fmt_si(by, "B"),
+                _fmt_si(fl, "FLOP") if fl else "-",
+            ]
+            if timed:
+                rb, rw = (by / (b * 1e-9) if b else 0.0), (by / (wall * 1e-9) if wall else 0.0)
+                fb, fw = (fl / (b * 1e-9) if b else 0.0), (fl / (wall * 1e-9) if wall else 0.0)
+                r += [_fmt_si(rb, "B/s"), _fmt_si(rw, "B/s"), _fmt_si(fb, "FLOP/s") if fl else "-"]
+                r += [_fmt_si(fw, "FLOP/s") if fl else "-"]
+                if bandwidth:
+                    r.append(f"{100 * rw / bandwidth:.1f}%")
+                if flops:
+                    r.append(f"{100 * fw / flops:.1f}%" if fl else "-")
+            rows.append(r)
+        by, fl = float(nbytes[ok].sum()), float(nflops[ok].sum())
+        r = ["total", str(int(ok.sum())), _fmt_time(total_busy, unit), "100%", _fmt_time(span, unit)]
+        r += [_fmt_si(by, "B"), _fmt_si(fl, "FLOP") if fl else "-"]
+        if timed:
+            r += ["", _fmt_si(by / (span * 1e-9), "B/s") if span else "-", ""]
+            r += [_fmt_si(fl / (span * 1e-9), "FLOP/s") if span and fl else "-"]
+            if bandwidth:
+                r.append(f"{100 * by / (span * 1e-9) / bandwidth:.1f}%" if span else "-")
+            if flops:
+                r.append(f"{100 * fl / (span * 1e-9) / flops:.1f}%" if span and fl else "-")
+        rows.append(r)
+        lines += _table(header, rows)
+        if timed:
+            lines.append(
+                "  B/s busy and FLOP/s busy are per worker while it runs the kind (sum / busy time); "
+                "wall rates are the whole kernel's over the kind's wall span"
+            )
+            if bandwidth or flops:
+                ceil = [_fmt_si(bandwidth, "B/s") if bandwidth else "", _fmt_si(flops, "FLOP/s") if flops else ""]
+                lines.append(f"  ceilings: {' and '.join(c for c in ceil if c)}")
+
+        # per worker: working / waiting / idle shares of the span
+        t_end = float(end[ok].max())
+        t_start = float(fetch[ok].min())
+        stats = []
+        for w in workers:
+            sel = ok & (worker == w)
+            wk, wt = float(busy[sel].sum()), float(wait[sel].sum())
+            stats.append((w, int(sel.sum()), wk, wt, max(0.0, span - wk - wt)))
+        st = np.array([[s[2], s[3], s[4]] for s in stats]) / (span or 1.0) * 100
+        lines.append("")
+        lines.append(f"per worker (share of the {_fmt_time(span, unit)} span; idle = not holding an instruction):")
+        lines += _table(
+            ["", "min", "mean", "max"],
+            [
+                [name, f"{st[:, c].min():.1f}%", f"{st[:, c].mean():.1f}%", f"{st[:, c].max():.1f}%"]
+                for c, name in enumerate(("working", "waiting", "idle"))
+            ],
+        )
+        worst = sorted(stats, key=lambda s: -s[3])[:top]
+        if worst and worst[0][3] > 0:
+            lines.append(
+                "  most waiting: "
+                + "; ".join(
+                    f"{self._track_name(w)} waits {100 * wt / (span or 1):.1f}%, works {100 * wk / (span or 1):.1f}% "
+                    f"({cnt} instr)"
+                    for w, cnt, wk, wt, _ in worst
+                )
+            )
+
+        # idle gaps
+        order = np.lexsort((fetch, worker))
+        order = order[ok[order]]
+        ws, fs, es = worker[order], fetch[order], end[order]
+        same = ws[1:] == ws[:-1]
+        gaps = np.where(same, fs[1:] - es[:-1], 0.0)
+        first = np.array([fetch[ok & (worker == w)].min() - t_start for w in workers])
+        last = np.array([t_end - end[ok & (worker == w)].max() for w in workers])
+        lines.append("")
+        lines.append("idle gaps:")
+        lines.append(
+            f"  start (span start to a worker's first fetch): min {_fmt_time(first.min(), unit)}, "
+            f"mean {_fmt_time(first.mean(), unit)}, max {_fmt_time(first.max(), unit)}"
+        )
+        lines.append(
+            f"  between instructions (end to next fetch): total {_fmt_time(gaps.sum(), unit)}, "
+            f"mean {_fmt_time(gaps[same].mean() if same.any() else 0.0, unit)}, "
+            f"max {_fmt_time(gaps.max(initial=0.0), unit)}"
+            + (
+                f" ({self._track_name(int(ws[int(np.argmax(gaps))]))} after instruction {int(order[int(np.argmax(gaps))])})"
+                if gaps.size and gaps.max() > 0
+                else ""
+            )
+        )
+        lines.append(
+            f"  tail (a worker's last end to span end): min {_fmt_time(last.min(), unit)}, "
+            f"mean {_fmt_time(last.mean(), unit)}, max {_fmt_time(last.max(), unit)}"
+        )
+        # stretches where no worker is working (every worker waiting or idle)
+        by_start = np.argsort(ready[ok], kind="stable")
+        r_s, e_s = ready[ok][by_start], end[ok][by_start]
+        reach = np.maximum.accumulate(e_s)
+        holes = np.concatenate([[r_s[0] - t_start], np.maximum(r_s[1:] - reach[:-1], 0.0)])
+        holes = holes[holes > 0]
+        lines.append(
+            f"  no worker working: {_fmt_time(holes.sum(), unit)} ({100 * holes.sum() / (span or 1):.1f}% of the span) "
+            f"in {len(holes)} stretches" + (f", longest {_fmt_time(holes.max(), unit)}" if len(holes) else "")
+        )
+
+        # slowest instructions
+        idx = np.nonzero(ok)[0]
+        slow = idx[np.argsort(-busy[idx], kind="stable")[:top]]
+        lines.append("")
+        lines.append(f"slowest {len(slow)} instructions (ready->end):")
+        for i in slow.tolist():
+            lines.append(
+                f"  {i:>6} {self._track_name(int(worker[i])):<10} {q.opcode_name(i):<24} {q.descs[i]:<36} "
+                f"{_fmt_time(busy[i], unit)}, waited {_fmt_time(wait[i], unit)}"
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def profile_vm(mk, *inputs, seed: int = 0, dynamic: bool | None = None, warmup: int = 1) -> Profile:
+    """Run a Megakernel's queue in the reference VM (torch references, one host thread) and
+    stamp time.perf_counter_ns() at fetch, ready (chosen to run, its waits met) and end. The
+    VM runs one instruction at a time: durations are the references' host time, and waits
+    include the time other workers' instructions ran. `warmup` unstamped runs come first (the
+    first call of a torch op is slow); they write the same buffers as the stamped run."""
+    import platform
+
+    from mkcompiler.vm import run_megakernel
+
+    for _ in range(warmup):
+        run_megakernel(mk, *inputs, seed=seed, dynamic=dynamic)
+
+    n = len(mk.queue)
+    stamps = np.full((n, NUM_STAMPS), -1, dtype=np.int64)
+    column = {"fetch": FETCH, "ready": READY, "end": END}
+
+    def observe(event: str, i: int, w: int) -> None:
+        stamps[i, column[event]] = time.perf_counter_ns()
+        stamps[i, WORKER] = w
+
+    run_megakernel(mk, *inputs, seed=seed, dynamic=dynamic, observe=observe)
+    device = f"reference VM on {platform.machine() or 'host'} CPU"
+    return Profile(mk.queue, stamps, "ns", "vm", device_name=device, compilation=mk.compilation)

@@ -249,6 +249,7 @@ class Megakernel:
             DYNAMIC=self.settings.schedule == "dynamic",
             PROFILE=prof is not None,
             LOGICAL_CLOCK=self.interpret,
+            L2_PREFETCH=self.settings.l2_prefetch and not self.interpret,
         )
         if not self.interpret:
             kwargs.update(

@@ -40,9 +40,12 @@ def run_queue(
     choose=None,
     counters: np.ndarray | None = None,
     generation: int = 1,
+    observe=None,
 ) -> VMResult:
     """Run `queue`; `execute(i)` performs instruction i. `choose(candidates)` -> one of them
-    (default: seeded random). Raises VMDeadlock if the workers get stuck."""
+    (default: seeded random). `observe(event, i, worker)`, if given, is called with event
+    "fetch" (worker took instruction i), "ready" (chosen to run, its waits met) and "end"
+    (after its signal), e.g. to stamp a profile. Raises VMDeadlock if the workers get stuck."""
     rng = random.Random(seed)
     choose = choose or rng.choice
     n, workers = len(queue), queue.num_workers
@@ -82,12 +85,18 @@ def run_queue(
                     cursor[w] += 1
                 else:
                     done[w] = True
+            if observe is not None and held[w] is not None:
+                observe("fetch", held[w], w)
             continue
         i = held[w]
+        if observe is not None:
+            observe("ready", i, w)
         execute(i)
         sig = int(queue.rows[i, Field.SIGNAL])
         if sig >= 0:
             counters[sig] += 1
+        if observe is not None:
+            observe("end", i, w)
         result.executed.append(i)
         result.worker_of[i] = w
         held[w] = None
@@ -107,9 +116,9 @@ def _deadlock_story(queue, stuck, counters, generation) -> str:
     return "\n".join(lines)
 
 
-def run_megakernel(mk, *inputs, seed: int = 0, dynamic: bool | None = None, choose=None):
+def run_megakernel(mk, *inputs, seed: int = 0, dynamic: bool | None = None, choose=None, observe=None):
     """Execute a compiled Megakernel's queue with torch references on its own buffers.
-    Returns (outputs, VMResult)."""
+    Returns (outputs, VMResult). `observe`: see run_queue (profiling.profile_vm uses it)."""
     from mkcompiler.ops.registry import FAMILIES
 
     mk._bind(inputs, {})
@@ -121,5 +130,5 @@ def run_megakernel(mk, *inputs, seed: int = 0, dynamic: bool | None = None, choo
         FAMILIES[op.kind].reference(op, node["coords"], mk.tensor_of)
 
     dynamic = mk.settings.schedule == "dynamic" if dynamic is None else dynamic
-    res = run_queue(q, execute, dynamic=dynamic, seed=seed, choose=choose)
+    res = run_queue(q, execute, dynamic=dynamic, seed=seed, choose=choose, observe=observe)
     return mk.outputs(), res

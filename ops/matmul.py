@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from mkcompiler.kernel_lib import prefetch_l2
 from mkcompiler.ops.base import ALIGN_BYTES, OpFamily, aligned, box_access, bytes_cost, cdiv, tl_dtype
 from mkcompiler.ops.common import aligned_stride, arg, view_base, view_base_aligned, view_size, view_stride
 from mkcompiler.ops.registry import family, lowers
@@ -107,6 +108,29 @@ def matmul_tile(
     tl.store(c_ptr + rm[:, None] * scm + rn[None, :] * scn, acc.to(C_DT), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
+@triton.jit
+def matmul_prefetch(row_ptr, addrs_ptr, views_ptr, B_DT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """L2 prefetch of the tile's B columns (K contiguous and 16-byte aligned, K and N multiples of
+    8: see Matmul.emit_prefetch), each one bulk copy of its K chunk, before the dependency wait."""
+    va = arg(row_ptr, 0)
+    vb = arg(row_ptr, 1)
+    vc = arg(row_ptr, 3)
+    tn = arg(row_ptr, 5)
+    ks = arg(row_ptr, 6)
+    K = aligned_stride(view_size(views_ptr, va, 3), 8)
+    N = view_size(views_ptr, vb, 3)
+    k_chunk = tl.cdiv(tl.cdiv(K, view_size(views_ptr, vc, 1)), BK) * BK
+    k_lo = ks * k_chunk
+    k_hi = tl.minimum(K, k_lo + k_chunk)
+    sbn = aligned_stride(view_stride(views_ptr, vb, 3), 128 // B_DT.primitive_bitwidth)
+    b_ptr = view_base_aligned(addrs_ptr, views_ptr, vb, B_DT)
+    rn = tn * BN + tl.arange(0, BN)
+    rn = tl.where(rn < N, rn, tn * BN)  # past the last column: ask for the first one again
+    nbytes = ((k_hi - k_lo) * (B_DT.primitive_bitwidth // 8)).to(tl.int32)
+    if k_hi > k_lo:
+        prefetch_l2(b_ptr + rn.to(tl.int64) * sbn + k_lo, nbytes + tl.zeros((BN,), tl.int32))
+
+
 def _as_2d(ctx, v: View) -> View:
     """Flatten leading dims of a matmul operand (no copy when strides allow)."""
     if v.rank == 2:
@@ -152,7 +176,7 @@ def _stride_aligned(v: View, dim: int) -> bool:
 @family
 class Matmul(OpFamily):
     kind = "matmul"
-    routines = ("matmul_tile",)
+    routines = ("matmul_tile", "matmul_prefetch")
 
     def key(self, node):
         a, b, bias = node.inputs
@@ -193,6 +217,13 @@ class Matmul(OpFamily):
             f"{bias is not None}, {tl_dtype(dot)}, {prec!r}, {bm}, {bn}, {bk}, {', '.join(map(str, units))})"
         )
         return "", call
+
+    def emit_prefetch(self, key):
+        _, a, b, bias, c, dot, prec, (bm, bn, bk), units = key
+        a_k, b_k, b_n, c_n, a_al, b_al, c_al, kn_div = units
+        if not (b_k and b_al and kn_div):
+            return None  # bulk copies need 16-byte aligned, 16-byte multiple rows of B
+        return f"matmul_prefetch({{row}}, {{addrs}}, {{views}}, {tl_dtype(b)}, {bn}, {bk})"
 
     def splits(self, node) -> int:
         c = node.outputs[0]

@@ -19,7 +19,7 @@ from mkcompiler.ir import Graph, OpNode, View
 from mkcompiler.settings import Settings
 
 MAX_SPLITS = 6  # the sum's inputs (S partials + bias) must fit an instruction (fuse.MAX_INPUTS)
-MIN_K_PER_SPLIT = 4  # at least this many BK steps per chunk, or splitting costs more than it saves
+MIN_K_CHUNK = 512  # at least this many K per chunk, or splitting costs more than it saves
 
 
 def choose_splits(m: int, n: int, k: int, settings: Settings, num_workers: int) -> int:
@@ -29,7 +29,7 @@ def choose_splits(m: int, n: int, k: int, settings: Settings, num_workers: int) 
     tiles = cdiv(m, bm) * cdiv(n, bn)
     if tiles >= num_workers:
         return 1
-    return max(1, min(num_workers // tiles, k // (bk * MIN_K_PER_SPLIT), MAX_SPLITS))
+    return max(1, min(num_workers // tiles, k // max(bk, MIN_K_CHUNK), MAX_SPLITS))
 
 
 def split_k(graph: Graph, settings: Settings, num_workers: int) -> Graph:

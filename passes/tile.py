@@ -16,7 +16,9 @@ def matmul_tile(m: int, n: int, k: int, settings: Settings) -> tuple[int, int, i
         return tuple(settings.matmul_tile)
     bm = min(64, max(16, next_pow2(m)))
     bn = min(128 if m > 64 else 64, max(16, next_pow2(n)))  # large M (prefill): fewer, wider tiles
-    bk = min(64, max(16, next_pow2(k)))
+    # Few rows (decode): the tile streams B, and each step's B block is all a worker has in flight;
+    # a 256-deep block (32 KB of bf16 at BN=64) keeps enough bytes moving per SM to near HBM rate.
+    bk = min(256 if m <= 16 else 64, max(16, next_pow2(k)))
     return (bm, bn, bk)
 
 
