@@ -55,7 +55,12 @@ def load_factory(spec: str):
     else:
         if os.getcwd() not in sys.path and "" not in sys.path:
             sys.path.insert(0, os.getcwd())  # the console script does not add the current directory
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name and module_name.startswith(e.name):
+                raise ValueError(f"no module {e.name!r} (run from the directory that holds it, or give a .py path)") from e
+            raise
     try:
         return getattr(module, attr)
     except AttributeError:

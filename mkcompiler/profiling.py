@@ -134,7 +134,7 @@ def instruction_work(compilation, queue: Queue | None = None) -> tuple[np.ndarra
 
 def _fmt_time(x: float, unit: str) -> str:
     if unit == "tick":
-        return f"{x:,.0f} ticks"
+        return f"{x:,.0f} tick{'s' if x != 1 else ''}"
     for scale, name in ((1e9, "s"), (1e6, "ms"), (1e3, "us")):
         if abs(x) >= scale:
             return f"{x / scale:.3g} {name}"
@@ -270,7 +270,7 @@ class Profile:
             "otherData": {
                 "source": self.source,
                 "device": self.device_name,
-                "unit": self.unit if self.unit == "ns" else "tick (shown as us)",
+                "stamp_unit": self.unit if self.unit == "ns" else "tick (shown as us)",
                 "origin": origin,
                 "instructions": len(q),
                 "missing_instructions": self.missing(),
@@ -374,7 +374,7 @@ class Profile:
         span = self.span()
         lines = [
             f"profile ({self.source}{', ' + self.device_name if self.device_name else ''}, unit {unit}): "
-            f"{int(ok.sum())} of {n} instructions on {len(workers)} workers, "
+            f"{int(ok.sum())} of {n} instructions on {len(workers)} worker{'s' if len(workers) != 1 else ''}, "
             f"total span {_fmt_time(span, unit)} (first fetch to last end)"
         ]
         if unit == "tick":

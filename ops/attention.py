@@ -43,7 +43,14 @@ def attention_tile(
     BN: tl.constexpr,
     BD: tl.constexpr,
     SPLIT: tl.constexpr,
+    Q_UNIT: tl.constexpr,
+    K_UNIT: tl.constexpr,
+    V_UNIT: tl.constexpr,
+    M_UNIT: tl.constexpr,
+    O_UNIT: tl.constexpr,
 ):
+    # X_UNIT: the last dim of X has stride 1 (known when the op was keyed): a literal 1 lets
+    # Triton vectorise the loads of a head's D elements (runtime strides would hide it).
     vq = arg(row_ptr, 0)
     vk = arg(row_ptr, 1)
     vv = arg(row_ptr, 2)
@@ -67,8 +74,9 @@ def attention_tile(
         + b * view_stride(views_ptr, vq, 0)
         + h * view_stride(views_ptr, vq, 1)
     )
+    sq3 = 1 if Q_UNIT else view_stride(views_ptr, vq, 3)
     q = tl.load(
-        q_ptr + rows[:, None] * view_stride(views_ptr, vq, 2) + d[None, :] * view_stride(views_ptr, vq, 3),
+        q_ptr + rows[:, None] * view_stride(views_ptr, vq, 2) + d[None, :] * sq3,
         mask=row_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
@@ -84,9 +92,17 @@ def attention_tile(
         + hk * view_stride(views_ptr, vv, 1)
     )
     sk2 = view_stride(views_ptr, vk, 2)
-    sk3 = view_stride(views_ptr, vk, 3)
+    sk3 = 1 if K_UNIT else view_stride(views_ptr, vk, 3)
     sv2 = view_stride(views_ptr, vv, 2)
-    sv3 = view_stride(views_ptr, vv, 3)
+    sv3 = 1 if V_UNIT else view_stride(views_ptr, vv, 3)
+    if HAS_MASK:
+        m_ptr = (
+            view_base(addrs_ptr, views_ptr, vm, M_DT)
+            + b * view_stride(views_ptr, vm, 0)
+            + h * view_stride(views_ptr, vm, 1)
+        )
+        sm2 = view_stride(views_ptr, vm, 2)
+        sm3 = 1 if M_UNIT else view_stride(views_ptr, vm, 3)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
@@ -102,35 +118,35 @@ def attention_tile(
     for n0 in range(kv_lo, kv_end, BN):
         cols = n0 + tl.arange(0, BN)
         col_ok = cols < Skv
-        k = tl.load(k_ptr + cols[None, :] * sk2 + d[:, None] * sk3, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-        s = tl.dot(q, k.to(DOT_DT), input_precision="ieee")
         keep = row_ok[:, None] & col_ok[None, :]
         if CAUSAL:
             keep = keep & (cols[None, :] <= rows[:, None])
         if HAS_MASK:
-            m_ptr = (
-                view_base(addrs_ptr, views_ptr, vm, M_DT)
-                + b * view_stride(views_ptr, vm, 0)
-                + h * view_stride(views_ptr, vm, 1)
-            )
-            mval = tl.load(
-                m_ptr + rows[:, None] * view_stride(views_ptr, vm, 2) + cols[None, :] * view_stride(views_ptr, vm, 3),
-                mask=keep,
-                other=0,
-            )
+            mval = tl.load(m_ptr + rows[:, None] * sm2 + cols[None, :] * sm3, mask=keep, other=0)
             if MASK_BOOL:
                 keep = keep & (mval != 0)
-            else:
-                s = s + mval.to(tl.float32)
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing kept yet
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + cols[:, None] * sv2 + d[None, :] * sv3, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DT), v.to(DOT_DT), input_precision="ieee")
-        m_i = m_new
+        # A block with no key kept changes nothing (p = 0, alpha = 1): skip its K/V loads. Decode
+        # against a static cache masks every slot past the position, often most of the sweep.
+        if tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0) > 0:
+            kv_ok = tl.max(keep.to(tl.int32), axis=0) > 0  # keys some row keeps
+            k = tl.load(
+                k_ptr + cols[None, :] * sk2 + d[:, None] * sk3, mask=d_ok[:, None] & kv_ok[None, :], other=0.0
+            )
+            s = tl.dot(q, k.to(DOT_DT), input_precision="ieee")
+            if HAS_MASK:
+                if not MASK_BOOL:
+                    s = s + mval.to(tl.float32)
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing kept yet
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(
+                v_ptr + cols[:, None] * sv2 + d[None, :] * sv3, mask=kv_ok[:, None] & d_ok[None, :], other=0.0
+            )
+            acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DT), v.to(DOT_DT), input_precision="ieee")
+            m_i = m_new
     if SPLIT:  # unnormalised partial; attention_combine merges the chunks
         out = acc
         ob = part * view_size(views_ptr, vq, 0) + b
@@ -150,8 +166,9 @@ def attention_tile(
         + ob * view_stride(views_ptr, vo, 0)
         + h * view_stride(views_ptr, vo, 1)
     )
+    so3 = 1 if O_UNIT else view_stride(views_ptr, vo, 3)
     tl.store(
-        o_ptr + rows[:, None] * view_stride(views_ptr, vo, 2) + d[None, :] * view_stride(views_ptr, vo, 3),
+        o_ptr + rows[:, None] * view_stride(views_ptr, vo, 2) + d[None, :] * so3,
         out.to(O_DT),
         mask=row_ok[:, None] & d_ok[None, :],
     )
@@ -269,15 +286,16 @@ class Attention(OpFamily):
             bn,
             max(16, next_pow2(q.shape[3])),
             self.splits(node) > 1,
+            tuple(t is not None and t.strides[3] == 1 for t in (q, k, v, mask, node.outputs[0])),
         )
 
     def emit(self, key, name):
-        _, qdt, kdt, vdt, mdt, odt, dot, causal, scale, group, bm, bn, bd, split = key
+        _, qdt, kdt, vdt, mdt, odt, dot, causal, scale, group, bm, bn, bd, split, units = key
         mask_dt = tl_dtype(mdt) if mdt is not None else "tl.float32"
         return "", (
             f"attention_tile({{row}}, {{addrs}}, {{views}}, {tl_dtype(qdt)}, {tl_dtype(kdt)}, {tl_dtype(vdt)}, "
             f"{mask_dt}, {tl_dtype(odt)}, {tl_dtype(dot)}, {mdt is not None}, {mdt == torch.bool}, "
-            f"{causal}, {scale!r}, {group}, {bm}, {bn}, {bd}, {split})"
+            f"{causal}, {scale!r}, {group}, {bm}, {bn}, {bd}, {split}, {', '.join(map(str, units))})"
         )
 
     def view_args(self, node):

@@ -1,0 +1,97 @@
+"""`python -m mkcompiler inspect|profile MODULE:FACTORY` on the CPU, run in-process."""
+
+import json
+import re
+import textwrap
+
+from mkcompiler.__main__ import main
+
+SECTIONS = [
+    "== model",
+    "== op graph",
+    "== tiling",
+    "== instruction queue",
+    "== generated kernel source",
+    "== offline sm_90",
+]
+
+
+def sections(out: str) -> dict[str, str]:
+    """Heading -> text under it, checking every heading appears once and in order."""
+    starts = []
+    for h in SECTIONS:
+        assert out.count(h) == 1, f"{h!r} appears {out.count(h)} times"
+        starts.append(out.index(h))
+    assert starts == sorted(starts), "sections out of order"
+    ends = starts[1:] + [len(out)]
+    return {h: out[a:b] for h, a, b in zip(SECTIONS, starts, ends)}
+
+
+def test_inspect_transformer_block_prints_every_section(capsys):
+    """The acceptance test: every section, with the offline sm_90 compile (the slow part: one)."""
+    assert main(["inspect", "examples.factories:transformer_block", "--limit", "6"]) == 0
+    s = sections(capsys.readouterr().out)
+    assert "Megakernel" in s["== model"] and "passes:" in s["== model"]
+    graph = s["== op graph"]
+    for kind in ("embedding", "matmul", "attention", "scatter", "elementwise", "reduce"):
+        assert f" {kind} " in graph, kind
+    assert "1x1x64:float32" in graph and "-> " in graph
+    tiling = s["== tiling"]
+    attn = next(ln for ln in tiling.splitlines() if ln.split()[:2] == ["scaled_dot_product_attention", "attention"])
+    assert "tile=" in attn and attn.split()[3] == "4"  # decode: one tile per query head
+    assert re.search(r"mm_\d+\s+matmul\s+tile=\d+x\d+x\d+\s+\d+\s", tiling)
+    queue = s["== instruction queue"]
+    assert "... " in queue and "more instructions" in queue  # --limit 6
+    assert len([ln for ln in queue.splitlines() if re.match(r"\s+\d+\s+\d+\s", ln)]) == 6
+    assert "def megakernel(" in s["== generated kernel source"] and "@triton.jit" in s["== generated kernel source"]
+    offline = s["== offline sm_90"]
+    assert re.search(r"sm_90: \d+ regs/thread, \d+ B spilled", offline), offline
+    assert "FAILED" not in offline
+
+
+def test_inspect_factory_file_with_options_and_no_offline(tmp_path, capsys):
+    """A .py path, a factory returning compile options, --workers, --no-offline, --limit 0 (all rows)."""
+    path = tmp_path / "my_factories.py"
+    path.write_text(
+        textwrap.dedent(
+            """
+            import torch
+
+            def linear():
+                torch.manual_seed(0)
+                return torch.nn.Linear(32, 48), (torch.randn(2, 32),), {"schedule": "static"}
+            """
+        )
+    )
+    assert main(["inspect", f"{path}:linear", "--workers", "3", "--no-offline", "--limit", "0"]) == 0
+    out = capsys.readouterr().out
+    s = sections(out)
+    assert "schedule=static" in s["== model"] and "3 workers" in s["== model"]
+    assert "2x32:float32" in s["== op graph"] and "2x48:float32" in s["== op graph"]
+    assert "skipped (--no-offline)" in s["== offline sm_90"]
+    assert "more instructions" not in s["== instruction queue"]
+    # 2 x 48 outputs of a 32-long dot product: 2*2*48*32 FLOPs in all (bias add not counted).
+    total = next(ln for ln in s["== tiling"].splitlines() if ln.split()[:1] == ["total"])
+    assert total.split()[-1] == "6.14k", total
+
+
+def test_profile_writes_trace_and_gantt(tmp_path, capsys):
+    out_dir = tmp_path / "prof"
+    assert main(["profile", "examples.factories:mlp", "--out", str(out_dir), "--vm", "--bandwidth", "3350"]) == 0
+    out = capsys.readouterr().out
+    doc = json.loads((out_dir / "trace.json").read_text())
+    ops = [e for e in doc["traceEvents"] if e["ph"] == "X" and e.get("cat") != "wait"]
+    n = int(re.search(r"(\d+) of (\d+) instructions", out).group(2))
+    assert sorted(e["args"]["instruction"] for e in ops) == list(range(n))
+    assert (out_dir / "gantt.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for needle in ("reference VM", "per op kind", "matmul", "elementwise", "%BW wall", "idle gaps", "trace.json"):
+        assert needle in out, needle
+
+
+def test_bad_arguments_fail_with_a_message(capsys):
+    assert main(["inspect", "examples.factories:no_such_factory", "--no-offline"]) == 2
+    assert "has no 'no_such_factory'" in capsys.readouterr().err
+    assert main(["inspect", "no_colon"]) == 2
+    assert "MODULE:FACTORY" in capsys.readouterr().err
+    assert main(["frobnicate"]) == 2
+    assert main([]) == 2 and "inspect MODULE:FACTORY" in capsys.readouterr().out
