@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from mkcompiler.kernel_lib import prefetch_l2
 from mkcompiler.ops.base import ALIGN_BYTES, OpFamily, aligned, box_access, bytes_cost, cdiv, tl_dtype
 from mkcompiler.ops.common import aligned_stride, arg, view_base, view_base_aligned, view_size, view_stride
 from mkcompiler.ops.registry import family, lowers
 
 from mkcompiler.ir import View
+from mkcompiler.kernel_lib import prefetch_l2
 
 aten = torch.ops.aten
 

@@ -1,14 +1,14 @@
 """Fuse chains of elementwise ops into one op (one generated tile routine, one pass over memory).
 
-A producer P is spliced into its consumer C when P's output buffer is read by C alone,
-once, through P's own full view (optionally broadcast), and is not a model output. Buffers
+A producer P is spliced into its consumer C when P's output buffer is read by C alone
+(possibly several times, e.g. x * sigmoid(x), all through one view), through P's own full
+view (optionally broadcast; strides of size-1 dims don't matter, so [1, N] read as [1, 1, N]
+fuses), and is not a model output. Buffers
 are written once and never mutated, so computing P's tree later, inside C, reads the same
 values. The merged node keeps C's output view (which may be a slice, e.g. of a cat).
 """
 
 from __future__ import annotations
-
-from collections import Counter
 
 from mkcompiler.ir import Graph, View, contiguous_strides
 from mkcompiler.layout import NUM_ARGS
@@ -32,18 +32,36 @@ def _is_broadcast_of_full(view: View, full_shape) -> bool:
         ref = View(view.buffer, view.dtype, tuple(full_shape), contiguous_strides(tuple(full_shape))).expand(view.shape)
     except (ValueError, AssertionError):
         return False
-    return ref.strides == view.strides
+    return all(a == b for a, b, n in zip(ref.strides, view.strides, view.shape) if n != 1)
 
 
 def fuse_elementwise(graph: Graph) -> Graph:
+    """Fuse to a fixed point: a splice can leave a producer with a single reader (x read by
+    sigmoid and by mul: once sigmoid is in mul, x can go in too)."""
+    while True:
+        before = len(graph.ops)
+        graph = _fuse_once(graph)
+        if len(graph.ops) == before:
+            return graph
+
+
+def _fuse_once(graph: Graph) -> Graph:
     outputs = {v.buffer for v in graph.outputs if isinstance(v, View)}
-    reads = Counter(v.buffer for op in graph.ops for v in op.inputs if v is not None)
+    readers: dict[int, set[int]] = {}  # buffer -> the ops reading it
+    views: dict[int, set] = {}  # buffer -> the views it is read through
+    for op in graph.ops:
+        for v in op.inputs:
+            if v is not None:
+                readers.setdefault(v.buffer, set()).add(id(op))
+                views.setdefault(v.buffer, set()).add(v)
     producer = {}
     for op in graph.ops:
         if op.kind == "elementwise":
             out = op.outputs[0]
-            if out.offset == 0 and out.is_contiguous() and out.buffer not in outputs and reads[out.buffer] == 1:
-                producer[out.buffer] = op
+            b = out.buffer
+            single = len(readers.get(b, ())) == 1 and len(views.get(b, ())) == 1
+            if out.offset == 0 and out.is_contiguous() and b not in outputs and single:
+                producer[b] = op
     removed = set()
     for op in graph.ops:
         if op.kind != "elementwise":
@@ -51,16 +69,17 @@ def fuse_elementwise(graph: Graph) -> Graph:
         changed = True
         while changed:
             changed = False
-            for k, v in enumerate(op.inputs):
+            for v in op.inputs:
                 p = producer.get(v.buffer)
                 if p is None or id(p) in removed or not _is_broadcast_of_full(v, p.outputs[0].shape):
                     continue
-                new_inputs = list(op.inputs[:k]) + list(op.inputs[k + 1 :])
+                ks = {i for i, x in enumerate(op.inputs) if x == v}  # every read of P (one view)
+                new_inputs = [x for i, x in enumerate(op.inputs) if i not in ks]
                 extra = [x.expand(v.shape) for x in p.inputs]
                 mapping_c = {}
                 for i in range(len(op.inputs)):
-                    if i != k:
-                        mapping_c[i] = i if i < k else i - 1
+                    if i not in ks:
+                        mapping_c[i] = i - sum(1 for j in ks if j < i)
                 mapping_p = {}
                 for j, x in enumerate(extra):
                     if x in new_inputs:
@@ -71,7 +90,7 @@ def fuse_elementwise(graph: Graph) -> Graph:
                 if len(new_inputs) > MAX_INPUTS:
                     continue
                 p_expr = _reindex(p.attrs["expr"], mapping_p)
-                op.attrs["expr"] = _substitute(op.attrs["expr"], k, p_expr, mapping_c)
+                op.attrs["expr"] = _substitute(op.attrs["expr"], ks, p_expr, mapping_c)
                 op.inputs = tuple(new_inputs)
                 removed.add(id(p))
                 changed = True
@@ -80,9 +99,9 @@ def fuse_elementwise(graph: Graph) -> Graph:
     return graph
 
 
-def _substitute(expr, k, replacement, mapping):
+def _substitute(expr, ks, replacement, mapping):
     if expr[0] == "in":
-        return replacement if expr[1] == k else ("in", mapping[expr[1]])
+        return replacement if expr[1] in ks else ("in", mapping[expr[1]])
     if expr[0] == "const":
         return expr
-    return expr[:3] + tuple(_substitute(a, k, replacement, mapping) for a in expr[3:])
+    return expr[:3] + tuple(_substitute(a, ks, replacement, mapping) for a in expr[3:])

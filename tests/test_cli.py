@@ -29,7 +29,8 @@ def sections(out: str) -> dict[str, str]:
 
 def test_inspect_transformer_block_prints_every_section(capsys):
     """The acceptance test: every section, with the offline sm_90 compile (the slow part: one)."""
-    assert main(["inspect", "examples.factories:transformer_block", "--limit", "6"]) == 0
+    # 4 workers (the interpreter's default) everywhere: no split-KV, one attention tile per head.
+    assert main(["inspect", "examples.factories:transformer_block", "--workers", "4", "--limit", "6"]) == 0
     s = sections(capsys.readouterr().out)
     assert "Megakernel" in s["== model"] and "passes:" in s["== model"]
     graph = s["== op graph"]
@@ -55,11 +56,14 @@ def test_inspect_factory_file_with_options_and_no_offline(tmp_path, capsys):
     path.write_text(
         textwrap.dedent(
             """
+            import os
+
             import torch
 
             def linear():
                 torch.manual_seed(0)
-                return torch.nn.Linear(32, 48), (torch.randn(2, 32),), {"schedule": "static"}
+                dev = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+                return torch.nn.Linear(32, 48, device=dev), (torch.randn(2, 32, device=dev),), {"schedule": "static"}
             """
         )
     )
