@@ -59,7 +59,9 @@ def load_factory(spec: str):
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
             if e.name and module_name.startswith(e.name):
-                raise ValueError(f"no module {e.name!r} (run from the directory that holds it, or give a .py path)") from e
+                raise ValueError(
+                    f"no module {e.name!r} (run from the directory that holds it, or give a .py path)"
+                ) from e
             raise
     try:
         return getattr(module, attr)

@@ -58,6 +58,12 @@ def default_num_warps() -> int:
     return Settings().num_warps
 
 
+def default_num_stages() -> int:
+    from mkcompiler.settings import Settings
+
+    return Settings().num_stages
+
+
 class OfflineCompileError(RuntimeError):
     pass
 
@@ -65,7 +71,7 @@ class OfflineCompileError(RuntimeError):
 def compile_sm90(
     source: str,
     num_warps: int | None = None,
-    num_stages: int = 2,
+    num_stages: int | None = None,
     arch: int = 90,
     dynamic: bool = True,
     timeout: float = 600,
@@ -78,6 +84,7 @@ def compile_sm90(
         f.write(source)
         path = f.name
     num_warps = num_warps or default_num_warps()
+    num_stages = num_stages or default_num_stages()
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_ALWAYS_COMPILE="1")
     cmd = [
         sys.executable,
@@ -179,13 +186,14 @@ def _ptxas_spills(log: str) -> tuple[int, int]:
 def report_for(
     path: str,
     num_warps: int | None = None,
-    num_stages: int = 2,
+    num_stages: int | None = None,
     arch: int = 90,
     dynamic: bool = True,
     dump_dir: str | None = None,
     profile: bool = False,
 ) -> dict:
     num_warps = num_warps or default_num_warps()
+    num_stages = num_stages or default_num_stages()
     kernel = _load_kernel(path)
     t0 = time.perf_counter()
     compiled, log = _compile(kernel, num_warps, num_stages, arch, dynamic, profile)
@@ -220,7 +228,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Compile a generated megakernel source file for sm_90 (no GPU needed).")
     p.add_argument("source", help="generated megakernel source (mk.source written to a file)")
     p.add_argument("--num-warps", type=int, default=None, help="default: Settings().num_warps")
-    p.add_argument("--num-stages", type=int, default=2)
+    p.add_argument("--num-stages", type=int, default=None, help="default: Settings().num_stages")
     p.add_argument("--arch", type=int, default=90)
     sched = p.add_mutually_exclusive_group()
     sched.add_argument("--dynamic", dest="dynamic", action="store_true", default=True)

@@ -374,7 +374,9 @@ class Profile:
         span = self.span()
         lines = [
             f"profile ({self.source}{', ' + self.device_name if self.device_name else ''}, unit {unit}): "
-            f"{int(ok.sum())} of {n} instructions on {len(workers)} worker{'s' if len(workers) != 1 else ''}, "
+            f"{int(ok.sum())} of {n} instructions on {len(workers)} worker{'s' if len(workers) != 1 else ''}"
+            + (f" (of {q.num_workers})" if q.num_workers != len(workers) else "")
+            + ", "
             f"total span {_fmt_time(span, unit)} (first fetch to last end)"
         ]
         if unit == "tick":

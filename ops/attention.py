@@ -115,38 +115,31 @@ def attention_tile(
         kv_end = tl.minimum(Skv, kv_lo + chunk)
     if CAUSAL:
         kv_end = tl.minimum(kv_end, mb * BM + BM)
+    # K, V and mask blocks are loaded at the top of the step, independent of the softmax state,
+    # so the compiler's software pipeline can fetch step i+1 while step i computes.
     for n0 in range(kv_lo, kv_end, BN):
         cols = n0 + tl.arange(0, BN)
         col_ok = cols < Skv
+        k = tl.load(k_ptr + cols[None, :] * sk2 + d[:, None] * sk3, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        v = tl.load(v_ptr + cols[:, None] * sv2 + d[None, :] * sv3, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         keep = row_ok[:, None] & col_ok[None, :]
         if CAUSAL:
             keep = keep & (cols[None, :] <= rows[:, None])
+        s = tl.dot(q, k.to(DOT_DT), input_precision="ieee")
         if HAS_MASK:
             mval = tl.load(m_ptr + rows[:, None] * sm2 + cols[None, :] * sm3, mask=keep, other=0)
             if MASK_BOOL:
                 keep = keep & (mval != 0)
-        # A block with no key kept changes nothing (p = 0, alpha = 1): skip its K/V loads. Decode
-        # against a static cache masks every slot past the position, often most of the sweep.
-        if tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0) > 0:
-            kv_ok = tl.max(keep.to(tl.int32), axis=0) > 0  # keys some row keeps
-            k = tl.load(
-                k_ptr + cols[None, :] * sk2 + d[:, None] * sk3, mask=d_ok[:, None] & kv_ok[None, :], other=0.0
-            )
-            s = tl.dot(q, k.to(DOT_DT), input_precision="ieee")
-            if HAS_MASK:
-                if not MASK_BOOL:
-                    s = s + mval.to(tl.float32)
-            s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing kept yet
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(
-                v_ptr + cols[:, None] * sv2 + d[None, :] * sv3, mask=kv_ok[:, None] & d_ok[None, :], other=0.0
-            )
-            acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DT), v.to(DOT_DT), input_precision="ieee")
-            m_i = m_new
+            else:
+                s = s + mval.to(tl.float32)
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing kept yet
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DT), v.to(DOT_DT), input_precision="ieee")
+        m_i = m_new
     if SPLIT:  # unnormalised partial; attention_combine merges the chunks
         out = acc
         ob = part * view_size(views_ptr, vq, 0) + b
@@ -364,7 +357,10 @@ class Attention(OpFamily):
         s = qq @ tensor_of(k)[b, hk, ks].double().T
         keep = torch.ones_like(s, dtype=torch.bool)
         if node.attrs["causal"]:
-            keep &= torch.arange(k.shape[2])[ks][None, :] <= torch.arange(q.shape[2])[rs][:, None]
+            keep &= (
+                torch.arange(k.shape[2], device=s.device)[ks][None, :]
+                <= torch.arange(q.shape[2], device=s.device)[rs][:, None]
+            )
         if mask is not None:
             mv = tensor_of(mask)[b, h, rs, ks]
             if mask.dtype == torch.bool:
@@ -378,7 +374,7 @@ class Attention(OpFamily):
             tensor_of(node.outputs[0])[b, h, rs] = out
             return
         # A chunk past the last key (or fully masked) leaves max -inf and sum 0, as the kernel does.
-        mx = s.amax(-1) if s.shape[-1] else torch.full(s.shape[:1], float("-inf"), dtype=s.dtype)
+        mx = s.amax(-1) if s.shape[-1] else torch.full(s.shape[:1], float("-inf"), dtype=s.dtype, device=s.device)
         e = torch.exp(s - torch.where(mx == float("-inf"), 0.0, mx)[:, None])
         ob = p * q.shape[0] + b
         tensor_of(node.outputs[0])[ob, h, rs] = (e @ vv).float()

@@ -58,25 +58,74 @@ def offsets_intervals(offsets: np.ndarray) -> Intervals:
     return merge_intervals(zip(starts.tolist(), ends.tolist()))
 
 
+def runs_intervals(lo: np.ndarray, hi: np.ndarray) -> Intervals:
+    """merge_intervals(zip(lo, hi)) for arrays of non-empty intervals, vectorized."""
+    if lo.size == 0:
+        return ()
+    order = np.lexsort((hi, lo))
+    lo, hi = lo[order], hi[order]
+    reach = np.maximum.accumulate(hi)  # a new interval starts where lo passes everything before it
+    breaks = np.nonzero(lo[1:] > reach[:-1])[0]
+    if len(breaks) >= MAX_INTERVALS:
+        return ((int(lo[0]), int(reach[-1])),)
+    starts = np.concatenate([lo[:1], lo[breaks + 1]])
+    ends = np.concatenate([reach[breaks], reach[-1:]])
+    return tuple(zip(starts.tolist(), ends.tolist()))
+
+
+def _coalesce(shape, strides) -> tuple[list[int], list[int]]:
+    """View.coalesced() on plain shape/strides: drop size-1 dims, merge contiguous neighbours."""
+    sizes: list[int] = []
+    steps: list[int] = []
+    for sz, st in zip(shape, strides):
+        if sz == 1:
+            continue
+        if sizes and steps[-1] == st * sz:
+            sizes[-1] *= sz
+            steps[-1] = st
+        else:
+            sizes.append(sz)
+            steps.append(st)
+    if not sizes:
+        return [1], [1]
+    return sizes, steps
+
+
 def box_access(view: View, box: tuple[tuple[int, int], ...]) -> Access:
     """Elements of `view` with index d in [box[d][0], box[d][1]) for every dim."""
-    sub = view
+    # Arithmetic of View.slice per dim, then View.coalesced (no intermediate View objects:
+    # build_dag calls this for every tile).
+    sizes = list(view.shape)
+    offset = view.offset
+    strides = view.strides
+    rank = len(sizes)
     for d, (lo, hi) in enumerate(box):
-        sub = sub.slice(d, lo, hi)
-    if sub.numel == 0:
+        d %= rank
+        start, end, _ = slice(lo, hi).indices(sizes[d])
+        offset += start * strides[d]
+        sizes[d] = end - start if end > start else 0
+    if 0 in sizes:
         return Access(view.buffer, ())
-    c = sub.coalesced()
+    shape, steps = _coalesce(sizes, strides)
     # Innermost contiguous run stays one interval; enumerate the outer index space.
-    if c.strides[-1] == 1:
-        run = c.shape[-1]
-        outer = View(c.buffer, c.dtype, c.shape[:-1] or (1,), c.strides[:-1] or (0,), c.offset)
+    if steps[-1] == 1:
+        run = shape[-1]
+        outer_shape, outer_steps = shape[:-1] or [1], steps[:-1] or [0]
     else:
-        run, outer = 1, c
-    if outer.numel > 4 * MAX_INTERVALS:
-        lo, hi = c.span()
-        return Access(view.buffer, ((lo, hi),))
-    starts = outer.offsets()
-    return Access(view.buffer, merge_intervals((int(s), int(s) + run) for s in starts))
+        run, outer_shape, outer_steps = 1, shape, steps
+    if math.prod(outer_shape) > 4 * MAX_INTERVALS:  # View.span of the coalesced view
+        lo = offset + sum((sz - 1) * st for sz, st in zip(shape, steps) if st < 0)
+        hi = offset + sum((sz - 1) * st for sz, st in zip(shape, steps) if st > 0)
+        return Access(view.buffer, ((lo, hi + 1),))
+    if len(outer_shape) == 1 and outer_steps[0] > run:  # disjoint rows in increasing order
+        n, st = outer_shape[0], outer_steps[0]
+        if n > MAX_INTERVALS:
+            return Access(view.buffer, ((offset, offset + (n - 1) * st + run),))
+        return Access(view.buffer, tuple((s, s + run) for s in range(offset, offset + n * st, st)))
+    starts = [offset]
+    for sz, st in zip(outer_shape, outer_steps):
+        starts = [s + i * st for s in starts for i in range(sz)]
+    return Access(view.buffer, merge_intervals((s, s + run) for s in starts))
 
 
 def linear_access(view: View, start: int, end: int) -> Access:
@@ -85,12 +134,31 @@ def linear_access(view: View, start: int, end: int) -> Access:
     end = min(end, n)
     if view.is_contiguous():
         return Access(view.buffer, ((view.offset + start, view.offset + end),))
+    if start >= end:
+        return Access(view.buffer, ())
+    shape, steps = _coalesce(view.shape, view.strides)
+    if start < 0 or steps[-1] != 1:  # element by element
+        return Access(
+            view.buffer, offsets_intervals(_linear_offsets(view.offset, view.shape, view.strides, start, end))
+        )
+    # Rows of the coalesced view (its innermost dim is contiguous) instead of single elements.
+    inner = shape[-1]
+    r0, r1 = start // inner, -(-end // inner)
+    lo = _linear_offsets(view.offset, shape[:-1], steps[:-1], r0, r1)
+    hi = lo + inner
+    lo[0] += start - r0 * inner
+    hi[-1] -= r1 * inner - end
+    return Access(view.buffer, runs_intervals(lo, hi))
+
+
+def _linear_offsets(offset: int, shape, strides, start: int, end: int) -> np.ndarray:
+    """Element offsets of linear indices [start, end) of a strided view, in order."""
     idx = np.arange(start, end, dtype=np.int64)
-    off = np.full_like(idx, view.offset)
-    for size, stride in zip(reversed(view.shape), reversed(view.strides)):
+    off = np.full_like(idx, offset)
+    for size, stride in zip(reversed(shape), reversed(strides)):
         off += (idx % size) * stride
         idx //= size
-    return Access(view.buffer, offsets_intervals(off))
+    return off
 
 
 def row_access(view: View, r0: int, r1: int) -> Access:

@@ -65,11 +65,14 @@ def view_numel(views_ptr, v):
 
 @triton.jit
 def view_offsets(views_ptr, v, lin):
-    """Element offsets (int64, relative to view_base) of row-major linear indices `lin`."""
-    lin = lin.to(tl.int64)
-    s1 = view_size(views_ptr, v, 1)
-    s2 = view_size(views_ptr, v, 2)
-    s3 = view_size(views_ptr, v, 3)
+    """Element offsets (int64, relative to view_base) of row-major linear indices `lin`.
+    Linear indices are int32 (tile starts and aranges are), so the index split is done in
+    int32: int64 division is a long software sequence on the GPU; only the products with the
+    strides need 64 bits."""
+    lin = lin.to(tl.int32)
+    s1 = view_size(views_ptr, v, 1).to(tl.int32)
+    s2 = view_size(views_ptr, v, 2).to(tl.int32)
+    s3 = view_size(views_ptr, v, 3).to(tl.int32)
     i3 = lin % s3
     t = lin // s3
     i2 = t % s2
@@ -77,10 +80,10 @@ def view_offsets(views_ptr, v, lin):
     i1 = t % s1
     i0 = t // s1
     return (
-        i0 * view_stride(views_ptr, v, 0)
-        + i1 * view_stride(views_ptr, v, 1)
-        + i2 * view_stride(views_ptr, v, 2)
-        + i3 * view_stride(views_ptr, v, 3)
+        i0.to(tl.int64) * view_stride(views_ptr, v, 0)
+        + i1.to(tl.int64) * view_stride(views_ptr, v, 1)
+        + i2.to(tl.int64) * view_stride(views_ptr, v, 2)
+        + i3.to(tl.int64) * view_stride(views_ptr, v, 3)
     )
 
 

@@ -54,7 +54,8 @@ def choose_tiles(graph: Graph, settings: Settings, num_workers: int = 1) -> Grap
             op.attrs["dot"] = dot_config(a.dtype, b.dtype, settings)
         elif op.kind == "attention":
             q, k = op.inputs[0], op.inputs[1]
-            op.attrs["tile"] = (16 if q.shape[2] <= 16 else 64, 64)
+            # Decode (few query rows): wider key blocks, fewer dependent steps per tile.
+            op.attrs["tile"] = (16, 128) if q.shape[2] <= 16 else (64, 64)
             op.attrs["dot"] = dot_config(q.dtype, k.dtype, settings)[0]
         elif op.kind == "scatter":
             pass  # rows of the update (ops/scatter.py)

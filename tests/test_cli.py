@@ -34,8 +34,9 @@ def test_inspect_transformer_block_prints_every_section(capsys):
     s = sections(capsys.readouterr().out)
     assert "Megakernel" in s["== model"] and "passes:" in s["== model"]
     graph = s["== op graph"]
-    for kind in ("embedding", "matmul", "attention", "scatter", "elementwise", "reduce"):
+    for kind in ("embedding", "matmul", "attention", "scatter", "elementwise"):
         assert f" {kind} " in graph, kind
+    assert " reduce " in graph or " norm " in graph  # RMSNorm: decomposed on the CPU, fused on CUDA
     assert "1x1x64:float32" in graph and "-> " in graph
     tiling = s["== tiling"]
     attn = next(ln for ln in tiling.splitlines() if ln.split()[:2] == ["scaled_dot_product_attention", "attention"])
