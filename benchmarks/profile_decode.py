@@ -10,9 +10,9 @@ to mkcompiler.compile (ints/bools parsed).
 from __future__ import annotations
 
 import argparse
-import re
 import ast
 import os
+import re
 import sys
 import time
 from collections import defaultdict
