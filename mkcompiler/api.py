@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
+from mkcompiler import cache
 from mkcompiler.capture import capture
 from mkcompiler.codegen import generate
 from mkcompiler.errors import UnsupportedOpError
 from mkcompiler.fallback import SegmentedModel, compile_with_fallback
 from mkcompiler.passes.pipeline import run_pipeline
+from mkcompiler.progress import Progress
 from mkcompiler.runtime import Megakernel, check_num_workers
 from mkcompiler.settings import Settings
 
@@ -51,12 +54,68 @@ def compile(model: torch.nn.Module, example_inputs, **options) -> Megakernel | S
     else:
         num_workers = torch.cuda.get_device_properties(device).multi_processor_count
     check_num_workers(num_workers, device, interpret)  # before the (slow) capture
+    progress = Progress(settings.progress)
     try:
-        graph = capture(model, example_inputs)
+        mk = _compile(model, example_inputs, options, settings, num_workers, device, interpret, progress)
+    except BaseException:
+        progress.close(f"failed in {progress.step_name}")
+        raise
+    status = getattr(getattr(mk, "compilation", None), "cache", "off")
+    progress.close("compiled" + {"hit": " (cached)", "graph hit": " (cached passes)"}.get(status, ""))
+    return mk
+
+
+def _compile(model, example_inputs, options, settings, num_workers, device, interpret, progress):
+    """Capture, passes, kernel; with settings.cache, the cache (mkcompiler/cache.py) may skip the
+    passes (graph key) or capture and passes (model key)."""
+    timings: dict[str, float] = {}
+    use_cache = settings.cache
+    read_cache = use_cache and not settings.dump_dir  # dumps come from running the passes
+    env = cache.environment(settings, num_workers, interpret, device) if use_cache else None
+    comp = mkey = graph = None
+    try:
+        if read_cache:
+            progress.step("cache lookup")
+            t0 = time.perf_counter()
+            mkey = cache.model_key(model, example_inputs, env)
+            timings["trace"] = time.perf_counter() - t0
+            if mkey is not None:
+                comp = cache.load_model(mkey, model, settings, num_workers, device)
+                if comp is not None:
+                    timings["cache_load"] = time.perf_counter() - t0 - timings["trace"]
+        if comp is None or settings.debug >= 1:  # debug: check the hit against a fresh capture
+            progress.step("capture")
+            t0 = time.perf_counter()
+            graph = capture(model, example_inputs)
+            timings["capture"] = time.perf_counter() - t0
     except UnsupportedOpError:
         if settings.fallback != "eager":
             raise
         # Megakernels for what compiles, eager PyTorch for the rest (a warning names what fell back).
         return compile_with_fallback(model, example_inputs, options, compile)
-    comp = run_pipeline(graph, settings, num_workers)
+    if use_cache and graph is not None:
+        sources = cache.param_sources(graph, model)
+        gkey = cache.graph_key(graph, env, sources)
+        if comp is not None and comp.graph_key != gkey:
+            raise AssertionError(
+                "mkcompiler cache: the model key of this model led to a graph that its capture does not give; "
+                "compile with cache=False and report the model"
+            )
+        if comp is None and read_cache:
+            t0 = time.perf_counter()
+            comp = cache.load_graph(gkey, graph, settings, num_workers)
+            if comp is not None:
+                timings["cache_load"] = time.perf_counter() - t0
+                if mkey is not None:
+                    cache.link(mkey, gkey, sources)
+    if comp is None:
+        comp = run_pipeline(graph, settings, num_workers, on_pass=progress.step)
+        if use_cache:
+            progress.step("cache store")
+            t0 = time.perf_counter()
+            cache.store(comp, gkey, sources, mkey, checked=settings.debug >= 1)
+            comp.timings["cache_store"] = time.perf_counter() - t0
+            comp.cache = "miss"
+    comp.timings = {**timings, **comp.timings}
+    progress.step("codegen")
     return Megakernel(comp, generate(comp.queue), device, interpret)

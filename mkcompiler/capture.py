@@ -161,13 +161,20 @@ def _module_tensors(model: torch.nn.Module, ep) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _bind_param(graph: Graph, name: str, t: torch.Tensor, kind: BufferKind = BufferKind.PARAM) -> View:
+def bound_tensor(name: str, t: torch.Tensor, kind: BufferKind = BufferKind.PARAM, stacklevel: int = 3) -> torch.Tensor:
+    """The tensor a megakernel reads for a module tensor: itself (read in place), or a 16-byte
+    aligned copy of a parameter; model state must be aligned, since it is updated in place."""
     t = t.detach()
     if t.data_ptr() % ALIGN_BYTES:  # kernels assume 16-byte aligned buffers (wide loads)
         if kind == BufferKind.STATE:
             raise UnsupportedOpError(f"model state {name!r} is not 16-byte aligned; it must be updated in place")
-        warnings.warn(f"mkcompiler: copying {name!r}, which is not 16-byte aligned", stacklevel=3)
+        warnings.warn(f"mkcompiler: copying {name!r}, which is not 16-byte aligned", stacklevel=stacklevel + 1)
         t = t.clone()
+    return t
+
+
+def _bind_param(graph: Graph, name: str, t: torch.Tensor, kind: BufferKind = BufferKind.PARAM) -> View:
+    t = bound_tensor(name, t, kind, stacklevel=3)
     span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride())) if t.numel() else 0
     buf = graph.add_buffer(name, max(span, 1), t.dtype, kind)
     graph.params[buf.id] = t

@@ -8,6 +8,9 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+# Fields that change neither the queue nor the generated code.
+UNKEYED = ("debug", "dump_dir", "cache", "progress")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -29,6 +32,8 @@ class Settings:
     fallback: str = "error"  # unsupported ops: "error" raises; "eager" runs them eagerly between megakernels
     debug: int = int(os.environ.get("MKCOMPILER_DEBUG", "0"))  # 1: check pass invariants; 2: print
     dump_dir: str | None = os.environ.get("MKCOMPILER_DUMP") or None
+    cache: bool = True  # reuse compiled queues from the on-disk cache (MKCOMPILER_CACHE, mkcompiler/cache.py)
+    progress: bool = True  # a progress line on stderr (a terminal only) once a compile takes over 2 s
 
     def replace(self, **changes) -> Settings:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
@@ -46,6 +51,4 @@ class Settings:
         return s
 
     def key(self) -> tuple:
-        return tuple(
-            (f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in ("debug", "dump_dir")
-        )
+        return tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in UNKEYED)

@@ -124,11 +124,21 @@ def matmul_prefetch(row_ptr, addrs_ptr, views_ptr, B_DT: tl.constexpr, BN: tl.co
     k_hi = tl.minimum(K, k_lo + k_chunk)
     sbn = aligned_stride(view_stride(views_ptr, vb, 3), 128 // B_DT.primitive_bitwidth)
     b_ptr = view_base_aligned(addrs_ptr, views_ptr, vb, B_DT)
-    rn = tn * BN + tl.arange(0, BN)
+    # BN x PARTS pieces (one per thread at BN = 64 and 8 warps): a [BN] tensor would be
+    # replicated across threads and every column asked for several times.
+    PARTS: tl.constexpr = 4
+    r = tl.arange(0, BN * PARTS)
+    rn = tn * BN + r // PARTS
     rn = tl.where(rn < N, rn, tn * BN)  # past the last column: ask for the first one again
-    nbytes = ((k_hi - k_lo) * (B_DT.primitive_bitwidth // 8)).to(tl.int32)
+    ESIZE: tl.constexpr = B_DT.primitive_bitwidth // 8
+    total = (k_hi - k_lo) * ESIZE  # bytes of one column's chunk: a multiple of 16 (KN_DIV)
+    piece = tl.cdiv(total // 16, PARTS) * 16
+    start = (r % PARTS) * piece
+    size = tl.minimum(piece, total - start)
+    start = tl.where(size > 0, start, 0)
+    size = tl.where(size > 0, size, 16)
     if k_hi > k_lo:
-        prefetch_l2(b_ptr + rn.to(tl.int64) * sbn + k_lo, nbytes + tl.zeros((BN,), tl.int32))
+        prefetch_l2(b_ptr + rn.to(tl.int64) * sbn + k_lo + start // ESIZE, size.to(tl.int32))
 
 
 def _as_2d(ctx, v: View) -> View:

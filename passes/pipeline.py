@@ -33,6 +33,7 @@ class Compilation:
     schedule: Schedule | None = None
     queue: Queue | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    cache: str = "off"  # the on-disk cache (mkcompiler/cache.py): "off", "miss", "hit" (no capture), "graph hit"
 
 
 def _verify(c: Compilation) -> None:
@@ -72,9 +73,12 @@ PIPELINE = [
 ]
 
 
-def run_pipeline(graph: Graph, settings: Settings, num_workers: int) -> Compilation:
+def run_pipeline(graph: Graph, settings: Settings, num_workers: int, on_pass=None) -> Compilation:
+    """`on_pass(name)`, if given, is called as each pass starts (progress reports)."""
     c = Compilation(graph, settings, num_workers)
     for name, step, check in PIPELINE:
+        if on_pass is not None:
+            on_pass(name)
         t0 = time.perf_counter()
         step(c)
         c.timings[name] = time.perf_counter() - t0

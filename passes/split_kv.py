@@ -12,7 +12,7 @@ from mkcompiler.ir import Graph, OpNode
 from mkcompiler.settings import Settings
 
 MAX_SPLITS = 16
-MIN_KEYS_PER_SPLIT = 256  # shorter chunks cost more in merging than they save
+MIN_KEYS_PER_SPLIT = 128  # shorter chunks cost more in merging than they save
 
 
 def choose_kv_splits(tiles: int, keys: int, settings: Settings, num_workers: int) -> int:
