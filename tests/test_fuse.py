@@ -2,12 +2,11 @@
 compute what eager does."""
 
 import torch
-import torch.nn.functional as F
+from mkcompiler.passes.fuse import fuse_elementwise
+from mkcompiler.passes.split_k import split_k
 
 import mkcompiler
 from mkcompiler.capture import capture
-from mkcompiler.passes.fuse import fuse_elementwise
-from mkcompiler.passes.split_k import split_k
 from mkcompiler.settings import Settings
 from tests.helpers import rel_err
 
