@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from mkcompiler.kernel_lib import aborted, now, signal, wait_all
-from mkcompiler.ops.common import aligned_stride, arg, load_view, store_view, view_numel
+from mkcompiler.ops.common import aligned_stride, arg, load_strided, load_view, split_index, store_strided, store_view, view_numel
 {imports}
 
 # tl.constexpr(...) values: the compiler (unlike the interpreter) refuses plain int globals.

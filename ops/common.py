@@ -122,3 +122,40 @@ def aligned_stride(stride, VEC: tl.constexpr):
     """A stride known (from the op's key) to be a multiple of VEC elements, written so that
     Triton's divisibility analysis can see it: this is what enables 16-byte loads."""
     return (stride // VEC) * VEC
+
+
+@triton.jit
+def split_index(lin, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr):
+    """Row-major (i0, i1, i2, i3) of int32 linear indices over a shape known at compile time:
+    division by constants compiles to multiply and shift, where a runtime divisor costs a long
+    integer-division sequence per element (tens of instructions)."""
+    lin = lin.to(tl.int32)
+    i3 = lin % S3
+    t = lin // S3
+    i2 = t % S2
+    t = t // S2
+    return t // S1, t % S1, i2, i3
+
+
+@triton.jit
+def strided_offsets(views_ptr, v, i0, i1, i2, i3):
+    """Element offsets (int64) of view v at index (i0, i1, i2, i3)."""
+    return (
+        i0.to(tl.int64) * view_stride(views_ptr, v, 0)
+        + i1.to(tl.int64) * view_stride(views_ptr, v, 1)
+        + i2.to(tl.int64) * view_stride(views_ptr, v, 2)
+        + i3.to(tl.int64) * view_stride(views_ptr, v, 3)
+    )
+
+
+@triton.jit
+def load_strided(addrs_ptr, views_ptr, v, i0, i1, i2, i3, mask, DTYPE: tl.constexpr):
+    """Elements of view v at split indices (split_index) as fp32; masked lanes read 0."""
+    p = view_base(addrs_ptr, views_ptr, v, DTYPE) + strided_offsets(views_ptr, v, i0, i1, i2, i3)
+    return tl.load(p, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_strided(addrs_ptr, views_ptr, v, i0, i1, i2, i3, mask, value, DTYPE: tl.constexpr):
+    p = view_base(addrs_ptr, views_ptr, v, DTYPE) + strided_offsets(views_ptr, v, i0, i1, i2, i3)
+    tl.store(p, value.to(DTYPE), mask=mask)

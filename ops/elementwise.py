@@ -17,6 +17,8 @@ import torch
 from mkcompiler.ops.base import OpFamily, bytes_cost, cdiv, flat_flags, linear_access, tl_dtype
 from mkcompiler.ops.registry import family, lowers
 
+from mkcompiler.layout import MAX_RANK
+
 aten = torch.ops.aten
 
 # name -> (Triton template over "{0}", "{1}"...; torch function on fp32 tensors)
@@ -259,13 +261,24 @@ class Elementwise(OpFamily):
             node.attrs["block"],
             flat_flags(*self.view_args(node)),
             node.outputs[0].numel % 8 == 0,
+            self.index_shape(node),
         )
+
+    def index_shape(self, node) -> tuple[int, ...] | None:
+        """The padded shape all views share, when some view is strided: the kernel then splits
+        linear indices once, with this shape as compile-time constants (ops/common.split_index).
+        None when every view is contiguous (no split needed) or a view needs more than MAX_RANK
+        dims (encode coalesces such a view on its own: the views would not share a shape)."""
+        views = self.view_args(node)
+        if all(f != 0 for f in flat_flags(*views)) or any(v.rank > MAX_RANK for v in views):
+            return None
+        return views[0].padded(MAX_RANK)[0]
 
     def view_args(self, node):
         return joint_coalesce([node.outputs[0], *node.inputs])
 
     def emit(self, key, name):
-        _, expr, in_dtypes, out_dtype, block, flat, numel_div = key
+        _, expr, in_dtypes, out_dtype, block, flat, numel_div, shape = key
         vec = numel_div and all(f == 2 for f in flat)  # 16-byte accesses need uniform masks too
         lines, result = expr_source(expr, len(in_dtypes))
         n = len(in_dtypes)
@@ -279,14 +292,27 @@ class Elementwise(OpFamily):
             "        lin = blk * BLOCK + tl.arange(0, BLOCK)",
             "        mask = lin < n",
         ]
+        if shape is not None:  # once for every strided view: they share the shape
+            src.append(f"        i0, i1, i2, i3 = split_index(lin, {shape[1]}, {shape[2]}, {shape[3]})")
         for k, dt in enumerate(in_dtypes):
-            src.append(
-                f"        x{k} = load_view(addrs_ptr, views_ptr, arg(row_ptr, {k + 1}), lin, mask, {tl_dtype(dt)}, {flat[k + 1]})"
-            )
+            v = f"arg(row_ptr, {k + 1})"
+            if flat[k + 1] == 0 and shape is not None:
+                src.append(
+                    f"        x{k} = load_strided(addrs_ptr, views_ptr, {v}, i0, i1, i2, i3, mask, {tl_dtype(dt)})"
+                )
+            else:
+                src.append(
+                    f"        x{k} = load_view(addrs_ptr, views_ptr, {v}, lin, mask, {tl_dtype(dt)}, {flat[k + 1]})"
+                )
         src += [f"        {line}" for line in lines]
-        src.append(
-            f"        store_view(addrs_ptr, views_ptr, out_v, lin, mask, {result}, {tl_dtype(out_dtype)}, {flat[0]})"
-        )
+        if flat[0] == 0 and shape is not None:
+            src.append(
+                f"        store_strided(addrs_ptr, views_ptr, out_v, i0, i1, i2, i3, mask, {result}, {tl_dtype(out_dtype)})"
+            )
+        else:
+            src.append(
+                f"        store_view(addrs_ptr, views_ptr, out_v, lin, mask, {result}, {tl_dtype(out_dtype)}, {flat[0]})"
+            )
         return "\n".join(src) + "\n", f"{name}({{row}}, {{addrs}}, {{views}}, {block})"
 
     def tiles(self, node):

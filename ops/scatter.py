@@ -16,7 +16,16 @@ import torch
 import triton
 import triton.language as tl
 from mkcompiler.ops.base import OpFamily, bytes_cost, flat_flags, linear_access, tl_dtype, whole
-from mkcompiler.ops.common import arg, load_view, view_base, view_numel, view_offsets, view_size, view_stride
+from mkcompiler.ops.common import (
+    arg,
+    load_strided,
+    load_view,
+    split_index,
+    strided_offsets,
+    view_base,
+    view_size,
+    view_stride,
+)
 from mkcompiler.ops.registry import family, lowers
 
 from mkcompiler.ir import View
@@ -36,32 +45,46 @@ def scatter_rows(
     DIM: tl.constexpr,
     BLOCK: tl.constexpr,
     V_FLAT: tl.constexpr,
+    S1: tl.constexpr,
+    S2: tl.constexpr,
+    S3: tl.constexpr,
+    NUMEL: tl.constexpr,
+    PER_ROW: tl.constexpr,
 ):
+    # The update's padded shape (S0..S3) is a compile-time constant: one index split per element
+    # serves values, index and destination (runtime divisors would cost an integer division each).
     vv = arg(row_ptr, 0)  # values, expanded to the update shape
     vi = arg(row_ptr, 1)  # 1-D index
     vo = arg(row_ptr, 2)  # base restricted to the update shape (dim DIM sized like the index)
     vb = arg(row_ptr, 3)  # the whole base (for the size of dim DIM)
     r0 = arg(row_ptr, 4)
     r1 = arg(row_ptr, 5)
-    inner = 1
-    for d in tl.static_range(DIM + 1, 4):
-        inner = inner * view_size(views_ptr, vo, d)
-    n_idx = view_size(views_ptr, vo, DIM)
     limit = view_size(views_ptr, vb, DIM)
-    per_row = n_idx * inner
-    n = view_numel(views_ptr, vo)
     o_ptr = view_base(addrs_ptr, views_ptr, vo, O_DT)
     i_ptr = view_base(addrs_ptr, views_ptr, vi, I_DT)
+    i_stride = view_stride(views_ptr, vi, 3)  # the index is 1-D: its padded dim 3
     stride = view_stride(views_ptr, vo, DIM)
-    for start in range(r0 * per_row, tl.minimum(r1 * per_row, n), BLOCK):
+    for start in range(r0 * PER_ROW, tl.minimum(r1 * PER_ROW, NUMEL), BLOCK):
         lin = start + tl.arange(0, BLOCK)
-        mask = (lin < r1 * per_row) & (lin < n)
-        x = load_view(addrs_ptr, views_ptr, vv, lin, mask, V_DT, V_FLAT)
-        j = (lin // inner) % n_idx
-        idx = tl.load(i_ptr + view_offsets(views_ptr, vi, j), mask=mask, other=0).to(tl.int64)
+        mask = (lin < r1 * PER_ROW) & (lin < NUMEL)
+        i0, i1, i2, i3 = split_index(lin, S1, S2, S3)
+        if V_FLAT >= 1:
+            x = load_view(addrs_ptr, views_ptr, vv, lin, mask, V_DT, V_FLAT)
+        else:
+            x = load_strided(addrs_ptr, views_ptr, vv, i0, i1, i2, i3, mask, V_DT)
+        if DIM == 0:
+            j = i0
+        elif DIM == 1:
+            j = i1
+        elif DIM == 2:
+            j = i2
+        else:
+            j = i3
+        idx = tl.load(i_ptr + j.to(tl.int64) * i_stride, mask=mask, other=0).to(tl.int64)
         idx = tl.where(idx < 0, idx + limit, idx)
         ok = mask & (idx >= 0) & (idx < limit)
-        tl.store(o_ptr + view_offsets(views_ptr, vo, lin) + (idx - j) * stride, x.to(O_DT), mask=ok)
+        dst = o_ptr + strided_offsets(views_ptr, vo, i0, i1, i2, i3) + (idx - j) * stride
+        tl.store(dst, x.to(O_DT), mask=ok)
 
 
 def _one_index(ctx, node, base: View, indices):
@@ -127,13 +150,25 @@ class Scatter(OpFamily):
 
     def key(self, node):
         values, index, update, base = node.inputs
-        return (self.kind, values.dtype, index.dtype, base.dtype, self.padded_dim(node), 1024, flat_flags(values)[0])
+        shape = update.padded(4)[0]
+        _, per_row = self.rows(node)
+        return (
+            self.kind,
+            values.dtype,
+            index.dtype,
+            base.dtype,
+            self.padded_dim(node),
+            1024,
+            flat_flags(values)[0],
+            shape,
+            per_row,
+        )
 
     def emit(self, key, name):
-        _, vdt, idt, odt, dim, block, v_flat = key
+        _, vdt, idt, odt, dim, block, v_flat, shape, per_row = key
         return "", (
             f"scatter_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(vdt)}, {tl_dtype(idt)}, {tl_dtype(odt)}, "
-            f"{dim}, {block}, {v_flat})"
+            f"{dim}, {block}, {v_flat}, {shape[1]}, {shape[2]}, {shape[3]}, {math.prod(shape)}, {per_row})"
         )
 
     def rows(self, node) -> tuple[int, int]:
