@@ -22,6 +22,7 @@ E_COUNTER: tl.constexpr = tl.constexpr(int(ErrorField.COUNTER))
 E_VALUE: tl.constexpr = tl.constexpr(int(ErrorField.VALUE))
 E_TARGET: tl.constexpr = tl.constexpr(int(ErrorField.TARGET))
 E_WORKER: tl.constexpr = tl.constexpr(int(ErrorField.WORKER))
+ABORT_CHECK: tl.constexpr = tl.constexpr(64)  # polls between reads of the error flag
 
 
 @triton.jit
@@ -68,20 +69,27 @@ def record_stuck_wait(err_ptr, idx, counter, value, target):
 @triton.jit
 def wait_all(row_ptr, idx, waits_ptr, counters_ptr, err_ptr, generation, MAX_SPIN: tl.constexpr):
     """Wait (acquire) until each of the instruction's counters reaches count x generation.
-    Returns 1 when all are met, 0 when one gave up after MAX_SPIN polls (recorded in err)."""
+    Returns 1 when all are met, 0 when one gave up after MAX_SPIN polls (recorded in err).
+
+    Cheap polls, then one acquire: every thread polls with volatile loads (no barriers; a scalar
+    acquire atomic costs a broadcast through shared memory with two barriers per poll), and the
+    error flag is read only every ABORT_CHECK polls. Once the counter is seen at its target,
+    one acquire atomic orders the tile's loads after the producers' releases."""
     w = tl.load(row_ptr + WAIT_BEGIN)
     w_end = tl.load(row_ptr + WAIT_END)
     ok = 1
     while (w < w_end) & (ok == 1):
         counter = tl.load(waits_ptr + w * WAIT_ROW + W_COUNTER)
         target = tl.load(waits_ptr + w * WAIT_ROW + W_COUNT) * generation
-        value = tl.atomic_add(counters_ptr + counter, 0, sem="acquire")
+        value = tl.load(counters_ptr + counter, volatile=True)
         spins = 0
         while (value < target) & (spins < MAX_SPIN):
-            value = tl.atomic_add(counters_ptr + counter, 0, sem="acquire")
+            value = tl.load(counters_ptr + counter, volatile=True)
             spins += 1
-            if aborted(err_ptr):
-                spins = MAX_SPIN
+            if spins % ABORT_CHECK == 0:
+                if aborted(err_ptr):
+                    spins = MAX_SPIN
+        value = tl.atomic_add(counters_ptr + counter, 0, sem="acquire")
         if value < target:
             ok = 0
             record_stuck_wait(err_ptr, idx, counter, value, target)
