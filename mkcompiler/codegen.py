@@ -56,13 +56,20 @@ def megakernel(instr_ptr, n_instr, waits_ptr, counters_ptr, head_ptr, err_ptr, a
     while cursor < stop:
         if DYNAMIC:
             idx = cursor
+            # Fetch ahead: take the next index now, so the atomic's latency overlaps this
+            # instruction. Still deadlock-free: the smallest index held and not done has every
+            # dependency done (all smaller ones were fetched earlier and are done), and it is its
+            # worker's current instruction (a worker's ahead index is larger than its current).
+            next_cursor = tl.atomic_add(head_ptr, 1) - base
         else:
             idx = tl.load(order_ptr + cursor)
+            next_cursor = cursor + 1
+        stopping = aborted(err_ptr)  # read early: its latency overlaps the wait and the tile
         row = instr_ptr + idx * NUM_FIELDS
         if PROFILE:
             t_fetch = now(prof_ptr + n_instr * NUM_STAMPS, LOGICAL_CLOCK)
 {prefetch}        if wait_all(row, idx, waits_ptr, counters_ptr, err_ptr, generation, MAX_SPIN) == 0:
-            cursor = stop
+            next_cursor = stop
         else:
             if PROFILE:
                 t_ready = now(prof_ptr + n_instr * NUM_STAMPS, LOGICAL_CLOCK)
@@ -73,6 +80,8 @@ def megakernel(instr_ptr, n_instr, waits_ptr, counters_ptr, head_ptr, err_ptr, a
 LOOP_TAIL = """\
             tl.debug_barrier()  # every thread's stores happen before the release below
             signal(row, counters_ptr)
+            if stopping:  # another worker gave up: stop after this instruction
+                next_cursor = stop
             if PROFILE:
                 t_end = now(prof_ptr + n_instr * NUM_STAMPS, LOGICAL_CLOCK)
                 stamp = prof_ptr + idx.to(tl.int64) * NUM_STAMPS
@@ -80,12 +89,7 @@ LOOP_TAIL = """\
                 tl.store(stamp + S_FETCH, t_fetch)
                 tl.store(stamp + S_READY, t_ready)
                 tl.store(stamp + S_END, t_end)
-            if DYNAMIC:
-                cursor = tl.atomic_add(head_ptr, 1) - base
-            else:
-                cursor += 1
-            if aborted(err_ptr):
-                cursor = stop
+        cursor = next_cursor
 """
 
 

@@ -71,25 +71,27 @@ def wait_all(row_ptr, idx, waits_ptr, counters_ptr, err_ptr, generation, MAX_SPI
     """Wait (acquire) until each of the instruction's counters reaches count x generation.
     Returns 1 when all are met, 0 when one gave up after MAX_SPIN polls (recorded in err).
 
-    Cheap polls, then one acquire: every thread polls with volatile loads (no barriers; a scalar
-    acquire atomic costs a broadcast through shared memory with two barriers per poll), and the
-    error flag is read only every ABORT_CHECK polls. Once the counter is seen at its target,
-    one acquire atomic orders the tile's loads after the producers' releases."""
+    One acquire read first (a wait is often met already). If not met: cheap polls, then one
+    acquire: every thread polls with volatile loads (no barriers; a scalar acquire atomic costs
+    a broadcast through shared memory with two barriers per poll), the error flag is read only
+    every ABORT_CHECK polls, and once the counter is seen at its target one acquire atomic
+    orders the tile's loads after the producers' releases."""
     w = tl.load(row_ptr + WAIT_BEGIN)
     w_end = tl.load(row_ptr + WAIT_END)
     ok = 1
     while (w < w_end) & (ok == 1):
         counter = tl.load(waits_ptr + w * WAIT_ROW + W_COUNTER)
         target = tl.load(waits_ptr + w * WAIT_ROW + W_COUNT) * generation
-        value = tl.load(counters_ptr + counter, volatile=True)
-        spins = 0
-        while (value < target) & (spins < MAX_SPIN):
-            value = tl.load(counters_ptr + counter, volatile=True)
-            spins += 1
-            if spins % ABORT_CHECK == 0:
-                if aborted(err_ptr):
-                    spins = MAX_SPIN
-        value = tl.atomic_add(counters_ptr + counter, 0, sem="acquire")
+        value = tl.atomic_add(counters_ptr + counter, 0, sem="acquire")  # often met at once
+        if value < target:
+            spins = 0
+            while (value < target) & (spins < MAX_SPIN):
+                value = tl.load(counters_ptr + counter, volatile=True)
+                spins += 1
+                if spins % ABORT_CHECK == 0:
+                    if aborted(err_ptr):
+                        spins = MAX_SPIN
+            value = tl.atomic_add(counters_ptr + counter, 0, sem="acquire")
         if value < target:
             ok = 0
             record_stuck_wait(err_ptr, idx, counter, value, target)
