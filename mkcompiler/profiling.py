@@ -47,7 +47,7 @@ def _work_fn(graph, op):
 
     fam = FAMILIES[op.kind]
     if op.kind == "matmul":
-        a, b, bias = op.inputs
+        a, b, bias = op.inputs[:3]
         c = op.outputs[0]
         bm, bn, _ = op.attrs["tile"]
         m, n = c.shape[-2:]

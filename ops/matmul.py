@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from mkcompiler.ops.base import ALIGN_BYTES, OpFamily, aligned, box_access, bytes_cost, cdiv, tl_dtype
+from mkcompiler.ops.base import ALIGN_BYTES, OpFamily, aligned, box_access, bytes_cost, cdiv, tl_dtype, whole
 from mkcompiler.ops.common import aligned_stride, arg, view_base, view_base_aligned, view_size, view_stride
 from mkcompiler.ops.registry import family, lowers
 
@@ -45,6 +45,14 @@ def matmul_tile(
     B_ALIGNED: tl.constexpr,
     C_ALIGNED: tl.constexpr,
     KN_DIV: tl.constexpr,
+    NORM: tl.constexpr,
+    N_RMS: tl.constexpr,
+    N_EPS: tl.constexpr,
+    H_DT: tl.constexpr,
+    NW_DT: tl.constexpr,
+    NB_DT: tl.constexpr,
+    HAS_NW: tl.constexpr,
+    HAS_NB: tl.constexpr,
 ):
     va = arg(row_ptr, 0)
     vb = arg(row_ptr, 1)
@@ -84,12 +92,50 @@ def matmul_tile(
             sbk = aligned_stride(sbk, 128 // B_DT.primitive_bitwidth)
     rm = tm * BM + tl.arange(0, BM)
     rn = tn * BN + tl.arange(0, BN)
+    if NORM:  # A = norm(x) (passes/fuse_norm.py): statistics of the tile's rows over all of K
+        mean = tl.zeros((BM,), dtype=tl.float32)
+        if not N_RMS:
+            for k in range(0, K, BK):
+                rk = k + tl.arange(0, BK)
+                mask = (rm[:, None] < M) & (rk[None, :] < K)
+                mean += tl.sum(
+                    tl.load(a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=mask, other=0.0).to(tl.float32), axis=1
+                )
+            mean = mean / K
+        var = tl.zeros((BM,), dtype=tl.float32)
+        for k in range(0, K, BK):
+            rk = k + tl.arange(0, BK)
+            mask = (rm[:, None] < M) & (rk[None, :] < K)
+            x = tl.load(a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=mask, other=0.0).to(tl.float32)
+            d = tl.where(mask, x - mean[:, None], 0.0)
+            var += tl.sum(d * d, axis=1)
+        rstd = 1.0 / tl.sqrt(var / K + N_EPS)
+        vnw = arg(row_ptr, 7)
+        vnb = arg(row_ptr, 8)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k in range(k_lo, k_hi, BK):
         rk = k + tl.arange(0, BK)
-        a = tl.load(
-            a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=(rm[:, None] < M) & (rk[None, :] < k_hi), other=0.0
-        )
+        a_mask = (rm[:, None] < M) & (rk[None, :] < k_hi)
+        a = tl.load(a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=a_mask, other=0.0)
+        if NORM:  # as ops/norm.py computes and stores h, then zero where A is masked
+            y = (a.to(tl.float32) - mean[:, None]) * rstd[:, None]
+            if HAS_NW:
+                nw_ptr = view_base(addrs_ptr, views_ptr, vnw, NW_DT)
+                y = (
+                    y
+                    * tl.load(nw_ptr + rk * view_stride(views_ptr, vnw, 3), mask=rk < k_hi, other=0.0).to(tl.float32)[
+                        None, :
+                    ]
+                )
+            if HAS_NB:
+                nb_ptr = view_base(addrs_ptr, views_ptr, vnb, NB_DT)
+                y = (
+                    y
+                    + tl.load(nb_ptr + rk * view_stride(views_ptr, vnb, 3), mask=rk < k_hi, other=0.0).to(tl.float32)[
+                        None, :
+                    ]
+                )
+            a = tl.where(a_mask, y.to(H_DT), 0.0)
         b = tl.load(
             b_ptr + rk[:, None] * sbk + rn[None, :] * sbn, mask=(rk[:, None] < k_hi) & (rn[None, :] < N), other=0.0
         )
@@ -141,6 +187,21 @@ def matmul_prefetch(row_ptr, addrs_ptr, views_ptr, B_DT: tl.constexpr, BN: tl.co
         prefetch_l2(b_ptr + rn.to(tl.int64) * sbn + k_lo + start // ESIZE, size.to(tl.int32))
 
 
+def _norm_reference(x, node, tensor_of):
+    rms, eps, h_dtype = node.attrs["norm"]
+    nw, nb = node.inputs[3:5]
+    xs = x.double()
+    if rms:
+        y = xs * torch.rsqrt((xs * xs).mean(-1, keepdim=True) + eps)
+    else:
+        y = torch.nn.functional.layer_norm(xs, (xs.shape[-1],), eps=eps)
+    if nw is not None:
+        y = y * tensor_of(nw).double()
+    if nb is not None:
+        y = y + tensor_of(nb).double()
+    return y.to(h_dtype)
+
+
 def _as_2d(ctx, v: View) -> View:
     """Flatten leading dims of a matmul operand (no copy when strides allow)."""
     if v.rank == 2:
@@ -189,7 +250,7 @@ class Matmul(OpFamily):
     routines = ("matmul_tile", "matmul_prefetch")
 
     def key(self, node):
-        a, b, bias = node.inputs
+        a, b, bias = node.inputs[:3]
         c = node.outputs[0]
         dot, prec = node.attrs["dot"]
         a_k, b_k, b_n, c_n = (
@@ -217,19 +278,43 @@ class Matmul(OpFamily):
             prec,
             node.attrs["tile"],
             units,
+            self.norm_key(node),
         )
 
+    def norm_key(self, node):
+        """(rms, eps, h dtype, norm weight dtype, norm bias dtype) of a folded norm, or None."""
+        if "norm" not in node.attrs:
+            return None
+        rms, eps, h_dtype = node.attrs["norm"]
+        nw, nb = node.inputs[3:5]
+        return (rms, eps, h_dtype, nw.dtype if nw is not None else None, nb.dtype if nb is not None else None)
+
+    def view_args(self, node):
+        return list(node.inputs[:3]) + [node.outputs[0]]  # A, B, bias, C; then tile coords
+
+    def instruction_tail(self, node):
+        return list(node.inputs[3:5]) if "norm" in node.attrs else []  # norm weight and bias
+
     def emit(self, key, name):
-        _, a, b, bias, c, dot, prec, (bm, bn, bk), units = key
+        _, a, b, bias, c, dot, prec, (bm, bn, bk), units, norm = key
         bias_dt = tl_dtype(bias) if bias is not None else "tl.float32"
+        if norm is None:
+            norm_args = "False, True, 0.0, tl.float32, tl.float32, tl.float32, False, False"
+        else:
+            rms, eps, h_dt, nw_dt, nb_dt = norm
+            norm_args = (
+                f"True, {rms}, {eps!r}, {tl_dtype(h_dt)}, {tl_dtype(nw_dt) if nw_dt else 'tl.float32'}, "
+                f"{tl_dtype(nb_dt) if nb_dt else 'tl.float32'}, {nw_dt is not None}, {nb_dt is not None}"
+            )
         call = (
             f"matmul_tile({{row}}, {{addrs}}, {{views}}, {tl_dtype(a)}, {tl_dtype(b)}, {bias_dt}, {tl_dtype(c)}, "
-            f"{bias is not None}, {tl_dtype(dot)}, {prec!r}, {bm}, {bn}, {bk}, {', '.join(map(str, units))})"
+            f"{bias is not None}, {tl_dtype(dot)}, {prec!r}, {bm}, {bn}, {bk}, {', '.join(map(str, units))}, "
+            f"{norm_args})"
         )
         return "", call
 
     def emit_prefetch(self, key):
-        _, a, b, bias, c, dot, prec, (bm, bn, bk), units = key
+        _, a, b, bias, c, dot, prec, (bm, bn, bk), units, _ = key
         a_k, b_k, b_n, c_n, a_al, b_al, c_al, kn_div = units
         if not (b_k and b_al and kn_div):
             return None  # bulk copies need 16-byte aligned, 16-byte multiple rows of B
@@ -252,7 +337,7 @@ class Matmul(OpFamily):
         return [(i, j, s) for s in range(self.splits(node)) for i in range(cdiv(m, bm)) for j in range(cdiv(n, bn))]
 
     def regions(self, node, coords):
-        a, b, bias = node.inputs
+        a, b, bias = node.inputs[:3]
         c = node.outputs[0]
         bm, bn, _ = node.attrs["tile"]
         i, j, s = coords
@@ -260,14 +345,17 @@ class Matmul(OpFamily):
         rows = (i * bm, min((i + 1) * bm, m))
         cols = (j * bn, min((j + 1) * bn, n))
         ks = self.k_range(node, s)
-        reads = [box_access(a, (rows, ks)), box_access(b, (ks, cols))]
+        # A folded norm reads whole rows of x (its statistics), and its weight and bias.
+        a_ks = (0, a.shape[1]) if "norm" in node.attrs else ks
+        reads = [box_access(a, (rows, a_ks)), box_access(b, (ks, cols))]
         if bias is not None:
             reads.append(box_access(bias, (cols,)))
+        reads += [whole(v) for v in node.inputs[3:] if v is not None]
         out = box_access(c, ((s, s + 1), rows, cols)) if c.rank == 3 else box_access(c, (rows, cols))
         return reads, [out]
 
     def cost(self, node, coords):
-        a, b, _ = node.inputs
+        a, b = node.inputs[:2]
         bm, bn, _ = node.attrs["tile"]
         k0, k1 = self.k_range(node, coords[2])
         nbytes = (min(bm, a.shape[0]) * a.dtype.itemsize + bn * b.dtype.itemsize) * (k1 - k0)
@@ -279,13 +367,16 @@ class Matmul(OpFamily):
         return f"{node.name}[m{coords[0] * bm}:+{bm}, n{coords[1] * bn}:+{bn}{split}]"
 
     def reference(self, node, coords, tensor_of):
-        a, b, bias = node.inputs
+        a, b, bias = node.inputs[:3]
         c = node.outputs[0]
         bm, bn, _ = node.attrs["tile"]
         i, j, s = coords
         rs, cs = slice(i * bm, (i + 1) * bm), slice(j * bn, (j + 1) * bn)
         k0, k1 = self.k_range(node, s)
-        acc = tensor_of(a)[rs, k0:k1].double() @ tensor_of(b)[k0:k1, cs].double()
+        x = tensor_of(a)[rs]
+        if "norm" in node.attrs:  # h = norm(x) as ops/norm.py stores it
+            x = _norm_reference(x, node, tensor_of)
+        acc = x[:, k0:k1].double() @ tensor_of(b)[k0:k1, cs].double()
         if bias is not None:
             acc = acc + tensor_of(bias)[cs].double()
         out = tensor_of(c)

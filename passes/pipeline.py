@@ -13,6 +13,7 @@ from mkcompiler.passes.counters import assign_counters, check_counters
 from mkcompiler.passes.dependencies import build_dag, check_dag
 from mkcompiler.passes.encode import encode
 from mkcompiler.passes.fuse import fuse_elementwise
+from mkcompiler.passes.fuse_norm import fuse_norm_into_matmul
 from mkcompiler.passes.schedule import Schedule, list_schedule
 from mkcompiler.passes.split_k import split_k
 from mkcompiler.passes.split_kv import split_kv
@@ -57,6 +58,11 @@ PIPELINE = [
     (
         "fuse_elementwise",
         lambda c: setattr(c, "graph", fuse_elementwise(c.graph)),
+        lambda c: check_single_writer_order(c.graph),
+    ),
+    (
+        "fuse_norm_into_matmul",
+        lambda c: setattr(c, "graph", fuse_norm_into_matmul(c.graph) if c.settings.fuse_norm else c.graph),
         lambda c: check_single_writer_order(c.graph),
     ),
     ("choose_tiles", lambda c: setattr(c, "graph", choose_tiles(c.graph, c.settings, c.num_workers)), None),

@@ -49,9 +49,10 @@ def elementwise_block(numel: int, settings: Settings, num_workers: int) -> int:
 def choose_tiles(graph: Graph, settings: Settings, num_workers: int = 1) -> Graph:
     for op in graph.ops:
         if op.kind == "matmul":
-            a, b, _ = op.inputs
+            a, b = op.inputs[:2]
+            a_dtype = op.attrs["norm"][2] if "norm" in op.attrs else a.dtype  # a folded norm's output dtype
             op.attrs["tile"] = matmul_tile(a.shape[0], b.shape[1], a.shape[1], settings)
-            op.attrs["dot"] = dot_config(a.dtype, b.dtype, settings)
+            op.attrs["dot"] = dot_config(a_dtype, b.dtype, settings)
         elif op.kind == "attention":
             q, k = op.inputs[0], op.inputs[1]
             # Decode (few query rows): wider key blocks, fewer dependent steps per tile.
