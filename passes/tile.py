@@ -11,14 +11,15 @@ from mkcompiler.ir import Graph
 from mkcompiler.settings import Settings
 
 
-def matmul_tile(m: int, n: int, k: int, settings: Settings) -> tuple[int, int, int]:
+def matmul_tile(m: int, n: int, k: int, settings: Settings, half: bool = True) -> tuple[int, int, int]:
     if settings.matmul_tile is not None:
         return tuple(settings.matmul_tile)
     bm = min(64, max(16, next_pow2(m)))
     bn = min(128 if m > 64 else 64, max(16, next_pow2(n)))  # large M (prefill): fewer, wider tiles
     # Few rows (decode): the tile streams B, and each step's B block is all a worker has in flight;
     # a 256-deep block (32 KB of bf16 at BN=64) keeps enough bytes moving per SM to near HBM rate.
-    bk = min(256 if m <= 16 else 64, max(16, next_pow2(k)))
+    # fp32 dots run on FMA units: 128 deep (256 spills registers once a norm is folded in).
+    bk = min((256 if half else 128) if m <= 16 else 64, max(16, next_pow2(k)))
     return (bm, bn, bk)
 
 
@@ -51,8 +52,9 @@ def choose_tiles(graph: Graph, settings: Settings, num_workers: int = 1) -> Grap
         if op.kind == "matmul":
             a, b = op.inputs[:2]
             a_dtype = op.attrs["norm"][2] if "norm" in op.attrs else a.dtype  # a folded norm's output dtype
-            op.attrs["tile"] = matmul_tile(a.shape[0], b.shape[1], a.shape[1], settings)
             op.attrs["dot"] = dot_config(a_dtype, b.dtype, settings)
+            half = op.attrs["dot"][0] in (torch.bfloat16, torch.float16)
+            op.attrs["tile"] = matmul_tile(a.shape[0], b.shape[1], a.shape[1], settings, half)
         elif op.kind == "attention":
             q, k = op.inputs[0], op.inputs[1]
             # Decode (few query rows): wider key blocks, fewer dependent steps per tile.
