@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 
@@ -33,6 +34,12 @@ def compile(model: torch.nn.Module, example_inputs, **options) -> Megakernel | S
 
     Options are the fields of `mkcompiler.Settings` (num_workers, schedule, ...). With
     fallback="eager", a model with ops mkcompiler cannot compile becomes a SegmentedModel."""
+    tensor_parallel = options.pop("tensor_parallel", None)
+    if tensor_parallel not in (None, 1):
+        raise NotImplementedError(
+            f"tensor_parallel={tensor_parallel}: the GPU communication tiles are not implemented yet; "
+            "mkcompiler.tp.shard_ranks + compile_tp run every rank's program in the reference VM (CPU)"
+        )
     settings = Settings().replace(**options)
     interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
     interpret = interpreting if settings.interpret is None else settings.interpret
@@ -55,11 +62,19 @@ def compile(model: torch.nn.Module, example_inputs, **options) -> Megakernel | S
         num_workers = torch.cuda.get_device_properties(device).multi_processor_count
     check_num_workers(num_workers, device, interpret)  # before the (slow) capture
     progress = Progress(settings.progress)
+    # Compiling allocates millions of small objects; the cyclic garbage collector would rescan
+    # torch.export's object graph again and again (about a fifth of a 1B-model compile). Cycles
+    # made meanwhile (a few MB) are collected after, by the next automatic collection.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
     try:
         mk = _compile(model, example_inputs, options, settings, num_workers, device, interpret, progress)
     except BaseException:
         progress.close(f"failed in {progress.step_name}")
         raise
+    finally:
+        if gc_was_enabled:
+            gc.enable()
     status = getattr(getattr(mk, "compilation", None), "cache", "off")
     progress.close("compiled" + {"hit": " (cached)", "graph hit": " (cached passes)"}.get(status, ""))
     return mk
@@ -92,11 +107,13 @@ def _compile(model, example_inputs, options, settings, num_workers, device, inte
         if settings.fallback != "eager":
             raise
         # Megakernels for what compiles, eager PyTorch for the rest (a warning names what fell back).
-        return compile_with_fallback(model, example_inputs, options, compile)
+        progress.step("fallback segments")  # one progress line: the segments' compiles show none
+        return compile_with_fallback(model, example_inputs, {**options, "progress": False}, compile)
     if use_cache and graph is not None:
         sources = cache.param_sources(graph, model)
         gkey = cache.graph_key(graph, env, sources)
-        if comp is not None and comp.graph_key != gkey:
+        use_cache, read_cache = gkey is not None, read_cache and gkey is not None
+        if comp is not None and gkey is not None and comp.graph_key != gkey:
             raise AssertionError(
                 "mkcompiler cache: the model key of this model led to a graph that its capture does not give; "
                 "compile with cache=False and report the model"

@@ -26,8 +26,8 @@ Two keys lead to an entry.
 - The model key, which skips capture too. A key built statically (module classes, their
   source, attribute reprs) would be unsafe: forward can read globals, helper functions in
   other files, torch flags, closures, hooks. Instead the model runs once under FakeTensorMode
-  (no real compute, no real tensor touched: parameters and inputs are fake copies; ~0.3 s
-  for Llama-3.2-1B decode), with the flags torch.export sets (is_exporting), and every
+  (no real compute, no real tensor touched: parameters and inputs are fake copies; ~0.4 s
+  for Llama-3.2-1B decode on a CPU core), with the flags torch.export sets (is_exporting), and every
   torch-level call (torch functions and Tensor methods, before decomposition, as export
   records them) and every ATen op it dispatches is recorded: the function, the data flow
   (which parameter, input or earlier result each tensor argument is), every tensor's shape,
@@ -52,6 +52,7 @@ Two keys lead to an entry.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import functools
@@ -103,6 +104,7 @@ def source_digest() -> str:
     return h.hexdigest()
 
 
+@functools.cache
 def _versions() -> tuple:
     import networkx
     import triton
@@ -147,10 +149,6 @@ def _digest(obj) -> str:
 
 
 # ---- the graph key ----
-
-
-def _view(v: View | None):
-    return None if v is None else (v.buffer, str(v.dtype), v.shape, v.strides, v.offset)
 
 
 def _module_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -198,25 +196,42 @@ def _attribute(model, path: str):
     return obj
 
 
-def graph_key(graph: Graph, env: tuple, sources: dict[int, tuple]) -> str:
+def _describe(x):
+    """A stable description of graph contents: views and dataclasses field by field."""
+    if isinstance(x, View):
+        return ("view", x.buffer, str(x.dtype), x.shape, x.strides, x.offset)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        # OpNode.source (the user's line, for error messages) is left out: see the module docstring.
+        fields = [(f.name, _describe(getattr(x, f.name))) for f in dataclasses.fields(x) if f.name != "source"]
+        return (type(x).__qualname__, fields)
+    if isinstance(x, (list, tuple)):
+        return (type(x).__name__, [_describe(v) for v in x])
+    if isinstance(x, dict):
+        return ("dict", [(_describe(k), _describe(v)) for k, v in x.items()])
+    if isinstance(x, torch.Tensor):
+        raise TypeError("tensors are described by graph_key")
+    return repr(x)  # ints, floats, dtypes, enums, strings, tree specs
+
+
+def graph_key(graph: Graph, env: tuple, sources: dict[int, tuple]) -> str | None:
+    """Hash of the captured graph (every field of every buffer, op and view; parameter tensors by
+    metadata, folded constants by value) and of the environment; None if the graph holds
+    something it cannot describe (then the compile does not use the cache)."""
+    try:
+        return _graph_key(graph, env, sources)
+    except Exception:
+        stats["undescribable"] += 1
+        return None
+
+
+def _graph_key(graph: Graph, env: tuple, sources: dict[int, tuple]) -> str:
     params = []
     for bid, t in sorted(graph.params.items()):
         src = sources[bid]
         data = hashlib.sha256(src[1]).hexdigest() if src[0] == "data" else src[0]
         params.append((bid, tuple(t.shape), tuple(t.stride()), str(t.dtype), t.device.type, data))
-    desc = (
-        env,
-        [(b.id, b.name, b.numel, str(b.dtype), b.kind.value) for b in graph.buffers],
-        [
-            (op.kind, op.name, [_view(v) for v in op.inputs], [_view(v) for v in op.outputs], repr(op.attrs))
-            for op in graph.ops
-        ],
-        [None if x is None else (x[0], tuple(x[1]), str(x[2])) for x in graph.inputs],
-        [_view(v) if isinstance(v, View) else ("value", repr(v)) for v in graph.outputs],
-        str(graph.out_spec),
-        params,
-    )
-    return _digest(desc)
+    fields = [(f.name, _describe(getattr(graph, f.name))) for f in dataclasses.fields(graph) if f.name != "params"]
+    return _digest((env, fields, params))
 
 
 # ---- the model key ----
@@ -486,6 +501,10 @@ def _rebuild_dag(data: dict) -> nx.DiGraph:
     return dag
 
 
+# Compilation fields not stored: given by the compile that loads the entry, or stored apart.
+LIVE_FIELDS = ("graph", "settings", "num_workers", "dag", "timings", "cache")
+
+
 class CachedCompilation(Compilation):
     """A Compilation read from the cache: its DAG is rebuilt when first used."""
 
@@ -506,42 +525,49 @@ class CachedCompilation(Compilation):
 
 def store(comp: Compilation, gkey: str, sources: dict[int, tuple], mkey: str | None, checked: bool) -> None:
     """Write the entry for graph key `gkey` and, if given, the model key pointing to it. Failing
-    to write (a full disk, a read-only directory, an output type pickle refuses) is not an error."""
-    g = comp.graph
+    to write (a full disk, a read-only directory, an output type pickle refuses) only warns."""
+    graph = copy.copy(comp.graph)
+    graph.params = {}  # never tensors: `sources` says where each comes from
     entry = {
         "format": FORMAT,
         "key": gkey,
         "checked": checked,  # compiled with the passes' invariant checks on (settings.debug >= 1)
-        "graph": {"buffers": g.buffers, "ops": g.ops, "inputs": g.inputs, "outputs": g.outputs, "out_spec": g.out_spec},
+        "graph": graph,
         "sources": sources,
         "dag": _dag_data(comp.dag),
-        "schedule": comp.schedule,
-        "queue": comp.queue,
-        "timings": dict(comp.timings),
+        # the rest of the Compilation (schedule, queue, ...), whatever fields it has
+        "fields": {f.name: getattr(comp, f.name) for f in dataclasses.fields(comp) if f.name not in LIVE_FIELDS},
     }
     try:
         _write("graph", gkey, entry)
-        if mkey is not None and all(s[0] != "capture" for s in sources.values()):
-            _write("model", mkey, {"format": FORMAT, "key": mkey, "graph_key": gkey})
         stats["store"] += 1
-    except Exception:
-        stats["store failed"] += 1
+    except Exception as e:
+        _store_failed(e)
+        return
+    if mkey is not None:
+        link(mkey, gkey, sources)
 
 
 def link(mkey: str, gkey: str, sources: dict[int, tuple]) -> None:
-    """Point model key `mkey` at the existing entry `gkey` (after a graph-key hit)."""
+    """Point model key `mkey` at the entry `gkey`, unless a parameter can only come from a capture."""
     if all(s[0] != "capture" for s in sources.values()):
         try:
             _write("model", mkey, {"format": FORMAT, "key": mkey, "graph_key": gkey})
-        except Exception:
-            stats["store failed"] += 1
+        except Exception as e:
+            _store_failed(e)
+
+
+def _store_failed(e: Exception) -> None:
+    stats["store failed"] += 1
+    if stats["store failed"] == 1:  # once per process: compiling still works, only slower next time
+        warnings.warn(f"mkcompiler: cannot write the compile cache in {cache_dir()}: {e}", stacklevel=4)
 
 
 def _compilation(entry: dict, params: dict, settings, num_workers: int, status: str) -> CachedCompilation:
     registry.load_all()  # the op families codegen and the VM look up (capture loads them otherwise)
-    gd = entry["graph"]
-    graph = Graph(gd["buffers"], gd["ops"], params, gd["inputs"], gd["outputs"], gd["out_spec"])
-    comp = CachedCompilation(graph, settings, num_workers, schedule=entry["schedule"], queue=entry["queue"])
+    graph = entry["graph"]
+    graph.params = params
+    comp = CachedCompilation(graph, settings, num_workers, **entry["fields"])
     comp._dag_data = entry["dag"]
     comp.cache = status
     comp.graph_key = entry["key"]
@@ -572,7 +598,7 @@ def load_model(
     if not _usable(entry, settings):
         return None
     tensors = _module_tensors(model)
-    buffers = entry["graph"]["buffers"]
+    buffers = entry["graph"].buffers
     params = {}
     for bid, src in entry["sources"].items():
         buf = buffers[bid]

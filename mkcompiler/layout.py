@@ -24,13 +24,17 @@ NUM_FIELDS = 16
 
 
 class WaitField(IntEnum):
-    """Columns of one int32 wait row: wait until counter >= COUNT * generation."""
+    """Columns of one int32 wait row: wait until counter >= COUNT * generation, on this rank's
+    counters (RANK = LOCAL) or on rank RANK's (tensor parallelism: every rank runs the same
+    queue, so counter ids are the same on every rank; see passes/ranks.py)."""
 
     COUNTER = 0
     COUNT = 1
+    RANK = 2
 
 
-NUM_WAIT_FIELDS = 2
+NUM_WAIT_FIELDS = 3
+LOCAL = -1  # WaitField.RANK of a wait on this rank's own counters
 
 
 class ViewField(IntEnum):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mkcompiler.layout import Field, WaitField
+from mkcompiler.layout import LOCAL, Field, WaitField
 
 
 @dataclass
@@ -41,8 +41,20 @@ class Queue:
         return out
 
     def waits_of(self, i: int) -> list[tuple[int, int]]:
+        """(counter, count) of instruction i's waits on this rank's own counters."""
         b, e = self.rows[i, Field.WAIT_BEGIN], self.rows[i, Field.WAIT_END]
-        return [(int(c), int(n)) for c, n in self.waits[b:e, [WaitField.COUNTER, WaitField.COUNT]]]
+        rows = self.waits[b:e, [WaitField.COUNTER, WaitField.COUNT, WaitField.RANK]].tolist()
+        return [(c, n) for c, n, r in rows if r == LOCAL]
+
+    def remote_waits_of(self, i: int) -> list[tuple[int, int, int]]:
+        """(counter, count, rank) of instruction i's waits on the counters of rank `rank`
+        (tensor parallelism: communication tiles; empty in a single-rank queue)."""
+        b, e = self.rows[i, Field.WAIT_BEGIN], self.rows[i, Field.WAIT_END]
+        rows = self.waits[b:e, [WaitField.COUNTER, WaitField.COUNT, WaitField.RANK]].tolist()
+        return [(c, n, r) for c, n, r in rows if r != LOCAL]
+
+    def has_remote_waits(self) -> bool:
+        return bool(len(self.waits)) and bool((self.waits[:, WaitField.RANK] != LOCAL).any())
 
     def opcode_name(self, i: int) -> str:
         return self.opcode_names[self.rows[i, Field.OPCODE]]
@@ -52,7 +64,10 @@ class Queue:
         lines = [f"{'index':>6} {'worker':>6}  {'opcode':<22} {'tile':<34} {'waits (counter>=n*gen)':<26} signal"]
         n = len(self) if limit is None else min(limit, len(self))
         for i in range(n):
-            waits = " ".join(f"c{c}>={k}" for c, k in self.waits_of(i)) or "-"
+            waits = " ".join(
+                [f"c{c}>={k}" for c, k in self.waits_of(i)] + [f"r{r}:c{c}>={k}" for c, k, r in self.remote_waits_of(i)]
+            )
+            waits = waits or "-"
             sig = int(self.rows[i, Field.SIGNAL])
             lines.append(
                 f"{i:>6} {workers[i]:>6}  {self.opcode_name(i):<22} {self.descs[i]:<34} {waits:<26} "

@@ -7,6 +7,9 @@ A family (one module in ops/) says how one of its ops:
   - costs:      `cost(node, coords)` -> estimated ns (bytes / bandwidth + flops / rate),
   - generates:  `key(node)` -> specialization key (one opcode per key) and `emit(key, name)`,
   - computes:   `reference(node, coords, tensor_of)` -> the tile in torch (the VM's spec).
+Communication families (tensor parallelism, ops/comm.py) also read their peers' memory:
+`peer_access` is True, `peer_ranks(node, coords)` lists the ranks a tile reads from, and
+`reference` takes `peer_tensor_of(rank, view)` (the same view on another rank) as well.
 """
 
 from __future__ import annotations
@@ -73,6 +76,16 @@ def runs_intervals(lo: np.ndarray, hi: np.ndarray) -> Intervals:
     return tuple(zip(starts.tolist(), ends.tolist()))
 
 
+def _is_contiguous(shape, strides) -> bool:
+    """View.is_contiguous() on plain shape/strides (with an early exit)."""
+    expected = 1
+    for sz, st in zip(reversed(shape), reversed(strides)):
+        if sz != 1 and st != expected:
+            return False
+        expected *= max(sz, 1)
+    return True
+
+
 def _coalesce(shape, strides) -> tuple[list[int], list[int]]:
     """View.coalesced() on plain shape/strides: drop size-1 dims, merge contiguous neighbours."""
     sizes: list[int] = []
@@ -121,7 +134,8 @@ def box_access(view: View, box: tuple[tuple[int, int], ...]) -> Access:
         n, st = outer_shape[0], outer_steps[0]
         if n > MAX_INTERVALS:
             return Access(view.buffer, ((offset, offset + (n - 1) * st + run),))
-        return Access(view.buffer, tuple((s, s + run) for s in range(offset, offset + n * st, st)))
+        end = offset + n * st
+        return Access(view.buffer, tuple(zip(range(offset, end, st), range(offset + run, end + run, st))))
     starts = [offset]
     for sz, st in zip(outer_shape, outer_steps):
         starts = [s + i * st for s in starts for i in range(sz)]
@@ -132,7 +146,7 @@ def linear_access(view: View, start: int, end: int) -> Access:
     """Elements [start, end) of `view` in row-major order."""
     n = view.numel
     end = min(end, n)
-    if view.is_contiguous():
+    if _is_contiguous(view.shape, view.strides):
         return Access(view.buffer, ((view.offset + start, view.offset + end),))
     if start >= end:
         return Access(view.buffer, ())
@@ -231,6 +245,11 @@ class OpFamily:
 
     kind: str = ""
     routines: tuple[str, ...] = ()  # @triton.jit tile routines in this module the kernel calls
+    peer_access: bool = False  # tiles read other ranks' buffers (communication: ops/comm.py)
+
+    def peer_ranks(self, node: OpNode, coords) -> list[int]:
+        """Ranks whose copy of the op's inputs the tile reads (peer_access families only)."""
+        return []
 
     def key(self, node: OpNode) -> tuple:
         raise NotImplementedError

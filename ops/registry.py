@@ -26,4 +26,4 @@ def family(cls):
 
 def load_all():
     """Import every op module so their table entries exist."""
-    from mkcompiler.ops import attention, elementwise, embedding, layout, matmul, norm, reduce, scatter  # noqa: F401
+    from mkcompiler.ops import attention, comm, elementwise, embedding, layout, matmul, norm, reduce, scatter  # noqa: F401

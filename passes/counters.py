@@ -15,20 +15,23 @@ import networkx as nx
 def assign_counters(dag: nx.DiGraph) -> nx.DiGraph:
     group_of: dict[frozenset, int] = {}
     sizes: list[int] = []
-    for t in sorted(dag.nodes):
-        succ = frozenset(dag.successors(t))
+    data = dict(dag.nodes(data=True))  # node -> its attribute dict (the graph's own)
+    successors = dict(dag.adjacency())
+    signal: dict = {}
+    for t in sorted(data):
+        succ = frozenset(successors[t])
         if not succ:
-            dag.nodes[t]["signal"] = -1
+            signal[t] = data[t]["signal"] = -1
             continue
         if succ not in group_of:
             group_of[succ] = len(sizes)
             sizes.append(0)
         c = group_of[succ]
         sizes[c] += 1
-        dag.nodes[t]["signal"] = c
-    for t in dag.nodes:
-        groups = sorted({dag.nodes[p]["signal"] for p in dag.predecessors(t)})
-        dag.nodes[t]["waits"] = [(c, sizes[c]) for c in groups]
+        signal[t] = data[t]["signal"] = c
+    for t, preds in dag.pred.items():
+        groups = sorted({signal[p] for p in preds})
+        data[t]["waits"] = [(c, sizes[c]) for c in groups]
     dag.graph["counter_sizes"] = sizes
     return dag
 

@@ -19,6 +19,8 @@ the same object down to its adjacency order.
 
 from __future__ import annotations
 
+from itertools import chain
+
 import networkx as nx
 import numpy as np
 from mkcompiler.ops.registry import FAMILIES
@@ -74,7 +76,7 @@ def build_dag(graph: Graph) -> nx.DiGraph:
         np.array(acc_write, dtype=bool),
         np.array(acc_buffer, dtype=np.int64),
         np.array(acc_count, dtype=np.int64),
-        np.array(flat, dtype=np.int64).reshape(-1, 2),
+        np.fromiter(chain.from_iterable(flat), dtype=np.int64, count=2 * len(flat)).reshape(-1, 2),
         task,
     )
     dag.add_edges_from(zip(u.tolist(), v.tolist()))
@@ -93,20 +95,22 @@ def _dependencies(acc_task, acc_pos, acc_write, acc_buffer, acc_count, intervals
     base = acc_buffer[rec_acc] << BUFFER_SHIFT
     lo, hi = intervals[:, 0] + base, intervals[:, 1] + base
     cand = np.nonzero(acc_write[rec_acc])[0]
-    # Edge order key: the successor's access position, then writers (0) before readers (1).
+    # Per interval: its task; the edge order key if its access is the successor's and the
+    # predecessor writes (the access position, twice: writers (+0) come before readers (+1)).
+    task_of = acc_task[rec_acc]
+    rank_of = 2 * acc_pos[rec_acc]
+    read_of = ~acc_write[rec_acc]
     num_ranks = 2 * int(acc_pos.max()) + 2
     keys = []
     for q, w in _overlapping_pairs(lo, hi, cand):
-        ta, tw = acc_task[rec_acc[q]], acc_task[rec_acc[w]]
-        keep = ta != tw
-        q, w, ta, tw = q[keep], w[keep], ta[keep], tw[keep]
-        later_is_query = ta > tw
-        succ = np.where(later_is_query, ta, tw)
-        pred = np.where(later_is_query, tw, ta)
-        succ_acc = rec_acc[np.where(later_is_query, q, w)]
-        pred_is_read = ~later_is_query & ~acc_write[rec_acc[q]]
-        rank = 2 * acc_pos[succ_acc] + pred_is_read
-        keys.append(_first_per_edge((succ * num_tasks + pred) * num_ranks + rank, num_ranks))
+        tq, tw = task_of[q], task_of[w]
+        keep = tq != tw
+        q, w, tq, tw = q[keep], w[keep], tq[keep], tw[keep]
+        later_is_query = tq > tw
+        rank = np.where(later_is_query, rank_of[q], rank_of[w] + read_of[q])
+        keys.append(
+            _first_per_edge((np.maximum(tq, tw) * num_tasks + np.minimum(tq, tw)) * num_ranks + rank, num_ranks)
+        )
     code = _first_per_edge(np.concatenate(keys), num_ranks)
     edge, rank = code // num_ranks, code % num_ranks
     succ, pred = edge // num_tasks, edge % num_tasks
@@ -115,8 +119,8 @@ def _dependencies(acc_task, acc_pos, acc_write, acc_buffer, acc_count, intervals
 
 
 def _first_per_edge(codes: np.ndarray, num_ranks: int) -> np.ndarray:
-    """Unique codes, keeping for each edge (code // num_ranks) only its smallest rank."""
-    codes = np.unique(codes)
+    """Sorted unique codes, keeping for each edge (code // num_ranks) only its smallest rank."""
+    codes = np.sort(codes)
     edge = codes // num_ranks
     first = np.ones(len(codes), dtype=bool)
     first[1:] = edge[1:] != edge[:-1]
@@ -150,7 +154,7 @@ def _overlapping_pairs(lo, hi, cand):
                 qi = np.repeat(np.arange(q0, q1), n)
                 offset = np.arange(total) - np.repeat(np.cumsum(n) - n, n)
                 ci = members[first[qi] + offset]
-                hit = (hi[ci] > lo[qi]) & (lo[ci] < hi[qi])
+                hit = hi[ci] > lo[qi]  # lo[ci] < hi[qi] holds by the range
                 yield qi[hit], ci[hit]
             q0 = q1
 

@@ -2,7 +2,8 @@
 
 Opcodes are numbered per distinct family key (one kernel branch per op kind and config,
 not per layer). Each row: opcode, the op's view ids then its tile coordinates, the wait
-range, the signal counter and the task id.
+range, the signal counter and the task id. Wait rows are (counter, count, rank): LOCAL for
+this rank's counters, a rank for a communication tile's waits on its peers (passes/ranks.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from mkcompiler.ops.registry import FAMILIES
 from mkcompiler.passes.schedule import Schedule
 
 from mkcompiler.ir import Graph, View
-from mkcompiler.layout import MAX_RANK, NUM_ARGS, NUM_FIELDS, NUM_VIEW_FIELDS, NUM_WAIT_FIELDS, Field, ViewField
+from mkcompiler.layout import LOCAL, MAX_RANK, NUM_ARGS, NUM_FIELDS, NUM_VIEW_FIELDS, NUM_WAIT_FIELDS, Field, ViewField
 from mkcompiler.queue import Queue
 
 
@@ -61,27 +62,29 @@ def encode(graph: Graph, dag: nx.DiGraph, schedule: Schedule) -> Queue:
     keys: dict[tuple, int] = {}
     pos = {t: i for i, t in enumerate(schedule.order)}
     rows = np.full((len(schedule.order), NUM_FIELDS), -1, dtype=np.int32)
-    waits: list[tuple[int, int]] = []
+    waits: list[tuple[int, int, int]] = []
     descs = []
-    op_views: dict[int, list[int]] = {}
+    op_views: dict[int, tuple] = {}  # per op, computed once: its key and view ids (not per tile)
     for i, t in enumerate(schedule.order):
         node = dag.nodes[t]
-        op = graph.ops[node["op"]]
-        fam = FAMILIES[op.kind]
-        key = fam.key(op)
-        opcode = keys.setdefault(key, len(keys))
         if node["op"] not in op_views:
+            op = graph.ops[node["op"]]
+            fam = FAMILIES[op.kind]
             op_views[node["op"]] = (
+                op,
+                fam.key(op),
                 [views.id(v) for v in fam.view_args(op)],
                 [views.id(v) for v in fam.instruction_tail(op)],
             )
-        head, tail = op_views[node["op"]]
+        op, key, head, tail = op_views[node["op"]]
+        opcode = keys.setdefault(key, len(keys))
         args = head + list(node["coords"]) + tail
         assert len(args) <= NUM_ARGS, f"{op.name}: {len(args)} instruction args > {NUM_ARGS}"
         rows[i, Field.OPCODE] = opcode
         rows[i, Field.ARG0 : Field.ARG0 + len(args)] = args
         rows[i, Field.WAIT_BEGIN] = len(waits)
-        waits.extend(node["waits"])
+        waits.extend((c, n, LOCAL) for c, n in node["waits"])
+        waits.extend(node.get("remote_waits", ()))  # (counter, count, rank): passes/ranks.py
         rows[i, Field.WAIT_END] = len(waits)
         rows[i, Field.SIGNAL] = node["signal"]
         rows[i, Field.TASK] = t

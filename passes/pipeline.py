@@ -14,6 +14,7 @@ from mkcompiler.passes.dependencies import build_dag, check_dag
 from mkcompiler.passes.encode import encode
 from mkcompiler.passes.fuse import fuse_elementwise
 from mkcompiler.passes.fuse_norm import fuse_norm_into_matmul
+from mkcompiler.passes.ranks import add_remote_waits, check_remote_waits, choose_comm_tiles
 from mkcompiler.passes.schedule import Schedule, list_schedule
 from mkcompiler.passes.split_k import split_k
 from mkcompiler.passes.split_kv import split_kv
@@ -66,6 +67,8 @@ PIPELINE = [
         lambda c: check_single_writer_order(c.graph),
     ),
     ("choose_tiles", lambda c: setattr(c, "graph", choose_tiles(c.graph, c.settings, c.num_workers)), None),
+    # Tensor parallelism (passes/ranks.py): both are no-ops without communication ops.
+    ("choose_comm_tiles", lambda c: setattr(c, "graph", choose_comm_tiles(c.graph, c.settings, c.num_workers)), None),
     (
         "split_kv",
         lambda c: setattr(c, "graph", split_kv(c.graph, c.settings, c.num_workers)),
@@ -73,6 +76,11 @@ PIPELINE = [
     ),
     ("build_dag", lambda c: setattr(c, "dag", build_dag(c.graph)), lambda c: check_dag(c.dag)),
     ("assign_counters", lambda c: setattr(c, "dag", assign_counters(c.dag)), lambda c: check_counters(c.dag)),
+    (
+        "remote_waits",
+        lambda c: setattr(c, "dag", add_remote_waits(c.graph, c.dag)),
+        lambda c: check_remote_waits(c.dag),
+    ),
     ("schedule", lambda c: setattr(c, "schedule", list_schedule(c.dag, c.num_workers)), None),
     ("verify_schedule", _verify, None),  # always runs: never launch a schedule that could deadlock
     ("encode", lambda c: setattr(c, "queue", encode(c.graph, c.dag, c.schedule)), None),

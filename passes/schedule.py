@@ -23,14 +23,17 @@ class Schedule:
 
 def bottom_levels(dag: nx.DiGraph) -> dict[int, float]:
     level: dict[int, float] = {}
+    cost = dict(dag.nodes(data="cost"))
+    successors = dict(dag.adjacency())
     for t in reversed(list(nx.topological_sort(dag))):
-        level[t] = dag.nodes[t]["cost"] + max((level[s] for s in dag.successors(t)), default=0.0)
+        level[t] = cost[t] + max((level[s] for s in successors[t]), default=0.0)
     return level
 
 
 def list_schedule(dag: nx.DiGraph, num_workers: int) -> Schedule:
     level = bottom_levels(dag)
-    missing = {t: dag.in_degree(t) for t in dag.nodes}
+    cost = dict(dag.nodes(data="cost"))
+    missing = dict(dag.in_degree())
     ready_at = {t: 0.0 for t in dag.nodes}
     ready = [(-level[t], t) for t in dag.nodes if missing[t] == 0]
     heapq.heapify(ready)
@@ -51,7 +54,7 @@ def list_schedule(dag: nx.DiGraph, num_workers: int) -> Schedule:
             _release(dag, t, finish, missing, ready_at, ready, level)
         _, t = heapq.heappop(ready)
         start = max(free_at, ready_at[t])
-        finish = start + dag.nodes[t]["cost"]
+        finish = start + cost[t]
         order.append(t)
         lists[w].append(t)
         heapq.heappush(running, (finish, t))

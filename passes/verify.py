@@ -61,11 +61,15 @@ def check_queue(queue, static: bool) -> None:
     g = nx.DiGraph()
     g.add_nodes_from(range(len(queue)))
     for i in range(len(queue)):
-        for c, n in queue.waits_of(i):
+        # A wait on another rank's counter (tensor parallelism) is met by the same instructions
+        # of that rank's queue, which is this queue: every rank runs the same program. Its edges
+        # map onto this queue's, so this queue being free of waiting cycles covers every rank.
+        remote = [(c, n, f"rank {r}'s counter") for c, n, r in queue.remote_waits_of(i)]
+        for c, n, what in [(c, n, "counter") for c, n in queue.waits_of(i)] + remote:
             have = signallers.get(c, [])
             if len(have) != n:
                 raise MegakernelError(
-                    f"instruction {i} ({queue.opcode_name(i)} {queue.descs[i]}) waits for {n} signals on counter "
+                    f"instruction {i} ({queue.opcode_name(i)} {queue.descs[i]}) waits for {n} signals on {what} "
                     f"{c}, but the queue holds {len(have)}: launching it would stall"
                 )
             late = [j for j in have if j >= i]

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from mkcompiler.passes.counters import assign_counters
 from mkcompiler.passes.schedule import Schedule, list_schedule
 
-from mkcompiler.layout import NUM_FIELDS, NUM_VIEW_FIELDS, NUM_WAIT_FIELDS, Field
+from mkcompiler.layout import LOCAL, NUM_FIELDS, NUM_VIEW_FIELDS, NUM_WAIT_FIELDS, Field
 from mkcompiler.queue import Queue
 
 MAX_NODES = 40
@@ -86,12 +86,13 @@ def queue_from_dag(dag: nx.DiGraph, schedule: Schedule) -> Queue:
     """Encode a counted DAG (after assign_counters) and a schedule as a Queue, like encode()."""
     pos = {t: i for i, t in enumerate(schedule.order)}
     rows = np.full((len(schedule.order), NUM_FIELDS), -1, dtype=np.int32)
-    waits: list[tuple[int, int]] = []
+    waits: list[tuple[int, int, int]] = []
     for i, t in enumerate(schedule.order):
         node = dag.nodes[t]
         rows[i, Field.OPCODE] = 0
         rows[i, Field.WAIT_BEGIN] = len(waits)
-        waits.extend(node["waits"])
+        waits.extend((c, n, LOCAL) for c, n in node["waits"])
+        waits.extend(node.get("remote_waits", ()))  # (counter, count, rank): tensor-parallel DAGs
         rows[i, Field.WAIT_END] = len(waits)
         rows[i, Field.SIGNAL] = node["signal"]
         rows[i, Field.TASK] = t
