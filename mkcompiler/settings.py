@@ -26,7 +26,7 @@ class Settings:
     row_chunk: int = 1024  # columns per step of a row sweep (max)
     num_warps: int = 8  # 4 spills registers once prefill-sized tiles and attention share the kernel
     num_stages: int = 3  # software-pipeline depth of tile loops: 3 measured 8% faster than 2 on 1B decode (H200)
-    fuse_norm: bool = True  # fold LayerNorm/RMSNorm into the decode matmuls reading it (passes/fuse_norm.py)
+    fuse_norm: bool = False  # fold LayerNorm/RMSNorm into decode matmuls (passes/fuse_norm.py): measured slower on H100
     l2_prefetch: bool = False  # GPU: ask L2 for weights before waiting on inputs (measured slower on 1B decode)
     interpret: bool | None = None  # run in the Triton interpreter; default: when there is no GPU
     copy_outputs: bool = True  # return fresh tensors (not views of the megakernel's buffers)
