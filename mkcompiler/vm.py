@@ -49,11 +49,17 @@ def run_queue(
     counters: np.ndarray | None = None,
     generation: int = 1,
     observe=None,
+    lookahead: bool = False,
 ) -> VMResult:
     """Run `queue`; `execute(i)` performs instruction i. `choose(candidates)` -> one of them
     (default: seeded random). `observe(event, i, worker)`, if given, is called with event
     "fetch" (worker took instruction i), "ready" (chosen to run, its waits met) and "end"
-    (after its signal), e.g. to stamp a profile. Raises VMDeadlock if the workers get stuck."""
+    (after its signal), e.g. to stamp a profile. Raises VMDeadlock if the workers get stuck.
+
+    lookahead (dynamic only) models the kernel's fetch-ahead (codegen.LOOP_HEAD): a worker
+    holding an instruction first takes the next index from the head, then waits for and runs
+    the one it holds; the index it took becomes its next instruction (an index past the end
+    means: stop after this one)."""
     if queue.has_remote_waits():
         raise ValueError("the queue waits on other ranks' counters (tensor parallelism): run it with run_ranks")
     rng = random.Random(seed)
@@ -62,9 +68,15 @@ def run_queue(
     counters = np.zeros(max(queue.num_counters, 1), dtype=np.int64) if counters is None else counters
     head = 0
     held: list[int | None] = [None] * workers  # instruction fetched and not yet run
+    ahead: list[int | None] = [None] * workers  # lookahead: the next index, taken early
+    last = [False] * workers  # lookahead: the early fetch found the queue empty
+    lookahead = lookahead and dynamic
     cursor = [int(queue.worker_begin[w]) for w in range(workers)]
     done = [False] * workers
     result = VMResult(counters=counters)
+
+    def must_fetch_ahead(w: int) -> bool:
+        return lookahead and held[w] is not None and ahead[w] is None and not last[w]
 
     def ready(i: int) -> bool:
         return all(counters[c] >= k * generation for c, k in queue.waits_of(i))
@@ -74,7 +86,7 @@ def run_queue(
         for w in range(workers):
             if done[w]:
                 continue
-            if held[w] is None:
+            if held[w] is None or must_fetch_ahead(w):
                 moves.append(w)  # can fetch (or find the queue empty and stop)
             elif ready(held[w]):
                 moves.append(w)
@@ -83,6 +95,14 @@ def run_queue(
             raise VMDeadlock(_deadlock_story(queue, stuck, counters, generation))
         w = choose(moves)
         result.steps += 1
+        if must_fetch_ahead(w):
+            if head < n:
+                ahead[w], head = head, head + 1
+                if observe is not None:
+                    observe("fetch", ahead[w], w)
+            else:
+                last[w] = True
+            continue
         if held[w] is None:
             if dynamic:
                 if head < n:
@@ -109,7 +129,9 @@ def run_queue(
             observe("end", i, w)
         result.executed.append(i)
         result.worker_of[i] = w
-        held[w] = None
+        held[w], ahead[w] = ahead[w], None
+        if lookahead and held[w] is None and last[w]:
+            done[w] = True
     return result
 
 
@@ -140,7 +162,7 @@ def run_megakernel(mk, *inputs, seed: int = 0, dynamic: bool | None = None, choo
         FAMILIES[op.kind].reference(op, node["coords"], mk.tensor_of)
 
     dynamic = mk.settings.schedule == "dynamic" if dynamic is None else dynamic
-    res = run_queue(q, execute, dynamic=dynamic, seed=seed, choose=choose, observe=observe)
+    res = run_queue(q, execute, dynamic=dynamic, seed=seed, choose=choose, observe=observe, lookahead=dynamic)
     return mk.outputs(), res
 
 

@@ -28,7 +28,7 @@ SEEDS = 12
 workers = st.integers(1, 6)
 
 
-def run_and_check(dag, q, *, dynamic, seed=0, choose=None, counters=None, generation=1):
+def run_and_check(dag, q, *, dynamic, seed=0, choose=None, counters=None, generation=1, lookahead=False):
     """Run q on the VM, checking that every instruction runs once, after its DAG predecessors."""
     task_of = q.rows[:, Field.TASK]
     done: set[int] = set()
@@ -40,7 +40,16 @@ def run_and_check(dag, q, *, dynamic, seed=0, choose=None, counters=None, genera
         assert not missing, f"task {t} ran before its predecessors {sorted(missing)}"
         done.add(t)
 
-    res = run_queue(q, execute, dynamic=dynamic, seed=seed, choose=choose, counters=counters, generation=generation)
+    res = run_queue(
+        q,
+        execute,
+        dynamic=dynamic,
+        seed=seed,
+        choose=choose,
+        counters=counters,
+        generation=generation,
+        lookahead=lookahead,
+    )
     assert sorted(res.executed) == list(range(len(q)))
     assert done == set(dag.nodes)
     return res
@@ -82,6 +91,34 @@ def test_scheduled_queues_never_deadlock_on_chosen_interleavings(dag, num_worker
     if not dynamic:  # each worker ran exactly its own list
         lists = [sorted(q.worker_order[q.worker_begin[w] : q.worker_begin[w + 1]]) for w in range(num_workers)]
         assert all(sorted(i for i, w in res.worker_of.items() if w == k) == lists[k] for k in range(num_workers))
+
+
+@settings(deadline=None, max_examples=100)
+@given(dags(), workers, st.data())
+def test_fetch_ahead_never_deadlocks_on_scheduled_queues(dag, num_workers, data):
+    """The kernel's dynamic loop takes the next index before waiting on the one it holds
+    (codegen.LOOP_HEAD). A topological queue still finishes under any interleaving, over two
+    launches (counters never reset)."""
+    dag, sched = scheduled(dag, num_workers)
+    q = queue_from_dag(dag, sched)
+    counters = np.zeros(max(q.num_counters, 1), dtype=np.int64)
+    for generation in (1, 2):
+        choose = lambda moves: data.draw(st.sampled_from(moves))  # noqa: E731
+        run_and_check(dag, q, dynamic=True, choose=choose, counters=counters, generation=generation, lookahead=True)
+        assert_counters_at_target(dag, counters, generation)
+
+
+def test_fetch_ahead_is_modelled():
+    """With fetch-ahead an out-of-order queue can deadlock where single fetches finish: worker 0
+    holds B (which needs A) and takes A ahead of it, so A never runs."""
+    dag, sched = scheduled(make_dag(2, [(0, 1)], [1, 1]), 2)
+    q = queue_from_dag(dag, sched)
+    order = [int(np.nonzero(q.rows[:, Field.TASK] == t)[0][0]) for t in (1, 0)]  # B first, then A
+    q.rows = q.rows[order]
+    w0_first = lambda moves: 0 if 0 in moves else moves[0]  # noqa: E731
+    run_queue(q, lambda i: None, dynamic=True, choose=w0_first)  # finishes: worker 1 runs A
+    with pytest.raises(VMDeadlock):
+        run_queue(q, lambda i: None, dynamic=True, choose=w0_first, lookahead=True)
 
 
 def test_waiting_on_too_few_signals_deadlocks():
