@@ -135,4 +135,9 @@ def _compile(model, example_inputs, options, settings, num_workers, device, inte
             comp.cache = "miss"
     comp.timings = {**timings, **comp.timings}
     progress.step("codegen")
-    return Megakernel(comp, generate(comp.queue), device, interpret)
+    source = generate(comp.queue)
+    if settings.dump_dir:  # beside the passes' dumps: the kernel as a standalone file
+        os.makedirs(settings.dump_dir, exist_ok=True)
+        with open(os.path.join(settings.dump_dir, "megakernel.py"), "w") as f:
+            f.write(source)
+    return Megakernel(comp, source, device, interpret)
