@@ -77,14 +77,7 @@ def view_offsets(views_ptr, v, lin):
     t = lin // s3
     i2 = t % s2
     t = t // s2
-    i1 = t % s1
-    i0 = t // s1
-    return (
-        i0.to(tl.int64) * view_stride(views_ptr, v, 0)
-        + i1.to(tl.int64) * view_stride(views_ptr, v, 1)
-        + i2.to(tl.int64) * view_stride(views_ptr, v, 2)
-        + i3.to(tl.int64) * view_stride(views_ptr, v, 3)
-    )
+    return strided_offsets(views_ptr, v, t // s1, t % s1, i2, i3)
 
 
 @triton.jit

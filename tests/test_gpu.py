@@ -2,6 +2,7 @@
 
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,6 +58,17 @@ def test_broken_queue_raises_not_hangs(schedule):
     assert torch.allclose(out, model(x), rtol=1e-3, atol=1e-3)
 
 
+def drop_a_waited_signal(mk) -> np.ndarray:
+    """Corrupt the uploaded queue: the first instruction whose counter someone waits on no longer
+    signals it. Returns the good rows (restore with mk.queue.rows[:] = good; mk.upload_queue())."""
+    good = mk.queue.rows.copy()
+    waited = {c for i in range(len(mk.queue)) for c, _ in mk.queue.waits_of(i)}
+    victim = next(i for i in range(len(mk.queue)) if mk.queue.rows[i, Field.SIGNAL] in waited)
+    mk.queue.rows[victim, Field.SIGNAL] = -1
+    mk.upload_queue(check=False)
+    return good
+
+
 @pytest.mark.parametrize("schedule", ["dynamic", "static"])
 def test_corrupted_queue_raises_within_a_second_of_the_wait_bound(schedule):
     """Issue 6 acceptance: with a small bound (2**14 polls, a few ms) the error reaches the host
@@ -66,11 +78,7 @@ def test_corrupted_queue_raises_within_a_second_of_the_wait_bound(schedule):
     x = torch.randn(4, 256, device="cuda")
     mk = mkcompiler.compile(model, (x,), schedule=schedule, max_spin=1 << 14)
     mk(x)  # compiled and warm
-    good = mk.queue.rows.copy()
-    waited = {c for i in range(len(mk.queue)) for c, _ in mk.queue.waits_of(i)}
-    victim = next(i for i in range(len(mk.queue)) if mk.queue.rows[i, Field.SIGNAL] in waited)
-    mk.queue.rows[victim, Field.SIGNAL] = -1
-    mk.upload_queue(check=False)
+    good = drop_a_waited_signal(mk)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with pytest.raises(mkcompiler.MegakernelError, match="instruction|counter"):
@@ -93,11 +101,7 @@ def test_default_wait_bound_error_then_correct_call(schedule):
     x = torch.randn(4, 256, device="cuda")
     mk = mkcompiler.compile(model, (x,), schedule=schedule)
     mk(x)
-    good = mk.queue.rows.copy()
-    waited = {c for i in range(len(mk.queue)) for c, _ in mk.queue.waits_of(i)}
-    victim = next(i for i in range(len(mk.queue)) if mk.queue.rows[i, Field.SIGNAL] in waited)
-    mk.queue.rows[victim, Field.SIGNAL] = -1
-    mk.upload_queue(check=False)
+    good = drop_a_waited_signal(mk)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with pytest.raises(mkcompiler.MegakernelError, match="counter"):
