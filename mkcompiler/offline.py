@@ -58,6 +58,12 @@ def default_num_warps() -> int:
     return Settings().num_warps
 
 
+def default_l2_prefetch() -> bool:
+    from mkcompiler.settings import Settings
+
+    return Settings().l2_prefetch
+
+
 def default_num_stages() -> int:
     from mkcompiler.settings import Settings
 
@@ -76,6 +82,7 @@ def compile_sm90(
     dynamic: bool = True,
     timeout: float = 600,
     profile: bool = False,
+    l2_prefetch: bool | None = None,
 ) -> dict:
     """Compile megakernel source for sm_`arch` in a subprocess; return its resource report:
     regs (per thread), spill_stores / spill_loads / spilled_bytes (bytes per thread), shared
@@ -97,6 +104,7 @@ def compile_sm90(
         f"--arch={arch}",
         "--dynamic" if dynamic else "--static",
         *(["--profile"] if profile else []),
+        *(["--l2-prefetch"] if (default_l2_prefetch() if l2_prefetch is None else l2_prefetch) else []),
     ]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -132,7 +140,9 @@ def _load_kernel(path: str):
     return kernel
 
 
-def _compile(kernel, num_warps: int, num_stages: int, arch: int, dynamic: bool, profile: bool = False):
+def _compile(
+    kernel, num_warps: int, num_stages: int, arch: int, dynamic: bool, profile: bool = False, l2_prefetch: bool = False
+):
     """triton.compile for a CUDA target without a driver; returns (kernel, ptxas log)."""
     import triton
     from triton import knobs
@@ -145,7 +155,7 @@ def _compile(kernel, num_warps: int, num_stages: int, arch: int, dynamic: bool, 
         (index["DYNAMIC"],): dynamic,
         (index["PROFILE"],): profile,
         (index["LOGICAL_CLOCK"],): False,
-        (index["L2_PREFETCH"],): True,
+        (index["L2_PREFETCH"],): l2_prefetch,
     }
     # The JIT marks 16-byte-aligned pointers divisible by 16; without it nothing is vectorized.
     attrs = {(index[n],): [["tt.divisibility", 16]] for n, t in SIGNATURE.items() if t.startswith("*")}
@@ -191,12 +201,14 @@ def report_for(
     dynamic: bool = True,
     dump_dir: str | None = None,
     profile: bool = False,
+    l2_prefetch: bool | None = None,
 ) -> dict:
     num_warps = num_warps or default_num_warps()
     num_stages = num_stages or default_num_stages()
     kernel = _load_kernel(path)
     t0 = time.perf_counter()
-    compiled, log = _compile(kernel, num_warps, num_stages, arch, dynamic, profile)
+    l2_prefetch = default_l2_prefetch() if l2_prefetch is None else l2_prefetch
+    compiled, log = _compile(kernel, num_warps, num_stages, arch, dynamic, profile, l2_prefetch)
     seconds = time.perf_counter() - t0
     res = _res_usage(compiled.asm["cubin"])
     stores, loads = _ptxas_spills(log)
@@ -211,6 +223,7 @@ def report_for(
         "num_stages": num_stages,
         "dynamic": dynamic,
         "profile": profile,
+        "l2_prefetch": l2_prefetch,
         "regs": res["reg"],
         "spill_stores": stores,
         "spill_loads": loads,
@@ -234,6 +247,7 @@ def main(argv=None) -> None:
     sched.add_argument("--dynamic", dest="dynamic", action="store_true", default=True)
     sched.add_argument("--static", dest="dynamic", action="store_false")
     p.add_argument("--profile", action="store_true", help="the profiling variant (per-instruction stamps)")
+    p.add_argument("--l2-prefetch", action="store_true", help="with L2 prefetch of weights (default: Settings)")
     p.add_argument("--dump", metavar="DIR", help="write ttir/ttgir/llir/ptx here")
     p.add_argument("--json", action="store_true", help="print the report as one JSON line")
     a = p.parse_args(argv)
@@ -244,7 +258,7 @@ def main(argv=None) -> None:
         env = dict(os.environ, TRITON_INTERPRET="0", TRITON_ALWAYS_COMPILE="1")
         args = sys.argv[1:] if argv is None else list(argv)
         os.execve(sys.executable, [sys.executable, "-m", "mkcompiler.offline", *args], env)
-    r = report_for(a.source, a.num_warps, a.num_stages, a.arch, a.dynamic, a.dump, a.profile)
+    r = report_for(a.source, a.num_warps, a.num_stages, a.arch, a.dynamic, a.dump, a.profile, a.l2_prefetch or None)
     print(json.dumps(r) if a.json else format_report(r))
 
 
