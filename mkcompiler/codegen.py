@@ -19,7 +19,20 @@ import triton
 import triton.language as tl
 
 from mkcompiler.kernel_lib import aborted, now, signal, wait_all
-from mkcompiler.ops.common import aligned_stride, arg, load_strided, load_view, split_index, store_strided, store_view, view_numel
+from mkcompiler.ops.common import (
+    aligned_stride,
+    arg,
+    load_strided,
+    load_view,
+    split_index,
+    store_strided,
+    store_view,
+    strided_offsets,
+    view_base,
+    view_numel,
+    view_size,
+    view_stride,
+)
 {imports}
 
 # tl.constexpr(...) values: the compiler (unlike the interpreter) refuses plain int globals.

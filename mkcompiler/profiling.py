@@ -95,9 +95,9 @@ def _work_fn(graph, op):
 
         return embedding
     if op.kind == "scatter":
-        values, index, _, base = op.inputs
+        *values, index, _, base = op.inputs  # one value view, or a fused expression's inputs
         _, per_row = fam.rows(op)
-        row_bytes = per_row * (values.dtype.itemsize + base.dtype.itemsize)
+        row_bytes = per_row * (sum(v.dtype.itemsize for v in values) + base.dtype.itemsize)
         index_bytes = index.numel * index.dtype.itemsize
 
         def scatter(coords):

@@ -139,19 +139,38 @@ class Scatter(OpFamily):
     routines = ("scatter_rows",)
 
     def view_args(self, node):
-        values, index, update, base = node.inputs
-        return [values, index, update, base]
+        return list(node.inputs)  # the value input(s), index, update, base; then rows r0, r1
 
     def padded_dim(self, node) -> int:
-        update = node.inputs[2]
+        update = node.inputs[-2]
         if update.rank > 4:
             raise NotImplementedError("index_put on a tensor of rank > 4")
         return node.attrs["dim"] + 4 - update.rank
 
+    def values(self, node) -> list[View]:
+        """The value inputs: one view, or (fused, passes/fuse.fuse_into_scatter) the inputs of
+        node.attrs["expr"], all expanded to the update's shape."""
+        return list(node.inputs[:-3])
+
     def key(self, node):
-        values, index, update, base = node.inputs
+        *values, index, update, base = node.inputs
         shape = update.padded(4)[0]
         _, per_row = self.rows(node)
+        if "expr" in node.attrs:
+            return (
+                self.kind,
+                "fused",
+                node.attrs["expr"],
+                tuple(v.dtype for v in values),
+                index.dtype,
+                base.dtype,
+                self.padded_dim(node),
+                1024,
+                flat_flags(*values),
+                shape,
+                per_row,
+            )
+        (values,) = values
         return (
             self.kind,
             values.dtype,
@@ -165,6 +184,8 @@ class Scatter(OpFamily):
         )
 
     def emit(self, key, name):
+        if key[1] == "fused":
+            return _emit_fused(key, name)
         _, vdt, idt, odt, dim, block, v_flat, shape, per_row = key
         return "", (
             f"scatter_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(vdt)}, {tl_dtype(idt)}, {tl_dtype(odt)}, "
@@ -172,7 +193,7 @@ class Scatter(OpFamily):
         )
 
     def rows(self, node) -> tuple[int, int]:
-        update = node.inputs[2]
+        update = node.inputs[-2]
         outer = math.prod(update.shape[: node.attrs["dim"]])
         per_row = math.prod(update.shape[node.attrs["dim"] :])
         return outer, per_row
@@ -183,7 +204,7 @@ class Scatter(OpFamily):
         return [(r, min(r + step, outer)) for r in range(0, outer, step)]
 
     def regions(self, node, coords):
-        values, index, update, base = node.inputs
+        *values, index, update, base = node.inputs
         r0, r1 = coords
         _, per_row = self.rows(node)
         base_row = math.prod(base.shape[node.attrs["dim"] :])
@@ -191,26 +212,78 @@ class Scatter(OpFamily):
             written = linear_access(base, r0 * base_row, r1 * base_row)  # every slot of these rows
         else:
             written = whole(base)
-        return [linear_access(values, r0 * per_row, r1 * per_row), whole(index)], [written]
+        reads = [linear_access(v, r0 * per_row, r1 * per_row) for v in values]
+        return reads + [whole(index)], [written]
 
     def cost(self, node, coords):
         _, per_row = self.rows(node)
-        return bytes_cost(2 * (coords[1] - coords[0]) * per_row * node.inputs[0].dtype.itemsize)
+        itemsize = sum(v.dtype.itemsize for v in self.values(node)) + node.inputs[-1].dtype.itemsize
+        return bytes_cost((coords[1] - coords[0]) * per_row * itemsize)
 
     def describe(self, node, coords):
         return f"{node.name}[rows {coords[0]}:{coords[1]}]"
 
     def reference(self, node, coords, tensor_of):
-        values, index, update, base = node.inputs
+        *values, index, update, base = node.inputs
         dim = node.attrs["dim"]
         r0, r1 = coords
         b = tensor_of(base).reshape(-1, *base.shape[dim:]) if base.is_contiguous() else None
         if b is None:
             raise NotImplementedError("VM scatter into a strided base")
-        v = tensor_of(values).reshape(-1, *update.shape[dim:])
+        if "expr" in node.attrs:
+            from mkcompiler.ops.elementwise import expr_torch
+
+            v = expr_torch(node.attrs["expr"], [tensor_of(x) for x in values])
+        else:
+            v = tensor_of(values[0])
+        v = v.reshape(-1, *update.shape[dim:])
         idx = tensor_of(index).long()
         idx = torch.where(idx < 0, idx + base.shape[dim], idx)
         for r in range(r0, r1):
             for j, i in enumerate(idx.tolist()):
                 if 0 <= i < base.shape[dim]:
                     b[r, i] = v[r, j].to(b.dtype)
+
+
+def _emit_fused(key, name: str) -> tuple[str, str]:
+    """A scatter whose values are an elementwise expression of its inputs (fused producer):
+    the tile computes the values where it stores them, one stage instead of two."""
+    from mkcompiler.ops.elementwise import expr_source
+
+    _, _, expr, in_dtypes, idt, odt, dim, block, flat, shape, per_row = key
+    k = len(in_dtypes)
+    lines, result = expr_source(expr, k)
+    src = [
+        "@triton.jit",
+        f"def {name}(row_ptr, addrs_ptr, views_ptr, BLOCK: tl.constexpr):",
+        f"    vi = arg(row_ptr, {k})",
+        f"    vo = arg(row_ptr, {k + 1})",
+        f"    vb = arg(row_ptr, {k + 2})",
+        f"    r0 = arg(row_ptr, {k + 3})",
+        f"    r1 = arg(row_ptr, {k + 4})",
+        f"    limit = view_size(views_ptr, vb, {dim})",
+        f"    o_ptr = view_base(addrs_ptr, views_ptr, vo, {tl_dtype(odt)})",
+        f"    i_ptr = view_base(addrs_ptr, views_ptr, vi, {tl_dtype(idt)})",
+        "    i_stride = view_stride(views_ptr, vi, 3)",
+        f"    stride = view_stride(views_ptr, vo, {dim})",
+        f"    for start in range(r0 * {per_row}, tl.minimum(r1 * {per_row}, {math.prod(shape)}), BLOCK):",
+        "        lin = start + tl.arange(0, BLOCK)",
+        f"        mask = (lin < r1 * {per_row}) & (lin < {math.prod(shape)})",
+        f"        i0, i1, i2, i3 = split_index(lin, {shape[1]}, {shape[2]}, {shape[3]})",
+    ]
+    for i, dt in enumerate(in_dtypes):
+        v = f"arg(row_ptr, {i})"
+        if flat[i] == 0:
+            src.append(f"        x{i} = load_strided(addrs_ptr, views_ptr, {v}, i0, i1, i2, i3, mask, {tl_dtype(dt)})")
+        else:
+            src.append(f"        x{i} = load_view(addrs_ptr, views_ptr, {v}, lin, mask, {tl_dtype(dt)}, {flat[i]})")
+    src += [f"        {line}" for line in lines]
+    src += [
+        f"        j = i{dim}",
+        "        idx = tl.load(i_ptr + j.to(tl.int64) * i_stride, mask=mask, other=0).to(tl.int64)",
+        "        idx = tl.where(idx < 0, idx + limit, idx)",
+        "        ok = mask & (idx >= 0) & (idx < limit)",
+        "        dst = o_ptr + strided_offsets(views_ptr, vo, i0, i1, i2, i3) + (idx - j) * stride",
+        f"        tl.store(dst, {result}.to({tl_dtype(odt)}), mask=ok)",
+    ]
+    return "\n".join(src) + "\n", f"{name}({{row}}, {{addrs}}, {{views}}, {block})"

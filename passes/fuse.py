@@ -37,12 +37,49 @@ def _is_broadcast_of_full(view: View, full_shape) -> bool:
 
 def fuse_elementwise(graph: Graph) -> Graph:
     """Fuse to a fixed point: a splice can leave a producer with a single reader (x read by
-    sigmoid and by mul: once sigmoid is in mul, x can go in too)."""
+    sigmoid and by mul: once sigmoid is in mul, x can go in too). Then splice elementwise
+    producers into the scatters storing their values (fuse_into_scatter)."""
     while True:
         before = len(graph.ops)
         graph = _fuse_once(graph)
         if len(graph.ops) == before:
-            return graph
+            return fuse_into_scatter(graph)
+
+
+SCATTER_TAIL = 5  # a scatter instruction's args after its value inputs: index, update, base, r0, r1
+
+
+def fuse_into_scatter(graph: Graph) -> Graph:
+    """A scatter (index_put / index_copy: a KV-cache append) whose values an elementwise op
+    computes, read by the scatter alone, computes them itself (ops/scatter.py, fused form): the
+    RoPE'd key is rotated where it is stored, one stage (and one wait) less per layer."""
+    outputs = {v.buffer for v in graph.outputs if isinstance(v, View)}
+    readers: dict[int, list] = {}
+    for op in graph.ops:
+        for v in op.inputs:
+            if v is not None:
+                readers.setdefault(v.buffer, []).append((op, v))
+    producers = {op.outputs[0].buffer: op for op in graph.ops if op.kind == "elementwise"}
+    removed = set()
+    for op in graph.ops:
+        if op.kind != "scatter" or "expr" in op.attrs:
+            continue
+        values = op.inputs[0]
+        p = producers.get(values.buffer)
+        if p is None or values.buffer in outputs or len(p.inputs) + SCATTER_TAIL > NUM_ARGS:
+            continue
+        out = p.outputs[0]
+        if out.offset != 0 or not out.is_contiguous() or {id(o) for o, _ in readers[values.buffer]} != {id(op)}:
+            continue
+        if not all(v == values for _, v in readers[values.buffer]):
+            continue
+        if not _is_broadcast_of_full(values, out.shape):
+            continue
+        op.inputs = tuple(x.expand(values.shape) for x in p.inputs) + tuple(op.inputs[1:])
+        op.attrs["expr"] = p.attrs["expr"]
+        removed.add(id(p))
+    graph.ops = [op for op in graph.ops if id(op) not in removed]
+    return graph
 
 
 def _fuse_once(graph: Graph) -> Graph:
