@@ -67,3 +67,44 @@ def test_fused_graph_matches_eager():
     x = torch.randn(1, 1, 64)
     mk.poison()
     assert rel_err(mk(x), model(x)) <= 1e-5
+
+
+class CacheAppend(torch.nn.Module):
+    """k = (x @ W) * scale + shift, appended to a cache at runtime positions (index_copy_)."""
+
+    def __init__(self, dim=16, slots=8, also_return_k=False):
+        super().__init__()
+        self.proj = torch.nn.Linear(dim, dim, bias=False)
+        self.shift = torch.nn.Parameter(torch.randn(dim))
+        self.register_buffer("cache", torch.zeros(2, slots, dim))
+        self.also_return_k = also_return_k
+
+    def forward(self, x, pos):
+        k = self.proj(x) * 0.5 + self.shift
+        self.cache.index_copy_(1, pos, k)
+        out = self.cache.sum(-1)  # reads every slot: the cache after the write
+        return (out, k * 2) if self.also_return_k else out
+
+
+def test_elementwise_values_fuse_into_the_cache_write():
+    torch.manual_seed(0)
+    model, ref = CacheAppend(), CacheAppend()
+    ref.load_state_dict(model.state_dict())
+    x, pos = torch.randn(2, 3, 16), torch.tensor([1, 4, 6])
+    mk = mkcompiler.compile(model, (x, pos))
+    (scatter,) = [op for op in mk.graph.ops if op.kind == "scatter"]
+    assert "expr" in scatter.attrs  # the elementwise op producing k is gone into the scatter
+    assert "elementwise" not in [op.kind for op in mk.graph.ops]
+    for p in ([0, 2, 3], [7, 5, 1]):
+        x, pos = torch.randn(2, 3, 16), torch.tensor(p)
+        assert rel_err(mk(x, pos), ref(x, pos)) <= 1e-5
+        assert torch.allclose(model.cache, ref.cache, atol=1e-6)
+
+
+def test_values_read_elsewhere_are_not_fused_into_the_scatter():
+    torch.manual_seed(0)
+    model = CacheAppend(also_return_k=True)
+    x, pos = torch.randn(2, 3, 16), torch.tensor([1, 4, 6])
+    mk = mkcompiler.compile(model, (x, pos))
+    (scatter,) = [op for op in mk.graph.ops if op.kind == "scatter"]
+    assert "expr" not in scatter.attrs
