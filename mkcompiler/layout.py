@@ -12,15 +12,15 @@ class Field(IntEnum):
 
     OPCODE = 0
     ARG0 = 1  # ARG0 .. ARG0 + NUM_ARGS - 1: op-specific (view ids, tile coordinates)
-    WAIT_BEGIN = 11  # waits of this instruction are rows [WAIT_BEGIN, WAIT_END) of the wait table
-    WAIT_END = 12
-    SIGNAL = 13  # counter this instruction adds 1 to when done; -1 = nobody waits on it
-    TASK = 14  # index of the tile task in the DAG (for errors and profiles)
-    RESERVED = 15
+    WAIT_BEGIN = 15  # waits of this instruction are rows [WAIT_BEGIN, WAIT_END) of the wait table
+    WAIT_END = 16
+    SIGNAL = 17  # counter this instruction adds 1 to when done; -1 = nobody waits on it
+    TASK = 18  # index of the tile task in the DAG (for errors and profiles)
+    RESERVED = 19
 
 
-NUM_ARGS = 10
-NUM_FIELDS = 16
+NUM_ARGS = 14  # fused elementwise ops and scatters take up to NUM_ARGS - 3 / NUM_ARGS - 5 inputs
+NUM_FIELDS = 20
 
 
 class WaitField(IntEnum):

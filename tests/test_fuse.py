@@ -108,3 +108,60 @@ def test_values_read_elsewhere_are_not_fused_into_the_scatter():
     mk = mkcompiler.compile(model, (x, pos))
     (scatter,) = [op for op in mk.graph.ops if op.kind == "scatter"]
     assert "expr" not in scatter.attrs
+
+
+class HalvesOfASum(torch.nn.Module):
+    """s = a + b read by three ops through different windows (as RoPE reads a split-K sum):
+    s * c, and the two halves of s, negated and swapped (rotate_half)."""
+
+    def forward(self, a, b, c):
+        s = a + b
+        h = s.shape[-1] // 2
+        return s * c + torch.cat([-s[..., h:], s[..., :h]], dim=-1)
+
+
+def test_a_small_producer_is_recomputed_in_each_window_reader():
+    torch.manual_seed(0)
+    model = HalvesOfASum()
+    args = [torch.randn(3, 4, 16) for _ in range(3)]
+    mk = mkcompiler.compile(model, args)
+    assert "add" in [op.name for op in capture(model, tuple(args)).ops]  # s = a + b
+    assert "add" not in [op.name for op in mk.graph.ops]  # inlined into its readers
+    assert len(mk.graph.ops) == 3, [op.name for op in mk.graph.ops]  # two cat pieces, s * c + cat
+    args = [torch.randn(3, 4, 16) for _ in range(3)]
+    mk.poison()
+    assert rel_err(mk(*args), model(*args)) <= 1e-6
+
+
+def test_transfer_maps_windows_and_refuses_carries():
+    from mkcompiler.passes.fuse import transfer
+
+    from mkcompiler.ir import View
+
+    out_shape = (4, 8)
+    x = View(7, torch.float32, (4, 8), (1, 4), 0)  # a transposed input: x[i, j] at i + 4 j
+    half = View(3, torch.float32, (4, 4), (8, 1), 4)  # out[:, 4:]
+    t = transfer(half, out_shape, x)
+    assert (t.buffer, t.shape, t.strides, t.offset) == (7, (4, 4), (1, 4), 16)
+    carry = View(3, torch.float32, (2, 6), (8, 1), 4)  # 6 columns from column 4: runs past a row
+    assert transfer(carry, out_shape, x) is None
+
+
+class TwoReadersOfACat(torch.nn.Module):
+    """t = cat([cos(f), sin(f)]) of shape [1, 2n], read by two ops: its first piece alone looks
+    like a contiguous producer at offset 0 ([1, n] inside [1, 2n]), but it writes half of t."""
+
+    def forward(self, f, a, b):
+        t = torch.cat([f.cos(), f.sin()], dim=-1)
+        return a * t, b + t
+
+
+def test_a_cat_piece_is_not_taken_for_the_whole_cat():
+    torch.manual_seed(0)
+    model = TwoReadersOfACat()
+    args = (torch.randn(1, 8), torch.randn(3, 16), torch.randn(3, 16))
+    mk = mkcompiler.compile(model, args)
+    args = (torch.randn(1, 8), torch.randn(3, 16), torch.randn(3, 16))
+    mk.poison()
+    for got, want in zip(mk(*args), model(*args)):
+        assert rel_err(got, want) <= 1e-6
