@@ -219,6 +219,19 @@ class Graph:
         self.buffers.append(buf)
         return buf
 
+    def output_buffers(self) -> set[int]:
+        """Buffers the model returns (their values must be materialised)."""
+        return {v.buffer for v in self.outputs if isinstance(v, View)}
+
+    def readers(self) -> dict[int, list]:
+        """buffer id -> the ops reading it (an op once per input view that reads it)."""
+        found: dict[int, list] = {}
+        for op in self.ops:
+            for v in op.inputs:
+                if v is not None:
+                    found.setdefault(v.buffer, []).append(op)
+        return found
+
     def new_tensor(self, name: str, shape, dtype: torch.dtype) -> View:
         buf = self.add_buffer(name, math.prod(shape), dtype, BufferKind.ACT)
         return View.full(buf, tuple(shape))

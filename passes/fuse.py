@@ -116,12 +116,7 @@ def _duplicate_small_producers(graph: Graph) -> Graph:
     several views: the halves a rotary embedding slices) is recomputed inside each reader: a
     split-K sum read by RoPE's pieces and product then costs no stage of its own. Each reading
     view must be a window of the producer's output (transfer) and fit the reader's inputs."""
-    outputs = {v.buffer for v in graph.outputs if isinstance(v, View)}
-    readers: dict[int, list] = {}
-    for op in graph.ops:
-        for v in op.inputs:
-            if v is not None:
-                readers.setdefault(v.buffer, []).append(op)
+    outputs, readers = graph.output_buffers(), graph.readers()
     removed = set()
     sole = sole_writers(graph)
     for p in graph.ops:

@@ -22,12 +22,7 @@ def _as_rows(v: View, c: int) -> View | None:
 
 
 def fuse_norm_into_matmul(graph: Graph) -> Graph:
-    outputs = {v.buffer for v in graph.outputs if isinstance(v, View)}
-    readers: dict[int, list] = {}
-    for op in graph.ops:
-        for v in op.inputs:
-            if v is not None:
-                readers.setdefault(v.buffer, []).append(op)
+    outputs, readers = graph.output_buffers(), graph.readers()
     dropped = set()
     for norm in graph.ops:
         if norm.kind != "norm":
