@@ -13,78 +13,13 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
 from mkcompiler.ops.base import OpFamily, bytes_cost, flat_flags, linear_access, tl_dtype, whole
-from mkcompiler.ops.common import (
-    arg,
-    load_strided,
-    load_view,
-    split_index,
-    strided_offsets,
-    view_base,
-    view_size,
-    view_stride,
-)
 from mkcompiler.ops.registry import family, lowers
 
 from mkcompiler.ir import View
 
 aten = torch.ops.aten
 TILE_ELEMENTS = 4096  # elements of `values` per tile (whole rows)
-
-
-@triton.jit
-def scatter_rows(
-    row_ptr,
-    addrs_ptr,
-    views_ptr,
-    V_DT: tl.constexpr,
-    I_DT: tl.constexpr,
-    O_DT: tl.constexpr,
-    DIM: tl.constexpr,
-    BLOCK: tl.constexpr,
-    V_FLAT: tl.constexpr,
-    S1: tl.constexpr,
-    S2: tl.constexpr,
-    S3: tl.constexpr,
-    NUMEL: tl.constexpr,
-    PER_ROW: tl.constexpr,
-):
-    # The update's padded shape (S0..S3) is a compile-time constant: one index split per element
-    # serves values, index and destination (runtime divisors would cost an integer division each).
-    vv = arg(row_ptr, 0)  # values, expanded to the update shape
-    vi = arg(row_ptr, 1)  # 1-D index
-    vo = arg(row_ptr, 2)  # base restricted to the update shape (dim DIM sized like the index)
-    vb = arg(row_ptr, 3)  # the whole base (for the size of dim DIM)
-    r0 = arg(row_ptr, 4)
-    r1 = arg(row_ptr, 5)
-    limit = view_size(views_ptr, vb, DIM)
-    o_ptr = view_base(addrs_ptr, views_ptr, vo, O_DT)
-    i_ptr = view_base(addrs_ptr, views_ptr, vi, I_DT)
-    i_stride = view_stride(views_ptr, vi, 3)  # the index is 1-D: its padded dim 3
-    stride = view_stride(views_ptr, vo, DIM)
-    for start in range(r0 * PER_ROW, tl.minimum(r1 * PER_ROW, NUMEL), BLOCK):
-        lin = start + tl.arange(0, BLOCK)
-        mask = (lin < r1 * PER_ROW) & (lin < NUMEL)
-        i0, i1, i2, i3 = split_index(lin, S1, S2, S3)
-        if V_FLAT >= 1:
-            x = load_view(addrs_ptr, views_ptr, vv, lin, mask, V_DT, V_FLAT)
-        else:
-            x = load_strided(addrs_ptr, views_ptr, vv, i0, i1, i2, i3, mask, V_DT)
-        if DIM == 0:
-            j = i0
-        elif DIM == 1:
-            j = i1
-        elif DIM == 2:
-            j = i2
-        else:
-            j = i3
-        idx = tl.load(i_ptr + j.to(tl.int64) * i_stride, mask=mask, other=0).to(tl.int64)
-        idx = tl.where(idx < 0, idx + limit, idx)
-        ok = mask & (idx >= 0) & (idx < limit)
-        dst = o_ptr + strided_offsets(views_ptr, vo, i0, i1, i2, i3) + (idx - j) * stride
-        tl.store(dst, x.to(O_DT), mask=ok)
 
 
 def _one_index(ctx, node, base: View, indices):
@@ -136,7 +71,6 @@ def lower_slice_scatter(ctx, node, base, src, dim=0, start=None, end=None, step=
 @family
 class Scatter(OpFamily):
     kind = "scatter"
-    routines = ("scatter_rows",)
 
     def view_args(self, node):
         return list(node.inputs)  # the value input(s), index, update, base; then rows r0, r1
@@ -152,45 +86,28 @@ class Scatter(OpFamily):
         node.attrs["expr"], all expanded to the update's shape."""
         return list(node.inputs[:-3])
 
+    def expr(self, node):
+        """The values as an elementwise expression of the value inputs (a plain scatter: x0)."""
+        return node.attrs.get("expr", ("in", 0))
+
     def key(self, node):
         *values, index, update, base = node.inputs
-        shape = update.padded(4)[0]
         _, per_row = self.rows(node)
-        if "expr" in node.attrs:
-            return (
-                self.kind,
-                "fused",
-                node.attrs["expr"],
-                tuple(v.dtype for v in values),
-                index.dtype,
-                base.dtype,
-                self.padded_dim(node),
-                1024,
-                flat_flags(*values),
-                shape,
-                per_row,
-            )
-        (values,) = values
         return (
             self.kind,
-            values.dtype,
+            self.expr(node),
+            tuple(v.dtype for v in values),
             index.dtype,
             base.dtype,
             self.padded_dim(node),
             1024,
-            flat_flags(values)[0],
-            shape,
+            flat_flags(*values),
+            update.padded(4)[0],
             per_row,
         )
 
     def emit(self, key, name):
-        if key[1] == "fused":
-            return _emit_fused(key, name)
-        _, vdt, idt, odt, dim, block, v_flat, shape, per_row = key
-        return "", (
-            f"scatter_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(vdt)}, {tl_dtype(idt)}, {tl_dtype(odt)}, "
-            f"{dim}, {block}, {v_flat}, {shape[1]}, {shape[2]}, {shape[3]}, {math.prod(shape)}, {per_row})"
-        )
+        return _emit(key, name)
 
     def rows(self, node) -> tuple[int, int]:
         update = node.inputs[-2]
@@ -230,13 +147,9 @@ class Scatter(OpFamily):
         b = tensor_of(base).reshape(-1, *base.shape[dim:]) if base.is_contiguous() else None
         if b is None:
             raise NotImplementedError("VM scatter into a strided base")
-        if "expr" in node.attrs:
-            from mkcompiler.ops.elementwise import expr_torch
+        from mkcompiler.ops.elementwise import expr_torch
 
-            v = expr_torch(node.attrs["expr"], [tensor_of(x) for x in values])
-        else:
-            v = tensor_of(values[0])
-        v = v.reshape(-1, *update.shape[dim:])
+        v = expr_torch(self.expr(node), [tensor_of(x) for x in values]).reshape(-1, *update.shape[dim:])
         idx = tensor_of(index).long()
         idx = torch.where(idx < 0, idx + base.shape[dim], idx)
         for r in range(r0, r1):
@@ -245,12 +158,14 @@ class Scatter(OpFamily):
                     b[r, i] = v[r, j].to(b.dtype)
 
 
-def _emit_fused(key, name: str) -> tuple[str, str]:
-    """A scatter whose values are an elementwise expression of its inputs (fused producer):
-    the tile computes the values where it stores them, one stage instead of two."""
+def _emit(key, name: str) -> tuple[str, str]:
+    """The scatter's tile routine. Its values are an elementwise expression of its inputs (x0 for
+    a plain scatter; a fused producer's tree otherwise: computed where they are stored). The
+    update's padded shape is a compile-time constant: one index split per element serves values,
+    index and destination (runtime divisors would cost an integer division each)."""
     from mkcompiler.ops.elementwise import expr_source
 
-    _, _, expr, in_dtypes, idt, odt, dim, block, flat, shape, per_row = key
+    _, expr, in_dtypes, idt, odt, dim, block, flat, shape, per_row = key
     k = len(in_dtypes)
     lines, result = expr_source(expr, k)
     src = [
