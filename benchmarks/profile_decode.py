@@ -2,8 +2,8 @@
 
     python benchmarks/profile_decode.py --model llama-3.2-1b --batch 1 --ctx 512 --out DIR
 
-Writes DIR/stamps.npz (stamps, op names, opcode names, descs) and prints the time per op (busy
-= ready -> end, wait = fetch -> ready) and the step's span. Options after `--opt k=v` are passed
+Writes DIR/stamps<tag>.npz (stamps, op names, opcode names, descs: for analysis by op name),
+prints the profile's summary, then times the kernel and the call. Options after `--opt k=v` are passed
 to mkcompiler.compile (ints/bools parsed).
 """
 
@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import ast
 import os
-import re
 import sys
 import time
-from collections import defaultdict
 
 import numpy as np
 import torch
@@ -65,21 +63,8 @@ def main() -> None:
         kinds=np.array(kinds),
         descs=np.array(q.descs),
     )
-    t_begin, t_end = s[:, 1].min(), s[:, 3].max()
-    print(f"span {(t_end - t_begin) / 1e3:.1f} us over {len(q)} instructions")
-    busy, wait, count = defaultdict(float), defaultdict(float), defaultdict(int)
-    for i in range(len(q)):
-        key = re.sub(r"_\d+", "", op_names[i]) + " " + kinds[i].split("#")[0]
-        busy[key] += (s[i, 3] - s[i, 2]) / 1e3
-        wait[key] += (s[i, 2] - s[i, 1]) / 1e3
-        count[key] += 1
-    print(f"{'op':<48}{'n':>7}{'busy us':>10}{'mean us':>9}{'wait us':>10}")
-    for k in sorted(busy, key=busy.get, reverse=True)[:16]:
-        print(f"{k:<48}{count[k]:>7}{busy[k]:>10.0f}{busy[k] / count[k]:>9.2f}{wait[k]:>10.0f}")
-    per_worker_busy = np.zeros(mk.num_workers)
-    np.add.at(per_worker_busy, s[:, 0], (s[:, 3] - s[:, 2]) / 1e3)
-    span = (t_end - t_begin) / 1e3
-    print(f"worker busy share: mean {per_worker_busy.mean() / span:.1%}, max {per_worker_busy.max() / span:.1%}")
+    print(prof.summary())  # per op kind, per SM, idle gaps (mkcompiler/profiling.py)
+    span = prof.span() / 1e3  # us
     kernel = triton.testing.do_bench(mk.launch, warmup=20, rep=200, return_mode="median")
     call = triton.testing.do_bench(lambda: mk(tok, pos), warmup=20, rep=200, return_mode="median")
     print(f"RESULT {opts}: kernel {kernel:.3f} ms, call {call:.3f} ms, profiled span {span / 1e3:.3f} ms")
