@@ -1,16 +1,14 @@
 """Fuse chains of elementwise ops into one op (one generated tile routine, one pass over memory).
 
-A producer P is spliced into its consumer C when P's output buffer is read by C alone
-(possibly several times, e.g. x * sigmoid(x), all through one view), through P's own full
-view (optionally broadcast; strides of size-1 dims don't matter, so [1, N] read as [1, 1, N]
-fuses), and is not a model output. Buffers
-are written once and never mutated, so computing P's tree later, inside C, reads the same
-values. The merged node keeps C's output view (which may be a slice, e.g. of a cat).
-
-A small producer (at most DUPLICATE_MAX_ELEMENTS) read by several elementwise ops, or through
-several views (RoPE reads halves of a split-K sum), is recomputed inside every reader, each
-reading P's inputs through its own window of P's output (`transfer`). Elementwise producers
-also fuse into the scatters that store their values (`fuse_into_scatter`: KV-cache appends).
+A producer P (an elementwise op, the sole writer of all of its output, not a model output) is
+spliced into the elementwise ops reading it: its expression replaces their reads of its output,
+over P's inputs seen through each read's window of the output (`transfer`: a broadcast, a
+reshape, a slice such as RoPE's halves). Buffers are written once and never mutated, so
+computing P's tree later, inside a reader, gives the same values. P is spliced when it has one
+reader op (x * sigmoid(x) reads x twice), or when it is small (at most DUPLICATE_MAX_ELEMENTS:
+then it is recomputed in every reader); a merged node keeps the reader's output view (which may
+be a slice, e.g. of a cat). Elementwise producers also fuse into the scatters that store their
+values (`fuse_into_scatter`: KV-cache appends).
 """
 
 from __future__ import annotations
@@ -47,24 +45,13 @@ def sole_writers(graph: Graph) -> dict[int, object]:
     return sole
 
 
-def _is_broadcast_of_full(view: View, full_shape) -> bool:
-    """view == (contiguous view of a buffer of shape full_shape).expand(view.shape)?"""
-    if view.offset != 0:
-        return False
-    try:
-        ref = View(view.buffer, view.dtype, tuple(full_shape), contiguous_strides(tuple(full_shape))).expand(view.shape)
-    except (ValueError, AssertionError):
-        return False
-    return all(a == b for a, b, n in zip(ref.strides, view.strides, view.shape) if n != 1)
-
-
 def fuse_elementwise(graph: Graph) -> Graph:
     """Fuse to a fixed point: a splice can leave a producer with a single reader (x read by
     sigmoid and by mul: once sigmoid is in mul, x can go in too). Then splice elementwise
     producers into the scatters storing their values (fuse_into_scatter)."""
     while True:
         before = len(graph.ops)
-        graph = _duplicate_small_producers(_fuse_once(graph))
+        graph = _inline_producers(graph)
         if len(graph.ops) == before:
             return fuse_into_scatter(graph)
 
@@ -111,20 +98,22 @@ def transfer(view: View, out_shape, x: View) -> View | None:
     return View(x.buffer, x.dtype, tuple(view.shape), tuple(strides), offset)
 
 
-def _duplicate_small_producers(graph: Graph) -> Graph:
-    """An elementwise producer of a small tensor read by several elementwise ops (or through
-    several views: the halves a rotary embedding slices) is recomputed inside each reader: a
-    split-K sum read by RoPE's pieces and product then costs no stage of its own. Each reading
-    view must be a window of the producer's output (transfer) and fit the reader's inputs."""
+def _inline_producers(graph: Graph) -> Graph:
+    """Splice each elementwise producer into the elementwise ops reading it, when it has one
+    reader op, or it is small (then it is recomputed inside each reader: a split-K sum read by
+    RoPE's pieces and product costs no stage of its own). Each reading view must be a window of
+    the producer's output (transfer) and the result must fit the reader's inputs."""
     outputs, readers = graph.output_buffers(), graph.readers()
     removed = set()
     sole = sole_writers(graph)
     for p in graph.ops:
         out = p.outputs[0]
         users = readers.get(out.buffer, [])
-        if sole.get(out.buffer) is not p or out.buffer in outputs or out.numel > DUPLICATE_MAX_ELEMENTS:
+        if sole.get(out.buffer) is not p or out.buffer in outputs or not users:
             continue
-        if not users or any(id(u) in removed for u in users):
+        if any(id(u) in removed for u in users):
+            continue
+        if len({id(u) for u in users}) > 1 and out.numel > DUPLICATE_MAX_ELEMENTS:
             continue
         if any(u.kind != "elementwise" or u is p for u in users):
             continue
@@ -206,62 +195,3 @@ def fuse_into_scatter(graph: Graph) -> Graph:
         removed.add(id(p))
     graph.ops = [op for op in graph.ops if id(op) not in removed]
     return graph
-
-
-def _fuse_once(graph: Graph) -> Graph:
-    outputs = {v.buffer for v in graph.outputs if isinstance(v, View)}
-    readers: dict[int, set[int]] = {}  # buffer -> the ops reading it
-    views: dict[int, set] = {}  # buffer -> the views it is read through
-    for op in graph.ops:
-        for v in op.inputs:
-            if v is not None:
-                readers.setdefault(v.buffer, set()).add(id(op))
-                views.setdefault(v.buffer, set()).add(v)
-    producer = {}
-    for b, op in sole_writers(graph).items():
-        single = len(readers.get(b, ())) == 1 and len(views.get(b, ())) == 1
-        if b not in outputs and single:
-            producer[b] = op
-    removed = set()
-    for op in graph.ops:
-        if op.kind != "elementwise":
-            continue
-        changed = True
-        while changed:
-            changed = False
-            for v in op.inputs:
-                p = producer.get(v.buffer)
-                if p is None or id(p) in removed or not _is_broadcast_of_full(v, p.outputs[0].shape):
-                    continue
-                ks = {i for i, x in enumerate(op.inputs) if x == v}  # every read of P (one view)
-                new_inputs = [x for i, x in enumerate(op.inputs) if i not in ks]
-                extra = [x.expand(v.shape) for x in p.inputs]
-                mapping_c = {}
-                for i in range(len(op.inputs)):
-                    if i not in ks:
-                        mapping_c[i] = i - sum(1 for j in ks if j < i)
-                mapping_p = {}
-                for j, x in enumerate(extra):
-                    if x in new_inputs:
-                        mapping_p[j] = new_inputs.index(x)
-                    else:
-                        mapping_p[j] = len(new_inputs)
-                        new_inputs.append(x)
-                if len(new_inputs) > MAX_INPUTS:
-                    continue
-                p_expr = _reindex(p.attrs["expr"], mapping_p)
-                op.attrs["expr"] = _substitute(op.attrs["expr"], ks, p_expr, mapping_c)
-                op.inputs = tuple(new_inputs)
-                removed.add(id(p))
-                changed = True
-                break
-    graph.ops = [op for op in graph.ops if id(op) not in removed]
-    return graph
-
-
-def _substitute(expr, ks, replacement, mapping):
-    if expr[0] == "in":
-        return replacement if expr[1] in ks else ("in", mapping[expr[1]])
-    if expr[0] == "const":
-        return expr
-    return expr[:3] + tuple(_substitute(a, ks, replacement, mapping) for a in expr[3:])
