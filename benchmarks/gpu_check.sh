@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks; a short table last. Usage (device machine):
-#   bash benchmarks/gpu_check.sh [tests|bench|llama|decode|profile|compile|all] ...
+#   bash benchmarks/gpu_check.sh [tests|bench|llama|decode|profile|pdecode|compile|all] ...
 # several modes may be given. BENCH_ARGS / LLAMA_ARGS / DECODE_ARGS add options to the MLP /
-# Llama / decode-latency benchmarks; PROFILE_FACTORY names the model `profile` runs.
+# Llama / decode-latency benchmarks; PROFILE_FACTORY names the model `profile` runs;
+# PDECODE_ARGS are profile_decode.py's options (pdecode is not part of `all`).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-/tmp/mk_out}"; mkdir -p "$OUT"
 modes=" ${*:-all} "
-want() { [[ "$modes" == *" $1 "* || "$modes" == *" all "* ]]; }
+want() { [[ "$modes" == *" $1 "* || ("$modes" == *" all "* && "$1" != pdecode) ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 rc=0
@@ -29,6 +30,9 @@ fi
 if want profile; then
   timeout 200 python3 -m mkcompiler profile "${PROFILE_FACTORY:-examples.factories:llama_1b_decode}" --out "$OUT/profile" \
     2>&1 | grep -v Warning | tail -40
+fi
+if want pdecode; then  # per-instruction stamps of a decode step, saved under $OUT for offline analysis
+  timeout 240 python3 benchmarks/profile_decode.py --out "$OUT" ${PDECODE_ARGS:-} 2>&1 | grep -v Warning | tail -30
 fi
 if want compile; then
   timeout 200 python3 benchmarks/compile_times.py --model llama-3.2-1b 2>&1 | grep -v Warning | tail -4
