@@ -59,8 +59,8 @@ def compile(model: torch.nn.Module, example_inputs, **options) -> Megakernel | S
     elif interpret:
         num_workers = INTERPRETER_WORKERS
     else:
-        num_workers = torch.cuda.get_device_properties(device).multi_processor_count
-    check_num_workers(num_workers, device, interpret)  # before the (slow) capture
+        num_workers = torch.cuda.get_device_properties(device).multi_processor_count * settings.workers_per_sm
+    check_num_workers(num_workers, device, interpret, settings.workers_per_sm)  # before the (slow) capture
     progress = Progress(settings.progress)
     # Compiling allocates millions of small objects; the cyclic garbage collector would rescan
     # torch.export's object graph again and again (about a fifth of a 1B-model compile). Cycles

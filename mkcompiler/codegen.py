@@ -52,16 +52,19 @@ LOOP_HEAD = '''
 @triton.jit(do_not_specialize=["generation", "n_instr"])
 def megakernel(instr_ptr, n_instr, waits_ptr, counters_ptr, head_ptr, err_ptr, addrs_ptr, views_ptr,
                order_ptr, worker_begin_ptr, generation, prof_ptr, MAX_SPIN: tl.constexpr, DYNAMIC: tl.constexpr,
-               PROFILE: tl.constexpr, LOGICAL_CLOCK: tl.constexpr, L2_PREFETCH: tl.constexpr):
+               PROFILE: tl.constexpr, LOGICAL_CLOCK: tl.constexpr, L2_PREFETCH: tl.constexpr,
+               FENCE_WAITS: tl.constexpr):
     """Each program is one worker: fetch an instruction, wait for its inputs, run its tile, signal.
     PROFILE (a separate compile, only when asked) stamps (worker, fetch, ready, end) per
     instruction into prof_ptr (profiling.py's columns); prof_ptr[-1] is the logical clock.
-    L2_PREFETCH (GPU only: inline PTX) asks L2 for an instruction's weights before its wait."""
+    L2_PREFETCH (GPU only: inline PTX) asks L2 for an instruction's weights before its wait.
+    FENCE_WAITS (GPU only: inline PTX): waits end with a barrier vote and a fence instead of an
+    acquire atomic (kernel_lib.wait_all)."""
     pid = tl.program_id(0)
     if DYNAMIC:
         # The head only grows: each launch takes n_instr + num_programs fetches from it.
         base = (n_instr + tl.num_programs(0)) * (generation - 1)
-        cursor = tl.atomic_add(head_ptr, 1) - base
+        cursor = tl.atomic_add(head_ptr, 1, sem="relaxed") - base
         stop = n_instr
     else:
         cursor = tl.load(worker_begin_ptr + pid)
@@ -73,7 +76,7 @@ def megakernel(instr_ptr, n_instr, waits_ptr, counters_ptr, head_ptr, err_ptr, a
             # instruction. Still deadlock-free: the smallest index held and not done has every
             # dependency done (all smaller ones were fetched earlier and are done), and it is its
             # worker's current instruction (a worker's ahead index is larger than its current).
-            next_cursor = tl.atomic_add(head_ptr, 1) - base
+            next_cursor = tl.atomic_add(head_ptr, 1, sem="relaxed") - base  # rows are read-only: nothing to order
         else:
             idx = tl.load(order_ptr + cursor)
             next_cursor = cursor + 1
@@ -81,7 +84,7 @@ def megakernel(instr_ptr, n_instr, waits_ptr, counters_ptr, head_ptr, err_ptr, a
         row = instr_ptr + idx * NUM_FIELDS
         if PROFILE:
             t_fetch = now(prof_ptr + n_instr * NUM_STAMPS, LOGICAL_CLOCK)
-{prefetch}        if wait_all(row, idx, waits_ptr, counters_ptr, err_ptr, generation, MAX_SPIN) == 0:
+{prefetch}        if wait_all(row, idx, waits_ptr, counters_ptr, err_ptr, generation, MAX_SPIN, FENCE_WAITS) == 0:
             next_cursor = stop
         else:
             if PROFILE:

@@ -1,7 +1,7 @@
 """Device functions of the queue protocol: bounded waits, signals, the error record.
 
 Facts this relies on (TRITON_3_6_NOTES.md): a spin on a plain load is deleted by the
-compiler, so polls are `atomic_add(p, 0, sem="acquire")`; a scalar release atomic is issued
+compiler, so polls are volatile loads (or acquire atomics); a scalar release atomic is issued
 by one thread with no barrier before it, so callers put tl.debug_barrier() before signal().
 """
 
@@ -67,23 +67,49 @@ def record_stuck_wait(err_ptr, idx, counter, value, target):
 
 
 @triton.jit
-def wait_all(row_ptr, idx, waits_ptr, counters_ptr, err_ptr, generation, MAX_SPIN: tl.constexpr):
+def cta_all(pred):
+    """1 where `pred` (a per-thread scalar) holds in every thread of the program, else 0: one
+    barrier with an AND reduction (bar.red), which also makes the answer uniform. GPU only."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred p, q; setp.ne.s32 p, $1, 0; bar.red.and.pred q, 0, p; selp.s32 $0, 1, 0, q; }",
+        "=r,r",
+        [pred.to(tl.int32)],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
+def acquire_fence():
+    """After relaxed reads that saw the producers' release writes: fence.acq_rel makes the
+    pair an acquire (PTX memory model's acquire pattern), with no extra trip to memory."""
+    tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def wait_all(row_ptr, idx, waits_ptr, counters_ptr, err_ptr, generation, MAX_SPIN: tl.constexpr, FENCE: tl.constexpr):
     """Wait (acquire) until each of the instruction's counters reaches count x generation.
     Returns 1 when all are met, 0 when one gave up after MAX_SPIN polls (recorded in err).
 
-    One acquire read first (a wait is often met already). If not met: cheap polls, then one
-    acquire: every thread polls with volatile loads (no barriers; a scalar acquire atomic costs
-    a broadcast through shared memory with two barriers per poll), the error flag is read only
-    every ABORT_CHECK polls, and once the counter is seen at its target one acquire atomic
-    orders the tile's loads after the producers' releases."""
+    Every thread polls with volatile loads (no barriers; a scalar acquire atomic costs a
+    broadcast through shared memory with two barriers), the error flag is read only every
+    ABORT_CHECK polls. FENCE (GPU): the threads agree with one bar.red (a uniform answer: the
+    tile after it has barriers), and one fence.acq_rel after the last wait orders the tile's
+    loads after the producers' releases: no memory round trip once the counter is seen.
+    Without FENCE (the interpreter has no inline asm): an acquire atomic first (often met at
+    once), and one more after the polls."""
     w = tl.load(row_ptr + WAIT_BEGIN)
     w_end = tl.load(row_ptr + WAIT_END)
     ok = 1
     while (w < w_end) & (ok == 1):
         counter = tl.load(waits_ptr + w * WAIT_ROW + W_COUNTER)
         target = tl.load(waits_ptr + w * WAIT_ROW + W_COUNT) * generation
-        value = tl.atomic_add(counters_ptr + counter, 0, sem="acquire")  # often met at once
-        if value < target:
+        if FENCE:
+            value = tl.load(counters_ptr + counter, volatile=True)
+        else:
+            value = tl.atomic_add(counters_ptr + counter, 0, sem="acquire")  # often met at once
+        if FENCE or value < target:
             spins = 0
             while (value < target) & (spins < MAX_SPIN):
                 value = tl.load(counters_ptr + counter, volatile=True)
@@ -91,11 +117,19 @@ def wait_all(row_ptr, idx, waits_ptr, counters_ptr, err_ptr, generation, MAX_SPI
                 if spins % ABORT_CHECK == 0:
                     if aborted(err_ptr):
                         spins = MAX_SPIN
-            value = tl.atomic_add(counters_ptr + counter, 0, sem="acquire")
-        if value < target:
-            ok = 0
+            if FENCE:
+                ok = cta_all(value >= target)
+            else:
+                value = tl.atomic_add(counters_ptr + counter, 0, sem="acquire")
+        if not FENCE:
+            if value < target:
+                ok = 0
+        if ok == 0:
             record_stuck_wait(err_ptr, idx, counter, value, target)
         w += 1
+    if FENCE:
+        if ok == 1:
+            acquire_fence()
     return ok
 
 

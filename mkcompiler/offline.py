@@ -47,6 +47,7 @@ SIGNATURE = {
     "PROFILE": "constexpr",
     "LOGICAL_CLOCK": "constexpr",
     "L2_PREFETCH": "constexpr",
+    "FENCE_WAITS": "constexpr",
 }
 GPU_MAX_SPIN = 1 << 22  # runtime.Megakernel's default on a GPU
 
@@ -141,7 +142,14 @@ def _load_kernel(path: str):
 
 
 def _compile(
-    kernel, num_warps: int, num_stages: int, arch: int, dynamic: bool, profile: bool = False, l2_prefetch: bool = False
+    kernel,
+    num_warps: int,
+    num_stages: int,
+    arch: int,
+    dynamic: bool,
+    profile: bool = False,
+    l2_prefetch: bool = False,
+    fence_waits: bool | None = None,
 ):
     """triton.compile for a CUDA target without a driver; returns (kernel, ptxas log)."""
     import triton
@@ -149,6 +157,9 @@ def _compile(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from mkcompiler.settings import Settings
+
+    fence_waits = Settings().fence_waits if fence_waits is None else fence_waits
     index = {name: i for i, name in enumerate(kernel.arg_names)}
     constexprs = {
         (index["MAX_SPIN"],): GPU_MAX_SPIN,
@@ -156,6 +167,7 @@ def _compile(
         (index["PROFILE"],): profile,
         (index["LOGICAL_CLOCK"],): False,
         (index["L2_PREFETCH"],): l2_prefetch,
+        (index["FENCE_WAITS"],): fence_waits,
     }
     # The JIT marks 16-byte-aligned pointers divisible by 16; without it nothing is vectorized.
     attrs = {(index[n],): [["tt.divisibility", 16]] for n, t in SIGNATURE.items() if t.startswith("*")}

@@ -65,22 +65,22 @@ def _work_fn(graph, op):
         return matmul
     if op.kind == "attention":
         q, k, v, mask = op.inputs
-        bm = op.attrs["tile"][0]
-        sq, dq, dv = q.shape[2], q.shape[3], v.shape[3]
+        dq, dv = q.shape[3], v.shape[3]
         causal, split = op.attrs["causal"], fam.splits(op) > 1
         q_sz, k_sz, v_sz = q.dtype.itemsize, k.dtype.itemsize, v.dtype.itemsize
         m_sz, o_sz = (mask.dtype.itemsize if mask is not None else 0), op.outputs[0].dtype.itemsize
 
         def attention(coords):
-            _, _, mb, p = coords
-            r0, r1 = mb * bm, min((mb + 1) * bm, sq)
-            lo, hi = fam.kv_range(op, p)
-            if causal:  # row r sees keys <= r (top-left aligned, as the kernel)
-                keys = np.clip(np.minimum(hi, np.arange(r0, r1) + 1) - lo, 0, None)
-                pairs, span = int(keys.sum()), int(keys.max(initial=0))
-            else:
-                pairs, span = (r1 - r0) * (hi - lo), hi - lo
-            nbytes = (r1 - r0) * (dq * q_sz + dv * o_sz + (8 if split else 0))
+            lo, hi = fam.kv_range(op, coords[3])
+            rows = pairs = span = 0
+            for _, r0, r1 in fam.row_segments(op, coords):  # query rows of each head the tile covers
+                rows += r1 - r0
+                if causal:  # row r sees keys <= r (top-left aligned, as the kernel)
+                    keys = np.clip(np.minimum(hi, np.arange(r0, r1) + 1) - lo, 0, None)
+                    pairs, span = pairs + int(keys.sum()), max(span, int(keys.max(initial=0)))
+                else:
+                    pairs, span = pairs + (r1 - r0) * (hi - lo), hi - lo
+            nbytes = rows * (dq * q_sz + dv * o_sz + (8 if split else 0))
             nbytes += span * (dq * k_sz + dv * v_sz) + pairs * m_sz
             return nbytes, 2.0 * pairs * (dq + dv)
 

@@ -80,23 +80,44 @@ def check_input(t, what: str, shape: tuple, dtype: torch.dtype, device: torch.de
         )
 
 
-def max_workers(device: torch.device, interpret: bool) -> int | None:
-    """How many persistent programs can be resident at once (None: no limit). Workers spin-wait
-    on each other, so a worker that never gets an SM would hang the rest: at most one per SM."""
+def max_workers(device: torch.device, interpret: bool, per_sm: int = 1) -> int | None:
+    """How many persistent programs may be asked for (None: no limit). Workers spin-wait on
+    each other, so a worker that never gets an SM would hang the rest: `per_sm` programs per SM
+    (Settings.workers_per_sm). The launch is cooperative: the driver refuses a grid that cannot
+    be resident at once (registers, shared memory), and launch() says so."""
     if interpret:
         return None  # interpreted programs run one after another (or one thread each)
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
 
 
-def check_num_workers(num_workers, device: torch.device, interpret: bool) -> None:
+def check_num_workers(num_workers, device: torch.device, interpret: bool, per_sm: int = 1) -> None:
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
-    limit = max_workers(device, interpret)
+    if isinstance(per_sm, bool) or not isinstance(per_sm, int) or per_sm < 1:
+        raise ValueError(f"workers_per_sm must be a positive integer, got {per_sm!r}")
+    limit = max_workers(device, interpret, per_sm)
     if limit is not None and num_workers > limit:
         raise ValueError(
-            f"num_workers={num_workers} is more than can be co-resident on {device} ({limit} SMs): every worker of "
-            f"a persistent kernel must run at once, one per SM; use num_workers <= {limit}"
+            f"num_workers={num_workers} is more than can be co-resident on {device} ({limit // per_sm} SMs x "
+            f"workers_per_sm={per_sm}): every worker of a persistent kernel must run at once; use num_workers <= "
+            f"{limit} or raise workers_per_sm"
         )
+
+
+@contextlib.contextmanager
+def _cooperative_errors(mk):
+    """A grid too large to be resident at once: say which knobs decide it."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "cooperative" not in str(e).lower() and "too many blocks" not in str(e).lower():
+            raise
+        raise MegakernelError(
+            f"{mk.num_workers} workers cannot all be resident on {mk.device} at once (the launch is cooperative: "
+            f"{e}); with workers_per_sm={mk.settings.workers_per_sm} and num_warps={mk.settings.num_warps}, "
+            "each worker needs 1/workers_per_sm of an SM's registers and shared memory: lower workers_per_sm "
+            "or num_warps, or pass a smaller num_workers"
+        ) from e
 
 
 class Megakernel:
@@ -250,13 +271,14 @@ class Megakernel:
             PROFILE=prof is not None,
             LOGICAL_CLOCK=self.interpret,
             L2_PREFETCH=self.settings.l2_prefetch and not self.interpret,
+            FENCE_WAITS=self.settings.fence_waits and not self.interpret,
         )
         if not self.interpret:
             kwargs.update(
                 num_warps=self.settings.num_warps, num_stages=self.settings.num_stages, launch_cooperative_grid=True
             )
         # The interpreter keeps global state (grid index, patched triton.language): one launch at a time.
-        with INTERPRETER_LOCK if self.interpret else contextlib.nullcontext():
+        with INTERPRETER_LOCK if self.interpret else contextlib.nullcontext(), _cooperative_errors(self):
             self._kernel[(self.num_workers,)](
                 self.instr,
                 len(self.queue),

@@ -28,6 +28,8 @@ class Settings:
     num_stages: int = 3  # software-pipeline depth of tile loops: 3 measured 8% faster than 2 on 1B decode (H200)
     fuse_norm: bool = False  # fold LayerNorm/RMSNorm into decode matmuls (passes/fuse_norm.py): measured slower on H100
     l2_prefetch: bool = False  # GPU: ask L2 for weights before waiting on inputs (measured slower on 1B decode)
+    fence_waits: bool = True  # GPU: waits end with a barrier vote + fence, not an acquire atomic (kernel_lib.py)
+    workers_per_sm: int = 1  # default num_workers = SMs x this (co-resident: registers and shared memory permitting)
     interpret: bool | None = None  # run in the Triton interpreter; default: when there is no GPU
     copy_outputs: bool = True  # return fresh tensors (not views of the megakernel's buffers)
     fallback: str = "error"  # unsupported ops: "error" raises; "eager" runs them eagerly between megakernels

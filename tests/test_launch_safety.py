@@ -44,14 +44,15 @@ def assert_correct(mk, model, x) -> None:
 @pytest.fixture
 def two_sms(monkeypatch):
     """Pretend the device holds at most two resident workers (as on a 2-SM GPU)."""
-    monkeypatch.setattr(runtime, "max_workers", lambda device, interpret: 2)
+    monkeypatch.setattr(runtime, "max_workers", lambda device, interpret, per_sm=1: 2 * per_sm)
 
 
 def test_more_workers_than_sms_is_refused_before_capture(two_sms, monkeypatch):
     captured = []
     monkeypatch.setattr(mkcompiler.api, "capture", lambda *a: captured.append(a))
     with pytest.raises(
-        ValueError, match=r"num_workers=3 is more than can be co-resident on cpu \(2 SMs\).*num_workers <= 2"
+        ValueError,
+        match=r"num_workers=3 is more than can be co-resident on cpu \(2 SMs x workers_per_sm=1\).*num_workers <= 2",
     ):
         mkcompiler.compile(layer_norm_mlp(), (torch.randn(4, 8),), num_workers=3, **OPTIONS)
     assert not captured  # refused up front, not after the slow part
@@ -76,10 +77,29 @@ def test_gpu_refuses_a_grid_larger_than_the_sm_count():
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     torch.manual_seed(0)
     model, x = layer_norm_mlp().cuda(), torch.randn(4, 8, device="cuda")
-    with pytest.raises(ValueError, match=rf"num_workers={sms + 1} is more than can be co-resident .*\({sms} SMs\)"):
+    with pytest.raises(
+        ValueError, match=rf"num_workers={sms + 1} is more than can be co-resident .*\({sms} SMs x workers_per_sm=1\)"
+    ):
         mkcompiler.compile(model, (x,), num_workers=sms + 1)
     mk = mkcompiler.compile(model, (x,), num_workers=sms)
     assert_correct(mk, model, x)
+
+
+@pytest.mark.gpu
+def test_gpu_two_workers_per_sm_run_or_are_refused_clearly():
+    """Two programs per SM: correct when they fit (num_warps=4), else a MegakernelError that
+    names the knobs; never a hang."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    torch.manual_seed(0)
+    model, x = layer_norm_mlp().cuda(), torch.randn(4, 8, device="cuda")
+    mk = mkcompiler.compile(model, (x,), workers_per_sm=2, num_warps=4)
+    assert mk.num_workers == 2 * sms
+    assert_correct(mk, model, x)
+
+
+def test_workers_per_sm_must_be_a_positive_integer():
+    with pytest.raises(ValueError, match=r"workers_per_sm must be a positive integer, got 0"):
+        mkcompiler.compile(layer_norm_mlp(), (torch.randn(4, 8),), workers_per_sm=0)
 
 
 # ---- a kernel error leaves the Megakernel usable ----
