@@ -2,8 +2,13 @@
 
 q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] with Hq = G x Hkv (grouped-query: head h reads kv head
 h // G), an optional mask (bool: keep where true; float: added to the scores) broadcast to
-[B, Hq, Sq, Skv], causal (top-left aligned, as torch) or not. A tile is BM query rows of one
-(batch, head): a flash-style sweep over BN-key blocks with an online softmax, fp32 state.
+[B, Hq, Sq, Skv], causal (top-left aligned, as torch) or not.
+
+A tile (b, hk, m, p) is a flash-style sweep over BN-key blocks (of key chunk p, split-KV) with an
+online softmax in fp32, for block m of BM rows in the *packed* rows of (batch b, kv head hk):
+packed row r in [0, G x Sq) is query position r % Sq of query head hk x G + r // Sq. All G query
+heads sharing a kv head share its K/V loads (at decode, Sq = 1, one tile covers them all); in
+prefill a block stays in one head when BM divides Sq, else it straddles heads (still correct).
 Rows whose every key is masked produce 0 (torch gives NaN there).
 """
 
@@ -14,7 +19,16 @@ import math
 import torch
 import triton
 import triton.language as tl
-from mkcompiler.ops.base import OpFamily, box_access, bytes_cost, cdiv, next_pow2, tl_dtype, whole
+from mkcompiler.ops.base import (
+    Access,
+    OpFamily,
+    box_access,
+    bytes_cost,
+    cdiv,
+    merge_intervals,
+    next_pow2,
+    tl_dtype,
+)
 from mkcompiler.ops.common import arg, view_base, view_size, view_stride
 from mkcompiler.ops.registry import family, lowers
 
@@ -57,26 +71,30 @@ def attention_tile(
     vm = arg(row_ptr, 3)
     vo = arg(row_ptr, 4)
     b = arg(row_ptr, 5)
-    h = arg(row_ptr, 6)
+    hk = arg(row_ptr, 6)  # kv head: the tile's rows are the packed rows of its GROUP query heads
     mb = arg(row_ptr, 7)
     part = arg(row_ptr, 8)  # split-KV: which chunk of the keys (0 without a split)
     vml = arg(row_ptr, 9)  # split-KV: [P*B, H, Sq, 2] fp32 running max and sum per chunk
-    hk = h // GROUP
     Sq = view_size(views_ptr, vq, 2)
     D = view_size(views_ptr, vq, 3)
     Skv = view_size(views_ptr, vk, 2)
+    # Packed row r of kv head hk is query position r % Sq of query head hk * GROUP + r // Sq.
     rows = mb * BM + tl.arange(0, BM)
+    if GROUP == 1:
+        row_ok = rows < Sq
+        h = hk + tl.zeros([BM], tl.int32)
+        qi = rows
+    else:
+        row_ok = rows < GROUP * Sq
+        h = hk * GROUP + rows // Sq
+        qi = rows % Sq
     d = tl.arange(0, BD)
-    row_ok = rows < Sq
     d_ok = d < D
-    q_ptr = (
-        view_base(addrs_ptr, views_ptr, vq, Q_DT)
-        + b * view_stride(views_ptr, vq, 0)
-        + h * view_stride(views_ptr, vq, 1)
-    )
+    q_ptr = view_base(addrs_ptr, views_ptr, vq, Q_DT) + b * view_stride(views_ptr, vq, 0)
+    q_rows = h * view_stride(views_ptr, vq, 1) + qi * view_stride(views_ptr, vq, 2)
     sq3 = 1 if Q_UNIT else view_stride(views_ptr, vq, 3)
     q = tl.load(
-        q_ptr + rows[:, None] * view_stride(views_ptr, vq, 2) + d[None, :] * sq3,
+        q_ptr + q_rows[:, None] + d[None, :] * sq3,
         mask=row_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
@@ -96,25 +114,25 @@ def attention_tile(
     sv2 = view_stride(views_ptr, vv, 2)
     sv3 = 1 if V_UNIT else view_stride(views_ptr, vv, 3)
     if HAS_MASK:
-        m_ptr = (
+        m_rows = (
             view_base(addrs_ptr, views_ptr, vm, M_DT)
             + b * view_stride(views_ptr, vm, 0)
             + h * view_stride(views_ptr, vm, 1)
+            + qi * view_stride(views_ptr, vm, 2)
         )
-        sm2 = view_stride(views_ptr, vm, 2)
         sm3 = 1 if M_UNIT else view_stride(views_ptr, vm, 3)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
     kv_lo = 0
     kv_end = Skv
-    if SPLIT:
+    if SPLIT:  # the chunks of Attention.kv_range
         B = view_size(views_ptr, vq, 0)
         chunk = tl.cdiv(tl.cdiv(Skv, view_size(views_ptr, vml, 0) // B), BN) * BN
         kv_lo = part * chunk
         kv_end = tl.minimum(Skv, kv_lo + chunk)
-    if CAUSAL:
-        kv_end = tl.minimum(kv_end, mb * BM + BM)
+    if CAUSAL:  # no row of the tile sees a key past its last query position
+        kv_end = tl.minimum(kv_end, tl.max(tl.where(row_ok, qi, 0), axis=0) + 1)
     # K, V and mask blocks are loaded at the top of the step, independent of the softmax state,
     # so the compiler's software pipeline can fetch step i+1 while step i computes.
     for n0 in range(kv_lo, kv_end, BN):
@@ -124,10 +142,10 @@ def attention_tile(
         v = tl.load(v_ptr + cols[:, None] * sv2 + d[None, :] * sv3, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         keep = row_ok[:, None] & col_ok[None, :]
         if CAUSAL:
-            keep = keep & (cols[None, :] <= rows[:, None])
+            keep = keep & (cols[None, :] <= qi[:, None])
         s = tl.dot(q, k.to(DOT_DT), input_precision="ieee")
         if HAS_MASK:
-            mval = tl.load(m_ptr + rows[:, None] * sm2 + cols[None, :] * sm3, mask=keep, other=0)
+            mval = tl.load(m_rows[:, None] + cols[None, :] * sm3, mask=keep, other=0)
             if MASK_BOOL:
                 keep = keep & (mval != 0)
             else:
@@ -147,21 +165,18 @@ def attention_tile(
             view_base(addrs_ptr, views_ptr, vml, tl.float32)
             + ob * view_stride(views_ptr, vml, 0)
             + h * view_stride(views_ptr, vml, 1)
-            + rows * view_stride(views_ptr, vml, 2)
+            + qi * view_stride(views_ptr, vml, 2)
         )
         tl.store(ml_ptr, m_i, mask=row_ok)
         tl.store(ml_ptr + view_stride(views_ptr, vml, 3), l_i, mask=row_ok)
     else:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         ob = b
-    o_ptr = (
-        view_base(addrs_ptr, views_ptr, vo, O_DT)
-        + ob * view_stride(views_ptr, vo, 0)
-        + h * view_stride(views_ptr, vo, 1)
-    )
+    o_ptr = view_base(addrs_ptr, views_ptr, vo, O_DT) + ob * view_stride(views_ptr, vo, 0)
+    o_rows = h * view_stride(views_ptr, vo, 1) + qi * view_stride(views_ptr, vo, 2)
     so3 = 1 if O_UNIT else view_stride(views_ptr, vo, 3)
     tl.store(
-        o_ptr + rows[:, None] * view_stride(views_ptr, vo, 2) + d[None, :] * so3,
+        o_ptr + o_rows[:, None] + d[None, :] * so3,
         out.to(O_DT),
         mask=row_ok[:, None] & d_ok[None, :],
     )
@@ -292,45 +307,57 @@ class Attention(OpFamily):
         )
 
     def view_args(self, node):
-        """q, k, v, mask, out (or partials), then tile coords (b, h, m, chunk), then max_and_sum."""
+        """q, k, v, mask, out (or partials), then tile coords (b, kv head, m, chunk), then max_and_sum."""
         return list(node.inputs) + [node.outputs[0]]
 
     def instruction_tail(self, node):
         return [node.outputs[1] if self.splits(node) > 1 else None]
 
     def tiles(self, node):
-        q = node.inputs[0]
+        q, k = node.inputs[0], node.inputs[1]
+        packed = node.attrs["group"] * q.shape[2]
         bm = node.attrs["tile"][0]
         return [
-            (b, h, m, p)
+            (b, hk, m, p)
             for p in range(self.splits(node))
             for b in range(q.shape[0])
-            for h in range(q.shape[1])
-            for m in range(cdiv(q.shape[2], bm))
+            for hk in range(k.shape[1])
+            for m in range(cdiv(packed, bm))
+        ]
+
+    def row_segments(self, node, coords) -> list[tuple[int, int, int]]:
+        """(query head, first, end query position) of each head the tile's packed rows cover."""
+        sq, group, bm = node.inputs[0].shape[2], node.attrs["group"], node.attrs["tile"][0]
+        _, hk, m, _ = coords
+        r0, r1 = m * bm, min((m + 1) * bm, group * sq)
+        return [
+            (hk * group + j, max(r0, j * sq) - j * sq, min(r1, (j + 1) * sq) - j * sq)
+            for j in range(r0 // sq, cdiv(r1, sq))
         ]
 
     def kv_range(self, node, p: int) -> tuple[int, int]:
         """Keys of chunk p; the kernel computes the same chunks."""
         skv, bn = node.inputs[1].shape[2], node.attrs["tile"][1]
-        chunk = cdiv(cdiv(skv, self.splits(node)), bn) * bn
+        chunk = kv_chunk(skv, self.splits(node), bn)
         return min(skv, p * chunk), min(skv, (p + 1) * chunk)
 
     def regions(self, node, coords):
         q, k, v, mask = node.inputs
-        b, h, m, p = coords
-        bm = node.attrs["tile"][0]
-        rows = (m * bm, min((m + 1) * bm, q.shape[2]))
-        hk = h // node.attrs["group"]
+        b, hk, _, p = coords
+        segs = self.row_segments(node, coords)
         keys = self.kv_range(node, p)
         reads = [
-            box_access(q, ((b, b + 1), (h, h + 1), rows, (0, q.shape[3]))),
+            _union(q, [((b, b + 1), (h, h + 1), (q0, q1), (0, q.shape[3])) for h, q0, q1 in segs]),
             box_access(k, ((b, b + 1), (hk, hk + 1), keys, (0, k.shape[3]))),
             box_access(v, ((b, b + 1), (hk, hk + 1), keys, (0, v.shape[3]))),
         ]
         if mask is not None:
-            reads.append(whole(mask))
+            reads.append(_union(mask, [((b, b + 1), (h, h + 1), (q0, q1), keys) for h, q0, q1 in segs]))
         ob = p * q.shape[0] + b
-        writes = [box_access(o, ((ob, ob + 1), (h, h + 1), rows, (0, o.shape[3]))) for o in node.outputs]
+        writes = [
+            _union(o, [((ob, ob + 1), (h, h + 1), (q0, q1), (0, o.shape[3])) for h, q0, q1 in segs])
+            for o in node.outputs
+        ]
         return reads, writes
 
     def cost(self, node, coords):
@@ -342,44 +369,56 @@ class Attention(OpFamily):
         )
 
     def describe(self, node, coords):
+        b, hk, m, p = coords
         bm = node.attrs["tile"][0]
-        split = f" kv{self.kv_range(node, coords[3])[0]}:" if self.splits(node) > 1 else ""
-        return f"{node.name}[b{coords[0]} h{coords[1]} q{coords[2] * bm}:+{bm}{split}]"
+        segs = self.row_segments(node, coords)
+        heads = f"h{segs[0][0]}" if len(segs) == 1 else f"h{segs[0][0]}:{segs[-1][0] + 1}"
+        split = f" kv{self.kv_range(node, p)[0]}:" if self.splits(node) > 1 else ""
+        return f"{node.name}[b{b} kvh{hk} {heads} r{m * bm}:+{bm}{split}]"
 
     def reference(self, node, coords, tensor_of):
         q, k, v, mask = node.inputs
-        b, h, m, p = coords
-        bm = node.attrs["tile"][0]
-        rs = slice(m * bm, (m + 1) * bm)
+        b, hk, _, p = coords
         ks = slice(*self.kv_range(node, p))
-        hk = h // node.attrs["group"]
-        qq = tensor_of(q)[b, h, rs].double() * node.attrs["scale"]
-        s = qq @ tensor_of(k)[b, hk, ks].double().T
-        keep = torch.ones_like(s, dtype=torch.bool)
-        if node.attrs["causal"]:
-            keep &= (
-                torch.arange(k.shape[2], device=s.device)[ks][None, :]
-                <= torch.arange(q.shape[2], device=s.device)[rs][:, None]
-            )
-        if mask is not None:
-            mv = tensor_of(mask)[b, h, rs, ks]
-            if mask.dtype == torch.bool:
-                keep &= mv
-            else:
-                s = s + mv.double()
-        s = s.masked_fill(~keep, float("-inf"))
+        kk = tensor_of(k)[b, hk, ks].double()
         vv = tensor_of(v)[b, hk, ks].double()
-        if self.splits(node) == 1:
-            out = (torch.softmax(s, -1).nan_to_num(0.0) @ vv).to(node.outputs[0].dtype)
-            tensor_of(node.outputs[0])[b, h, rs] = out
-            return
-        # A chunk past the last key (or fully masked) leaves max -inf and sum 0, as the kernel does.
-        mx = s.amax(-1) if s.shape[-1] else torch.full(s.shape[:1], float("-inf"), dtype=s.dtype, device=s.device)
-        e = torch.exp(s - torch.where(mx == float("-inf"), 0.0, mx)[:, None])
         ob = p * q.shape[0] + b
-        tensor_of(node.outputs[0])[ob, h, rs] = (e @ vv).float()
-        tensor_of(node.outputs[1])[ob, h, rs, 0] = mx.float()
-        tensor_of(node.outputs[1])[ob, h, rs, 1] = e.sum(-1).float()
+        for h, q0, q1 in self.row_segments(node, coords):
+            rs = slice(q0, q1)
+            s = (tensor_of(q)[b, h, rs].double() * node.attrs["scale"]) @ kk.T
+            keep = torch.ones_like(s, dtype=torch.bool)
+            if node.attrs["causal"]:
+                keep &= (
+                    torch.arange(k.shape[2], device=s.device)[ks][None, :]
+                    <= torch.arange(q.shape[2], device=s.device)[rs][:, None]
+                )
+            if mask is not None:
+                mv = tensor_of(mask)[b, h, rs, ks]
+                if mask.dtype == torch.bool:
+                    keep &= mv
+                else:
+                    s = s + mv.double()
+            s = s.masked_fill(~keep, float("-inf"))
+            if self.splits(node) == 1:
+                out = (torch.softmax(s, -1).nan_to_num(0.0) @ vv).to(node.outputs[0].dtype)
+                tensor_of(node.outputs[0])[b, h, rs] = out
+                continue
+            # An empty chunk (forced split) or a fully masked one leaves max -inf and sum 0, as the kernel does.
+            mx = s.amax(-1) if s.shape[-1] else torch.full(s.shape[:1], float("-inf"), dtype=s.dtype, device=s.device)
+            e = torch.exp(s - torch.where(mx == float("-inf"), 0.0, mx)[:, None])
+            tensor_of(node.outputs[0])[ob, h, rs] = (e @ vv).float()
+            tensor_of(node.outputs[1])[ob, h, rs, 0] = mx.float()
+            tensor_of(node.outputs[1])[ob, h, rs, 1] = e.sum(-1).float()
+
+
+def kv_chunk(keys: int, parts: int, bn: int) -> int:
+    """Keys per split-KV chunk (a multiple of BN); the kernel's arithmetic is the same."""
+    return cdiv(cdiv(keys, parts), bn) * bn
+
+
+def _union(view: View, boxes) -> Access:
+    """box_access of several boxes of one view, merged."""
+    return Access(view.buffer, merge_intervals(iv for box in boxes for iv in box_access(view, box).intervals))
 
 
 @family

@@ -1,11 +1,14 @@
-"""Split-KV for decode attention: too few (batch, head, query-block) tiles to occupy the
-workers and a long context. Each tile then covers one chunk of the keys and writes an
+"""Split-KV for decode attention: too few (batch, kv head, packed query-block) tiles to occupy
+the workers and a long context. Each tile then covers one chunk of the keys and writes an
 unnormalised partial output plus its running max and sum (fp32); an attention_combine op
-merges the chunks (flash-decoding). Runs after choose_tiles (it needs the attention tile)."""
+merges the chunks (flash-decoding). Runs after choose_tiles (it needs the attention tile).
+
+Chunks are a multiple of BN keys; chosen automatically, none is empty (only the last may be short)."""
 
 from __future__ import annotations
 
 import torch
+from mkcompiler.ops.attention import kv_chunk
 from mkcompiler.ops.base import cdiv
 
 from mkcompiler.ir import Graph, OpNode
@@ -15,12 +18,18 @@ MAX_SPLITS = 16
 MIN_KEYS_PER_SPLIT = 128  # shorter chunks cost more in merging than they save
 
 
-def choose_kv_splits(tiles: int, keys: int, settings: Settings, num_workers: int) -> int:
+def choose_kv_splits(tiles: int, keys: int, bn: int, settings: Settings, num_workers: int) -> int:
+    """Key chunks per attention tile. A forced count (settings.split_kv) is kept as given (its
+    last chunks may be empty). Otherwise: enough chunks for the workers, at most MAX_SPLITS and
+    about one per MIN_KEYS_PER_SPLIT keys; the chunk is then rounded up to a multiple of BN and
+    the count recomputed, so every chunk holds keys (the kernel derives the same chunk from the
+    count: Attention.kv_range)."""
     if settings.split_kv is not None:
         return max(1, settings.split_kv)
     if tiles >= num_workers:
         return 1
-    return max(1, min(cdiv(num_workers, tiles), keys // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
+    p = max(1, min(cdiv(num_workers, tiles), cdiv(keys, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
+    return cdiv(keys, kv_chunk(keys, p, bn))
 
 
 def split_kv(graph: Graph, settings: Settings, num_workers: int) -> Graph:
@@ -31,8 +40,9 @@ def split_kv(graph: Graph, settings: Settings, num_workers: int) -> Graph:
             continue
         q, k = op.inputs[0], op.inputs[1]
         b, h, sq, d = q.shape[0], q.shape[1], q.shape[2], op.outputs[0].shape[3]
-        tiles = b * h * cdiv(sq, op.attrs["tile"][0])
-        p = choose_kv_splits(tiles, k.shape[2], settings, num_workers)
+        bm, bn = op.attrs["tile"]
+        tiles = b * k.shape[1] * cdiv(op.attrs["group"] * sq, bm)  # (batch, kv head, packed row block)
+        p = choose_kv_splits(tiles, k.shape[2], bn, settings, num_workers)
         if p == 1:
             continue
         out = op.outputs[0]

@@ -57,8 +57,9 @@ def choose_tiles(graph: Graph, settings: Settings, num_workers: int = 1) -> Grap
             op.attrs["tile"] = matmul_tile(a.shape[0], b.shape[1], a.shape[1], settings, half)
         elif op.kind == "attention":
             q, k = op.inputs[0], op.inputs[1]
-            # Decode (few query rows): wider key blocks, fewer dependent steps per tile.
-            op.attrs["tile"] = (16, 128) if q.shape[2] <= 16 else (64, 64)
+            # A tile's rows are the packed rows of the query heads sharing one kv head (group x
+            # Sq, ops/attention.py). Decode (few of them): wider key blocks, fewer dependent steps.
+            op.attrs["tile"] = (16, 128) if op.attrs["group"] * q.shape[2] <= 16 else (64, 64)
             op.attrs["dot"] = dot_config(q.dtype, k.dtype, settings)[0]
         elif op.kind == "scatter":
             pass  # rows of the update (ops/scatter.py)

@@ -29,7 +29,7 @@ def sections(out: str) -> dict[str, str]:
 
 def test_inspect_transformer_block_prints_every_section(capsys):
     """The acceptance test: every section, with the offline sm_90 compile (the slow part: one)."""
-    # 4 workers (the interpreter's default) everywhere: no split-KV, one attention tile per head.
+    # 4 workers (the interpreter's default) everywhere: no split-KV, one attention tile per kv head.
     assert main(["inspect", "examples.factories:transformer_block", "--workers", "4", "--limit", "6"]) == 0
     s = sections(capsys.readouterr().out)
     assert "Megakernel" in s["== model"] and "passes:" in s["== model"]
@@ -40,7 +40,7 @@ def test_inspect_transformer_block_prints_every_section(capsys):
     assert "1x1x64:float32" in graph and "-> " in graph
     tiling = s["== tiling"]
     attn = next(ln for ln in tiling.splitlines() if ln.split()[:2] == ["scaled_dot_product_attention", "attention"])
-    assert "tile=" in attn and attn.split()[3] == "4"  # decode: one tile per query head
+    assert "tile=" in attn and attn.split()[3] == "2"  # decode: one tile per kv head (2 query heads each)
     assert re.search(r"mm_\d+\s+matmul\s+tile=\d+x\d+x\d+\s+\d+\s", tiling)
     queue = s["== instruction queue"]
     assert "... " in queue and "more instructions" in queue  # --limit 6
