@@ -18,7 +18,7 @@ HEADER = """\
 import triton
 import triton.language as tl
 
-from mkcompiler.kernel_lib import aborted, now, signal, wait_all
+from mkcompiler.kernel_lib import aborted, load_header, load_wait, now, signal, wait_all
 from mkcompiler.ops.common import (
     aligned_stride,
     arg,
@@ -66,31 +66,41 @@ def megakernel(instr_ptr, n_instr, waits_ptr, counters_ptr, head_ptr, err_ptr, a
         base = (n_instr + tl.num_programs(0)) * (generation - 1)
         cursor = tl.atomic_add(head_ptr, 1, sem="relaxed") - base
         stop = n_instr
+        idx = cursor
     else:
         cursor = tl.load(worker_begin_ptr + pid)
         stop = tl.load(worker_begin_ptr + pid + 1)
+        idx = tl.load(order_ptr + cursor, mask=cursor < stop, other=0)
+    # Software-pipelined fetch: each instruction's header (opcode, wait rows, first wait) is
+    # loaded while the previous one runs, so an instruction whose inputs are ready starts after
+    # one read of its counter instead of a chain of dependent reads (index, row, wait row).
+    op, w_begin, w_end = load_header(instr_ptr, idx, cursor < stop)
+    counter, count = load_wait(waits_ptr, w_begin, w_end)
     while cursor < stop:
         if DYNAMIC:
-            idx = cursor
             # Fetch ahead: take the next index now, so the atomic's latency overlaps this
             # instruction. Still deadlock-free: the smallest index held and not done has every
             # dependency done (all smaller ones were fetched earlier and are done), and it is its
             # worker's current instruction (a worker's ahead index is larger than its current).
             next_cursor = tl.atomic_add(head_ptr, 1, sem="relaxed") - base  # rows are read-only: nothing to order
+            next_idx = next_cursor
         else:
-            idx = tl.load(order_ptr + cursor)
             next_cursor = cursor + 1
+            next_idx = tl.load(order_ptr + next_cursor, mask=next_cursor < stop, other=0)
         stopping = aborted(err_ptr)  # read early: its latency overlaps the wait and the tile
         row = instr_ptr + idx * NUM_FIELDS
         if PROFILE:
             t_fetch = now(prof_ptr + n_instr * NUM_STAMPS, LOGICAL_CLOCK)
-{prefetch}        if wait_all(row, idx, waits_ptr, counters_ptr, err_ptr, generation, MAX_SPIN, FENCE_WAITS) == 0:
+{prefetch}        ok = wait_all(idx, w_begin, w_end, counter, count, waits_ptr, counters_ptr, err_ptr, generation, MAX_SPIN,
+                      FENCE_WAITS)
+        # The next header: its index has arrived during the wait; its rows arrive during the tile.
+        next_op, next_w_begin, next_w_end = load_header(instr_ptr, next_idx, next_cursor < stop)
+        if ok == 0:
             next_cursor = stop
         else:
             if PROFILE:
                 t_ready = now(prof_ptr + n_instr * NUM_STAMPS, LOGICAL_CLOCK)
             tl.debug_barrier()
-            op = tl.load(row + OPCODE)
 '''
 
 LOOP_TAIL = """\
@@ -106,6 +116,9 @@ LOOP_TAIL = """\
                 tl.store(stamp + S_READY, t_ready)
                 tl.store(stamp + S_END, t_end)
         cursor = next_cursor
+        idx = next_idx
+        op, w_begin, w_end = next_op, next_w_begin, next_w_end
+        counter, count = load_wait(waits_ptr, w_begin, w_end)
 """
 
 
@@ -131,7 +144,7 @@ def generate(queue: Queue) -> str:
             call = call.format(row="row", addrs="addrs_ptr", views="views_ptr")
             prefetch.append(f"            {keyword} op == {opcode}:\n                {call}\n")
     if prefetch:
-        prefetch.insert(0, "        if L2_PREFETCH:\n            op = tl.load(row + OPCODE)\n")
+        prefetch.insert(0, "        if L2_PREFETCH:\n")
     imports = sorted(
         {
             f"from {type(FAMILIES[k[0]]).__module__} import {r}"

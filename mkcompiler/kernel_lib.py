@@ -8,8 +8,11 @@ by one thread with no barrier before it, so callers put tl.debug_barrier() befor
 import triton
 import triton.language as tl
 
+from mkcompiler.layout import NUM_FIELDS as LAYOUT_NUM_FIELDS
 from mkcompiler.layout import NUM_WAIT_FIELDS, ErrorField, Field, WaitField
 
+NUM_FIELDS: tl.constexpr = tl.constexpr(int(LAYOUT_NUM_FIELDS))
+OPCODE: tl.constexpr = tl.constexpr(int(Field.OPCODE))
 WAIT_BEGIN: tl.constexpr = tl.constexpr(int(Field.WAIT_BEGIN))
 WAIT_END: tl.constexpr = tl.constexpr(int(Field.WAIT_END))
 SIGNAL: tl.constexpr = tl.constexpr(int(Field.SIGNAL))
@@ -88,9 +91,43 @@ def acquire_fence():
 
 
 @triton.jit
-def wait_all(row_ptr, idx, waits_ptr, counters_ptr, err_ptr, generation, MAX_SPIN: tl.constexpr, FENCE: tl.constexpr):
-    """Wait (acquire) until each of the instruction's counters reaches count x generation.
-    Returns 1 when all are met, 0 when one gave up after MAX_SPIN polls (recorded in err).
+def load_header(instr_ptr, idx, valid):
+    """(opcode, first wait, end of waits) of instruction idx; zeros where not `valid` (a
+    prefetch past the worker's last instruction reads nothing)."""
+    row = instr_ptr + idx * NUM_FIELDS
+    op = tl.load(row + OPCODE, mask=valid, other=0)
+    w_begin = tl.load(row + WAIT_BEGIN, mask=valid, other=0)
+    w_end = tl.load(row + WAIT_END, mask=valid, other=0)
+    return op, w_begin, w_end
+
+
+@triton.jit
+def load_wait(waits_ptr, w, w_end):
+    """(counter, count) of wait row w, or (0, 0) when w >= w_end (no such wait)."""
+    has = w < w_end
+    counter = tl.load(waits_ptr + w * WAIT_ROW + W_COUNTER, mask=has, other=0)
+    count = tl.load(waits_ptr + w * WAIT_ROW + W_COUNT, mask=has, other=0)
+    return counter, count
+
+
+@triton.jit
+def wait_all(
+    idx,
+    w,
+    w_end,
+    counter,
+    count,
+    waits_ptr,
+    counters_ptr,
+    err_ptr,
+    generation,
+    MAX_SPIN: tl.constexpr,
+    FENCE: tl.constexpr,
+):
+    """Wait (acquire) until each of the instruction's counters, wait rows [w, w_end), reaches
+    count x generation; (counter, count) of the first row come prefetched (the dispatcher loads
+    them while the previous instruction runs). Returns 1 when all are met, 0 when one gave up
+    after MAX_SPIN polls (recorded in err).
 
     Every thread polls with volatile loads (no barriers; a scalar acquire atomic costs a
     broadcast through shared memory with two barriers), the error flag is read only every
@@ -99,12 +136,9 @@ def wait_all(row_ptr, idx, waits_ptr, counters_ptr, err_ptr, generation, MAX_SPI
     loads after the producers' releases: no memory round trip once the counter is seen.
     Without FENCE (the interpreter has no inline asm): an acquire atomic first (often met at
     once), and one more after the polls."""
-    w = tl.load(row_ptr + WAIT_BEGIN)
-    w_end = tl.load(row_ptr + WAIT_END)
     ok = 1
     while (w < w_end) & (ok == 1):
-        counter = tl.load(waits_ptr + w * WAIT_ROW + W_COUNTER)
-        target = tl.load(waits_ptr + w * WAIT_ROW + W_COUNT) * generation
+        target = count * generation
         if FENCE:
             value = tl.load(counters_ptr + counter, volatile=True)
         else:
@@ -127,6 +161,7 @@ def wait_all(row_ptr, idx, waits_ptr, counters_ptr, err_ptr, generation, MAX_SPI
         if ok == 0:
             record_stuck_wait(err_ptr, idx, counter, value, target)
         w += 1
+        counter, count = load_wait(waits_ptr, w, w_end)
     if FENCE:
         if ok == 1:
             acquire_fence()

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import torch
 from mkcompiler.ops.base import cdiv
-from mkcompiler.passes.tile import matmul_tile
+from mkcompiler.passes.tile import DECODE_ROWS, dot_config, matmul_tile
 
 from mkcompiler.ir import Graph, OpNode, View
 from mkcompiler.settings import Settings
@@ -22,17 +22,51 @@ MAX_SPLITS = 6  # the sum's inputs (S partials + bias) must fit an instruction (
 MIN_K_CHUNK = 512  # at least this many K per chunk, or splitting costs more than it saves
 
 
-def choose_splits(m: int, n: int, k: int, settings: Settings, num_workers: int) -> int:
+WIDE_FILL = 0.9  # BN=128 when its tiles still give at least this share of the workers one each
+
+
+def _splits(m: int, ns: list[int], k: int, settings: Settings, num_workers: int, tile) -> int:
     if settings.split_k is not None:
         return max(1, min(settings.split_k, MAX_SPLITS))
-    bm, bn, bk = matmul_tile(m, n, k, settings)
-    tiles = cdiv(m, bm) * cdiv(n, bn)
+    bm, bn, bk = tile
+    tiles = sum(cdiv(m, bm) * cdiv(n, bn) for n in ns)
     if tiles >= num_workers:
         return 1
     return max(1, min(num_workers // tiles, k // max(bk, MIN_K_CHUNK), MAX_SPLITS))
 
 
+def decode_tiling(graph: Graph, settings: Settings, num_workers: int) -> dict[int, tuple[int | None, int]]:
+    """id(op) -> (decode BN or None, splits) for every matmul.
+
+    Matmuls reading the same A (Q/K/V of a layer, gate/up) are one stage: they run side by
+    side, so their tiles are sized together: BN=128 (fewer, larger tiles: the per-tile cost of
+    wait, setup and pipeline fill is paid half as often) while the group still has a tile for
+    nearly every worker, and one split count for the group, chosen so that all its tiles (not
+    each matmul's) about fill the workers with tiles of equal size."""
+    groups: dict[tuple, list] = {}
+    for op in graph.ops:
+        if op.kind == "matmul":
+            a = op.inputs[0]
+            groups.setdefault((a.buffer, a.offset, a.shape, a.strides), []).append(op)
+    plan = {}
+    for ops in groups.values():
+        a, b = ops[0].inputs[:2]
+        m, k, ns = a.shape[0], a.shape[1], [op.inputs[1].shape[1] for op in ops]
+        half = dot_config(a.dtype, b.dtype, settings)[0] in (torch.bfloat16, torch.float16)
+        bn = None
+        if m <= DECODE_ROWS and settings.matmul_tile is None:
+            wide = matmul_tile(m, max(ns), k, settings, half, 128)
+            if sum(cdiv(m, wide[0]) * cdiv(n, wide[1]) for n in ns) >= WIDE_FILL * num_workers:
+                bn = 128
+        tile = matmul_tile(m, max(ns), k, settings, half, bn)
+        s = _splits(m, ns, k, settings, num_workers, tile)
+        for op in ops:
+            plan[id(op)] = (bn, s)
+    return plan
+
+
 def split_k(graph: Graph, settings: Settings, num_workers: int) -> Graph:
+    plan = decode_tiling(graph, settings, num_workers)
     ops: list[OpNode] = []
     for op in graph.ops:
         ops.append(op)
@@ -40,7 +74,9 @@ def split_k(graph: Graph, settings: Settings, num_workers: int) -> Graph:
             continue
         a, b, bias = op.inputs
         c = op.outputs[0]
-        s = choose_splits(a.shape[0], b.shape[1], a.shape[1], settings, num_workers)
+        bn, s = plan[id(op)]
+        if bn is not None:
+            op.attrs["bn"] = bn  # choose_tiles keeps the group's BN
         if s == 1:
             continue
         partial = graph.new_tensor(f"{op.name}_partial", (s, *c.shape), torch.float32)

@@ -11,16 +11,23 @@ from mkcompiler.ir import Graph
 from mkcompiler.settings import Settings
 
 
-def matmul_tile(m: int, n: int, k: int, settings: Settings, half: bool = True) -> tuple[int, int, int]:
+DECODE_ROWS = 16  # matmuls with at most this many rows stream their weights (decode)
+DECODE_STEP_BYTES = 32 * 1024  # weight bytes per K step of a decode tile (all a worker has in flight)
+
+
+def matmul_tile(m: int, n: int, k: int, settings: Settings, half: bool = True, bn: int | None = None):
+    """(BM, BN, BK) of a matmul. Decode (m <= DECODE_ROWS): BN is 64 unless decode_tiling chose
+    128 for the op's sibling group; BK keeps DECODE_STEP_BYTES of weights per step (a 256-deep
+    block at BN=64 in bf16 runs near HBM rate per SM; fp32 dots, on FMA units, get half)."""
     if settings.matmul_tile is not None:
         return tuple(settings.matmul_tile)
     bm = min(64, max(16, next_pow2(m)))
-    bn = min(128 if m > 64 else 64, max(16, next_pow2(n)))  # large M (prefill): fewer, wider tiles
-    # Few rows (decode): the tile streams B, and each step's B block is all a worker has in flight;
-    # a 256-deep block (32 KB of bf16 at BN=64) keeps enough bytes moving per SM to near HBM rate.
-    # fp32 dots run on FMA units: 128 deep (256 spills registers once a norm is folded in).
-    bk = min((256 if half else 128) if m <= 16 else 64, max(16, next_pow2(k)))
-    return (bm, bn, bk)
+    if m > DECODE_ROWS:
+        bn = min(128 if m > 64 else 64, max(16, next_pow2(n)))  # large M (prefill): fewer, wider tiles
+        return (bm, bn, min(64, max(16, next_pow2(k))))
+    bn = min(bn or 64, max(16, next_pow2(n)))
+    bk = DECODE_STEP_BYTES // (bn * (2 if half else 4))
+    return (bm, bn, min(bk, max(16, next_pow2(k))))
 
 
 def dot_config(a: torch.dtype, b: torch.dtype, settings: Settings) -> tuple[torch.dtype, str]:
@@ -54,7 +61,8 @@ def choose_tiles(graph: Graph, settings: Settings, num_workers: int = 1) -> Grap
             a_dtype = op.attrs["norm"][2] if "norm" in op.attrs else a.dtype  # a folded norm's output dtype
             op.attrs["dot"] = dot_config(a_dtype, b.dtype, settings)
             half = op.attrs["dot"][0] in (torch.bfloat16, torch.float16)
-            op.attrs["tile"] = matmul_tile(a.shape[0], b.shape[1], a.shape[1], settings, half)
+            # split_k may have chosen a decode BN for the op's sibling group (split_k.decode_tiling)
+            op.attrs["tile"] = matmul_tile(a.shape[0], b.shape[1], a.shape[1], settings, half, op.attrs.get("bn"))
         elif op.kind == "attention":
             q, k = op.inputs[0], op.inputs[1]
             # A tile's rows are the packed rows of the query heads sharing one kv head (group x
