@@ -10,7 +10,6 @@ from mkcompiler.ops.base import next_pow2
 from mkcompiler.ir import Graph
 from mkcompiler.settings import Settings
 
-
 DECODE_ROWS = 16  # matmuls with at most this many rows stream their weights (decode)
 DECODE_STEP_BYTES = 32 * 1024  # weight bytes per K step of a decode tile (all a worker has in flight)
 
