@@ -99,7 +99,13 @@ def main() -> None:
         pre = mkcompiler.compile(model, (toks, pos))
         res["prefill_compile_s"] = time.perf_counter() - t0
         say(f"prefill compiled in {res['prefill_compile_s']:.1f} s: {len(pre.queue)} instructions")
-        res["prefill_err"] = rel(pre(toks, pos), ref(toks, pos))
+        got, want = pre(toks, pos), ref(toks, pos)
+        res["prefill_err"] = rel(got, want)
+        if ref32 is not None:
+            truth = ref32(toks, pos)
+            res["prefill_vs_fp32"] = (rel(got, truth), rel(want, truth))
+            say(f"prefill vs fp32 model: mkcompiler {rel(got, truth):.2e}, eager bf16 {rel(want, truth):.2e}")
+        del got, want
         res["prefill_ms"] = triton.testing.do_bench(lambda: pre(toks, pos), warmup=5, rep=50, return_mode="median")
         res["prefill_eager_ms"] = triton.testing.do_bench(
             lambda: ref(toks, pos), warmup=5, rep=50, return_mode="median"
