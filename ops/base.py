@@ -26,9 +26,14 @@ from mkcompiler.ir import OpNode, View
 Intervals = tuple[tuple[int, int], ...]
 MAX_INTERVALS = 64  # more than this collapses to one bounding interval (conservative)
 
-BYTES_PER_NS = 3000.0  # ~HBM bandwidth in bytes/ns, for the cost model only
-FLOPS_PER_NS = 400e3  # ~dense bf16 rate in flop/ns, for the cost model only
-TILE_OVERHEAD_NS = 500.0
+# Cost model (scheduling only): one tile runs on one SM, so rates are per SM. Measured on an
+# H100/H200 (1B decode profile, 2026-11-27): weight-streaming tiles move ~18-31 GB/s per SM
+# (HBM ~3-4 TB/s over 132 SMs) and every tile pays ~3.5 us of fetch, wait, setup, pipeline
+# fill and release however small it is. (The old whole-GPU rates made a 256 KB matmul tile
+# look as cheap as a 1 KB elementwise one, and the static lists unbalanced.)
+BYTES_PER_NS = 24.0  # bytes/ns streamed by one SM
+FLOPS_PER_NS = 3000.0  # dense bf16 flop/ns of one SM (~400 TFLOP/s over 132 SMs)
+TILE_OVERHEAD_NS = 3500.0
 
 
 @dataclass(frozen=True)

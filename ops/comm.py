@@ -28,7 +28,7 @@ from mkcompiler.ops.base import BYTES_PER_NS, TILE_OVERHEAD_NS, OpFamily, cdiv, 
 from mkcompiler.ops.elementwise import FLOAT_DTYPES
 from mkcompiler.ops.registry import family, lowers
 
-PEER_BYTES_PER_NS = 400.0  # ~NVLink bandwidth per GPU in bytes/ns (H100: 450 GB/s a direction), cost model only
+PEER_BYTES_PER_NS = 4.0  # NVLink bytes/ns per SM (H100: ~450 GB/s a direction over 132 SMs), cost model only
 DEFAULT_BLOCK = 1024  # elements per tile when passes/ranks.choose_comm_tiles has not chosen
 
 
