@@ -22,6 +22,7 @@ import triton.language as tl
 from mkcompiler.ops.base import (
     Access,
     OpFamily,
+    aligned,
     box_access,
     bytes_cost,
     cdiv,
@@ -29,7 +30,7 @@ from mkcompiler.ops.base import (
     next_pow2,
     tl_dtype,
 )
-from mkcompiler.ops.common import arg, view_base, view_size, view_stride
+from mkcompiler.ops.common import aligned_stride, arg, view_base, view_base_aligned, view_size, view_stride
 from mkcompiler.ops.registry import family, lowers
 
 from mkcompiler.ir import View
@@ -62,9 +63,17 @@ def attention_tile(
     V_UNIT: tl.constexpr,
     M_UNIT: tl.constexpr,
     O_UNIT: tl.constexpr,
+    Q_AL: tl.constexpr,
+    K_AL: tl.constexpr,
+    V_AL: tl.constexpr,
+    O_AL: tl.constexpr,
+    D_EXACT: tl.constexpr,
 ):
     # X_UNIT: the last dim of X has stride 1 (known when the op was keyed): a literal 1 lets
     # Triton vectorise the loads of a head's D elements (runtime strides would hide it).
+    # X_AL: X (unit last dim) starts 16-byte aligned with every other stride a multiple of 16
+    # bytes, and D_EXACT: the head dim is BD (no mask along it): with both, Triton can prove the
+    # 16-byte alignment it needs for wide loads (without: one 2-byte load per element).
     vq = arg(row_ptr, 0)
     vk = arg(row_ptr, 1)
     vv = arg(row_ptr, 2)
@@ -89,29 +98,52 @@ def attention_tile(
         h = hk * GROUP + rows // Sq
         qi = rows % Sq
     d = tl.arange(0, BD)
-    d_ok = d < D
-    q_ptr = view_base(addrs_ptr, views_ptr, vq, Q_DT) + b * view_stride(views_ptr, vq, 0)
-    q_rows = h * view_stride(views_ptr, vq, 1) + qi * view_stride(views_ptr, vq, 2)
+    if D_EXACT:
+        d_ok = tl.full([BD], 1, tl.int1)
+    else:
+        d_ok = d < D
+    # Base pointers stay apart from the scalar offsets (b, head): folded into one add, the
+    # 16-byte hint of view_base_aligned would be lost (Triton merges consecutive addptrs).
+    if Q_AL:
+        q_ptr = view_base_aligned(addrs_ptr, views_ptr, vq, Q_DT)
+        q_rows = (
+            b * aligned_stride(view_stride(views_ptr, vq, 0), 128 // Q_DT.primitive_bitwidth)
+            + h * aligned_stride(view_stride(views_ptr, vq, 1), 128 // Q_DT.primitive_bitwidth)
+            + qi * aligned_stride(view_stride(views_ptr, vq, 2), 128 // Q_DT.primitive_bitwidth)
+        )
+    else:
+        q_ptr = view_base(addrs_ptr, views_ptr, vq, Q_DT)
+        q_rows = (
+            b * view_stride(views_ptr, vq, 0) + h * view_stride(views_ptr, vq, 1) + qi * view_stride(views_ptr, vq, 2)
+        )
     sq3 = 1 if Q_UNIT else view_stride(views_ptr, vq, 3)
     q = tl.load(
-        q_ptr + q_rows[:, None] + d[None, :] * sq3,
+        q_ptr + (q_rows[:, None] + d[None, :] * sq3),
         mask=row_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
     q = (q.to(tl.float32) * SCALE).to(DOT_DT)
-    k_ptr = (
-        view_base(addrs_ptr, views_ptr, vk, K_DT)
-        + b * view_stride(views_ptr, vk, 0)
-        + hk * view_stride(views_ptr, vk, 1)
-    )
-    v_ptr = (
-        view_base(addrs_ptr, views_ptr, vv, V_DT)
-        + b * view_stride(views_ptr, vv, 0)
-        + hk * view_stride(views_ptr, vv, 1)
-    )
-    sk2 = view_stride(views_ptr, vk, 2)
+    if K_AL:
+        k_ptr = view_base_aligned(addrs_ptr, views_ptr, vk, K_DT)
+        k_off = b * aligned_stride(view_stride(views_ptr, vk, 0), 128 // K_DT.primitive_bitwidth) + hk * aligned_stride(
+            view_stride(views_ptr, vk, 1), 128 // K_DT.primitive_bitwidth
+        )
+        sk2 = aligned_stride(view_stride(views_ptr, vk, 2), 128 // K_DT.primitive_bitwidth)
+    else:
+        k_ptr = view_base(addrs_ptr, views_ptr, vk, K_DT)
+        k_off = b * view_stride(views_ptr, vk, 0) + hk * view_stride(views_ptr, vk, 1)
+        sk2 = view_stride(views_ptr, vk, 2)
+    if V_AL:
+        v_ptr = view_base_aligned(addrs_ptr, views_ptr, vv, V_DT)
+        v_off = b * aligned_stride(view_stride(views_ptr, vv, 0), 128 // V_DT.primitive_bitwidth) + hk * aligned_stride(
+            view_stride(views_ptr, vv, 1), 128 // V_DT.primitive_bitwidth
+        )
+        sv2 = aligned_stride(view_stride(views_ptr, vv, 2), 128 // V_DT.primitive_bitwidth)
+    else:
+        v_ptr = view_base(addrs_ptr, views_ptr, vv, V_DT)
+        v_off = b * view_stride(views_ptr, vv, 0) + hk * view_stride(views_ptr, vv, 1)
+        sv2 = view_stride(views_ptr, vv, 2)
     sk3 = 1 if K_UNIT else view_stride(views_ptr, vk, 3)
-    sv2 = view_stride(views_ptr, vv, 2)
     sv3 = 1 if V_UNIT else view_stride(views_ptr, vv, 3)
     if HAS_MASK:
         m_rows = (
@@ -138,8 +170,12 @@ def attention_tile(
     for n0 in range(kv_lo, kv_end, BN):
         cols = n0 + tl.arange(0, BN)
         col_ok = cols < Skv
-        k = tl.load(k_ptr + cols[None, :] * sk2 + d[:, None] * sk3, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-        v = tl.load(v_ptr + cols[:, None] * sv2 + d[None, :] * sv3, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(
+            k_ptr + (k_off + cols[None, :] * sk2 + d[:, None] * sk3), mask=d_ok[:, None] & col_ok[None, :], other=0.0
+        )
+        v = tl.load(
+            v_ptr + (v_off + cols[:, None] * sv2 + d[None, :] * sv3), mask=col_ok[:, None] & d_ok[None, :], other=0.0
+        )
         keep = row_ok[:, None] & col_ok[None, :]
         if CAUSAL:
             keep = keep & (cols[None, :] <= qi[:, None])
@@ -172,11 +208,21 @@ def attention_tile(
     else:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         ob = b
-    o_ptr = view_base(addrs_ptr, views_ptr, vo, O_DT) + ob * view_stride(views_ptr, vo, 0)
-    o_rows = h * view_stride(views_ptr, vo, 1) + qi * view_stride(views_ptr, vo, 2)
+    if O_AL:
+        o_ptr = view_base_aligned(addrs_ptr, views_ptr, vo, O_DT)
+        o_rows = (
+            ob * aligned_stride(view_stride(views_ptr, vo, 0), 128 // O_DT.primitive_bitwidth)
+            + h * aligned_stride(view_stride(views_ptr, vo, 1), 128 // O_DT.primitive_bitwidth)
+            + qi * aligned_stride(view_stride(views_ptr, vo, 2), 128 // O_DT.primitive_bitwidth)
+        )
+    else:
+        o_ptr = view_base(addrs_ptr, views_ptr, vo, O_DT)
+        o_rows = (
+            ob * view_stride(views_ptr, vo, 0) + h * view_stride(views_ptr, vo, 1) + qi * view_stride(views_ptr, vo, 2)
+        )
     so3 = 1 if O_UNIT else view_stride(views_ptr, vo, 3)
     tl.store(
-        o_ptr + o_rows[:, None] + d[None, :] * so3,
+        o_ptr + (o_rows[:, None] + d[None, :] * so3),
         out.to(O_DT),
         mask=row_ok[:, None] & d_ok[None, :],
     )
@@ -294,7 +340,9 @@ class Attention(OpFamily):
             bn,
             max(16, next_pow2(q.shape[3])),
             self.splits(node) > 1,
-            tuple(t is not None and t.strides[3] == 1 for t in (q, k, v, mask, node.outputs[0])),
+            tuple(t is not None and t.strides[3] == 1 for t in (q, k, v, mask, node.outputs[0]))
+            + tuple(t.strides[3] == 1 and aligned(t) for t in (q, k, v, node.outputs[0]))
+            + (all(t.shape[3] == max(16, next_pow2(q.shape[3])) for t in (q, k, v)),),
         )
 
     def emit(self, key, name):
