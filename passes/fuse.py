@@ -3,20 +3,30 @@
 A producer P (an elementwise op, the sole writer of all of its output, not a model output) is
 spliced into the elementwise ops reading it: its expression replaces their reads of its output,
 over P's inputs seen through each read's window of the output (`transfer`: a broadcast, a
-reshape, a slice such as RoPE's halves). Buffers are written once and never mutated, so
-computing P's tree later, inside a reader, gives the same values. P is spliced when it has one
-reader op (x * sigmoid(x) reads x twice), or when it is small (at most DUPLICATE_MAX_ELEMENTS:
-then it is recomputed in every reader); a merged node keeps the reader's output view (which may
-be a slice, e.g. of a cat). Elementwise producers also fuse into the scatters that store their
-values (`fuse_into_scatter`: KV-cache appends).
+reshape, a slice such as RoPE's halves). Buffers are written once and not mutated between P and
+its reader (checked: state is updated in place), so computing P's tree later, inside a reader,
+gives the same values. P is spliced when it has one reader op (x * sigmoid(x) reads x twice),
+or when it is small (at most DUPLICATE_MAX_ELEMENTS: then it is recomputed in every reader); a
+merged node keeps the reader's output view (which may be a slice, e.g. of a cat).
+
+Norms (ops/norm.py) are readers too, through their x: the residual add producing x (a split-K
+sum inside) is computed by the norm itself in each sweep over its rows, one dependent stage less
+before every norm. A small P that some other reader cannot absorb stays, and its norm readers
+recompute it anyway (they no longer wait for it).
+
+Elementwise producers also fuse into the scatters that store their values (`fuse_into_scatter`:
+KV-cache appends).
 """
 
 from __future__ import annotations
+
+from mkcompiler.ops.norm import NORM_TAIL
 
 from mkcompiler.ir import Graph, View, contiguous_strides
 from mkcompiler.layout import NUM_ARGS
 
 MAX_INPUTS = NUM_ARGS - 3  # instruction args: output view, the inputs, first block, block count
+NORM_MAX_INPUTS = NUM_ARGS - NORM_TAIL  # a fused norm's args: its x inputs, weight, bias, output, row block
 
 
 def _reindex(expr, mapping):
@@ -47,13 +57,15 @@ def sole_writers(graph: Graph) -> dict[int, object]:
 
 def fuse_elementwise(graph: Graph) -> Graph:
     """Fuse to a fixed point: a splice can leave a producer with a single reader (x read by
-    sigmoid and by mul: once sigmoid is in mul, x can go in too). Then splice elementwise
-    producers into the scatters storing their values (fuse_into_scatter)."""
-    while True:
-        before = len(graph.ops)
-        graph = _inline_producers(graph)
-        if len(graph.ops) == before:
-            return fuse_into_scatter(graph)
+    sigmoid and by mul: once sigmoid is in mul, x can go in too). Producers with one reader go
+    first (nothing is recomputed): a split-K sum is inside its residual add before the add,
+    read by a norm and by the next residual add, is recomputed in them, so the recomputed
+    chains (the residual stream) stay bounded by the readers' inputs (MAX_INPUTS,
+    NORM_MAX_INPUTS). Then splice elementwise producers into the scatters storing their values
+    (fuse_into_scatter)."""
+    while _inline_producers(graph, shared=False) or _inline_producers(graph, shared=True):
+        pass
+    return fuse_into_scatter(graph)
 
 
 DUPLICATE_MAX_ELEMENTS = 1 << 16  # recomputing a producer in each reader pays only for small tensors
@@ -98,44 +110,96 @@ def transfer(view: View, out_shape, x: View) -> View | None:
     return View(x.buffer, x.dtype, tuple(view.shape), tuple(strides), offset)
 
 
-def _inline_producers(graph: Graph) -> Graph:
-    """Splice each elementwise producer into the elementwise ops reading it, when it has one
-    reader op, or it is small (then it is recomputed inside each reader: a split-K sum read by
-    RoPE's pieces and product costs no stage of its own). Each reading view must be a window of
-    the producer's output (transfer) and the result must fit the reader's inputs."""
+def _absorbing(u, buffer: int):
+    """(inputs, expr) of the elementwise computation in reader u that a producer of `buffer`
+    would be spliced into: an elementwise op's, or a norm's x (ops/norm.py: x itself, or its
+    fused expression); None if u cannot absorb it (another kind of op, or a norm reading the
+    buffer as its weight or bias)."""
+    if u.kind == "elementwise":
+        return list(u.inputs), u.attrs["expr"]
+    if u.kind == "norm" and all(v is None or v.buffer != buffer for v in u.inputs[-2:]):
+        return list(u.inputs[:-2]), u.attrs.get("expr", ("in", 0))
+    return None
+
+
+def _most_inputs(u, shared: bool, norm_x: set[int]) -> int:
+    """The most inputs reader u may have after a splice: what its instruction holds; in the
+    recomputing tier, an elementwise op that a norm reads stays small enough for the norm to
+    absorb it in turn (x_{l+1} = x_l + ..., read by a norm and by the next residual add: the
+    chain stops before a norm would have to wait for it)."""
+    if u.kind == "norm" or (shared and u.outputs[0].buffer in norm_x):
+        return NORM_MAX_INPUTS
+    return MAX_INPUTS
+
+
+def _apply(u, plan) -> None:
+    inputs, expr = plan
+    if u.kind == "norm":
+        inputs = inputs + tuple(u.inputs[-2:])
+    u.inputs, u.attrs["expr"] = inputs, expr
+
+
+def _inline_producers(graph: Graph, shared: bool) -> int:
+    """Splice each elementwise producer into the ops reading it (elementwise ops, and norms
+    through their x); returns the number of splices. Not `shared`: producers read by one op
+    only (nothing is recomputed). `shared`: small producers (at most DUPLICATE_MAX_ELEMENTS)
+    are recomputed inside each of their readers (a split-K sum read by RoPE's
+    pieces and product costs no stage of its own); when some reader cannot absorb it, the
+    producer stays, and the norms among its readers that can still compute it themselves (a
+    residual add also read by the next residual add: the norm no longer waits for the add).
+    Each reading view must be a window of the producer's output (transfer), the result must fit
+    the reader's instruction, and no op between the producer and the reader may write the
+    producer's inputs (in-place state updates)."""
     outputs, readers = graph.output_buffers(), graph.readers()
-    removed = set()
+    position = {id(op): i for i, op in enumerate(graph.ops)}
+    writes: dict[int, list[int]] = {}
+    for i, op in enumerate(graph.ops):
+        for o in op.outputs:
+            writes.setdefault(o.buffer, []).append(i)
+    norm_x = {v.buffer for op in graph.ops if op.kind == "norm" for v in op.inputs[:-2]}  # buffers norms read as x
+    removed, splices = set(), 0
     sole = sole_writers(graph)
     for p in graph.ops:
         out = p.outputs[0]
-        users = readers.get(out.buffer, [])
-        if sole.get(out.buffer) is not p or out.buffer in outputs or not users:
+        users = list({id(u): u for u in readers.get(out.buffer, [])}.values())
+        if sole.get(out.buffer) is not p or not users or any(id(u) in removed or u is p for u in users):
             continue
-        if any(id(u) in removed for u in users):
+        if (len(users) > 1 and not shared) or (shared and out.numel > DUPLICATE_MAX_ELEMENTS):
             continue
-        if len({id(u) for u in users}) > 1 and out.numel > DUPLICATE_MAX_ELEMENTS:
+        plans = {id(u): _plan_inline(u, p, position, writes, _most_inputs(u, shared, norm_x)) for u in users}
+        if out.buffer not in outputs and all(plan is not None for plan in plans.values()):
+            chosen = users
+            removed.add(id(p))
+        elif shared:  # p stays: only norms recompute it (they wait for it no longer)
+            chosen = [u for u in users if u.kind == "norm" and plans[id(u)] is not None]
+        else:
             continue
-        if any(u.kind != "elementwise" or u is p for u in users):
-            continue
-        plans = {id(u): _plan_inline(u, p) for u in users}
-        if any(plan is None for plan in plans.values()):
-            continue
-        for u in {id(u): u for u in users}.values():
-            u.inputs, u.attrs["expr"] = plans[id(u)]
-        removed.add(id(p))
+        for u in chosen:
+            _apply(u, plans[id(u)])
+            if u.kind == "norm":
+                norm_x.update(v.buffer for v in plans[id(u)][0])
+            splices += 1
     graph.ops = [op for op in graph.ops if id(op) not in removed]
-    return graph
+    return splices
 
 
-def _plan_inline(consumer, p):
-    """(inputs, expr) of `consumer` with every read of p's output replaced by p's expression
-    over p's inputs seen through that read's view; None if a view is not a window of p's
-    output or the inputs would not fit an instruction."""
+def _plan_inline(consumer, p, position, writes, most: int):
+    """(inputs, expr) of `consumer`'s elementwise computation with every read of p's output
+    replaced by p's expression over p's inputs seen through that read's view; None if the
+    consumer cannot absorb p, a view is not a window of p's output, the inputs would not fit
+    an instruction, or an op between p and the consumer writes one of p's inputs."""
     out = p.outputs[0]
-    inputs = [v for v in consumer.inputs if v.buffer != out.buffer]
-    keep = {i: inputs.index(v) for i, v in enumerate(consumer.inputs) if v.buffer != out.buffer}
+    absorbing = _absorbing(consumer, out.buffer)
+    if absorbing is None:
+        return None
+    consumer_inputs, consumer_expr = absorbing
+    lo, hi = position[id(p)], position[id(consumer)]
+    if any(lo < i < hi for x in p.inputs for i in writes.get(x.buffer, ())):
+        return None
+    inputs = [v for v in consumer_inputs if v.buffer != out.buffer]
+    keep = {i: inputs.index(v) for i, v in enumerate(consumer_inputs) if v.buffer != out.buffer}
     replaced = {}
-    for i, v in enumerate(consumer.inputs):
+    for i, v in enumerate(consumer_inputs):
         if v.buffer != out.buffer:
             continue
         mapping = {}
@@ -147,9 +211,9 @@ def _plan_inline(consumer, p):
                 inputs.append(t)
             mapping[j] = inputs.index(t)
         replaced[i] = _reindex(p.attrs["expr"], mapping)
-    if len(inputs) > MAX_INPUTS:
+    if len(inputs) > most or (not inputs and consumer.kind == "norm"):  # a norm's rows come from its inputs
         return None
-    return tuple(inputs), _substitute_each(consumer.attrs["expr"], replaced, keep)
+    return tuple(inputs), _substitute_each(consumer_expr, replaced, keep)
 
 
 def _substitute_each(expr, replaced, keep):
