@@ -68,6 +68,7 @@ def attention_tile(
     V_AL: tl.constexpr,
     O_AL: tl.constexpr,
     D_EXACT: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     # X_UNIT: the last dim of X has stride 1 (known when the op was keyed): a literal 1 lets
     # Triton vectorise the loads of a head's D elements (runtime strides would hide it).
@@ -167,7 +168,7 @@ def attention_tile(
         kv_end = tl.minimum(kv_end, tl.max(tl.where(row_ok, qi, 0), axis=0) + 1)
     # K, V and mask blocks are loaded at the top of the step, independent of the softmax state,
     # so the compiler's software pipeline can fetch step i+1 while step i computes.
-    for n0 in range(kv_lo, kv_end, BN):
+    for n0 in tl.range(kv_lo, kv_end, BN, num_stages=STAGES):
         cols = n0 + tl.arange(0, BN)
         col_ok = cols < Skv
         k = tl.load(
@@ -343,15 +344,16 @@ class Attention(OpFamily):
             tuple(t is not None and t.strides[3] == 1 for t in (q, k, v, mask, node.outputs[0]))
             + tuple(t.strides[3] == 1 and aligned(t) for t in (q, k, v, node.outputs[0]))
             + (all(t.shape[3] == max(16, next_pow2(q.shape[3])) for t in (q, k, v)),),
+            node.attrs["stages"],
         )
 
     def emit(self, key, name):
-        _, qdt, kdt, vdt, mdt, odt, dot, causal, scale, group, bm, bn, bd, split, units = key
+        _, qdt, kdt, vdt, mdt, odt, dot, causal, scale, group, bm, bn, bd, split, units, stages = key
         mask_dt = tl_dtype(mdt) if mdt is not None else "tl.float32"
         return "", (
             f"attention_tile({{row}}, {{addrs}}, {{views}}, {tl_dtype(qdt)}, {tl_dtype(kdt)}, {tl_dtype(vdt)}, "
             f"{mask_dt}, {tl_dtype(odt)}, {tl_dtype(dot)}, {mdt is not None}, {mdt == torch.bool}, "
-            f"{causal}, {scale!r}, {group}, {bm}, {bn}, {bd}, {split}, {', '.join(map(str, units))})"
+            f"{causal}, {scale!r}, {group}, {bm}, {bn}, {bd}, {split}, {', '.join(map(str, units))}, {stages})"
         )
 
     def view_args(self, node):

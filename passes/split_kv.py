@@ -43,6 +43,9 @@ def split_kv(graph: Graph, settings: Settings, num_workers: int) -> Graph:
         bm, bn = op.attrs["tile"]
         tiles = b * k.shape[1] * cdiv(op.attrs["group"] * sq, bm)  # (batch, kv head, packed row block)
         p = choose_kv_splits(tiles, k.shape[2], bn, settings, num_workers)
+        # A tile whose keys fit one block gains nothing from a software pipeline, whose buffers
+        # cost registers and shared memory in the whole kernel (ops/attention.py STAGES).
+        op.attrs["stages"] = 1 if kv_chunk(k.shape[2], p, bn) <= bn else settings.num_stages
         if p == 1:
             continue
         out = op.outputs[0]

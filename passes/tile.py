@@ -67,6 +67,7 @@ def choose_tiles(graph: Graph, settings: Settings, num_workers: int = 1) -> Grap
             # A tile's rows are the packed rows of the query heads sharing one kv head (group x
             # Sq, ops/attention.py). Decode (few of them): wider key blocks, fewer dependent steps.
             op.attrs["tile"] = (16, 128) if op.attrs["group"] * q.shape[2] <= 16 else (64, 64)
+            op.attrs["stages"] = settings.num_stages  # split_kv lowers it for one-block tiles
             op.attrs["dot"] = dot_config(q.dtype, k.dtype, settings)[0]
         elif op.kind == "scatter":
             pass  # rows of the update (ops/scatter.py)
