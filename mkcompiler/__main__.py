@@ -225,7 +225,7 @@ def offline_section(mk, gpu_codegen: bool = False) -> tuple[list[str], bool]:
     s = mk.settings
     lines = [heading("offline sm_90 compile (no GPU needed)")]
     try:
-        r = compile_sm90(mk.source, num_warps=s.num_warps, num_stages=s.num_stages, dynamic=s.schedule == "dynamic")
+        r = compile_sm90(mk.source, num_warps=s.num_warps, num_stages=s.num_stages, dynamic=s.schedule != "static")
     except (OfflineCompileError, OSError, ValueError) as e:
         lines.append(f"  FAILED: {e}")
         return lines, False

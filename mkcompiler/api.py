@@ -48,6 +48,8 @@ def compile(model: torch.nn.Module, example_inputs, **options) -> Megakernel | S
             f"interpret={settings.interpret} but TRITON_INTERPRET={'1' if interpreting else 'unset'}: "
             "Triton picks interpreter or GPU when kernels are defined; set TRITON_INTERPRET before importing mkcompiler"
         )
+    if settings.schedule is None:  # see Settings.schedule
+        settings = settings.replace(schedule="dynamic" if interpret else "static")
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
     device = _device_of(model, example_inputs)
     if interpret and device.type != "cpu":

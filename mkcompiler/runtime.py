@@ -267,7 +267,7 @@ class Megakernel:
         self.generation += 1
         kwargs = dict(
             MAX_SPIN=self.max_spin,
-            DYNAMIC=self.settings.schedule == "dynamic",
+            DYNAMIC=self.settings.schedule != "static",
             PROFILE=prof is not None,
             LOGICAL_CLOCK=self.interpret,
             L2_PREFETCH=self.settings.l2_prefetch and not self.interpret,

@@ -514,7 +514,7 @@ class TPCompilation:
             if poison:
                 p.poison()
         self.generation += 1
-        dynamic = self.settings.schedule == "dynamic" if dynamic is None else dynamic
+        dynamic = self.settings.schedule != "static" if dynamic is None else dynamic
         threads = torch.get_num_threads()
         # The references are tiny: intra-op threads only add synchronisation, which costs
         # milliseconds per op on a loaded machine.

@@ -161,7 +161,7 @@ def run_megakernel(mk, *inputs, seed: int = 0, dynamic: bool | None = None, choo
         op = graph.ops[node["op"]]
         FAMILIES[op.kind].reference(op, node["coords"], mk.tensor_of)
 
-    dynamic = mk.settings.schedule == "dynamic" if dynamic is None else dynamic
+    dynamic = mk.settings.schedule != "static" if dynamic is None else dynamic
     res = run_queue(q, execute, dynamic=dynamic, seed=seed, choose=choose, observe=observe, lookahead=dynamic)
     return mk.outputs(), res
 

@@ -5,6 +5,12 @@ fp32 view of partial sums, tile (i, j, s) covers the s-th K chunk, and an elemen
 the S partials (plus bias, cast) afterwards. Operands are 2-D strided views, so a transposed weight
 (linear's W^T) is read in place. Accumulation is fp32; fp32 operands use `precision`
 ("ieee" by default: exact-ish fp32, "tf32" for speed).
+
+A computed from an expression (passes/fuse_matmul_a.py, decode): attrs["a_expr"] = (expr, A's
+dtype) over the [M, K] views inputs[3:] (inputs[0] is the first of them: it gives A's shape).
+The opcode gets a generated @triton.jit loader (Matmul.emit: `{name}_a`), passed to matmul_tile
+as the constexpr A_FN, that loads each input's [BM, BK] block and evaluates the expression as
+elementwise ops do (ops/elementwise.expr_source: fp32, each node rounded to its dtype).
 """
 
 from __future__ import annotations
@@ -14,12 +20,18 @@ import triton
 import triton.language as tl
 from mkcompiler.ops.base import ALIGN_BYTES, OpFamily, aligned, box_access, bytes_cost, cdiv, tl_dtype, whole
 from mkcompiler.ops.common import aligned_stride, arg, view_base, view_base_aligned, view_size, view_stride
+from mkcompiler.ops.elementwise import expr_source, expr_torch
 from mkcompiler.ops.registry import family, lowers
 
 from mkcompiler.ir import View
 from mkcompiler.kernel_lib import prefetch_l2
+from mkcompiler.layout import NUM_ARGS
 
 aten = torch.ops.aten
+
+A_TAIL = 7  # instruction args before the tail: A, B, bias, C views, then tile coordinates (i, j, s)
+# An A expression's inputs: the first in A's slot, the others in the tail.
+A_EXPR_MAX_INPUTS = NUM_ARGS - A_TAIL + 1
 
 
 @triton.jit
@@ -53,6 +65,7 @@ def matmul_tile(
     NB_DT: tl.constexpr,
     HAS_NW: tl.constexpr,
     HAS_NB: tl.constexpr,
+    A_FN: tl.constexpr = None,
 ):
     va = arg(row_ptr, 0)
     vb = arg(row_ptr, 1)
@@ -116,7 +129,10 @@ def matmul_tile(
     for k in range(k_lo, k_hi, BK):
         rk = k + tl.arange(0, BK)
         a_mask = (rm[:, None] < M) & (rk[None, :] < k_hi)
-        a = tl.load(a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=a_mask, other=0.0)
+        if A_FN is None:
+            a = tl.load(a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=a_mask, other=0.0)
+        else:  # A computed from an elementwise expression (passes/fuse_matmul_a.py), masked lanes 0
+            a = A_FN(row_ptr, addrs_ptr, views_ptr, rm, rk, a_mask)
         if NORM:  # as ops/norm.py computes and stores h, then zero where A is masked
             y = (a.to(tl.float32) - mean[:, None]) * rstd[:, None]
             if HAS_NW:
@@ -152,6 +168,32 @@ def matmul_tile(
         if C_N_UNIT:
             scm = aligned_stride(scm, 128 // C_DT.primitive_bitwidth)
     tl.store(c_ptr + rm[:, None] * scm + rn[None, :] * scn, acc.to(C_DT), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def matmul_a_input(
+    row_ptr,
+    addrs_ptr,
+    views_ptr,
+    SLOT: tl.constexpr,
+    rm,
+    rk,
+    mask,
+    DT: tl.constexpr,
+    K_UNIT: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    """The [BM, BK] block (fp32, masked lanes 0) of an A expression's input: the [M, K] view in
+    instruction slot SLOT, addressed as matmul_tile addresses A."""
+    v = arg(row_ptr, SLOT)
+    p = view_base(addrs_ptr, views_ptr, v, DT)
+    sm = view_stride(views_ptr, v, 2)
+    sk = 1 if K_UNIT else view_stride(views_ptr, v, 3)
+    if ALIGNED:
+        p = view_base_aligned(addrs_ptr, views_ptr, v, DT)
+        if K_UNIT:
+            sm = aligned_stride(sm, 128 // DT.primitive_bitwidth)
+    return tl.load(p + rm[:, None] * sm + rk[None, :] * sk, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -200,6 +242,34 @@ def _norm_reference(x, node, tensor_of):
     if nb is not None:
         y = y + tensor_of(nb).double()
     return y.to(h_dtype)
+
+
+def _a_loader(name: str, a_key, dot) -> str:
+    """Source of a @triton.jit routine computing the tile's A block from an expression: loads
+    each input's [BM, BK] block (input 0 in A's slot, input k >= 1 in tail slot A_TAIL + k - 1),
+    evaluates the expression as elementwise ops do (rounded to A's dtype as storing it would), and
+    returns it in the dot's operand dtype, 0 where `mask` is off (the expression of 0 need not
+    be 0, and 0 * inf in the dot would be NaN)."""
+    expr, a_dtype, flags = a_key
+    lines, result = expr_source(expr, len(flags))
+    src = [
+        "from mkcompiler.ops.matmul import matmul_a_input",  # only kernels with an A expression import it
+        "",
+        "",
+        "@triton.jit",
+        f"def {name}(row_ptr, addrs_ptr, views_ptr, rm, rk, mask):",
+    ]
+    for k, (dt, unit, al) in enumerate(flags):
+        slot = 0 if k == 0 else A_TAIL + k - 1
+        src.append(
+            f"    x{k} = matmul_a_input(row_ptr, addrs_ptr, views_ptr, {slot}, rm, rk, mask, {tl_dtype(dt)}, {unit}, {al})"
+        )
+    src += [f"    {line}" for line in lines]
+    value = f"tl.where(mask, {result}, 0.0).to({tl_dtype(a_dtype)})"
+    if dot != a_dtype:
+        value += f".to({tl_dtype(dot)})"
+    src.append(f"    return {value}")
+    return "\n".join(src) + "\n"
 
 
 def _as_2d(ctx, v: View) -> View:
@@ -268,7 +338,7 @@ class Matmul(OpFamily):
         c_al = aligned(c) and self.splits(node) == 1 and (not c_n or _stride_aligned(c, -2))
         units += (a_al, b_al, c_al)
         units += (a.shape[1] % 8 == 0 and b.shape[1] % 8 == 0,)
-        return (
+        key = (
             self.kind,
             a.dtype,
             b.dtype,
@@ -280,6 +350,18 @@ class Matmul(OpFamily):
             units,
             self.norm_key(node),
         )
+        return key + (self.a_expr_key(node),) if "a_expr" in node.attrs else key
+
+    def a_expr_key(self, node):
+        """(expr, A's dtype, per input (dtype, K stride 1, 16-byte aligned rows)) of an A computed
+        from an expression (passes/fuse_matmul_a.py)."""
+        expr, a_dtype = node.attrs["a_expr"]
+        flags = []
+        for x in node.inputs[3:]:
+            unit = x.strides[1] == 1
+            al = x.dtype != torch.bool and aligned(x) and (not unit or _stride_aligned(x, 0))
+            flags.append((x.dtype, unit, al))
+        return expr, a_dtype, tuple(flags)
 
     def norm_key(self, node):
         """(rms, eps, h dtype, norm weight dtype, norm bias dtype) of a folded norm, or None."""
@@ -293,10 +375,12 @@ class Matmul(OpFamily):
         return list(node.inputs[:3]) + [node.outputs[0]]  # A, B, bias, C; then tile coords
 
     def instruction_tail(self, node):
+        if "a_expr" in node.attrs:
+            return list(node.inputs[4:])  # the A expression's inputs after the first (in A's slot)
         return list(node.inputs[3:5]) if "norm" in node.attrs else []  # norm weight and bias
 
     def emit(self, key, name):
-        _, a, b, bias, c, dot, prec, (bm, bn, bk), units, norm = key
+        _, a, b, bias, c, dot, prec, (bm, bn, bk), units, norm = key[:10]
         bias_dt = tl_dtype(bias) if bias is not None else "tl.float32"
         if norm is None:
             norm_args = "False, True, 0.0, tl.float32, tl.float32, tl.float32, False, False"
@@ -309,12 +393,12 @@ class Matmul(OpFamily):
         call = (
             f"matmul_tile({{row}}, {{addrs}}, {{views}}, {tl_dtype(a)}, {tl_dtype(b)}, {bias_dt}, {tl_dtype(c)}, "
             f"{bias is not None}, {tl_dtype(dot)}, {prec!r}, {bm}, {bn}, {bk}, {', '.join(map(str, units))}, "
-            f"{norm_args})"
+            f"{norm_args}{', ' + name + '_a' if len(key) > 10 else ''})"
         )
-        return "", call
+        return (_a_loader(f"{name}_a", key[10], dot) if len(key) > 10 else ""), call
 
     def emit_prefetch(self, key):
-        _, a, b, bias, c, dot, prec, (bm, bn, bk), units, _ = key
+        _, a, b, bias, c, dot, prec, (bm, bn, bk), units, _ = key[:10]
         a_k, b_k, b_n, c_n, a_al, b_al, c_al, kn_div = units
         if not (b_k and b_al and kn_div):
             return None  # bulk copies need 16-byte aligned, 16-byte multiple rows of B
@@ -345,12 +429,16 @@ class Matmul(OpFamily):
         rows = (i * bm, min((i + 1) * bm, m))
         cols = (j * bn, min((j + 1) * bn, n))
         ks = self.k_range(node, s)
-        # A folded norm reads whole rows of x (its statistics), and its weight and bias.
-        a_ks = (0, a.shape[1]) if "norm" in node.attrs else ks
-        reads = [box_access(a, (rows, a_ks)), box_access(b, (ks, cols))]
+        reads = [box_access(b, (ks, cols))]
         if bias is not None:
             reads.append(box_access(bias, (cols,)))
-        reads += [whole(v) for v in node.inputs[3:] if v is not None]
+        if "a_expr" in node.attrs:  # A's expression reads its inputs over the tile's rows and K range
+            reads += [box_access(x, (rows, ks)) for x in node.inputs[3:]]
+        else:
+            # A folded norm reads whole rows of x (its statistics), and its weight and bias.
+            a_ks = (0, a.shape[1]) if "norm" in node.attrs else ks
+            reads.append(box_access(a, (rows, a_ks)))
+            reads += [whole(v) for v in node.inputs[3:] if v is not None]
         out = box_access(c, ((s, s + 1), rows, cols)) if c.rank == 3 else box_access(c, (rows, cols))
         return reads, [out]
 
@@ -358,7 +446,8 @@ class Matmul(OpFamily):
         a, b = node.inputs[:2]
         bm, bn, _ = node.attrs["tile"]
         k0, k1 = self.k_range(node, coords[2])
-        nbytes = (min(bm, a.shape[0]) * a.dtype.itemsize + bn * b.dtype.itemsize) * (k1 - k0)
+        a_size = sum(x.dtype.itemsize for x in node.inputs[3:]) if "a_expr" in node.attrs else a.dtype.itemsize
+        nbytes = (min(bm, a.shape[0]) * a_size + bn * b.dtype.itemsize) * (k1 - k0)
         return bytes_cost(nbytes, 2.0 * bm * bn * (k1 - k0))
 
     def describe(self, node, coords):
@@ -373,10 +462,15 @@ class Matmul(OpFamily):
         i, j, s = coords
         rs, cs = slice(i * bm, (i + 1) * bm), slice(j * bn, (j + 1) * bn)
         k0, k1 = self.k_range(node, s)
-        x = tensor_of(a)[rs]
-        if "norm" in node.attrs:  # h = norm(x) as ops/norm.py stores it
-            x = _norm_reference(x, node, tensor_of)
-        acc = x[:, k0:k1].double() @ tensor_of(b)[k0:k1, cs].double()
+        if "a_expr" in node.attrs:  # A = expr(inputs) as the elementwise op would have stored it
+            expr, a_dtype = node.attrs["a_expr"]
+            x = expr_torch(expr, [tensor_of(v)[rs, k0:k1] for v in node.inputs[3:]]).to(a_dtype)
+            acc = x.double() @ tensor_of(b)[k0:k1, cs].double()
+        else:
+            x = tensor_of(a)[rs]
+            if "norm" in node.attrs:  # h = norm(x) as ops/norm.py stores it
+                x = _norm_reference(x, node, tensor_of)
+            acc = x[:, k0:k1].double() @ tensor_of(b)[k0:k1, cs].double()
         if bias is not None:
             acc = acc + tensor_of(bias)[cs].double()
         out = tensor_of(c)

@@ -55,15 +55,16 @@ def sole_writers(graph: Graph) -> dict[int, object]:
     return sole
 
 
-def fuse_elementwise(graph: Graph) -> Graph:
+def fuse_elementwise(graph: Graph, into_norms: bool = True) -> Graph:
     """Fuse to a fixed point: a splice can leave a producer with a single reader (x read by
     sigmoid and by mul: once sigmoid is in mul, x can go in too). Producers with one reader go
     first (nothing is recomputed): a split-K sum is inside its residual add before the add,
     read by a norm and by the next residual add, is recomputed in them, so the recomputed
     chains (the residual stream) stay bounded by the readers' inputs (MAX_INPUTS,
     NORM_MAX_INPUTS). Then splice elementwise producers into the scatters storing their values
-    (fuse_into_scatter)."""
-    while _inline_producers(graph, shared=False) or _inline_producers(graph, shared=True):
+    (fuse_into_scatter). `into_norms` (Settings.fuse_into_norm): norms absorb their input's
+    producer too."""
+    while _inline_producers(graph, False, into_norms) or _inline_producers(graph, True, into_norms):
         pass
     return fuse_into_scatter(graph)
 
@@ -110,14 +111,14 @@ def transfer(view: View, out_shape, x: View) -> View | None:
     return View(x.buffer, x.dtype, tuple(view.shape), tuple(strides), offset)
 
 
-def _absorbing(u, buffer: int):
+def _absorbing(u, buffer: int, into_norms: bool = True):
     """(inputs, expr) of the elementwise computation in reader u that a producer of `buffer`
     would be spliced into: an elementwise op's, or a norm's x (ops/norm.py: x itself, or its
     fused expression); None if u cannot absorb it (another kind of op, or a norm reading the
     buffer as its weight or bias)."""
     if u.kind == "elementwise":
         return list(u.inputs), u.attrs["expr"]
-    if u.kind == "norm" and all(v is None or v.buffer != buffer for v in u.inputs[-2:]):
+    if into_norms and u.kind == "norm" and all(v is None or v.buffer != buffer for v in u.inputs[-2:]):
         return list(u.inputs[:-2]), u.attrs.get("expr", ("in", 0))
     return None
 
@@ -139,7 +140,7 @@ def _apply(u, plan) -> None:
     u.inputs, u.attrs["expr"] = inputs, expr
 
 
-def _inline_producers(graph: Graph, shared: bool) -> int:
+def _inline_producers(graph: Graph, shared: bool, into_norms: bool = True) -> int:
     """Splice each elementwise producer into the ops reading it (elementwise ops, and norms
     through their x); returns the number of splices. Not `shared`: producers read by one op
     only (nothing is recomputed). `shared`: small producers (at most DUPLICATE_MAX_ELEMENTS)
@@ -166,7 +167,7 @@ def _inline_producers(graph: Graph, shared: bool) -> int:
             continue
         if (len(users) > 1 and not shared) or (shared and out.numel > DUPLICATE_MAX_ELEMENTS):
             continue
-        plans = {id(u): _plan_inline(u, p, position, writes, _most_inputs(u, shared, norm_x)) for u in users}
+        plans = {id(u): _plan_inline(u, p, position, writes, _most_inputs(u, shared, norm_x), into_norms) for u in users}
         if out.buffer not in outputs and all(plan is not None for plan in plans.values()):
             chosen = users
             removed.add(id(p))
@@ -183,13 +184,13 @@ def _inline_producers(graph: Graph, shared: bool) -> int:
     return splices
 
 
-def _plan_inline(consumer, p, position, writes, most: int):
+def _plan_inline(consumer, p, position, writes, most: int, into_norms: bool = True):
     """(inputs, expr) of `consumer`'s elementwise computation with every read of p's output
     replaced by p's expression over p's inputs seen through that read's view; None if the
     consumer cannot absorb p, a view is not a window of p's output, the inputs would not fit
     an instruction, or an op between p and the consumer writes one of p's inputs."""
     out = p.outputs[0]
-    absorbing = _absorbing(consumer, out.buffer)
+    absorbing = _absorbing(consumer, out.buffer, into_norms)
     if absorbing is None:
         return None
     consumer_inputs, consumer_expr = absorbing

@@ -119,7 +119,7 @@ def test_instruction_work_counts_matmul_and_attention_flops(compiled):
     want_mm = want_attn = 0.0
     for op in mk.graph.ops:
         if op.kind == "matmul":  # split-K: the tiles' K chunks add up to the whole K
-            a, b, _ = op.inputs
+            a, b = op.inputs[:2]  # A (or, computed, its first input: same shape), B
             want_mm += 2.0 * a.shape[0] * b.shape[1] * a.shape[1]
             assert op.outputs[0].rank == 3, "split_k=2 should have split every matmul"
         elif op.kind == "attention":  # decode: 1 query row per head over every key (masked or not)
