@@ -167,7 +167,9 @@ def _inline_producers(graph: Graph, shared: bool, into_norms: bool = True) -> in
             continue
         if (len(users) > 1 and not shared) or (shared and out.numel > DUPLICATE_MAX_ELEMENTS):
             continue
-        plans = {id(u): _plan_inline(u, p, position, writes, _most_inputs(u, shared, norm_x), into_norms) for u in users}
+        plans = {
+            id(u): _plan_inline(u, p, position, writes, _most_inputs(u, shared, norm_x), into_norms) for u in users
+        }
         if out.buffer not in outputs and all(plan is not None for plan in plans.values()):
             chosen = users
             removed.add(id(p))
