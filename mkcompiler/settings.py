@@ -29,7 +29,9 @@ class Settings:
     row_chunk: int = 1024  # columns per step of a row sweep (max)
     num_warps: int = 8  # 4 spills registers once prefill-sized tiles and attention share the kernel
     num_stages: int = 3  # software-pipeline depth of tile loops: 3 measured 8% faster than 2 on 1B decode (H200)
-    fuse_matmul_a: bool = True  # decode matmuls compute A from its elementwise producer (passes/fuse_matmul_a.py)
+    # decode matmuls compute A from its elementwise producer (passes/fuse_matmul_a.py): one stage
+    # fewer, yet not faster on 1B decode (H200: 1.682 ms on, 1.636 off, same device call)
+    fuse_matmul_a: bool = False
     fuse_into_norm: bool = False  # norms compute their input's producer (residual add) themselves: measured slower (1.97 vs 1.67 ms, 1B decode, H200)
     fuse_norm: bool = False  # fold LayerNorm/RMSNorm into decode matmuls (passes/fuse_norm.py): measured slower on H100
     l2_prefetch: bool = False  # GPU: ask L2 for weights before waiting on inputs (measured slower on 1B decode)
