@@ -42,6 +42,7 @@ tolerance flags are printed and recorded but do not change it.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import gc
 import itertools
@@ -173,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=None, help="seconds: stop gracefully before this")
     p.add_argument("--json", default=None, help="write everything measured here (rewritten after every case)")
     p.add_argument("--seed", type=int, default=0, help="weights, caches and tokens (default 0)")
+    p.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="mkcompiler.compile option (repeatable), e.g. schedule=dynamic",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the cases and their bytes; no GPU needed")
     return p
 
@@ -513,12 +521,26 @@ def _error(row: dict, phase: str, e: BaseException) -> None:
     say(f"  {phase} FAILED: {type(e).__name__}: {str(e)[:500]}")
 
 
+def compile_options(pairs: list[str]) -> dict:
+    """`k=v` strings -> options; values are Python literals where they parse (1, False, (16, 64, 256))."""
+    opts = {}
+    for kv in pairs:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise SystemExit(f"--opt expects K=V, got {kv!r}")
+        try:
+            opts[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            opts[k] = v
+    return opts
+
+
 def run_mkcompiler(model, tok, ctx: int, row: dict, args, dev) -> None:
     import mkcompiler
 
     t0 = time.perf_counter()
     pos = torch.tensor([ctx], device=dev)
-    mk = mkcompiler.compile(model, (tok, pos))
+    mk = mkcompiler.compile(model, (tok, pos), **compile_options(args.opt))
     row["compile_s"]["mkcompiler"] = time.perf_counter() - t0
     row["mk"] = {"instructions": len(mk.queue), "workers": mk.num_workers, "timings": mk.timings}
     say(

@@ -225,3 +225,10 @@ def test_dry_run_needs_no_gpu(capsys):
     assert dl.main(["--dry-run", "--models", "llama-3.1-8b", "--batches", "16", "--ctxs", "4096"]) == 0
     out = capsys.readouterr().out
     assert "1 cases" in out and "llama-3.1-8b" in out and "8.592" in out  # KV read GB
+
+
+def test_compile_options_parse_literals():
+    args = dl.parse_args(["--opt", "schedule=dynamic", "--opt", "num_warps=4", "--opt", "matmul_tile=(16, 64, 256)"])
+    assert dl.compile_options(args.opt) == {"schedule": "dynamic", "num_warps": 4, "matmul_tile": (16, 64, 256)}
+    with pytest.raises(SystemExit, match="K=V"):
+        dl.compile_options(["schedule"])
