@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks; a short table last. Usage (device machine):
-#   bash benchmarks/gpu_check.sh [tests|bench|llama|decode|profile|pdecode|compile|all] ...
+#   bash benchmarks/gpu_check.sh [tests|bench|llama|decode|profile|pdecode|issue3|compile|all] ...
 # several modes may be given. BENCH_ARGS / LLAMA_ARGS / DECODE_ARGS add options to the MLP /
 # Llama / decode-latency benchmarks; PROFILE_FACTORY names the model `profile` runs;
 # PDECODE_ARGS are profile_decode.py's options (pdecode is not part of `all`).
@@ -9,7 +9,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-/tmp/mk_out}"; mkdir -p "$OUT"
 modes=" ${*:-all} "
-want() { [[ "$modes" == *" $1 "* || ("$modes" == *" all "* && "$1" != pdecode) ]]; }
+want() { [[ "$modes" == *" $1 "* || ("$modes" == *" all "* && "$1" != pdecode && "$1" != issue3) ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 rc=0
@@ -33,6 +33,17 @@ if want profile; then
 fi
 if want pdecode; then  # per-instruction stamps of a decode step, saved under $OUT for offline analysis
   timeout 240 python3 benchmarks/profile_decode.py --out "$OUT" ${PDECODE_ARGS:-} 2>&1 | grep -v Warning | tail -30
+fi
+if want issue3; then  # issue 3's acceptance runs (not part of `all`): 8B prefill and batch 16 with an fp32 copy,
+  # then batches 4 and 64 and a long context on the 1B shapes
+  for a in "--model llama-3.1-8b --batch 1 --ctx 512 --prefill 512 --steps 1 --fp32-ref" \
+           "--model llama-3.1-8b --batch 16 --ctx 512 --steps 2 --fp32-ref" \
+           "--model llama-3.2-1b --batch 4 --ctx 512 --steps 2" \
+           "--model llama-3.2-1b --batch 64 --ctx 1024 --steps 2" \
+           "--model llama-3.2-1b --batch 1 --ctx 8000 --steps 2"; do
+    echo "=== bench_llama $a"
+    timeout 240 python3 benchmarks/bench_llama.py $a 2>&1 | grep -v Warning | grep -E "rel err|vs fp32|ms|compiled" | tail -8
+  done
 fi
 if want compile; then
   timeout 200 python3 benchmarks/compile_times.py --model llama-3.2-1b 2>&1 | grep -v Warning | tail -4
