@@ -1,0 +1,401 @@
+"""Weight streaming for batch-1 decode: a persistent, warp-specialized Gluon kernel (sm_90).
+
+`stream_matvec` computes a LIST of independent matvec tiles in one launch. Each tile is BN rows
+of one bf16 weight matrix W [N, K] (row-major) times a vector x [K] (bf16 or fp32), accumulated
+in fp32 and stored to y (fp32 or bf16). Tile i runs on program i % num_programs.
+
+Per program (one CTA, persistent):
+  * loader partition (1 warp): walks the program's tiles and TMA-loads W blocks [BN, BK] into a
+    NUM_BUF-deep shared-memory ring (mbarrier `ready` / `empty` per slot). It blocks only on a
+    free slot, so it runs ahead into the NEXT tile while compute is busy: cross-tile prefetch.
+  * compute partition (the default 4 warps): waits `ready`, reads the block into registers,
+    multiplies by the matching x chunk (broadcast, fp32; M=1 needs no tensor cores), releases the
+    slot, and at the end of the tile reduces the rows and stores y.
+
+Tile table (int32, NF=8 columns per row; `make_tiles` builds it):
+    [weight index, n0 (first row), x offset, y offset, K, N, 0, 0]
+x and y offsets are in elements of the x / y buffers (one 1-D tensor each; several vectors live
+in one buffer at different offsets). Weights are passed as up to MAX_W TMA descriptors (Gluon
+cannot index a descriptor array at run time: the loader picks one with a static if-chain).
+Stacking one weight kind across layers as [L*N, K] makes one descriptor cover all layers.
+
+Importing this module does no CUDA work and never fails without Gluon (`HAVE_GLUON` says if it
+is there). Gluon does not run in Triton's interpreter: `stream_matvec` needs a CUDA GPU.
+`compile_offline` compiles the kernel for sm_90 on a CPU-only machine and reports registers,
+spills and shared memory (python -m mkcompiler.gluon_stream [--json]).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import time
+
+NF = 8  # tile table columns
+MAX_W = 8  # weight descriptors per launch
+COMPUTE_WARPS = 4
+LOADER_WARPS = 1
+LOADER_REGS = 40
+
+try:  # Gluon (triton.experimental.gluon, 3.6 API); only defines functions, no CUDA work
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+
+    HAVE_GLUON = True
+except Exception:  # noqa: BLE001  (old Triton, or no Triton: the CPU suite must still import this)
+    HAVE_GLUON = False
+
+
+class GluonStreamError(RuntimeError):
+    pass
+
+
+if HAVE_GLUON:
+    # 3.6 names first (the later renames raise or differ in 3.6)
+    _CTA_BARRIER = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+    _TMA_LOAD = tma.async_copy_global_to_shared if hasattr(tma, "async_copy_global_to_shared") else tma.async_load
+    _LOADER_WARPS = gl.constexpr(LOADER_WARPS)
+    _LOADER_REGS = gl.constexpr(LOADER_REGS)
+
+    @gluon.jit
+    def _add(a, b):
+        # gl.sum's combine fn is a @triton.jit function: an interpreter function in a process that
+        # imported Triton with TRITON_INTERPRET=1 (the CPU suite), which cannot be compiled.
+        return a + b
+
+    @gluon.jit
+    def _issue_load(wid, n0, k, bar, buf, w0, w1, w2, w3, w4, w5, w6, w7, NUM_W: gl.constexpr):
+        # Static if-chain over the descriptors: exactly one matches `wid`.
+        if wid == 0:
+            _TMA_LOAD(w0, [n0, k], bar, buf)
+        if NUM_W > 1:
+            if wid == 1:
+                _TMA_LOAD(w1, [n0, k], bar, buf)
+        if NUM_W > 2:
+            if wid == 2:
+                _TMA_LOAD(w2, [n0, k], bar, buf)
+        if NUM_W > 3:
+            if wid == 3:
+                _TMA_LOAD(w3, [n0, k], bar, buf)
+        if NUM_W > 4:
+            if wid == 4:
+                _TMA_LOAD(w4, [n0, k], bar, buf)
+        if NUM_W > 5:
+            if wid == 5:
+                _TMA_LOAD(w5, [n0, k], bar, buf)
+        if NUM_W > 6:
+            if wid == 6:
+                _TMA_LOAD(w6, [n0, k], bar, buf)
+        if NUM_W > 7:
+            if wid == 7:
+                _TMA_LOAD(w7, [n0, k], bar, buf)
+
+    @gluon.jit
+    def _loader(w0, w1, w2, w3, w4, w5, w6, w7, q_ptr, n_tiles, bufs, ready, empty, NUM_W: gl.constexpr):
+        NUM_BUF: gl.constexpr = bufs.type.shape[0]
+        BK: gl.constexpr = bufs.type.shape[2]
+        NBYTES: gl.constexpr = w0.block_type.nbytes
+        it = 0
+        for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+            wid = gl.load(q_ptr + t * 8)
+            n0 = gl.load(q_ptr + t * 8 + 1)
+            K = gl.load(q_ptr + t * 8 + 4)
+            for k in range(0, K, BK):
+                s = it % NUM_BUF
+                mbarrier.wait(empty.index(s), ((it // NUM_BUF) & 1) ^ 1)  # first pass: free at once
+                mbarrier.expect(ready.index(s), NBYTES)
+                _issue_load(wid, n0, k, ready.index(s), bufs.index(s), w0, w1, w2, w3, w4, w5, w6, w7, NUM_W)
+                it += 1
+
+    @gluon.jit
+    def _compute(x_ptr, y_ptr, q_ptr, n_tiles, bufs, ready, empty, num_warps: gl.constexpr):
+        NUM_BUF: gl.constexpr = bufs.type.shape[0]
+        BN: gl.constexpr = bufs.type.shape[1]
+        BK: gl.constexpr = bufs.type.shape[2]
+        VEC: gl.constexpr = 8  # 16 B of bf16 per thread per row
+        TPW_K: gl.constexpr = BK // VEC if BK // VEC < 32 else 32
+        TPW_N: gl.constexpr = 32 // TPW_K
+        blk: gl.constexpr = gl.BlockedLayout([1, VEC], [TPW_N, TPW_K], [num_warps, 1], [1, 0])
+        rows_l: gl.constexpr = gl.SliceLayout(1, blk)
+        cols_l: gl.constexpr = gl.SliceLayout(0, blk)
+        cols = gl.arange(0, BK, layout=cols_l)
+        rows = gl.arange(0, BN, layout=rows_l)
+        it = 0
+        for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+            n0 = gl.load(q_ptr + t * 8 + 1)
+            x_off = gl.load(q_ptr + t * 8 + 2)
+            y_off = gl.load(q_ptr + t * 8 + 3)
+            K = gl.load(q_ptr + t * 8 + 4)
+            N = gl.load(q_ptr + t * 8 + 5)
+            acc = gl.zeros([BN, BK], gl.float32, layout=blk)
+            for k in range(0, K, BK):
+                s = it % NUM_BUF
+                kk = k + cols
+                xv = gl.load(x_ptr + x_off + kk, mask=kk < K, other=0.0).to(gl.float32)
+                mbarrier.wait(ready.index(s), (it // NUM_BUF) & 1)
+                w = bufs.index(s).load(blk)
+                _CTA_BARRIER()  # every compute warp has read the slot before it is given back
+                mbarrier.arrive(empty.index(s), count=1)
+                acc += w.to(gl.float32) * xv[None, :]
+                it += 1
+            y = gl.reduce(acc, 1, _add)
+            rr = n0 + rows
+            gl.store(y_ptr + y_off + rr, y.to(y_ptr.dtype.element_ty), mask=rr < N)
+
+    @gluon.jit
+    def stream_matvec_kernel(
+        w0,
+        w1,
+        w2,
+        w3,
+        w4,
+        w5,
+        w6,
+        w7,
+        q_ptr,
+        n_tiles,
+        x_ptr,
+        y_ptr,
+        NUM_W: gl.constexpr,
+        NUM_BUF: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        bufs = gl.allocate_shared_memory(w0.dtype, [NUM_BUF] + w0.block_type.shape, w0.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(NUM_BUF):
+            mbarrier.init(ready.index(s), count=1)
+            mbarrier.init(empty.index(s), count=1)
+        gl.warp_specialize(
+            [
+                (_compute, (x_ptr, y_ptr, q_ptr, n_tiles, bufs, ready, empty, num_warps)),
+                (_loader, (w0, w1, w2, w3, w4, w5, w6, w7, q_ptr, n_tiles, bufs, ready, empty, NUM_W)),
+            ],
+            [_LOADER_WARPS],
+            [_LOADER_REGS],
+        )
+
+
+def _require_gluon():
+    if not HAVE_GLUON:
+        raise GluonStreamError("triton.experimental.gluon (Triton 3.6 API) is not importable")
+
+
+def weight_layout(BN: int, BK: int):
+    _require_gluon()
+    return gl.NVMMASharedLayout.get_default_for([BN, BK], gl.bfloat16)
+
+
+# ---- host side ----
+
+
+def make_tiles(weights, x_offsets, y_offsets, BN: int, which=None):
+    """Tile table (int32 CPU tensor [T, NF]) covering every row block of the chosen weights.
+    weights: list of [N, K] tensors; x_offsets[i] / y_offsets[i]: where weight i's x and y live
+    in the x / y buffers (elements). which: weight indices to cover (default: all, in order)."""
+    import torch
+
+    rows = []
+    for i in range(len(weights)) if which is None else which:
+        N, K = weights[i].shape
+        for n0 in range(0, N, BN):
+            rows.append([i, n0, x_offsets[i], y_offsets[i], K, N, 0, 0])
+    return torch.tensor(rows, dtype=torch.int32).reshape(-1, NF)
+
+
+def _check_tiles(weights, xs, ys, tiles):
+    import torch
+
+    if tiles.dim() != 2 or tiles.shape[1] not in (4, NF):
+        raise GluonStreamError(f"tiles must be [T, 4] (w, n0, x_off, y_off) or [T, {NF}], got {tuple(tiles.shape)}")
+    t = tiles.to("cpu", torch.int64)
+    if t.shape[0] == 0:
+        return torch.zeros(0, NF, dtype=torch.int32)
+    wid = t[:, 0]
+    if int(wid.min()) < 0 or int(wid.max()) >= len(weights):
+        raise GluonStreamError(f"tile weight index out of range [0, {len(weights)})")
+    shapes = torch.tensor([list(w.shape) for w in weights], dtype=torch.int64)
+    N, K = shapes[wid, 0], shapes[wid, 1]
+    if t.shape[1] == NF and (not torch.equal(t[:, 4], K) or not torch.equal(t[:, 5], N)):
+        raise GluonStreamError("tile table columns 4/5 (K, N) do not match the weights' shapes")
+    n0, xo, yo = t[:, 1], t[:, 2], t[:, 3]
+    if bool((n0 < 0).any() or (n0 >= N).any()):
+        raise GluonStreamError("tile n0 outside its weight's rows")
+    if bool((xo < 0).any() or (xo + K > xs.numel()).any()):
+        raise GluonStreamError("a tile's x range [x_off, x_off + K) is outside xs")
+    if bool((yo < 0).any() or (yo + N > ys.numel()).any()):
+        raise GluonStreamError("a tile's y range [y_off, y_off + N) is outside ys")
+    out = torch.zeros(t.shape[0], NF, dtype=torch.int32)
+    out[:, :4] = t[:, :4].to(torch.int32)
+    out[:, 4], out[:, 5] = K.to(torch.int32), N.to(torch.int32)
+    return out
+
+
+def prepare_stream_matvec(weights, xs, ys, tiles, BN: int = 64, BK: int = 128, NUM_BUF: int = 4, num_programs=None):
+    """Validate once and build the TMA descriptors; return a no-argument callable that only
+    launches (what a benchmark times). Arguments as for `stream_matvec`."""
+    import os
+
+    import torch
+
+    _require_gluon()
+    if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        raise GluonStreamError("stream_matvec needs a CUDA GPU (Gluon does not run in Triton's interpreter)")
+    if not 1 <= len(weights) <= MAX_W:
+        raise GluonStreamError(f"1..{MAX_W} weight tensors per launch, got {len(weights)} (stack per kind)")
+    for w in weights:
+        if w.dtype != torch.bfloat16 or w.dim() != 2 or not w.is_cuda or not w.is_contiguous():
+            raise GluonStreamError("weights must be contiguous 2-D bf16 CUDA tensors")
+        if (w.shape[1] * 2) % 16 or w.data_ptr() % 16:
+            raise GluonStreamError("TMA needs 16-byte aligned weight rows and base")
+    if xs.dim() != 1 or ys.dim() != 1 or not (xs.is_cuda and ys.is_cuda):
+        raise GluonStreamError("xs and ys must be 1-D CUDA tensors")
+    if xs.dtype not in (torch.bfloat16, torch.float32) or ys.dtype not in (torch.float32, torch.bfloat16):
+        raise GluonStreamError("xs must be bf16/fp32 and ys fp32/bf16")
+    table = _check_tiles(weights, xs, ys, tiles).to(xs.device)
+    if table.shape[0] == 0:
+        return lambda: ys
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    layout = weight_layout(BN, BK)
+    descs = [TensorDescriptor.from_tensor(w, [BN, BK], layout) for w in weights]
+    descs += [descs[0]] * (MAX_W - len(descs))  # unused slots: never selected (NUM_W)
+    if num_programs is None:
+        num_programs = torch.cuda.get_device_properties(xs.device).multi_processor_count
+    grid = (max(1, min(num_programs, table.shape[0])),)
+    n_tiles = table.shape[0]
+
+    def launch():
+        stream_matvec_kernel[grid](
+            *descs, table, n_tiles, xs, ys, NUM_W=len(weights), NUM_BUF=NUM_BUF, num_warps=COMPUTE_WARPS
+        )
+        return ys
+
+    return launch
+
+
+def stream_matvec(weights, xs, ys, tiles, BN: int = 64, BK: int = 128, NUM_BUF: int = 4, num_programs=None):
+    """y[y_off + n0 + r] = sum_k W[n0 + r, k] * x[x_off + k] (r < BN, n0 + r < N) for every tile.
+
+    weights: list (<= MAX_W) of contiguous bf16 [N, K] CUDA tensors (K * 2 bytes a multiple of 16);
+    xs: 1-D bf16 or fp32 CUDA tensor; ys: 1-D fp32 or bf16 CUDA tensor (written in place);
+    tiles: int [T, 4] (w, n0, x_off, y_off) or [T, NF] (make_tiles); n0 is normally a multiple of
+    BN (tiles that overlap write the same rows). Returns ys. Needs a CUDA GPU (sm_90)."""
+    return prepare_stream_matvec(weights, xs, ys, tiles, BN, BK, NUM_BUF, num_programs)()
+
+
+# ---- offline compile (CPU only) ----
+
+
+def compile_offline(
+    BN: int = 64,
+    BK: int = 128,
+    NUM_BUF: int = 4,
+    x_dtype: str = "bf16",
+    y_dtype: str = "fp32",
+    num_w: int = MAX_W,
+    arch: int = 90,
+    keep_asm: bool = False,
+) -> dict:
+    """Compile stream_matvec_kernel for sm_`arch` without a GPU; report registers (ptxas: the
+    whole CTA's allocation before setmaxnreg), spills, shared memory and PTX op counts."""
+    _require_gluon()
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    fn = stream_matvec_kernel
+    lay = weight_layout(BN, BK)
+    desc = f"tensordesc<bf16[{BN}, {BK}],{lay!r}>"
+    sig = {f"w{i}": desc for i in range(MAX_W)}
+    sig.update(
+        q_ptr="*i32",
+        n_tiles="i32",
+        x_ptr=f"*{x_dtype}",
+        y_ptr=f"*{y_dtype}",
+        NUM_W="constexpr",
+        NUM_BUF="constexpr",
+        num_warps="constexpr",
+    )
+    idx = {n: i for i, n in enumerate(fn.arg_names)}
+    attrs = {(idx[n],): [["tt.divisibility", 16]] for n in ("q_ptr", "x_ptr", "y_ptr")}
+    cst = {(idx["NUM_W"],): num_w, (idx["NUM_BUF"],): NUM_BUF, (idx["num_warps"],): COMPUTE_WARPS}
+    src = GluonASTSource(fn, sig, cst, attrs)
+    log = io.StringIO()
+    old = (knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile)
+    knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True  # fresh compile: log exists
+    t0 = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(log):
+            k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=COMPUTE_WARPS))
+    finally:
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = old
+    seconds = time.perf_counter() - t0
+    text = log.getvalue()
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    regs = re.search(r"Used (\d+) registers", text)
+    if not m or not regs:
+        raise GluonStreamError(f"no register/spill line in the ptxas log:\n{text}")
+    ptx = k.asm["ptx"]
+    r = {
+        "arch": arch,
+        "BN": BN,
+        "BK": BK,
+        "NUM_BUF": NUM_BUF,
+        "x_dtype": x_dtype,
+        "y_dtype": y_dtype,
+        "num_w": num_w,
+        "regs": int(regs.group(1)),
+        "spill_stores": int(m.group(1)),
+        "spill_loads": int(m.group(2)),
+        "spilled_bytes": int(m.group(1)) + int(m.group(2)),
+        "shared": k.metadata.shared,
+        "num_warps": k.metadata.num_warps,
+        "setmaxnreg": sorted(set(re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx))),
+        "ptx_counts": {
+            p: ptx.count(p)
+            for p in ("cp.async.bulk.tensor", "mbarrier.try_wait", "mbarrier.arrive", "expect_tx", "bar.sync")
+        },
+        "ptx_lines": ptx.count("\n"),
+        "compile_s": round(seconds, 3),
+    }
+    if keep_asm:
+        r["ptx"], r["ttgir"], r["ptxas_log"] = ptx, k.asm["ttgir"], text
+    return r
+
+
+def format_report(r: dict) -> str:
+    return (
+        f"sm_{r['arch']} BN={r['BN']} BK={r['BK']} NUM_BUF={r['NUM_BUF']} x={r['x_dtype']} y={r['y_dtype']}: "
+        f"{r['regs']} regs, {r['spilled_bytes']} B spilled, {r['shared']} B shared, "
+        f"setmaxnreg {r['setmaxnreg']}, {r['ptx_counts']}, {r['compile_s']:.1f} s"
+    )
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Compile the Gluon stream_matvec kernel for sm_90 (no GPU needed).")
+    p.add_argument("--bn", type=int, default=64)
+    p.add_argument("--bk", type=int, default=128)
+    p.add_argument("--num-buf", type=int, default=4)
+    p.add_argument("--x-dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--y-dtype", default="fp32", choices=["bf16", "fp32"])
+    p.add_argument("--dump", metavar="PREFIX", help="write PREFIX.ptx / PREFIX.ttgir")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    r = compile_offline(a.bn, a.bk, a.num_buf, a.x_dtype, a.y_dtype, keep_asm=bool(a.dump))
+    if a.dump:
+        for ext in ("ptx", "ttgir"):
+            with open(f"{a.dump}.{ext}", "w") as f:
+                f.write(r.pop(ext))
+        r.pop("ptxas_log")
+    print(json.dumps(r) if a.json else format_report(r))
+
+
+if __name__ == "__main__":
+    main()
