@@ -39,6 +39,25 @@ aten = torch.ops.aten
 
 
 @triton.jit
+def head_rows(addrs_ptr, views_ptr, v, b, h, qi, DT: tl.constexpr, AL: tl.constexpr):
+    """(base pointer, element offset of each row) for rows (b, h[r], qi[r]) of a [B, H, S, D]
+    view. AL: the view is 16-byte aligned (Attention.key) and the strides are written so that
+    Triton sees it. The base is returned apart from the offsets: folded into one scalar add,
+    view_base_aligned's hint would be lost (Triton merges consecutive pointer adds)."""
+    if AL:
+        base = view_base_aligned(addrs_ptr, views_ptr, v, DT)
+        rows = (
+            b * aligned_stride(view_stride(views_ptr, v, 0), 128 // DT.primitive_bitwidth)
+            + h * aligned_stride(view_stride(views_ptr, v, 1), 128 // DT.primitive_bitwidth)
+            + qi * aligned_stride(view_stride(views_ptr, v, 2), 128 // DT.primitive_bitwidth)
+        )
+    else:
+        base = view_base(addrs_ptr, views_ptr, v, DT)
+        rows = b * view_stride(views_ptr, v, 0) + h * view_stride(views_ptr, v, 1) + qi * view_stride(views_ptr, v, 2)
+    return base, rows
+
+
+@triton.jit
 def attention_tile(
     row_ptr,
     addrs_ptr,
@@ -103,20 +122,7 @@ def attention_tile(
         d_ok = tl.full([BD], 1, tl.int1)
     else:
         d_ok = d < D
-    # Base pointers stay apart from the scalar offsets (b, head): folded into one add, the
-    # 16-byte hint of view_base_aligned would be lost (Triton merges consecutive addptrs).
-    if Q_AL:
-        q_ptr = view_base_aligned(addrs_ptr, views_ptr, vq, Q_DT)
-        q_rows = (
-            b * aligned_stride(view_stride(views_ptr, vq, 0), 128 // Q_DT.primitive_bitwidth)
-            + h * aligned_stride(view_stride(views_ptr, vq, 1), 128 // Q_DT.primitive_bitwidth)
-            + qi * aligned_stride(view_stride(views_ptr, vq, 2), 128 // Q_DT.primitive_bitwidth)
-        )
-    else:
-        q_ptr = view_base(addrs_ptr, views_ptr, vq, Q_DT)
-        q_rows = (
-            b * view_stride(views_ptr, vq, 0) + h * view_stride(views_ptr, vq, 1) + qi * view_stride(views_ptr, vq, 2)
-        )
+    q_ptr, q_rows = head_rows(addrs_ptr, views_ptr, vq, b, h, qi, Q_DT, Q_AL)
     sq3 = 1 if Q_UNIT else view_stride(views_ptr, vq, 3)
     q = tl.load(
         q_ptr + (q_rows[:, None] + d[None, :] * sq3),
@@ -209,18 +215,7 @@ def attention_tile(
     else:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         ob = b
-    if O_AL:
-        o_ptr = view_base_aligned(addrs_ptr, views_ptr, vo, O_DT)
-        o_rows = (
-            ob * aligned_stride(view_stride(views_ptr, vo, 0), 128 // O_DT.primitive_bitwidth)
-            + h * aligned_stride(view_stride(views_ptr, vo, 1), 128 // O_DT.primitive_bitwidth)
-            + qi * aligned_stride(view_stride(views_ptr, vo, 2), 128 // O_DT.primitive_bitwidth)
-        )
-    else:
-        o_ptr = view_base(addrs_ptr, views_ptr, vo, O_DT)
-        o_rows = (
-            ob * view_stride(views_ptr, vo, 0) + h * view_stride(views_ptr, vo, 1) + qi * view_stride(views_ptr, vo, 2)
-        )
+    o_ptr, o_rows = head_rows(addrs_ptr, views_ptr, vo, ob, h, qi, O_DT, O_AL)
     so3 = 1 if O_UNIT else view_stride(views_ptr, vo, 3)
     tl.store(
         o_ptr + (o_rows[:, None] + d[None, :] * so3),

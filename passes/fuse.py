@@ -186,6 +186,28 @@ def _inline_producers(graph: Graph, shared: bool, into_norms: bool = True) -> in
     return splices
 
 
+def written_between(p, consumer, position, writes) -> bool:
+    """Does an op between producer p and `consumer` (graph order) write one of p's inputs? Then
+    computing p inside the consumer would read the updated state (an in-place cache write)."""
+    lo, hi = position[id(p)], position[id(consumer)]
+    return any(lo < i < hi for x in p.inputs for i in writes.get(x.buffer, ()))
+
+
+def transfer_inputs(view: View, p, inputs: list) -> dict[int, int] | None:
+    """p's inputs seen through `view`'s window of p's output, added to `inputs` where new:
+    {index of p's input: index in inputs}, or None when `view` is not a window (transfer)."""
+    out = p.outputs[0]
+    mapping = {}
+    for j, x in enumerate(p.inputs):
+        t = transfer(view, out.shape, x.expand(out.shape))
+        if t is None:
+            return None
+        if t not in inputs:
+            inputs.append(t)
+        mapping[j] = inputs.index(t)
+    return mapping
+
+
 def _plan_inline(consumer, p, position, writes, most: int, into_norms: bool = True):
     """(inputs, expr) of `consumer`'s elementwise computation with every read of p's output
     replaced by p's expression over p's inputs seen through that read's view; None if the
@@ -196,8 +218,7 @@ def _plan_inline(consumer, p, position, writes, most: int, into_norms: bool = Tr
     if absorbing is None:
         return None
     consumer_inputs, consumer_expr = absorbing
-    lo, hi = position[id(p)], position[id(consumer)]
-    if any(lo < i < hi for x in p.inputs for i in writes.get(x.buffer, ())):
+    if written_between(p, consumer, position, writes):
         return None
     inputs = [v for v in consumer_inputs if v.buffer != out.buffer]
     keep = {i: inputs.index(v) for i, v in enumerate(consumer_inputs) if v.buffer != out.buffer}
@@ -205,14 +226,9 @@ def _plan_inline(consumer, p, position, writes, most: int, into_norms: bool = Tr
     for i, v in enumerate(consumer_inputs):
         if v.buffer != out.buffer:
             continue
-        mapping = {}
-        for j, x in enumerate(p.inputs):
-            t = transfer(v, out.shape, x.expand(out.shape))
-            if t is None:
-                return None
-            if t not in inputs:
-                inputs.append(t)
-            mapping[j] = inputs.index(t)
+        mapping = transfer_inputs(v, p, inputs)
+        if mapping is None:
+            return None
         replaced[i] = _reindex(p.attrs["expr"], mapping)
     if len(inputs) > most or (not inputs and consumer.kind == "norm"):  # a norm's rows come from its inputs
         return None

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 from mkcompiler.ops.matmul import A_EXPR_MAX_INPUTS
-from mkcompiler.passes.fuse import sole_writers, transfer
+from mkcompiler.passes.fuse import sole_writers, transfer_inputs, written_between
 from mkcompiler.passes.tile import DECODE_ROWS
 
 from mkcompiler.ir import Graph, View
@@ -88,22 +88,14 @@ def _plan(mm, p, position, writes) -> tuple[list[View], tuple] | None:
     """(input views, expression) of A = p's expression over p's inputs seen through A's view,
     the views that have A's dtype first; None when A is not a window of p's output, the inputs
     would not fit the instruction, or an op between p and mm writes one of p's inputs."""
-    a, expr, out = mm.inputs[0], p.attrs["expr"], p.outputs[0]
+    a, expr = mm.inputs[0], p.attrs["expr"]
     if expr[0] != "op":
         return None
-    lo, hi = position[id(p)], position[id(mm)]
-    if any(lo < i < hi for x in p.inputs for i in writes.get(x.buffer, ())):
+    if written_between(p, mm, position, writes):
         return None
     xs: list[View] = []
-    mapping = {}
-    for j, x in enumerate(p.inputs):
-        t = transfer(a, out.shape, x.expand(out.shape))
-        if t is None:
-            return None
-        if t not in xs:
-            xs.append(t)
-        mapping[j] = xs.index(t)
-    if not xs or len(xs) > A_EXPR_MAX_INPUTS:
+    mapping = transfer_inputs(a, p, xs)
+    if mapping is None or not xs or len(xs) > A_EXPR_MAX_INPUTS:
         return None
     order = sorted(range(len(xs)), key=lambda k: xs[k].dtype != a.dtype)  # stable: A's dtype first
     b = mm.inputs[1].dtype
