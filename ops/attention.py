@@ -58,6 +58,23 @@ def head_rows(addrs_ptr, views_ptr, v, b, h, qi, DT: tl.constexpr, AL: tl.conste
 
 
 @triton.jit
+def head_block(addrs_ptr, views_ptr, v, b, h, DT: tl.constexpr, AL: tl.constexpr):
+    """(base pointer, offset of head (b, h), stride along S) of a [B, H, S, D] view (K or V);
+    AL as in head_rows."""
+    if AL:
+        base = view_base_aligned(addrs_ptr, views_ptr, v, DT)
+        off = b * aligned_stride(view_stride(views_ptr, v, 0), 128 // DT.primitive_bitwidth) + h * aligned_stride(
+            view_stride(views_ptr, v, 1), 128 // DT.primitive_bitwidth
+        )
+        s2 = aligned_stride(view_stride(views_ptr, v, 2), 128 // DT.primitive_bitwidth)
+    else:
+        base = view_base(addrs_ptr, views_ptr, v, DT)
+        off = b * view_stride(views_ptr, v, 0) + h * view_stride(views_ptr, v, 1)
+        s2 = view_stride(views_ptr, v, 2)
+    return base, off, s2
+
+
+@triton.jit
 def attention_tile(
     row_ptr,
     addrs_ptr,
@@ -130,26 +147,8 @@ def attention_tile(
         other=0.0,
     )
     q = (q.to(tl.float32) * SCALE).to(DOT_DT)
-    if K_AL:
-        k_ptr = view_base_aligned(addrs_ptr, views_ptr, vk, K_DT)
-        k_off = b * aligned_stride(view_stride(views_ptr, vk, 0), 128 // K_DT.primitive_bitwidth) + hk * aligned_stride(
-            view_stride(views_ptr, vk, 1), 128 // K_DT.primitive_bitwidth
-        )
-        sk2 = aligned_stride(view_stride(views_ptr, vk, 2), 128 // K_DT.primitive_bitwidth)
-    else:
-        k_ptr = view_base(addrs_ptr, views_ptr, vk, K_DT)
-        k_off = b * view_stride(views_ptr, vk, 0) + hk * view_stride(views_ptr, vk, 1)
-        sk2 = view_stride(views_ptr, vk, 2)
-    if V_AL:
-        v_ptr = view_base_aligned(addrs_ptr, views_ptr, vv, V_DT)
-        v_off = b * aligned_stride(view_stride(views_ptr, vv, 0), 128 // V_DT.primitive_bitwidth) + hk * aligned_stride(
-            view_stride(views_ptr, vv, 1), 128 // V_DT.primitive_bitwidth
-        )
-        sv2 = aligned_stride(view_stride(views_ptr, vv, 2), 128 // V_DT.primitive_bitwidth)
-    else:
-        v_ptr = view_base(addrs_ptr, views_ptr, vv, V_DT)
-        v_off = b * view_stride(views_ptr, vv, 0) + hk * view_stride(views_ptr, vv, 1)
-        sv2 = view_stride(views_ptr, vv, 2)
+    k_ptr, k_off, sk2 = head_block(addrs_ptr, views_ptr, vk, b, hk, K_DT, K_AL)
+    v_ptr, v_off, sv2 = head_block(addrs_ptr, views_ptr, vv, b, hk, V_DT, V_AL)
     sk3 = 1 if K_UNIT else view_stride(views_ptr, vk, 3)
     sv3 = 1 if V_UNIT else view_stride(views_ptr, vv, 3)
     if HAS_MASK:

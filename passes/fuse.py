@@ -29,12 +29,12 @@ MAX_INPUTS = NUM_ARGS - 3  # instruction args: output view, the inputs, first bl
 NORM_MAX_INPUTS = NUM_ARGS - NORM_TAIL  # a fused norm's args: its x inputs, weight, bias, output, row block
 
 
-def _reindex(expr, mapping):
+def reindex(expr, mapping):
     if expr[0] == "in":
         return ("in", mapping[expr[1]])
     if expr[0] == "const":
         return expr
-    return expr[:3] + tuple(_reindex(a, mapping) for a in expr[3:])
+    return expr[:3] + tuple(reindex(a, mapping) for a in expr[3:])
 
 
 def sole_writers(graph: Graph) -> dict[int, object]:
@@ -229,7 +229,7 @@ def _plan_inline(consumer, p, position, writes, most: int, into_norms: bool = Tr
         mapping = transfer_inputs(v, p, inputs)
         if mapping is None:
             return None
-        replaced[i] = _reindex(p.attrs["expr"], mapping)
+        replaced[i] = reindex(p.attrs["expr"], mapping)
     if len(inputs) > most or (not inputs and consumer.kind == "norm"):  # a norm's rows come from its inputs
         return None
     return tuple(inputs), _substitute_each(consumer_expr, replaced, keep)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 from mkcompiler.ops.matmul import A_EXPR_MAX_INPUTS
-from mkcompiler.passes.fuse import sole_writers, transfer_inputs, written_between
+from mkcompiler.passes.fuse import reindex, sole_writers, transfer_inputs, written_between
 from mkcompiler.passes.tile import DECODE_ROWS
 
 from mkcompiler.ir import Graph, View
@@ -42,14 +42,6 @@ def _dot_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     """tl.dot's operand dtype on a GPU (passes/tile.dot_config; the interpreter's fp32 dots do
     not change what fuses)."""
     return a if a == b and a in HALF else torch.float32
-
-
-def _reindex(expr, mapping):
-    if expr[0] == "in":
-        return ("in", mapping[expr[1]])
-    if expr[0] == "const":
-        return expr
-    return expr[:3] + tuple(_reindex(a, mapping) for a in expr[3:])
 
 
 def fuse_into_matmul_a(graph: Graph) -> Graph:
@@ -103,4 +95,4 @@ def _plan(mm, p, position, writes) -> tuple[list[View], tuple] | None:
     if _dot_dtype(xs[order[0]].dtype, b) != dot or sum(x.dtype.itemsize for x in xs) > A_MAX_BYTES * dot.itemsize:
         return None
     new = {old: k for k, old in enumerate(order)}
-    return [xs[k] for k in order], _reindex(expr, {j: new[k] for j, k in mapping.items()})
+    return [xs[k] for k in order], reindex(expr, {j: new[k] for j, k in mapping.items()})
