@@ -37,3 +37,21 @@ def compile_and_check(model, inputs, dtype, tol=None, **options):
         err = rel_err(o, r)
         assert err <= tol, f"relative error {err:.3g} > {tol:g}"
     return mk, out
+
+
+def check_kernel_and_vm(mk, model, args, tol: float, vm_tol: float = 1e-5) -> None:
+    """Interpreter and reference VM, each on poisoned intermediates, against eager (rel err <=
+    tol) and each other (<= vm_tol: the VM's references are the kernel's spec). `model` must be
+    a copy the runs do not share state with."""
+    from mkcompiler.vm import run_megakernel
+
+    mk.poison()
+    got = mk(*args)
+    want = model(*args)
+    for g, w in zip(pytree.tree_leaves(got), pytree.tree_leaves(want)):
+        assert rel_err(g, w) <= tol
+    mk.poison()
+    vm, _ = run_megakernel(mk, *args, seed=3)
+    for v, g, w in zip(pytree.tree_leaves(vm), pytree.tree_leaves(got), pytree.tree_leaves(want)):
+        assert rel_err(v, w) <= tol
+        assert rel_err(v, g) <= vm_tol

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import torch.utils._pytree as pytree
 from mkcompiler.passes.fuse import MAX_INPUTS, NORM_MAX_INPUTS
 from mkcompiler.passes.pipeline import run_pipeline
 
@@ -23,7 +22,7 @@ import mkcompiler.capture
 from mkcompiler.capture import capture
 from mkcompiler.settings import Settings
 from mkcompiler.vm import run_megakernel
-from tests.helpers import rel_err
+from tests.helpers import check_kernel_and_vm, rel_err
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ is not an installed package
 from examples.llama import random_llama  # noqa: E402
@@ -53,18 +52,7 @@ def norms(mk):
 
 
 def check_runs(mk, model, args):
-    """Interpreter and reference VM, each on poisoned intermediates, against eager fp32 (and
-    each other). `model` must be a copy the runs do not share state with."""
-    mk.poison()
-    got = mk(*args)
-    want = model(*args)
-    for g, w in zip(pytree.tree_leaves(got), pytree.tree_leaves(want)):
-        assert rel_err(g, w) <= TOL
-    mk.poison()
-    vm, _ = run_megakernel(mk, *args, seed=3)
-    for v, g, w in zip(pytree.tree_leaves(vm), pytree.tree_leaves(got), pytree.tree_leaves(want)):
-        assert rel_err(v, w) <= TOL
-        assert rel_err(v, g) <= 1e-5  # the VM's references are the kernel's spec
+    check_kernel_and_vm(mk, model, args, TOL)
 
 
 def args_of(*shapes):

@@ -8,15 +8,13 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.utils._pytree as pytree
 from mkcompiler.ops.matmul import A_EXPR_MAX_INPUTS
 from mkcompiler.passes.fuse_matmul_a import fuse_into_matmul_a
 
 import mkcompiler
 from mkcompiler.ir import BufferKind, Graph, OpNode, View
 from mkcompiler.layout import NUM_ARGS, Field, ViewField
-from mkcompiler.vm import run_megakernel
-from tests.helpers import rel_err
+from tests.helpers import check_kernel_and_vm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ is not an installed package
 from examples.llama import random_llama  # noqa: E402
@@ -51,19 +49,7 @@ def fused(mk):
 
 
 def check_runs(mk, model, args, dtype=torch.float32):
-    """Interpreter and reference VM, each on poisoned intermediates, against eager (and each
-    other). `model` must be a copy the runs do not share state with."""
-    tol = TOL[dtype]
-    mk.poison()
-    got = mk(*args)
-    want = model(*args)
-    for g, w in zip(pytree.tree_leaves(got), pytree.tree_leaves(want)):
-        assert rel_err(g, w) <= tol
-    mk.poison()
-    vm, _ = run_megakernel(mk, *args, seed=3)
-    for v, g, w in zip(pytree.tree_leaves(vm), pytree.tree_leaves(got), pytree.tree_leaves(want)):
-        assert rel_err(v, w) <= tol
-        assert rel_err(v, g) <= (1e-5 if dtype == torch.float32 else 1e-2)  # the VM's references are the spec
+    check_kernel_and_vm(mk, model, args, TOL[dtype], 1e-5 if dtype == torch.float32 else 1e-2)
 
 
 def fresh(*shape, dtype=torch.float32):
