@@ -35,6 +35,21 @@ A_EXPR_MAX_INPUTS = NUM_ARGS - A_TAIL + 1
 
 
 @triton.jit
+def a_rows(addrs_ptr, views_ptr, v, DT: tl.constexpr, K_UNIT: tl.constexpr, ALIGNED: tl.constexpr):
+    """(base pointer, row stride) of an [M, K] A operand view; ALIGNED (Matmul.key): a 16-byte
+    aligned base and, with unit K stride, a row stride Triton can see is a multiple of 16 bytes."""
+    if ALIGNED:
+        base = view_base_aligned(addrs_ptr, views_ptr, v, DT)
+        rows = view_stride(views_ptr, v, 2)
+        if K_UNIT:
+            rows = aligned_stride(rows, 128 // DT.primitive_bitwidth)
+    else:
+        base = view_base(addrs_ptr, views_ptr, v, DT)
+        rows = view_stride(views_ptr, v, 2)
+    return base, rows
+
+
+@triton.jit
 def matmul_tile(
     row_ptr,
     addrs_ptr,
@@ -84,19 +99,14 @@ def matmul_tile(
     k_chunk = tl.cdiv(tl.cdiv(K, view_size(views_ptr, vc, 1)), BK) * BK
     k_lo = ks * k_chunk
     k_hi = tl.minimum(K, k_lo + k_chunk)
-    a_ptr = view_base(addrs_ptr, views_ptr, va, A_DT)
     b_ptr = view_base(addrs_ptr, views_ptr, vb, B_DT)
     # A literal unit stride (X_UNIT) lets Triton see contiguity and issue wide, coalesced
     # loads; a stride read from the view table at run time would hide it.
     # X_ALIGNED: the view starts 16-byte aligned and its outer stride is a multiple of 16 bytes.
-    sam = view_stride(views_ptr, va, 2)
+    a_ptr, sam = a_rows(addrs_ptr, views_ptr, va, A_DT, A_K_UNIT, A_ALIGNED)
     sak = 1 if A_K_UNIT else view_stride(views_ptr, va, 3)
     sbk = 1 if B_K_UNIT else view_stride(views_ptr, vb, 2)
     sbn = 1 if B_N_UNIT else view_stride(views_ptr, vb, 3)
-    if A_ALIGNED:
-        a_ptr = view_base_aligned(addrs_ptr, views_ptr, va, A_DT)
-        if A_K_UNIT:
-            sam = aligned_stride(sam, 128 // A_DT.primitive_bitwidth)
     if B_ALIGNED:
         b_ptr = view_base_aligned(addrs_ptr, views_ptr, vb, B_DT)
         if B_K_UNIT:
@@ -186,13 +196,8 @@ def matmul_a_input(
     """The [BM, BK] block (fp32, masked lanes 0) of an A expression's input: the [M, K] view in
     instruction slot SLOT, addressed as matmul_tile addresses A."""
     v = arg(row_ptr, SLOT)
-    p = view_base(addrs_ptr, views_ptr, v, DT)
-    sm = view_stride(views_ptr, v, 2)
+    p, sm = a_rows(addrs_ptr, views_ptr, v, DT, K_UNIT, ALIGNED)
     sk = 1 if K_UNIT else view_stride(views_ptr, v, 3)
-    if ALIGNED:
-        p = view_base_aligned(addrs_ptr, views_ptr, v, DT)
-        if K_UNIT:
-            sm = aligned_stride(sm, 128 // DT.primitive_bitwidth)
     return tl.load(p + rm[:, None] * sm + rk[None, :] * sk, mask=mask, other=0.0).to(tl.float32)
 
 
