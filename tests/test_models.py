@@ -80,7 +80,7 @@ def assert_close(out, ref, dtype):
 def test_model_matches_eager(name, dtype):
     model, shape = make(name, dtype)
     mk, _ = compile_and_check(model, [torch.randn(shape, dtype=dtype)], dtype, **OPTS)
-    assert len(mk.queue) > 16  # many tiles: the schedule is exercised, not one tile per op
+    assert len(mk.queue) > 20  # many tiles: the schedule is exercised, not one tile per op
 
 
 @pytest.mark.parametrize("name", MODELS)
