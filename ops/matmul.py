@@ -11,6 +11,13 @@ dtype) over the [M, K] views inputs[3:] (inputs[0] is the first of them: it give
 The opcode gets a generated @triton.jit loader (Matmul.emit: `{name}_a`), passed to matmul_tile
 as the constexpr A_FN, that loads each input's [BM, BK] block and evaluates the expression as
 elementwise ops do (ops/elementwise.expr_source: fp32, each node rounded to its dtype).
+
+A folded norm (passes/fuse_norm.py, decode): attrs["norm"] = (rms, eps, h's dtype), inputs[0] is
+the norm's input x and inputs[3:5] its weight g and bias b; A = norm(x) is computed by the tile.
+A tile seeing all of K (Matmul.norm_in_loop) sums its rows' statistics in the K loop from the A
+blocks it loads, feeds the dot x * g and normalises acc's rows at the end; a split-K tile sweeps
+its rows for the statistics first and normalises each A block (matmul_tile). Never combined with
+an A expression.
 """
 
 from __future__ import annotations
@@ -18,7 +25,17 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from mkcompiler.ops.base import ALIGN_BYTES, OpFamily, aligned, box_access, bytes_cost, cdiv, tl_dtype, whole
+from mkcompiler.ops.base import (
+    ALIGN_BYTES,
+    OpFamily,
+    aligned,
+    box_access,
+    bytes_cost,
+    cdiv,
+    flat_flags,
+    tl_dtype,
+    whole,
+)
 from mkcompiler.ops.common import aligned_stride, arg, view_base, view_base_aligned, view_size, view_stride
 from mkcompiler.ops.elementwise import expr_source, expr_torch
 from mkcompiler.ops.registry import family, lowers
@@ -29,6 +46,10 @@ from mkcompiler.layout import NUM_ARGS
 
 aten = torch.ops.aten
 
+# Stages of the software pipeline of a folded norm's statistics sweep (split-K tiles): its loads
+# feed no dot, so Triton pipelines them only when the loop asks (tl.range's num_stages); without
+# it every step waits for its load, K / BK round trips before the first weight load.
+SWEEP_STAGES: tl.constexpr = tl.constexpr(3)
 A_TAIL = 7  # instruction args before the tail: A, B, bias, C views, then tile coordinates (i, j, s)
 # An A expression's inputs: the first in A's slot, the others in the tail.
 A_EXPR_MAX_INPUTS = NUM_ARGS - A_TAIL + 1
@@ -80,6 +101,9 @@ def matmul_tile(
     NB_DT: tl.constexpr,
     HAS_NW: tl.constexpr,
     HAS_NB: tl.constexpr,
+    N_IN_LOOP: tl.constexpr,
+    NW_FLAT: tl.constexpr,
+    NB_FLAT: tl.constexpr,
     A_FN: tl.constexpr = None,
 ):
     va = arg(row_ptr, 0)
@@ -115,26 +139,73 @@ def matmul_tile(
             sbk = aligned_stride(sbk, 128 // B_DT.primitive_bitwidth)
     rm = tm * BM + tl.arange(0, BM)
     rn = tn * BN + tl.arange(0, BN)
-    if NORM:  # A = norm(x) (passes/fuse_norm.py): statistics of the tile's rows over all of K
-        mean = tl.zeros((BM,), dtype=tl.float32)
-        if not N_RMS:
-            for k in range(0, K, BK):
+    if NORM:  # A = norm(x) (passes/fuse_norm.py)
+        tl.static_assert(A_FN is None, "a folded norm and an A expression are never combined (Matmul.key)")
+        # The norm's weight g and bias b ([K] vectors) are addressed once per tile, here: the K
+        # loop then loads only their BK-slices, no view metadata. FLAT (Matmul.norm_key,
+        # ops/base.flat_flags): 1 a literal unit stride (no stride to load, and Triton sees the
+        # contiguity), 2 also a 16-byte aligned base.
+        if HAS_NW:
+            vnw = arg(row_ptr, 7)
+            if NW_FLAT == 2:
+                nw_ptr = view_base_aligned(addrs_ptr, views_ptr, vnw, NW_DT)
+            else:
+                nw_ptr = view_base(addrs_ptr, views_ptr, vnw, NW_DT)
+            snw = 1 if NW_FLAT else view_stride(views_ptr, vnw, 3)
+        if HAS_NB:
+            vnb = arg(row_ptr, 8)
+            if NB_FLAT == 2:
+                nb_ptr = view_base_aligned(addrs_ptr, views_ptr, vnb, NB_DT)
+            else:
+                nb_ptr = view_base(addrs_ptr, views_ptr, vnb, NB_DT)
+            snb = 1 if NB_FLAT else view_stride(views_ptr, vnb, 3)
+        if N_IN_LOOP:
+            # The tile sees all of K (no split-K): the rows' statistics are summed inside the K
+            # loop from the A blocks it loads anyway, and the normalisation is applied to acc
+            # once at the end (Matmul.norm_in_loop). A sweep over K before the loop puts at least
+            # a round trip for x, and K / BK reduction steps, ahead of the first weight load.
+            s1 = tl.zeros((BM,), dtype=tl.float32)  # sum x (LayerNorm)
+            s2 = tl.zeros((BM,), dtype=tl.float32)  # sum x^2
+            if not N_RMS:
+                # LayerNorm works on x - c, c = each row's first element: the dot's A is rounded
+                # before it is centred, and the variance is E[x^2] - mean^2, both of which lose
+                # precision as |mean| grows against the spread; shifted by c they lose it only as
+                # far as x[0] lies from the mean. Used first after the loop's first wait, so the
+                # load overlaps the pipeline's first weight loads.
+                shift = tl.load(a_ptr + rm * sam, mask=rm < M, other=0.0).to(tl.float32)
+            rows = tl.arange(0, BM)
+            # LayerNorm's mean term needs gW = sum_k g_k W_kn and a bias bW = sum_k b_k W_kn: the
+            # dot computes them in spare rows of the A block (past the tile's rows, which
+            # norm_in_loop guarantees exist; BM >= 16 while decode has a row or a few).
+            G_ROW: tl.constexpr = BM - 1
+            B_ROW: tl.constexpr = BM - 1 if N_RMS else BM - 2
+        else:
+            # Split-K: the tile sees only its K chunk, the statistics need all of K: a sweep over
+            # the tile's rows first (two for LayerNorm: mean, then the centred variance).
+            mean = tl.zeros((BM,), dtype=tl.float32)
+            if not N_RMS:
+                for k in tl.range(0, K, BK, num_stages=SWEEP_STAGES):
+                    rk = k + tl.arange(0, BK)
+                    mask = (rm[:, None] < M) & (rk[None, :] < K)
+                    x = tl.load(a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=mask, other=0.0)
+                    mean += tl.sum(x.to(tl.float32), axis=1)
+                mean = mean / K
+            var = tl.zeros((BM,), dtype=tl.float32)
+            for k in tl.range(0, K, BK, num_stages=SWEEP_STAGES):
                 rk = k + tl.arange(0, BK)
                 mask = (rm[:, None] < M) & (rk[None, :] < K)
-                mean += tl.sum(
-                    tl.load(a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=mask, other=0.0).to(tl.float32), axis=1
-                )
-            mean = mean / K
-        var = tl.zeros((BM,), dtype=tl.float32)
-        for k in range(0, K, BK):
-            rk = k + tl.arange(0, BK)
-            mask = (rm[:, None] < M) & (rk[None, :] < K)
-            x = tl.load(a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=mask, other=0.0).to(tl.float32)
-            d = tl.where(mask, x - mean[:, None], 0.0)
-            var += tl.sum(d * d, axis=1)
-        rstd = 1.0 / tl.sqrt(var / K + N_EPS)
-        vnw = arg(row_ptr, 7)
-        vnb = arg(row_ptr, 8)
+                x = tl.load(a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=mask, other=0.0).to(tl.float32)
+                d = tl.where(mask, x - mean[:, None], 0.0)
+                var += tl.sum(d * d, axis=1)
+            rstd = 1.0 / tl.sqrt(var / K + N_EPS)
+        # g's and b's slices are loaded one K step ahead: Triton's pipeliner leaves these loads
+        # alone (a [BK] vector spread over the threads is one element per thread, too narrow
+        # for cp.async), so loaded in the step that uses them, each step would wait for one.
+        rk = k_lo + tl.arange(0, BK)
+        if HAS_NW:
+            g_next = tl.load(nw_ptr + rk * snw, mask=rk < k_hi, other=0.0)
+        if HAS_NB:
+            nb_next = tl.load(nb_ptr + rk * snb, mask=rk < k_hi, other=0.0)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k in range(k_lo, k_hi, BK):
         rk = k + tl.arange(0, BK)
@@ -143,29 +214,54 @@ def matmul_tile(
             a = tl.load(a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=a_mask, other=0.0)
         else:  # A computed from an elementwise expression (passes/fuse_matmul_a.py), masked lanes 0
             a = A_FN(row_ptr, addrs_ptr, views_ptr, rm, rk, a_mask)
-        if NORM:  # as ops/norm.py computes and stores h, then zero where A is masked
-            y = (a.to(tl.float32) - mean[:, None]) * rstd[:, None]
+        if NORM:
+            x = a.to(tl.float32)  # 0 where A is masked
             if HAS_NW:
-                nw_ptr = view_base(addrs_ptr, views_ptr, vnw, NW_DT)
-                y = (
-                    y
-                    * tl.load(nw_ptr + rk * view_stride(views_ptr, vnw, 3), mask=rk < k_hi, other=0.0).to(tl.float32)[
-                        None, :
-                    ]
-                )
+                g = g_next.to(tl.float32)
+                g_next = tl.load(nw_ptr + (rk + BK) * snw, mask=rk + BK < k_hi, other=0.0)
             if HAS_NB:
-                nb_ptr = view_base(addrs_ptr, views_ptr, vnb, NB_DT)
-                y = (
-                    y
-                    + tl.load(nb_ptr + rk * view_stride(views_ptr, vnb, 3), mask=rk < k_hi, other=0.0).to(tl.float32)[
-                        None, :
-                    ]
-                )
-            a = tl.where(a_mask, y.to(H_DT), 0.0)
+                nb = nb_next.to(tl.float32)
+                nb_next = tl.load(nb_ptr + (rk + BK) * snb, mask=rk + BK < k_hi, other=0.0)
+            if N_IN_LOOP:
+                if not N_RMS:
+                    x = tl.where(a_mask, x - shift[:, None], 0.0)
+                    s1 += tl.sum(x, axis=1)
+                s2 += tl.sum(x * x, axis=1)
+                # The dot's A is x * g, rounded to h's dtype as a stored h would be (then to the
+                # dot's dtype, the same on a GPU); rstd (and mean) are applied to acc after the
+                # loop. h = (x - mean) * rstd * g + b, so C = rstd * ((x*g) W - mean * gW) + bW
+                # (x - c and mean - c for LayerNorm: the same C).
+                y = x * g[None, :] if HAS_NW else x
+                if not N_RMS:  # the spare row G_ROW carries g (1 without a weight), masked past k_hi
+                    y = tl.where(rows[:, None] == G_ROW, (g if HAS_NW else (rk < k_hi).to(tl.float32))[None, :], y)
+                if HAS_NB:  # and B_ROW the bias
+                    y = tl.where(rows[:, None] == B_ROW, nb[None, :], y)
+                a = y.to(H_DT)
+            else:  # as ops/norm.py computes and stores h, then zero where A is masked
+                y = (x - mean[:, None]) * rstd[:, None]
+                if HAS_NW:
+                    y = y * g[None, :]
+                if HAS_NB:
+                    y = y + nb[None, :]
+                a = tl.where(a_mask, y.to(H_DT), 0.0)
         b = tl.load(
             b_ptr + rk[:, None] * sbk + rn[None, :] * sbn, mask=(rk[:, None] < k_hi) & (rn[None, :] < N), other=0.0
         )
         acc = tl.dot(a.to(DOT_DT), b.to(DOT_DT), acc, input_precision=PRECISION)
+    if NORM:
+        if N_IN_LOOP:  # normalise the rows of acc (see the K loop)
+            if HAS_NB:
+                bw = tl.sum(tl.where(rows[:, None] == B_ROW, acc, 0.0), axis=0)
+            if N_RMS:
+                rstd = 1.0 / tl.sqrt(s2 / K + N_EPS)
+                acc = acc * rstd[:, None]
+            else:
+                gw = tl.sum(tl.where(rows[:, None] == G_ROW, acc, 0.0), axis=0)
+                mean = s1 / K  # of x - c
+                rstd = 1.0 / tl.sqrt(tl.maximum(s2 / K - mean * mean, 0.0) + N_EPS)
+                acc = (acc - mean[:, None] * gw[None, :]) * rstd[:, None]
+            if HAS_NB:
+                acc += bw[None, :]
     if HAS_BIAS:
         bias_ptr = view_base(addrs_ptr, views_ptr, vbias, BIAS_DT)
         bias = tl.load(bias_ptr + rn * view_stride(views_ptr, vbias, 3), mask=rn < N, other=0.0)
@@ -247,6 +343,32 @@ def _norm_reference(x, node, tensor_of):
     if nb is not None:
         y = y + tensor_of(nb).double()
     return y.to(h_dtype)
+
+
+def _norm_in_loop_reference(x, w, node, tensor_of):
+    """x @ w with x's rows normalised as matmul_tile's one-pass path does it (Matmul.norm_in_loop):
+    the dot's A is x * g rounded to h's dtype, each row of the product is scaled by rstd at the
+    end; LayerNorm (on x shifted by its row's first element) subtracts rstd * mean * (g W) and a
+    bias adds b W, g and b rounded to h's dtype
+    as the kernel's spare A rows are. That rounds x * g where storing h rounds the normalised
+    value: the results differ by bf16 rounding, so these tiles are specified here, not by
+    _norm_reference (which split-K tiles, sweeping first, still match exactly)."""
+    rms, eps, h_dtype = node.attrs["norm"]
+    nw, nb = node.inputs[3:5]
+    xs, w = x.double(), w.double()
+    g = tensor_of(nw).double() if nw is not None else torch.ones(xs.shape[-1], dtype=torch.float64)
+    if rms:
+        acc = (xs * g).to(h_dtype).double() @ w
+        acc = acc * torch.rsqrt((xs * xs).mean(-1, keepdim=True) + eps)
+    else:  # on x - (each row's first element), as the kernel
+        xs = xs - xs[:, :1]
+        acc = (xs * g).to(h_dtype).double() @ w
+        mean = xs.mean(-1, keepdim=True)
+        rstd = torch.rsqrt(xs.var(-1, unbiased=False, keepdim=True) + eps)
+        acc = (acc - mean * (g.to(h_dtype).double() @ w)) * rstd
+    if nb is not None:
+        acc = acc + tensor_of(nb).to(h_dtype).double() @ w
+    return acc
 
 
 def _a_loader(name: str, a_key, dot) -> str:
@@ -355,7 +477,11 @@ class Matmul(OpFamily):
             units,
             self.norm_key(node),
         )
-        return key + (self.a_expr_key(node),) if "a_expr" in node.attrs else key
+        if "a_expr" in node.attrs:
+            # matmul_tile has no path for both (passes/fuse_norm.py folds only into plain matmuls)
+            assert "norm" not in node.attrs, f"{node.name}: a folded norm and an A expression"
+            return key + (self.a_expr_key(node),)
+        return key
 
     def a_expr_key(self, node):
         """(expr, A's dtype, per input (dtype, K stride 1, 16-byte aligned rows)) of an A computed
@@ -369,12 +495,23 @@ class Matmul(OpFamily):
         return expr, a_dtype, tuple(flags)
 
     def norm_key(self, node):
-        """(rms, eps, h dtype, norm weight dtype, norm bias dtype) of a folded norm, or None."""
+        """(rms, eps, h dtype, norm weight dtype, norm bias dtype, norm_in_loop, weight and bias
+        flat_flags) of a folded norm, or None."""
         if "norm" not in node.attrs:
             return None
         rms, eps, h_dtype = node.attrs["norm"]
         nw, nb = node.inputs[3:5]
-        return (rms, eps, h_dtype, nw.dtype if nw is not None else None, nb.dtype if nb is not None else None)
+        dtypes = (nw.dtype if nw is not None else None, nb.dtype if nb is not None else None)
+        return (rms, eps, h_dtype) + dtypes + (self.norm_in_loop(node),) + flat_flags(nw, nb)
+
+    def norm_in_loop(self, node) -> bool:
+        """Does the tile compute its folded norm's statistics inside the K loop (one pass, the
+        rows normalised at the end) rather than in a sweep over K first? Only when every tile sees
+        all of K (no split-K) and, for LayerNorm or a norm bias, the A block has spare rows past
+        M for the dot to compute gW (and bW) in (matmul_tile)."""
+        rms = node.attrs["norm"][0]
+        spare = (0 if rms else 1) + (node.inputs[4] is not None)
+        return self.splits(node) == 1 and node.inputs[0].shape[0] + spare <= node.attrs["tile"][0]
 
     def view_args(self, node):
         return list(node.inputs[:3]) + [node.outputs[0]]  # A, B, bias, C; then tile coords
@@ -388,12 +525,13 @@ class Matmul(OpFamily):
         _, a, b, bias, c, dot, prec, (bm, bn, bk), units, norm = key[:10]
         bias_dt = tl_dtype(bias) if bias is not None else "tl.float32"
         if norm is None:
-            norm_args = "False, True, 0.0, tl.float32, tl.float32, tl.float32, False, False"
+            norm_args = "False, True, 0.0, tl.float32, tl.float32, tl.float32, False, False, False, 1, 1"
         else:
-            rms, eps, h_dt, nw_dt, nb_dt = norm
+            rms, eps, h_dt, nw_dt, nb_dt, in_loop, nw_flat, nb_flat = norm
             norm_args = (
                 f"True, {rms}, {eps!r}, {tl_dtype(h_dt)}, {tl_dtype(nw_dt) if nw_dt else 'tl.float32'}, "
-                f"{tl_dtype(nb_dt) if nb_dt else 'tl.float32'}, {nw_dt is not None}, {nb_dt is not None}"
+                f"{tl_dtype(nb_dt) if nb_dt else 'tl.float32'}, {nw_dt is not None}, {nb_dt is not None}, "
+                f"{in_loop}, {nw_flat}, {nb_flat}"
             )
         call = (
             f"matmul_tile({{row}}, {{addrs}}, {{views}}, {tl_dtype(a)}, {tl_dtype(b)}, {bias_dt}, {tl_dtype(c)}, "
@@ -471,6 +609,8 @@ class Matmul(OpFamily):
             expr, a_dtype = node.attrs["a_expr"]
             x = expr_torch(expr, [tensor_of(v)[rs, k0:k1] for v in node.inputs[3:]]).to(a_dtype)
             acc = x.double() @ tensor_of(b)[k0:k1, cs].double()
+        elif "norm" in node.attrs and self.norm_in_loop(node):
+            acc = _norm_in_loop_reference(tensor_of(a)[rs], tensor_of(b)[:, cs], node, tensor_of)
         else:
             x = tensor_of(a)[rs]
             if "norm" in node.attrs:  # h = norm(x) as ops/norm.py stores it

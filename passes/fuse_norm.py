@@ -1,13 +1,27 @@
 """Fold a row normalisation into the matmuls that read its output, when they have few rows.
 
-A norm op N (LayerNorm or RMSNorm over the last dim: h = norm(x) * w (+ b), ops/norm.py) whose
+A norm op N (LayerNorm or RMSNorm over the last dim: h = norm(x) * g (+ b), ops/norm.py) whose
 output h is read only by matmuls, each as its whole A operand ([R, C] rows of h), is folded
-into every one of them: the matmul tile computes its rows' statistics from x with a sweep over
-K before its main loop, then normalises each A block as it loads it and rounds it to h's dtype,
-exactly as N would have stored h. N then has no reader and is dropped: in decode, one stage
-(and one wait) less per norm. Only for matmuls of at most MAX_ROWS rows: each tile redoes its
-rows' statistics, free next to streaming the weights in decode, wasteful in prefill where
-every column tile would redo them.
+into every one of them: the matmul tile computes h's rows from x itself (ops/matmul.py), N then
+has no reader and is dropped: in decode, one stage (and one wait) less per norm. Only for
+matmuls of at most MAX_ROWS rows: each tile redoes its rows' statistics, free next to streaming
+the weights in decode, wasteful in prefill where every column tile would redo them.
+
+How the tile does it (Matmul.norm_in_loop decides, per matmul):
+- It sees all of K (the matmul is not split, passes/split_k.py): one pass.
+  The K loop sums each row's x^2 (and x, LayerNorm) from the A blocks it loads anyway and feeds
+  the dot x * g; the rows of acc are normalised once at the end: C = rstd * (x*g) W for RMSNorm,
+  C = rstd * ((x*g) W - mean * gW) + bW for LayerNorm (gW = sum_k g_k W_kn and bW = sum_k b_k W_kn
+  come out of the same dot, from spare rows of the A block carrying g and b: LayerNorm, or a
+  bias, needs M + 1 (+ 1) <= BM). No sweep over K ahead of the weights, so the tile costs about
+  what an unfolded one does. Rounding: the dot's A is x * g rounded to h's dtype, not h itself,
+  so results differ from the unfolded graph by bf16 rounding (within its tolerance, not bitwise).
+  LayerNorm rounds x * g before centring it and takes the variance as E[x^2] - mean^2, which
+  lose precision as a row's |mean| grows against its spread; it works on x - x[row, 0] instead,
+  so only as far as a row's first element lies from its mean.
+- It sees one K chunk (split-K): it sweeps its rows over all of K first (software-pipelined),
+  then normalises each A block as it loads it and rounds it to h's dtype as N would have stored
+  h (the same h as the unfolded graph, up to the order in which the statistics are summed).
 """
 
 from __future__ import annotations
