@@ -119,12 +119,17 @@ def _view(v) -> str:
 
 
 def _expr(e) -> str:
-    """Compact text of an elementwise expression tree ('op', name, dtype, *args) / ('in', k) / ('const', c)."""
+    """Compact text of an elementwise expression tree ('op', name, dtype, *args) / ('in', k) / ('const', c)
+    / ('idx', inner, size) / ('win', k, inner, size, lo, hi)."""
     if isinstance(e, tuple) and e:
         if e[0] == "in":
             return f"x{e[1]}"
         if e[0] == "const":
             return repr(e[1])
+        if e[0] == "idx":  # the output index along one dim (ops/elementwise.py, positional leaves)
+            return f"i[{e[1]}:{e[2]}]"
+        if e[0] == "win":  # an input read inside a window of that index only
+            return f"x{e[1]}@i[{e[2]}:{e[3]}]in[{e[4]}:{e[5]}]"
         if e[0] == "op":
             return f"{e[1]}({', '.join(_expr(a) for a in e[3:])})"
     return repr(e)

@@ -6,6 +6,20 @@ producer's tree into its consumer's, so a chain becomes one node; codegen emits 
 @triton.jit routine per distinct tree (shared by every layer with the same chain). Every
 input view is expanded to the output shape, so one linear index addresses them all.
 Arithmetic is fp32; each node's result is rounded to its own dtype, as eager would store it.
+
+Two positional leaves let a fused expression read a `cat` (passes/fuse.fold_cats): each piece
+is computed where it lands, selected by the output index along the cat's dim.
+  ("idx", inner, size): the output index along one dim, (lin // inner) % size, as a number.
+  ("win", k, inner, size, lo, hi[, leader, delta]): input k where lo <= (lin // inner) % size
+    < hi, 0 elsewhere. Input k's view is addressed only inside its window (a piece's input
+    shifted to where the piece lands may point outside its buffer elsewhere): loads, regions
+    and the reference mask it. With leader and delta, input k's view is input leader's moved
+    by delta elements (same buffer and strides, disjoint windows): the routine loads both with
+    one masked load (rotate-half: x's two halves, swapped, are one load of x).
+A slot read through a window is read through that window only (`slot_windows`). lin is the
+linear index of the routine's output (elementwise) or update (scatter) in row-major order, so
+positional leaves are only meaningful in the op they were built for: fuse passes never splice
+a positional expression into another op (`has_positional`).
 """
 
 from __future__ import annotations
@@ -14,9 +28,19 @@ import math
 from dataclasses import replace
 
 import torch
-from mkcompiler.ops.base import OpFamily, bytes_cost, cdiv, flat_flags, linear_access, tl_dtype
+from mkcompiler.ops.base import (
+    Access,
+    OpFamily,
+    bytes_cost,
+    cdiv,
+    flat_flags,
+    linear_access,
+    offsets_intervals,
+    tl_dtype,
+)
 from mkcompiler.ops.registry import family, lowers
 
+from mkcompiler.ir import View
 from mkcompiler.layout import MAX_RANK
 
 aten = torch.ops.aten
@@ -186,16 +210,177 @@ def _round_src(dtype: torch.dtype) -> str:
     return f".to({tl_dtype(dtype)}).to(tl.float32)"
 
 
-def expr_source(expr, n_inputs: int) -> tuple[list[str], str]:
-    """SSA lines computing `expr` from x0..x{n-1}; returns (lines, name of the result)."""
+def has_positional(expr) -> bool:
+    """Does `expr` use positional leaves ("idx", "win": valid only in the op they were built for)?"""
+    if expr[0] in ("idx", "win"):
+        return True
+    return expr[0] == "op" and any(has_positional(a) for a in expr[3:])
+
+
+def slot_windows(expr) -> dict[int, tuple[int, int, int, int]]:
+    """{input slot: (inner, size, lo, hi)} for the slots `expr` reads through a window; raises
+    ValueError when a slot is read through two windows, or through a window and plainly."""
+    found: dict[int, tuple | None] = {}
+
+    def visit(e):
+        if e[0] in ("in", "win"):
+            w = tuple(e[2:6]) if e[0] == "win" else None
+            if found.setdefault(e[1], w) != w:
+                raise ValueError(f"input {e[1]} is read through different windows")
+        elif e[0] == "op":
+            for a in e[3:]:
+                visit(a)
+
+    visit(expr)
+    return {k: w for k, w in found.items() if w is not None}
+
+
+def index_src(inner: int, size: int, lin: str = "lin") -> str:
+    """Triton expression: the index along a dim, (lin // inner) % size."""
+    return f"({lin} % {size})" if inner == 1 else f"(({lin} // {inner}) % {size})"
+
+
+def window_src(win, lin: str = "lin") -> str:
+    """Triton condition: `lin` inside the window (inner, size, lo, hi)."""
+    inner, size, lo, hi = win
+    r = index_src(inner, size, lin)
+    terms = ([f"({r} >= {lo})"] if lo > 0 else []) + ([f"({r} < {hi})"] if hi < size else [])
+    return " & ".join(terms) or "True"
+
+
+def shared_loads(expr) -> dict[int, tuple[int, int]]:
+    """{windowed slot: (leader slot, delta)} from the leaves (group_windows)."""
+    found = {}
+
+    def visit(e):
+        if e[0] == "win" and len(e) > 6:
+            found[e[1]] = (e[6], e[7])
+        elif e[0] == "op":
+            for a in e[3:]:
+                visit(a)
+
+    visit(expr)
+    return found
+
+
+def group_windows(expr, inputs) -> tuple:
+    """`expr` with its windowed leaves grouped for shared loads: a windowed slot whose view is an
+    earlier windowed slot's moved by some elements (same buffer, dtype, shape and strides), in
+    a window of the same index disjoint from the group's, is loaded with it."""
+    windows = slot_windows(expr)
+    groups: dict[int, list[tuple[int, int, int]]] = {}  # leader -> [(member, window lo, hi)]
+    lead: dict[int, tuple[int, int]] = {}
+    for k in sorted(windows):
+        v, (inner, size, lo, hi) = inputs[k], windows[k]
+        for g, members in groups.items():
+            u = inputs[g]
+            same = (u.buffer, u.dtype, u.shape, u.strides) == (v.buffer, v.dtype, v.shape, v.strides)
+            if same and windows[g][:2] == (inner, size) and all(hi <= a or lo >= b for _, a, b in members):
+                members.append((k, lo, hi))
+                lead[k] = (g, v.offset - u.offset)
+                break
+        else:
+            groups[k] = [(k, lo, hi)]
+            lead[k] = (k, 0)
+    shared = {k: lg for k, lg in lead.items() if len(groups[lg[0]]) > 1}
+
+    def visit(e):
+        if e[0] == "win":
+            return e[:6] + (shared[e[1]] if e[1] in shared else ())
+        if e[0] == "op":
+            return e[:3] + tuple(visit(a) for a in e[3:])
+        return e
+
+    return visit(expr)
+
+
+def input_loads(expr, in_dtypes, flat, arg, split: bool, mask: str = "mask", lin: str = "lin") -> list[str]:
+    """Lines loading inputs x0.. of a routine with linear index `lin`: plain inputs under `mask`,
+    windowed ones under their window (one mask per distinct window), shared loads (group_windows)
+    once per group. arg(k) is input k's view id; flat[k] its flat flag; `split`: i0..i3 (the
+    index split over a shared shape) are defined, which strided views need."""
+    lines, names, masks = [], {}, {}
+    windows = slot_windows(expr)
+    for k, w in sorted(windows.items()):
+        if w not in names:
+            names[w] = f"wmask{len(names)}"
+            lines.append(f"{names[w]} = {mask} & {window_src(w, lin)}")
+        masks[k] = names[w]
+    shared = shared_loads(expr) if all(flat[k] != 0 or split for k in windows) else {}
+    for k, dt in enumerate(in_dtypes):
+        leader, _ = shared.get(k, (k, 0))
+        if leader != k:
+            lines.append(f"x{k} = x{leader}  # loaded with x{leader}")
+        elif k in shared:
+            members = [m for m, (g, _) in shared.items() if g == k]
+            m = " | ".join(masks[j] for j in members)
+            delta = " + ".join(f"tl.where({masks[j]}, {shared[j][1]}, 0)" for j in members if shared[j][1])
+            offs = f"{lin}.to(tl.int64)" if flat[k] != 0 else f"strided_offsets(views_ptr, {arg(k)}, i0, i1, i2, i3)"
+            p = f"view_base(addrs_ptr, views_ptr, {arg(k)}, {tl_dtype(dt)}) + {offs} + ({delta or 0})"
+            lines.append(f"x{k} = tl.load({p}, mask={m}, other=0.0).to(tl.float32)")
+        elif flat[k] == 0 and split:
+            lines.append(
+                f"x{k} = load_strided(addrs_ptr, views_ptr, {arg(k)}, i0, i1, i2, i3, {masks.get(k, mask)}, {tl_dtype(dt)})"
+            )
+        else:
+            lines.append(
+                f"x{k} = load_view(addrs_ptr, views_ptr, {arg(k)}, {lin}, {masks.get(k, mask)}, {tl_dtype(dt)}, {flat[k]})"
+            )
+    return lines
+
+
+def _in_window(lin: torch.Tensor, win) -> torch.Tensor:
+    inner, size, lo, hi = win
+    r = (lin // inner) % size
+    return (r >= lo) & (r < hi)
+
+
+def _view_offsets(v, lin: torch.Tensor) -> torch.Tensor:
+    """Element offsets of view v at row-major linear indices `lin` (int64 tensor)."""
+    off = torch.full_like(lin, v.offset)
+    idx = lin.clone()
+    for size, stride in zip(reversed(v.shape), reversed(v.strides)):
+        off += (idx % size) * stride
+        idx //= size
+    return off
+
+
+def window_values(v, win, lin: torch.Tensor, tensor_of) -> torch.Tensor:
+    """Values of view v at linear indices `lin` inside window `win`, 0 outside (the reference of a
+    windowed load: only elements inside the window are read, as in the kernel)."""
+    ok = _in_window(lin, win)
+    out = torch.zeros(lin.shape, dtype=v.dtype)
+    if ok.any():
+        offs = _view_offsets(v, lin[ok])
+        lo, hi = int(offs.min()), int(offs.max()) + 1
+        span = tensor_of(View(v.buffer, v.dtype, (hi - lo,), (1,), lo))
+        out[ok] = span[offs - lo]
+    return out
+
+
+def window_access(v, start: int, end: int, win) -> Access:
+    """The elements view v gives linear indices [start, end) inside window `win` (regions)."""
+    lin = torch.arange(start, min(end, v.numel), dtype=torch.int64)
+    offs = _view_offsets(v, lin[_in_window(lin, win)])
+    return Access(v.buffer, offsets_intervals(offs.numpy()))
+
+
+def expr_source(expr, n_inputs: int, lin: str | None = None) -> tuple[list[str], str]:
+    """SSA lines computing `expr` from x0..x{n-1}; returns (lines, name of the result). `lin`
+    names the routine's linear index, for positional leaves (None: the routine has none)."""
     lines: list[str] = []
     memo: dict = {}
 
     def visit(e):
         if e in memo:
             return memo[e]
-        if e[0] == "in":
+        if e[0] in ("in", "win"):  # a windowed input's load is masked (window_masks): 0 outside
             out = f"x{e[1]}"
+        elif e[0] == "idx":
+            if lin is None:
+                raise NotImplementedError("a positional expression in a routine without a linear index")
+            out = f"t{len(lines)}"
+            lines.append(f"{out} = {index_src(e[1], e[2], lin)}.to(tl.float32)")
         elif e[0] == "const":
             out = _const_src(e[1])
         else:
@@ -213,15 +398,19 @@ def expr_source(expr, n_inputs: int) -> tuple[list[str], str]:
     return lines, result
 
 
-def expr_torch(expr, inputs: list[torch.Tensor]) -> torch.Tensor:
-    """The same expression evaluated with torch (fp32 arithmetic, per-node rounding)."""
+def expr_torch(expr, inputs: list[torch.Tensor], lin: torch.Tensor | None = None) -> torch.Tensor:
+    """The same expression evaluated with torch (fp32 arithmetic, per-node rounding). `lin`: the
+    linear indices of the elements (positional leaves); windowed inputs come masked
+    (window_values)."""
     memo: dict = {}
 
     def visit(e):
         if e in memo:
             return memo[e]
-        if e[0] == "in":
+        if e[0] in ("in", "win"):
             out = inputs[e[1]].float()
+        elif e[0] == "idx":
+            out = ((lin // e[1]) % e[2]).float()
         elif e[0] == "const":
             out = torch.tensor(e[1], dtype=torch.float32)
         else:
@@ -280,7 +469,7 @@ class Elementwise(OpFamily):
     def emit(self, key, name):
         _, expr, in_dtypes, out_dtype, block, flat, numel_div, shape = key
         vec = numel_div and all(f == 2 for f in flat)  # 16-byte accesses need uniform masks too
-        lines, result = expr_source(expr, len(in_dtypes))
+        lines, result = expr_source(expr, len(in_dtypes), "lin")
         n = len(in_dtypes)
         src = [
             "@triton.jit",
@@ -294,16 +483,8 @@ class Elementwise(OpFamily):
         ]
         if shape is not None:  # once for every strided view: they share the shape
             src.append(f"        i0, i1, i2, i3 = split_index(lin, {shape[1]}, {shape[2]}, {shape[3]})")
-        for k, dt in enumerate(in_dtypes):
-            v = f"arg(row_ptr, {k + 1})"
-            if flat[k + 1] == 0 and shape is not None:
-                src.append(
-                    f"        x{k} = load_strided(addrs_ptr, views_ptr, {v}, i0, i1, i2, i3, mask, {tl_dtype(dt)})"
-                )
-            else:
-                src.append(
-                    f"        x{k} = load_view(addrs_ptr, views_ptr, {v}, lin, mask, {tl_dtype(dt)}, {flat[k + 1]})"
-                )
+        loads = input_loads(expr, in_dtypes, flat[1:], lambda k: f"arg(row_ptr, {k + 1})", shape is not None)
+        src += [f"        {line}" for line in loads]
         src += [f"        {line}" for line in lines]
         if flat[0] == 0 and shape is not None:
             src.append(
@@ -327,7 +508,11 @@ class Elementwise(OpFamily):
 
     def regions(self, node, coords):
         lo, hi = self.span(node, coords)
-        reads = [linear_access(v, lo, hi) for v in node.inputs]
+        windows = slot_windows(node.attrs["expr"])
+        reads = [
+            window_access(v, lo, hi, windows[k]) if k in windows else linear_access(v, lo, hi)
+            for k, v in enumerate(node.inputs)
+        ]
         return reads, [linear_access(node.outputs[0], lo, hi)]
 
     def cost(self, node, coords):
@@ -340,8 +525,13 @@ class Elementwise(OpFamily):
 
     def reference(self, node, coords, tensor_of):
         sl = slice(*self.span(node, coords))
-        ins = [tensor_of(v).reshape(-1)[sl] for v in node.inputs]
-        out = expr_torch(node.attrs["expr"], ins)
+        lin = torch.arange(sl.start, sl.stop, dtype=torch.int64)
+        windows = slot_windows(node.attrs["expr"])
+        ins = [
+            window_values(v, windows[k], lin, tensor_of) if k in windows else tensor_of(v).reshape(-1)[sl]
+            for k, v in enumerate(node.inputs)
+        ]
+        out = expr_torch(node.attrs["expr"], ins, lin)
         dst = tensor_of(node.outputs[0])
         idx = torch.unravel_index(torch.arange(sl.start, sl.stop), dst.shape)
         dst[idx] = out.to(dst.dtype)

@@ -129,7 +129,14 @@ class Scatter(OpFamily):
             written = linear_access(base, r0 * base_row, r1 * base_row)  # every slot of these rows
         else:
             written = whole(base)
-        reads = [linear_access(v, r0 * per_row, r1 * per_row) for v in values]
+        from mkcompiler.ops.elementwise import slot_windows, window_access
+
+        windows = slot_windows(self.expr(node))
+        lo, hi = r0 * per_row, r1 * per_row
+        reads = [
+            window_access(v, lo, hi, windows[k]) if k in windows else linear_access(v, lo, hi)
+            for k, v in enumerate(values)
+        ]
         return reads + [whole(index)], [written]
 
     def cost(self, node, coords):
@@ -147,9 +154,15 @@ class Scatter(OpFamily):
         b = tensor_of(base).reshape(-1, *base.shape[dim:]) if base.is_contiguous() else None
         if b is None:
             raise NotImplementedError("VM scatter into a strided base")
-        from mkcompiler.ops.elementwise import expr_torch
+        from mkcompiler.ops.elementwise import expr_torch, slot_windows, window_values
 
-        v = expr_torch(self.expr(node), [tensor_of(x) for x in values]).reshape(-1, *update.shape[dim:])
+        expr, windows = self.expr(node), slot_windows(self.expr(node))
+        lin = torch.arange(update.numel, dtype=torch.int64)
+        ins = [
+            window_values(x, windows[k], lin, tensor_of).reshape(update.shape) if k in windows else tensor_of(x)
+            for k, x in enumerate(values)
+        ]
+        v = expr_torch(expr, ins, lin.reshape(update.shape)).reshape(-1, *update.shape[dim:])
         idx = tensor_of(index).long()
         idx = torch.where(idx < 0, idx + base.shape[dim], idx)
         for r in range(r0, r1):
@@ -163,11 +176,11 @@ def _emit(key, name: str) -> tuple[str, str]:
     a plain scatter; a fused producer's tree otherwise: computed where they are stored). The
     update's padded shape is a compile-time constant: one index split per element serves values,
     index and destination (runtime divisors would cost an integer division each)."""
-    from mkcompiler.ops.elementwise import expr_source
+    from mkcompiler.ops.elementwise import expr_source, input_loads
 
     _, expr, in_dtypes, idt, odt, dim, block, flat, shape, per_row = key
     k = len(in_dtypes)
-    lines, result = expr_source(expr, k)
+    lines, result = expr_source(expr, k, "lin")
     src = [
         "@triton.jit",
         f"def {name}(row_ptr, addrs_ptr, views_ptr, BLOCK: tl.constexpr):",
@@ -186,12 +199,7 @@ def _emit(key, name: str) -> tuple[str, str]:
         f"        mask = (lin < r1 * {per_row}) & (lin < {math.prod(shape)})",
         f"        i0, i1, i2, i3 = split_index(lin, {shape[1]}, {shape[2]}, {shape[3]})",
     ]
-    for i, dt in enumerate(in_dtypes):
-        v = f"arg(row_ptr, {i})"
-        if flat[i] == 0:
-            src.append(f"        x{i} = load_strided(addrs_ptr, views_ptr, {v}, i0, i1, i2, i3, mask, {tl_dtype(dt)})")
-        else:
-            src.append(f"        x{i} = load_view(addrs_ptr, views_ptr, {v}, lin, mask, {tl_dtype(dt)}, {flat[i]})")
+    src += [f"        {line}" for line in input_loads(expr, in_dtypes, flat, lambda i: f"arg(row_ptr, {i})", True)]
     src += [f"        {line}" for line in lines]
     src += [
         f"        j = i{dim}",

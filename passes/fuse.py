@@ -16,10 +16,20 @@ recompute it anyway (they no longer wait for it).
 
 Elementwise producers also fuse into the scatters that store their values (`fuse_into_scatter`:
 KV-cache appends).
+
+Last, a `cat` whose pieces are elementwise ops folds into its readers (`fold_cats`): each reader
+selects, by its output index along the cat's dim, the piece that lands there, computed over the
+piece's inputs shifted to where it lands (ops/elementwise.py, positional leaves). RoPE's
+rotate-half, cat((-x2, x1)), is then computed by the RoPE product and by the KV-cache scatter
+themselves: one dependent stage less between the Q/K/V projections and attention.
 """
 
 from __future__ import annotations
 
+import math
+
+import torch
+from mkcompiler.ops.elementwise import group_windows, has_positional, slot_windows
 from mkcompiler.ops.norm import NORM_TAIL
 
 from mkcompiler.ir import Graph, View, contiguous_strides
@@ -30,9 +40,9 @@ NORM_MAX_INPUTS = NUM_ARGS - NORM_TAIL  # a fused norm's args: its x inputs, wei
 
 
 def reindex(expr, mapping):
-    if expr[0] == "in":
-        return ("in", mapping[expr[1]])
-    if expr[0] == "const":
+    if expr[0] in ("in", "win"):  # a window's shared load (group_windows) is the reader's to regroup
+        return (expr[0], mapping[expr[1]], *expr[2:6])
+    if expr[0] in ("const", "idx"):
         return expr
     return expr[:3] + tuple(reindex(a, mapping) for a in expr[3:])
 
@@ -66,7 +76,7 @@ def fuse_elementwise(graph: Graph, into_norms: bool = True) -> Graph:
     producer too."""
     while _inline_producers(graph, False, into_norms) or _inline_producers(graph, True, into_norms):
         pass
-    return fuse_into_scatter(graph)
+    return fold_cats(fuse_into_scatter(graph))
 
 
 DUPLICATE_MAX_ELEMENTS = 1 << 16  # recomputing a producer in each reader pays only for small tensors
@@ -78,10 +88,7 @@ def transfer(view: View, out_shape, x: View) -> View | None:
     of `view` is out[m(i)], computed from x[m(i)]. None when `view` is not a plain window of the
     output (each of its dims must walk one output dim without carrying into the next)."""
     out_shape = tuple(out_shape)
-    cs = contiguous_strides(out_shape)
-    numel = 1
-    for n in out_shape:
-        numel *= n
+    numel = math.prod(out_shape)
     if not 0 <= view.offset < max(numel, 1):
         return None
     flat = x.reshape((numel,))
@@ -93,22 +100,38 @@ def transfer(view: View, out_shape, x: View) -> View | None:
             tuple(st * flat.strides[0] for st in view.strides),
             x.offset + view.offset * flat.strides[0],
         )
+    walk = window_dims(view, out_shape)
+    if walk is None:
+        return None
+    start, dims = walk
+    strides = [0 if j is None else x.strides[j] for j in dims]
+    offset = x.offset + sum(m * xs for m, xs in zip(start, x.strides))
+    return View(x.buffer, x.dtype, tuple(view.shape), tuple(strides), offset)
+
+
+def window_dims(view: View, out_shape) -> tuple[list[int], list[int | None]] | None:
+    """How `view` walks a contiguous tensor of shape out_shape: (the index of its first element,
+    per dim of `view` the dim of out_shape it walks, None where it stays put), or None when some
+    dim of `view` does not walk one dim without carrying into the next."""
+    out_shape = tuple(out_shape)
+    cs = contiguous_strides(out_shape)
+    if not 0 <= view.offset < max(math.prod(out_shape), 1):
+        return None
     start, rest = [], view.offset  # the window's first output index
     for c in cs:
         start.append(rest // c)
         rest %= c
-    used, strides = set(), []
+    used, dims = set(), []
     for size, st in zip(view.shape, view.strides):
         if size == 1 or st == 0:
-            strides.append(0)
+            dims.append(None)
             continue
-        dims = [j for j, c in enumerate(cs) if c == st and out_shape[j] > 1]
-        if len(dims) != 1 or dims[0] in used or start[dims[0]] + size > out_shape[dims[0]]:
+        found = [j for j, c in enumerate(cs) if c == st and out_shape[j] > 1]
+        if len(found) != 1 or found[0] in used or start[found[0]] + size > out_shape[found[0]]:
             return None
-        used.add(dims[0])
-        strides.append(x.strides[dims[0]])
-    offset = x.offset + sum(m * xs for m, xs in zip(start, x.strides))
-    return View(x.buffer, x.dtype, tuple(view.shape), tuple(strides), offset)
+        used.add(found[0])
+        dims.append(found[0])
+    return start, dims
 
 
 def _absorbing(u, buffer: int, into_norms: bool = True):
@@ -220,6 +243,8 @@ def _plan_inline(consumer, p, position, writes, most: int, into_norms: bool = Tr
     consumer_inputs, consumer_expr = absorbing
     if written_between(p, consumer, position, writes):
         return None
+    if has_positional(p.attrs["expr"]) or has_positional(consumer_expr):  # built for their own op's indices
+        return None
     inputs = [v for v in consumer_inputs if v.buffer != out.buffer]
     keep = {i: inputs.index(v) for i, v in enumerate(consumer_inputs) if v.buffer != out.buffer}
     replaced = {}
@@ -238,7 +263,9 @@ def _plan_inline(consumer, p, position, writes, most: int, into_norms: bool = Tr
 def _substitute_each(expr, replaced, keep):
     if expr[0] == "in":
         return replaced[expr[1]] if expr[1] in replaced else ("in", keep[expr[1]])
-    if expr[0] == "const":
+    if expr[0] == "win":  # shared loads are regrouped after (group_windows)
+        return ("win", keep[expr[1]], *expr[2:6])
+    if expr[0] in ("const", "idx"):
         return expr
     return expr[:3] + tuple(_substitute_each(a, replaced, keep) for a in expr[3:])
 
@@ -265,6 +292,8 @@ def fuse_into_scatter(graph: Graph) -> Graph:
         p = producers.get(values.buffer)
         if p is None or values.buffer in outputs or len(p.inputs) + SCATTER_TAIL > NUM_ARGS:
             continue
+        if has_positional(p.attrs["expr"]):
+            continue
         out = p.outputs[0]
         if out.offset != 0 or not out.is_contiguous() or {id(o) for o, _ in readers[values.buffer]} != {id(op)}:
             continue
@@ -276,5 +305,185 @@ def fuse_into_scatter(graph: Graph) -> Graph:
         op.inputs = tuple(inputs) + tuple(op.inputs[1:])
         op.attrs["expr"] = p.attrs["expr"]
         removed.add(id(p))
+    graph.ops = [op for op in graph.ops if id(op) not in removed]
+    return graph
+
+
+def _same_view(a: View, b: View, strict: bool) -> bool:
+    """Do a and b address the same elements in the same order (not strict: strides of size-1
+    dims aside)?"""
+    if strict:
+        return a == b
+    return (a.buffer, a.dtype, a.shape, a.offset) == (b.buffer, b.dtype, b.shape, b.offset) and all(
+        sa == sb for n, sa, sb in zip(a.shape, a.strides, b.strides) if n != 1
+    )
+
+
+def cat_layouts(graph: Graph, buffer: int, pieces: list) -> list[tuple[tuple[int, ...], int, list]]:
+    """The ways to see `pieces` (the ops writing `buffer`) as a cat, as (shape, dim, [(lo, hi,
+    piece)]): each piece writes a slice [lo, hi) along dim of the whole buffer seen as a
+    contiguous tensor of that shape, together all of it, in order (what ops/layout.lower_cat
+    makes). Several when size-1 dims make it ambiguous ([1, 8] pieces of a [1, 16] cat are
+    rows of a [2, 8] too): the ones whose strides match exactly first."""
+    views = [p.outputs[0] for p in pieces]
+    rank, numel = views[0].rank, graph.buffers[buffer].numel
+    found = []
+    for strict in (True, False):
+        for d in range(rank):
+            rest = views[0].shape[:d] + views[0].shape[d + 1 :]
+            if any(v.rank != rank or v.shape[:d] + v.shape[d + 1 :] != rest for v in views):
+                continue
+            shape = views[0].shape[:d] + (sum(v.shape[d] for v in views),) + views[0].shape[d + 1 :]
+            if math.prod(shape) != numel:
+                continue
+            full = View(buffer, views[0].dtype, shape, contiguous_strides(shape), 0)
+            spans, lo = [], 0
+            for v, p in sorted(zip(views, pieces), key=lambda vp: vp[0].offset):
+                n = v.shape[d]
+                if n == 0 or not _same_view(v, full.slice(d, lo, lo + n), strict):
+                    break
+                spans.append((lo, lo + n, p))
+                lo += n
+            else:
+                if (shape, d) not in [(s, e) for s, e, _ in found]:
+                    found.append((shape, d, spans))
+    return found
+
+
+def _shifted(x: View, view: View, start: list[int], dims: list, d: int, lo: int) -> View:
+    """The view of x (a piece's input, of the piece's shape) giving, at each element of `view` (a
+    read of the cat, walking it as `start`, `dims` say), the input of the piece element that
+    lands there, for a piece landing at lo along the cat's dim d. Only elements whose index
+    along d falls in the piece address x; the others may point outside x's buffer."""
+    strides = tuple(0 if j is None else x.strides[j] for j in dims)
+    offset = x.offset + sum((m - (lo if j == d else 0)) * st for j, (m, st) in enumerate(zip(start, x.strides)))
+    return View(x.buffer, x.dtype, tuple(view.shape), strides, offset)
+
+
+def _cat_read(view: View, layout, slot) -> tuple | None:
+    """The expression of a read `view` of a cat (layout: one of cat_layouts') as a select among
+    its pieces over their shifted inputs: where(index < hi_0, piece_0, where(index < hi_1,
+    piece_1, ...)), the index being the reader's along the cat's dim; a piece's inputs are read
+    through its window only. slot(view, window) gives an input's slot. None if `view` is no
+    window of the cat."""
+    shape, d, spans = layout
+    walk = window_dims(view, shape)
+    if walk is None:
+        return None
+    start, dims = walk
+    walking = [e for e, j in enumerate(dims) if j == d]
+    if walking:
+        e = walking[0]
+        inner, size = math.prod(view.shape[e + 1 :]), view.shape[e]
+    else:  # every element of `view` sits at start[d]: one piece
+        inner, size = 1, 1
+    first = start[d]
+    chosen = [(max(lo - first, 0), min(hi - first, size), p) for lo, hi, p in spans if lo < first + size and hi > first]
+    values = []
+    for a, b, p in chosen:
+        win = None if (a, b) == (0, size) else (inner, size, a, b)
+        lo = next(lo for lo, _, q in spans if q is p)
+        mapping = {}
+        for j, x in enumerate(p.inputs):
+            if x.shape != p.outputs[0].shape:
+                return None
+            mapping[j] = slot(_shifted(x, view, start, dims, d, lo), win)
+        values.append(_windowed(p.attrs["expr"], mapping, win))
+    expr = values[-1]
+    dtype = spans[0][2].outputs[0].dtype
+    for (_, b, _), value in zip(reversed(chosen[:-1]), reversed(values[:-1])):
+        below = ("op", "lt", torch.bool, ("idx", inner, size), ("const", float(b)))
+        expr = ("op", "where", dtype, below, value, expr)
+    return expr
+
+
+def _windowed(expr, mapping, win):
+    """A piece's expression over its inputs' slots, read through `win` (None: plainly)."""
+    if expr[0] == "in":
+        return ("in", mapping[expr[1]]) if win is None else ("win", mapping[expr[1]], *win)
+    if expr[0] == "const":
+        return expr
+    return expr[:3] + tuple(_windowed(a, mapping, win) for a in expr[3:])
+
+
+def _plan_cat(u, buffer: int, layout, position, writes):
+    """(value inputs, expression) of reader u with each read of the cat in `buffer` replaced by a
+    select among its pieces (_cat_read); None when u cannot take it: u is neither an elementwise
+    op nor a scatter reading the cat as its values, u reads the cat through a window already, a
+    read is no window of the cat, an op between a piece and u writes the piece's inputs, or the
+    inputs would not fit u's instruction."""
+    if u.kind == "elementwise":
+        values, expr, most, shape = list(u.inputs), u.attrs["expr"], MAX_INPUTS, u.outputs[0].shape
+    elif u.kind == "scatter" and all(v.buffer != buffer for v in u.inputs[-3:]):
+        values, expr = list(u.inputs[:-3]), u.attrs.get("expr", ("in", 0))
+        most, shape = NUM_ARGS - SCATTER_TAIL, u.inputs[-2].shape
+    else:
+        return None
+    if any(written_between(p, u, position, writes) or position[id(p)] >= position[id(u)] for _, _, p in layout[2]):
+        return None
+    try:
+        windows = slot_windows(expr)
+    except ValueError:
+        return None
+    reads = [i for i, v in enumerate(values) if v.buffer == buffer]
+    if any(i in windows or values[i].shape != tuple(shape) for i in reads):
+        return None
+    inputs = [v for v in values if v.buffer != buffer]
+    slot_wins = [windows.get(i) for i, v in enumerate(values) if v.buffer != buffer]
+    keep = {i: k for k, i in enumerate(i for i, v in enumerate(values) if v.buffer != buffer)}
+
+    def slot(view, win):
+        for k, (v, w) in enumerate(zip(inputs, slot_wins)):
+            if v == view and w == win:
+                return k
+        inputs.append(view)
+        slot_wins.append(win)
+        return len(inputs) - 1
+
+    replaced = {}
+    for i in reads:
+        e = _cat_read(values[i], layout, slot)
+        if e is None:
+            return None
+        replaced[i] = e
+    if len(inputs) > most:
+        return None
+    return tuple(inputs), group_windows(_substitute_each(expr, replaced, keep), inputs)
+
+
+def fold_cats(graph: Graph) -> Graph:
+    """Fold each cat whose pieces are elementwise ops (cat_layouts) into its readers: elementwise
+    ops and scatters (their values) compute the piece landing at each of their elements
+    themselves (_cat_read), and the pieces go. All readers or none: a cat some reader cannot
+    take stays whole. Latest cats first: the ones nearest their readers' other inputs on the
+    critical path (RoPE's rotate-half, rather than a rotary table built from the positions at
+    the start) get the readers' instruction slots."""
+    outputs = graph.output_buffers()
+    position = {id(op): i for i, op in enumerate(graph.ops)}
+    writes: dict[int, list[int]] = {}
+    writers: dict[int, list] = {}
+    for i, op in enumerate(graph.ops):
+        for o in op.outputs:
+            writes.setdefault(o.buffer, []).append(i)
+            writers.setdefault(o.buffer, []).append(op)
+    removed = set()
+    cats = [b for b, ws in writers.items() if len(ws) > 1 and b not in outputs]
+    for b in sorted(cats, key=lambda b: max(position[id(p)] for p in writers[b]), reverse=True):
+        pieces = writers[b]
+        if any(p.kind != "elementwise" or len(p.outputs) != 1 or has_positional(p.attrs["expr"]) for p in pieces):
+            continue
+        users = [
+            u for u in graph.ops if id(u) not in removed and any(v is not None and v.buffer == b for v in u.inputs)
+        ]
+        for layout in cat_layouts(graph, b, pieces) if users else ():
+            plans = [_plan_cat(u, b, layout, position, writes) for u in users]
+            if all(plan is not None for plan in plans):
+                break
+        else:
+            continue
+        for u, (inputs, expr) in zip(users, plans):
+            u.inputs = inputs + (tuple(u.inputs[-3:]) if u.kind == "scatter" else ())
+            u.attrs["expr"] = expr
+        removed.update(id(p) for p in pieces)
     graph.ops = [op for op in graph.ops if id(op) not in removed]
     return graph

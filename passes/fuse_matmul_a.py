@@ -28,6 +28,7 @@ matmul writes p's inputs (in-place state updates), and the matmul carries no fol
 from __future__ import annotations
 
 import torch
+from mkcompiler.ops.elementwise import has_positional
 from mkcompiler.ops.matmul import A_EXPR_MAX_INPUTS
 from mkcompiler.passes.fuse import reindex, sole_writers, transfer_inputs, written_between
 from mkcompiler.passes.tile import DECODE_ROWS
@@ -81,7 +82,7 @@ def _plan(mm, p, position, writes) -> tuple[list[View], tuple] | None:
     the views that have A's dtype first; None when A is not a window of p's output, the inputs
     would not fit the instruction, or an op between p and mm writes one of p's inputs."""
     a, expr = mm.inputs[0], p.attrs["expr"]
-    if expr[0] != "op":
+    if expr[0] != "op" or has_positional(expr):  # positional leaves index p's own output (passes/fuse.fold_cats)
         return None
     if written_between(p, mm, position, writes):
         return None
