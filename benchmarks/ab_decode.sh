@@ -11,7 +11,7 @@ i=0
 for variant in "$@"; do
   opts=(); for kv in $variant; do opts+=(--opt "$kv"); done
   echo "=== variant $i: ${variant:-default}"
-  timeout 240 python3 benchmarks/profile_decode.py --out "$OUT" --tag "_v$i" ${PDECODE_ARGS:-} "${opts[@]}" 2>&1 \
+  timeout ${VARIANT_TIMEOUT:-240} python3 benchmarks/profile_decode.py --out "$OUT" --tag "_v$i" ${PDECODE_ARGS:-} "${opts[@]}" 2>&1 \
     | grep -E "RESULT|working|waiting|compiled in|Error|error" | grep -v Warning | tail -6
   i=$((i + 1))
 done

@@ -11,6 +11,7 @@ import torch
 from mkcompiler import cache
 from mkcompiler.capture import capture
 from mkcompiler.codegen import generate
+from mkcompiler.codegen_tp import is_tensor_parallel
 from mkcompiler.errors import UnsupportedOpError
 from mkcompiler.fallback import SegmentedModel, compile_with_fallback
 from mkcompiler.passes.pipeline import run_pipeline
@@ -35,11 +36,19 @@ def compile(model: torch.nn.Module, example_inputs, **options) -> Megakernel | S
     Options are the fields of `mkcompiler.Settings` (num_workers, schedule, ...). With
     fallback="eager", a model with ops mkcompiler cannot compile becomes a SegmentedModel."""
     tensor_parallel = options.pop("tensor_parallel", None)
+    tp_plan, tp_group = options.pop("tp_plan", None), options.pop("tp_group", None)
+    make = Megakernel
     if tensor_parallel not in (None, 1):
-        raise NotImplementedError(
-            f"tensor_parallel={tensor_parallel}: the GPU communication tiles are not implemented yet; "
-            "mkcompiler.tp.shard_ranks + compile_tp run every rank's program in the reference VM (CPU)"
-        )
+        # This process's rank of a torch.distributed group (torchrun): its shard, and a megakernel
+        # whose shared buffers live in symmetric memory (mkcompiler/tp_runtime.py).
+        from mkcompiler import tp_runtime
+
+        if options.get("fallback", "error") != "error":
+            raise NotImplementedError("tensor_parallel with fallback='eager' is not supported")
+        options.setdefault("cache", False)  # every rank compiles its own shard (no shared cache entries)
+        model, make = tp_runtime.prepare_rank(model, tensor_parallel, tp_plan, tp_group)
+    elif tp_plan is not None or tp_group is not None:
+        raise ValueError("tp_plan and tp_group need tensor_parallel=N")
     settings = Settings().replace(**options)
     interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
     interpret = interpreting if settings.interpret is None else settings.interpret
@@ -70,7 +79,7 @@ def compile(model: torch.nn.Module, example_inputs, **options) -> Megakernel | S
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        mk = _compile(model, example_inputs, options, settings, num_workers, device, interpret, progress)
+        mk = _compile(model, example_inputs, options, settings, num_workers, device, interpret, progress, make)
     except BaseException:
         progress.close(f"failed in {progress.step_name}")
         raise
@@ -82,9 +91,9 @@ def compile(model: torch.nn.Module, example_inputs, **options) -> Megakernel | S
     return mk
 
 
-def _compile(model, example_inputs, options, settings, num_workers, device, interpret, progress):
+def _compile(model, example_inputs, options, settings, num_workers, device, interpret, progress, make=Megakernel):
     """Capture, passes, kernel; with settings.cache, the cache (mkcompiler/cache.py) may skip the
-    passes (graph key) or capture and passes (model key)."""
+    passes (graph key) or capture and passes (model key). `make` builds the Megakernel."""
     timings: dict[str, float] = {}
     use_cache = settings.cache
     read_cache = use_cache and not settings.dump_dir  # dumps come from running the passes
@@ -137,9 +146,16 @@ def _compile(model, example_inputs, options, settings, num_workers, device, inte
             comp.cache = "miss"
     comp.timings = {**timings, **comp.timings}
     progress.step("codegen")
-    source = generate(comp.queue)
+    source = generate(comp.queue, settings.preload_args)
     if settings.dump_dir:  # beside the passes' dumps: the kernel as a standalone file
         os.makedirs(settings.dump_dir, exist_ok=True)
         with open(os.path.join(settings.dump_dir, "megakernel.py"), "w") as f:
             f.write(source)
-    return Megakernel(comp, source, device, interpret)
+    if make is Megakernel and is_tensor_parallel(comp.queue):
+        raise NotImplementedError(
+            "the model has tensor-parallel communication ops (a shard from mkcompiler.tp): its kernel reads peer "
+            "ranks' memory. Compile the whole model with tensor_parallel=N in every process of a torchrun group, "
+            "or run the shards together with mkcompiler.tp.compile_tp (reference VM) or "
+            "mkcompiler.tp_runtime.compile_world (interpreter)"
+        )
+    return make(comp, source, device, interpret)

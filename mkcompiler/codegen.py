@@ -8,7 +8,7 @@ it imports only triton and mkcompiler.
 
 from __future__ import annotations
 
-from mkcompiler import profiling
+from mkcompiler import codegen_tp, profiling
 from mkcompiler.layout import NUM_FIELDS, Field
 from mkcompiler.ops.registry import FAMILIES
 from mkcompiler.queue import Queue
@@ -18,7 +18,7 @@ HEADER = """\
 import triton
 import triton.language as tl
 
-from mkcompiler.kernel_lib import aborted, load_header, load_wait, now, signal, wait_all
+from mkcompiler.kernel_lib import aborted, load_header, load_wait, now, preload, signal, wait_all
 from mkcompiler.ops.common import (
     aligned_stride,
     arg,
@@ -53,13 +53,12 @@ LOOP_HEAD = '''
 def megakernel(instr_ptr, n_instr, waits_ptr, counters_ptr, head_ptr, err_ptr, addrs_ptr, views_ptr,
                order_ptr, worker_begin_ptr, generation, prof_ptr, MAX_SPIN: tl.constexpr, DYNAMIC: tl.constexpr,
                PROFILE: tl.constexpr, LOGICAL_CLOCK: tl.constexpr, L2_PREFETCH: tl.constexpr,
-               FENCE_WAITS: tl.constexpr):
+               WAIT_MODE: tl.constexpr):
     """Each program is one worker: fetch an instruction, wait for its inputs, run its tile, signal.
     PROFILE (a separate compile, only when asked) stamps (worker, fetch, ready, end) per
     instruction into prof_ptr (profiling.py's columns); prof_ptr[-1] is the logical clock.
     L2_PREFETCH (GPU only: inline PTX) asks L2 for an instruction's weights before its wait.
-    FENCE_WAITS (GPU only: inline PTX): waits end with a barrier vote and a fence instead of an
-    acquire atomic (kernel_lib.wait_all)."""
+    WAIT_MODE: how waits acquire (kernel_lib.wait_all; 1 and 2 are inline PTX, GPU only)."""
     pid = tl.program_id(0)
     if DYNAMIC:
         # The head only grows: each launch takes n_instr + num_programs fetches from it.
@@ -91,14 +90,14 @@ def megakernel(instr_ptr, n_instr, waits_ptr, counters_ptr, head_ptr, err_ptr, a
         row = instr_ptr + idx * NUM_FIELDS
         if PROFILE:
             t_fetch = now(prof_ptr + n_instr * NUM_STAMPS, LOGICAL_CLOCK)
-{prefetch}        ok = wait_all(idx, w_begin, w_end, counter, count, waits_ptr, counters_ptr, err_ptr, generation, MAX_SPIN,
-                      FENCE_WAITS)
+{preload_early}{prefetch}        ok = wait_all(idx, w_begin, w_end, counter, count, waits_ptr, counters_ptr, err_ptr, generation, MAX_SPIN,
+                      WAIT_MODE)
         # The next header: its index has arrived during the wait; its rows arrive during the tile.
         next_op, next_w_begin, next_w_end = load_header(instr_ptr, next_idx, next_cursor < stop)
         if ok == 0:
             next_cursor = stop
         else:
-            if PROFILE:
+{preload_late}            if PROFILE:
                 t_ready = now(prof_ptr + n_instr * NUM_STAMPS, LOGICAL_CLOCK)
             tl.debug_barrier()
 '''
@@ -122,14 +121,16 @@ LOOP_TAIL = """\
 """
 
 
-def generate(queue: Queue) -> str:
+def generate(queue: Queue, preload_args: bool = True) -> str:
+    """The kernel's source. preload_args (Settings.preload_args): load each instruction's args
+    (kernel_lib.preload) before its wait rather than after it."""
     routines, branches = [], []
     for opcode, key in enumerate(queue.opcode_keys):
         fam = FAMILIES[key[0]]
         helper, call = fam.emit(key, f"op{opcode}_{key[0]}")
         if helper:
             routines.append(helper)
-        call = call.format(row="row", addrs="addrs_ptr", views="views_ptr")
+        call = call.format(row="pre", addrs="addrs_ptr", views="views_ptr")
         keyword = "if" if opcode == 0 else "elif"
         branches.append(
             f"            {keyword} op == {opcode}:  # {queue.opcode_names[opcode]}\n                {call}\n"
@@ -141,7 +142,7 @@ def generate(queue: Queue) -> str:
         call = FAMILIES[key[0]].emit_prefetch(key)
         if call:
             keyword = "if" if not prefetch else "elif"
-            call = call.format(row="row", addrs="addrs_ptr", views="views_ptr")
+            call = call.format(row="pre", addrs="addrs_ptr", views="views_ptr")
             prefetch.append(f"            {keyword} op == {opcode}:\n                {call}\n")
     if prefetch:
         prefetch.insert(0, "        if L2_PREFETCH:\n")
@@ -162,5 +163,12 @@ def generate(queue: Queue) -> str:
         s_end=profiling.END,
         imports="\n".join(imports),
     )
-    head = LOOP_HEAD.replace("{prefetch}", "".join(prefetch))
-    return header + "\n\n".join(routines) + head + "".join(branches) + LOOP_TAIL
+    early, late = "        pre = preload(row)\n", "            pre = preload(row)\n"
+    head = (
+        LOOP_HEAD.replace("{prefetch}", "".join(prefetch))
+        .replace("{preload_early}", early if preload_args else "")
+        .replace("{preload_late}", "" if preload_args else late)
+    )
+    source = header + "\n\n".join(routines) + head + "".join(branches) + LOOP_TAIL
+    # Tiles reading peer ranks' memory: the tensor-parallel variant (single-GPU kernels unchanged).
+    return codegen_tp.tensor_parallel_source(source) if codegen_tp.is_tensor_parallel(queue) else source

@@ -9,10 +9,12 @@ import triton
 import triton.language as tl
 
 from mkcompiler.layout import NUM_FIELDS as LAYOUT_NUM_FIELDS
-from mkcompiler.layout import NUM_WAIT_FIELDS, ErrorField, Field, WaitField
+from mkcompiler.layout import NUM_WAIT_FIELDS, PRELOADED_ARGS, ErrorField, Field, WaitField
 
 NUM_FIELDS: tl.constexpr = tl.constexpr(int(LAYOUT_NUM_FIELDS))
 OPCODE: tl.constexpr = tl.constexpr(int(Field.OPCODE))
+ARG0: tl.constexpr = tl.constexpr(int(Field.ARG0))
+N_PRELOADED: tl.constexpr = tl.constexpr(PRELOADED_ARGS)
 WAIT_BEGIN: tl.constexpr = tl.constexpr(int(Field.WAIT_BEGIN))
 WAIT_END: tl.constexpr = tl.constexpr(int(Field.WAIT_END))
 SIGNAL: tl.constexpr = tl.constexpr(int(Field.SIGNAL))
@@ -102,12 +104,32 @@ def load_header(instr_ptr, idx, valid):
 
 
 @triton.jit
+def preload(row_ptr):
+    """(row_ptr, its first PRELOADED_ARGS args): what tile routines take as their `row`
+    (ops/common.arg). Called before the wait, these independent loads overlap it, and the tile
+    then finds its view ids and coordinates in registers."""
+    args = ()
+    for i in tl.static_range(N_PRELOADED):
+        args = args + (tl.load(row_ptr + ARG0 + i),)
+    return row_ptr, args
+
+
+@triton.jit
 def load_wait(waits_ptr, w, w_end):
     """(counter, count) of wait row w, or (0, 0) when w >= w_end (no such wait)."""
     has = w < w_end
     counter = tl.load(waits_ptr + w * WAIT_ROW + W_COUNTER, mask=has, other=0)
     count = tl.load(waits_ptr + w * WAIT_ROW + W_COUNT, mask=has, other=0)
     return counter, count
+
+
+@triton.jit
+def load_acquire(ptr):
+    """ld.acquire.gpu of one int32 (GPU only: inline PTX): a poll that is also the acquire, so
+    a wait that sees its count needs no second trip to memory (an acquire atomic) or fence."""
+    return tl.inline_asm_elementwise(
+        "ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr.to(tl.int64)], dtype=tl.int32, is_pure=False, pack=1
+    )
 
 
 @triton.jit
@@ -122,49 +144,76 @@ def wait_all(
     err_ptr,
     generation,
     MAX_SPIN: tl.constexpr,
-    FENCE: tl.constexpr,
+    MODE: tl.constexpr,
 ):
     """Wait (acquire) until each of the instruction's counters, wait rows [w, w_end), reaches
     count x generation; (counter, count) of the first row come prefetched (the dispatcher loads
     them while the previous instruction runs). Returns 1 when all are met, 0 when one gave up
-    after MAX_SPIN polls (recorded in err).
+    after MAX_SPIN polls (recorded in err). MODE is the index of Settings.waits in
+    settings.WAIT_MODES:
 
-    Every thread polls with volatile loads (no barriers; a scalar acquire atomic costs a
-    broadcast through shared memory with two barriers), the error flag is read only every
-    ABORT_CHECK polls. FENCE (GPU): the threads agree with one bar.red (a uniform answer: the
-    tile after it has barriers), and one fence.acq_rel after the last wait orders the tile's
-    loads after the producers' releases: no memory round trip once the counter is seen.
-    Without FENCE (the interpreter has no inline asm): an acquire atomic first (often met at
-    once), and one more after the polls."""
+    0 "atomic" (the interpreter: no inline asm): an acquire atomic first (often met at once);
+      otherwise volatile polls, then one more acquire atomic.
+    1 "fence" (GPU): volatile polls; the threads agree with one bar.red per row (a uniform
+      answer: the tile after it has barriers), and one fence.acq_rel after the last wait orders
+      the tile's loads after the producers' releases.
+    2 "acquire" (GPU): every poll is an ld.acquire (load_acquire): the poll that sees the count
+      is the acquire, for each thread; one bar.red at the end makes the answer uniform.
+
+    Every thread polls (no barriers; a scalar atomic costs a broadcast through shared memory
+    with two barriers); the error flag is read only every ABORT_CHECK polls."""
     ok = 1
-    while (w < w_end) & (ok == 1):
-        target = count * generation
-        if FENCE:
-            value = tl.load(counters_ptr + counter, volatile=True)
-        else:
-            value = tl.atomic_add(counters_ptr + counter, 0, sem="acquire")  # often met at once
-        if FENCE or value < target:
+    if MODE == 2:
+        # Threads leave these loops independently: nothing with a barrier inside (a scalar
+        # atomic such as record_stuck_wait's has two) until cta_all makes the answer uniform.
+        stuck_counter, stuck_value, stuck_target = counter, 0, 0
+        while (w < w_end) & (ok == 1):
+            target = count * generation
+            value = load_acquire(counters_ptr + counter)
             spins = 0
             while (value < target) & (spins < MAX_SPIN):
-                value = tl.load(counters_ptr + counter, volatile=True)
+                value = load_acquire(counters_ptr + counter)
                 spins += 1
                 if spins % ABORT_CHECK == 0:
                     if aborted(err_ptr):
                         spins = MAX_SPIN
-            if FENCE:
-                ok = cta_all(value >= target)
-            else:
-                value = tl.atomic_add(counters_ptr + counter, 0, sem="acquire")
-        if not FENCE:
             if value < target:
                 ok = 0
+                stuck_counter, stuck_value, stuck_target = counter, value, target
+            w += 1
+            counter, count = load_wait(waits_ptr, w, w_end)
+        ok = cta_all(ok == 1)  # threads that gave up and threads that did not: all stop
         if ok == 0:
-            record_stuck_wait(err_ptr, idx, counter, value, target)
-        w += 1
-        counter, count = load_wait(waits_ptr, w, w_end)
-    if FENCE:
-        if ok == 1:
-            acquire_fence()
+            record_stuck_wait(err_ptr, idx, stuck_counter, stuck_value, stuck_target)
+    else:
+        while (w < w_end) & (ok == 1):
+            target = count * generation
+            if MODE == 1:
+                value = tl.load(counters_ptr + counter, volatile=True)
+            else:
+                value = tl.atomic_add(counters_ptr + counter, 0, sem="acquire")  # often met at once
+            if MODE == 1 or value < target:
+                spins = 0
+                while (value < target) & (spins < MAX_SPIN):
+                    value = tl.load(counters_ptr + counter, volatile=True)
+                    spins += 1
+                    if spins % ABORT_CHECK == 0:
+                        if aborted(err_ptr):
+                            spins = MAX_SPIN
+                if MODE == 1:
+                    ok = cta_all(value >= target)
+                else:
+                    value = tl.atomic_add(counters_ptr + counter, 0, sem="acquire")
+            if MODE == 0:
+                if value < target:
+                    ok = 0
+            if ok == 0:
+                record_stuck_wait(err_ptr, idx, counter, value, target)
+            w += 1
+            counter, count = load_wait(waits_ptr, w, w_end)
+        if MODE == 1:
+            if ok == 1:
+                acquire_fence()
     return ok
 
 

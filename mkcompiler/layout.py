@@ -20,6 +20,10 @@ class Field(IntEnum):
 
 
 NUM_ARGS = 14  # fused elementwise ops and scatters take up to NUM_ARGS - 3 / NUM_ARGS - 5 inputs
+# The dispatcher loads an instruction's first PRELOADED_ARGS args into registers before its wait
+# (kernel_lib.preload), so a tile does not start with a dependent trip to memory for them (the
+# acquire that ends the wait invalidates L1); the rest are loaded when used (ops/common.arg).
+PRELOADED_ARGS = 10
 NUM_FIELDS = 20
 
 
@@ -44,21 +48,47 @@ class ViewField(IntEnum):
     OFFSET = 1  # in elements
     SIZE0 = 2  # SIZE0 .. SIZE0 + MAX_RANK - 1, outermost first; padding dims have size 1
     STRIDE0 = 6  # STRIDE0 .. STRIDE0 + MAX_RANK - 1, in elements
+    # Byte address of element 0: the runtime's copy of BUFFER's address plus OFFSET, kept current
+    # (runtime.Megakernel.launch; 0 in the queue), so a tile reaches its data in one dependent
+    # load fewer than through the address table.
+    ADDR = 10
 
 
 MAX_RANK = 4
-NUM_VIEW_FIELDS = 10
+NUM_VIEW_FIELDS = 11
 
 
 class ErrorField(IntEnum):
     """int32 error record written by the first wait that gives up."""
 
-    FLAG = 0  # 0 = fine, 1 = a wait gave up (the kernel stops fetching)
+    FLAG = 0  # 0 = fine, 1 = a wait gave up (the kernel stops fetching), 2 = a peer rank had stopped (TP)
     INSTRUCTION = 1
     COUNTER = 2
     VALUE = 3
     TARGET = 4
     WORKER = 5
+    PEER = 6  # tensor parallelism: 1 + the rank whose counter (or error record) it was; 0: this rank's own
 
 
 NUM_ERROR_FIELDS = 8
+
+
+class TPField(IntEnum):
+    """Header of a tensor-parallel rank's int64 table (the kernel's tp_ptr; mkcompiler/kernel_tp.py).
+    After the header: PEER_COUNTERS[k] and PEER_ERRS[k], the addresses of rank k's counters and
+    error record; then from PEER_ADDRS, N_BUFFERS entries per rank: the address of buffer b on
+    rank k at PEER_ADDRS + k * N_BUFFERS + b (0 where b is not shared with peers); then, from
+    SYS_FLAGS (an index into the table), one entry per counter: 1 where peers wait on it (its
+    signals are released at system scope)."""
+
+    RANK = 0
+    WORLD = 1
+    N_BUFFERS = 2
+    EXIT = 3  # the counter every worker adds 1 to as it exits (launch separation across ranks)
+    SYS_FLAGS = 4
+    PEER_COUNTERS = 8  # [PEER_COUNTERS, PEER_COUNTERS + MAX_WORLD)
+    PEER_ERRS = 16  # [PEER_ERRS, PEER_ERRS + MAX_WORLD)
+    PEER_ADDRS = 24
+
+
+MAX_WORLD = 8

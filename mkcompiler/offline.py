@@ -47,9 +47,20 @@ SIGNATURE = {
     "PROFILE": "constexpr",
     "LOGICAL_CLOCK": "constexpr",
     "L2_PREFETCH": "constexpr",
-    "FENCE_WAITS": "constexpr",
+    "WAIT_MODE": "constexpr",
 }
+# A tensor-parallel kernel (codegen_tp.py) takes the rank's table after prof_ptr.
+_AFTER = list(SIGNATURE).index("prof_ptr") + 1
+TP_SIGNATURE = dict([*list(SIGNATURE.items())[:_AFTER], ("tp_ptr", "*i64"), *list(SIGNATURE.items())[_AFTER:]])
 GPU_MAX_SPIN = 1 << 22  # runtime.Megakernel's default on a GPU
+
+
+def signature_of(arg_names) -> dict:
+    """SIGNATURE or TP_SIGNATURE, whichever names exactly these parameters (else raise)."""
+    for sig in (SIGNATURE, TP_SIGNATURE):
+        if list(arg_names) == list(sig):
+            return sig
+    raise OfflineCompileError(f"megakernel parameters {list(arg_names)} differ from offline.SIGNATURE")
 
 
 def default_num_warps() -> int:
@@ -63,6 +74,12 @@ def default_l2_prefetch() -> bool:
     from mkcompiler.settings import Settings
 
     return Settings().l2_prefetch
+
+
+def default_waits() -> str:
+    from mkcompiler.settings import Settings
+
+    return Settings().waits
 
 
 def default_num_stages() -> int:
@@ -84,6 +101,7 @@ def compile_sm90(
     timeout: float = 600,
     profile: bool = False,
     l2_prefetch: bool | None = None,
+    waits: str | None = None,
 ) -> dict:
     """Compile megakernel source for sm_`arch` in a subprocess; return its resource report:
     regs (per thread), spill_stores / spill_loads / spilled_bytes (bytes per thread), shared
@@ -106,6 +124,7 @@ def compile_sm90(
         "--dynamic" if dynamic else "--static",
         *(["--profile"] if profile else []),
         *(["--l2-prefetch"] if (default_l2_prefetch() if l2_prefetch is None else l2_prefetch) else []),
+        *([f"--waits={waits}"] if waits else []),
     ]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -136,8 +155,7 @@ def _load_kernel(path: str):
         kernel = load_source(f.read()).megakernel
     if not hasattr(kernel, "arg_names"):
         raise OfflineCompileError("megakernel is not a JITFunction: run with TRITON_INTERPRET=0")
-    if list(kernel.arg_names) != list(SIGNATURE):
-        raise OfflineCompileError(f"megakernel parameters {kernel.arg_names} differ from offline.SIGNATURE")
+    signature_of(kernel.arg_names)
     return kernel
 
 
@@ -149,7 +167,7 @@ def _compile(
     dynamic: bool,
     profile: bool = False,
     l2_prefetch: bool = False,
-    fence_waits: bool | None = None,
+    waits: str | None = None,
 ):
     """triton.compile for a CUDA target without a driver; returns (kernel, ptxas log)."""
     import triton
@@ -157,9 +175,9 @@ def _compile(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from mkcompiler.settings import Settings
+    from mkcompiler.settings import WAIT_MODES, Settings
 
-    fence_waits = Settings().fence_waits if fence_waits is None else fence_waits
+    waits = Settings().waits if waits is None else waits
     index = {name: i for i, name in enumerate(kernel.arg_names)}
     constexprs = {
         (index["MAX_SPIN"],): GPU_MAX_SPIN,
@@ -167,11 +185,12 @@ def _compile(
         (index["PROFILE"],): profile,
         (index["LOGICAL_CLOCK"],): False,
         (index["L2_PREFETCH"],): l2_prefetch,
-        (index["FENCE_WAITS"],): fence_waits,
+        (index["WAIT_MODE"],): WAIT_MODES.index(waits),
     }
     # The JIT marks 16-byte-aligned pointers divisible by 16; without it nothing is vectorized.
-    attrs = {(index[n],): [["tt.divisibility", 16]] for n, t in SIGNATURE.items() if t.startswith("*")}
-    src = ASTSource(fn=kernel, signature=dict(SIGNATURE), constexprs=constexprs, attrs=attrs)
+    signature = signature_of(kernel.arg_names)
+    attrs = {(index[n],): [["tt.divisibility", 16]] for n, t in signature.items() if t.startswith("*")}
+    src = ASTSource(fn=kernel, signature=dict(signature), constexprs=constexprs, attrs=attrs)
     log = io.StringIO()
     knobs.nvidia.dump_ptxas_log = True  # Triton prints ptxas -v output (registers, spills)
     with contextlib.redirect_stdout(log):
@@ -214,13 +233,14 @@ def report_for(
     dump_dir: str | None = None,
     profile: bool = False,
     l2_prefetch: bool | None = None,
+    waits: str | None = None,
 ) -> dict:
     num_warps = num_warps or default_num_warps()
     num_stages = num_stages or default_num_stages()
     kernel = _load_kernel(path)
     t0 = time.perf_counter()
     l2_prefetch = default_l2_prefetch() if l2_prefetch is None else l2_prefetch
-    compiled, log = _compile(kernel, num_warps, num_stages, arch, dynamic, profile, l2_prefetch)
+    compiled, log = _compile(kernel, num_warps, num_stages, arch, dynamic, profile, l2_prefetch, waits)
     seconds = time.perf_counter() - t0
     res = _res_usage(compiled.asm["cubin"])
     stores, loads = _ptxas_spills(log)
@@ -236,6 +256,7 @@ def report_for(
         "dynamic": dynamic,
         "profile": profile,
         "l2_prefetch": l2_prefetch,
+        "waits": waits or default_waits(),
         "regs": res["reg"],
         "spill_stores": stores,
         "spill_loads": loads,
@@ -260,6 +281,7 @@ def main(argv=None) -> None:
     sched.add_argument("--static", dest="dynamic", action="store_false")
     p.add_argument("--profile", action="store_true", help="the profiling variant (per-instruction stamps)")
     p.add_argument("--l2-prefetch", action="store_true", help="with L2 prefetch of weights (default: Settings)")
+    p.add_argument("--waits", default=None, help="Settings.waits of the compile (default: Settings)")
     p.add_argument("--dump", metavar="DIR", help="write ttir/ttgir/llir/ptx here")
     p.add_argument("--json", action="store_true", help="print the report as one JSON line")
     a = p.parse_args(argv)
@@ -270,7 +292,9 @@ def main(argv=None) -> None:
         env = dict(os.environ, TRITON_INTERPRET="0", TRITON_ALWAYS_COMPILE="1")
         args = sys.argv[1:] if argv is None else list(argv)
         os.execve(sys.executable, [sys.executable, "-m", "mkcompiler.offline", *args], env)
-    r = report_for(a.source, a.num_warps, a.num_stages, a.arch, a.dynamic, a.dump, a.profile, a.l2_prefetch or None)
+    r = report_for(
+        a.source, a.num_warps, a.num_stages, a.arch, a.dynamic, a.dump, a.profile, a.l2_prefetch or None, a.waits
+    )
     print(json.dumps(r) if a.json else format_report(r))
 
 

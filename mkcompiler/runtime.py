@@ -21,10 +21,11 @@ import torch.utils._pytree as pytree
 
 from mkcompiler.errors import InputError, MegakernelError
 from mkcompiler.ir import BufferKind, View
-from mkcompiler.layout import NUM_ERROR_FIELDS, ErrorField, Field
+from mkcompiler.layout import NUM_ERROR_FIELDS, NUM_VIEW_FIELDS, ErrorField, Field, ViewField
 from mkcompiler.ops.base import ALIGN_BYTES
 from mkcompiler.passes.verify import check_queue
 from mkcompiler.profiling import NUM_STAMPS, Profile
+from mkcompiler.settings import WAIT_MODES
 
 COUNTER_LIMIT = 2**31 - 1
 # Triton's interpreter is not thread-safe: a launch sets a global grid index and patches
@@ -121,6 +122,8 @@ def _cooperative_errors(mk):
 
 
 class Megakernel:
+    extra_args: tuple = ()  # kernel arguments after prof_ptr (tensor parallelism: tp_runtime.TPMegakernel)
+
     def __init__(self, compilation, source: str, device: torch.device, interpret: bool):
         self.compilation = compilation
         self.graph = compilation.graph
@@ -176,11 +179,38 @@ class Megakernel:
         self.waits = torch.from_numpy(np.ascontiguousarray(q.waits)).reshape(-1).to(dev)
         if self.waits.numel() == 0:
             self.waits = torch.zeros(2, dtype=torch.int32, device=dev)
-        self.views = torch.from_numpy(np.ascontiguousarray(q.views)).reshape(-1).to(dev)
+        # A copy even on the CPU: the runtime writes the ADDR column, the queue's rows stay as compiled.
+        self.views = torch.from_numpy(np.array(q.views, dtype=np.int64)).reshape(-1).to(dev)
+        self._track_view_addrs(q.views)
         self.order = torch.from_numpy(np.ascontiguousarray(q.worker_order)).to(dev)
         self.worker_begin = torch.from_numpy(np.ascontiguousarray(q.worker_begin)).to(dev)
         self._max_count = int(q.waits[:, 1].max()) if len(q.waits) else 1
         self.reset()
+
+    def _track_view_addrs(self, views: np.ndarray) -> None:
+        """Per view: its buffer and byte offset, for the ADDR column (layout.ViewField.ADDR)
+        that _sync_view_addrs keeps equal to the buffer's address plus the offset."""
+        itemsize = np.array([b.dtype.itemsize for b in self.graph.buffers], dtype=np.int64)
+        self._view_buffer = views[:, ViewField.BUFFER].astype(np.int64)
+        self._view_offset_bytes = views[:, ViewField.OFFSET] * itemsize[self._view_buffer]
+        order = np.argsort(self._view_buffer, kind="stable")
+        starts = np.searchsorted(self._view_buffer[order], np.arange(len(itemsize) + 1))
+        self._views_of_buffer = [order[starts[b] : starts[b + 1]] for b in range(len(itemsize))]
+        self._addrs_synced = np.full(len(itemsize), -1, dtype=np.int64)  # nothing synced yet
+
+    def _sync_view_addrs(self) -> None:
+        """Rewrite the ADDR of every view whose buffer moved since the last launch (all of them
+        at the first; a bound input that is a new tensor; tensor parallelism moving buffers into
+        its arena): one host comparison per launch, a small upload when something moved."""
+        addrs = self._addrs_host.numpy()
+        moved = np.nonzero(addrs != self._addrs_synced)[0]
+        if len(moved) == 0:
+            return
+        rows = np.concatenate([self._views_of_buffer[b] for b in moved])
+        values = addrs[self._view_buffer[rows]] + self._view_offset_bytes[rows]
+        update = torch.from_numpy(np.stack([rows, values])).to(self.device)
+        self.views.view(-1, NUM_VIEW_FIELDS)[update[0], ViewField.ADDR] = update[1]
+        self._addrs_synced = addrs.copy()
 
     def reset(self) -> None:
         """Zero counters, the queue head and the error record (after an error, or to start over)."""
@@ -265,13 +295,14 @@ class Megakernel:
         ):
             self.reset()
         self.generation += 1
+        self._sync_view_addrs()
         kwargs = dict(
             MAX_SPIN=self.max_spin,
             DYNAMIC=self.settings.schedule != "static",
             PROFILE=prof is not None,
             LOGICAL_CLOCK=self.interpret,
             L2_PREFETCH=self.settings.l2_prefetch and not self.interpret,
-            FENCE_WAITS=self.settings.fence_waits and not self.interpret,
+            WAIT_MODE=0 if self.interpret else WAIT_MODES.index(self.settings.waits),
         )
         if not self.interpret:
             kwargs.update(
@@ -292,6 +323,7 @@ class Megakernel:
                 self.worker_begin,
                 self.generation,
                 self.err if prof is None else prof,
+                *self.extra_args,
                 **kwargs,
             )
 

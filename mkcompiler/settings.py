@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 # Fields that change neither the queue nor the generated code.
 UNKEYED = ("debug", "dump_dir", "cache", "progress")
+# Settings.waits; the kernel's WAIT_MODE constexpr is the index (kernel_lib.wait_all's MODE).
+WAIT_MODES = ("atomic", "fence", "acquire")
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,11 @@ class Settings:
     fuse_into_norm: bool = False  # norms compute their input's producer (residual add) themselves: measured slower (1.97 vs 1.67 ms, 1B decode, H200)
     fuse_norm: bool = False  # fold LayerNorm/RMSNorm into decode matmuls (passes/fuse_norm.py): measured slower on H100
     l2_prefetch: bool = False  # GPU: ask L2 for weights before waiting on inputs (measured slower on 1B decode)
-    fence_waits: bool = False  # GPU: waits end with a barrier vote + fence, not an acquire atomic (kernel_lib.py): no faster on 1B decode
+    # How a wait acquires its producers' writes (kernel_lib.wait_all; one of WAIT_MODES): "atomic"
+    # (acquire atomics; the interpreter always), "fence" (GPU: polls, a barrier vote, fence.acq_rel:
+    # no faster on 1B decode), "acquire" (GPU: every poll an ld.acquire).
+    waits: str = "atomic"
+    preload_args: bool = True  # load an instruction's args before its wait (codegen.generate)
     workers_per_sm: int = 1  # default num_workers = SMs x this (co-resident: registers and shared memory permitting)
     interpret: bool | None = None  # run in the Triton interpreter; default: when there is no GPU
     copy_outputs: bool = True  # return fresh tensors (not views of the megakernel's buffers)
@@ -56,6 +62,8 @@ class Settings:
             raise ValueError(f"schedule must be 'dynamic' or 'static', not {s.schedule!r}")
         if s.fp32_precision not in ("ieee", "tf32"):
             raise ValueError(f"fp32_precision must be 'ieee' or 'tf32', not {s.fp32_precision!r}")
+        if s.waits not in WAIT_MODES:
+            raise ValueError(f"waits must be one of {WAIT_MODES}, not {s.waits!r}")
         if s.fallback not in ("error", "eager"):
             raise ValueError(f"fallback must be 'error' or 'eager', not {s.fallback!r}")
         return s

@@ -8,6 +8,8 @@ CPU and a bad schedule really deadlocks (and is caught by the bounded waits).
     with mkcompiler.threaded_interp.threaded():
         out = mk(x)
 
+`launch_together` runs several launches at once that way (the ranks of a tensor-parallel group).
+
 This patches Triton internals (triton.runtime.interpreter), so it is pinned to triton 3.6:
 - the only per-program state, `interpreter_builder.grid_idx`, becomes thread-local;
 - `GridExecutor.__call__` starts one thread per program and joins them all;
@@ -101,6 +103,57 @@ def _threaded_grid_call(self, *args_dev, **kwargs):
     finally:
         patch_scope.restore()
     self._restore_args_dev(args_dev, args_hst, kwargs, kwargs_hst)
+
+
+def launch_together(launches) -> None:
+    """Run several interpreted kernel launches at once, every program of every launch a thread
+    (the ranks of a tensor-parallel group, whose programs wait on each other's counters).
+    `launches`: (kernel, grid, args, kwargs), kernel an interpreted @triton.jit function, as
+    kernel[grid](*args, **kwargs) would be called; the grids must be equal (the interpreter's
+    grid size is global). Call it with no other interpreted launch running."""
+    interp = _interp()
+    grids = {tuple(grid) + (1,) * (3 - len(grid)) for _, grid, _, _ in launches}
+    if len(grids) != 1:
+        raise ValueError(f"launch_together needs one grid for every launch, got {sorted(grids)}")
+    grid = grids.pop()
+    with threaded():
+        runs = []
+        for kernel, _, args, kwargs in launches:
+            ex = interp.GridExecutor(kernel.rewrite(), kernel.arg_names, grid)
+            kwargs = {k: v for k, v in kwargs.items() if k in inspect.getfullargspec(ex.fn).args}
+            args_hst, kwargs_hst = ex._init_args_hst(args, kwargs)
+            call = inspect.getcallargs(ex.fn, *args_hst, **kwargs_hst)
+            call = {n: a if n in ex.constexprs else interp._implicit_cvt(a) for n, a in call.items()}
+            runs.append((ex, args, kwargs, args_hst, kwargs_hst, call))
+        patch_scope = interp._patch_lang(runs[0][0].fn)
+        errors: list[BaseException] = []
+
+        def program(ex, call, x, y, z):
+            try:
+                interp.interpreter_builder.set_grid_idx(x, y, z)
+                ex.fn(**call)
+            except BaseException as e:  # re-raised in the launching thread below
+                errors.append(e)
+
+        try:
+            interp.interpreter_builder.set_grid_dim(*grid)
+            threads = [
+                threading.Thread(target=program, args=(ex, call, x, y, z), name=f"triton-{i}-{x}", daemon=True)
+                for i, (ex, *_, call) in enumerate(runs)
+                for x in range(grid[0])
+                for y in range(grid[1])
+                for z in range(grid[2])
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            patch_scope.restore()
+        for ex, args, kwargs, args_hst, kwargs_hst, _ in runs:
+            ex._restore_args_dev(args, args_hst, kwargs, kwargs_hst)
+        if errors:
+            raise interp.InterpreterError(repr(errors[0])) from errors[0]
 
 
 def _locked_rewrite(original):

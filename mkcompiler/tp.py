@@ -1,5 +1,7 @@
 """Tensor parallelism: shard a model over N ranks and run every rank's megakernel program in
-the reference VM (the GPU communication tiles are not implemented yet: ops/comm.py).
+the reference VM. (On GPUs, one process per GPU: mkcompiler.compile(model, inputs,
+tensor_parallel=N) under torchrun, mkcompiler/tp_runtime.py; tp_runtime.compile_world runs every
+rank's generated kernel together in the Triton interpreter.)
 
     from mkcompiler import tp
 
@@ -40,9 +42,9 @@ keeps its global head counts, which is wrong: add an adapter.
 Each rank compiles its shard through the normal pipeline (passes/pipeline.run_pipeline); the
 ranks' queues must be identical (same program, different tensors). Communication tiles wait
 on their peers' counters (passes/ranks.py); `vm.run_ranks` interleaves every rank's workers.
-Launches are separated on every rank (the next call starts once every rank finished): on GPUs
-the runtime will need the same separation (or a generation-lagged cross-rank wait) before a
-rank overwrites a buffer its peers read.
+Launches are separated on every rank (the next call starts once every rank finished); on GPUs
+each launch starts with a wait for every peer to have finished the previous one
+(kernel_tp.launch_barrier) before a rank overwrites a buffer its peers read.
 """
 
 from __future__ import annotations

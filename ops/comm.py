@@ -13,8 +13,10 @@ all_gather tiles are (source rank, element block): the block of rank k's input g
 k of the output along `dim`. passes/ranks.py makes each tile wait, on every rank it reads, for
 the tiles producing what it reads there (the same tasks as its local predecessors).
 
-GPU: not implemented yet. `emit` raises NotImplementedError, so compiling a tensor-parallel
-graph into a kernel fails clearly; the reference VM (mkcompiler.tp) runs it on the CPU.
+GPU (and the interpreter): the tile routines below read a peer's buffer through the rank's
+table of peer addresses (the kernel's `tp_ptr`, layout.TPField: buffer b of rank k at
+PEER_ADDRS + k * N_BUFFERS + b; symmetric memory on GPUs, mkcompiler/tp_runtime.py), with
+the same view ids as locally. Their remote waits are in the dispatcher (kernel_tp.wait_all_tp).
 
 Eager (outside mkcompiler): with a torch.distributed process group of `world` ranks the ops run
 the real collective (e.g. gloo on CPUs under torchrun); without one they raise, never
@@ -24,9 +26,23 @@ returning a silently wrong local value.
 from __future__ import annotations
 
 import torch
-from mkcompiler.ops.base import BYTES_PER_NS, TILE_OVERHEAD_NS, OpFamily, cdiv, linear_access
+import triton
+import triton.language as tl
+from mkcompiler.ops.base import (
+    BYTES_PER_NS,
+    TILE_OVERHEAD_NS,
+    OpFamily,
+    cdiv,
+    flat_flags,
+    linear_access,
+    next_pow2,
+    tl_dtype,
+)
+from mkcompiler.ops.common import ARG0, arg, load_view_through, store_view, view_numel
 from mkcompiler.ops.elementwise import FLOAT_DTYPES
 from mkcompiler.ops.registry import family, lowers
+
+from mkcompiler.layout import MAX_WORLD, NUM_ARGS, TPField
 
 PEER_BYTES_PER_NS = 4.0  # NVLink bytes/ns per SM (H100: ~450 GB/s a direction over 132 SMs), cost model only
 DEFAULT_BLOCK = 1024  # elements per tile when passes/ranks.choose_comm_tiles has not chosen
@@ -138,19 +154,36 @@ class _Comm(OpFamily):
 
     def key(self, node):
         x, out = node.inputs[0], node.outputs[0]
-        return (self.kind, x.dtype, out.dtype, node.attrs["world"], node.attrs.get("dim"), node.attrs.get("block"))
+        world = node.attrs["world"]
+        if world > MAX_WORLD:
+            raise NotImplementedError(f"{node.name}: {world} ranks (at most {MAX_WORLD} in a kernel)")
+        return (
+            self.kind,
+            x.dtype,
+            out.dtype,
+            world,
+            node.attrs.get("dim"),
+            node.attrs.get("block", DEFAULT_BLOCK),
+            self.flat(node),
+        )
+
+    def flat(self, node) -> tuple[int, int]:
+        """ops/common.offsets_of flags of the input and of what the tile writes."""
+        return flat_flags(node.inputs[0], node.outputs[0])
 
     def emit(self, key, name):
-        raise NotImplementedError(
-            f"{key[0]}: communication tiles need the multi-GPU runtime (peer buffers from PyTorch symmetric "
-            "memory, an address table per rank, system-scope release/acquire flags), which is not implemented "
-            "yet. Tensor-parallel graphs run in the reference VM only: mkcompiler.tp.run_tp / compile_tp."
+        kind, x_dt, out_dt, world, _, block, (x_flat, out_flat) = key
+        call = (
+            f"{kind}_tile({{row}}, {{addrs}}, {{views}}, tp_ptr, {world}, {tl_dtype(x_dt)}, {tl_dtype(out_dt)}, "
+            f"{block}, {next_pow2(block)}, {x_flat}, {out_flat})"
         )
+        return "", call
 
 
 @family
 class AllReduce(_Comm):
     kind = "all_reduce"
+    routines = ("all_reduce_tile",)
 
     def tiles(self, node):
         return self.blocks(node)
@@ -188,9 +221,19 @@ class AllReduce(_Comm):
 @family
 class AllGather(_Comm):
     kind = "all_gather"
+    routines = ("all_gather_tile",)
 
     def tiles(self, node):
         return [(k, b, n) for k in range(node.attrs["world"]) for b, n in self.blocks(node)]
+
+    def instruction_tail(self, node):
+        """Every rank's slice of the output (the tile picks slice k: arg GATHER_PARTS + k)."""
+        assert 5 + node.attrs["world"] <= NUM_ARGS, node.attrs["world"]
+        return [self.part(node, k) for k in range(node.attrs["world"])]
+
+    def flat(self, node):
+        parts = flat_flags(*(self.part(node, k) for k in range(node.attrs["world"])))
+        return flat_flags(node.inputs[0])[0], min(parts)  # one routine writes every slice
 
     def peer_ranks(self, node, coords):
         return [coords[0]]
@@ -223,3 +266,71 @@ class AllGather(_Comm):
         lo, hi = self.span(node, first, count)
         src = peer_tensor_of(k, node.inputs[0]).reshape(-1)[lo:hi]
         _store_linear(tensor_of(self.part(node, k)), lo, hi, src)
+
+
+# ---- tile routines (instruction args: x view, out view, tile coordinates, [AllGather: slices]) ----
+
+TP_N_BUFFERS: tl.constexpr = tl.constexpr(int(TPField.N_BUFFERS))
+TP_PEER_ADDRS: tl.constexpr = tl.constexpr(int(TPField.PEER_ADDRS))
+GATHER_PARTS: tl.constexpr = tl.constexpr(5)  # AllGather: arg of rank 0's output slice
+
+
+@triton.jit
+def all_reduce_tile(
+    row_ptr,
+    addrs_ptr,
+    views_ptr,
+    tp_ptr,
+    WORLD: tl.constexpr,
+    X_DT: tl.constexpr,
+    OUT_DT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    P2: tl.constexpr,
+    X_FLAT: tl.constexpr,
+    OUT_FLAT: tl.constexpr,
+):
+    """Blocks [first, first + count) of x summed over the ranks in rank order (fp32), as the
+    reference does: every rank computes the same bits."""
+    x_v = arg(row_ptr, 0)
+    out_v = arg(row_ptr, 1)
+    first = arg(row_ptr, 2)
+    n = view_numel(views_ptr, x_v)
+    n_buffers = tl.load(tp_ptr + TP_N_BUFFERS)
+    for blk in range(first, first + arg(row_ptr, 3)):
+        offs = tl.arange(0, P2)
+        lin = blk * BLOCK + offs
+        mask = (offs < BLOCK) & (lin < n)
+        acc = tl.zeros([P2], tl.float32)
+        for k in tl.static_range(WORLD):
+            peer = tp_ptr + TP_PEER_ADDRS + k * n_buffers  # rank k's address table
+            acc += load_view_through(peer, views_ptr, x_v, lin, mask, X_DT, X_FLAT)
+        store_view(addrs_ptr, views_ptr, out_v, lin, mask, acc, OUT_DT, OUT_FLAT)
+
+
+@triton.jit
+def all_gather_tile(
+    row_ptr,
+    addrs_ptr,
+    views_ptr,
+    tp_ptr,
+    WORLD: tl.constexpr,
+    X_DT: tl.constexpr,
+    OUT_DT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    P2: tl.constexpr,
+    X_FLAT: tl.constexpr,
+    OUT_FLAT: tl.constexpr,
+):
+    """Blocks [first, first + count) of rank k's x into slice k of the output."""
+    x_v = arg(row_ptr, 0)
+    k = arg(row_ptr, 2)
+    first = arg(row_ptr, 3)
+    part_v = tl.load(row_ptr[0] + ARG0 + GATHER_PARTS + k)  # row_ptr: (pointer, preloaded args)
+    n = view_numel(views_ptr, x_v)
+    peer = tp_ptr + TP_PEER_ADDRS + k * tl.load(tp_ptr + TP_N_BUFFERS)  # rank k's address table
+    for blk in range(first, first + arg(row_ptr, 4)):
+        offs = tl.arange(0, P2)
+        lin = blk * BLOCK + offs
+        mask = (offs < BLOCK) & (lin < n)
+        values = load_view_through(peer, views_ptr, x_v, lin, mask, X_DT, X_FLAT)
+        store_view(addrs_ptr, views_ptr, part_v, lin, mask, values, OUT_DT, OUT_FLAT)

@@ -8,39 +8,42 @@ import triton
 import triton.language as tl
 
 from mkcompiler.layout import MAX_RANK, NUM_VIEW_FIELDS, Field, ViewField
+from mkcompiler.layout import PRELOADED_ARGS as LAYOUT_PRELOADED_ARGS
 
 ARG0: tl.constexpr = tl.constexpr(int(Field.ARG0))
+PRELOADED_ARGS: tl.constexpr = tl.constexpr(LAYOUT_PRELOADED_ARGS)
 VIEW_ROW: tl.constexpr = tl.constexpr(NUM_VIEW_FIELDS)
 V_BUFFER: tl.constexpr = tl.constexpr(int(ViewField.BUFFER))
 V_OFFSET: tl.constexpr = tl.constexpr(int(ViewField.OFFSET))
 V_SIZE0: tl.constexpr = tl.constexpr(int(ViewField.SIZE0))
 V_STRIDE0: tl.constexpr = tl.constexpr(int(ViewField.STRIDE0))
+V_ADDR: tl.constexpr = tl.constexpr(int(ViewField.ADDR))
 assert MAX_RANK == 4, "view_offsets below unrolls exactly four dims"
 
 
 @triton.jit
-def arg(row_ptr, i: tl.constexpr):
-    """Instruction argument i (int32)."""
-    return tl.load(row_ptr + ARG0 + i)
+def arg(row, i: tl.constexpr):
+    """Instruction argument i (int32) of `row`, the dispatcher's (row pointer, preloaded args)
+    (kernel_lib.preload): a register for the first PRELOADED_ARGS, else a load."""
+    if i < PRELOADED_ARGS:
+        value = row[1][i]
+    else:
+        value = tl.load(row[0] + ARG0 + i)
+    return value
 
 
 @triton.jit
 def view_base(addrs_ptr, views_ptr, v, DTYPE: tl.constexpr):
-    """Typed pointer to element 0 of view v."""
-    vrow = views_ptr + v.to(tl.int64) * VIEW_ROW
-    buf = tl.load(vrow + V_BUFFER)
-    off = tl.load(vrow + V_OFFSET)
-    base = tl.load(addrs_ptr + buf).to(tl.pointer_type(DTYPE), bitcast=True)
-    return base + off
+    """Typed pointer to element 0 of view v: its row's ADDR (layout.ViewField), one load."""
+    return tl.load(views_ptr + v.to(tl.int64) * VIEW_ROW + V_ADDR).to(tl.pointer_type(DTYPE), bitcast=True)
 
 
 @triton.jit
 def view_base_aligned(addrs_ptr, views_ptr, v, DTYPE: tl.constexpr):
     """view_base for a view known (from the op's key) to start 16-byte aligned. The hint must be
-    applied here, on the add: a hint on a value returned from a call is lost when it is inlined."""
-    vrow = views_ptr + v.to(tl.int64) * VIEW_ROW
-    base = tl.load(addrs_ptr + tl.load(vrow + V_BUFFER)).to(tl.pointer_type(DTYPE), bitcast=True)
-    return tl.multiple_of(base + tl.load(vrow + V_OFFSET), 16)
+    applied here, on the cast: a hint on a value returned from a call is lost when it is inlined."""
+    addr = tl.load(views_ptr + v.to(tl.int64) * VIEW_ROW + V_ADDR)
+    return tl.multiple_of(addr.to(tl.pointer_type(DTYPE), bitcast=True), 16)
 
 
 @triton.jit
@@ -98,6 +101,18 @@ def load_view(addrs_ptr, views_ptr, v, lin, mask, DTYPE: tl.constexpr, FLAT: tl.
         p = view_base_aligned(addrs_ptr, views_ptr, v, DTYPE)  # lets Triton issue 16-byte loads
     else:
         p = view_base(addrs_ptr, views_ptr, v, DTYPE)
+    return tl.load(p + offsets_of(views_ptr, v, lin, FLAT), mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def load_view_through(table_ptr, views_ptr, v, lin, mask, DTYPE: tl.constexpr, FLAT: tl.constexpr):
+    """load_view of view v in the copy of its buffer whose address is in `table_ptr` (indexed by
+    buffer id; e.g. a peer rank's address table): through BUFFER and OFFSET, not the row's ADDR,
+    which is this rank's."""
+    vrow = views_ptr + v.to(tl.int64) * VIEW_ROW
+    p = tl.load(table_ptr + tl.load(vrow + V_BUFFER)).to(tl.pointer_type(DTYPE), bitcast=True) + tl.load(
+        vrow + V_OFFSET
+    )
     return tl.load(p + offsets_of(views_ptr, v, lin, FLAT), mask=mask, other=0.0).to(tl.float32)
 
 

@@ -17,8 +17,9 @@ verify_schedule checks is acyclic; a cycle across ranks would map onto a cycle t
 
 Within a launch, a rank reads a peer's buffer while that peer runs on: nothing may write
 a buffer that peers read after the communication op that reads it (checked here). Across
-launches the host must separate a rank's next launch from its peers' reads of the previous
-one (the VM runs launches one after another on every rank; see mkcompiler/tp.py).
+launches a rank's next launch must not start writing before its peers' reads of the previous
+one are done (the VM runs launches one after another on every rank; the GPU kernel starts each
+launch with kernel_tp.launch_barrier).
 """
 
 from __future__ import annotations

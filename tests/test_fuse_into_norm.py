@@ -259,7 +259,7 @@ def test_fused_norm_routine_is_generated_and_plain_norm_unchanged(rms_norm_whole
     mk = compile_fresh(model, args_of((3, 32), (3, 32), (3, 32)))
     assert "def op" in mk.source and "_norm(row_ptr, addrs_ptr, views_ptr):" in mk.source
     plain = compile_fresh(torch.nn.RMSNorm(32), args_of((3, 32)))
-    assert "norm_rows(row, addrs_ptr, views_ptr" in plain.source
+    assert "norm_rows(pre, addrs_ptr, views_ptr" in plain.source
 
 
 def test_norm_weight_produced_by_an_elementwise_op_is_not_absorbed():

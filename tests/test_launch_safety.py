@@ -22,7 +22,7 @@ from models import ResidualMLP
 import mkcompiler
 import mkcompiler.runtime as runtime
 from mkcompiler import MegakernelError, threaded_interp
-from mkcompiler.layout import Field
+from mkcompiler.layout import NUM_VIEW_FIELDS, Field, ViewField
 
 MAX_SPIN = 200
 OPTIONS = dict(matmul_tile=(16, 16, 16), elementwise_block=32, row_block=1, max_spin=MAX_SPIN)
@@ -100,6 +100,11 @@ def test_gpu_two_workers_per_sm_run_or_are_refused_clearly():
 def test_workers_per_sm_must_be_a_positive_integer():
     with pytest.raises(ValueError, match=r"workers_per_sm must be a positive integer, got 0"):
         mkcompiler.compile(layer_norm_mlp(), (torch.randn(4, 8),), workers_per_sm=0)
+
+
+def test_waits_must_name_a_wait_mode():
+    with pytest.raises(ValueError, match=r"waits must be one of \('atomic', 'fence', 'acquire'\), not 'spin'"):
+        mkcompiler.compile(layer_norm_mlp(), (torch.randn(4, 8),), waits="spin")
 
 
 # ---- a kernel error leaves the Megakernel usable ----
@@ -240,3 +245,28 @@ def test_two_threads_sharing_one_megakernel():
     mk = mkcompiler.compile(model, (torch.randn(5, 8),), **OPTIONS)
     assert run_in_threads([(mk, model, (5, 8)), (mk, model, (5, 8))]) == []
     assert mk.generation == 8
+
+
+# ---- view addresses follow the buffers ----
+
+
+@pytest.mark.parametrize("preload_args", [True, False])
+def test_view_addresses_follow_rebound_inputs(preload_args):
+    """Each view row carries its data's address (layout.ViewField.ADDR), which the runtime keeps
+    equal to its buffer's address plus offset: calls with new input tensors (new addresses) are
+    still correct, and after a call every row's ADDR is where its buffer now is. Both placements
+    of the args preload (before or after the wait) compute the same thing."""
+    torch.manual_seed(0)
+    model = ResidualMLP(16, 24)
+    mk = mkcompiler.compile(model, (torch.randn(3, 16),), preload_args=preload_args, **OPTIONS)
+    assert ("\n        pre = preload(row)\n" in mk.source) == preload_args  # before the wait (8 spaces)
+    for _ in range(3):
+        x = torch.randn(3, 16) + 0.5  # a fresh tensor each call: a fresh address
+        assert_correct(mk, model, x)
+        views = mk.views.view(-1, NUM_VIEW_FIELDS)
+        buffers = views[:, ViewField.BUFFER]
+        itemsize = torch.tensor([b.dtype.itemsize for b in mk.graph.buffers])[buffers]
+        expect = mk.addrs[buffers] + views[:, ViewField.OFFSET] * itemsize
+        assert torch.equal(views[:, ViewField.ADDR], expect)
+        assert x.data_ptr() in set(views[:, ViewField.ADDR].tolist())  # the bound input itself
+    assert (mk.queue.views[:, ViewField.ADDR] == 0).all()  # the compiled queue is not written

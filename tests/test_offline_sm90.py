@@ -101,10 +101,16 @@ def decode_mlp_source() -> str:
 
 
 def test_profile_and_prefetch_variants_compile_for_sm90():
-    """The inline-PTX paths (%globaltimer stamps; cp.async.bulk.prefetch.L2) never run in the
-    interpreter: compile them for sm_90 here, and the plain kernel beside them."""
+    """The inline-PTX paths (%globaltimer stamps; cp.async.bulk.prefetch.L2; acquire and fence
+    waits) never run in the interpreter: compile them for sm_90 here, beside the plain kernel."""
     source = decode_mlp_source()
-    variants = {"plain": {}, "profile": dict(profile=True), "l2_prefetch": dict(l2_prefetch=True)}
+    variants = {
+        "plain": dict(waits="atomic"),
+        "profile": dict(profile=True, waits="atomic"),
+        "l2_prefetch": dict(l2_prefetch=True, waits="atomic"),
+        "acquire waits": dict(waits="acquire"),
+        "fence waits": dict(waits="fence"),
+    }
     with ThreadPoolExecutor(3) as pool:
         futures = {k: pool.submit(compile_sm90, source, **v) for k, v in variants.items()}
         reports = {k: f.result() for k, f in futures.items()}
@@ -117,3 +123,9 @@ def test_profile_and_prefetch_variants_compile_for_sm90():
     # The variants' code is really there (constexpr-pruned from the plain kernel).
     assert reports["profile"]["ptx_lines"] > reports["plain"]["ptx_lines"]
     assert reports["l2_prefetch"]["ptx_lines"] > reports["plain"]["ptx_lines"]
+    # Settings.waits: each mode compiles (inline PTX: ld.acquire polls, bar.red votes, fences)
+    # without spills, and is a different kernel from the atomic waits of the plain one.
+    for mode in ("acquire", "fence"):
+        r = reports[f"{mode} waits"]
+        assert r["waits"] == mode and r["spilled_bytes"] == 0, format_report(r)
+        assert r["ptx_lines"] != reports["plain"]["ptx_lines"]

@@ -112,11 +112,15 @@ def test_communication_ops_refuse_to_run_eagerly_without_a_process_group():
 
 
 def test_kernel_compiles_of_tensor_parallel_graphs_fail_clearly():
+    """tensor_parallel=N needs a torch.distributed group (torchrun); a shard alone is refused
+    (its kernel reads peers' memory: tests/test_tp_kernel.py runs every rank together)."""
     model = random_llama("tiny")
     inputs = (torch.zeros(1, 1, dtype=torch.long), torch.tensor([0]))
-    with pytest.raises(NotImplementedError, match="tensor_parallel=2"):
+    with pytest.raises(RuntimeError, match="initialised torch.distributed process group"):
         mkcompiler.compile(model, inputs, tensor_parallel=2)
-    with pytest.raises(NotImplementedError, match="multi-GPU runtime"):
+    with pytest.raises(ValueError, match="need tensor_parallel"):
+        mkcompiler.compile(model, inputs, tp_plan={})
+    with pytest.raises(NotImplementedError, match="tensor-parallel communication ops"):
         mkcompiler.compile(tp.shard_model(model, 0, 2), inputs, cache=False, num_workers=2)
 
 
