@@ -128,10 +128,13 @@ def random_llama(name_or_config, dtype=torch.float32, device="cpu", seed=0, **ov
     c = CONFIGS[name_or_config] if isinstance(name_or_config, str) else name_or_config
     if overrides:
         c = LlamaConfig(**{**c.__dict__, **overrides})
-    model = Llama(c)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02) if p.dim() > 1 else p.uniform_(0.8, 1.2)
+    # Built and initialised on the target device: an 8B model initialised on the host in fp32 took
+    # minutes (32 GB of CPU random numbers) before any GPU work started.
+    with torch.device(device):
+        model = Llama(c)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.02) if p.dim() > 1 else p.uniform_(0.8, 1.2)
     return model.to(device=device, dtype=dtype)
 
 

@@ -30,17 +30,23 @@ class Settings:
     row_block: int = 4  # rows per tile for norms, reductions, softmax, embedding
     row_chunk: int = 1024  # columns per step of a row sweep (max)
     num_warps: int = 8  # 4 spills registers once prefill-sized tiles and attention share the kernel
-    num_stages: int = 3  # software-pipeline depth of tile loops: 3 measured 8% faster than 2 on 1B decode (H200)
+    # software-pipeline depth of tile loops: 3 is 8% faster than 2 (1B decode, H200); 4: 1.621
+    # against 1.586 ms (H100)
+    num_stages: int = 3
     # decode matmuls compute A from its elementwise producer (passes/fuse_matmul_a.py): one stage
     # fewer, yet not faster on 1B decode (H200: 1.682 ms on, 1.636 off, same device call)
     fuse_matmul_a: bool = False
     fuse_into_norm: bool = False  # norms compute their input's producer (residual add) themselves: measured slower (1.97 vs 1.67 ms, 1B decode, H200)
-    fuse_norm: bool = False  # fold LayerNorm/RMSNorm into decode matmuls (passes/fuse_norm.py): measured slower on H100
-    l2_prefetch: bool = False  # GPU: ask L2 for weights before waiting on inputs (measured slower on 1B decode)
+    # fold LayerNorm/RMSNorm into decode matmuls (passes/fuse_norm.py): with the statistics summed
+    # in the K loop, 1.586 against 1.672 ms (1B decode, H100, same device call)
+    fuse_norm: bool = True
+    # GPU: ask L2 for weights before waiting on inputs (slower on 1B decode: 1.684 vs 1.586 ms, H100)
+    l2_prefetch: bool = False
     # How a wait acquires its producers' writes (kernel_lib.wait_all; one of WAIT_MODES): "atomic"
     # (acquire atomics; the interpreter always), "fence" (GPU: polls, a barrier vote, fence.acq_rel:
-    # no faster on 1B decode), "acquire" (GPU: every poll an ld.acquire).
-    waits: str = "atomic"
+    # no faster on 1B decode), "acquire" (GPU: every poll an ld.acquire: 1.672 against 1.728 ms
+    # for "atomic", 1B decode, H100, same device call).
+    waits: str = "acquire"
     preload_args: bool = True  # load an instruction's args before its wait (codegen.generate)
     workers_per_sm: int = 1  # default num_workers = SMs x this (co-resident: registers and shared memory permitting)
     interpret: bool | None = None  # run in the Triton interpreter; default: when there is no GPU

@@ -358,8 +358,16 @@ def window_values(v, win, lin: torch.Tensor, tensor_of) -> torch.Tensor:
     return out
 
 
+# Above this many elements a windowed tile's region is the whole range's (a superset: regions may
+# over-approximate, passes/dependencies.py then adds waits, never misses one): element by element,
+# an 8B prefill's KV-cache scatters took minutes of build_dag.
+WINDOW_EXACT_MAX = 1 << 12  # decode tiles (a head's rows) stay exact
+
+
 def window_access(v, start: int, end: int, win) -> Access:
     """The elements view v gives linear indices [start, end) inside window `win` (regions)."""
+    if min(end, v.numel) - start > WINDOW_EXACT_MAX:
+        return linear_access(v, start, end)
     lin = torch.arange(start, min(end, v.numel), dtype=torch.int64)
     offs = _view_offsets(v, lin[_in_window(lin, win)])
     return Access(v.buffer, offsets_intervals(offs.numpy()))

@@ -42,7 +42,7 @@ class Compilation:
 def _verify(c: Compilation) -> None:
     check_dynamic(c.dag, c.schedule.order)
     if c.settings.schedule == "static":
-        check_static(c.dag, c.schedule.worker_lists)
+        check_static(c.dag, c.schedule.worker_lists, c.schedule.order)
 
 
 # (name, step, invariant check or None)

@@ -133,6 +133,27 @@ def test_check_static_rejects_reversed_worker_lists(model_and_input):
         check_static(mk.dag, reversed_lists(mk))
 
 
+def test_check_static_with_an_order_skips_the_search_only_when_the_order_proves_it(model_and_input, monkeypatch):
+    """With the schedule's global order as a witness, lists whose every wait edge goes forward in
+    it pass without the graph search; reversed lists (a cycle) still fall back to the search and
+    are refused, witness or not."""
+    import mkcompiler.passes.verify as verify
+
+    model, x = model_and_input
+    mk = mkcompiler.compile(model, (x,), schedule="static", num_workers=2, **OPTIONS)
+    sched = mk.compilation.schedule
+    searched = []
+    real = verify.static_wait_graph
+    monkeypatch.setattr(verify, "static_wait_graph", lambda *a: searched.append(1) or real(*a))
+    check_static(mk.dag, sched.worker_lists, sched.order)
+    assert not searched
+    with pytest.raises(MegakernelError, match="could deadlock: a cycle of waits"):
+        check_static(mk.dag, reversed_lists(mk), sched.order)
+    assert searched
+    with pytest.raises(MegakernelError, match="queue is not a topological order"):
+        verify.check_dynamic(mk.dag, sched.order[::-1])
+
+
 def test_reversed_static_queue_fails_fast_in_the_kernel(model_and_input):
     """The host check refuses a reversed static list (a cycle of waits); forced onto the device
     anyway, the bounded wait stops the kernel; the original order then works again."""

@@ -1,0 +1,111 @@
+"""Read the per-instruction stamps profile_decode.py saved on the device (stamps*.npz), on the
+CPU: one decoder layer's stages (ready/end span and median tile time per op), and optionally a
+Gantt picture, for which the queue is rebuilt here with the same options (it must have as many
+instructions as the stamps).
+
+    python benchmarks/stamps_report.py OUT/stamps_v2.npz --layer 8
+    python benchmarks/stamps_report.py OUT/stamps_v2.npz --gantt docs/x.png --opt waits=acquire --opt fuse_norm=True
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import collections
+
+import numpy as np
+
+
+def stages(path: str, layer: int) -> list[str]:
+    """One line per op of the decoder layer `layer` (ops in order of first ready time; the layer
+    is found by the k-th attention op), times in us from the step's first fetch."""
+    d = np.load(path, allow_pickle=True)
+    s, names, kinds = d["stamps"].astype(np.int64), d["op_names"], d["kinds"]
+    t0 = s[:, 1].min()
+    ops = collections.OrderedDict()
+    for i, n in enumerate(names):
+        ops.setdefault(n, []).append(i)
+    rows = []
+    for n, idx in ops.items():
+        r = s[np.array(idx)]
+        rows.append(
+            (
+                r[:, 2].min() - t0,
+                n,
+                len(idx),
+                kinds[idx[0]],
+                r[:, 2].max() - t0,
+                r[:, 3].max() - t0,
+                float(np.median(r[:, 3] - r[:, 2])),
+            )
+        )
+    rows.sort()
+    attn = [k for k, row in enumerate(rows) if row[3].startswith("attention#")]
+    lo, hi = attn[layer] - 6, attn[layer + 1] - 6 if layer + 1 < len(attn) else len(rows)
+    out = [f"{'op':28s} {'opcode':30s} {'tiles':>5s} {'ready us':>17s} {'last end':>9s} {'tile us':>7s}"]
+    for ready, n, cnt, k, rmax, emax, tile in rows[lo:hi]:
+        out.append(
+            f"{n[:28]:28s} {k[:30]:30s} {cnt:5d} {ready / 1e3:8.2f}-{rmax / 1e3:8.2f} {emax / 1e3:9.2f} {tile / 1e3:7.2f}"
+        )
+    return out
+
+
+def gantt(path: str, png: str, opts: dict, title: str, ctx: int) -> None:
+    import sys
+    from unittest import mock
+
+    import torch
+
+    sys.path.insert(0, ".")
+    import mkcompiler.passes.tile as tile
+
+    import mkcompiler
+    import mkcompiler.capture as capture
+    from examples.llama import random_llama
+    from mkcompiler.profiling import Profile
+
+    decomps = capture._decompositions
+
+    def keep_rms_norm():  # as CUDA exports nn.RMSNorm (one norm op), not the CPU decomposition
+        table = decomps()
+        table.pop(torch.ops.aten.rms_norm.default, None)
+        return table
+
+    # As profile_decode.py builds it (the cache length decides the split-KV tiles).
+    model = random_llama("llama-3.2-1b", dtype=torch.bfloat16, max_seq_len=ctx + 8, max_batch=1)
+    inputs = (torch.zeros(1, 1, dtype=torch.long), torch.tensor([ctx]))
+    with (
+        mock.patch.object(capture, "_decompositions", keep_rms_norm),
+        mock.patch.object(tile, "interpreting", lambda: False),
+    ):
+        mk = mkcompiler.compile(model, inputs, num_workers=132, cache=False, **opts)
+    stamps = np.load(path, allow_pickle=True)["stamps"]
+    if len(stamps) != len(mk.queue):
+        raise SystemExit(f"{len(stamps)} stamps but the rebuilt queue has {len(mk.queue)} instructions: other options?")
+    Profile(mk.queue, stamps, "ns", "gpu", compilation=mk.compilation).gantt(png, title=title)
+    print("wrote", png)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("stamps")
+    p.add_argument("--layer", type=int, default=8)
+    p.add_argument("--gantt", default=None, help="write a Gantt PNG here (rebuilds the queue on the CPU)")
+    p.add_argument("--opt", action="append", default=[], help="compile option k=v of the profiled run")
+    p.add_argument("--title", default="Llama-3.2-1B decode step")
+    p.add_argument("--ctx", type=int, default=512, help="profile_decode.py's --ctx")
+    a = p.parse_args()
+    print("\n".join(stages(a.stamps, a.layer)))
+    if a.gantt:
+        opts = {}
+        for kv in a.opt:
+            k, v = kv.split("=", 1)
+            try:
+                opts[k] = ast.literal_eval(v)
+            except ValueError:
+                opts[k] = v
+        gantt(a.stamps, a.gantt, opts, a.title, a.ctx)
+
+
+if __name__ == "__main__":
+    main()
