@@ -40,6 +40,9 @@ class Settings:
     # fold LayerNorm/RMSNorm into decode matmuls (passes/fuse_norm.py): with the statistics summed
     # in the K loop, 1.586 against 1.672 ms (1B decode, H100, same device call)
     fuse_norm: bool = True
+    # decode groups take BN=32 instead of splitting K when that gives as many tiles (Q/K/V of a
+    # 1B layer: 96 tiles over all of K instead of 96 half-K tiles plus a sum); not yet measured
+    narrow_decode_tiles: bool = False
     # GPU: ask L2 for weights before waiting on inputs (slower on 1B decode: 1.684 vs 1.586 ms, H100)
     l2_prefetch: bool = False
     # How a wait acquires its producers' writes (kernel_lib.wait_all; one of WAIT_MODES): "atomic"

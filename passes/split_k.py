@@ -23,13 +23,19 @@ MIN_K_CHUNK = 512  # at least this many K per chunk, or splitting costs more tha
 
 
 WIDE_FILL = 0.9  # BN=128 when its tiles still give at least this share of the workers one each
+NARROW_BN = 32  # Settings.narrow_decode_tiles: the BN a group may take instead of splitting K
+
+
+def _tile_count(m: int, ns: list[int], tile) -> int:
+    """Output tiles of a group of matmuls with M rows and Ns columns, at `tile`."""
+    return sum(cdiv(m, tile[0]) * cdiv(n, tile[1]) for n in ns)
 
 
 def _splits(m: int, ns: list[int], k: int, settings: Settings, num_workers: int, tile) -> int:
     if settings.split_k is not None:
         return max(1, min(settings.split_k, MAX_SPLITS))
-    bm, bn, bk = tile
-    tiles = sum(cdiv(m, bm) * cdiv(n, bn) for n in ns)
+    bk = tile[2]
+    tiles = _tile_count(m, ns, tile)
     if tiles >= num_workers:
         return 1
     return max(1, min(num_workers // tiles, k // max(bk, MIN_K_CHUNK), MAX_SPLITS))
@@ -56,10 +62,16 @@ def decode_tiling(graph: Graph, settings: Settings, num_workers: int) -> dict[in
         bn = None
         if m <= DECODE_ROWS and settings.matmul_tile is None:
             wide = matmul_tile(m, max(ns), k, settings, half, 128)
-            if sum(cdiv(m, wide[0]) * cdiv(n, wide[1]) for n in ns) >= WIDE_FILL * num_workers:
+            if _tile_count(m, ns, wide) >= WIDE_FILL * num_workers:
                 bn = 128
         tile = matmul_tile(m, max(ns), k, settings, half, bn)
         s = _splits(m, ns, k, settings, num_workers, tile)
+        if settings.narrow_decode_tiles and bn is None and s > 1 and settings.split_k is None:
+            # As many tiles without the split: no fp32 partials to sum, and each tile sees all
+            # of K (a folded norm then sums its statistics in the main loop: ops/matmul.py).
+            narrow = matmul_tile(m, max(ns), k, settings, half, NARROW_BN)
+            if narrow[1] == NARROW_BN and _tile_count(m, ns, narrow) >= _tile_count(m, ns, tile) * s:
+                bn, s = NARROW_BN, 1
         for op in ops:
             plan[id(op)] = (bn, s)
     return plan

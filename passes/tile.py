@@ -12,6 +12,8 @@ from mkcompiler.settings import Settings
 
 DECODE_ROWS = 16  # matmuls with at most this many rows stream their weights (decode)
 DECODE_STEP_BYTES = 32 * 1024  # weight bytes per K step of a decode tile (all a worker has in flight)
+# Deepest decode K block: BN=32 tiles at 512 (DECODE_STEP_BYTES) spilled 652 B with a folded norm.
+DECODE_MAX_BK = 256
 
 
 def matmul_tile(m: int, n: int, k: int, settings: Settings, half: bool = True, bn: int | None = None):
@@ -25,7 +27,7 @@ def matmul_tile(m: int, n: int, k: int, settings: Settings, half: bool = True, b
         bn = min(128 if m > 64 else 64, max(16, next_pow2(n)))  # large M (prefill): fewer, wider tiles
         return (bm, bn, min(64, max(16, next_pow2(k))))
     bn = min(bn or 64, max(16, next_pow2(n)))
-    bk = DECODE_STEP_BYTES // (bn * (2 if half else 4))
+    bk = min(DECODE_STEP_BYTES // (bn * (2 if half else 4)), DECODE_MAX_BK)
     return (bm, bn, min(bk, max(16, next_pow2(k))))
 
 
