@@ -10,7 +10,6 @@ to mkcompiler.compile (ints/bools parsed).
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import sys
 import time
@@ -20,6 +19,8 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from decode_latency import compile_options  # noqa: E402  (this directory: run as a script)
+
 import mkcompiler  # noqa: E402
 from examples.llama import random_llama  # noqa: E402
 from mkcompiler.layout import Field  # noqa: E402
@@ -34,13 +35,7 @@ def main() -> None:
     p.add_argument("--tag", default="", help="suffix of the stamps file")
     p.add_argument("--opt", action="append", default=[], help="compile option k=v")
     args = p.parse_args()
-    opts = {}
-    for kv in args.opt:
-        k, v = kv.split("=", 1)
-        try:
-            opts[k] = ast.literal_eval(v)
-        except ValueError:
-            opts[k] = v
+    opts = compile_options(args.opt)
     dev = "cuda"
     model = random_llama(args.model, dtype=torch.bfloat16, device=dev, max_seq_len=args.ctx + 8, max_batch=args.batch)
     tok = torch.randint(0, model.c.vocab_size, (args.batch, 1), device=dev)

@@ -10,7 +10,6 @@ instructions as the stamps).
 from __future__ import annotations
 
 import argparse
-import ast
 import collections
 
 import numpy as np
@@ -97,14 +96,9 @@ def main() -> None:
     a = p.parse_args()
     print("\n".join(stages(a.stamps, a.layer)))
     if a.gantt:
-        opts = {}
-        for kv in a.opt:
-            k, v = kv.split("=", 1)
-            try:
-                opts[k] = ast.literal_eval(v)
-            except ValueError:
-                opts[k] = v
-        gantt(a.stamps, a.gantt, opts, a.title, a.ctx)
+        from decode_latency import compile_options  # this directory: run as a script
+
+        gantt(a.stamps, a.gantt, compile_options(a.opt), a.title, a.ctx)
 
 
 if __name__ == "__main__":

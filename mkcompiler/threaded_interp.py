@@ -37,6 +37,14 @@ _rewrite_lock = threading.RLock()
 _saved: dict | None = None  # originals while enabled
 
 
+def _run_all(threads: list[threading.Thread]) -> None:
+    """Start every program's thread, then wait for all (every program runs at once)."""
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def _check_version() -> None:
     if not triton.__version__.startswith(SUPPORTED):
         raise RuntimeError(
@@ -92,10 +100,7 @@ def _threaded_grid_call(self, *args_dev, **kwargs):
             for y in range(grid[1])
             for z in range(grid[2])
         ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        _run_all(threads)
         if errors:
             if triton.knobs.compilation.front_end_debugging:
                 raise errors[0]
@@ -144,10 +149,7 @@ def launch_together(launches) -> None:
                 for y in range(grid[1])
                 for z in range(grid[2])
             ]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            _run_all(threads)
         finally:
             patch_scope.restore()
         for ex, args, kwargs, args_hst, kwargs_hst, _ in runs:

@@ -276,6 +276,12 @@ GATHER_PARTS: tl.constexpr = tl.constexpr(5)  # AllGather: arg of rank 0's outpu
 
 
 @triton.jit
+def peer_addrs(tp_ptr, k):
+    """Rank k's address table (layout.TPField: a [world, n_buffers] table of buffer addresses)."""
+    return tp_ptr + TP_PEER_ADDRS + k * tl.load(tp_ptr + TP_N_BUFFERS)
+
+
+@triton.jit
 def all_reduce_tile(
     row_ptr,
     addrs_ptr,
@@ -295,15 +301,13 @@ def all_reduce_tile(
     out_v = arg(row_ptr, 1)
     first = arg(row_ptr, 2)
     n = view_numel(views_ptr, x_v)
-    n_buffers = tl.load(tp_ptr + TP_N_BUFFERS)
     for blk in range(first, first + arg(row_ptr, 3)):
         offs = tl.arange(0, P2)
         lin = blk * BLOCK + offs
         mask = (offs < BLOCK) & (lin < n)
         acc = tl.zeros([P2], tl.float32)
         for k in tl.static_range(WORLD):
-            peer = tp_ptr + TP_PEER_ADDRS + k * n_buffers  # rank k's address table
-            acc += load_view_through(peer, views_ptr, x_v, lin, mask, X_DT, X_FLAT)
+            acc += load_view_through(peer_addrs(tp_ptr, k), views_ptr, x_v, lin, mask, X_DT, X_FLAT)
         store_view(addrs_ptr, views_ptr, out_v, lin, mask, acc, OUT_DT, OUT_FLAT)
 
 
@@ -327,7 +331,7 @@ def all_gather_tile(
     first = arg(row_ptr, 3)
     part_v = tl.load(row_ptr[0] + ARG0 + GATHER_PARTS + k)  # row_ptr: (pointer, preloaded args)
     n = view_numel(views_ptr, x_v)
-    peer = tp_ptr + TP_PEER_ADDRS + k * tl.load(tp_ptr + TP_N_BUFFERS)  # rank k's address table
+    peer = peer_addrs(tp_ptr, k)
     for blk in range(first, first + arg(row_ptr, 4)):
         offs = tl.arange(0, P2)
         lin = blk * BLOCK + offs

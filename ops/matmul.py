@@ -71,6 +71,19 @@ def a_rows(addrs_ptr, views_ptr, v, DT: tl.constexpr, K_UNIT: tl.constexpr, ALIG
 
 
 @triton.jit
+def k_vector(addrs_ptr, views_ptr, v, DT: tl.constexpr, FLAT: tl.constexpr):
+    """(base pointer, stride) of a [K] vector view (a folded norm's weight or bias). FLAT
+    (Matmul.norm_key, ops/base.flat_flags): 1 a literal unit stride (no stride to load, and
+    Triton sees the contiguity), 2 also a 16-byte aligned base."""
+    if FLAT == 2:
+        base = view_base_aligned(addrs_ptr, views_ptr, v, DT)
+    else:
+        base = view_base(addrs_ptr, views_ptr, v, DT)
+    stride = 1 if FLAT else view_stride(views_ptr, v, 3)
+    return base, stride
+
+
+@triton.jit
 def matmul_tile(
     row_ptr,
     addrs_ptr,
@@ -142,23 +155,11 @@ def matmul_tile(
     if NORM:  # A = norm(x) (passes/fuse_norm.py)
         tl.static_assert(A_FN is None, "a folded norm and an A expression are never combined (Matmul.key)")
         # The norm's weight g and bias b ([K] vectors) are addressed once per tile, here: the K
-        # loop then loads only their BK-slices, no view metadata. FLAT (Matmul.norm_key,
-        # ops/base.flat_flags): 1 a literal unit stride (no stride to load, and Triton sees the
-        # contiguity), 2 also a 16-byte aligned base.
+        # loop then loads only their BK-slices, no view metadata.
         if HAS_NW:
-            vnw = arg(row_ptr, 7)
-            if NW_FLAT == 2:
-                nw_ptr = view_base_aligned(addrs_ptr, views_ptr, vnw, NW_DT)
-            else:
-                nw_ptr = view_base(addrs_ptr, views_ptr, vnw, NW_DT)
-            snw = 1 if NW_FLAT else view_stride(views_ptr, vnw, 3)
+            nw_ptr, snw = k_vector(addrs_ptr, views_ptr, arg(row_ptr, 7), NW_DT, NW_FLAT)
         if HAS_NB:
-            vnb = arg(row_ptr, 8)
-            if NB_FLAT == 2:
-                nb_ptr = view_base_aligned(addrs_ptr, views_ptr, vnb, NB_DT)
-            else:
-                nb_ptr = view_base(addrs_ptr, views_ptr, vnb, NB_DT)
-            snb = 1 if NB_FLAT else view_stride(views_ptr, vnb, 3)
+            nb_ptr, snb = k_vector(addrs_ptr, views_ptr, arg(row_ptr, 8), NB_DT, NB_FLAT)
         if N_IN_LOOP:
             # The tile sees all of K (no split-K): the rows' statistics are summed inside the K
             # loop from the A blocks it loads anyway, and the normalisation is applied to acc

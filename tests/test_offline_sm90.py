@@ -36,11 +36,12 @@ def mlp_source(gpu_dots: bool) -> str:
     return mk.source
 
 
-def cli_report(source: str, tmp_path) -> str:
+def cli_report(source: str, tmp_path, *options: str) -> str:
     """`python -m mkcompiler.offline file`, from a process where TRITON_INTERPRET=1 (it restarts itself)."""
     path = tmp_path / "megakernel.py"
     path.write_text(source)
-    proc = subprocess.run([sys.executable, "-m", "mkcompiler.offline", str(path)], capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "mkcompiler.offline", str(path), *options]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip().splitlines()[-1]
 
@@ -50,7 +51,8 @@ def test_mlp_block_compiles_for_sm90_without_spills(tmp_path):
     # Each compile is its own process (TRITON_INTERPRET=0): run both at once.
     with ThreadPoolExecutor(2) as pool:
         gpu = pool.submit(compile_sm90, gpu_source)
-        line = pool.submit(cli_report, interp_source, tmp_path)
+        # The interpreter runs its source with atomic waits (runtime: WAIT_MODE 0 when interpreting).
+        line = pool.submit(cli_report, interp_source, tmp_path, "--waits=atomic")
         r, line = gpu.result(), line.result()
     summary = f"gpu source: {format_report(r)}\ninterpreter source (CLI): {line}"
     print("\n" + summary)
@@ -58,10 +60,9 @@ def test_mlp_block_compiles_for_sm90_without_spills(tmp_path):
     assert r["spilled_bytes"] == 0 and r["local"] == 0, f"spills at the default num_warps:\n{summary}"
     assert r["shared"] > 0, summary  # bf16 tl.dot stages its operands in shared memory
     # The interpreter's source (bf16 dots widened to fp32 FMA dots) never runs on a GPU: it must
-    # compile (what the CLI is for), and ptxas may spill a little of it (72 B since norms fold
-    # into the matmuls by default, where ptxas settles on 64 registers).
+    # compile (what the CLI is for), and ptxas may spill a few bytes of it.
     m = re.match(r"sm_90: (\d+) regs/thread, (\d+) B spilled .* (\d+) B shared", line)
-    assert m and int(m.group(2)) <= 128 and int(m.group(1)) > 0, summary
+    assert m and int(m.group(2)) <= 64 and int(m.group(1)) > 0, summary
 
 
 def llama_sources() -> dict[str, str]:
