@@ -121,9 +121,10 @@ LOOP_TAIL = """\
 """
 
 
-def generate(queue: Queue, preload_args: bool = True) -> str:
+def generate(queue: Queue, preload_args: bool = True, l2_prefetch_bytes: int | None = None) -> str:
     """The kernel's source. preload_args (Settings.preload_args): load each instruction's args
-    (kernel_lib.preload) before its wait rather than after it."""
+    (kernel_lib.preload) before its wait rather than after it. l2_prefetch_bytes
+    (Settings.l2_prefetch_bytes): the L2 prefetch's cap per weight column (None: no cap)."""
     routines, branches = [], []
     for opcode, key in enumerate(queue.opcode_keys):
         fam = FAMILIES[key[0]]
@@ -142,7 +143,8 @@ def generate(queue: Queue, preload_args: bool = True) -> str:
         call = FAMILIES[key[0]].emit_prefetch(key)
         if call:
             keyword = "if" if not prefetch else "elif"
-            call = call.format(row="pre", addrs="addrs_ptr", views="views_ptr")
+            cap = 0 if l2_prefetch_bytes is None else max(16, l2_prefetch_bytes // 16 * 16)
+            call = call.format(row="pre", addrs="addrs_ptr", views="views_ptr", cap=cap)
             prefetch.append(f"            {keyword} op == {opcode}:\n                {call}\n")
     if prefetch:
         prefetch.insert(0, "        if L2_PREFETCH:\n")

@@ -45,6 +45,9 @@ class Settings:
     narrow_decode_tiles: bool = False
     # GPU: ask L2 for weights before waiting on inputs (slower on 1B decode: 1.684 vs 1.586 ms, H100)
     l2_prefetch: bool = False
+    # with l2_prefetch: at most this many bytes of each weight column's K chunk (None: all of it).
+    # A cap keeps a stage's prefetch within L2 (1B gate/up tiles hold 512 KB each, 64 MB a stage)
+    l2_prefetch_bytes: int | None = None
     # How a wait acquires its producers' writes (kernel_lib.wait_all; one of WAIT_MODES): "atomic"
     # (acquire atomics; the interpreter always), "fence" (GPU: polls, a barrier vote, fence.acq_rel:
     # no faster on 1B decode), "acquire" (GPU: every poll an ld.acquire: 1.672 against 1.728 ms

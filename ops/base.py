@@ -280,9 +280,10 @@ class OpFamily:
         raise NotImplementedError
 
     def emit_prefetch(self, key: tuple) -> str | None:
-        """Call expression (with {row},{addrs},{views}) that asks L2 for the tile's read-only
-        operands before the worker waits on its dependencies, or None. Only a hint: L2 is the
-        GPU's point of coherence, so prefetching data a producer later writes is harmless."""
+        """Call expression (with {row},{addrs},{views}; {cap}: Settings.l2_prefetch_bytes, 0 for
+        none) that asks L2 for the tile's read-only operands before the worker waits on its
+        dependencies, or None. Only a hint: L2 is the GPU's point of coherence, so prefetching
+        data a producer later writes is harmless."""
         return None
 
     def describe(self, node: OpNode, coords) -> str:

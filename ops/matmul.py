@@ -299,9 +299,13 @@ def matmul_a_input(
 
 
 @triton.jit
-def matmul_prefetch(row_ptr, addrs_ptr, views_ptr, B_DT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def matmul_prefetch(
+    row_ptr, addrs_ptr, views_ptr, B_DT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CAP: tl.constexpr
+):
     """L2 prefetch of the tile's B columns (K contiguous and 16-byte aligned, K and N multiples of
-    8: see Matmul.emit_prefetch), each one bulk copy of its K chunk, before the dependency wait."""
+    8: see Matmul.emit_prefetch), each one bulk copy of its K chunk, before the dependency wait.
+    CAP > 0 (a multiple of 16): only the first CAP bytes of each column's chunk, the part the
+    tile's first K steps read (so a stage's prefetch fits L2)."""
     va = arg(row_ptr, 0)
     vb = arg(row_ptr, 1)
     vc = arg(row_ptr, 3)
@@ -322,6 +326,8 @@ def matmul_prefetch(row_ptr, addrs_ptr, views_ptr, B_DT: tl.constexpr, BN: tl.co
     rn = tl.where(rn < N, rn, tn * BN)  # past the last column: ask for the first one again
     ESIZE: tl.constexpr = B_DT.primitive_bitwidth // 8
     total = (k_hi - k_lo) * ESIZE  # bytes of one column's chunk: a multiple of 16 (KN_DIV)
+    if CAP > 0:
+        total = tl.minimum(total, CAP)
     piece = tl.cdiv(total // 16, PARTS) * 16
     start = (r % PARTS) * piece
     size = tl.minimum(piece, total - start)
@@ -546,7 +552,7 @@ class Matmul(OpFamily):
         a_k, b_k, b_n, c_n, a_al, b_al, c_al, kn_div = units
         if not (b_k and b_al and kn_div):
             return None  # bulk copies need 16-byte aligned, 16-byte multiple rows of B
-        return f"matmul_prefetch({{row}}, {{addrs}}, {{views}}, {tl_dtype(b)}, {bn}, {bk})"
+        return f"matmul_prefetch({{row}}, {{addrs}}, {{views}}, {tl_dtype(b)}, {bn}, {bk}, {{cap}})"
 
     def splits(self, node) -> int:
         c = node.outputs[0]

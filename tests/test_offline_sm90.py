@@ -89,7 +89,7 @@ def test_llama_kernels_compile_for_sm90_without_spills():
         assert r["regs"] > 0 and r["spilled_bytes"] == 0 and r["local"] == 0, summary
 
 
-def decode_mlp_source() -> str:
+def decode_mlp_source(**options) -> str:
     """A decode-shaped (one row) bf16 MLP as a GPU would run it: split-K matvecs whose weights
     qualify for the L2 prefetch (K-contiguous, 16-byte aligned rows)."""
     torch.manual_seed(0)
@@ -97,7 +97,7 @@ def decode_mlp_source() -> str:
     x = torch.randn(1, DIM, dtype=torch.bfloat16)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tile, "interpreting", lambda: False)
-        mk = mkcompiler.compile(model, (x,), num_workers=132)
+        mk = mkcompiler.compile(model, (x,), num_workers=132, **options)
     assert "matmul_prefetch(" in mk.source
     return mk.source
 
@@ -106,6 +106,8 @@ def test_profile_and_prefetch_variants_compile_for_sm90():
     """The inline-PTX paths (%globaltimer stamps; cp.async.bulk.prefetch.L2; acquire and fence
     waits) never run in the interpreter: compile them for sm_90 here, beside the plain kernel."""
     source = decode_mlp_source()
+    capped = decode_mlp_source(l2_prefetch_bytes=1024)  # Settings.l2_prefetch_bytes: a literal cap
+    assert ", 1024)" in capped and capped != source
     variants = {
         "plain": dict(waits="atomic"),
         "profile": dict(profile=True, waits="atomic"),
@@ -115,11 +117,13 @@ def test_profile_and_prefetch_variants_compile_for_sm90():
     }
     with ThreadPoolExecutor(3) as pool:
         futures = {k: pool.submit(compile_sm90, source, **v) for k, v in variants.items()}
+        futures["capped l2_prefetch"] = pool.submit(compile_sm90, capped, l2_prefetch=True, waits="atomic")
         reports = {k: f.result() for k, f in futures.items()}
     for name, r in reports.items():
         print(f"\n{name}: {format_report(r)}")
         assert r["regs"] > 0 and r["ptx_lines"] > 0
     assert reports["profile"]["profile"] and reports["l2_prefetch"]["l2_prefetch"]
+    assert reports["capped l2_prefetch"]["spilled_bytes"] == 0
     assert not reports["plain"]["profile"] and not reports["plain"]["l2_prefetch"]
     assert reports["plain"]["spilled_bytes"] == 0, format_report(reports["plain"])
     # The variants' code is really there (constexpr-pruned from the plain kernel).
