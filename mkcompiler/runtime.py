@@ -149,6 +149,10 @@ class Megakernel:
         self.err = torch.zeros(NUM_ERROR_FIELDS, dtype=torch.int32, device=device)
         self.generation = 0
         self._lock = threading.Lock()
+        # Settings.errors == "deferred": the error record's copy on its way to the host and the
+        # event that marks its arrival (None: nothing pending).
+        self._err_host = torch.zeros(NUM_ERROR_FIELDS, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self._err_arrived = None
         self.upload_queue(check=False)
 
     # ---- what users inspect ----
@@ -328,18 +332,41 @@ class Megakernel:
             )
 
     def check(self) -> None:
-        err = self.err.cpu().tolist()
+        """Wait for the launches so far and raise MegakernelError if one of them failed."""
+        self._err_arrived = None
+        self._raise_if_failed(self.err.cpu().tolist())
+
+    def _raise_if_failed(self, err: list[int]) -> None:
         if err[ErrorField.FLAG]:
             message = self._describe_error(err)  # before reset(), which zeroes the launch number
             self.reset()
             raise MegakernelError(message)
 
+    def _check_arrived(self) -> None:
+        """errors="deferred": raise if the last record sent to the host has arrived and shows a
+        failure. A failed launch's record stays set on the device (later launches stop at once,
+        kernel_lib.aborted) until reset(), so a later copy still shows it."""
+        if self._err_arrived is not None and self._err_arrived.query():
+            self._err_arrived = None
+            self._raise_if_failed(self._err_host.tolist())
+
+    def _send_record(self) -> None:
+        self._err_host.copy_(self.err, non_blocking=True)
+        self._err_arrived = torch.cuda.Event()
+        self._err_arrived.record(torch.cuda.current_stream(self.device))
+
     def __call__(self, *args, **kwargs):
         # One call at a time per Megakernel: bind, launch, check and outputs share its buffers.
         with self._lock:
             self._bind(args, kwargs)
+            deferred = self.settings.errors == "deferred" and not self.interpret
+            if deferred:
+                self._check_arrived()
             self.launch()
-            self.check()
+            if deferred:
+                self._send_record()
+            else:
+                self.check()
             return self.outputs()
 
     def profile(self, *args, **kwargs) -> Profile:

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 
 # Fields that change neither the queue nor the generated code.
-UNKEYED = ("debug", "dump_dir", "cache", "progress")
+UNKEYED = ("debug", "dump_dir", "cache", "progress", "errors")
 # Settings.waits; the kernel's WAIT_MODE constexpr is the index (kernel_lib.wait_all's MODE).
 WAIT_MODES = ("atomic", "fence", "acquire")
 
@@ -57,6 +57,10 @@ class Settings:
     workers_per_sm: int = 1  # default num_workers = SMs x this (co-resident: registers and shared memory permitting)
     interpret: bool | None = None  # run in the Triton interpreter; default: when there is no GPU
     copy_outputs: bool = True  # return fresh tensors (not views of the megakernel's buffers)
+    # When a call looks at the kernel's error record: "sync" waits for the launch and raises at
+    # once; "deferred" returns without waiting (the host runs ahead, as with CUDA's own errors)
+    # and raises at the first later call to find the record arrived, or at mk.check()
+    errors: str = "sync"
     fallback: str = "error"  # unsupported ops: "error" raises; "eager" runs them eagerly between megakernels
     debug: int = int(os.environ.get("MKCOMPILER_DEBUG", "0"))  # 1: check pass invariants; 2: print
     dump_dir: str | None = os.environ.get("MKCOMPILER_DUMP") or None
@@ -76,6 +80,8 @@ class Settings:
             raise ValueError(f"fp32_precision must be 'ieee' or 'tf32', not {s.fp32_precision!r}")
         if s.waits not in WAIT_MODES:
             raise ValueError(f"waits must be one of {WAIT_MODES}, not {s.waits!r}")
+        if s.errors not in ("sync", "deferred"):
+            raise ValueError(f"errors must be 'sync' or 'deferred', not {s.errors!r}")
         if s.fallback not in ("error", "eager"):
             raise ValueError(f"fallback must be 'error' or 'eager', not {s.fallback!r}")
         return s

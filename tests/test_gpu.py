@@ -91,6 +91,34 @@ def test_corrupted_queue_raises_within_a_second_of_the_wait_bound(schedule, wait
     assert rel_err(mk(x), reference(model, [x])) <= 1e-4
 
 
+def test_deferred_errors_raise_at_a_later_call_or_check():
+    """Settings.errors="deferred": calls return without waiting for the kernel; a failed launch
+    raises at mk.check() (or the first later call that finds its record arrived), never passes
+    unnoticed, and the Megakernel is correct again afterwards."""
+    torch.manual_seed(0)
+    model = TransformerMLP(dim=256, hidden=512).cuda()
+    x = torch.randn(4, 256, device="cuda")
+    mk = mkcompiler.compile(model, (x,), max_spin=1 << 14, errors="deferred")
+    for _ in range(3):  # good calls raise nothing, now or later
+        out = mk(x)
+    mk.check()
+    assert rel_err(out, reference(model, [x])) <= 1e-4
+    good = drop_a_waited_signal(mk)
+    mk(x)  # fails on the device; the host has not looked yet
+    torch.cuda.synchronize()  # the record has arrived: the next call raises before launching
+    with pytest.raises(mkcompiler.MegakernelError, match="instruction|counter"):
+        mk(x)
+    mk(x)  # fails again; check() waits for it and raises
+    with pytest.raises(mkcompiler.MegakernelError, match="instruction|counter"):
+        mk.check()
+    mk.queue.rows[:] = good
+    mk.upload_queue()
+    x = torch.randn(4, 256, device="cuda")
+    out = mk(x)
+    mk.check()
+    assert rel_err(out, reference(model, [x])) <= 1e-4
+
+
 @pytest.mark.parametrize("schedule", ["dynamic", "static"])
 def test_default_wait_bound_error_then_correct_call(schedule):
     """The default bound (2**22 polls): the error reaches the host, its time is printed (the

@@ -270,3 +270,22 @@ def test_view_addresses_follow_rebound_inputs(preload_args):
         assert torch.equal(views[:, ViewField.ADDR], expect)
         assert x.data_ptr() in set(views[:, ViewField.ADDR].tolist())  # the bound input itself
     assert (mk.queue.views[:, ViewField.ADDR] == 0).all()  # the compiled queue is not written
+
+
+def test_errors_setting_is_checked_and_the_interpreter_reports_at_once():
+    """Settings.errors: "sync" or "deferred", anything else refused; the interpreter runs each
+    launch to its end, so even "deferred" raises in the failing call itself."""
+    model = ResidualMLP(dim=16, hidden=32)
+    x = torch.randn(2, 16)
+    with pytest.raises(ValueError, match="errors must be"):
+        mkcompiler.compile(model, (x,), errors="later")
+    mk = mkcompiler.compile(model, (x,), errors="deferred", max_spin=50)
+    assert_correct(mk, model, x)
+    rows = mk.queue.rows.copy()
+    mk.queue.rows[:, Field.SIGNAL] = -1  # nothing signals: the first wait gives up
+    mk.upload_queue(check=False)
+    with pytest.raises(MegakernelError):
+        mk(x)
+    mk.queue.rows[:] = rows
+    mk.upload_queue()
+    assert_correct(mk, model, x)
