@@ -158,7 +158,8 @@ def wait_all(
       answer: the tile after it has barriers), and one fence.acq_rel after the last wait orders
       the tile's loads after the producers' releases.
     2 "acquire" (GPU): every poll is an ld.acquire (load_acquire): the poll that sees the count
-      is the acquire, for each thread; one bar.red at the end makes the answer uniform.
+      is the acquire, for each thread; one bar.red at the end makes the answer uniform. The
+      first three rows are polled together (their row loads and polls side by side).
 
     Every thread polls (no barriers; a scalar atomic costs a broadcast through shared memory
     with two barriers); the error flag is read only every ABORT_CHECK polls."""
@@ -167,6 +168,37 @@ def wait_all(
         # Threads leave these loops independently: nothing with a barrier inside (a scalar
         # atomic such as record_stuck_wait's has two) until cta_all makes the answer uniform.
         stuck_counter, stuck_value, stuck_target = counter, 0, 0
+        if w + 1 < w_end:
+            # Two or more rows (a decode layer's Q/K/V, gate/up, RoPE, attention, residual adds):
+            # the first three are polled together, so a wait costs one round trip to L2 when
+            # they are met, not two per row (its row, then its counter: an acquire empties L1).
+            # A missing third row reads counter 0 against target 0, met at once.
+            c1, n1 = load_wait(waits_ptr, w + 1, w_end)
+            c2, n2 = load_wait(waits_ptr, w + 2, w_end)
+            t0, t1, t2 = count * generation, n1 * generation, n2 * generation
+            v0 = load_acquire(counters_ptr + counter)
+            v1 = load_acquire(counters_ptr + c1)
+            v2 = load_acquire(counters_ptr + c2)
+            spins = 0
+            while ((v0 < t0) | (v1 < t1) | (v2 < t2)) & (spins < MAX_SPIN):
+                v0 = load_acquire(counters_ptr + counter)
+                v1 = load_acquire(counters_ptr + c1)
+                v2 = load_acquire(counters_ptr + c2)
+                spins += 1
+                if spins % ABORT_CHECK == 0:
+                    if aborted(err_ptr):
+                        spins = MAX_SPIN
+            if v2 < t2:
+                ok = 0
+                stuck_counter, stuck_value, stuck_target = c2, v2, t2
+            if v1 < t1:
+                ok = 0
+                stuck_counter, stuck_value, stuck_target = c1, v1, t1
+            if v0 < t0:
+                ok = 0
+                stuck_counter, stuck_value, stuck_target = counter, v0, t0
+            w += 3
+            counter, count = load_wait(waits_ptr, w, w_end)
         while (w < w_end) & (ok == 1):
             target = count * generation
             value = load_acquire(counters_ptr + counter)
