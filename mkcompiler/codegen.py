@@ -104,7 +104,7 @@ def megakernel(instr_ptr, n_instr, waits_ptr, counters_ptr, head_ptr, err_ptr, a
 
 LOOP_TAIL = """\
             tl.debug_barrier()  # every thread's stores happen before the release below
-            signal(row, counters_ptr)
+            signal(pre, counters_ptr)
             if stopping:  # another worker gave up: stop after this instruction
                 next_cursor = stop
             if PROFILE:

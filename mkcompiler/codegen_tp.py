@@ -36,7 +36,7 @@ EDITS = [
         r"        stop = cursor\n\1",
     ),
     ("the call of wait_all", r"= wait_all\(", "= wait_all_tp(tp_ptr, "),
-    ("the call of signal", r"\bsignal\(row, counters_ptr\)", "signal_tp(row, counters_ptr, tp_ptr)"),
+    ("the call of signal", r"\bsignal\(pre, counters_ptr\)", "signal_tp(pre, counters_ptr, tp_ptr)"),
 ]
 EXIT = "    worker_exit(counters_ptr, tp_ptr)  # after the loop: every read of peer memory is done\n"
 

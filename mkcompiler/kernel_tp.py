@@ -37,7 +37,6 @@ from mkcompiler.kernel_lib import (
     load_wait,
     wait_all,
 )
-from mkcompiler.kernel_lib import SIGNAL as SIGNAL_FIELD
 from mkcompiler.layout import LOCAL, ErrorField, TPField, WaitField
 
 TP_RANK: tl.constexpr = tl.constexpr(int(TPField.RANK))
@@ -138,10 +137,10 @@ def wait_all_tp(
 
 
 @triton.jit
-def signal_tp(row_ptr, counters_ptr, tp_ptr):
+def signal_tp(pre, counters_ptr, tp_ptr):
     """kernel_lib.signal; at system scope for the counters peers wait on (callers put
     tl.debug_barrier() before it, as for signal)."""
-    counter = tl.load(row_ptr + SIGNAL_FIELD)
+    counter = pre[2]
     if counter >= 0:
         if tl.load(tp_ptr + tl.load(tp_ptr + TP_SYS_FLAGS) + counter) != 0:
             tl.atomic_add(counters_ptr + counter, 1, sem="release", scope="sys")

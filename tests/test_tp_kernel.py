@@ -62,9 +62,9 @@ def test_single_gpu_kernels_are_unchanged_and_tp_kernels_get_the_rank_protocol()
     world = compile_world(tp.shard_ranks(model, 2), (torch.randn(2, 32),), each_rank=False)
     src = world.source
     assert codegen_tp.is_tensor_parallel(world.queue) and world.queue.has_remote_waits()
-    for name in ("launch_barrier(tp_ptr", "wait_all_tp(tp_ptr", "signal_tp(row", "worker_exit(", "all_reduce_tile("):
+    for name in ("launch_barrier(tp_ptr", "wait_all_tp(tp_ptr", "signal_tp(pre", "worker_exit(", "all_reduce_tile("):
         assert src.count(name) == 1, name
-    assert "prof_ptr, tp_ptr," in src and "= wait_all(" not in src and "signal(row, counters_ptr)" not in src
+    assert "prof_ptr, tp_ptr," in src and "= wait_all(" not in src and "signal(pre, counters_ptr)" not in src
 
 
 def test_a_moved_anchor_in_the_code_generator_fails_loudly():
