@@ -36,6 +36,7 @@ CONFIGS = {
     "tiny": LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=128, max_seq_len=64),
     "llama-3.2-1b": LlamaConfig(),
     "llama-3.1-8b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden=14336),
+    "llama-3.1-70b": LlamaConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden=28672),
 }
 
 

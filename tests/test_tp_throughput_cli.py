@@ -1,0 +1,231 @@
+"""benchmarks/tp_throughput.py without a GPU: cases and flags, the peer's scaling, memory
+estimates against the models themselves (on the meta device), the per-case table, the time
+budget, and the dry run (tiny shapes, 2 ranks in the Triton interpreter, the peer eager on the CPU)."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # examples/ is not an installed package
+PEER = ROOT.parent / "shared" / "bench" / "peer_llama_tp.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("tp_throughput", ROOT / "benchmarks" / "tp_throughput.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["tp_throughput"] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+tt = _load()
+needs_peer = pytest.mark.skipif(not PEER.exists(), reason=f"the peer baseline is not at {PEER}")
+
+
+def test_import_sets_multicast_off_and_does_no_cuda_work():
+    assert not torch.cuda.is_initialized()
+    for name, value in tt.MULTICAST_OFF.items():
+        assert os.environ[name] == value
+
+
+def test_default_cases_and_flags():
+    a = tt.parse_args([])
+    assert [c.name for c in a.cases] == ["decode256", "prefill4096", "decode64"]
+    assert a.cases[0] == tt.Case("decode256", "decode", 256, 1)
+    assert a.cases[1] == tt.Case("prefill4096", "prefill", 1, 4096)
+    assert (a.model, a.layers, a.ctx, a.iters, a.warmup) == ("llama-70b", 10, 1024, 20, 3)
+    assert a.peer_modes == ["eager", "compile-cg"] and a.time_budget is None and a.prefill_fallback
+    assert os.path.abspath(a.peer) == str(PEER.resolve()) or not PEER.exists()
+    a = tt.parse_args(["--cases", "decode64,decode64,prefill512", "--peer-modes", "none", "--time-budget", "480"])
+    assert [c.name for c in a.cases] == ["decode64", "prefill512"] and a.peer_modes == [] and a.time_budget == 480
+    assert not tt.parse_args(["--no-prefill-fallback"]).prefill_fallback
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--cases", "decode"],
+        ["--cases", "prefill0"],
+        ["--cases", "train64"],
+        ["--cases", ","],
+        ["--model", "llama-405b"],
+        ["--peer-modes", "fast"],
+        ["--layers", "0"],
+        ["--time-budget", "0"],
+    ],
+)
+def test_bad_flags_exit_with_usage(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        tt.parse_args(argv)
+    assert e.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_scaling_is_the_peers():
+    assert tt.scaled_ms(35.9 / 8, 10, 80) == pytest.approx(35.9)
+    assert tt.tokens_per_s(256, 1, 35.9) == pytest.approx(7131, rel=1e-3)  # the peer README's 7.1k tokens/s
+    assert tt.tokens_per_s(1, 4096, 317.0) == pytest.approx(12921, rel=1e-3)  # its 12.9k
+    if PEER.exists():  # the peer still scales this way (if this fails, follow it in scaled_ms)
+        src = PEER.read_text()
+        assert "per_layer = ms / a.layers" in src and 'full_ms = per_layer * c["depth"]' in src
+        assert '"compile-cg": torch.compile(m.forward, mode="reduce-overhead")' in src
+        assert "a.ctx + T + 8" in src  # its max_seq, which max_seq_len mirrors
+    assert tt.max_seq_len(1024, 1) == 1033
+
+
+@pytest.mark.parametrize("model", ["llama-70b", "llama-8b"])
+def test_our_shapes_are_the_peers(model):
+    from examples.llama import CONFIGS
+
+    c = tt.llama_config(model, 10)
+    assert c.n_layers == 10 and c.head_dim == 128
+    ours = tt.shapes_of(c, CONFIGS[tt.MODELS[model]].n_layers)
+    if PEER.exists():
+        assert tt.shape_mismatch(ours, tt.load_peer(str(PEER)).SHAPES[model]) == []
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_memory_estimate_counts_the_models_tensors(tp):
+    from examples.llama import Llama
+
+    c = tt.llama_config("llama-70b", 2)
+    c = type(c)(**{**c.__dict__, "max_batch": 3, "max_seq_len": tt.max_seq_len(1024, 1)})
+    est = tt.memory_estimate(c, tp, batch=3, tokens=1, ctx=1024)
+    with torch.device("meta"):
+        m = Llama(c)
+    assert est["weights"] == 2 * sum(p.numel() for p in m.parameters())
+    assert est["model_kv_caches"] == 2 * sum(b.numel() for n, b in m.named_buffers() if "cache" in n)
+    assert est["mk_shard_kv_caches"] == (0 if tp == 1 else est["model_kv_caches"] * (8 // tp) // 8)
+    if PEER.exists():
+        peer = tt.load_peer(str(PEER))
+        pm = peer.ShardedLlama(peer.SHAPES["llama-70b"], 2, tp, 3, tt.max_seq_len(1024, 1), "meta")
+        tensors = [t for layer in pm.L for t in layer.values()] + [pm.norm, pm.head]
+        weights = sum(t.numel() for t in tensors if t.dim() < 4)
+        caches = sum(t.numel() for t in tensors if t.dim() == 4)
+        assert (est["peer_weights"], est["peer_kv_caches"]) == (2 * weights, 2 * caches)
+    assert est["total"] == sum(v for k, v in est.items() if k != "total")
+
+
+def _row(**ms):
+    row = tt.new_row(tt.Case("decode256", "decode", 256, 1), 1024)
+    row["ms"] = {k: {"rank0": v * 0.9, "max": v, "ranks": [v * 0.9, v]} for k, v in ms.items()}
+    return row
+
+
+def test_derived_and_the_table():
+    row = _row(**{tt.MK_KERNEL: 3.0, tt.MK_CALL: 4.0, "peer eager": 26.0, "peer compile-cg": 4.5})
+    row.update(rel_err=0.012, ranks_agree=True, compile_s={"mkcompiler": 40.0})
+    row["errors"]["peer compile"] = "rank 1: OutOfMemoryError: CUDA out of memory\nmore"
+    d = tt.derived(row, layers=10, depth=80)
+    assert d["full_ms"][tt.MK_KERNEL] == pytest.approx(24.0)
+    assert d["best_baseline"] == "peer compile-cg"
+    assert d["vs_best_baseline"][tt.MK_KERNEL] == pytest.approx(36.0 / 24.0)
+    assert d["tokens_per_s"]["peer compile-cg"] == pytest.approx(256 / 0.036)
+    meta = dict(model="llama-70b", tp=4, device="H200", layers=10, depth=80, tol=5e-2)
+    text = tt.format_case(row, meta)
+    lines = text.splitlines()
+    assert lines[0].startswith("### decode256: batch 256, 1 token, context 1024 (llama-70b, TP=4, H200; 10 layers")
+    table = [ln for ln in lines if ln.startswith("|")]
+    assert len(table) == 2 + 4 and all(ln.count("|") == table[0].count("|") for ln in table)
+    cells = [c.strip() for c in table[2].strip("|").split("|")]
+    assert cells == ["mkcompiler kernel (`mk.launch()`)", "2.700", "3.000", "24.00", "10,667", "1.50x"]
+    assert [c.strip() for c in table[5].strip("|").split("|")][-1] == "1.00x"  # the best baseline itself
+    notes = lines[-1]
+    assert "1.20e-02" in notes and "ranks agree" in notes and "OutOfMemoryError" in notes and "more" not in notes
+    assert "35.9 ms/step" in notes  # the peer's published figure, beside ours
+    only_mk = tt.format_case(_row(**{tt.MK_CALL: 1.0}), meta)
+    assert "| —" in only_mk and "nan" not in only_mk
+
+
+def test_budget():
+    now = [0.0]
+    b = tt.Budget(300, clock=lambda: now[0])
+    assert b.fits("build", "mk:decode") and not b.fits("mk:prefill", "peer:compile")
+    b.record("mk:decode", 50.0)
+    assert b.estimate("mk:decode") == pytest.approx(50.0 * tt.SAFETY)
+    now[0] = 250.0
+    assert not b.fits("mk:decode") and b.fits("peer:eager")
+    assert tt.Budget(None).fits("peer:compile-max-cg") and math.isinf(tt.Budget(None).left())
+
+
+def test_case_model_shares_weights_and_fills_caches():
+    from examples.llama import CONFIGS
+
+    base = tt.build_base(CONFIGS["tiny"], "cpu", seed=0)
+    m = tt.case_model(base, batch=3, seq=20, device="cpu", seed=0, last_only=True)
+    assert m.layers[0].attn.wq.weight.data_ptr() == base.layers[0].attn.wq.weight.data_ptr()
+    k = m.layers[1].attn.v_cache
+    assert k.shape == (3, 2, 20, 16) and k.dtype == torch.bfloat16 and k.float().std() > 0.3
+    assert m.c.max_seq_len == 20 and base.c.max_seq_len == 8
+    k = k.clone()  # the forward below writes its slots
+    tok = torch.randint(0, 256, (3, 5))
+    with torch.no_grad():
+        assert m(tok, torch.arange(5)).shape == (3, 1, 256)  # last position only
+    again = tt.case_model(base, batch=3, seq=20, device="cpu", seed=0, last_only=False)
+    assert torch.equal(again.layers[1].attn.v_cache, k)  # seeded: the same caches on every rank
+
+
+def test_dry_run_end_to_end(tmp_path):
+    """The whole script, as a subprocess, on tiny shapes: every case compiled (2 ranks in the
+    interpreter), checked against eager, timed, the peer timed eager, tables and JSON written."""
+    out = tmp_path / "dry.json"
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "tp_throughput.py"), "--dry-run", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        cwd=str(ROOT),
+    )
+    took = time.monotonic() - t0
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["tp"] == 2 and res["N"] == 1 and "commit" in res and res["args"]["dry_run"]
+    assert [c["case"] for c in res["cases"]] == ["decode256", "prefill4096", "decode64"]
+    for c in res["cases"]:
+        assert c["status"] == "done" and not c["errors"], c["errors"]
+        assert c["rel_err"] < 5e-2 and c["ranks_agree"]
+        expect = {tt.MK_KERNEL, tt.MK_CALL} | ({"peer eager"} if PEER.exists() else set())
+        assert set(c["ms"]) == expect
+        assert set(c["derived"]["full_ms"]) == expect
+    assert res["cases"][1]["tokens"] == 8  # the dry run's prefill
+    assert "TP=4 decode256" in res["memory_estimates_real_gb"]
+    assert res["memory_estimates_real_gb"]["TP=4 decode256"]["weights"] == pytest.approx(21.3, abs=0.1)
+    assert r.stdout.count("### decode256") == 2  # when the case ended, and in the summary
+    assert "## Summary" in r.stdout
+    print(f"dry run took {took:.0f} s")
+
+
+def test_missing_peer_is_skipped(tmp_path, capsys):
+    assert tt.main(["--dry-run", "--no-mk", "--peer", str(tmp_path / "nope.py"), "--cases", "decode64"]) == 0
+    out = capsys.readouterr().out
+    assert "peer baseline not found" in out and "skipping it" in out
+
+
+def test_a_prefill_that_does_not_compile_is_retried_with_half_the_tokens(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = ["--dry-run", "--cases", "prefill4096", "--peer-modes", "none", "--opt", "bogus=1", "--json", str(out)]
+    assert tt.main(argv) == 1  # the compile error is reported, the run goes on to its end
+    row = json.loads(out.read_text())["cases"][0]
+    assert row["tokens"] == 4 and any("chunk of 4 tokens" in n for n in row["notes"])
+    assert set(row["errors"]) == {"mkcompiler compile (8 tokens)", "mkcompiler compile (4 tokens)"}
+    assert "retrying with a chunk of 4 tokens" in capsys.readouterr().out
+
+
+def test_a_time_budget_too_short_for_a_case_skips_it_saying_so(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert tt.main(["--dry-run", "--time-budget", "5", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "stopping: time budget" in text and "not run (time budget): decode256, prefill4096, decode64" in text
+    res = json.loads(out.read_text())
+    assert res["stopped"].startswith("time budget") and {c["status"] for c in res["cases"]} == {"not run"}
