@@ -165,7 +165,7 @@ def generate(queue: Queue, preload_args: bool = True, l2_prefetch_bytes: int | N
         s_end=profiling.END,
         imports="\n".join(imports),
     )
-    early, late = "        pre = preload(row)\n", "            pre = preload(row)\n"
+    early, late = "        pre = preload(row, views_ptr)\n", "            pre = preload(row, views_ptr)\n"
     head = (
         LOOP_HEAD.replace("{prefetch}", "".join(prefetch))
         .replace("{preload_early}", early if preload_args else "")

@@ -4,6 +4,8 @@ A view id names a row of the view table (layout.ViewField); its buffer's base ad
 comes from the address table, so one routine serves every layer's tensors.
 """
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -19,6 +21,13 @@ V_SIZE0: tl.constexpr = tl.constexpr(int(ViewField.SIZE0))
 V_STRIDE0: tl.constexpr = tl.constexpr(int(ViewField.STRIDE0))
 V_ADDR: tl.constexpr = tl.constexpr(int(ViewField.ADDR))
 assert MAX_RANK == 4, "view_offsets below unrolls exactly four dims"
+# Experiment, GPU only (MKCOMPILER_VIEW_NC=1 when the kernel is compiled): view-table fields load
+# through the read-only path (ld.global.nc; the table does not change during a launch), and the
+# dispatcher asks L1 for the rows of an instruction's first view args before its wait
+# (kernel_lib.preload), hoping the acquire that ends the wait leaves read-only lines in L1.
+VIEW_NC: tl.constexpr = tl.constexpr(
+    os.environ.get("MKCOMPILER_VIEW_NC") == "1" and os.environ.get("TRITON_INTERPRET") != "1"
+)
 
 
 @triton.jit
@@ -33,27 +42,40 @@ def arg(row, i: tl.constexpr):
 
 
 @triton.jit
+def view_field(views_ptr, v, f: tl.constexpr):
+    """Field f (layout.ViewField) of view v's row."""
+    p = views_ptr + v.to(tl.int64) * VIEW_ROW + f
+    if VIEW_NC:
+        value = tl.inline_asm_elementwise(
+            "ld.global.nc.b64 $0, [$1];", "=l,l", [p.to(tl.int64)], dtype=tl.int64, is_pure=True, pack=1
+        )
+    else:
+        value = tl.load(p)
+    return value
+
+
+@triton.jit
 def view_base(addrs_ptr, views_ptr, v, DTYPE: tl.constexpr):
     """Typed pointer to element 0 of view v: its row's ADDR (layout.ViewField), one load."""
-    return tl.load(views_ptr + v.to(tl.int64) * VIEW_ROW + V_ADDR).to(tl.pointer_type(DTYPE), bitcast=True)
+    return view_field(views_ptr, v, V_ADDR).to(tl.pointer_type(DTYPE), bitcast=True)
 
 
 @triton.jit
 def view_base_aligned(addrs_ptr, views_ptr, v, DTYPE: tl.constexpr):
     """view_base for a view known (from the op's key) to start 16-byte aligned. The hint must be
     applied here, on the cast: a hint on a value returned from a call is lost when it is inlined."""
-    addr = tl.load(views_ptr + v.to(tl.int64) * VIEW_ROW + V_ADDR)
+    addr = view_field(views_ptr, v, V_ADDR)
     return tl.multiple_of(addr.to(tl.pointer_type(DTYPE), bitcast=True), 16)
 
 
 @triton.jit
 def view_size(views_ptr, v, d: tl.constexpr):
-    return tl.load(views_ptr + v.to(tl.int64) * VIEW_ROW + V_SIZE0 + d)
+    return view_field(views_ptr, v, V_SIZE0 + d)
 
 
 @triton.jit
 def view_stride(views_ptr, v, d: tl.constexpr):
-    return tl.load(views_ptr + v.to(tl.int64) * VIEW_ROW + V_STRIDE0 + d)
+    return view_field(views_ptr, v, V_STRIDE0 + d)
 
 
 @triton.jit
