@@ -90,9 +90,7 @@ def megakernel(instr_ptr, n_instr, waits_ptr, counters_ptr, head_ptr, err_ptr, a
         row = instr_ptr + idx * NUM_FIELDS
         if PROFILE:
             t_fetch = now(prof_ptr + n_instr * NUM_STAMPS, LOGICAL_CLOCK)
-{preload_early}{prefetch}        ok = wait_all(idx, w_begin, w_end, counter, count, waits_ptr, counters_ptr, err_ptr, generation, MAX_SPIN,
-                      WAIT_MODE)
-        # The next header: its index has arrived during the wait; its rows arrive during the tile.
+{preload_early}{prefetch}{wait}        # The next header: its index has arrived during the wait; its rows arrive during the tile.
         next_op, next_w_begin, next_w_end = load_header(instr_ptr, next_idx, next_cursor < stop)
         if ok == 0:
             next_cursor = stop
@@ -104,8 +102,7 @@ def megakernel(instr_ptr, n_instr, waits_ptr, counters_ptr, head_ptr, err_ptr, a
 
 LOOP_TAIL = """\
             tl.debug_barrier()  # every thread's stores happen before the release below
-            signal(pre, counters_ptr)
-            if stopping:  # another worker gave up: stop after this instruction
+{signal}            if stopping:  # another worker gave up: stop after this instruction
                 next_cursor = stop
             if PROFILE:
                 t_end = now(prof_ptr + n_instr * NUM_STAMPS, LOGICAL_CLOCK)
@@ -121,18 +118,56 @@ LOOP_TAIL = """\
 """
 
 
-def generate(queue: Queue, preload_args: bool = True, l2_prefetch_bytes: int | None = None) -> str:
+WAIT = """\
+        ok = wait_all(idx, w_begin, w_end, counter, count, waits_ptr, counters_ptr, err_ptr, generation, MAX_SPIN,
+                      WAIT_MODE)
+"""
+# The tile waits itself (Settings.early_weights): the dispatcher passes wait_all's arguments on
+# (kernel_lib.wait_in_tile), and the tile issues its weight loads first.
+EARLY_WAIT_ARGS = (
+    "(idx, w_begin, w_end, counter, count, waits_ptr, counters_ptr, err_ptr, generation, MAX_SPIN, WAIT_MODE, "
+    "PROFILE, prof_ptr + n_instr * NUM_STAMPS, LOGICAL_CLOCK)"
+)
+SIGNAL = "            signal(pre, counters_ptr)\n"
+EARLY_SIGNAL = """\
+            if ok != 0:
+                signal(pre, counters_ptr)
+            else:  # a tile's own wait gave up (recorded): stop, as after the dispatcher's
+                next_cursor = stop
+"""
+
+
+def generate(
+    queue: Queue, preload_args: bool = True, l2_prefetch_bytes: int | None = None, early_weights: bool = False
+) -> str:
     """The kernel's source. preload_args (Settings.preload_args): load each instruction's args
     (kernel_lib.preload) before its wait rather than after it. l2_prefetch_bytes
-    (Settings.l2_prefetch_bytes): the L2 prefetch's cap per weight column (None: no cap)."""
-    routines, branches = [], []
+    (Settings.l2_prefetch_bytes): the L2 prefetch's cap per weight column (None: no cap).
+    early_weights (Settings.early_weights): opcodes whose family can (OpFamily.early_wait) wait
+    inside their tile, after issuing their first weight loads; not for tensor-parallel queues
+    (their waits may be remote: codegen_tp rewrites the dispatcher's wait only)."""
+    tensor_parallel = codegen_tp.is_tensor_parallel(queue)
+    routines, branches, self_waiting = [], [], []
     for opcode, key in enumerate(queue.opcode_keys):
         fam = FAMILIES[key[0]]
         helper, call = fam.emit(key, f"op{opcode}_{key[0]}")
         if helper:
             routines.append(helper)
-        call = call.format(row="pre", addrs="addrs_ptr", views="views_ptr")
+        waits_itself = early_weights and not tensor_parallel and fam.early_wait(key)
+        # {counters} and {generation}: for tiles that take a ticket (ops/matmul.py's split sums);
+        # {wait}: the tile's own wait's arguments, or None (OpFamily.early_wait)
+        call = call.format(
+            row="pre",
+            addrs="addrs_ptr",
+            views="views_ptr",
+            counters="counters_ptr",
+            generation="generation",
+            wait=EARLY_WAIT_ARGS if waits_itself else "None",
+        )
         keyword = "if" if opcode == 0 else "elif"
+        if waits_itself:
+            self_waiting.append(opcode)
+            call = f"ok, t_early = {call}\n                if PROFILE:\n                    t_ready = t_early"
         branches.append(
             f"            {keyword} op == {opcode}:  # {queue.opcode_names[opcode]}\n                {call}\n"
         )
@@ -166,11 +201,19 @@ def generate(queue: Queue, preload_args: bool = True, l2_prefetch_bytes: int | N
         imports="\n".join(imports),
     )
     early, late = "        pre = preload(row, views_ptr)\n", "            pre = preload(row, views_ptr)\n"
+    wait = WAIT
+    if self_waiting:
+        skip = " | ".join(f"(op == {o})" for o in self_waiting)
+        wait = f"        if {skip}:  # these tiles wait themselves\n            ok = 1\n        else:\n" + "".join(
+            "    " + line + "\n" for line in WAIT.splitlines()
+        )
     head = (
         LOOP_HEAD.replace("{prefetch}", "".join(prefetch))
+        .replace("{wait}", wait)
         .replace("{preload_early}", early if preload_args else "")
         .replace("{preload_late}", "" if preload_args else late)
     )
-    source = header + "\n\n".join(routines) + head + "".join(branches) + LOOP_TAIL
+    tail = LOOP_TAIL.replace("{signal}", EARLY_SIGNAL if self_waiting else SIGNAL)
+    source = header + "\n\n".join(routines) + head + "".join(branches) + tail
     # Tiles reading peer ranks' memory: the tensor-parallel variant (single-GPU kernels unchanged).
-    return codegen_tp.tensor_parallel_source(source) if codegen_tp.is_tensor_parallel(queue) else source
+    return codegen_tp.tensor_parallel_source(source) if tensor_parallel else source

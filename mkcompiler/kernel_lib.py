@@ -264,6 +264,20 @@ def wait_all(
 
 
 @triton.jit
+def wait_in_tile(w):
+    """The wait of an instruction whose tile waits itself (codegen: Settings.early_weights), after
+    issuing the loads that need no input (weights): w is the dispatcher's wait_all arguments,
+    then (PROFILE, clock pointer, LOGICAL_CLOCK). Returns (ok as wait_all's, the ready stamp:
+    now() after the wait when profiling, else 0). Called in uniform control flow (wait_all's
+    vote has a barrier)."""
+    ok = wait_all(w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9], w[10])
+    t = tl.zeros((), tl.int64)
+    if w[11]:
+        t = now(w[12], w[13])
+    return ok, t
+
+
+@triton.jit
 def signal(pre, counters_ptr):
     """Release: publish this instruction's writes to whoever waits on its counter (pre: the
     instruction's preload())."""

@@ -43,11 +43,18 @@ class Settings:
     # decode groups take BN=32 instead of splitting K when that gives as many tiles (Q/K/V of a
     # 1B layer: 96 tiles over all of K instead of 96 half-K tiles plus a sum); not yet measured
     narrow_decode_tiles: bool = False
+    # split-K matmuls sum their own partials (passes/split_sum.py): the last of an output block's S
+    # split tiles to arrive (a ticket counter) computes the sum op's fused expression (bias, cast,
+    # residual add) for the block, so the sum is no stage of its own; not yet measured on a GPU
+    split_sum_in_matmul: bool = False
     # GPU: ask L2 for weights before waiting on inputs (slower on 1B decode: 1.684 vs 1.586 ms, H100)
     l2_prefetch: bool = False
     # with l2_prefetch: at most this many bytes of each weight column's K chunk (None: all of it).
     # A cap keeps a stage's prefetch within L2 (1B gate/up tiles hold 512 KB each, 64 MB a stage)
     l2_prefetch_bytes: int | None = None
+    # matmul tiles wait for their inputs themselves, after asking for their first weight block
+    # and addressing their views (OpFamily.early_wait, codegen.generate); not yet measured
+    early_weights: bool = False
     # How a wait acquires its producers' writes (kernel_lib.wait_all; one of WAIT_MODES): "atomic"
     # (acquire atomics; the interpreter always), "fence" (GPU: polls, a barrier vote, fence.acq_rel:
     # no faster on 1B decode), "acquire" (GPU: every poll an ld.acquire: 1.672 against 1.728 ms

@@ -272,12 +272,26 @@ class OpFamily:
     def regions(self, node: OpNode, coords) -> tuple[list[Access], list[Access]]:
         raise NotImplementedError
 
+    def combined(self, node: OpNode, coords) -> tuple | None:
+        """Tiles of `node` giving the same non-None value are accumulating writers of one output
+        block, combined by a ticket counter (ops/matmul.py: a split-K sum in the matmul): they
+        share written regions yet must not be ordered against each other (passes/dependencies.py
+        adds no edge between them; passes/counters.py gives each group its ticket)."""
+        return None
+
     def cost(self, node: OpNode, coords) -> float:
         return TILE_OVERHEAD_NS
 
     def emit(self, key: tuple, name: str) -> tuple[str, str]:
         """(source defining helpers or '', call expression with {row},{addrs},{views})."""
         raise NotImplementedError
+
+    def early_wait(self, key: tuple) -> bool:
+        """Can this opcode's tile wait for its inputs itself (Settings.early_weights)? Then its
+        call (from emit) takes a `{wait}` argument: kernel_lib.wait_in_tile's tuple, or None
+        when the dispatcher waits; with a tuple the routine returns wait_in_tile's (ok, stamp)
+        and runs none of its stores unless ok."""
+        return False
 
     def emit_prefetch(self, key: tuple) -> str | None:
         """Call expression (with {row},{addrs},{views}; {cap}: Settings.l2_prefetch_bytes, 0 for

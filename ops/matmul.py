@@ -18,6 +18,16 @@ A tile seeing all of K (Matmul.norm_in_loop) sums its rows' statistics in the K 
 blocks it loads, feeds the dot x * g and normalises acc's rows at the end; a split-K tile sweeps
 its rows for the statistics first and normalises each A block (matmul_tile). Never combined with
 an A expression.
+
+A split-K sum in the matmul (passes/split_sum.py, Settings.split_sum_in_matmul): attrs["epilogue"] =
+(expr, views), the elementwise op that summed the partials (plus bias, cast, residual add), moved
+into the matmul: views[0] is its output (also outputs[1]), views[1:] its inputs, all one shape
+(joint_coalesce), addressed by the row-major linear index lin = m * N + n of the [M, N] product;
+inputs that are pieces of the matmul's own partial buffer are read from it. Every split tile
+stores its partial block, then takes a ticket (Matmul.combined, passes/counters.py): the last of
+the block's S tiles to arrive computes the expression for its [BM, BN] block and stores it (the
+opcode's generated `{name}_sum` routine). The instruction holds the output view, the other
+inputs and the ticket counter after the tail.
 """
 
 from __future__ import annotations
@@ -27,12 +37,15 @@ import triton
 import triton.language as tl
 from mkcompiler.ops.base import (
     ALIGN_BYTES,
+    Access,
     OpFamily,
     aligned,
     box_access,
     bytes_cost,
     cdiv,
     flat_flags,
+    linear_access,
+    merge_intervals,
     tl_dtype,
     whole,
 )
@@ -41,7 +54,7 @@ from mkcompiler.ops.elementwise import expr_source, expr_torch
 from mkcompiler.ops.registry import family, lowers
 
 from mkcompiler.ir import View
-from mkcompiler.kernel_lib import prefetch_l2
+from mkcompiler.kernel_lib import prefetch_l2, wait_in_tile
 from mkcompiler.layout import NUM_ARGS
 
 aten = torch.ops.aten
@@ -84,6 +97,84 @@ def k_vector(addrs_ptr, views_ptr, v, DT: tl.constexpr, FLAT: tl.constexpr):
 
 
 @triton.jit
+def _a_block(
+    k,
+    row_ptr,
+    addrs_ptr,
+    views_ptr,
+    a_ptr,
+    sam,
+    sak,
+    rm,
+    M,
+    k_hi,
+    s1,
+    s2,
+    g_next,
+    nb_next,
+    shift,
+    mean,
+    rstd,
+    nw_ptr,
+    snw,
+    nb_ptr,
+    snb,
+    BM: tl.constexpr,
+    BK: tl.constexpr,
+    H_DT: tl.constexpr,
+    NORM: tl.constexpr,
+    N_RMS: tl.constexpr,
+    HAS_NW: tl.constexpr,
+    HAS_NB: tl.constexpr,
+    N_IN_LOOP: tl.constexpr,
+    A_FN: tl.constexpr,
+):
+    """matmul_tile's A block at K offset k, as the dot takes it (a folded norm applied; its
+    loop-carried statistics and next weight slices updated): (a, s1, s2, g_next, nb_next).
+    Arguments a configuration does not use are placeholders (matmul_tile)."""
+    rk = k + tl.arange(0, BK)
+    a_mask = (rm[:, None] < M) & (rk[None, :] < k_hi)
+    rows = tl.arange(0, BM)
+    G_ROW: tl.constexpr = BM - 1
+    B_ROW: tl.constexpr = BM - 1 if N_RMS else BM - 2
+    if A_FN is None:
+        a = tl.load(a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=a_mask, other=0.0)
+    else:  # A computed from an elementwise expression (passes/fuse_matmul_a.py), masked lanes 0
+        a = A_FN(row_ptr, addrs_ptr, views_ptr, rm, rk, a_mask)
+    if NORM:
+        x = a.to(tl.float32)  # 0 where A is masked
+        if HAS_NW:
+            g = g_next.to(tl.float32)
+            g_next = tl.load(nw_ptr + (rk + BK) * snw, mask=rk + BK < k_hi, other=0.0)
+        if HAS_NB:
+            nb = nb_next.to(tl.float32)
+            nb_next = tl.load(nb_ptr + (rk + BK) * snb, mask=rk + BK < k_hi, other=0.0)
+        if N_IN_LOOP:
+            if not N_RMS:
+                x = tl.where(a_mask, x - shift[:, None], 0.0)
+                s1 += tl.sum(x, axis=1)
+            s2 += tl.sum(x * x, axis=1)
+            # The dot's A is x * g, rounded to h's dtype as a stored h would be (then to the
+            # dot's dtype, the same on a GPU); rstd (and mean) are applied to acc after the
+            # loop. h = (x - mean) * rstd * g + b, so C = rstd * ((x*g) W - mean * gW) + bW
+            # (x - c and mean - c for LayerNorm: the same C).
+            y = x * g[None, :] if HAS_NW else x
+            if not N_RMS:  # the spare row G_ROW carries g (1 without a weight), masked past k_hi
+                y = tl.where(rows[:, None] == G_ROW, (g if HAS_NW else (rk < k_hi).to(tl.float32))[None, :], y)
+            if HAS_NB:  # and B_ROW the bias
+                y = tl.where(rows[:, None] == B_ROW, nb[None, :], y)
+            a = y.to(H_DT)
+        else:  # as ops/norm.py computes and stores h, then zero where A is masked
+            y = (x - mean[:, None]) * rstd[:, None]
+            if HAS_NW:
+                y = y * g[None, :]
+            if HAS_NB:
+                y = y + nb[None, :]
+            a = tl.where(a_mask, y.to(H_DT), 0.0)
+    return a, s1, s2, g_next, nb_next
+
+
+@triton.jit
 def matmul_tile(
     row_ptr,
     addrs_ptr,
@@ -118,6 +209,7 @@ def matmul_tile(
     NW_FLAT: tl.constexpr,
     NB_FLAT: tl.constexpr,
     A_FN: tl.constexpr = None,
+    wait=None,
 ):
     va = arg(row_ptr, 0)
     vb = arg(row_ptr, 1)
@@ -152,6 +244,15 @@ def matmul_tile(
             sbk = aligned_stride(sbk, 128 // B_DT.primitive_bitwidth)
     rm = tm * BM + tl.arange(0, BM)
     rn = tn * BN + tl.arange(0, BN)
+    # Placeholders for what a configuration does not use (_a_block takes them all).
+    s1 = tl.zeros((BM,), dtype=tl.float32)
+    s2 = tl.zeros((BM,), dtype=tl.float32)
+    shift = tl.zeros((BM,), dtype=tl.float32)
+    mean = tl.zeros((BM,), dtype=tl.float32)
+    rstd = tl.zeros((BM,), dtype=tl.float32)
+    g_next = tl.zeros((BK,), dtype=NW_DT)  # the types of the loads that replace them
+    nb_next = tl.zeros((BK,), dtype=NB_DT)
+    nw_ptr, snw, nb_ptr, snb = a_ptr, 0, a_ptr, 0
     if NORM:  # A = norm(x) (passes/fuse_norm.py)
         tl.static_assert(A_FN is None, "a folded norm and an A expression are never combined (Matmul.key)")
         # The norm's weight g and bias b ([K] vectors) are addressed once per tile, here: the K
@@ -160,121 +261,170 @@ def matmul_tile(
             nw_ptr, snw = k_vector(addrs_ptr, views_ptr, arg(row_ptr, 7), NW_DT, NW_FLAT)
         if HAS_NB:
             nb_ptr, snb = k_vector(addrs_ptr, views_ptr, arg(row_ptr, 8), NB_DT, NB_FLAT)
-        if N_IN_LOOP:
-            # The tile sees all of K (no split-K): the rows' statistics are summed inside the K
-            # loop from the A blocks it loads anyway, and the normalisation is applied to acc
-            # once at the end (Matmul.norm_in_loop). A sweep over K before the loop puts at least
-            # a round trip for x, and K / BK reduction steps, ahead of the first weight load.
-            s1 = tl.zeros((BM,), dtype=tl.float32)  # sum x (LayerNorm)
-            s2 = tl.zeros((BM,), dtype=tl.float32)  # sum x^2
-            if not N_RMS:
-                # LayerNorm works on x - c, c = each row's first element: the dot's A is rounded
-                # before it is centred, and the variance is E[x^2] - mean^2, both of which lose
-                # precision as |mean| grows against the spread; shifted by c they lose it only as
-                # far as x[0] lies from the mean. Used first after the loop's first wait, so the
-                # load overlaps the pipeline's first weight loads.
-                shift = tl.load(a_ptr + rm * sam, mask=rm < M, other=0.0).to(tl.float32)
-            rows = tl.arange(0, BM)
-            # LayerNorm's mean term needs gW = sum_k g_k W_kn and a bias bW = sum_k b_k W_kn: the
-            # dot computes them in spare rows of the A block (past the tile's rows, which
-            # norm_in_loop guarantees exist; BM >= 16 while decode has a row or a few).
-            G_ROW: tl.constexpr = BM - 1
-            B_ROW: tl.constexpr = BM - 1 if N_RMS else BM - 2
-        else:
-            # Split-K: the tile sees only its K chunk, the statistics need all of K: a sweep over
-            # the tile's rows first (two for LayerNorm: mean, then the centred variance).
-            mean = tl.zeros((BM,), dtype=tl.float32)
-            if not N_RMS:
+    ok = 1
+    t_ready = tl.zeros((), tl.int64)
+    k_start = k_lo
+    if wait is not None:
+        # Settings.early_weights: the first K step's weight block is asked for (and every view
+        # addressed, above) before the inputs are waited for (kernel_lib.wait_in_tile).
+        rk = k_lo + tl.arange(0, BK)
+        b_first = tl.load(
+            b_ptr + rk[:, None] * sbk + rn[None, :] * sbn, mask=(rk[:, None] < k_hi) & (rn[None, :] < N), other=0.0
+        )
+        ok, t_ready = wait_in_tile(wait)
+        k_start = k_lo + BK
+    if ok != 0:
+        if NORM:
+            if N_IN_LOOP:
+                # The tile sees all of K (no split-K): the rows' statistics are summed inside the K
+                # loop from the A blocks it loads anyway, and the normalisation is applied to acc
+                # once at the end (Matmul.norm_in_loop). A sweep over K before the loop puts at least
+                # a round trip for x, and K / BK reduction steps, ahead of the first weight load.
+                s1 = tl.zeros((BM,), dtype=tl.float32)  # sum x (LayerNorm)
+                s2 = tl.zeros((BM,), dtype=tl.float32)  # sum x^2
+                if not N_RMS:
+                    # LayerNorm works on x - c, c = each row's first element: the dot's A is rounded
+                    # before it is centred, and the variance is E[x^2] - mean^2, both of which lose
+                    # precision as |mean| grows against the spread; shifted by c they lose it only as
+                    # far as x[0] lies from the mean. Used first after the loop's first wait, so the
+                    # load overlaps the pipeline's first weight loads.
+                    shift = tl.load(a_ptr + rm * sam, mask=rm < M, other=0.0).to(tl.float32)
+                rows = tl.arange(0, BM)
+                # LayerNorm's mean term needs gW = sum_k g_k W_kn and a bias bW = sum_k b_k W_kn: the
+                # dot computes them in spare rows of the A block (past the tile's rows, which
+                # norm_in_loop guarantees exist; BM >= 16 while decode has a row or a few).
+                G_ROW: tl.constexpr = BM - 1
+                B_ROW: tl.constexpr = BM - 1 if N_RMS else BM - 2
+            else:
+                # Split-K: the tile sees only its K chunk, the statistics need all of K: a sweep over
+                # the tile's rows first (two for LayerNorm: mean, then the centred variance).
+                mean = tl.zeros((BM,), dtype=tl.float32)
+                if not N_RMS:
+                    for k in tl.range(0, K, BK, num_stages=SWEEP_STAGES):
+                        rk = k + tl.arange(0, BK)
+                        mask = (rm[:, None] < M) & (rk[None, :] < K)
+                        x = tl.load(a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=mask, other=0.0)
+                        mean += tl.sum(x.to(tl.float32), axis=1)
+                    mean = mean / K
+                var = tl.zeros((BM,), dtype=tl.float32)
                 for k in tl.range(0, K, BK, num_stages=SWEEP_STAGES):
                     rk = k + tl.arange(0, BK)
                     mask = (rm[:, None] < M) & (rk[None, :] < K)
-                    x = tl.load(a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=mask, other=0.0)
-                    mean += tl.sum(x.to(tl.float32), axis=1)
-                mean = mean / K
-            var = tl.zeros((BM,), dtype=tl.float32)
-            for k in tl.range(0, K, BK, num_stages=SWEEP_STAGES):
-                rk = k + tl.arange(0, BK)
-                mask = (rm[:, None] < M) & (rk[None, :] < K)
-                x = tl.load(a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=mask, other=0.0).to(tl.float32)
-                d = tl.where(mask, x - mean[:, None], 0.0)
-                var += tl.sum(d * d, axis=1)
-            rstd = 1.0 / tl.sqrt(var / K + N_EPS)
-        # g's and b's slices are loaded one K step ahead: Triton's pipeliner leaves these loads
-        # alone (a [BK] vector spread over the threads is one element per thread, too narrow
-        # for cp.async), so loaded in the step that uses them, each step would wait for one.
-        rk = k_lo + tl.arange(0, BK)
-        if HAS_NW:
-            g_next = tl.load(nw_ptr + rk * snw, mask=rk < k_hi, other=0.0)
-        if HAS_NB:
-            nb_next = tl.load(nb_ptr + rk * snb, mask=rk < k_hi, other=0.0)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k in range(k_lo, k_hi, BK):
-        rk = k + tl.arange(0, BK)
-        a_mask = (rm[:, None] < M) & (rk[None, :] < k_hi)
-        if A_FN is None:
-            a = tl.load(a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=a_mask, other=0.0)
-        else:  # A computed from an elementwise expression (passes/fuse_matmul_a.py), masked lanes 0
-            a = A_FN(row_ptr, addrs_ptr, views_ptr, rm, rk, a_mask)
-        if NORM:
-            x = a.to(tl.float32)  # 0 where A is masked
+                    x = tl.load(a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=mask, other=0.0).to(tl.float32)
+                    d = tl.where(mask, x - mean[:, None], 0.0)
+                    var += tl.sum(d * d, axis=1)
+                rstd = 1.0 / tl.sqrt(var / K + N_EPS)
+            # g's and b's slices are loaded one K step ahead: Triton's pipeliner leaves these loads
+            # alone (a [BK] vector spread over the threads is one element per thread, too narrow
+            # for cp.async), so loaded in the step that uses them, each step would wait for one.
+            rk = k_lo + tl.arange(0, BK)
             if HAS_NW:
-                g = g_next.to(tl.float32)
-                g_next = tl.load(nw_ptr + (rk + BK) * snw, mask=rk + BK < k_hi, other=0.0)
+                g_next = tl.load(nw_ptr + rk * snw, mask=rk < k_hi, other=0.0)
             if HAS_NB:
-                nb = nb_next.to(tl.float32)
-                nb_next = tl.load(nb_ptr + (rk + BK) * snb, mask=rk + BK < k_hi, other=0.0)
-            if N_IN_LOOP:
-                if not N_RMS:
-                    x = tl.where(a_mask, x - shift[:, None], 0.0)
-                    s1 += tl.sum(x, axis=1)
-                s2 += tl.sum(x * x, axis=1)
-                # The dot's A is x * g, rounded to h's dtype as a stored h would be (then to the
-                # dot's dtype, the same on a GPU); rstd (and mean) are applied to acc after the
-                # loop. h = (x - mean) * rstd * g + b, so C = rstd * ((x*g) W - mean * gW) + bW
-                # (x - c and mean - c for LayerNorm: the same C).
-                y = x * g[None, :] if HAS_NW else x
-                if not N_RMS:  # the spare row G_ROW carries g (1 without a weight), masked past k_hi
-                    y = tl.where(rows[:, None] == G_ROW, (g if HAS_NW else (rk < k_hi).to(tl.float32))[None, :], y)
-                if HAS_NB:  # and B_ROW the bias
-                    y = tl.where(rows[:, None] == B_ROW, nb[None, :], y)
-                a = y.to(H_DT)
-            else:  # as ops/norm.py computes and stores h, then zero where A is masked
-                y = (x - mean[:, None]) * rstd[:, None]
-                if HAS_NW:
-                    y = y * g[None, :]
+                nb_next = tl.load(nb_ptr + rk * snb, mask=rk < k_hi, other=0.0)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if wait is not None:  # the first K step's weights came before the wait
+            a, s1, s2, g_next, nb_next = _a_block(
+                k_lo,
+                row_ptr,
+                addrs_ptr,
+                views_ptr,
+                a_ptr,
+                sam,
+                sak,
+                rm,
+                M,
+                k_hi,
+                s1,
+                s2,
+                g_next,
+                nb_next,
+                shift,
+                mean,
+                rstd,
+                nw_ptr,
+                snw,
+                nb_ptr,
+                snb,
+                BM,
+                BK,
+                H_DT,
+                NORM,
+                N_RMS,
+                HAS_NW,
+                HAS_NB,
+                N_IN_LOOP,
+                A_FN,
+            )
+            acc = tl.dot(a.to(DOT_DT), b_first.to(DOT_DT), acc, input_precision=PRECISION)
+        for k in range(k_start, k_hi, BK):
+            a, s1, s2, g_next, nb_next = _a_block(
+                k,
+                row_ptr,
+                addrs_ptr,
+                views_ptr,
+                a_ptr,
+                sam,
+                sak,
+                rm,
+                M,
+                k_hi,
+                s1,
+                s2,
+                g_next,
+                nb_next,
+                shift,
+                mean,
+                rstd,
+                nw_ptr,
+                snw,
+                nb_ptr,
+                snb,
+                BM,
+                BK,
+                H_DT,
+                NORM,
+                N_RMS,
+                HAS_NW,
+                HAS_NB,
+                N_IN_LOOP,
+                A_FN,
+            )
+            rk = k + tl.arange(0, BK)
+            b = tl.load(
+                b_ptr + rk[:, None] * sbk + rn[None, :] * sbn, mask=(rk[:, None] < k_hi) & (rn[None, :] < N), other=0.0
+            )
+            acc = tl.dot(a.to(DOT_DT), b.to(DOT_DT), acc, input_precision=PRECISION)
+        if NORM:
+            if N_IN_LOOP:  # normalise the rows of acc (see the K loop)
                 if HAS_NB:
-                    y = y + nb[None, :]
-                a = tl.where(a_mask, y.to(H_DT), 0.0)
-        b = tl.load(
-            b_ptr + rk[:, None] * sbk + rn[None, :] * sbn, mask=(rk[:, None] < k_hi) & (rn[None, :] < N), other=0.0
+                    bw = tl.sum(tl.where(rows[:, None] == B_ROW, acc, 0.0), axis=0)
+                if N_RMS:
+                    rstd = 1.0 / tl.sqrt(s2 / K + N_EPS)
+                    acc = acc * rstd[:, None]
+                else:
+                    gw = tl.sum(tl.where(rows[:, None] == G_ROW, acc, 0.0), axis=0)
+                    mean = s1 / K  # of x - c
+                    rstd = 1.0 / tl.sqrt(tl.maximum(s2 / K - mean * mean, 0.0) + N_EPS)
+                    acc = (acc - mean[:, None] * gw[None, :]) * rstd[:, None]
+                if HAS_NB:
+                    acc += bw[None, :]
+        if HAS_BIAS:
+            bias_ptr = view_base(addrs_ptr, views_ptr, vbias, BIAS_DT)
+            bias = tl.load(bias_ptr + rn * view_stride(views_ptr, vbias, 3), mask=rn < N, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        c_ptr = view_base(addrs_ptr, views_ptr, vc, C_DT) + ks * view_stride(views_ptr, vc, 1)
+        scm = view_stride(views_ptr, vc, 2)
+        scn = 1 if C_N_UNIT else view_stride(views_ptr, vc, 3)
+        if C_ALIGNED:
+            c_ptr = view_base_aligned(addrs_ptr, views_ptr, vc, C_DT)
+            if C_N_UNIT:
+                scm = aligned_stride(scm, 128 // C_DT.primitive_bitwidth)
+        tl.store(
+            c_ptr + rm[:, None] * scm + rn[None, :] * scn, acc.to(C_DT), mask=(rm[:, None] < M) & (rn[None, :] < N)
         )
-        acc = tl.dot(a.to(DOT_DT), b.to(DOT_DT), acc, input_precision=PRECISION)
-    if NORM:
-        if N_IN_LOOP:  # normalise the rows of acc (see the K loop)
-            if HAS_NB:
-                bw = tl.sum(tl.where(rows[:, None] == B_ROW, acc, 0.0), axis=0)
-            if N_RMS:
-                rstd = 1.0 / tl.sqrt(s2 / K + N_EPS)
-                acc = acc * rstd[:, None]
-            else:
-                gw = tl.sum(tl.where(rows[:, None] == G_ROW, acc, 0.0), axis=0)
-                mean = s1 / K  # of x - c
-                rstd = 1.0 / tl.sqrt(tl.maximum(s2 / K - mean * mean, 0.0) + N_EPS)
-                acc = (acc - mean[:, None] * gw[None, :]) * rstd[:, None]
-            if HAS_NB:
-                acc += bw[None, :]
-    if HAS_BIAS:
-        bias_ptr = view_base(addrs_ptr, views_ptr, vbias, BIAS_DT)
-        bias = tl.load(bias_ptr + rn * view_stride(views_ptr, vbias, 3), mask=rn < N, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    c_ptr = view_base(addrs_ptr, views_ptr, vc, C_DT) + ks * view_stride(views_ptr, vc, 1)
-    scm = view_stride(views_ptr, vc, 2)
-    scn = 1 if C_N_UNIT else view_stride(views_ptr, vc, 3)
-    if C_ALIGNED:
-        c_ptr = view_base_aligned(addrs_ptr, views_ptr, vc, C_DT)
-        if C_N_UNIT:
-            scm = aligned_stride(scm, 128 // C_DT.primitive_bitwidth)
-    tl.store(c_ptr + rm[:, None] * scm + rn[None, :] * scn, acc.to(C_DT), mask=(rm[:, None] < M) & (rn[None, :] < N))
+    if wait is not None:
+        return ok, t_ready
 
 
 @triton.jit
@@ -296,6 +446,30 @@ def matmul_a_input(
     p, sm = a_rows(addrs_ptr, views_ptr, v, DT, K_UNIT, ALIGNED)
     sk = 1 if K_UNIT else view_stride(views_ptr, v, 3)
     return tl.load(p + rm[:, None] * sm + rk[None, :] * sk, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def split_sum_last(row_ptr, counters_ptr, generation, TICKET: tl.constexpr, S: tl.constexpr):
+    """Take this split tile's ticket, once its partial block is stored: True for the last of the
+    block's S tiles to arrive in launch `generation` (tickets count on across launches, as the
+    dependency counters do). acq_rel: releases this tile's partial, acquires the others'."""
+    tl.debug_barrier()  # every thread's partial stores happen before the release (one thread's atomic)
+    old = tl.atomic_add(counters_ptr + arg(row_ptr, TICKET), 1, sem="acq_rel")
+    return old == generation * S - 1
+
+
+@triton.jit
+def split_sum_block(row_ptr, addrs_ptr, views_ptr, BM: tl.constexpr, BN: tl.constexpr):
+    """(lin, mask, partials' base pointer, stride between partials) of the tile's [BM, BN] output
+    block: lin = m * N + n, the row-major index the sum's views are addressed by."""
+    vc = arg(row_ptr, 3)
+    M = view_size(views_ptr, vc, 2)
+    N = view_size(views_ptr, vc, 3)
+    rm = arg(row_ptr, 4) * BM + tl.arange(0, BM)
+    rn = arg(row_ptr, 5) * BN + tl.arange(0, BN)
+    lin = rm[:, None] * N + rn[None, :]
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    return lin, mask, view_base(addrs_ptr, views_ptr, vc, tl.float32), view_stride(views_ptr, vc, 1)
 
 
 @triton.jit
@@ -406,6 +580,68 @@ def _a_loader(name: str, a_key, dot) -> str:
     return "\n".join(src) + "\n"
 
 
+def _sum_routine(name: str, tile_call: str, sum_key, bm: int, bn: int) -> str:
+    """Source of the @triton.jit routine of a split tile that sums its matmul's partials itself:
+    matmul_tile (`tile_call`), then the ticket; the last arriver loads the sum's inputs over its
+    block (own partials from the partial buffer, L2 only: other tiles wrote them), evaluates the
+    expression as the elementwise op would have, and stores the output."""
+    expr, splits, out_dtype, out_flat, ins, base = sum_key
+    lines, result = expr_source(expr, len(ins))
+    others = [k for k, d in enumerate(ins) if d[0] != "part"]
+    ticket = base + 1 + len(others)
+    src = [
+        "from mkcompiler.ops.matmul import split_sum_block, split_sum_last",
+        "",
+        "",
+        "@triton.jit",
+        f"def {name}(row_ptr, addrs_ptr, views_ptr, counters_ptr, generation, wait=None):",
+        "    ok = 1",
+        "    t_ready = tl.zeros((), tl.int64)",
+        "    if wait is not None:  # the tile waits itself (early_wait): no ticket unless its wait succeeded",
+        f"        ok, t_ready = {tile_call[:-1]}, wait=wait)",
+        "    else:",
+        f"        {tile_call}",
+        "    last = tl.zeros((), tl.int32)",
+        "    if ok != 0:",
+        f"        last = split_sum_last(row_ptr, counters_ptr, generation, {ticket}, {splits}).to(tl.int32)",
+        "    if last != 0:",
+        f"        lin, mask, part, part_stride = split_sum_block(row_ptr, addrs_ptr, views_ptr, {bm}, {bn})",
+    ]
+    for k, d in enumerate(ins):
+        if d[0] == "part":
+            src.append(
+                f"        x{k} = tl.load(part + {d[1]} * part_stride + lin, mask=mask, other=0.0, cache_modifier='.cg')"
+            )
+        else:
+            slot = base + 1 + others.index(k)
+            src.append(
+                f"        x{k} = load_view(addrs_ptr, views_ptr, arg(row_ptr, {slot}), lin, mask, {tl_dtype(d[0])}, {d[1]})"
+            )
+    src += [f"        {line}" for line in lines]
+    src.append(
+        f"        store_view(addrs_ptr, views_ptr, arg(row_ptr, {base}), lin, mask, {result}, {tl_dtype(out_dtype)}, {out_flat})"
+    )
+    src += ["    if wait is not None:", "        return ok, t_ready"]
+    return "\n".join(src) + "\n"
+
+
+def _sum_offsets(v: View, lin: torch.Tensor) -> torch.Tensor:
+    """Element offsets of view v at row-major linear indices `lin`."""
+    off = torch.full_like(lin, v.offset)
+    idx = lin.clone()
+    for size, stride in zip(reversed(v.shape), reversed(v.strides)):
+        off += (idx % size) * stride
+        idx //= size
+    return off
+
+
+def _sum_span(v: View, lin: torch.Tensor, tensor_of) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a 1-D tensor over the elements view v gives linear indices `lin`, their indices in it)."""
+    offs = _sum_offsets(v, lin)
+    lo, hi = int(offs.min()), int(offs.max()) + 1
+    return tensor_of(View(v.buffer, v.dtype, (hi - lo,), (1,), lo)), offs - lo
+
+
 def _as_2d(ctx, v: View) -> View:
     """Flatten leading dims of a matmul operand (no copy when strides allow)."""
     if v.rank == 2:
@@ -487,8 +723,24 @@ class Matmul(OpFamily):
         if "a_expr" in node.attrs:
             # matmul_tile has no path for both (passes/fuse_norm.py folds only into plain matmuls)
             assert "norm" not in node.attrs, f"{node.name}: a folded norm and an A expression"
-            return key + (self.a_expr_key(node),)
+            key += (self.a_expr_key(node),)
+        if "epilogue" in node.attrs:  # key[10]: the A expression's key or None; key[11] the sum's
+            key += (None,) * (11 - len(key)) + (self.sum_key(node),)
         return key
+
+    def sum_key(self, node):
+        """(expr, S, output dtype, output flat flag, per input ("part", s) for piece s of the own
+        partial buffer or (dtype, flat flag), first instruction slot of the sum's views) of a
+        split-K sum in the matmul (passes/split_sum.py)."""
+        expr, views = node.attrs["epilogue"]
+        part = node.outputs[0]
+        s, m, n = part.shape
+        flags = flat_flags(*views)
+        ins = tuple(
+            ("part", v.offset // (m * n)) if v.buffer == part.buffer else (v.dtype, f)
+            for v, f in zip(views[1:], flags[1:])
+        )
+        return expr, s, views[0].dtype, flags[0], ins, A_TAIL + len(self._tail(node))
 
     def a_expr_key(self, node):
         """(expr, A's dtype, per input (dtype, K stride 1, 16-byte aligned rows)) of an A computed
@@ -524,6 +776,14 @@ class Matmul(OpFamily):
         return list(node.inputs[:3]) + [node.outputs[0]]  # A, B, bias, C; then tile coords
 
     def instruction_tail(self, node):
+        tail = self._tail(node)
+        if "epilogue" in node.attrs:  # the sum's output, then its inputs other than own partials
+            _, views = node.attrs["epilogue"]
+            part = node.outputs[0].buffer
+            tail += [views[0]] + [v for v in views[1:] if v.buffer != part]
+        return tail  # encode appends a combined tile's ticket (passes/counters.py)
+
+    def _tail(self, node):
         if "a_expr" in node.attrs:
             return list(node.inputs[4:])  # the A expression's inputs after the first (in A's slot)
         return list(node.inputs[3:5]) if "norm" in node.attrs else []  # norm weight and bias
@@ -540,12 +800,26 @@ class Matmul(OpFamily):
                 f"{tl_dtype(nb_dt) if nb_dt else 'tl.float32'}, {nw_dt is not None}, {nb_dt is not None}, "
                 f"{in_loop}, {nw_flat}, {nb_flat}"
             )
+        a_key = key[10] if len(key) > 10 else None
         call = (
             f"matmul_tile({{row}}, {{addrs}}, {{views}}, {tl_dtype(a)}, {tl_dtype(b)}, {bias_dt}, {tl_dtype(c)}, "
             f"{bias is not None}, {tl_dtype(dot)}, {prec!r}, {bm}, {bn}, {bk}, {', '.join(map(str, units))}, "
-            f"{norm_args}{', ' + name + '_a' if len(key) > 10 else ''})"
+            f"{norm_args}{', ' + name + '_a' if a_key is not None else ''})"
         )
-        return (_a_loader(f"{name}_a", key[10], dot) if len(key) > 10 else ""), call
+        helper = _a_loader(f"{name}_a", a_key, dot) if a_key is not None else ""
+        if len(key) > 11:  # a split-K sum in the matmul: the tile, then the ticket and the sum
+            tile_call = call.format(row="row_ptr", addrs="addrs_ptr", views="views_ptr")
+            helper += ("\n\n" if helper else "") + _sum_routine(f"{name}_sum", tile_call, key[11], bm, bn)
+            call = f"{name}_sum({{row}}, {{addrs}}, {{views}}, {{counters}}, {{generation}}, wait={{wait}})"
+        else:  # the tile's own wait (early_wait), or None
+            call = call[:-1] + ", wait={wait})"
+        return helper, call
+
+    def early_wait(self, key) -> bool:
+        """A matmul tile can wait itself: its first weight block and every view's address are
+        asked for first (matmul_tile's `wait`; with a split-K sum in the matmul, the ticket is
+        taken only once the wait succeeded)."""
+        return True
 
     def emit_prefetch(self, key):
         _, a, b, bias, c, dot, prec, (bm, bn, bk), units, _ = key[:10]
@@ -564,6 +838,10 @@ class Matmul(OpFamily):
         bk = node.attrs["tile"][2]
         chunk = cdiv(cdiv(k, self.splits(node)), bk) * bk
         return min(k, s * chunk), min(k, (s + 1) * chunk)
+
+    def combined(self, node, coords):
+        """A split-K sum in the matmul: the S split tiles of output block (i, j) are one group."""
+        return tuple(coords[:2]) if "epilogue" in node.attrs else None
 
     def tiles(self, node):
         bm, bn, _ = node.attrs["tile"]
@@ -590,7 +868,14 @@ class Matmul(OpFamily):
             reads.append(box_access(a, (rows, a_ks)))
             reads += [whole(v) for v in node.inputs[3:] if v is not None]
         out = box_access(c, ((s, s + 1), rows, cols)) if c.rank == 3 else box_access(c, (rows, cols))
-        return reads, [out]
+        if "epilogue" not in node.attrs:
+            return reads, [out]
+        # Any of the block's split tiles may be the last: each reads what the sum reads over the
+        # block (the other tiles' partials too: no edge within the group, Matmul.combined) and
+        # writes the block of the output.
+        _, views = node.attrs["epilogue"]
+        reads += [_block_access(v, rows, cols, n) for v in views[1:]]
+        return reads, [out, _block_access(views[0], rows, cols, n)]
 
     def cost(self, node, coords):
         a, b = node.inputs[:2]
@@ -598,12 +883,17 @@ class Matmul(OpFamily):
         k0, k1 = self.k_range(node, coords[2])
         a_size = sum(x.dtype.itemsize for x in node.inputs[3:]) if "a_expr" in node.attrs else a.dtype.itemsize
         nbytes = (min(bm, a.shape[0]) * a_size + bn * b.dtype.itemsize) * (k1 - k0)
+        if "epilogue" in node.attrs:  # one tile in S sums the block: its share of the bytes
+            _, views = node.attrs["epilogue"]
+            block = min(bm, a.shape[0]) * bn
+            nbytes += block * sum(v.dtype.itemsize for v in views) / self.splits(node)
         return bytes_cost(nbytes, 2.0 * bm * bn * (k1 - k0))
 
     def describe(self, node, coords):
         bm, bn, _ = node.attrs["tile"]
         split = f", k{self.k_range(node, coords[2])[0]}:" if self.splits(node) > 1 else ""
-        return f"{node.name}[m{coords[0] * bm}:+{bm}, n{coords[1] * bn}:+{bn}{split}]"
+        total = "+sum" if "epilogue" in node.attrs else ""
+        return f"{node.name}[m{coords[0] * bm}:+{bm}, n{coords[1] * bn}:+{bn}{split}]{total}"
 
     def reference(self, node, coords, tensor_of):
         a, b, bias = node.inputs[:3]
@@ -627,3 +917,34 @@ class Matmul(OpFamily):
             acc = acc + tensor_of(bias)[cs].double()
         out = tensor_of(c)
         (out[s] if c.rank == 3 else out)[rs, cs] = acc.to(c.dtype)
+        if "epilogue" in node.attrs:
+            self._sum_reference(node, i, j, tensor_of)
+
+    def _sum_reference(self, node, i, j, tensor_of):
+        """The block's sum from the partial buffer as it is now. The kernel's last arriver does
+        this once; the VM runs tiles one at a time and cannot tell which is last, so every split
+        tile does it: the last to run leaves the sum of all S partials, the same whichever tile
+        that is, and no reader sees the block before all S tiles have signalled. (The sum never
+        reads its own output: passes/split_sum.py.)"""
+        expr, views = node.attrs["epilogue"]
+        bm, bn, _ = node.attrs["tile"]
+        m, n = node.outputs[0].shape[1:]
+        rows = torch.arange(i * bm, min((i + 1) * bm, m))
+        cols = torch.arange(j * bn, min((j + 1) * bn, n))
+        lin = (rows[:, None] * n + cols[None, :]).reshape(-1)
+        ins = []
+        for v in views[1:]:
+            span, idx = _sum_span(v, lin, tensor_of)
+            ins.append(span[idx])
+        value = expr_torch(expr, ins)
+        span, idx = _sum_span(views[0], lin, tensor_of)
+        span[idx] = value.to(span.dtype)
+
+
+def _block_access(v: View, rows: tuple[int, int], cols: tuple[int, int], n: int) -> Access:
+    """The elements of v (a view of a split-K sum, addressed by lin = m * n + col) at output rows
+    [rows) and columns [cols)."""
+    pairs = []
+    for m in range(*rows):
+        pairs += linear_access(v, m * n + cols[0], m * n + cols[1]).intervals
+    return Access(v.buffer, merge_intervals(pairs))

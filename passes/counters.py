@@ -5,6 +5,12 @@ when done, so a successor (which needs every member) waits for counter >= group 
 Every task signals at most one counter and every edge is covered exactly: a task's waits
 are the groups of its predecessors. Targets are generation-relative (size x launch number),
 so counters are never reset between launches.
+
+Tickets: each combined group of tasks (passes/dependencies.py: a split-K matmul's tiles of one
+output block that sum their partials themselves, ops/matmul.py) gets one more counter, after the
+dependency counters, in the same buffer (so it is zeroed whenever they are: runtime reset). Every
+member adds 1 to it when its partial is stored; the member that sees S x generation - 1 arrived
+last and writes the block. dag.graph["tickets"] = {task: counter}, dag.graph["num_tickets"].
 """
 
 from __future__ import annotations
@@ -33,6 +39,11 @@ def assign_counters(dag: nx.DiGraph) -> nx.DiGraph:
         groups = sorted({signal[p] for p in preds})
         data[t]["waits"] = [(c, sizes[c]) for c in groups]
     dag.graph["counter_sizes"] = sizes
+    combined = dag.graph.get("combined", {})
+    if combined:
+        ticket_of = {g: len(sizes) + k for k, g in enumerate(sorted(set(combined.values())))}
+        dag.graph["tickets"] = {t: ticket_of[g] for t, g in combined.items()}
+        dag.graph["num_tickets"] = len(ticket_of)
     return dag
 
 

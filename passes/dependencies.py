@@ -15,6 +15,12 @@ thousands of matmul tiles writing one output would otherwise cost a quadratic nu
 Python interval checks. Edges are added in the order the task-by-task formulation adds them
 (by successor, then its access, writers before readers, then predecessor), so the DiGraph is
 the same object down to its adjacency order.
+
+One exception, declared by the op family (OpFamily.combined) and applied here only: the tiles of
+one combined group (a split-K matmul's S tiles of one output block when the matmul sums its own
+partials: they all write the output block, and each reads the others' partials) get no edge
+between them; a ticket counter picks the one that writes the block (passes/counters.py). The
+groups are recorded as dag.graph["combined"] = {task: group number}.
 """
 
 from __future__ import annotations
@@ -40,11 +46,16 @@ def build_dag(graph: Graph) -> nx.DiGraph:
     acc_buffer: list[int] = []
     acc_count: list[int] = []  # intervals of the access
     flat: list[tuple[int, int]] = []
+    groups: dict[tuple, int] = {}  # (op, the family's combined key) -> group number
+    combined: dict[int, int] = {}  # task -> its group (OpFamily.combined)
     task = 0
     for op_index, op in enumerate(graph.ops):
         fam = FAMILIES[op.kind]
         for coords in fam.tiles(op):
             reads, writes = fam.regions(op, coords)
+            key = fam.combined(op, coords)
+            if key is not None:
+                combined[task] = groups.setdefault((op_index, key), len(groups))
             nodes.append(
                 (
                     task,
@@ -78,15 +89,28 @@ def build_dag(graph: Graph) -> nx.DiGraph:
         np.array(acc_count, dtype=np.int64),
         np.fromiter(chain.from_iterable(flat), dtype=np.int64, count=2 * len(flat)).reshape(-1, 2),
         task,
+        _group_array(combined, task),
     )
     dag.add_edges_from(zip(u.tolist(), v.tolist()))
+    if combined:
+        dag.graph["combined"] = combined
     return dag
 
 
-def _dependencies(acc_task, acc_pos, acc_write, acc_buffer, acc_count, intervals, num_tasks):
+def _group_array(combined: dict[int, int], num_tasks: int) -> np.ndarray | None:
+    """Per task its combined group, -1 for none; None when no task has one."""
+    if not combined:
+        return None
+    group = np.full(num_tasks, -1, dtype=np.int64)
+    group[list(combined)] = list(combined.values())
+    return group
+
+
+def _dependencies(acc_task, acc_pos, acc_write, acc_buffer, acc_count, intervals, num_tasks, group=None):
     """Edges (u, v) as two arrays, in insertion order. Every interval of every tracked access is
     a query; every interval of a write is a candidate; each overlapping (query, candidate) pair
-    of two different tasks gives an edge from the earlier task to the later one."""
+    of two different tasks gives an edge from the earlier task to the later one, unless both
+    tasks are in one combined group (`group`: per task, -1 for none)."""
     if len(intervals) == 0:
         return np.empty(0, np.int64), np.empty(0, np.int64)
     rec_acc = np.repeat(np.arange(len(acc_task)), acc_count)
@@ -105,6 +129,8 @@ def _dependencies(acc_task, acc_pos, acc_write, acc_buffer, acc_count, intervals
     for q, w in _overlapping_pairs(lo, hi, cand):
         tq, tw = task_of[q], task_of[w]
         keep = tq != tw
+        if group is not None:  # accumulating writers of one block: no order between them
+            keep &= (group[tq] < 0) | (group[tq] != group[tw])
         q, w, tq, tw = q[keep], w[keep], tq[keep], tw[keep]
         later_is_query = tq > tw
         rank = np.where(later_is_query, rank_of[q], rank_of[w] + read_of[q])

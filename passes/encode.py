@@ -64,6 +64,7 @@ def encode(graph: Graph, dag: nx.DiGraph, schedule: Schedule) -> Queue:
     rows = np.full((len(schedule.order), NUM_FIELDS), -1, dtype=np.int32)
     waits: list[tuple[int, int, int]] = []
     descs = []
+    tickets = dag.graph.get("tickets", {})
     op_views: dict[int, tuple] = {}  # per op, computed once: its key and view ids (not per tile)
     for i, t in enumerate(schedule.order):
         node = dag.nodes[t]
@@ -79,6 +80,8 @@ def encode(graph: Graph, dag: nx.DiGraph, schedule: Schedule) -> Queue:
         op, key, head, tail = op_views[node["op"]]
         opcode = keys.setdefault(key, len(keys))
         args = head + list(node["coords"]) + tail
+        if t in tickets:  # a combined tile's ticket counter (passes/counters.py) follows its tail
+            args.append(tickets[t])
         assert len(args) <= NUM_ARGS, f"{op.name}: {len(args)} instruction args > {NUM_ARGS}"
         rows[i, Field.OPCODE] = opcode
         rows[i, Field.ARG0 : Field.ARG0 + len(args)] = args
@@ -101,5 +104,5 @@ def encode(graph: Graph, dag: nx.DiGraph, schedule: Schedule) -> Queue:
         worker_begin=begin,
         worker_order=order,
         descs=descs,
-        num_counters=len(dag.graph["counter_sizes"]),
+        num_counters=len(dag.graph["counter_sizes"]) + dag.graph.get("num_tickets", 0),
     )

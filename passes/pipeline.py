@@ -19,6 +19,7 @@ from mkcompiler.passes.ranks import add_remote_waits, check_remote_waits, choose
 from mkcompiler.passes.schedule import Schedule, list_schedule
 from mkcompiler.passes.split_k import split_k
 from mkcompiler.passes.split_kv import split_kv
+from mkcompiler.passes.split_sum import split_sum_into_matmul
 from mkcompiler.passes.tile import choose_tiles
 from mkcompiler.passes.verify import check_dynamic, check_static
 
@@ -70,6 +71,11 @@ PIPELINE = [
     (
         "fuse_norm_into_matmul",
         lambda c: setattr(c, "graph", fuse_norm_into_matmul(c.graph) if c.settings.fuse_norm else c.graph),
+        lambda c: check_single_writer_order(c.graph),
+    ),
+    (
+        "split_sum_into_matmul",  # after the fusions: the residual add is in the sum by now
+        lambda c: setattr(c, "graph", split_sum_into_matmul(c.graph, c.settings)),
         lambda c: check_single_writer_order(c.graph),
     ),
     ("choose_tiles", lambda c: setattr(c, "graph", choose_tiles(c.graph, c.settings, c.num_workers)), None),
