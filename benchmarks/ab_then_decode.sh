@@ -28,7 +28,10 @@ best=$(awk '/^=== variant/ {sub(/^=== variant [0-9]+: /, ""); v=$0}
 [[ "$best" == default ]] && best=""
 left=$(( deadline - (SECONDS - start) - 15 ))
 echo "=== fastest variant: ${best:-default}; ${left} s left for decode_latency"
-opts=(); for kv in $best; do opts+=(--opt "$kv"); done
-timeout $(( left > 30 ? left : 30 )) python3 benchmarks/decode_latency.py --models llama-3.2-1b --batches 1 --ctxs 512 \
+# DECODE_OPTS: options added to the fastest variant's for decode_latency (e.g. errors=deferred).
+opts=(); envs=(); for kv in $best ${DECODE_OPTS:-}; do
+  if [[ $kv == env:* ]]; then envs+=("${kv#env:}"); else opts+=(--opt "$kv"); fi
+done
+env "${envs[@]}" timeout $(( left > 30 ? left : 30 )) python3 benchmarks/decode_latency.py --models llama-3.2-1b --batches 1 --ctxs 512 \
   --baseline-modes ${BASELINES:-max-autotune} --time-budget $(( left > 40 ? left - 10 : 30 )) \
   --json "$OUT/decode_latency.json" "${opts[@]}" 2>&1 | grep -v Warning | tee "$OUT/decode.log" | grep -v "^ *$" | tail -20
