@@ -200,7 +200,7 @@ def generate(
         s_end=profiling.END,
         imports="\n".join(imports),
     )
-    early, late = "        pre = preload(row, views_ptr)\n", "            pre = preload(row, views_ptr)\n"
+    early, late = "        pre = preload(row)\n", "            pre = preload(row)\n"
     wait = WAIT
     if self_waiting:
         skip = " | ".join(f"(op == {o})" for o in self_waiting)

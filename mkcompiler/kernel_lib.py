@@ -10,7 +10,6 @@ import triton.language as tl
 
 from mkcompiler.layout import NUM_FIELDS as LAYOUT_NUM_FIELDS
 from mkcompiler.layout import NUM_WAIT_FIELDS, PRELOADED_ARGS, ErrorField, Field, WaitField
-from mkcompiler.ops.common import VIEW_NC, VIEW_ROW
 
 NUM_FIELDS: tl.constexpr = tl.constexpr(int(LAYOUT_NUM_FIELDS))
 OPCODE: tl.constexpr = tl.constexpr(int(Field.OPCODE))
@@ -105,7 +104,7 @@ def load_header(instr_ptr, idx, valid):
 
 
 @triton.jit
-def preload(row_ptr, views_ptr):
+def preload(row_ptr):
     """(row_ptr, its first PRELOADED_ARGS args, its signal counter): what tile routines take as
     their `row` (ops/common.arg) and signal() takes. Called before the wait, these independent
     loads overlap it: the tile finds its view ids and coordinates in registers, and its release
@@ -113,18 +112,6 @@ def preload(row_ptr, views_ptr):
     args = ()
     for i in tl.static_range(N_PRELOADED):
         args = args + (tl.load(row_ptr + ARG0 + i),)
-    if VIEW_NC:  # the experiment of ops/common.VIEW_NC: the first args' view rows into L1
-        for i in tl.static_range(4):
-            row = views_ptr + tl.maximum(args[i], 0).to(tl.int64) * VIEW_ROW
-            for line in tl.static_range(2):  # an 88-byte row may straddle two 128-byte lines
-                tl.inline_asm_elementwise(
-                    "prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;",
-                    "=r,l",
-                    [(row + line * (VIEW_ROW - 1)).to(tl.int64)],
-                    dtype=tl.int32,
-                    is_pure=False,
-                    pack=1,
-                )
     return row_ptr, args, tl.load(row_ptr + SIGNAL)
 
 
