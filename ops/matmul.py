@@ -119,6 +119,10 @@ def _a_block(
     snw,
     nb_ptr,
     snb,
+    k_lo,
+    k_chunk,
+    ks,
+    K,
     BM: tl.constexpr,
     BK: tl.constexpr,
     H_DT: tl.constexpr,
@@ -154,6 +158,19 @@ def _a_block(
                 x = tl.where(a_mask, x - shift[:, None], 0.0)
                 s1 += tl.sum(x, axis=1)
             s2 += tl.sum(x * x, axis=1)
+            if N_IN_LOOP > 1:
+                # A split-K tile (N_IN_LOOP = S chunks): the statistics need all of K, so each step
+                # also sums the same step of the other chunks' x (their loads overlap the weights'
+                # instead of a sweep over K before the first weight load).
+                for i in tl.static_range(N_IN_LOOP - 1):
+                    j = (ks + 1 + i) % N_IN_LOOP  # each other chunk once
+                    ko = rk - k_lo + j * k_chunk
+                    o_mask = (rm[:, None] < M) & (ko[None, :] < K) & (ko[None, :] < (j + 1) * k_chunk)
+                    xo = tl.load(a_ptr + rm[:, None] * sam + ko[None, :] * sak, mask=o_mask, other=0.0).to(tl.float32)
+                    if not N_RMS:
+                        xo = tl.where(o_mask, xo - shift[:, None], 0.0)
+                        s1 += tl.sum(xo, axis=1)
+                    s2 += tl.sum(xo * xo, axis=1)
             # The dot's A is x * g, rounded to h's dtype as a stored h would be (then to the
             # dot's dtype, the same on a GPU); rstd (and mean) are applied to acc after the
             # loop. h = (x - mean) * rstd * g + b, so C = rstd * ((x*g) W - mean * gW) + bW
@@ -266,10 +283,16 @@ def matmul_tile(
     k_start = k_lo
     if wait is not None:
         # Settings.early_weights: the first K step's weight block is asked for (and every view
-        # addressed, above) before the inputs are waited for (kernel_lib.wait_in_tile).
+        # addressed, above) before the inputs are waited for (kernel_lib.wait_in_tile). Past L1
+        # (.cg, as the K loop's cp.async copies): a tile whose inputs were already there became
+        # ready 3-4 us after its fetch instead of 0.9 (H100), as if the acquire ending the wait
+        # waited for the block's fill of L1.
         rk = k_lo + tl.arange(0, BK)
         b_first = tl.load(
-            b_ptr + rk[:, None] * sbk + rn[None, :] * sbn, mask=(rk[:, None] < k_hi) & (rn[None, :] < N), other=0.0
+            b_ptr + rk[:, None] * sbk + rn[None, :] * sbn,
+            mask=(rk[:, None] < k_hi) & (rn[None, :] < N),
+            other=0.0,
+            cache_modifier=".cg",
         )
         ok, t_ready = wait_in_tile(wait)
         k_start = k_lo + BK
@@ -346,6 +369,10 @@ def matmul_tile(
                 snw,
                 nb_ptr,
                 snb,
+                k_lo,
+                k_chunk,
+                ks,
+                K,
                 BM,
                 BK,
                 H_DT,
@@ -380,6 +407,10 @@ def matmul_tile(
                 snw,
                 nb_ptr,
                 snb,
+                k_lo,
+                k_chunk,
+                ks,
+                K,
                 BM,
                 BK,
                 H_DT,
@@ -526,29 +557,33 @@ def _norm_reference(x, node, tensor_of):
     return y.to(h_dtype)
 
 
-def _norm_in_loop_reference(x, w, node, tensor_of):
+def _norm_in_loop_reference(x, w, node, tensor_of, k0: int = 0, k1: int | None = None):
     """x @ w with x's rows normalised as matmul_tile's one-pass path does it (Matmul.norm_in_loop):
     the dot's A is x * g rounded to h's dtype, each row of the product is scaled by rstd at the
     end; LayerNorm (on x shifted by its row's first element) subtracts rstd * mean * (g W) and a
     bias adds b W, g and b rounded to h's dtype
     as the kernel's spare A rows are. That rounds x * g where storing h rounds the normalised
     value: the results differ by bf16 rounding, so these tiles are specified here, not by
-    _norm_reference (which split-K tiles, sweeping first, still match exactly)."""
+    _norm_reference (which split-K tiles, sweeping first, still match exactly). A split-K tile
+    (K chunk [k0, k1)) takes the statistics of all of x and the products over its chunk; w is
+    the whole [K, BN] weight block."""
     rms, eps, h_dtype = node.attrs["norm"]
     nw, nb = node.inputs[3:5]
     xs, w = x.double(), w.double()
+    ks = slice(k0, k1)
+    w = w[ks]
     g = tensor_of(nw).double() if nw is not None else torch.ones(xs.shape[-1], dtype=torch.float64)
     if rms:
-        acc = (xs * g).to(h_dtype).double() @ w
+        acc = (xs * g)[:, ks].to(h_dtype).double() @ w
         acc = acc * torch.rsqrt((xs * xs).mean(-1, keepdim=True) + eps)
     else:  # on x - (each row's first element), as the kernel
         xs = xs - xs[:, :1]
-        acc = (xs * g).to(h_dtype).double() @ w
+        acc = (xs * g)[:, ks].to(h_dtype).double() @ w
         mean = xs.mean(-1, keepdim=True)
         rstd = torch.rsqrt(xs.var(-1, unbiased=False, keepdim=True) + eps)
-        acc = (acc - mean * (g.to(h_dtype).double() @ w)) * rstd
+        acc = (acc - mean * (g[ks].to(h_dtype).double() @ w)) * rstd
     if nb is not None:
-        acc = acc + tensor_of(nb).to(h_dtype).double() @ w
+        acc = acc + tensor_of(nb)[ks].to(h_dtype).double() @ w
     return acc
 
 
@@ -763,14 +798,19 @@ class Matmul(OpFamily):
         dtypes = (nw.dtype if nw is not None else None, nb.dtype if nb is not None else None)
         return (rms, eps, h_dtype) + dtypes + (self.norm_in_loop(node),) + flat_flags(nw, nb)
 
-    def norm_in_loop(self, node) -> bool:
+    def norm_in_loop(self, node) -> int:
         """Does the tile compute its folded norm's statistics inside the K loop (one pass, the
-        rows normalised at the end) rather than in a sweep over K first? Only when every tile sees
-        all of K (no split-K) and, for LayerNorm or a norm bias, the A block has spare rows past
-        M for the dot to compute gW (and bW) in (matmul_tile)."""
+        rows normalised at the end) rather than in a sweep over K first? 0: no; else the number
+        of K chunks S (matmul_tile's N_IN_LOOP: S > 1 tiles also load the other chunks' x for
+        the statistics). When every tile sees all of K (no split-K), or split-K tiles are asked
+        to (attrs["norm_split_in_loop"], Settings.norm_stats_in_loop); and, for LayerNorm or a
+        norm bias, the A block has spare rows past M for the dot to compute gW (and bW) in."""
         rms = node.attrs["norm"][0]
         spare = (0 if rms else 1) + (node.inputs[4] is not None)
-        return self.splits(node) == 1 and node.inputs[0].shape[0] + spare <= node.attrs["tile"][0]
+        s = self.splits(node)
+        if s > 1 and not node.attrs.get("norm_split_in_loop"):
+            return 0
+        return s if node.inputs[0].shape[0] + spare <= node.attrs["tile"][0] else 0
 
     def view_args(self, node):
         return list(node.inputs[:3]) + [node.outputs[0]]  # A, B, bias, C; then tile coords
@@ -907,7 +947,7 @@ class Matmul(OpFamily):
             x = expr_torch(expr, [tensor_of(v)[rs, k0:k1] for v in node.inputs[3:]]).to(a_dtype)
             acc = x.double() @ tensor_of(b)[k0:k1, cs].double()
         elif "norm" in node.attrs and self.norm_in_loop(node):
-            acc = _norm_in_loop_reference(tensor_of(a)[rs], tensor_of(b)[:, cs], node, tensor_of)
+            acc = _norm_in_loop_reference(tensor_of(a)[rs], tensor_of(b)[:, cs], node, tensor_of, k0, k1)
         else:
             x = tensor_of(a)[rs]
             if "norm" in node.attrs:  # h = norm(x) as ops/norm.py stores it

@@ -35,7 +35,9 @@ def _as_rows(v: View, c: int) -> View | None:
     return v.reshape((v.numel // c, c)) if v.numel % c == 0 else None
 
 
-def fuse_norm_into_matmul(graph: Graph) -> Graph:
+def fuse_norm_into_matmul(graph: Graph, split_stats_in_loop: bool = False) -> Graph:
+    """split_stats_in_loop (Settings.norm_stats_in_loop): split-K tiles also sum the statistics in
+    their K loop (attrs["norm_split_in_loop"], Matmul.norm_in_loop) instead of sweeping K first."""
     outputs, readers = graph.output_buffers(), graph.readers()
     dropped = set()
     for norm in graph.ops:
@@ -58,6 +60,8 @@ def fuse_norm_into_matmul(graph: Graph) -> Graph:
             op.inputs = (x2, bmat, bias, w, b)
             op.attrs["norm"] = (norm.attrs["rms"], norm.attrs["eps"], h.dtype)
             op.attrs["norm_of"] = norm.name
+            if split_stats_in_loop:
+                op.attrs["norm_split_in_loop"] = True
         dropped.add(id(norm))
     graph.ops = [op for op in graph.ops if id(op) not in dropped]
     return graph
