@@ -133,6 +133,46 @@ def load_acquire(ptr):
     )
 
 
+WIDE: tl.constexpr = tl.constexpr(128)  # wait rows polled at once by wait_many (one per thread)
+
+
+@triton.jit
+def wait_many(w, w_end, waits_ptr, counters_ptr, err_ptr, generation, MAX_SPIN: tl.constexpr):
+    """wait_all's "acquire" mode for an instruction with more than three wait rows (a consumer of
+    split-K tiles that sum their own blocks waits for one counter per block): WIDE rows at a
+    time, each thread loading one row and polling its counter with ld.acquire; a CTA-wide
+    reduction (a barrier) tells when all are met, so the wait costs one round trip to L2, not
+    two per row. The barrier orders every thread's later loads after the acquires of the others
+    (they share the SM's L1, which each acquire empties). Returns (ok, stuck counter, value,
+    target), uniform across the CTA."""
+    ok = 1
+    stuck_counter, stuck_value, stuck_target = 0, 0, 0
+    lanes = tl.arange(0, WIDE)
+    while (w < w_end) & (ok == 1):
+        rows = w + lanes
+        has = rows < w_end
+        c = tl.load(waits_ptr + rows * WAIT_ROW + W_COUNTER, mask=has, other=0)
+        target = tl.load(waits_ptr + rows * WAIT_ROW + W_COUNT, mask=has, other=0) * generation
+        v = load_acquire(counters_ptr + c)
+        met = tl.min((v >= target).to(tl.int32), axis=0)
+        spins = 0
+        while (met == 0) & (spins < MAX_SPIN):
+            v = load_acquire(counters_ptr + c)
+            met = tl.min((v >= target).to(tl.int32), axis=0)
+            spins += 1
+            if spins % ABORT_CHECK == 0:
+                if aborted(err_ptr):
+                    spins = MAX_SPIN
+        if met == 0:
+            ok = 0
+            first = tl.min(tl.where(v < target, lanes, WIDE), axis=0)
+            stuck_counter = tl.sum(tl.where(lanes == first, c, 0), axis=0)
+            stuck_value = tl.sum(tl.where(lanes == first, v, 0), axis=0)
+            stuck_target = tl.sum(tl.where(lanes == first, target, 0), axis=0)
+        w += WIDE
+    return ok, stuck_counter, stuck_value, stuck_target
+
+
 @triton.jit
 def wait_all(
     idx,
@@ -159,17 +199,24 @@ def wait_all(
       answer: the tile after it has barriers), and one fence.acq_rel after the last wait orders
       the tile's loads after the producers' releases.
     2 "acquire" (GPU): every poll is an ld.acquire (load_acquire): the poll that sees the count
-      is the acquire, for each thread; one bar.red at the end makes the answer uniform. The
-      first three rows are polled together (their row loads and polls side by side).
+      is the acquire, for each thread; one bar.red at the end makes the answer uniform. Up to
+      three rows are polled together (their row loads and polls side by side), more one per
+      thread (wait_many).
 
     Every thread polls (no barriers; a scalar atomic costs a broadcast through shared memory
     with two barriers); the error flag is read only every ABORT_CHECK polls."""
     ok = 1
     if MODE == 2:
         # Threads leave these loops independently: nothing with a barrier inside (a scalar
-        # atomic such as record_stuck_wait's has two) until cta_all makes the answer uniform.
+        # atomic such as record_stuck_wait's has two) until cta_all makes the answer uniform;
+        # wait_many's barriers are in loops whose every decision is uniform (reductions).
         stuck_counter, stuck_value, stuck_target = counter, 0, 0
-        if w + 1 < w_end:
+        if w + 3 < w_end:  # more than three rows: one per thread (wait_many)
+            ok, stuck_counter, stuck_value, stuck_target = wait_many(
+                w, w_end, waits_ptr, counters_ptr, err_ptr, generation, MAX_SPIN
+            )
+            w = w_end
+        elif w + 1 < w_end:
             # Two or more rows (a decode layer's Q/K/V, gate/up, RoPE, attention, residual adds):
             # the first three are polled together, so a wait costs one round trip to L2 when
             # they are met, not two per row (its row, then its counter: an acquire empties L1).

@@ -175,7 +175,7 @@ def _compile(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from mkcompiler.settings import WAIT_MODES, Settings
+    from mkcompiler.settings import WAIT_MODES, Settings, register_cap
 
     waits = Settings().waits if waits is None else waits
     index = {name: i for i, name in enumerate(kernel.arg_names)}
@@ -195,7 +195,9 @@ def _compile(
     knobs.nvidia.dump_ptxas_log = True  # Triton prints ptxas -v output (registers, spills)
     with contextlib.redirect_stdout(log):
         compiled = triton.compile(
-            src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, num_stages=num_stages)
+            src,
+            target=GPUTarget("cuda", arch, 32),
+            options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=register_cap(num_warps)),
         )
     return compiled, log.getvalue()
 

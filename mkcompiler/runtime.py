@@ -25,7 +25,7 @@ from mkcompiler.layout import NUM_ERROR_FIELDS, NUM_VIEW_FIELDS, ErrorField, Fie
 from mkcompiler.ops.base import ALIGN_BYTES
 from mkcompiler.passes.verify import check_queue
 from mkcompiler.profiling import NUM_STAMPS, Profile
-from mkcompiler.settings import WAIT_MODES
+from mkcompiler.settings import WAIT_MODES, register_cap
 
 COUNTER_LIMIT = 2**31 - 1
 # Triton's interpreter is not thread-safe: a launch sets a global grid index and patches
@@ -310,7 +310,10 @@ class Megakernel:
         )
         if not self.interpret:
             kwargs.update(
-                num_warps=self.settings.num_warps, num_stages=self.settings.num_stages, launch_cooperative_grid=True
+                num_warps=self.settings.num_warps,
+                num_stages=self.settings.num_stages,
+                maxnreg=register_cap(self.settings.num_warps, self.settings.workers_per_sm),
+                launch_cooperative_grid=True,
             )
         # The interpreter keeps global state (grid index, patched triton.language): one launch at a time.
         with INTERPRETER_LOCK if self.interpret else contextlib.nullcontext(), _cooperative_errors(self):

@@ -185,3 +185,31 @@ def test_llama_decode_matches_eager_on_the_gpu(dtype):
     for layer, rlayer in zip(model.layers, ref.layers):
         assert rel_err(layer.attn.k_cache, rlayer.attn.k_cache) <= tol
         assert rel_err(layer.attn.v_cache, rlayer.attn.v_cache) <= tol
+
+
+def test_many_waits_are_polled_together_and_bounded():
+    """Consumers of split-K matmuls that sum their own blocks (split_sum_in_matmul) wait for one
+    counter per block: more than three wait rows take kernel_lib.wait_many (one row per thread).
+    Right results; a dropped signal among many rows still ends in an error, and the next call
+    is right."""
+    torch.manual_seed(0)
+    model = TransformerMLP(dim=2048, hidden=8192, layers=2).cuda().to(torch.bfloat16)
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    mk = mkcompiler.compile(model, (x,), split_sum_in_matmul=True, max_spin=1 << 14)
+    q = mk.queue
+    many = [i for i in range(len(q)) if len(q.waits_of(i)) > 3]
+    assert many, "no instruction waits on more than three counters"
+    assert rel_err(mk(x), reference(model, [x])) <= 2e-2
+    good = q.rows.copy()
+    last_row = q.waits_of(many[0])[-1][0]  # the last of its rows: only wait_many's own polls see it
+    victim = next(i for i in range(len(q)) if q.rows[i, Field.SIGNAL] == last_row)
+    q.rows[victim, Field.SIGNAL] = -1
+    mk.upload_queue(check=False)
+    t0 = time.perf_counter()
+    with pytest.raises(mkcompiler.MegakernelError, match="instruction|counter"):
+        mk(x)
+    assert time.perf_counter() - t0 < 1.0
+    q.rows[:] = good
+    mk.upload_queue()
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    assert rel_err(mk(x), reference(model, [x])) <= 2e-2

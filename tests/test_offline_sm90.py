@@ -60,9 +60,10 @@ def test_mlp_block_compiles_for_sm90_without_spills(tmp_path):
     assert r["spilled_bytes"] == 0 and r["local"] == 0, f"spills at the default num_warps:\n{summary}"
     assert r["shared"] > 0, summary  # bf16 tl.dot stages its operands in shared memory
     # The interpreter's source (bf16 dots widened to fp32 FMA dots) never runs on a GPU: it must
-    # compile (what the CLI is for), and ptxas may spill a few bytes of it.
+    # compile (what the CLI is for), and ptxas may spill a little of it (88 B since its 4-row
+    # tiles hold their first weight block across their own wait: Settings.early_weights).
     m = re.match(r"sm_90: (\d+) regs/thread, (\d+) B spilled .* (\d+) B shared", line)
-    assert m and int(m.group(2)) <= 64 and int(m.group(1)) > 0, summary
+    assert m and int(m.group(2)) <= 128 and int(m.group(1)) > 0, summary
 
 
 def llama_sources() -> dict[str, str]:
