@@ -175,7 +175,7 @@ def _compile(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from mkcompiler.settings import WAIT_MODES, Settings, register_cap
+    from mkcompiler.settings import WAIT_MANY_MODE, WAIT_MODES, Settings, register_cap
 
     waits = Settings().waits if waits is None else waits
     index = {name: i for i, name in enumerate(kernel.arg_names)}
@@ -185,7 +185,8 @@ def _compile(
         (index["PROFILE"],): profile,
         (index["LOGICAL_CLOCK"],): False,
         (index["L2_PREFETCH"],): l2_prefetch,
-        (index["WAIT_MODE"],): WAIT_MODES.index(waits),
+        # "acquire-many": the kernel runtime.wait_mode gives queues with more than 3 waits in a row
+        (index["WAIT_MODE"],): WAIT_MANY_MODE if waits == "acquire-many" else WAIT_MODES.index(waits),
     }
     # The JIT marks 16-byte-aligned pointers divisible by 16; without it nothing is vectorized.
     signature = signature_of(kernel.arg_names)
@@ -283,7 +284,11 @@ def main(argv=None) -> None:
     sched.add_argument("--static", dest="dynamic", action="store_false")
     p.add_argument("--profile", action="store_true", help="the profiling variant (per-instruction stamps)")
     p.add_argument("--l2-prefetch", action="store_true", help="with L2 prefetch of weights (default: Settings)")
-    p.add_argument("--waits", default=None, help="Settings.waits of the compile (default: Settings)")
+    p.add_argument(
+        "--waits",
+        default=None,
+        help='Settings.waits of the compile (default: Settings), or "acquire-many" (acquire waits with wait_many)',
+    )
     p.add_argument("--dump", metavar="DIR", help="write ttir/ttgir/llir/ptx here")
     p.add_argument("--json", action="store_true", help="print the report as one JSON line")
     a = p.parse_args(argv)

@@ -25,7 +25,7 @@ from mkcompiler.layout import NUM_ERROR_FIELDS, NUM_VIEW_FIELDS, ErrorField, Fie
 from mkcompiler.ops.base import ALIGN_BYTES
 from mkcompiler.passes.verify import check_queue
 from mkcompiler.profiling import NUM_STAMPS, Profile
-from mkcompiler.settings import WAIT_MODES, register_cap
+from mkcompiler.settings import WAIT_MANY_MODE, WAIT_MODES, register_cap
 
 COUNTER_LIMIT = 2**31 - 1
 # Triton's interpreter is not thread-safe: a launch sets a global grid index and patches
@@ -56,6 +56,16 @@ def load_source(source: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def wait_mode(waits: str, interpret: bool, most_rows: int) -> int:
+    """The kernel's WAIT_MODE (kernel_lib.wait_all's MODE): 0 in the interpreter (no inline asm),
+    else Settings.waits' index, "acquire" becoming WAIT_MANY_MODE when an instruction waits on
+    more than three counters (one per thread then; code other kernels do without)."""
+    if interpret:
+        return 0
+    mode = WAIT_MODES.index(waits)
+    return WAIT_MANY_MODE if waits == "acquire" and most_rows > 3 else mode
 
 
 def check_input(t, what: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
@@ -189,6 +199,8 @@ class Megakernel:
         self.order = torch.from_numpy(np.ascontiguousarray(q.worker_order)).to(dev)
         self.worker_begin = torch.from_numpy(np.ascontiguousarray(q.worker_begin)).to(dev)
         self._max_count = int(q.waits[:, 1].max()) if len(q.waits) else 1
+        rows = q.rows[:, Field.WAIT_END] - q.rows[:, Field.WAIT_BEGIN]
+        self.wait_mode = wait_mode(self.settings.waits, self.interpret, int(rows.max()) if len(rows) else 0)
         self.reset()
 
     def _track_view_addrs(self, views: np.ndarray) -> None:
@@ -306,7 +318,7 @@ class Megakernel:
             PROFILE=prof is not None,
             LOGICAL_CLOCK=self.interpret,
             L2_PREFETCH=self.settings.l2_prefetch and not self.interpret,
-            WAIT_MODE=0 if self.interpret else WAIT_MODES.index(self.settings.waits),
+            WAIT_MODE=self.wait_mode,
         )
         if not self.interpret:
             kwargs.update(

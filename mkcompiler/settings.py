@@ -12,6 +12,8 @@ from dataclasses import dataclass
 UNKEYED = ("debug", "dump_dir", "cache", "progress", "errors")
 # Settings.waits; the kernel's WAIT_MODE constexpr is the index (kernel_lib.wait_all's MODE).
 WAIT_MODES = ("atomic", "fence", "acquire")
+# The kernel's WAIT_MODE past WAIT_MODES: "acquire" with kernel_lib.wait_many (runtime.wait_mode).
+WAIT_MANY_MODE = len(WAIT_MODES)
 
 
 def register_cap(num_warps: int, workers_per_sm: int = 1) -> int:

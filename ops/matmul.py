@@ -284,16 +284,13 @@ def matmul_tile(
     k_start = k_lo
     if wait is not None:
         # Settings.early_weights: the first K step's weight block is asked for (and every view
-        # addressed, above) before the inputs are waited for (kernel_lib.wait_in_tile). Past L1
-        # (.cg, as the K loop's cp.async copies): a tile whose inputs were already there became
-        # ready 3-4 us after its fetch instead of 0.9 (H100), as if the acquire ending the wait
-        # waited for the block's fill of L1.
+        # addressed, above) before the inputs are waited for (kernel_lib.wait_in_tile). A tile
+        # whose inputs are already there becomes ready 3-4 us after its fetch instead of 0.9
+        # (H100): the wait seems to wait for the block. Loading it past L1 (.cg) did not help
+        # (in a build that also carried other changes: RESULTS.md, session 6).
         rk = k_lo + tl.arange(0, BK)
         b_first = tl.load(
-            b_ptr + rk[:, None] * sbk + rn[None, :] * sbn,
-            mask=(rk[:, None] < k_hi) & (rn[None, :] < N),
-            other=0.0,
-            cache_modifier=".cg",
+            b_ptr + rk[:, None] * sbk + rn[None, :] * sbn, mask=(rk[:, None] < k_hi) & (rn[None, :] < N), other=0.0
         )
         ok, t_ready = wait_in_tile(wait)
         k_start = k_lo + BK

@@ -115,6 +115,7 @@ def test_profile_and_prefetch_variants_compile_for_sm90():
         "l2_prefetch": dict(l2_prefetch=True, waits="atomic"),
         "acquire waits": dict(waits="acquire"),
         "fence waits": dict(waits="fence"),
+        "acquire waits, many rows": dict(waits="acquire-many"),  # kernel_lib.wait_many's reductions
     }
     with ThreadPoolExecutor(3) as pool:
         futures = {k: pool.submit(compile_sm90, source, **v) for k, v in variants.items()}
@@ -136,3 +137,5 @@ def test_profile_and_prefetch_variants_compile_for_sm90():
         r = reports[f"{mode} waits"]
         assert r["waits"] == mode and r["spilled_bytes"] == 0, format_report(r)
         assert r["ptx_lines"] != reports["plain"]["ptx_lines"]
+    many = reports["acquire waits, many rows"]  # wait_many only where asked for: more code there
+    assert many["spilled_bytes"] == 0 and many["ptx_lines"] > reports["acquire waits"]["ptx_lines"], format_report(many)
