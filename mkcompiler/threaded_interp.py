@@ -14,8 +14,8 @@ This patches Triton internals (triton.runtime.interpreter), so it is pinned to t
 - the only per-program state, `interpreter_builder.grid_idx`, becomes thread-local;
 - `GridExecutor.__call__` starts one thread per program and joins them all;
 - `InterpretedFunction.rewrite` (a check-then-fill cache) takes a lock;
-- atomics give up the GIL afterwards (time.sleep(0)), so a spinning waiter polls once and
-  lets the program it waits for run, instead of burning its whole switch interval.
+- atomics and volatile loads give up the GIL afterwards (time.sleep(0)), so a spinning waiter
+  polls once and lets the program it waits for run, instead of burning its whole switch interval.
 Each program's tensors are its own numpy arrays; shared memory is only touched through
 the interpreter's loads, stores and (real, C++) atomics.
 """
@@ -177,6 +177,20 @@ def _yielding(original):
     return atomic
 
 
+def _yielding_if_volatile(original, volatile_arg: int):
+    """A load, then, if it is volatile (a wait's poll), let another thread have the GIL: a waiter
+    polling with volatile loads would otherwise use up its switch intervals, and its bounded
+    wait could give up while the program it waits for had no time to run."""
+
+    def load(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if kwargs.get("is_volatile", args[volatile_arg] if len(args) > volatile_arg else False):
+            time.sleep(0)
+        return out
+
+    return load
+
+
 def enabled() -> bool:
     return _saved is not None
 
@@ -194,6 +208,8 @@ def enable() -> None:
             (builder, "grid_idx"): builder.__dict__.get("grid_idx"),
             (builder, "create_atomic_rmw"): builder.create_atomic_rmw,
             (builder, "create_atomic_cas"): builder.create_atomic_cas,
+            (builder, "create_load"): builder.create_load,
+            (builder, "create_masked_load"): builder.create_masked_load,
             (grid, "__call__"): grid.__call__,
             (fn, "rewrite"): fn.rewrite,
         }
@@ -202,6 +218,8 @@ def enable() -> None:
         _tls.grid_idx = current
         builder.create_atomic_rmw = _yielding(builder.create_atomic_rmw)
         builder.create_atomic_cas = _yielding(builder.create_atomic_cas)
+        builder.create_load = _yielding_if_volatile(builder.create_load, 3)  # (ptr, _, _, is_volatile)
+        builder.create_masked_load = _yielding_if_volatile(builder.create_masked_load, 5)
         grid.__call__ = _threaded_grid_call
         fn.rewrite = _locked_rewrite(fn.rewrite)
 

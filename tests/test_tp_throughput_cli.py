@@ -175,12 +175,21 @@ def test_case_model_shares_weights_and_fills_caches():
 
 
 def test_dry_run_end_to_end(tmp_path):
-    """The whole script, as a subprocess, on tiny shapes: every case compiled (2 ranks in the
-    interpreter), checked against eager, timed, the peer timed eager, tables and JSON written."""
+    """The whole script, as a subprocess, on tiny shapes: a decode and a prefill case compiled (2
+    ranks in the interpreter), checked against eager, timed, the peer timed eager, tables and JSON
+    written. (All three cases took 112 s on a 2-core machine: too long for CI.)"""
     out = tmp_path / "dry.json"
     t0 = time.monotonic()
     r = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "tp_throughput.py"), "--dry-run", "--json", str(out)],
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "tp_throughput.py"),
+            "--dry-run",
+            "--cases",
+            "decode64,prefill4096",
+            "--json",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         timeout=170,
@@ -191,7 +200,7 @@ def test_dry_run_end_to_end(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["tp"] == 2 and res["N"] == 1 and "commit" in res and res["args"]["dry_run"]
-    assert [c["case"] for c in res["cases"]] == ["decode256", "prefill4096", "decode64"]
+    assert [c["case"] for c in res["cases"]] == ["decode64", "prefill4096"]
     for c in res["cases"]:
         assert c["status"] == "done" and not c["errors"], c["errors"]
         assert c["rel_err"] < 5e-2 and c["ranks_agree"]
@@ -199,9 +208,9 @@ def test_dry_run_end_to_end(tmp_path):
         assert set(c["ms"]) == expect
         assert set(c["derived"]["full_ms"]) == expect
     assert res["cases"][1]["tokens"] == 8  # the dry run's prefill
-    assert "TP=4 decode256" in res["memory_estimates_real_gb"]
-    assert res["memory_estimates_real_gb"]["TP=4 decode256"]["weights"] == pytest.approx(21.3, abs=0.1)
-    assert r.stdout.count("### decode256") == 2  # when the case ended, and in the summary
+    assert "TP=4 decode64" in res["memory_estimates_real_gb"]
+    assert res["memory_estimates_real_gb"]["TP=4 decode64"]["weights"] == pytest.approx(21.3, abs=0.1)
+    assert r.stdout.count("### decode64") == 2  # when the case ended, and in the summary
     assert "## Summary" in r.stdout
     print(f"dry run took {took:.0f} s")
 
