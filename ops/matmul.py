@@ -100,30 +100,11 @@ def k_vector(addrs_ptr, views_ptr, v, DT: tl.constexpr, FLAT: tl.constexpr):
 @triton.jit
 def _a_block(
     k,
-    row_ptr,
-    addrs_ptr,
-    views_ptr,
-    a_ptr,
-    sam,
-    sak,
-    rm,
-    M,
-    k_hi,
+    tile,
     s1,
     s2,
     g_next,
     nb_next,
-    shift,
-    mean,
-    rstd,
-    nw_ptr,
-    snw,
-    nb_ptr,
-    snb,
-    k_lo,
-    k_chunk,
-    ks,
-    K,
     BM: tl.constexpr,
     BK: tl.constexpr,
     H_DT: tl.constexpr,
@@ -136,7 +117,10 @@ def _a_block(
 ):
     """matmul_tile's A block at K offset k, as the dot takes it (a folded norm applied; its
     loop-carried statistics and next weight slices updated): (a, s1, s2, g_next, nb_next).
-    Arguments a configuration does not use are placeholders (matmul_tile)."""
+    `tile`: what matmul_tile fixed for the whole tile (a tuple, in this order); what a
+    configuration does not use are placeholders."""
+    row_ptr, addrs_ptr, views_ptr, a_ptr, sam, sak, rm, M, k_hi, shift, mean, rstd = tile[:12]
+    nw_ptr, snw, nb_ptr, snb, k_lo, k_chunk, ks, K = tile[12:]
     rk = k + tl.arange(0, BK)
     a_mask = (rm[:, None] < M) & (rk[None, :] < k_hi)
     rows = tl.arange(0, BM)
@@ -343,81 +327,18 @@ def matmul_tile(
                 g_next = tl.load(nw_ptr + rk * snw, mask=rk < k_hi, other=0.0)
             if HAS_NB:
                 nb_next = tl.load(nb_ptr + rk * snb, mask=rk < k_hi, other=0.0)
+        # What _a_block needs of the tile, fixed for all its K steps (one tuple: two call sites).
+        tile = (row_ptr, addrs_ptr, views_ptr, a_ptr, sam, sak, rm, M, k_hi, shift, mean, rstd)
+        tile = tile + (nw_ptr, snw, nb_ptr, snb, k_lo, k_chunk, ks, K)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         if wait is not None:  # the first K step's weights came before the wait
             a, s1, s2, g_next, nb_next = _a_block(
-                k_lo,
-                row_ptr,
-                addrs_ptr,
-                views_ptr,
-                a_ptr,
-                sam,
-                sak,
-                rm,
-                M,
-                k_hi,
-                s1,
-                s2,
-                g_next,
-                nb_next,
-                shift,
-                mean,
-                rstd,
-                nw_ptr,
-                snw,
-                nb_ptr,
-                snb,
-                k_lo,
-                k_chunk,
-                ks,
-                K,
-                BM,
-                BK,
-                H_DT,
-                NORM,
-                N_RMS,
-                HAS_NW,
-                HAS_NB,
-                N_IN_LOOP,
-                A_FN,
+                k_lo, tile, s1, s2, g_next, nb_next, BM, BK, H_DT, NORM, N_RMS, HAS_NW, HAS_NB, N_IN_LOOP, A_FN
             )
             acc = tl.dot(a.to(DOT_DT), b_first.to(DOT_DT), acc, input_precision=PRECISION)
         for k in range(k_start, k_hi, BK):
             a, s1, s2, g_next, nb_next = _a_block(
-                k,
-                row_ptr,
-                addrs_ptr,
-                views_ptr,
-                a_ptr,
-                sam,
-                sak,
-                rm,
-                M,
-                k_hi,
-                s1,
-                s2,
-                g_next,
-                nb_next,
-                shift,
-                mean,
-                rstd,
-                nw_ptr,
-                snw,
-                nb_ptr,
-                snb,
-                k_lo,
-                k_chunk,
-                ks,
-                K,
-                BM,
-                BK,
-                H_DT,
-                NORM,
-                N_RMS,
-                HAS_NW,
-                HAS_NB,
-                N_IN_LOOP,
-                A_FN,
+                k, tile, s1, s2, g_next, nb_next, BM, BK, H_DT, NORM, N_RMS, HAS_NW, HAS_NB, N_IN_LOOP, A_FN
             )
             rk = k + tl.arange(0, BK)
             b = tl.load(
