@@ -335,7 +335,7 @@ def _in_window(lin: torch.Tensor, win) -> torch.Tensor:
     return (r >= lo) & (r < hi)
 
 
-def _view_offsets(v, lin: torch.Tensor) -> torch.Tensor:
+def linear_offsets(v, lin: torch.Tensor) -> torch.Tensor:
     """Element offsets of view v at row-major linear indices `lin` (int64 tensor)."""
     off = torch.full_like(lin, v.offset)
     idx = lin.clone()
@@ -351,7 +351,7 @@ def window_values(v, win, lin: torch.Tensor, tensor_of) -> torch.Tensor:
     ok = _in_window(lin, win)
     out = torch.zeros(lin.shape, dtype=v.dtype)
     if ok.any():
-        offs = _view_offsets(v, lin[ok])
+        offs = linear_offsets(v, lin[ok])
         lo, hi = int(offs.min()), int(offs.max()) + 1
         span = tensor_of(View(v.buffer, v.dtype, (hi - lo,), (1,), lo))
         out[ok] = span[offs - lo]
@@ -369,7 +369,7 @@ def window_access(v, start: int, end: int, win) -> Access:
     if min(end, v.numel) - start > WINDOW_EXACT_MAX:
         return linear_access(v, start, end)
     lin = torch.arange(start, min(end, v.numel), dtype=torch.int64)
-    offs = _view_offsets(v, lin[_in_window(lin, win)])
+    offs = linear_offsets(v, lin[_in_window(lin, win)])
     return Access(v.buffer, offsets_intervals(offs.numpy()))
 
 

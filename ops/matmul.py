@@ -50,7 +50,7 @@ from mkcompiler.ops.base import (
     whole,
 )
 from mkcompiler.ops.common import aligned_stride, arg, view_base, view_base_aligned, view_size, view_stride
-from mkcompiler.ops.elementwise import expr_source, expr_torch
+from mkcompiler.ops.elementwise import expr_source, expr_torch, linear_offsets
 from mkcompiler.ops.registry import family, lowers
 
 from mkcompiler.ir import View
@@ -579,19 +579,9 @@ def _sum_routine(name: str, tile_call: str, sum_key, bm: int, bn: int) -> str:
     return "\n".join(src) + "\n"
 
 
-def _sum_offsets(v: View, lin: torch.Tensor) -> torch.Tensor:
-    """Element offsets of view v at row-major linear indices `lin`."""
-    off = torch.full_like(lin, v.offset)
-    idx = lin.clone()
-    for size, stride in zip(reversed(v.shape), reversed(v.strides)):
-        off += (idx % size) * stride
-        idx //= size
-    return off
-
-
 def _sum_span(v: View, lin: torch.Tensor, tensor_of) -> tuple[torch.Tensor, torch.Tensor]:
     """(a 1-D tensor over the elements view v gives linear indices `lin`, their indices in it)."""
-    offs = _sum_offsets(v, lin)
+    offs = linear_offsets(v, lin)
     lo, hi = int(offs.min()), int(offs.max()) + 1
     return tensor_of(View(v.buffer, v.dtype, (hi - lo,), (1,), lo)), offs - lo
 

@@ -55,3 +55,18 @@ def check_kernel_and_vm(mk, model, args, tol: float, vm_tol: float = 1e-5) -> No
     for v, g, w in zip(pytree.tree_leaves(vm), pytree.tree_leaves(got), pytree.tree_leaves(want)):
         assert rel_err(v, w) <= tol
         assert rel_err(v, g) <= vm_tol
+
+
+def keep_rms_norm_whole(monkeypatch) -> None:
+    """On the CPU nn.RMSNorm decomposes (pow, mean, rsqrt, mul): keep aten.rms_norm whole so it
+    lowers to a norm op, as nn.RMSNorm's _fused_rms_norm does on a GPU."""
+    from mkcompiler import capture
+
+    table = capture._decompositions
+
+    def keep():
+        t = table()
+        t.pop(torch.ops.aten.rms_norm.default, None)
+        return t
+
+    monkeypatch.setattr(capture, "_decompositions", keep)

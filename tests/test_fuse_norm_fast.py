@@ -12,10 +12,9 @@ import torch
 from mkcompiler.ops.registry import FAMILIES
 
 import mkcompiler
-import mkcompiler.capture as capture
 from mkcompiler.offline import compile_sm90, format_report
 from mkcompiler.vm import run_megakernel
-from tests.helpers import reference, rel_err
+from tests.helpers import keep_rms_norm_whole, reference, rel_err
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 # VM (each op's torch reference, float64 inside) against the kernel: fp32 agrees to rounding;
@@ -25,16 +24,7 @@ VM_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 @pytest.fixture(autouse=True)
 def keep_rms_norm(monkeypatch):
-    """On the CPU nn.RMSNorm decomposes (pow, mean, rsqrt, mul): keep aten.rms_norm whole so it
-    lowers to a norm op, as nn.RMSNorm's _fused_rms_norm does on a GPU."""
-    table = capture._decompositions
-
-    def keep():
-        t = table()
-        t.pop(torch.ops.aten.rms_norm.default, None)
-        return t
-
-    monkeypatch.setattr(capture, "_decompositions", keep)
+    keep_rms_norm_whole(monkeypatch)
 
 
 class NormLinear(torch.nn.Module):

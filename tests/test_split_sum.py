@@ -17,10 +17,9 @@ import torch.utils._pytree as pytree
 from mkcompiler.ops.registry import FAMILIES
 
 import mkcompiler
-import mkcompiler.capture as capture
 from mkcompiler.layout import Field
 from mkcompiler.vm import run_megakernel, run_queue
-from tests.helpers import reference, rel_err
+from tests.helpers import keep_rms_norm_whole, reference, rel_err
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ is not an installed package
 from examples.llama import random_llama  # noqa: E402
@@ -32,16 +31,8 @@ TILE = (16, 32, 16)  # small tiles: several output blocks and real K chunks in t
 
 @pytest.fixture(autouse=True)
 def keep_rms_norm(monkeypatch):
-    """Keep aten.rms_norm whole (a norm op, as on a GPU; tests/test_fuse_norm_fast.py): on the CPU
-    it decomposes and the residual sums get recomputed in every reader instead."""
-    table = capture._decompositions
-
-    def keep():
-        t = table()
-        t.pop(torch.ops.aten.rms_norm.default, None)
-        return t
-
-    monkeypatch.setattr(capture, "_decompositions", keep)
+    """A norm op, as on a GPU: decomposed, the residual sums get recomputed in every reader."""
+    keep_rms_norm_whole(monkeypatch)
 
 
 class LinearResidual(torch.nn.Module):
