@@ -277,6 +277,11 @@ def matmul_tile(
             b_ptr + rk[:, None] * sbk + rn[None, :] * sbn, mask=(rk[:, None] < k_hi) & (rn[None, :] < N), other=0.0
         )
         ok, t_ready = wait_in_tile(wait)
+        # A select on the wait's answer keeps the block's move into shared memory (the dot's
+        # operand) after the wait: the compiler put it right after the loads, so the tile waited
+        # for its weights to arrive before it even started waiting for its inputs (H100: ready
+        # 3-4 us after the fetch when the inputs were already there).
+        b_first = tl.where(ok != 0, b_first, 0.0)
         k_start = k_lo + BK
     if ok != 0:
         if NORM:
