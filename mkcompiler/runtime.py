@@ -159,10 +159,11 @@ class Megakernel:
         self.err = torch.zeros(NUM_ERROR_FIELDS, dtype=torch.int32, device=device)
         self.generation = 0
         self._lock = threading.Lock()
-        # Settings.errors == "deferred": the error record's copy on its way to the host and the
-        # event that marks its arrival (None: nothing pending).
+        # Settings.errors == "deferred": the error record's copy on its way to the host, the event
+        # that marks its arrival (one, reused), and whether a copy is pending.
         self._err_host = torch.zeros(NUM_ERROR_FIELDS, dtype=torch.int32, pin_memory=device.type == "cuda")
-        self._err_arrived = None
+        self._err_event = torch.cuda.Event() if device.type == "cuda" else None
+        self._err_pending = False
         self.upload_queue(check=False)
 
     # ---- what users inspect ----
@@ -348,7 +349,7 @@ class Megakernel:
 
     def check(self) -> None:
         """Wait for the launches so far and raise MegakernelError if one of them failed."""
-        self._err_arrived = None
+        self._err_pending = False
         self._raise_if_failed(self.err.cpu().tolist())
 
     def _raise_if_failed(self, err: list[int]) -> None:
@@ -361,14 +362,14 @@ class Megakernel:
         """errors="deferred": raise if the last record sent to the host has arrived and shows a
         failure. A failed launch's record stays set on the device (later launches stop at once,
         kernel_lib.aborted) until reset(), so a later copy still shows it."""
-        if self._err_arrived is not None and self._err_arrived.query():
-            self._err_arrived = None
+        if self._err_pending and self._err_event.query():
+            self._err_pending = False
             self._raise_if_failed(self._err_host.tolist())
 
     def _send_record(self) -> None:
         self._err_host.copy_(self.err, non_blocking=True)
-        self._err_arrived = torch.cuda.Event()
-        self._err_arrived.record(torch.cuda.current_stream(self.device))
+        self._err_event.record(torch.cuda.current_stream(self.device))
+        self._err_pending = True
 
     def __call__(self, *args, **kwargs):
         # One call at a time per Megakernel: bind, launch, check and outputs share its buffers.

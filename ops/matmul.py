@@ -63,7 +63,9 @@ aten = torch.ops.aten
 # feed no dot, so Triton pipelines them only when the loop asks (tl.range's num_stages); without
 # it every step waits for its load, K / BK round trips before the first weight load.
 SWEEP_STAGES: tl.constexpr = tl.constexpr(3)
-EARLY_WAIT_ROWS = 16  # Matmul.early_wait: tiles of at most this many rows (decode) wait themselves
+# Matmuls with at most this many rows stream their weights (decode: passes/tile.matmul_tile gives
+# them BM = 16 blocks); their tiles wait themselves (Matmul.early_wait).
+DECODE_ROWS = 16
 A_TAIL = 7  # instruction args before the tail: A, B, bias, C views, then tile coordinates (i, j, s)
 # An A expression's inputs: the first in A's slot, the others in the tail.
 A_EXPR_MAX_INPUTS = NUM_ARGS - A_TAIL + 1
@@ -770,12 +772,12 @@ class Matmul(OpFamily):
         return helper, call
 
     def early_wait(self, key) -> bool:
-        """A decode matmul tile (at most EARLY_WAIT_ROWS rows) waits itself: its first weight
+        """A decode matmul tile (BM at most DECODE_ROWS) waits itself: its first weight
         block and every view's address are asked for first (matmul_tile's `wait`; with a split-K
         sum in the matmul, the ticket is taken only once the wait succeeded). Larger tiles keep
         the dispatcher's wait: their first block would hold registers across it (a Llama
         prefill kernel spilled) for a load that is a small part of their time."""
-        return key[7][0] <= EARLY_WAIT_ROWS
+        return key[7][0] <= DECODE_ROWS
 
     def emit_prefetch(self, key):
         _, a, b, bias, c, dot, prec, (bm, bn, bk), units, _ = key[:10]

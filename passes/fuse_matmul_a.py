@@ -29,9 +29,8 @@ from __future__ import annotations
 
 import torch
 from mkcompiler.ops.elementwise import has_positional
-from mkcompiler.ops.matmul import A_EXPR_MAX_INPUTS
+from mkcompiler.ops.matmul import A_EXPR_MAX_INPUTS, DECODE_ROWS
 from mkcompiler.passes.fuse import reindex, sole_writers, transfer_inputs, written_between
-from mkcompiler.passes.tile import DECODE_ROWS
 
 from mkcompiler.ir import Graph, View
 

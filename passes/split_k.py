@@ -13,7 +13,8 @@ from dataclasses import replace
 
 import torch
 from mkcompiler.ops.base import cdiv
-from mkcompiler.passes.tile import DECODE_ROWS, dot_config, matmul_tile
+from mkcompiler.ops.matmul import DECODE_ROWS
+from mkcompiler.passes.tile import dot_config, matmul_tile
 
 from mkcompiler.ir import Graph, OpNode, View
 from mkcompiler.settings import Settings
