@@ -53,10 +53,6 @@ class Settings:
     # 1B layer: 96 tiles over all of K instead of 96 half-K tiles plus a sum): slower on 1B
     # decode (1.819 against 1.591 ms, H100: its 32-column K/V tiles stream at 4.6 GB/s per SM)
     narrow_decode_tiles: bool = False
-    # split-K tiles with a folded norm sum its statistics in their K loop too, loading the other
-    # chunks' x beside their own, instead of sweeping all of K before the first weight load
-    # (ops/matmul.py); not yet measured
-    norm_stats_in_loop: bool = False
     # split-K matmuls sum their own partials (passes/split_sum.py): the last of an output block's S
     # split tiles to arrive (a ticket counter) computes the sum op's fused expression (bias, cast,
     # residual add) for the block, so the sum is no stage of its own. Slower on 1B decode (1.821

@@ -122,7 +122,7 @@ def _a_block(
     `tile`: what matmul_tile fixed for the whole tile (a tuple, in this order); what a
     configuration does not use are placeholders."""
     row_ptr, addrs_ptr, views_ptr, a_ptr, sam, sak, rm, M, k_hi, shift, mean, rstd = tile[:12]
-    nw_ptr, snw, nb_ptr, snb, k_lo, k_chunk, ks, K = tile[12:]
+    nw_ptr, snw, nb_ptr, snb = tile[12:]
     rk = k + tl.arange(0, BK)
     a_mask = (rm[:, None] < M) & (rk[None, :] < k_hi)
     rows = tl.arange(0, BM)
@@ -145,19 +145,6 @@ def _a_block(
                 x = tl.where(a_mask, x - shift[:, None], 0.0)
                 s1 += tl.sum(x, axis=1)
             s2 += tl.sum(x * x, axis=1)
-            if N_IN_LOOP > 1:
-                # A split-K tile (N_IN_LOOP = S chunks): the statistics need all of K, so each step
-                # also sums the same step of the other chunks' x (their loads overlap the weights'
-                # instead of a sweep over K before the first weight load).
-                for i in tl.static_range(N_IN_LOOP - 1):
-                    j = (ks + 1 + i) % N_IN_LOOP  # each other chunk once
-                    ko = rk - k_lo + j * k_chunk
-                    o_mask = (rm[:, None] < M) & (ko[None, :] < K) & (ko[None, :] < (j + 1) * k_chunk)
-                    xo = tl.load(a_ptr + rm[:, None] * sam + ko[None, :] * sak, mask=o_mask, other=0.0).to(tl.float32)
-                    if not N_RMS:
-                        xo = tl.where(o_mask, xo - shift[:, None], 0.0)
-                        s1 += tl.sum(xo, axis=1)
-                    s2 += tl.sum(xo * xo, axis=1)
             # The dot's A is x * g, rounded to h's dtype as a stored h would be (then to the
             # dot's dtype, the same on a GPU); rstd (and mean) are applied to acc after the
             # loop. h = (x - mean) * rstd * g + b, so C = rstd * ((x*g) W - mean * gW) + bW
@@ -336,7 +323,7 @@ def matmul_tile(
                 nb_next = tl.load(nb_ptr + rk * snb, mask=rk < k_hi, other=0.0)
         # What _a_block needs of the tile, fixed for all its K steps (one tuple: two call sites).
         tile = (row_ptr, addrs_ptr, views_ptr, a_ptr, sam, sak, rm, M, k_hi, shift, mean, rstd)
-        tile = tile + (nw_ptr, snw, nb_ptr, snb, k_lo, k_chunk, ks, K)
+        tile = tile + (nw_ptr, snw, nb_ptr, snb)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         if wait is not None:  # the first K step's weights came before the wait
             a, s1, s2, g_next, nb_next = _a_block(
@@ -483,33 +470,29 @@ def _norm_reference(x, node, tensor_of):
     return y.to(h_dtype)
 
 
-def _norm_in_loop_reference(x, w, node, tensor_of, k0: int = 0, k1: int | None = None):
+def _norm_in_loop_reference(x, w, node, tensor_of):
     """x @ w with x's rows normalised as matmul_tile's one-pass path does it (Matmul.norm_in_loop):
     the dot's A is x * g rounded to h's dtype, each row of the product is scaled by rstd at the
     end; LayerNorm (on x shifted by its row's first element) subtracts rstd * mean * (g W) and a
     bias adds b W, g and b rounded to h's dtype
     as the kernel's spare A rows are. That rounds x * g where storing h rounds the normalised
     value: the results differ by bf16 rounding, so these tiles are specified here, not by
-    _norm_reference (which split-K tiles, sweeping first, still match exactly). A split-K tile
-    (K chunk [k0, k1)) takes the statistics of all of x and the products over its chunk; w is
-    the whole [K, BN] weight block."""
+    _norm_reference (which split-K tiles, sweeping first, still match exactly)."""
     rms, eps, h_dtype = node.attrs["norm"]
     nw, nb = node.inputs[3:5]
     xs, w = x.double(), w.double()
-    ks = slice(k0, k1)
-    w = w[ks]
     g = tensor_of(nw).double() if nw is not None else torch.ones(xs.shape[-1], dtype=torch.float64)
     if rms:
-        acc = (xs * g)[:, ks].to(h_dtype).double() @ w
+        acc = (xs * g).to(h_dtype).double() @ w
         acc = acc * torch.rsqrt((xs * xs).mean(-1, keepdim=True) + eps)
     else:  # on x - (each row's first element), as the kernel
         xs = xs - xs[:, :1]
-        acc = (xs * g)[:, ks].to(h_dtype).double() @ w
+        acc = (xs * g).to(h_dtype).double() @ w
         mean = xs.mean(-1, keepdim=True)
         rstd = torch.rsqrt(xs.var(-1, unbiased=False, keepdim=True) + eps)
-        acc = (acc - mean * (g[ks].to(h_dtype).double() @ w)) * rstd
+        acc = (acc - mean * (g.to(h_dtype).double() @ w)) * rstd
     if nb is not None:
-        acc = acc + tensor_of(nb)[ks].to(h_dtype).double() @ w
+        acc = acc + tensor_of(nb).to(h_dtype).double() @ w
     return acc
 
 
@@ -714,19 +697,15 @@ class Matmul(OpFamily):
         dtypes = (nw.dtype if nw is not None else None, nb.dtype if nb is not None else None)
         return (rms, eps, h_dtype) + dtypes + (self.norm_in_loop(node),) + flat_flags(nw, nb)
 
-    def norm_in_loop(self, node) -> int:
+    def norm_in_loop(self, node) -> bool:
         """Does the tile compute its folded norm's statistics inside the K loop (one pass, the
-        rows normalised at the end) rather than in a sweep over K first? 0: no; else the number
-        of K chunks S (matmul_tile's N_IN_LOOP: S > 1 tiles also load the other chunks' x for
-        the statistics). When every tile sees all of K (no split-K), or split-K tiles are asked
-        to (attrs["norm_split_in_loop"], Settings.norm_stats_in_loop); and, for LayerNorm or a
-        norm bias, the A block has spare rows past M for the dot to compute gW (and bW) in."""
+        rows normalised at the end) rather than in a sweep over K first? Only when every tile sees
+        all of K (no split-K) and, for LayerNorm or a norm bias, the A block has spare rows past
+        M for the dot to compute gW (and bW) in (matmul_tile). (Split-K tiles summing the other
+        chunks' statistics in their loop spilled and were slower: RESULTS.md, session 6.)"""
         rms = node.attrs["norm"][0]
         spare = (0 if rms else 1) + (node.inputs[4] is not None)
-        s = self.splits(node)
-        if s > 1 and not node.attrs.get("norm_split_in_loop"):
-            return 0
-        return s if node.inputs[0].shape[0] + spare <= node.attrs["tile"][0] else 0
+        return self.splits(node) == 1 and node.inputs[0].shape[0] + spare <= node.attrs["tile"][0]
 
     def view_args(self, node):
         return list(node.inputs[:3]) + [node.outputs[0]]  # A, B, bias, C; then tile coords
@@ -865,7 +844,7 @@ class Matmul(OpFamily):
             x = expr_torch(expr, [tensor_of(v)[rs, k0:k1] for v in node.inputs[3:]]).to(a_dtype)
             acc = x.double() @ tensor_of(b)[k0:k1, cs].double()
         elif "norm" in node.attrs and self.norm_in_loop(node):
-            acc = _norm_in_loop_reference(tensor_of(a)[rs], tensor_of(b)[:, cs], node, tensor_of, k0, k1)
+            acc = _norm_in_loop_reference(tensor_of(a)[rs], tensor_of(b)[:, cs], node, tensor_of)
         else:
             x = tensor_of(a)[rs]
             if "norm" in node.attrs:  # h = norm(x) as ops/norm.py stores it

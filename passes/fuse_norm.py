@@ -35,9 +35,7 @@ def _as_rows(v: View, c: int) -> View | None:
     return v.reshape((v.numel // c, c)) if v.numel % c == 0 else None
 
 
-def fuse_norm_into_matmul(graph: Graph, split_stats_in_loop: bool = False) -> Graph:
-    """split_stats_in_loop (Settings.norm_stats_in_loop): split-K tiles also sum the statistics in
-    their K loop (attrs["norm_split_in_loop"], Matmul.norm_in_loop) instead of sweeping K first."""
+def fuse_norm_into_matmul(graph: Graph) -> Graph:
     outputs, readers = graph.output_buffers(), graph.readers()
     dropped = set()
     for norm in graph.ops:
@@ -60,8 +58,6 @@ def fuse_norm_into_matmul(graph: Graph, split_stats_in_loop: bool = False) -> Gr
             op.inputs = (x2, bmat, bias, w, b)
             op.attrs["norm"] = (norm.attrs["rms"], norm.attrs["eps"], h.dtype)
             op.attrs["norm_of"] = norm.name
-            if split_stats_in_loop:
-                op.attrs["norm_split_in_loop"] = True
         dropped.add(id(norm))
     graph.ops = [op for op in graph.ops if id(op) not in dropped]
     return graph

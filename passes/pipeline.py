@@ -70,11 +70,7 @@ PIPELINE = [
     ),
     (
         "fuse_norm_into_matmul",
-        lambda c: setattr(
-            c,
-            "graph",
-            fuse_norm_into_matmul(c.graph, c.settings.norm_stats_in_loop) if c.settings.fuse_norm else c.graph,
-        ),
+        lambda c: setattr(c, "graph", fuse_norm_into_matmul(c.graph) if c.settings.fuse_norm else c.graph),
         lambda c: check_single_writer_order(c.graph),
     ),
     (
