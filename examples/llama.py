@@ -169,3 +169,58 @@ class GreedyLoop(nn.Module):
         self.pos.add_(1)
         self.step.add_(1)
         return nxt
+
+
+class MixedStep(nn.Module):
+    """A prefill chunk of one sequence and one decode token of B others in one step (chunked
+    prefill, as serving engines batch them): every Linear sees the C + B rows together, so each
+    weight is read once for both; attention runs per part. KV-cache row 0 holds the chunk's
+    sequence, rows 1..B the decoding ones, each at its own position (max_batch >= B + 1).
+
+    forward(chunk_tokens [1, C], chunk_pos [C], dec_tokens [B, 1], dec_pos [B]) -> logits [C + B, vocab]
+    (the chunk's rows first)."""
+
+    def __init__(self, model: Llama):
+        super().__init__()
+        self.model = model
+
+    def forward(self, chunk_tokens, chunk_pos, dec_tokens, dec_pos):
+        m = self.model
+        n_chunk, batch = chunk_tokens.shape[1], dec_tokens.shape[0]
+        if batch + 1 > m.c.max_batch:
+            raise ValueError(f"{batch} decoding sequences need a KV cache of {batch + 1} rows, not {m.c.max_batch}")
+        pos = torch.cat((chunk_pos, dec_pos))
+        x = m.embed(torch.cat((chunk_tokens.reshape(-1), dec_tokens.reshape(-1))))  # [T, dim]
+        freqs = pos[:, None].float() * m.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None]  # [T, 1, head dim]
+        keys = torch.arange(m.c.max_seq_len, device=x.device)
+        masks = (chunk_pos[:, None] >= keys[None, :], (dec_pos[:, None] >= keys[None, :])[:, None, None, :])
+        for layer in m.layers:
+            x = x + self._attention(layer.attn, layer.attn_norm(x), cos, sin, masks, chunk_pos, dec_pos, n_chunk)
+            x = x + layer.mlp(layer.mlp_norm(x))
+        return m.lm_head(m.norm(x))
+
+    @staticmethod
+    def _attention(a: Attention, x, cos, sin, masks, chunk_pos, dec_pos, n_chunk):
+        c, t = a.c, x.shape[0]
+        q = a.wq(x).view(t, c.n_heads, c.head_dim)
+        k = a.wk(x).view(t, c.n_kv_heads, c.head_dim)
+        v = a.wv(x).view(t, c.n_kv_heads, c.head_dim)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        # The chunk: cache row 0, causal over its own positions.
+        a.k_cache[:1, :, chunk_pos] = k[:n_chunk].transpose(0, 1)[None]
+        a.v_cache[:1, :, chunk_pos] = v[:n_chunk].transpose(0, 1)[None]
+        qc = q[:n_chunk].transpose(0, 1)[None]
+        oc = F.scaled_dot_product_attention(qc, a.k_cache[:1], a.v_cache[:1], attn_mask=masks[0], enable_gqa=True)
+        # The decoding sequences: cache rows 1..B, sequence b at its own position dec_pos[b].
+        batch = t - n_chunk
+        rows = torch.arange(batch, device=x.device)
+        k_rows, v_rows = a.k_cache[1 : batch + 1], a.v_cache[1 : batch + 1]
+        k_rows[rows, :, dec_pos] = k[n_chunk:]
+        v_rows[rows, :, dec_pos] = v[n_chunk:]
+        qd = q[n_chunk:, :, None]  # [B, heads, 1, head dim]
+        od = F.scaled_dot_product_attention(qd, k_rows, v_rows, attn_mask=masks[1], enable_gqa=True)
+        o = torch.cat((oc[0].transpose(0, 1).reshape(n_chunk, -1), od.reshape(batch, -1)))
+        return a.wo(o)

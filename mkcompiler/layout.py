@@ -19,7 +19,7 @@ class Field(IntEnum):
     RESERVED = 19
 
 
-NUM_ARGS = 14  # fused elementwise ops and scatters take up to NUM_ARGS - 3 / NUM_ARGS - 5 inputs
+NUM_ARGS = 14  # fused elementwise ops and scatters take up to NUM_ARGS - 3 / NUM_ARGS - 5 (or 6) inputs
 # The dispatcher loads an instruction's first PRELOADED_ARGS args into registers before its wait
 # (kernel_lib.preload), so a tile does not start with a dependent trip to memory for them (the
 # acquire that ends the wait invalidates L1); the rest are loaded when used (ops/common.arg).

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mkcompiler.layout import Field
+from mkcompiler.ops.scatter import parts
 from mkcompiler.queue import Queue
 
 # Column layout of Profile.stamps (one definition: codegen and the VM write these columns).
@@ -95,10 +96,10 @@ def _work_fn(graph, op):
 
         return embedding
     if op.kind == "scatter":
-        *values, index, _, base = op.inputs  # one value view, or a fused expression's inputs
+        values, indices, _, base = parts(op)  # one value view, or a fused expression's inputs
         _, per_row = fam.rows(op)
         row_bytes = per_row * (sum(v.dtype.itemsize for v in values) + base.dtype.itemsize)
-        index_bytes = index.numel * index.dtype.itemsize
+        index_bytes = sum(i.numel * i.dtype.itemsize for i in indices)
 
         def scatter(coords):
             return (coords[1] - coords[0]) * row_bytes + index_bytes, 0.0

@@ -1,6 +1,8 @@
-"""Indexed writes along one dim: index_put / index_copy (KV-cache appends).
+"""Indexed writes: index_put / index_copy (KV-cache appends).
 
-`base[..., index[j], ...] = values[..., j, ...]` for a runtime index tensor. When `base` is
+`base[..., index[j], ...] = values[..., j, ...]` for a runtime index tensor; or, with a second
+1-D index tensor of the same length on a later dim (index_put only: a cache row and a position
+per sequence, `cache[rows, :, pos] = k`), `base[.., index[j], .., index2[j], ..] = values[j]`. When `base` is
 model state (a mutated buffer: torch.export functionalizes `cache[:, :, pos] = k` into
 index_put + a write-back), the write happens in place, in the state's own storage: regions
 make the old value's readers finish first (write-after-read) and the new value's readers
@@ -22,20 +24,47 @@ aten = torch.ops.aten
 TILE_ELEMENTS = 4096  # elements of `values` per tile (whole rows)
 
 
-def _one_index(ctx, node, base: View, indices):
+def _index_dims(ctx, node, indices) -> list[int]:
+    """The dims indexed by tensors: one, or two whose 1-D index tensors have the same length."""
     dims = [d for d, ix in enumerate(indices) if ix is not None]
-    if len(dims) != 1 or indices[dims[0]].rank != 1:
-        ctx.unsupported(node, "index_put with other than one 1-D index tensor")
-    return dims[0], indices[dims[0]]
+    ok = len(dims) in (1, 2) and all(indices[d].rank == 1 for d in dims)
+    if not ok or indices[dims[-1]].shape != indices[dims[0]].shape:
+        ctx.unsupported(node, "index_put with other than one 1-D index tensor or two of one length")
+    return dims
 
 
-def _scatter(ctx, node, base: View, dim: int, index: View, values: View):
-    update = base.slice(dim, 0, index.shape[0])  # base's strides, the index's extent along dim
+def _update(base: View, dims: list[int], n: int) -> View:
+    """The part of base a scatter's values land on once placed at index 0 of each indexed dim:
+    extent n along the first indexed dim (the values' j), 1 along the second."""
+    update = base.slice(dims[0], 0, n)
+    return update.slice(dims[1], 0, 1) if len(dims) == 2 else update
+
+
+def _placed(values: View, base: View, dims: list[int], n: int) -> View:
+    """Two indexed dims: the values (in torch's advanced-indexing layout: the indexed dims become
+    one of length n, in their place when adjacent, else first) laid out as _update's shape."""
+    d0, d1 = dims
+    rest = [base.shape[d] for d in range(base.rank) if d not in dims]
+    if d1 == d0 + 1:
+        values = values.expand(tuple(rest[:d0]) + (n,) + tuple(rest[d0:]))
+    else:
+        values = values.expand((n, *rest))
+        order = [d for d in range(base.rank) if d != d1]  # the values' dims: j first, then rest
+        values = values.permute([0 if d == d0 else 1 + [e for e in order if e != d0].index(d) for d in order])
+    return values.unsqueeze(d1)
+
+
+def _scatter(ctx, node, base: View, dims: list[int], indices: list[View], values: View):
+    if not isinstance(values, View):
+        ctx.unsupported(node, "a scalar value")
+    n = indices[0].shape[0]
     if not ctx.writable_in_place(node, base):
         base = ctx.copy(base)
-        update = base.slice(dim, 0, index.shape[0])
-    values = values.expand(update.shape) if isinstance(values, View) else ctx.unsupported(node, "a scalar value")
-    ctx.emit(node, "scatter", (values, index, update, base), (base,), dim=dim)
+    update = _update(base, dims, n)  # base's strides, the index's extent along dims[0]
+    if len(dims) == 2:
+        values = _placed(values, base, dims, n)
+    attrs = dict(dim=dims[0]) | (dict(dim2=dims[1]) if len(dims) == 2 else {})
+    ctx.emit(node, "scatter", (values.expand(update.shape), *indices, update, base), (base,), **attrs)
     return base
 
 
@@ -43,13 +72,14 @@ def _scatter(ctx, node, base: View, dim: int, index: View, values: View):
 def lower_index_put(ctx, node, base, indices, values, accumulate=False):
     if accumulate:
         ctx.unsupported(node, "index_put with accumulate=True")
-    dim, index = _one_index(ctx, node, base, list(indices) + [None] * (base.rank - len(indices)))
-    return _scatter(ctx, node, base, dim, index, values)
+    indices = list(indices) + [None] * (base.rank - len(indices))
+    dims = _index_dims(ctx, node, indices)
+    return _scatter(ctx, node, base, dims, [indices[d] for d in dims], values)
 
 
 @lowers(aten.index_copy.default, aten.index_copy_.default)
 def lower_index_copy(ctx, node, base, dim, index, values):
-    return _scatter(ctx, node, base, dim % base.rank, index, values)
+    return _scatter(ctx, node, base, [dim % base.rank], [index], values)
 
 
 @lowers(aten.slice_scatter.default)
@@ -68,12 +98,24 @@ def lower_slice_scatter(ctx, node, base, src, dim=0, start=None, end=None, step=
     return base
 
 
+def tail_size(node) -> int:
+    """A scatter's inputs after its values: its index tensor(s), the update, the base."""
+    return 4 if "dim2" in node.attrs else 3
+
+
+def parts(node) -> tuple[list[View], list[View], View, View]:
+    """(values, index tensors, update, base) of a scatter node."""
+    k = len(node.inputs) - tail_size(node)
+    *indices, update, base = node.inputs[k:]
+    return list(node.inputs[:k]), indices, update, base
+
+
 @family
 class Scatter(OpFamily):
     kind = "scatter"
 
     def view_args(self, node):
-        return list(node.inputs)  # the value input(s), index, update, base; then rows r0, r1
+        return list(node.inputs)  # the value input(s), index(es), update, base; then rows r0, r1
 
     def padded_dim(self, node) -> int:
         update = node.inputs[-2]
@@ -84,22 +126,24 @@ class Scatter(OpFamily):
     def values(self, node) -> list[View]:
         """The value inputs: one view, or (fused, passes/fuse.fuse_into_scatter) the inputs of
         node.attrs["expr"], all expanded to the update's shape."""
-        return list(node.inputs[:-3])
+        return parts(node)[0]
 
     def expr(self, node):
         """The values as an elementwise expression of the value inputs (a plain scatter: x0)."""
         return node.attrs.get("expr", ("in", 0))
 
     def key(self, node):
-        *values, index, update, base = node.inputs
+        values, indices, update, base = parts(node)
         _, per_row = self.rows(node)
+        dim2 = node.attrs.get("dim2")
         return (
             self.kind,
             self.expr(node),
             tuple(v.dtype for v in values),
-            index.dtype,
+            tuple(i.dtype for i in indices),
             base.dtype,
             self.padded_dim(node),
+            None if dim2 is None else dim2 + 4 - update.rank,
             1024,
             flat_flags(*values),
             update.padded(4)[0],
@@ -121,7 +165,7 @@ class Scatter(OpFamily):
         return [(r, min(r + step, outer)) for r in range(0, outer, step)]
 
     def regions(self, node, coords):
-        *values, index, update, base = node.inputs
+        values, indices, update, base = parts(node)
         r0, r1 = coords
         _, per_row = self.rows(node)
         base_row = math.prod(base.shape[node.attrs["dim"] :])
@@ -137,18 +181,18 @@ class Scatter(OpFamily):
             window_access(v, lo, hi, windows[k]) if k in windows else linear_access(v, lo, hi)
             for k, v in enumerate(values)
         ]
-        return reads + [whole(index)], [written]
+        return reads + [whole(i) for i in indices], [written]
 
     def cost(self, node, coords):
         _, per_row = self.rows(node)
-        itemsize = sum(v.dtype.itemsize for v in self.values(node)) + node.inputs[-1].dtype.itemsize
+        itemsize = sum(v.dtype.itemsize for v in self.values(node)) + parts(node)[3].dtype.itemsize
         return bytes_cost((coords[1] - coords[0]) * per_row * itemsize)
 
     def describe(self, node, coords):
         return f"{node.name}[rows {coords[0]}:{coords[1]}]"
 
     def reference(self, node, coords, tensor_of):
-        *values, index, update, base = node.inputs
+        values, indices, update, base = parts(node)
         dim = node.attrs["dim"]
         r0, r1 = coords
         b = tensor_of(base).reshape(-1, *base.shape[dim:]) if base.is_contiguous() else None
@@ -163,12 +207,22 @@ class Scatter(OpFamily):
             for k, x in enumerate(values)
         ]
         v = expr_torch(expr, ins, lin.reshape(update.shape)).reshape(-1, *update.shape[dim:])
-        idx = tensor_of(index).long()
-        idx = torch.where(idx < 0, idx + base.shape[dim], idx)
+        # Per index tensor: its dim's place within a row of b (dims from `dim` on) and its values.
+        places = [0] + ([node.attrs["dim2"] - dim] if "dim2" in node.attrs else [])
+        idx = []
+        for place, index in zip(places, indices):
+            i = tensor_of(index).long()
+            size = base.shape[dim + place]
+            idx.append(torch.where(i < 0, i + size, i).tolist())
         for r in range(r0, r1):
-            for j, i in enumerate(idx.tolist()):
-                if 0 <= i < base.shape[dim]:
-                    b[r, i] = v[r, j].to(b.dtype)
+            for j, slot in enumerate(zip(*idx)):
+                if all(0 <= i < base.shape[dim + p] for i, p in zip(slot, places)):
+                    at = [slice(None)] * (base.rank - dim)
+                    src = [slice(None)] * (base.rank - dim)
+                    for i, p in zip(slot, places):
+                        at[p], src[p] = i, 0
+                    src[0] = j
+                    b[r][tuple(at)] = v[r][tuple(src)].to(b.dtype)
 
 
 def _emit(key, name: str) -> tuple[str, str]:
@@ -178,22 +232,33 @@ def _emit(key, name: str) -> tuple[str, str]:
     index and destination (runtime divisors would cost an integer division each)."""
     from mkcompiler.ops.elementwise import expr_source, input_loads
 
-    _, expr, in_dtypes, idt, odt, dim, block, flat, shape, per_row = key
+    _, expr, in_dtypes, idts, odt, dim, dim2, block, flat, shape, per_row = key
     k = len(in_dtypes)
+    two = dim2 is not None
     lines, result = expr_source(expr, k, "lin")
     src = [
         "@triton.jit",
         f"def {name}(row_ptr, addrs_ptr, views_ptr, BLOCK: tl.constexpr):",
         f"    vi = arg(row_ptr, {k})",
-        f"    vo = arg(row_ptr, {k + 1})",
-        f"    vb = arg(row_ptr, {k + 2})",
-        f"    r0 = arg(row_ptr, {k + 3})",
-        f"    r1 = arg(row_ptr, {k + 4})",
+        *([f"    vi2 = arg(row_ptr, {k + 1})"] if two else []),
+        f"    vo = arg(row_ptr, {k + 1 + two})",
+        f"    vb = arg(row_ptr, {k + 2 + two})",
+        f"    r0 = arg(row_ptr, {k + 3 + two})",
+        f"    r1 = arg(row_ptr, {k + 4 + two})",
         f"    limit = view_size(views_ptr, vb, {dim})",
         f"    o_ptr = view_base(addrs_ptr, views_ptr, vo, {tl_dtype(odt)})",
-        f"    i_ptr = view_base(addrs_ptr, views_ptr, vi, {tl_dtype(idt)})",
+        f"    i_ptr = view_base(addrs_ptr, views_ptr, vi, {tl_dtype(idts[0])})",
         "    i_stride = view_stride(views_ptr, vi, 3)",
         f"    stride = view_stride(views_ptr, vo, {dim})",
+    ]
+    if two:  # the second index's dim has extent 1 in the update: its slot is an offset of its own
+        src += [
+            f"    limit2 = view_size(views_ptr, vb, {dim2})",
+            f"    i2_ptr = view_base(addrs_ptr, views_ptr, vi2, {tl_dtype(idts[1])})",
+            "    i2_stride = view_stride(views_ptr, vi2, 3)",
+            f"    stride2 = view_stride(views_ptr, vo, {dim2})",
+        ]
+    src += [
         f"    for start in range(r0 * {per_row}, tl.minimum(r1 * {per_row}, {math.prod(shape)}), BLOCK):",
         "        lin = start + tl.arange(0, BLOCK)",
         f"        mask = (lin < r1 * {per_row}) & (lin < {math.prod(shape)})",
@@ -207,6 +272,13 @@ def _emit(key, name: str) -> tuple[str, str]:
         "        idx = tl.where(idx < 0, idx + limit, idx)",
         "        ok = mask & (idx >= 0) & (idx < limit)",
         "        dst = o_ptr + strided_offsets(views_ptr, vo, i0, i1, i2, i3) + (idx - j) * stride",
-        f"        tl.store(dst, {result}.to({tl_dtype(odt)}), mask=ok)",
     ]
+    if two:
+        src += [
+            "        idx2 = tl.load(i2_ptr + j.to(tl.int64) * i2_stride, mask=mask, other=0).to(tl.int64)",
+            "        idx2 = tl.where(idx2 < 0, idx2 + limit2, idx2)",
+            "        ok = ok & (idx2 >= 0) & (idx2 < limit2)",
+            "        dst += idx2 * stride2",
+        ]
+    src += [f"        tl.store(dst, {result}.to({tl_dtype(odt)}), mask=ok)"]
     return "\n".join(src) + "\n", f"{name}({{row}}, {{addrs}}, {{views}}, {block})"

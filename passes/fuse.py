@@ -31,6 +31,7 @@ import math
 import torch
 from mkcompiler.ops.elementwise import group_windows, has_positional, slot_windows
 from mkcompiler.ops.norm import NORM_TAIL
+from mkcompiler.ops.scatter import tail_size
 
 from mkcompiler.ir import Graph, View, contiguous_strides
 from mkcompiler.layout import NUM_ARGS
@@ -270,7 +271,7 @@ def _substitute_each(expr, replaced, keep):
     return expr[:3] + tuple(_substitute_each(a, replaced, keep) for a in expr[3:])
 
 
-SCATTER_TAIL = 5  # a scatter instruction's args after its value inputs: index, update, base, r0, r1
+SCATTER_ROWS = 2  # a scatter instruction's args after its inputs: rows r0, r1
 
 
 def fuse_into_scatter(graph: Graph) -> Graph:
@@ -290,7 +291,7 @@ def fuse_into_scatter(graph: Graph) -> Graph:
             continue
         values = op.inputs[0]
         p = producers.get(values.buffer)
-        if p is None or values.buffer in outputs or len(p.inputs) + SCATTER_TAIL > NUM_ARGS:
+        if p is None or values.buffer in outputs or len(p.inputs) + tail_size(op) + SCATTER_ROWS > NUM_ARGS:
             continue
         if has_positional(p.attrs["expr"]):
             continue
@@ -414,9 +415,9 @@ def _plan_cat(u, buffer: int, layout, position, writes):
     inputs would not fit u's instruction."""
     if u.kind == "elementwise":
         values, expr, most, shape = list(u.inputs), u.attrs["expr"], MAX_INPUTS, u.outputs[0].shape
-    elif u.kind == "scatter" and all(v.buffer != buffer for v in u.inputs[-3:]):
-        values, expr = list(u.inputs[:-3]), u.attrs.get("expr", ("in", 0))
-        most, shape = NUM_ARGS - SCATTER_TAIL, u.inputs[-2].shape
+    elif u.kind == "scatter" and all(v.buffer != buffer for v in u.inputs[-tail_size(u) :]):
+        values, expr = list(u.inputs[: -tail_size(u)]), u.attrs.get("expr", ("in", 0))
+        most, shape = NUM_ARGS - tail_size(u) - SCATTER_ROWS, u.inputs[-2].shape
     else:
         return None
     if any(written_between(p, u, position, writes) or position[id(p)] >= position[id(u)] for _, _, p in layout[2]):
@@ -482,7 +483,7 @@ def fold_cats(graph: Graph) -> Graph:
         else:
             continue
         for u, (inputs, expr) in zip(users, plans):
-            u.inputs = inputs + (tuple(u.inputs[-3:]) if u.kind == "scatter" else ())
+            u.inputs = inputs + (tuple(u.inputs[-tail_size(u) :]) if u.kind == "scatter" else ())
             u.attrs["expr"] = expr
         removed.update(id(p) for p in pieces)
     graph.ops = [op for op in graph.ops if id(op) not in removed]
