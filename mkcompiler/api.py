@@ -146,7 +146,7 @@ def _compile(model, example_inputs, options, settings, num_workers, device, inte
             comp.cache = "miss"
     comp.timings = {**timings, **comp.timings}
     progress.step("codegen")
-    source = generate(comp.queue, settings.preload_args, settings.l2_prefetch_bytes, settings.early_weights)
+    source = generate(comp.queue, settings.preload_args, settings.early_weights)
     if settings.dump_dir:  # beside the passes' dumps: the kernel as a standalone file
         os.makedirs(settings.dump_dir, exist_ok=True)
         with open(os.path.join(settings.dump_dir, "megakernel.py"), "w") as f:

@@ -52,12 +52,10 @@ LOOP_HEAD = '''
 @triton.jit(do_not_specialize=["generation", "n_instr"])
 def megakernel(instr_ptr, n_instr, waits_ptr, counters_ptr, head_ptr, err_ptr, addrs_ptr, views_ptr,
                order_ptr, worker_begin_ptr, generation, prof_ptr, MAX_SPIN: tl.constexpr, DYNAMIC: tl.constexpr,
-               PROFILE: tl.constexpr, LOGICAL_CLOCK: tl.constexpr, L2_PREFETCH: tl.constexpr,
-               WAIT_MODE: tl.constexpr):
+               PROFILE: tl.constexpr, LOGICAL_CLOCK: tl.constexpr, WAIT_MODE: tl.constexpr):
     """Each program is one worker: fetch an instruction, wait for its inputs, run its tile, signal.
     PROFILE (a separate compile, only when asked) stamps (worker, fetch, ready, end) per
     instruction into prof_ptr (profiling.py's columns); prof_ptr[-1] is the logical clock.
-    L2_PREFETCH (GPU only: inline PTX) asks L2 for an instruction's weights before its wait.
     WAIT_MODE: how waits acquire (kernel_lib.wait_all; 1 and 2 are inline PTX, GPU only)."""
     pid = tl.program_id(0)
     if DYNAMIC:
@@ -90,7 +88,7 @@ def megakernel(instr_ptr, n_instr, waits_ptr, counters_ptr, head_ptr, err_ptr, a
         row = instr_ptr + idx * NUM_FIELDS
         if PROFILE:
             t_fetch = now(prof_ptr + n_instr * NUM_STAMPS, LOGICAL_CLOCK)
-{preload_early}{prefetch}{wait}        # The next header: its index has arrived during the wait; its rows arrive during the tile.
+{preload_early}{wait}        # The next header: its index has arrived during the wait; its rows arrive during the tile.
         next_op, next_w_begin, next_w_end = load_header(instr_ptr, next_idx, next_cursor < stop)
         if ok == 0:
             next_cursor = stop
@@ -137,12 +135,9 @@ EARLY_SIGNAL = """\
 """
 
 
-def generate(
-    queue: Queue, preload_args: bool = True, l2_prefetch_bytes: int | None = None, early_weights: bool = False
-) -> str:
+def generate(queue: Queue, preload_args: bool = True, early_weights: bool = False) -> str:
     """The kernel's source. preload_args (Settings.preload_args): load each instruction's args
-    (kernel_lib.preload) before its wait rather than after it. l2_prefetch_bytes
-    (Settings.l2_prefetch_bytes): the L2 prefetch's cap per weight column (None: no cap).
+    (kernel_lib.preload) before its wait rather than after it.
     early_weights (Settings.early_weights): opcodes whose family can (OpFamily.early_wait) wait
     inside their tile, after issuing their first weight loads; not for tensor-parallel queues
     (their waits may be remote: codegen_tp rewrites the dispatcher's wait only)."""
@@ -173,16 +168,6 @@ def generate(
         )
     if not branches:
         branches.append("            pass\n")
-    prefetch = []
-    for opcode, key in enumerate(queue.opcode_keys):
-        call = FAMILIES[key[0]].emit_prefetch(key)
-        if call:
-            keyword = "if" if not prefetch else "elif"
-            cap = 0 if l2_prefetch_bytes is None else max(16, l2_prefetch_bytes // 16 * 16)
-            call = call.format(row="pre", addrs="addrs_ptr", views="views_ptr", cap=cap)
-            prefetch.append(f"            {keyword} op == {opcode}:\n                {call}\n")
-    if prefetch:
-        prefetch.insert(0, "        if L2_PREFETCH:\n")
     imports = sorted(
         {
             f"from {type(FAMILIES[k[0]]).__module__} import {r}"
@@ -208,8 +193,7 @@ def generate(
             "    " + line + "\n" for line in WAIT.splitlines()
         )
     head = (
-        LOOP_HEAD.replace("{prefetch}", "".join(prefetch))
-        .replace("{wait}", wait)
+        LOOP_HEAD.replace("{wait}", wait)
         .replace("{preload_early}", early if preload_args else "")
         .replace("{preload_late}", "" if preload_args else late)
     )

@@ -43,20 +43,6 @@ def now(clock_ptr, LOGICAL: tl.constexpr):
 
 
 @triton.jit
-def prefetch_l2(ptrs, nbytes):
-    """sm_90 bulk prefetch of `nbytes` (a multiple of 16) at each pointer (16-byte aligned) into
-    L2: the copy engine streams it while the worker goes on (e.g. into a dependency wait)."""
-    tl.inline_asm_elementwise(
-        "cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;",
-        "=r,l,r",
-        [ptrs.to(tl.int64), nbytes],
-        dtype=tl.int32,
-        is_pure=False,
-        pack=1,
-    )
-
-
-@triton.jit
 def aborted(err_ptr):
     """True once any worker has given up (every worker then stops)."""
     return tl.load(err_ptr + E_FLAG, volatile=True) != 0

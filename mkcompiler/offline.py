@@ -46,7 +46,6 @@ SIGNATURE = {
     "DYNAMIC": "constexpr",
     "PROFILE": "constexpr",
     "LOGICAL_CLOCK": "constexpr",
-    "L2_PREFETCH": "constexpr",
     "WAIT_MODE": "constexpr",
 }
 # A tensor-parallel kernel (codegen_tp.py) takes the rank's table after prof_ptr.
@@ -68,12 +67,6 @@ def default_num_warps() -> int:
     from mkcompiler.settings import Settings
 
     return Settings().num_warps
-
-
-def default_l2_prefetch() -> bool:
-    from mkcompiler.settings import Settings
-
-    return Settings().l2_prefetch
 
 
 def default_waits() -> str:
@@ -100,7 +93,6 @@ def compile_sm90(
     dynamic: bool = True,
     timeout: float = 600,
     profile: bool = False,
-    l2_prefetch: bool | None = None,
     waits: str | None = None,
 ) -> dict:
     """Compile megakernel source for sm_`arch` in a subprocess; return its resource report:
@@ -123,7 +115,6 @@ def compile_sm90(
         f"--arch={arch}",
         "--dynamic" if dynamic else "--static",
         *(["--profile"] if profile else []),
-        *(["--l2-prefetch"] if (default_l2_prefetch() if l2_prefetch is None else l2_prefetch) else []),
         *([f"--waits={waits}"] if waits else []),
     ]
     try:
@@ -166,7 +157,6 @@ def _compile(
     arch: int,
     dynamic: bool,
     profile: bool = False,
-    l2_prefetch: bool = False,
     waits: str | None = None,
 ):
     """triton.compile for a CUDA target without a driver; returns (kernel, ptxas log)."""
@@ -184,7 +174,6 @@ def _compile(
         (index["DYNAMIC"],): dynamic,
         (index["PROFILE"],): profile,
         (index["LOGICAL_CLOCK"],): False,
-        (index["L2_PREFETCH"],): l2_prefetch,
         # "acquire-many": the kernel runtime.wait_mode gives queues with more than 3 waits in a row
         (index["WAIT_MODE"],): WAIT_MANY_MODE if waits == "acquire-many" else WAIT_MODES.index(waits),
     }
@@ -235,15 +224,13 @@ def report_for(
     dynamic: bool = True,
     dump_dir: str | None = None,
     profile: bool = False,
-    l2_prefetch: bool | None = None,
     waits: str | None = None,
 ) -> dict:
     num_warps = num_warps or default_num_warps()
     num_stages = num_stages or default_num_stages()
     kernel = _load_kernel(path)
     t0 = time.perf_counter()
-    l2_prefetch = default_l2_prefetch() if l2_prefetch is None else l2_prefetch
-    compiled, log = _compile(kernel, num_warps, num_stages, arch, dynamic, profile, l2_prefetch, waits)
+    compiled, log = _compile(kernel, num_warps, num_stages, arch, dynamic, profile, waits)
     seconds = time.perf_counter() - t0
     res = _res_usage(compiled.asm["cubin"])
     stores, loads = _ptxas_spills(log)
@@ -258,7 +245,6 @@ def report_for(
         "num_stages": num_stages,
         "dynamic": dynamic,
         "profile": profile,
-        "l2_prefetch": l2_prefetch,
         "waits": waits or default_waits(),
         "regs": res["reg"],
         "spill_stores": stores,
@@ -283,7 +269,6 @@ def main(argv=None) -> None:
     sched.add_argument("--dynamic", dest="dynamic", action="store_true", default=True)
     sched.add_argument("--static", dest="dynamic", action="store_false")
     p.add_argument("--profile", action="store_true", help="the profiling variant (per-instruction stamps)")
-    p.add_argument("--l2-prefetch", action="store_true", help="with L2 prefetch of weights (default: Settings)")
     p.add_argument(
         "--waits",
         default=None,
@@ -299,9 +284,7 @@ def main(argv=None) -> None:
         env = dict(os.environ, TRITON_INTERPRET="0", TRITON_ALWAYS_COMPILE="1")
         args = sys.argv[1:] if argv is None else list(argv)
         os.execve(sys.executable, [sys.executable, "-m", "mkcompiler.offline", *args], env)
-    r = report_for(
-        a.source, a.num_warps, a.num_stages, a.arch, a.dynamic, a.dump, a.profile, a.l2_prefetch or None, a.waits
-    )
+    r = report_for(a.source, a.num_warps, a.num_stages, a.arch, a.dynamic, a.dump, a.profile, a.waits)
     print(json.dumps(r) if a.json else format_report(r))
 
 

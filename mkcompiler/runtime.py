@@ -318,7 +318,6 @@ class Megakernel:
             DYNAMIC=self.settings.schedule != "static",
             PROFILE=prof is not None,
             LOGICAL_CLOCK=self.interpret,
-            L2_PREFETCH=self.settings.l2_prefetch and not self.interpret,
             WAIT_MODE=self.wait_mode,
         )
         if not self.interpret:

@@ -49,21 +49,11 @@ class Settings:
     # fold LayerNorm/RMSNorm into decode matmuls (passes/fuse_norm.py): with the statistics summed
     # in the K loop, 1.586 against 1.672 ms (1B decode, H100, same device call)
     fuse_norm: bool = True
-    # decode groups take BN=32 instead of splitting K when that gives as many tiles (Q/K/V of a
-    # 1B layer: 96 tiles over all of K instead of 96 half-K tiles plus a sum): slower on 1B
-    # decode (1.819 against 1.591 ms, H100: its 32-column K/V tiles stream at 4.6 GB/s per SM)
-    narrow_decode_tiles: bool = False
     # split-K matmuls sum their own partials (passes/split_sum.py): the last of an output block's S
     # split tiles to arrive (a ticket counter) computes the sum op's fused expression (bias, cast,
     # residual add) for the block, so the sum is no stage of its own. Slower on 1B decode (1.821
     # against 1.571 ms, H100): 11 us pass between a layer's last O tile and gate/up's first
     split_sum_in_matmul: bool = False
-    # GPU: ask L2 for weights before waiting on inputs (slower on 1B decode: 1.684 vs 1.586 ms, H100)
-    l2_prefetch: bool = False
-    # with l2_prefetch: at most this many bytes of each weight column's K chunk (None: all of it).
-    # A cap keeps a stage's prefetch within L2 (1B gate/up tiles hold 512 KB each, 64 MB a stage);
-    # 1024: no faster (1.590 against 1.591 ms, H100), 4096: slower (1.683)
-    l2_prefetch_bytes: int | None = None
     # matmul tiles wait for their inputs themselves, after asking for their first weight block
     # and addressing their views (OpFamily.early_wait, codegen.generate): 1.478 against 1.571 ms
     # (1B decode, H100, same call)

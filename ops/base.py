@@ -293,13 +293,6 @@ class OpFamily:
         and runs none of its stores unless ok."""
         return False
 
-    def emit_prefetch(self, key: tuple) -> str | None:
-        """Call expression (with {row},{addrs},{views}; {cap}: Settings.l2_prefetch_bytes, 0 for
-        none) that asks L2 for the tile's read-only operands before the worker waits on its
-        dependencies, or None. Only a hint: L2 is the GPU's point of coherence, so prefetching
-        data a producer later writes is harmless."""
-        return None
-
     def describe(self, node: OpNode, coords) -> str:
         return f"{node.name}{list(coords)}"
 

@@ -54,7 +54,7 @@ from mkcompiler.ops.elementwise import expr_source, expr_torch, linear_offsets
 from mkcompiler.ops.registry import family, lowers
 
 from mkcompiler.ir import View
-from mkcompiler.kernel_lib import prefetch_l2, wait_in_tile
+from mkcompiler.kernel_lib import wait_in_tile
 from mkcompiler.layout import NUM_ARGS
 
 aten = torch.ops.aten
@@ -416,45 +416,6 @@ def split_sum_block(row_ptr, addrs_ptr, views_ptr, BM: tl.constexpr, BN: tl.cons
     return lin, mask, view_base(addrs_ptr, views_ptr, vc, tl.float32), view_stride(views_ptr, vc, 1)
 
 
-@triton.jit
-def matmul_prefetch(
-    row_ptr, addrs_ptr, views_ptr, B_DT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CAP: tl.constexpr
-):
-    """L2 prefetch of the tile's B columns (K contiguous and 16-byte aligned, K and N multiples of
-    8: see Matmul.emit_prefetch), each one bulk copy of its K chunk, before the dependency wait.
-    CAP > 0 (a multiple of 16): only the first CAP bytes of each column's chunk, the part the
-    tile's first K steps read (so a stage's prefetch fits L2)."""
-    va = arg(row_ptr, 0)
-    vb = arg(row_ptr, 1)
-    vc = arg(row_ptr, 3)
-    tn = arg(row_ptr, 5)
-    ks = arg(row_ptr, 6)
-    K = aligned_stride(view_size(views_ptr, va, 3), 8)
-    N = view_size(views_ptr, vb, 3)
-    k_chunk = tl.cdiv(tl.cdiv(K, view_size(views_ptr, vc, 1)), BK) * BK
-    k_lo = ks * k_chunk
-    k_hi = tl.minimum(K, k_lo + k_chunk)
-    sbn = aligned_stride(view_stride(views_ptr, vb, 3), 128 // B_DT.primitive_bitwidth)
-    b_ptr = view_base_aligned(addrs_ptr, views_ptr, vb, B_DT)
-    # BN x PARTS pieces (one per thread at BN = 64 and 8 warps): a [BN] tensor would be
-    # replicated across threads and every column asked for several times.
-    PARTS: tl.constexpr = 4
-    r = tl.arange(0, BN * PARTS)
-    rn = tn * BN + r // PARTS
-    rn = tl.where(rn < N, rn, tn * BN)  # past the last column: ask for the first one again
-    ESIZE: tl.constexpr = B_DT.primitive_bitwidth // 8
-    total = (k_hi - k_lo) * ESIZE  # bytes of one column's chunk: a multiple of 16 (KN_DIV)
-    if CAP > 0:
-        total = tl.minimum(total, CAP)
-    piece = tl.cdiv(total // 16, PARTS) * 16
-    start = (r % PARTS) * piece
-    size = tl.minimum(piece, total - start)
-    start = tl.where(size > 0, start, 0)
-    size = tl.where(size > 0, size, 16)
-    if k_hi > k_lo:
-        prefetch_l2(b_ptr + rn.to(tl.int64) * sbn + k_lo + start // ESIZE, size.to(tl.int32))
-
-
 def _norm_reference(x, node, tensor_of):
     rms, eps, h_dtype = node.attrs["norm"]
     nw, nb = node.inputs[3:5]
@@ -621,7 +582,7 @@ def _stride_aligned(v: View, dim: int) -> bool:
 @family
 class Matmul(OpFamily):
     kind = "matmul"
-    routines = ("matmul_tile", "matmul_prefetch")
+    routines = ("matmul_tile",)
 
     def key(self, node):
         a, b, bias = node.inputs[:3]
@@ -757,13 +718,6 @@ class Matmul(OpFamily):
         the dispatcher's wait: their first block would hold registers across it (a Llama
         prefill kernel spilled) for a load that is a small part of their time."""
         return key[7][0] <= DECODE_ROWS
-
-    def emit_prefetch(self, key):
-        _, a, b, bias, c, dot, prec, (bm, bn, bk), units, _ = key[:10]
-        a_k, b_k, b_n, c_n, a_al, b_al, c_al, kn_div = units
-        if not (b_k and b_al and kn_div):
-            return None  # bulk copies need 16-byte aligned, 16-byte multiple rows of B
-        return f"matmul_prefetch({{row}}, {{addrs}}, {{views}}, {tl_dtype(b)}, {bn}, {bk}, {{cap}})"
 
     def splits(self, node) -> int:
         c = node.outputs[0]

@@ -24,7 +24,6 @@ MIN_K_CHUNK = 512  # at least this many K per chunk, or splitting costs more tha
 
 
 WIDE_FILL = 0.9  # BN=128 when its tiles still give at least this share of the workers one each
-NARROW_BN = 32  # Settings.narrow_decode_tiles: the BN a group may take instead of splitting K
 
 
 def _tile_count(m: int, ns: list[int], tile) -> int:
@@ -67,12 +66,6 @@ def decode_tiling(graph: Graph, settings: Settings, num_workers: int) -> dict[in
                 bn = 128
         tile = matmul_tile(m, max(ns), k, settings, half, bn)
         s = _splits(m, ns, k, settings, num_workers, tile)
-        if settings.narrow_decode_tiles and bn is None and s > 1 and settings.split_k is None:
-            # As many tiles without the split: no fp32 partials to sum, and each tile sees all
-            # of K (a folded norm then sums its statistics in the main loop: ops/matmul.py).
-            narrow = matmul_tile(m, max(ns), k, settings, half, NARROW_BN)
-            if narrow[1] == NARROW_BN and _tile_count(m, ns, narrow) >= _tile_count(m, ns, tile) * s:
-                bn, s = NARROW_BN, 1
         for op in ops:
             plan[id(op)] = (bn, s)
     return plan

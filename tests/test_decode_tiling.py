@@ -66,19 +66,3 @@ def test_prefill_and_explicit_tiles_are_left_alone():
     assert all(bn is None for bn, _ in plan.values())
     graph, plan = tiled(model, (x[:1], y[:1]), workers=132, matmul_tile=(16, 32, 32))
     assert all(op.attrs["tile"] == (16, 32, 32) for op in graph.ops if op.kind == "matmul")
-
-
-def test_narrow_tiles_replace_the_split_only_when_they_give_as_many_tiles():
-    """Settings.narrow_decode_tiles: Q/K/V (48 tiles at BN=64, split in 2 for 132 workers) take
-    BN=32 and no split: 96 tiles over all of K; a group that would need more than halving BN to
-    fill the workers (O-like, 2048 x 2048: 32 tiles, split 4) keeps its split."""
-    model = Siblings(dim=2048).to(torch.bfloat16)
-    x, y = torch.randn(1, 2048, dtype=torch.bfloat16), torch.randn(1, 2048, dtype=torch.bfloat16)
-    graph, plan = tiled(model, (x, y), workers=132, narrow_decode_tiles=True)
-    qkv = [op for op in graph.ops if op.kind == "matmul"][:3]
-    assert {plan[id(op)] for op in qkv} == {(32, 1)}
-    assert all(op.attrs["tile"][1] == 32 and "split" not in op.attrs for op in qkv)
-    assert sum(cdiv(op.outputs[0].shape[-1], 32) for op in qkv) == 96
-    square = torch.nn.Linear(2048, 2048, bias=False).to(torch.bfloat16)
-    _, plan = tiled(square, (x,), workers=132, narrow_decode_tiles=True)
-    assert list(plan.values()) == [(None, 4)]

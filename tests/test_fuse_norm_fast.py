@@ -226,39 +226,3 @@ def test_both_paths_compile_for_sm90_without_spills(monkeypatch):
     r = compile_sm90(mk.source)
     print("\n" + format_report(r))
     assert r["spilled_bytes"] == 0 and r["local"] == 0, format_report(r)
-
-
-class NormQKV(torch.nn.Module):
-    """RMSNorm, then Q/K/V-like siblings of 256 / 64 / 64 columns over K = 1024."""
-
-    def __init__(self, dim=1024):
-        super().__init__()
-        self.norm = torch.nn.RMSNorm(dim, eps=1e-5)
-        self.q = torch.nn.Linear(dim, 256, bias=False)
-        self.k = torch.nn.Linear(dim, 64, bias=False)
-        self.v = torch.nn.Linear(dim, 64, bias=False)
-        with torch.no_grad():
-            self.norm.weight.uniform_(0.5, 1.5)
-
-    def forward(self, x):
-        h = self.norm(x)
-        return self.q(h), self.k(h), self.v(h)
-
-
-def test_narrow_decode_tiles_run_the_folded_norm_over_all_of_k():
-    """With narrow_decode_tiles, 12 workers: the siblings' 6 tiles at BN=64 would be split in
-    two; they take BN=32 (12 tiles) instead, each over all of K, so the folded norm takes its
-    one-pass path. Kernel and VM equal eager."""
-    torch.manual_seed(0)
-    model, x = NormQKV(), torch.randn(1, 1024) + 0.25
-    mk = mkcompiler.compile(model, (x,), num_workers=12, narrow_decode_tiles=True, cache=False)
-    mms = [op for op in mk.graph.ops if op.kind == "matmul"]
-    assert len(mms) == 3 and all("norm" in op.attrs and "split" not in op.attrs for op in mms)
-    assert all(op.attrs["tile"][1] == 32 for op in mms)
-    want = reference(model, (x,))
-    mk.poison()
-    for got, exp in zip(mk(x), want):
-        assert rel_err(got, exp) <= TOL[torch.float32]
-    vm, _ = run_megakernel(mk, x, seed=1)
-    for got, exp in zip(vm, want):
-        assert rel_err(got, exp) <= TOL[torch.float32]

@@ -90,47 +90,38 @@ def test_llama_kernels_compile_for_sm90_without_spills():
         assert r["regs"] > 0 and r["spilled_bytes"] == 0 and r["local"] == 0, summary
 
 
-def decode_mlp_source(**options) -> str:
-    """A decode-shaped (one row) bf16 MLP as a GPU would run it: split-K matvecs whose weights
-    qualify for the L2 prefetch (K-contiguous, 16-byte aligned rows)."""
+def decode_mlp_source() -> str:
+    """A decode-shaped (one row) bf16 MLP as a GPU would run it."""
     torch.manual_seed(0)
     model = TransformerMLP(dim=DIM, hidden=HIDDEN, layers=1).to(torch.bfloat16)
     x = torch.randn(1, DIM, dtype=torch.bfloat16)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tile, "interpreting", lambda: False)
-        mk = mkcompiler.compile(model, (x,), num_workers=132, **options)
-    assert "matmul_prefetch(" in mk.source
+        mk = mkcompiler.compile(model, (x,), num_workers=132)
     return mk.source
 
 
-def test_profile_and_prefetch_variants_compile_for_sm90():
-    """The inline-PTX paths (%globaltimer stamps; cp.async.bulk.prefetch.L2; acquire and fence
-    waits) never run in the interpreter: compile them for sm_90 here, beside the plain kernel."""
+def test_profile_and_wait_variants_compile_for_sm90():
+    """The inline-PTX paths (%globaltimer stamps; acquire and fence waits) never run in the
+    interpreter: compile them for sm_90 here, beside the plain kernel."""
     source = decode_mlp_source()
-    capped = decode_mlp_source(l2_prefetch_bytes=1024)  # Settings.l2_prefetch_bytes: a literal cap
-    assert ", 1024)" in capped and capped != source
     variants = {
         "plain": dict(waits="atomic"),
         "profile": dict(profile=True, waits="atomic"),
-        "l2_prefetch": dict(l2_prefetch=True, waits="atomic"),
         "acquire waits": dict(waits="acquire"),
         "fence waits": dict(waits="fence"),
         "acquire waits, many rows": dict(waits="acquire-many"),  # kernel_lib.wait_many's reductions
     }
     with ThreadPoolExecutor(3) as pool:
         futures = {k: pool.submit(compile_sm90, source, **v) for k, v in variants.items()}
-        futures["capped l2_prefetch"] = pool.submit(compile_sm90, capped, l2_prefetch=True, waits="atomic")
         reports = {k: f.result() for k, f in futures.items()}
     for name, r in reports.items():
         print(f"\n{name}: {format_report(r)}")
         assert r["regs"] > 0 and r["ptx_lines"] > 0
-    assert reports["profile"]["profile"] and reports["l2_prefetch"]["l2_prefetch"]
-    assert reports["capped l2_prefetch"]["spilled_bytes"] == 0
-    assert not reports["plain"]["profile"] and not reports["plain"]["l2_prefetch"]
+    assert reports["profile"]["profile"] and not reports["plain"]["profile"]
     assert reports["plain"]["spilled_bytes"] == 0, format_report(reports["plain"])
     # The variants' code is really there (constexpr-pruned from the plain kernel).
     assert reports["profile"]["ptx_lines"] > reports["plain"]["ptx_lines"]
-    assert reports["l2_prefetch"]["ptx_lines"] > reports["plain"]["ptx_lines"]
     # Settings.waits: each mode compiles (inline PTX: ld.acquire polls, bar.red votes, fences)
     # without spills, and is a different kernel from the atomic waits of the plain one.
     for mode in ("acquire", "fence"):
