@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks; a short table last. Usage (device machine):
-#   bash benchmarks/gpu_check.sh [tests|bench|llama|decode|profile|pdecode|issue3|compile|all] ...
-# several modes may be given. BENCH_ARGS / LLAMA_ARGS / DECODE_ARGS add options to the MLP /
-# Llama / decode-latency benchmarks; PROFILE_FACTORY names the model `profile` runs;
-# PDECODE_ARGS are profile_decode.py's options (pdecode is not part of `all`).
+#   bash benchmarks/gpu_check.sh [tests|bench|llama|decode|profile|pdecode|issue3|prefill|compile|all] ...
+# several modes may be given. BENCH_ARGS / LLAMA_ARGS / DECODE_ARGS / PREFILL_ARGS add options to
+# the MLP / Llama / decode-latency / prefill-matmul benchmarks; PROFILE_FACTORY names the model
+# `profile` runs; PDECODE_ARGS are profile_decode.py's options (pdecode, issue3 and prefill are
+# not part of `all`).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-/tmp/mk_out}"; mkdir -p "$OUT"
 modes=" ${*:-all} "
-want() { [[ "$modes" == *" $1 "* || ("$modes" == *" all "* && "$1" != pdecode && "$1" != issue3) ]]; }
+want() { [[ "$modes" == *" $1 "* || ("$modes" == *" all "* && " pdecode issue3 prefill " != *" $1 "*) ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 rc=0
@@ -47,6 +48,11 @@ if want issue3; then  # issue 3's acceptance runs (not part of `all`): 8B prefil
     timeout 240 python3 benchmarks/run_with_stacks.py 150 benchmarks/bench_llama.py $a 2>&1 | tee -a "$OUT/issue3.log" | grep --line-buffered -v Warning \
       | grep --line-buffered -E "rel err|vs fp32|ms|compiled|Error"
   done
+fi
+if want prefill; then  # matmul instructions' share of cuBLAS's rate on an 8B prefill, per variant
+  # (e.g. PREFILL_ARGS='--variant "" --variant "matmul_tile=(128,128,64)"')
+  eval "timeout 560 python3 benchmarks/prefill_matmul.py --model llama-3.1-8b --layers 2 --tokens 2048 ${PREFILL_ARGS:-} \
+    --time-budget 520 --json $OUT/prefill_matmul.json" 2>&1 | grep -v Warning | tail -16
 fi
 if want compile; then
   timeout 200 python3 benchmarks/compile_times.py --model llama-3.2-1b 2>&1 | grep -v Warning | tail -4
