@@ -2,7 +2,7 @@
 (../shared/bench/peer_llama_tp.py) in one torchrun process group, on the same GPUs, in one run.
 
     torchrun --standalone --nproc-per-node 4 benchmarks/tp_throughput.py --model llama-70b --layers 10 \\
-        [--cases decode256,prefill4096,decode64] [--json PATH] [--time-budget S]
+        [--cases decode256,prefill4096,decode64,mixed512+64] [--json PATH] [--time-budget S]
     bash benchmarks/tp_bench.sh 4                   # the same under a hard timeout; log and JSON under $OUT
     python benchmarks/tp_throughput.py --dry-run    # no GPU: tiny shapes, 2 ranks in the Triton interpreter
 
@@ -17,26 +17,36 @@ LastPosition; --all-logits turns it off).
 
 Cases (--cases, run in the order given): decodeB = one decode step of batch B at position ctx
 (--ctx 1024: 1024 tokens already in the cache); prefillT = T tokens of one sequence at positions
-0..T-1. Per case:
+0..T-1; mixedC+B (not in the default cases) = one mixed step (examples/llama.py's MixedStep, as
+serving engines batch a chunked prefill with decodes): a prefill chunk of C tokens of one sequence
+at positions ctx..ctx+C-1 (a prompt whose first ctx tokens are already in the cache: KV-cache row
+0) plus one decode token of each of B other sequences at position ctx (rows 1..B), C + B tokens in
+one launch; its caches have B + 1 rows of max_seq_len = ctx + C + 8, and every row's logits are
+computed (no last-position wrapper). Per case:
 1. mkcompiler: compile (seconds printed), a first call (the Triton compile of the kernel), rank
    0's logits against eager of the whole (unsharded) model on rank 0 (same weights, same cache
    contents; relative error printed and flagged above --tol, never fatal), the ranks' logits
    compared (checksums), then timed: `mk(tok, pos)` (mk call: checks, launch, error read, output
    copy) and `mk.launch()` (mk kernel). If a prefill does not compile (an error such as out of
    memory), it is retried with half the tokens down to --min-prefill-chunk, printing the chunk
-   (--prefill-fallback off: no retry); the peer then runs the same chunk.
+   (--prefill-fallback off: no retry); the peer then runs the same chunk. (A mixed step is not
+   retried.)
 2. peer: the peer's own model (its ShardedLlama, imported from --peer, never copied here) with
    the same shapes, batch, tokens and max_seq_len, timed eager and with torch.compile in the
    peer's modes (--peer-modes; compile-cg = torch.compile(mode="reduce-overhead"): the peer's
    "torch.compile + CUDA graphs"; compile = mode="max-autotune-no-cudagraphs"; compile-max-cg =
-   mode="max-autotune", not in the peer).
+   mode="max-autotune", not in the peer). The peer has no mixed step: its baseline for mixedC+B is
+   what a server without mixing runs, a decode step of batch B at ctx and a prefill of the C
+   tokens at positions ctx.. (two ShardedLlama of batch B and 1 sharing one copy of the weights,
+   caches as long as mkcompiler's), timed as one function making both calls (each compiled on its
+   own, static shapes), labelled "decode B + prefill C, two calls".
 Timing is the peer's: warm-up calls, a barrier, then --iters calls each between two CUDA events
 and a synchronize; the median per rank; reported: rank 0's median and the max over the ranks'
 medians (the peer's number). Whole-model figures are scaled the peer's way, exactly: measured ms
 (max over ranks) / layers x real depth (so embedding and LM head, inside the measured ms, are
 scaled too: the peer's docstring says "plus the sharded LM head" but its code scales the whole
-time); tokens/s = batch x tokens / scaled seconds. "vs best" = best peer baseline's scaled ms /
-this row's (above 1: faster than the best baseline).
+time); tokens/s = tokens per step (batch x tokens; a mixed step: C + B) / scaled seconds. "vs
+best" = best peer baseline's scaled ms / this row's (above 1: faster than the best baseline).
 
 Differences from the peer's model that remain: mkcompiler's model embeds tokens (the peer starts
 from hidden states) and all-gathers the vocab-sharded logits (the peer leaves them sharded); both
@@ -83,7 +93,7 @@ from benchmarks.decode_latency import (  # noqa: E402
     git_info,
     rel,
 )
-from examples.llama import CONFIGS, Llama, LlamaConfig, random_llama  # noqa: E402
+from examples.llama import CONFIGS, Llama, LlamaConfig, MixedStep, random_llama  # noqa: E402
 
 # Nothing here touches CUDA at import time; mkcompiler and triton are imported where used.
 
@@ -123,6 +133,7 @@ DEFAULT_ESTIMATES = {
     "build": 15.0,
     "mk:decode": 120.0,
     "mk:prefill": 200.0,
+    "mk:mixed": 200.0,
     "peer:eager": 20.0,
     "peer:compile": 240.0,
     "peer:compile-cg": 120.0,
@@ -138,8 +149,9 @@ DRY_LAYERS, DRY_CTX, DRY_TP, DRY_ITERS = 1, 8, 2, 1
 
 LEGEND = (
     "measured ms: median of the timed calls (rank 0's; the max over the ranks' medians); ms/step: that max / "
-    "layers x the model's depth (the peer's scaling, embedding and LM head included); tokens/s = batch x tokens / "
-    "ms/step; vs best baseline = the best peer variant's ms/step / this row's (the tokens/s ratio: above 1, faster)"
+    "layers x the model's depth (the peer's scaling, embedding and LM head included); tokens/s = tokens per step "
+    "(batch x tokens; a mixed step: chunk + batch) / ms/step; vs best baseline = the best peer variant's ms/step / "
+    "this row's (the tokens/s ratio: above 1, faster)"
 )
 
 
@@ -152,13 +164,24 @@ def say(*a) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    name: str  # as given: decode256, prefill4096
-    kind: str  # "decode" or "prefill"
-    batch: int
-    tokens: int  # tokens per sequence in one call (1 for decode)
+    name: str  # as given: decode256, prefill4096, mixed512+64
+    kind: str  # "decode", "prefill" or "mixed"
+    batch: int  # sequences (a mixed step: the decoding ones)
+    tokens: int  # tokens per sequence in one call (1 for decode and for a mixed step's decoders)
+    chunk: int = 0  # a mixed step's prefill chunk (tokens of one more sequence); 0 otherwise
+
+    @property
+    def step_tokens(self) -> int:
+        """Tokens one call processes: batch x tokens, plus a mixed step's chunk."""
+        return self.batch * self.tokens + self.chunk
+
+    @property
+    def cache_rows(self) -> int:
+        """KV-cache rows (max_batch): a mixed step's chunk has row 0, its decoders rows 1..B."""
+        return self.batch + (1 if self.kind == "mixed" else 0)
 
 
-CASE_RE = re.compile(r"^(decode|prefill)(\d+)$")
+CASE_RE = re.compile(r"^(?:(decode|prefill)(\d+)|mixed(\d+)\+(\d+))$")
 
 
 def parse_cases(text: str) -> list[Case]:
@@ -168,12 +191,16 @@ def parse_cases(text: str) -> list[Case]:
         if not piece:
             continue
         m = CASE_RE.match(piece)
-        if not m or int(m.group(2)) < 1:
+        if not m or any(n.isdigit() and int(n) < 1 for n in m.groups() if n):
             raise argparse.ArgumentTypeError(
-                f"--cases: {piece!r} is not decodeB (batch B, one token) or prefillT (T tokens, batch 1)"
+                f"--cases: {piece!r} is not decodeB (batch B, one token), prefillT (T tokens, batch 1) or "
+                "mixedC+B (a prefill chunk of C tokens and B decode tokens in one step)"
             )
-        n = int(m.group(2))
-        case = Case(piece, "decode", n, 1) if m.group(1) == "decode" else Case(piece, "prefill", 1, n)
+        if m.group(1) is None:
+            case = Case(piece, "mixed", int(m.group(4)), 1, chunk=int(m.group(3)))
+        else:
+            n = int(m.group(2))
+            case = Case(piece, "decode", n, 1) if m.group(1) == "decode" else Case(piece, "prefill", 1, n)
         if case not in cases:
             cases.append(case)
     if not cases:
@@ -196,7 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="llama-70b", choices=sorted(MODELS), help="per-layer shapes (default llama-70b)")
     p.add_argument("--layers", type=int, default=10, help="layers built and measured (default 10)")
     p.add_argument(
-        "--cases", type=parse_cases, default=None, help=f"comma-separated, in run order (default {DEFAULT_CASES})"
+        "--cases",
+        type=parse_cases,
+        default=None,
+        help="comma-separated, in run order: decodeB (a decode step of batch B at --ctx), prefillT (T tokens "
+        "at positions 0..T-1), mixedC+B (one step: a prefill chunk of C tokens at positions ctx.. plus a decode "
+        f"token of B other sequences at ctx; not in the default) (default {DEFAULT_CASES})",
     )
     p.add_argument("--ctx", type=int, default=1024, help="decode position: tokens already in the cache (default 1024)")
     p.add_argument("--json", default=None, help="write everything measured (rank 0; rewritten after every case)")
@@ -283,18 +315,23 @@ def kv_heads_per_rank(n_kv: int, tp: int) -> int:
     return n_kv // tp if n_kv % tp == 0 else 1  # more ranks than kv heads: replicated (mkcompiler.tp, the peer)
 
 
-def memory_estimate(c: LlamaConfig, tp: int, batch: int, tokens: int, ctx: int, dtype_bytes: int = 2) -> dict:
+def memory_estimate(
+    c: LlamaConfig, tp: int, batch: int, tokens: int, ctx: int, dtype_bytes: int = 2, chunk: int = 0
+) -> dict:
     """Bytes per GPU (every rank alike) that the case allocates besides activations: the model's
     weights (whole, on every rank: shards are views), its KV caches (whole: the eager reference
     and the source of the shards' caches), mkcompiler's shard caches, and the peer's sharded
     weights and caches. mkcompiler's activations and symmetric-memory arena, torch.compile's
-    buffers and CUDA-graph pools come on top (the run prints measured peaks)."""
+    buffers and CUDA-graph pools come on top (the run prints measured peaks). chunk > 0: a mixed
+    step (batch decoders and a chunk): B + 1 cache rows of max_seq_len(ctx, chunk), on both sides
+    (the peer's decode model has B rows, its prefill model 1, one copy of the weights)."""
     d, hd, L, f = c.dim, c.head_dim, c.n_layers, c.hidden
     layer = d * c.n_heads * hd * 2 + d * c.n_kv_heads * hd * 2 + 3 * d * f + 2 * d
     weights = (L * layer + 2 * c.vocab_size * d + d) * dtype_bytes
-    seq = max_seq_len(ctx, tokens)
+    seq = max_seq_len(ctx, chunk if chunk else tokens)
+    rows = batch + 1 if chunk else batch
     kv = kv_heads_per_rank(c.n_kv_heads, tp)
-    cache = lambda heads: 2 * L * batch * heads * seq * hd * dtype_bytes  # noqa: E731
+    cache = lambda heads: 2 * L * rows * heads * seq * hd * dtype_bytes  # noqa: E731
     nh = c.n_heads // tp
     peer_layer = (nh + 2 * kv) * hd * d + d * nh * hd + 3 * (f // tp) * d + 2 * d
     peer_weights = (L * peer_layer + (c.vocab_size // tp) * d + d) * dtype_bytes
@@ -314,8 +351,9 @@ def scaled_ms(ms: float, layers: int, depth: int) -> float:
     return ms / layers * depth
 
 
-def tokens_per_s(batch: int, tokens: int, full_ms: float) -> float:
-    return batch * tokens / (full_ms / 1e3)
+def tokens_per_s(batch: int, tokens: int, full_ms: float, chunk: int = 0) -> float:
+    """Tokens per step (batch x tokens, plus a mixed step's chunk) / the step's seconds."""
+    return (batch * tokens + chunk) / (full_ms / 1e3)
 
 
 # ---------------------------------------------------------------- ranks
@@ -481,7 +519,15 @@ def case_model(base: Llama, batch: int, seq: int, device, seed: int, last_only: 
 
 
 def case_inputs(c: LlamaConfig, case: Case, tokens: int, ctx: int, device, seed: int):
+    """(tokens, positions); a mixed step: (chunk tokens [1, C], positions ctx..ctx+C-1, the
+    decoders' tokens [B, 1], their positions: ctx each), MixedStep's inputs."""
     gen = torch.Generator(device=device).manual_seed(seed + 1)
+    if case.kind == "mixed":
+        chunk_tok = torch.randint(0, c.vocab_size, (1, case.chunk), device=device, generator=gen)
+        dec_tok = torch.randint(0, c.vocab_size, (case.batch, 1), device=device, generator=gen)
+        chunk_pos = torch.arange(ctx, ctx + case.chunk, device=device)
+        dec_pos = torch.full((case.batch,), ctx, dtype=torch.long, device=device)
+        return chunk_tok, chunk_pos, dec_tok, dec_pos
     tok = torch.randint(0, c.vocab_size, (case.batch, tokens), device=device, generator=gen)
     pos = torch.tensor([ctx], device=device) if case.kind == "decode" else torch.arange(tokens, device=device)
     return tok, pos
@@ -575,17 +621,22 @@ class MkHandle:
 
 
 def run_mk(ranks, base, case: Case, row: dict, args, budget: Budget, keep: list):
-    """Build the case's model, compile (a prefill that fails: halve the chunk), check, time."""
+    """Build the case's model, compile (a prefill that fails: halve the chunk), check, time. A mixed
+    step: MixedStep around a Llama of B + 1 cache rows (every row's logits: no LastPosition)."""
     c = base.c
     tokens = row["tokens"]
+    mixed = case.kind == "mixed"
     opts = compile_options(args.opt)
     while True:
         model = handle = None
         err = None
         try:
             t0 = time.perf_counter()
-            seq = max_seq_len(args.ctx, tokens)
-            model = case_model(base, case.batch, seq, ranks.device, args.seed, case.tokens > 1 and not args.all_logits)
+            seq = max_seq_len(args.ctx, case.chunk if mixed else tokens)
+            last_only = case.kind == "prefill" and case.tokens > 1 and not args.all_logits
+            model = case_model(base, case.cache_rows, seq, ranks.device, args.seed, last_only)
+            if mixed:
+                model = MixedStep(model).eval()
             inputs = case_inputs(c, case, tokens, args.ctx, ranks.device, args.seed)
             ranks.sync()
             budget.record("build", time.perf_counter() - t0)
@@ -611,10 +662,11 @@ def run_mk(ranks, base, case: Case, row: dict, args, budget: Budget, keep: list)
         row["notes"].append(f"prefill of {case.tokens} tokens did not compile: chunk of {tokens} tokens")
         say_0(ranks, f"  prefill {case.tokens}: compile failed; retrying with a chunk of {tokens} tokens")
     row["mk"] = dict(handle.info, max_seq_len=seq)
+    what = f"a chunk of {case.chunk} + {case.batch} decode tokens" if mixed else f"{tokens} tokens"
     say_0(
         ranks,
         f"  mkcompiler compiled in {row['compile_s']['mkcompiler']:.1f} s: {handle.info['instructions']} "
-        f"instructions, {handle.info['workers']} workers, tensor_parallel={ranks.tp}, {tokens} tokens",
+        f"instructions, {handle.info['workers']} workers, tensor_parallel={ranks.tp}, {what}",
     )
     t0 = time.perf_counter()
     out, agree = handle.first()
@@ -655,19 +707,96 @@ def run_mk(ranks, base, case: Case, row: dict, args, budget: Budget, keep: list)
 # ---------------------------------------------------------------- the peer
 
 
+def peer_twin(peer, like, shapes: dict, layers: int, ws: int, batch: int, seq: int, dev):
+    """The peer's model for another batch sharing `like`'s weights and rope tables (one copy of
+    the weights): built on the meta device, then given like's tensors (same shapes: `seq` must be
+    like's) and KV caches of its own (zeros, as the peer's)."""
+    m = peer.ShardedLlama(shapes, layers, ws, batch, seq, "meta")
+    for mine, theirs in zip(m.L, like.L, strict=True):
+        for k, t in mine.items():
+            if t.dim() == 4:  # a cache [batch, kv heads, seq, head dim]
+                mine[k] = torch.zeros(t.shape, dtype=t.dtype, device=dev)
+            elif theirs[k].shape == t.shape:
+                mine[k] = theirs[k]
+            else:
+                raise RuntimeError(f"peer layer tensor {k}: {tuple(t.shape)} here, {tuple(theirs[k].shape)} to share")
+    for name, t in list(vars(m).items()):
+        if isinstance(t, torch.Tensor):
+            if getattr(like, name).shape != t.shape:
+                raise RuntimeError(f"peer tensor {name}: {tuple(t.shape)}, {tuple(getattr(like, name).shape)} to share")
+            setattr(m, name, getattr(like, name))
+    tensors = [t for layer in m.L for t in layer.values()] + [
+        t for t in vars(m).values() if isinstance(t, torch.Tensor)
+    ]
+    if any(t.is_meta for t in tensors):
+        raise RuntimeError("the peer's model has tensors this script does not know (left on the meta device)")
+    return m
+
+
+def peer_calls(peer, ranks, case: Case, tokens: int, shapes: dict, args) -> list[tuple]:
+    """The peer's model calls of one step, [(model, hidden states, positions)]: one (a decode
+    step of batch B at ctx, or a prefill at 0..T-1); a mixed step two, what a server without
+    mixing runs: a decode step of batch B at ctx, then the chunk's prefill at ctx..ctx+C-1 (both
+    models with mkcompiler's cache length, max_seq_len(ctx, C), one copy of the weights)."""
+    dev, dim, ctx = ranks.device, shapes["dim"], args.ctx
+    torch.manual_seed(args.seed + 7)
+    if case.kind != "mixed":
+        B, T = case.batch, tokens
+        m = peer.ShardedLlama(shapes, args.layers, ranks.peer_ws, B, max_seq_len(ctx, T), dev)
+        x = torch.randn(B, T, dim, device=dev, dtype=torch.bfloat16)
+        pos = torch.arange(ctx, ctx + T, device=dev) if case.kind == "decode" else torch.arange(T, device=dev)
+        return [(m, x, pos)]
+    B, C, seq = case.batch, case.chunk, max_seq_len(ctx, case.chunk)
+    dec = peer.ShardedLlama(shapes, args.layers, ranks.peer_ws, B, seq, dev)
+    pre = peer_twin(peer, dec, shapes, args.layers, ranks.peer_ws, 1, seq, dev)
+    return [
+        (dec, torch.randn(B, 1, dim, device=dev, dtype=torch.bfloat16), torch.arange(ctx, ctx + 1, device=dev)),
+        (pre, torch.randn(1, C, dim, device=dev, dtype=torch.bfloat16), torch.arange(ctx, ctx + C, device=dev)),
+    ]
+
+
+def peer_step(calls: list[tuple], mode: str):
+    """One function running the step's calls (each model's forward; compiled per PEER_MODES[mode],
+    each on its own). Two calls: static shapes (dynamic=False: no automatic dynamic shapes from
+    the second model's recompile; the peer compiles each case afresh), and with CUDA graphs each
+    step marked as a new one (two graphs replayed in turn)."""
+    how = PEER_MODES[mode]
+    if how is None:
+        fns = [m.forward for m, _, _ in calls]
+    elif len(calls) == 1:
+        fns = [torch.compile(calls[0][0].forward, mode=how)]
+    else:
+        fns = [torch.compile(m.forward, mode=how, dynamic=False) for m, _, _ in calls]
+    if len(calls) == 1:
+        (f,), (_, x, pos) = fns, calls[0]
+        return lambda: f(x, pos)
+    graphs = how in ("reduce-overhead", "max-autotune")
+
+    def step():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        for f, (_, x, pos) in zip(fns, calls):
+            f(x, pos)
+
+    return step
+
+
 def run_peer(peer, ranks, case: Case, row: dict, shapes: dict, args, budget: Budget) -> None:
-    B, T, dev = case.batch, row["tokens"], ranks.device
-    m = x = pos = None
+    dev = ranks.device
+    calls = built = None
     try:
-        torch.manual_seed(args.seed + 7)
         with torch.no_grad():
-            m = peer.ShardedLlama(shapes, args.layers, ranks.peer_ws, B, max_seq_len(args.ctx, T), dev)
-            x = torch.randn(B, T, shapes["dim"], device=dev, dtype=torch.bfloat16)
-            pos = (
-                torch.arange(args.ctx, args.ctx + T, device=dev)
-                if case.kind == "decode"
-                else torch.arange(T, device=dev)
-            )
+            try:
+                calls = peer_calls(peer, ranks, case, row["tokens"], shapes, args)
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory
+                built = e
+                _error(row, "peer build", e, ranks)
+            if not ranks.all_ok(built is None):
+                return
+            if len(calls) > 1:
+                row["notes"].append(
+                    f"peer: decode {case.batch} + prefill {case.chunk}, two calls per step (it has no mixed step)"
+                )
             for mode in args.peer_modes:
                 impl, phase = f"peer {mode}", f"peer:{mode}"
                 if not ranks.cuda and mode != "eager":
@@ -680,12 +809,12 @@ def run_peer(peer, ranks, case: Case, row: dict, shapes: dict, args, budget: Bud
                 t_phase = time.perf_counter()
                 failed = None
                 try:
-                    f = m.forward if PEER_MODES[mode] is None else torch.compile(m.forward, mode=PEER_MODES[mode])
+                    f = peer_step(calls, mode)
                     t0 = time.perf_counter()
-                    f(x, pos)
+                    f()
                     ranks.sync()
                     row["first_call_s"][impl] = time.perf_counter() - t0
-                    row["ms"][impl] = time_fn(lambda f=f: f(x, pos), ranks, args.iters, args.warmup)
+                    row["ms"][impl] = time_fn(f, ranks, args.iters, args.warmup)
                     say_0(ranks, f"  {impl}: first call {row['first_call_s'][impl]:.1f} s, {_ms(row['ms'][impl])}")
                 except Exception as e:  # noqa: BLE001
                     failed = e
@@ -701,7 +830,7 @@ def run_peer(peer, ranks, case: Case, row: dict, shapes: dict, args, budget: Bud
                 if ranks.cuda:
                     row["mem"][f"{impl} peak_gb"] = torch.cuda.max_memory_allocated(dev) / 1e9
     finally:
-        m = x = pos = None
+        calls = built = None
         free_memory()
 
 
@@ -728,7 +857,7 @@ def derived(row: dict, layers: int, depth: int) -> dict:
     """Per implementation: ms/step and tokens/s at full depth (from the max over ranks, the
     peer's number), and the best peer baseline's scaled ms / this one's."""
     full = {k: scaled_ms(v["max"], layers, depth) for k, v in row["ms"].items()}
-    tps = {k: tokens_per_s(row["batch"], row["tokens"], v) for k, v in full.items()}
+    tps = {k: tokens_per_s(row["batch"], row["tokens"], v, row.get("chunk", 0)) for k, v in full.items()}
     base = {k: v for k, v in full.items() if k.startswith("peer ")}
     best = min(base, key=base.get) if base else None
     vs = {k: base[best] / v for k, v in full.items()} if best else {}
@@ -741,6 +870,12 @@ def format_case(row: dict, meta: dict) -> str:
     d = derived(row, layers, depth)
     what = f"batch {row['batch']}, {row['tokens']} token{'s' if row['tokens'] > 1 else ''}"
     where = f"context {row['ctx']}" if row["kind"] == "decode" else f"positions 0..{row['tokens'] - 1}"
+    peer_how = ""
+    if row["kind"] == "mixed":
+        ctx, C, B = row["ctx"], row["chunk"], row["batch"]
+        what = f"one step of {C + B} tokens: a prefill chunk of {C} at positions {ctx}..{ctx + C - 1}"
+        where = f"{B} decode token{'s' if B > 1 else ''} at context {ctx}"
+        peer_how = f" (decode {B} + prefill {C}, two calls)"
     lines = [
         f"### {row['case']}: {what}, {where} ({meta['model']}, TP={meta['tp']}, {meta['device']}; "
         f"{layers} layers measured, scaled to {depth})",
@@ -755,8 +890,9 @@ def format_case(row: dict, meta: dict) -> str:
             continue
         t = row["ms"][k]
         vs = d["vs_best_baseline"].get(k)
+        label = IMPL_LABEL.get(k, k) + (peer_how if k.startswith("peer ") else "")
         lines.append(
-            f"| {IMPL_LABEL.get(k, k)} | {t['rank0']:.3f} | {t['max']:.3f} | {d['full_ms'][k]:.2f} "
+            f"| {label} | {t['rank0']:.3f} | {t['max']:.3f} | {d['full_ms'][k]:.2f} "
             f"| {d['tokens_per_s'][k]:,.0f} | {'—' if vs is None else f'{vs:.2f}x'} |"
         )
     notes = []
@@ -802,7 +938,9 @@ def new_row(case: Case, ctx: int) -> dict:
         "kind": case.kind,
         "batch": case.batch,
         "tokens": case.tokens,
-        "ctx": ctx if case.kind == "decode" else 0,
+        "chunk": case.chunk,
+        "step_tokens": case.step_tokens,
+        "ctx": ctx if case.kind in ("decode", "mixed") else 0,
         "status": "not run",
         "ms": {},
         "compile_s": {},
@@ -849,7 +987,7 @@ def memory_table(model: str, layers: int, ctx: int, cases: list[Case], tps=(2, 4
     out = {}
     for tp in tps:
         for k in cases:
-            e = {n: v / 1e9 for n, v in memory_estimate(c, tp, k.batch, k.tokens, ctx).items()}
+            e = {n: v / 1e9 for n, v in memory_estimate(c, tp, k.batch, k.tokens, ctx, chunk=k.chunk).items()}
             out[f"TP={tp} {k.name}"] = {n: round(v, 3) for n, v in e.items()}
             say(
                 f"| {tp} | {k.name} | {e['weights']:.1f} | {e['model_kv_caches']:.1f} | {e['mk_shard_kv_caches']:.1f} "
@@ -859,9 +997,12 @@ def memory_table(model: str, layers: int, ctx: int, cases: list[Case], tps=(2, 4
 
 
 def dry_case(case: Case) -> Case:
-    """--dry-run's stand-in for a case: decode64 -> batch 1, decode256 -> 4; prefill -> 8 tokens."""
+    """--dry-run's stand-in for a case: decode64 -> batch 1, decode256 -> 4; prefill -> 8 tokens;
+    mixed512+64 -> a chunk of 8 and batch 1."""
     if case.kind == "decode":
         return dataclasses.replace(case, batch=max(1, case.batch // 64))
+    if case.kind == "mixed":
+        return dataclasses.replace(case, chunk=min(case.chunk, 8), batch=max(1, case.batch // 64))
     return dataclasses.replace(case, tokens=min(case.tokens, 8))
 
 
@@ -895,7 +1036,7 @@ def main(argv=None) -> int:
         "tp": ranks.tp,
         "args": {k: (v if k != "cases" else [x.name for x in v]) for k, v in vars(args).items()},
         "scaling": "ms/step = measured ms (max over ranks' medians) / layers x depth (the peer's); "
-        "tokens/s = batch x tokens / that",
+        "tokens/s = tokens per step (batch x tokens; a mixed step: chunk + batch) / that",
         "multicast_env": {k: os.environ.get(k) for k in MULTICAST_OFF},
         "cases": [new_row(k, args.ctx) for k in cases],
         "stopped": None,
@@ -941,7 +1082,7 @@ def main(argv=None) -> int:
             f"peer modes {', '.join(args.peer_modes) or 'none'}",
         )
         for row, k in zip(result["cases"], cases):
-            est = memory_estimate(c, ranks.tp, k.batch, k.tokens, args.ctx)
+            est = memory_estimate(c, ranks.tp, k.batch, k.tokens, args.ctx, chunk=k.chunk)
             row["mem"]["estimate_gb"] = {n: round(v / 1e9, 3) for n, v in est.items()}
             say_0(
                 ranks,

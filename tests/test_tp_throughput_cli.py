@@ -50,6 +50,41 @@ def test_default_cases_and_flags():
     assert not tt.parse_args(["--no-prefill-fallback"]).prefill_fallback
 
 
+def test_mixed_cases():
+    a = tt.parse_args(["--cases", "decode64, mixed512+64,mixed512+64,mixed1+1"])
+    assert [c.name for c in a.cases] == ["decode64", "mixed512+64", "mixed1+1"]
+    m = a.cases[1]
+    assert m == tt.Case("mixed512+64", "mixed", 64, 1, chunk=512)
+    assert (m.step_tokens, m.cache_rows) == (576, 65)
+    assert (a.cases[0].step_tokens, a.cases[0].cache_rows, a.cases[0].chunk) == (64, 64, 0)
+    p = tt.parse_cases("prefill4096")[0]
+    assert (p.step_tokens, p.cache_rows, p.chunk) == (4096, 1, 0)
+    assert "mixed" not in tt.DEFAULT_CASES  # the default run stays as it was
+    assert tt.dry_case(m) == tt.Case("mixed512+64", "mixed", 1, 1, chunk=8)
+    assert tt.dry_case(tt.Case("mixed4+256", "mixed", 256, 1, chunk=4)).step_tokens == 4 + 4
+    row = tt.new_row(m, 1024)
+    assert (row["kind"], row["batch"], row["tokens"], row["chunk"], row["step_tokens"], row["ctx"]) == (
+        "mixed",
+        64,
+        1,
+        512,
+        576,
+        1024,
+    )
+    assert tt.new_row(tt.parse_cases("prefill8")[0], 1024)["ctx"] == 0
+
+
+def test_mixed_inputs():
+    from examples.llama import CONFIGS
+
+    case = tt.Case("mixed5+3", "mixed", 3, 1, chunk=5)
+    chunk_tok, chunk_pos, dec_tok, dec_pos = tt.case_inputs(CONFIGS["tiny"], case, 1, 10, "cpu", seed=0)
+    assert chunk_tok.shape == (1, 5) and dec_tok.shape == (3, 1)
+    assert chunk_pos.tolist() == [10, 11, 12, 13, 14] and dec_pos.tolist() == [10, 10, 10]
+    again = tt.case_inputs(CONFIGS["tiny"], case, 1, 10, "cpu", seed=0)
+    assert torch.equal(again[0], chunk_tok) and torch.equal(again[2], dec_tok)  # seeded: every rank alike
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -57,6 +92,13 @@ def test_default_cases_and_flags():
         ["--cases", "prefill0"],
         ["--cases", "train64"],
         ["--cases", ","],
+        ["--cases", "mixed512"],
+        ["--cases", "mixed0+64"],
+        ["--cases", "mixed512+0"],
+        ["--cases", "mixed+64"],
+        ["--cases", "mixed512+64+1"],
+        ["--cases", "mixed512-64"],
+        ["--cases", "mixed 512+64"],
         ["--model", "llama-405b"],
         ["--peer-modes", "fast"],
         ["--layers", "0"],
@@ -115,6 +157,52 @@ def test_memory_estimate_counts_the_models_tensors(tp):
     assert est["total"] == sum(v for k, v in est.items() if k != "total")
 
 
+@pytest.mark.parametrize("tp", [2, 4])
+def test_memory_estimate_of_a_mixed_step(tp):
+    """B + 1 cache rows of max_seq_len(ctx, C) in mkcompiler's model; the peer's decode model (B rows)
+    and prefill model (1 row) sharing one copy of the weights."""
+    from examples.llama import Llama
+
+    B, C, ctx = 3, 16, 1024
+    c = tt.llama_config("llama-70b", 2)
+    est = tt.memory_estimate(c, tp, batch=B, tokens=1, ctx=ctx, chunk=C)
+    c = type(c)(**{**c.__dict__, "max_batch": B + 1, "max_seq_len": tt.max_seq_len(ctx, C)})
+    with torch.device("meta"):
+        m = Llama(c)
+    assert est["model_kv_caches"] == 2 * sum(b.numel() for n, b in m.named_buffers() if "cache" in n)
+    assert est["weights"] == tt.memory_estimate(c, tp, batch=B, tokens=1, ctx=ctx)["weights"]
+    if PEER.exists():
+        peer = tt.load_peer(str(PEER))
+        seq = tt.max_seq_len(ctx, C)
+        dec = peer.ShardedLlama(peer.SHAPES["llama-70b"], 2, tp, B, seq, "meta")
+        pre = peer.ShardedLlama(peer.SHAPES["llama-70b"], 2, tp, 1, seq, "meta")
+        caches = sum(t.numel() for pm in (dec, pre) for layer in pm.L for t in layer.values() if t.dim() == 4)
+        assert est["peer_kv_caches"] == 2 * caches
+
+
+@needs_peer
+def test_the_peers_mixed_step_is_two_calls_sharing_the_weights():
+    """peer_calls for a mixed case: a decode model of batch B at ctx and a prefill model of batch 1
+    at ctx..ctx+C-1, the second with the first's weights (no copy) and caches of its own; peer_step
+    runs both (eager, on the CPU, unsharded)."""
+    peer = tt.load_peer(str(PEER))
+    args = tt.parse_args(["--cases", "mixed5+3", "--ctx", "6", "--layers", "2"])
+    ranks = tt.LocalRanks()
+    shapes = tt.DRY_SHAPES
+    with torch.no_grad():
+        calls = tt.peer_calls(peer, ranks, args.cases[0], 1, shapes, args)
+        (dec, xd, pd), (pre, xp, pp) = calls
+        assert xd.shape == (3, 1, 64) and pd.tolist() == [6]
+        assert xp.shape == (1, 5, 64) and pp.tolist() == [6, 7, 8, 9, 10]
+        for ld, lp in zip(dec.L, pre.L):
+            assert ld["wqkv"] is lp["wqkv"] and ld["w2"] is lp["w2"]
+            assert ld["k"].shape[0] == 3 and lp["k"].shape[0] == 1 and lp["k"].device.type == "cpu"
+        assert pre.head is dec.head and pre.cos is dec.cos and dec.max_seq == pre.max_seq == 6 + 5 + 8
+        tt.peer_step(calls, "eager")()
+        assert lp["k"][0, :, 6:11].abs().sum() > 0 and lp["k"][0, :, 11:].abs().sum() == 0  # the chunk's slots
+        assert ld["k"][:, :, 6].abs().sum() > 0 and ld["k"][:, :, 7:].abs().sum() == 0  # the decoders' slot
+
+
 def _row(**ms):
     row = tt.new_row(tt.Case("decode256", "decode", 256, 1), 1024)
     row["ms"] = {k: {"rank0": v * 0.9, "max": v, "ranks": [v * 0.9, v]} for k, v in ms.items()}
@@ -144,6 +232,27 @@ def test_derived_and_the_table():
     assert "35.9 ms/step" in notes  # the peer's published figure, beside ours
     only_mk = tt.format_case(_row(**{tt.MK_CALL: 1.0}), meta)
     assert "| —" in only_mk and "nan" not in only_mk
+
+
+def test_the_table_of_a_mixed_step():
+    row = tt.new_row(tt.Case("mixed512+64", "mixed", 64, 1, chunk=512), 1024)
+    row["ms"] = {
+        k: {"rank0": v, "max": v, "ranks": [v]} for k, v in {tt.MK_KERNEL: 10.0, "peer compile-cg": 12.0}.items()
+    }
+    d = tt.derived(row, layers=10, depth=80)
+    assert d["tokens_per_s"][tt.MK_KERNEL] == pytest.approx(576 / 0.080)  # C + B tokens per step
+    assert tt.tokens_per_s(64, 1, 80.0, chunk=512) == pytest.approx(576 / 0.080)
+    meta = dict(model="llama-70b", tp=4, device="H200", layers=10, depth=80, tol=5e-2)
+    lines = tt.format_case(row, meta).splitlines()
+    assert lines[0].startswith(
+        "### mixed512+64: one step of 576 tokens: a prefill chunk of 512 at positions 1024..1535, "
+        "64 decode tokens at context 1024 (llama-70b"
+    )
+    table = [ln for ln in lines if ln.startswith("|")]
+    cells = [c.strip() for c in table[3].strip("|").split("|")]
+    assert cells[0] == "peer torch.compile + CUDA graphs (reduce-overhead) (decode 64 + prefill 512, two calls)"
+    assert cells[-2:] == ["6,000", "1.00x"]
+    assert [c.strip() for c in table[2].strip("|").split("|")][-1] == "1.20x"
 
 
 def test_budget():
@@ -213,6 +322,49 @@ def test_dry_run_end_to_end(tmp_path):
     assert r.stdout.count("### decode64") == 2  # when the case ended, and in the summary
     assert "## Summary" in r.stdout
     print(f"dry run took {took:.0f} s")
+
+
+def test_dry_run_of_a_mixed_step(tmp_path):
+    """A mixed case end to end (its dry stand-in: a chunk of 8 and one decoder): MixedStep compiled
+    for 2 ranks in the interpreter, checked against eager, timed; the peer's two calls timed."""
+    out = tmp_path / "mixed.json"
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "tp_throughput.py"),
+            "--dry-run",
+            "--cases",
+            "mixed8+64",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        cwd=str(ROOT),
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (c,) = json.loads(out.read_text())["cases"]
+    assert c["status"] == "done" and not c["errors"], c["errors"]
+    assert (c["case"], c["kind"], c["batch"], c["tokens"], c["chunk"], c["step_tokens"], c["ctx"]) == (
+        "mixed8+64",
+        "mixed",
+        1,
+        1,
+        8,
+        9,
+        tt.DRY_CTX,
+    )
+    assert c["rel_err"] < 5e-2 and c["ranks_agree"]
+    assert c["mk"]["max_seq_len"] == tt.max_seq_len(tt.DRY_CTX, 8)
+    expect = {tt.MK_KERNEL, tt.MK_CALL} | ({"peer eager"} if PEER.exists() else set())
+    assert set(c["ms"]) == expect
+    for k, ms in c["derived"]["full_ms"].items():
+        assert c["derived"]["tokens_per_s"][k] == pytest.approx(9 / (ms / 1e3))
+    assert "### mixed8+64: one step of 9 tokens: a prefill chunk of 8 at positions 8..15, 1 decode token" in r.stdout
+    if PEER.exists():
+        assert "peer eager (decode 1 + prefill 8, two calls)" in r.stdout
 
 
 def test_missing_peer_is_skipped(tmp_path, capsys):
