@@ -42,6 +42,12 @@ class Settings:
     # software-pipeline depth of tile loops: 3 is 8% faster than 2 (1B decode, H200); 4: 1.621
     # against 1.586 ms (H100)
     num_stages: int = 3
+    # Large-M matmuls: tiles in the queue (and so, in dynamic fetch, in execution order) by groups
+    # of this many tile rows, column by column within a group, so that the tiles running together
+    # share A rows and B columns in L2 (a wave of 132 tiles of an 8B-prefill gate projection: 8
+    # rows x 16 columns, 41 MB of operands, instead of 2.4 rows x 56 columns, 120 MB: B
+    # re-streamed from HBM for every 2.4 rows). 1: row-major. Not yet measured on a GPU.
+    matmul_group_rows: int = 8
     # decode matmuls compute A from its elementwise producer (passes/fuse_matmul_a.py): one stage
     # fewer, yet not faster on 1B decode (H200: 1.682 ms on, 1.636 off, same device call)
     fuse_matmul_a: bool = False

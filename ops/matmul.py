@@ -735,9 +735,13 @@ class Matmul(OpFamily):
         return tuple(coords[:2]) if "epilogue" in node.attrs else None
 
     def tiles(self, node):
+        """(row block, column block, K split) in queue order: per split, groups of group_rows
+        row blocks (Settings.matmul_group_rows), column by column, each column's rows together."""
         bm, bn, _ = node.attrs["tile"]
         m, n = node.outputs[0].shape[-2:]
-        return [(i, j, s) for s in range(self.splits(node)) for i in range(cdiv(m, bm)) for j in range(cdiv(n, bn))]
+        rows, cols, g = cdiv(m, bm), cdiv(n, bn), node.attrs.get("group_rows", 1)
+        order = [(i, j) for i0 in range(0, rows, g) for j in range(cols) for i in range(i0, min(i0 + g, rows))]
+        return [(i, j, s) for s in range(self.splits(node)) for i, j in order]
 
     def regions(self, node, coords):
         a, b, bias = node.inputs[:3]

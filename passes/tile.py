@@ -64,6 +64,7 @@ def choose_tiles(graph: Graph, settings: Settings, num_workers: int = 1) -> Grap
             half = op.attrs["dot"][0] in (torch.bfloat16, torch.float16)
             # split_k may have chosen a decode BN for the op's sibling group (split_k.decode_tiling)
             op.attrs["tile"] = matmul_tile(a.shape[0], b.shape[1], a.shape[1], settings, half, op.attrs.get("bn"))
+            op.attrs["group_rows"] = max(1, settings.matmul_group_rows)  # queue order of its tiles
         elif op.kind == "attention":
             q, k = op.inputs[0], op.inputs[1]
             # A tile's rows are the packed rows of the query heads sharing one kv head (group x
