@@ -57,8 +57,10 @@ class Settings:
     fuse_norm: bool = True
     # split-K matmuls sum their own partials (passes/split_sum.py): the last of an output block's S
     # split tiles to arrive (a ticket counter) computes the sum op's fused expression (bias, cast,
-    # residual add) for the block, so the sum is no stage of its own. Slower on 1B decode (1.821
-    # against 1.571 ms, H100): 11 us pass between a layer's last O tile and gate/up's first
+    # residual add) for the block, so the sum is no stage of its own. 1B decode, H100: 1.821
+    # against 1.571 ms while its consumers polled 32 wait rows one after another; with
+    # kernel_lib.wait_many, 1.530 against 1.569 (commit 977ef05, same call). Off until measured
+    # against today's defaults (and with tensor-parallel queues, whose remote waits it multiplies)
     split_sum_in_matmul: bool = False
     # matmul tiles wait for their inputs themselves, after asking for their first weight block
     # and addressing their views (OpFamily.early_wait, codegen.generate): 1.478 against 1.571 ms
