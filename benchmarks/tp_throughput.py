@@ -30,7 +30,9 @@ computed (no last-position wrapper). Per case:
    copy) and `mk.launch()` (mk kernel). If a prefill does not compile (an error such as out of
    memory), it is retried with half the tokens down to --min-prefill-chunk, printing the chunk
    (--prefill-fallback off: no retry); the peer then runs the same chunk. (A mixed step is not
-   retried.)
+   retried.) --profile DIR: then one profiled launch on every rank; rank 0's stamps, Gantt chart
+   and summary go under DIR, with the share of the communication tiles' busy time that other
+   tiles ran beside (Profile.overlap: communication overlapping compute).
 2. peer: the peer's own model (its ShardedLlama, imported from --peer, never copied here) with
    the same shapes, batch, tokens and max_seq_len, timed eager and with torch.compile in the
    peer's modes (--peer-modes; compile-cg = torch.compile(mode="reduce-overhead"): the peer's
@@ -253,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-kernels", action="store_true",
                    help="keep every case's megakernel (and its symmetric memory) alive to the end")  # fmt: skip
     p.add_argument("--opt", action="append", default=[], metavar="K=V", help="mkcompiler.compile option (repeatable)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after timing, one profiled launch per case: rank 0's stamps, Gantt chart and summary "
+                        "(communication overlap) under DIR (GPUs only)")  # fmt: skip
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -698,10 +703,42 @@ def run_mk(ranks, base, case: Case, row: dict, args, budget: Budget, keep: list)
     )
     if ranks.cuda:
         row["mem"]["mk_peak_gb"] = torch.cuda.max_memory_allocated(ranks.device) / 1e9
+    if args.profile:
+        profile_case(handle, ranks, case, row, args.profile)
     ranks.barrier()  # no peer may still read this rank's memory when it is freed
     if args.keep_kernels:
         keep.append(handle)
     return None
+
+
+def profile_case(handle, ranks, case: Case, row: dict, out_dir: str) -> None:
+    """One profiled launch on every rank (a collective; its kernel variant compiles first); rank
+    0 writes its stamps (.npz), Gantt chart (.png) and summary (.txt) under out_dir and records
+    how much of the communication tiles' busy time other tiles ran beside (Profile.overlap)."""
+    if not ranks.cuda:
+        row["skipped"].append("profile (dry run: World has no profiled launch)")
+        return
+    try:
+        prof = handle.mk.profile(*handle.inputs)
+    except Exception as e:  # noqa: BLE001 - the timings above stand
+        _error(row, "mkcompiler profile", e, ranks)
+        return
+    if ranks.rank != 0:
+        return
+    import numpy as np
+
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, f"{case.name}_rank0")
+    np.savez_compressed(base + ".npz", stamps=prof.stamps)
+    span_us = prof.span() / 1e3
+    prof.gantt(base + ".png", title=f"{case.name}, rank 0 of {ranks.tp}: {span_us:.0f} us")
+    with open(base + ".txt", "w") as f:
+        f.write(prof.summary())
+    row["profile"] = {"files": base + ".{npz,png,txt}", "span_us": span_us, "comm_overlap": prof.overlap()}
+    comm = row["profile"]["comm_overlap"]
+    if comm:
+        say(f"  profile: span {span_us:.1f} us; communication {comm['busy'] / 1e3:.1f} us busy, "
+            f"{100 * comm['share']:.1f}% of it beside other tiles; {base}.png")  # fmt: skip
 
 
 # ---------------------------------------------------------------- the peer

@@ -33,6 +33,7 @@ from mkcompiler.queue import Queue
 WORKER, FETCH, READY, END = range(4)
 NUM_STAMPS = 4
 HATCH_LIMIT = 2000  # Gantt charts hatch wait bars up to this many
+COMM_KINDS = ("all_reduce", "all_gather")  # op kinds that move data between ranks (ops/comm.py)
 
 
 # ---- bytes and FLOPs of each instruction ----
@@ -449,6 +450,13 @@ class Profile:
                 ceil = [_fmt_si(bandwidth, "B/s") if bandwidth else "", _fmt_si(flops, "FLOP/s") if flops else ""]
                 lines.append(f"  ceilings: {' and '.join(c for c in ceil if c)}")
 
+        comm = self.overlap()
+        if comm is not None:
+            lines.append(
+                f"  communication: {comm['instructions']} tiles busy {_fmt_time(comm['busy'], unit)}, "
+                f"{100 * comm['share']:.1f}% of it while other tiles ran (Profile.overlap)"
+            )
+
         # per worker: working / waiting / idle shares of the span
         t_end = float(end[ok].max())
         t_start = float(fetch[ok].min())
@@ -528,6 +536,41 @@ class Profile:
                 f"{_fmt_time(busy[i], unit)}, waited {_fmt_time(wait[i], unit)}"
             )
         return "\n".join(lines)
+
+    def overlap(self, kinds: tuple[str, ...] = COMM_KINDS) -> dict | None:
+        """How much of the busy time (ready to end) of `kinds`' instructions (communication by
+        default) other kinds' instructions, on any worker, were busy too: {"busy": summed busy time
+        of `kinds`, "overlapped": the part of it with another kind running, "share": their ratio,
+        "instructions": how many}; None when none of `kinds` ran."""
+        ok, _, _, ready, end, _ = self._times()
+        kind = np.array(self.kinds(), dtype=object)
+        mine = ok & np.isin(kind, list(kinds))
+        if not mine.any():
+            return None
+        others = ok & ~mine
+        # The others' busy intervals merged into disjoint ones, then each of ours clipped to them.
+        lo, hi = ready[others], end[others]
+        merged: list[list[float]] = []
+        for a, b in sorted(zip(lo.tolist(), hi.tolist())):
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        starts = np.array([m[0] for m in merged]) if merged else np.zeros(0)
+        ends = np.array([m[1] for m in merged]) if merged else np.zeros(0)
+        busy = covered = 0.0
+        for a, b in zip(ready[mine].tolist(), end[mine].tolist()):
+            busy += b - a
+            k = np.searchsorted(ends, a, side="right")  # the first merged interval ending after a
+            while k < len(starts) and starts[k] < b:
+                covered += min(b, ends[k]) - max(a, starts[k])
+                k += 1
+        return {
+            "busy": busy,
+            "overlapped": covered,
+            "share": covered / busy if busy else 0.0,
+            "instructions": int(mine.sum()),
+        }
 
     def __str__(self) -> str:
         return self.summary()

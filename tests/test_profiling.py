@@ -203,3 +203,36 @@ def test_gantt_and_trace_scale_to_a_gpu_sized_profile(vm_profile, tmp_path):
     assert elapsed < 15, f"{elapsed:.1f} s"
     assert f"{n} of {n} instructions on {workers} workers" in text and "most waiting: SM " in text
     assert math.isclose(p.span(), float(s[:, END].max() - s[:, FETCH].min()))
+
+
+def test_overlap_measures_communication_running_beside_other_tiles():
+    """Two all_reduce tiles: one half covered by a matmul on another worker, the other covered
+    for 10 of its 100 ns; matmul tiles' own overlap is not counted."""
+    from mkcompiler.layout import NUM_FIELDS
+    from mkcompiler.queue import Queue
+
+    kinds = [0, 1, 1, 0, 0]  # opcodes: 0 matmul, 1 all_reduce
+    rows = np.zeros((len(kinds), NUM_FIELDS), dtype=np.int32)
+    rows[:, Field.OPCODE] = kinds
+    q = Queue(
+        rows=rows,
+        waits=np.zeros((0, 4), dtype=np.int32),
+        views=np.zeros((0, 8), dtype=np.int64),
+        opcode_keys=[("matmul",), ("all_reduce",)],
+        opcode_names=["matmul", "all_reduce"],
+        worker_begin=np.array([0, 5], dtype=np.int32),
+        worker_order=np.arange(5, dtype=np.int32),
+        descs=["mm", "ar", "ar", "mm", "mm"],
+        num_counters=0,
+    )
+    s = np.array(
+        [[0, 0, 0, 100], [1, 40, 50, 150], [2, 200, 200, 300], [0, 290, 290, 400], [3, 350, 360, 380]],
+        dtype=np.int64,
+    )
+    p = Profile(q, s, "ns", "gpu", "synthetic")
+    got = p.overlap()
+    assert got["instructions"] == 2 and got["busy"] == 200.0
+    assert got["overlapped"] == 60.0 and math.isclose(got["share"], 0.3)
+    assert "communication: 2 tiles busy" in p.summary() and "30.0% of it while other tiles ran" in p.summary()
+    assert p.overlap(("attention",)) is None
+    assert p.overlap(("matmul",))["overlapped"] == 60.0  # the matmuls beside the all_reduces

@@ -337,6 +337,8 @@ def test_dry_run_of_a_mixed_step(tmp_path):
             "mixed8+64",
             "--json",
             str(out),
+            "--profile",
+            str(tmp_path / "prof"),
         ],
         capture_output=True,
         text=True,
@@ -357,6 +359,7 @@ def test_dry_run_of_a_mixed_step(tmp_path):
         tt.DRY_CTX,
     )
     assert c["rel_err"] < 5e-2 and c["ranks_agree"]
+    assert "profile (dry run: World has no profiled launch)" in c["skipped"]  # --profile: GPUs only
     assert c["mk"]["max_seq_len"] == tt.max_seq_len(tt.DRY_CTX, 8)
     expect = {tt.MK_KERNEL, tt.MK_CALL} | ({"peer eager"} if PEER.exists() else set())
     assert set(c["ms"]) == expect
