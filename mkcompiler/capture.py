@@ -13,6 +13,7 @@ import re
 import warnings
 
 import torch
+import torch._decomp
 import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind, OutputKind
 
@@ -228,10 +229,30 @@ def capture(model: torch.nn.Module, example_inputs: tuple) -> Graph:
     return graph
 
 
+# Core ATen ops with no lowering of their own, decomposed (torch._decomp) into ops that have one.
+_aten = torch.ops.aten
+EXTRA_DECOMPOSITIONS = (
+    _aten.clamp.default,
+    _aten.clamp.Tensor,
+    _aten.clamp_min.default,
+    _aten.clamp_max.default,
+    _aten.hardtanh.default,
+    _aten.leaky_relu.default,
+    _aten.elu.default,
+    _aten.softplus.default,
+    _aten.hardswish.default,
+    _aten.hardsigmoid.default,
+    _aten._log_softmax.default,
+    _aten.logsumexp.default,
+)
+
+
 def _decompositions():
-    """Core ATen, but scaled_dot_product_attention stays whole (ops/attention.py lowers it)."""
+    """Core ATen, but scaled_dot_product_attention stays whole (ops/attention.py lowers it), and
+    a few more ops decomposed (EXTRA_DECOMPOSITIONS)."""
     table = torch.export.default_decompositions()
     table.pop(torch.ops.aten.scaled_dot_product_attention.default, None)
+    table.update(torch._decomp.get_decompositions(EXTRA_DECOMPOSITIONS))
     return table
 
 

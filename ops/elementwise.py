@@ -73,6 +73,28 @@ OPS = {
     "pow": ("tl.exp2({1} * tl.log2({0}))", torch.pow),  # general exponent: base must be > 0
     "sin": ("tl.sin({0})", torch.sin),
     "cos": ("tl.cos({0})", torch.cos),
+    "erf": ("tl.erf({0})", torch.erf),
+    "exp2": ("tl.exp2({0})", torch.exp2),
+    "log2": ("tl.log2({0})", torch.log2),
+    "floor": ("tl.floor({0})", torch.floor),
+    "ceil": ("tl.ceil({0})", torch.ceil),
+    "trunc": ("tl.where({0} < 0.0, tl.ceil({0}), tl.floor({0}))", torch.trunc),
+    "sign": ("(({0} > 0.0).to(tl.float32) - ({0} < 0.0).to(tl.float32))", torch.sign),
+    "isnan": ("({0} != {0}).to(tl.float32)", lambda a: torch.isnan(a).float()),
+    # log(1 + x) and exp(x) - 1 without the cancellation near 0 (Kahan's forms)
+    "log1p": ("tl.where(1.0 + {0} == 1.0, {0}, tl.log(1.0 + {0}) * {0} / ((1.0 + {0}) - 1.0))", torch.log1p),
+    "expm1": (
+        "tl.where({0} > 80.0, tl.exp({0}), tl.where({0} < -20.0, -1.0, tl.where(tl.exp({0}) == 1.0, {0}, "
+        "(tl.exp({0}) - 1.0) * {0} / tl.log(tl.exp({0})))))",
+        torch.expm1,
+    ),
+    # division rounded in one op: an intermediate quotient would be stored in the operands'
+    # (integer) dtype, truncated, before it is floored
+    "floor_div": ("tl.floor({0} / {1})", lambda a, b: torch.div(a, b, rounding_mode="floor")),
+    "trunc_div": (
+        "tl.where({0} / {1} < 0.0, tl.ceil({0} / {1}), tl.floor({0} / {1}))",
+        lambda a, b: torch.div(a, b, rounding_mode="trunc"),
+    ),
     # Comparisons and logic yield 0.0 / 1.0 (stored as bool where the node is bool).
     "lt": ("({0} < {1}).to(tl.float32)", lambda a, b: (a < b).float()),
     "le": ("({0} <= {1}).to(tl.float32)", lambda a, b: (a <= b).float()),
@@ -119,6 +141,16 @@ for _name, _targets in {
     "minimum": [aten.minimum.default],
     "sin": [aten.sin.default],
     "cos": [aten.cos.default],
+    "erf": [aten.erf.default],
+    "exp2": [aten.exp2.default],
+    "log2": [aten.log2.default],
+    "floor": [aten.floor.default],
+    "ceil": [aten.ceil.default],
+    "trunc": [aten.trunc.default],
+    "sign": [aten.sign.default],
+    "isnan": [aten.isnan.default],
+    "log1p": [aten.log1p.default],
+    "expm1": [aten.expm1.default],
     "lt": [aten.lt.Tensor, aten.lt.Scalar],
     "le": [aten.le.Tensor, aten.le.Scalar],
     "gt": [aten.gt.Tensor, aten.gt.Scalar],
@@ -143,9 +175,10 @@ def lower_add_sub(ctx, node, a, b, alpha=1):
 
 @lowers(aten.div.Tensor_mode)
 def lower_div_mode(ctx, node, a, b, rounding_mode=None):
-    if rounding_mode is not None:
+    name = {None: "div", "floor": "floor_div", "trunc": "trunc_div"}.get(rounding_mode)
+    if name is None:
         ctx.unsupported(node, f"div with rounding_mode={rounding_mode!r}")
-    return ctx.elementwise(node, "div", a, b)
+    return ctx.elementwise(node, name, a, b)
 
 
 @lowers(aten.gelu.default)

@@ -169,6 +169,65 @@ def lower_argmax(ctx, node, x, dim=None, keepdim=False):
     return out
 
 
+@lowers(aten.amin.default)
+def lower_amin(ctx, node, x, dims=(), keepdim=False):
+    """-amax(-x)."""
+    _last_dim(ctx, node, x, dims)
+    neg = ctx.row_input(ctx.elementwise(None, "neg", x))
+    meta = node.meta["val"]
+    top = ctx.graph.new_tensor(node.name, tuple(meta.shape), meta.dtype)
+    ctx.emit(node, "reduce", (neg,), (top,), mode="amax")
+    return ctx.elementwise(node, "neg", top)
+
+
+def _variance(ctx, node, x, dims, correction, keepdim, out_meta):
+    """sum((x - mean)^2) / (N - correction) over the last dim (two passes: no cancellation)."""
+    _last_dim(ctx, node, x, dims if dims is not None else list(range(x.rank)))
+    n = x.shape[-1]
+    correction = 1 if correction is None else correction
+    rows = ctx.row_input(x)
+    mean = ctx.graph.new_tensor(f"{node.name}_mean", tuple(x.shape[:-1]) + (1,), out_meta.dtype)
+    ctx.emit(None, "reduce", (rows,), (mean,), mode="mean")
+    dev = ctx.elementwise(None, "sub", x, mean)
+    sq = ctx.row_input(ctx.elementwise(None, "mul", dev, dev))
+    total = ctx.graph.new_tensor(f"{node.name}_ss", tuple(out_meta.shape), out_meta.dtype)
+    ctx.emit(node, "reduce", (sq,), (total,), mode="sum")
+    return total, mean, max(n - correction, 0)
+
+
+@lowers(aten.var.correction, aten.std.correction)
+def lower_var_std(ctx, node, x, dims=None, correction=None, keepdim=False):
+    total, _, dof = _variance(ctx, node, x, dims, correction, keepdim, node.meta["val"])
+    var = ctx.elementwise(None if node.target == aten.std.correction else node, "div", total, float(dof))
+    return ctx.elementwise(node, "sqrt", var) if node.target == aten.std.correction else var
+
+
+@lowers(aten.var_mean.correction)
+def lower_var_mean(ctx, node, x, dims=None, correction=None, keepdim=False):
+    meta = node.meta["val"][0]
+    total, mean, dof = _variance(ctx, node, x, dims, correction, keepdim, meta)
+    var = ctx.elementwise(None, "div", total, float(dof))
+    return var, mean.reshape(tuple(meta.shape))
+
+
+@lowers(aten.max.dim, aten.min.dim)
+def lower_max_min_dim(ctx, node, x, dim, keepdim=False):
+    """(values, indices) along the last dim: amax and argmax (of -x for min: the first of the
+    smallest, as torch)."""
+    _last_dim(ctx, node, x, dim)
+    if node.target == aten.min.dim:
+        x = ctx.elementwise(None, "neg", x)
+    x = ctx.row_input(x)
+    meta = node.meta["val"][0]
+    values = ctx.graph.new_tensor(node.name, tuple(meta.shape), meta.dtype)
+    ctx.emit(node, "reduce", (x,), (values,), mode="amax")
+    indices = ctx.new_output(node, 1)
+    ctx.emit(None, "argmax", (x,), (indices,))
+    if node.target == aten.min.dim:
+        values = ctx.elementwise(None, "neg", values)
+    return values, indices
+
+
 @lowers(aten._softmax.default, aten.softmax.int)
 def lower_softmax(ctx, node, x, dim, half_to_float=False):
     _last_dim(ctx, node, x, dim)

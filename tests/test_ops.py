@@ -165,6 +165,43 @@ def test_unary_3d(dtype):
     check(lambda x: F.gelu(x) * torch.tanh(x), [randn(B, S, H, dtype=dtype)], dtype)
 
 
+# ---- more elementwise: rounding, clamps, activations (some through torch._decomp) ----
+
+MORE_UNARY = {
+    "erf-exp2-log2-sign": lambda x: torch.erf(x) + torch.exp2(x) + torch.log2(x.abs() + 0.1) + torch.sign(x),
+    "floor-ceil-trunc": lambda x: (x * 3).floor() + (x * 3).ceil() * 0.5 + (x * 3).trunc() * 0.25,
+    "clamps": lambda x: x.clamp(-0.5, 0.5) + x.clamp(min=0.1) + F.hardtanh(x * 2) + x.clamp(max=x * 0 + 0.2),
+    "activations": lambda x: F.leaky_relu(x, 0.1) + F.elu(x) + F.softplus(x) + F.hardswish(x) + F.hardsigmoid(x),
+    "log1p-expm1-isnan": lambda x: torch.log1p(x.abs()) + torch.expm1(x) + torch.isnan(x.log()).float(),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", MORE_UNARY)
+def test_more_unary(name, dtype):
+    check(MORE_UNARY[name], [randn(R, C, dtype=dtype)], dtype)
+
+
+def test_log1p_and_expm1_keep_their_precision_near_zero():
+    """log(1 + x) and exp(x) - 1 computed naively lose most digits at |x| ~ 1e-6."""
+    check(lambda x: torch.log1p(x * 1e-6) * 1e6 + torch.expm1(x * 1e-6) * 1e6, [randn(R, C, dtype=torch.float32)],
+          torch.float32, tol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rounding_division(dtype):
+    """Floor and truncating division, of floats and of integers (x // 3)."""
+    check(
+        lambda x: (
+            torch.div(x * 5, 1.5, rounding_mode="floor")
+            + torch.div(x * 5, 1.5, rounding_mode="trunc") * 0.5
+            + ((x * 10).long() // 3).to(x.dtype)
+        ),
+        [randn(R, C, dtype=dtype)],
+        dtype,
+    )
+
+
 # ---- dtype casts ----
 
 
@@ -209,6 +246,23 @@ def test_reduce(name, keepdim, dtype):
     fn = REDUCTIONS[name]
     shape = (B, S, C) if keepdim else (R, C)  # both ranks, without doubling the test count
     check(lambda x: fn(x, keepdim), [randn(*shape, dtype=dtype)], dtype)
+
+
+MORE_REDUCTIONS = {
+    "var-std-var_mean": lambda x: (
+        x.var(-1) + x.std(-1) + torch.var_mean(x, -1, correction=0)[0] + torch.var_mean(x, -1)[1]
+    ),
+    "log_softmax-logsumexp": lambda x: F.log_softmax(x * 3, -1) * 0.1 + torch.logsumexp(x, -1, keepdim=True),
+    "amin-max-min": lambda x: (
+        x.amin(-1) + x.max(-1).values + x.max(-1).indices + x.min(-1).values * 2 + x.min(-1).indices * 3
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", MORE_REDUCTIONS)
+def test_more_reductions(name, dtype):
+    check(MORE_REDUCTIONS[name], [randn(R, C, dtype=dtype)], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
