@@ -35,6 +35,7 @@ def embedding_rows(
     row_ok = rows < R
     idx = tl.load(view_base(addrs_ptr, views_ptr, vi, I_DT) + view_offsets(views_ptr, vi, rows), mask=row_ok, other=0)
     idx = idx.to(tl.int64)
+    idx = tl.where(idx < 0, idx + V, idx)  # from the end, as tensor indexing
     ok = row_ok & (idx >= 0) & (idx < V)  # out-of-range ids read nothing (rows stay 0)
     w_ptr = view_base(addrs_ptr, views_ptr, vw, W_DT)
     sv = view_stride(views_ptr, vw, 2)
@@ -62,6 +63,35 @@ def lower_embedding(ctx, node, weight, indices, padding_idx=-1, scale_grad_by_fr
     out = ctx.new_output(node)
     ctx.emit(node, "embedding", (weight, ctx.row_input(indices)), (out,))
     return out
+
+
+def _rows_of(ctx, node, x, index):
+    """x[index] along dim 0 (index a tensor of any shape): an embedding lookup in x seen as
+    [x.shape[0], the rest] (a copy first when x's other dims cannot be merged)."""
+    if x.rank == 0:
+        ctx.unsupported(node, "indexing a 0-d tensor")
+    flat = (x.shape[0], x.numel // max(x.shape[0], 1))
+    weight = x.reshape(flat) if x.rank != 2 else x
+    if weight is None:
+        weight = ctx.copy(x).reshape(flat)
+    out = ctx.new_output(node)
+    ctx.emit(node, "embedding", (weight, ctx.row_input(index) if index.rank else index.reshape((1,))), (out,))
+    return out
+
+
+@lowers(aten.index_select.default)
+def lower_index_select(ctx, node, x, dim, index):
+    if dim % max(x.rank, 1) != 0:
+        ctx.unsupported(node, f"index_select along dim {dim} (dim 0 only)")
+    return _rows_of(ctx, node, x, index)
+
+
+@lowers(aten.index.Tensor)
+def lower_index(ctx, node, x, indices):
+    """x[index] with one index tensor, on dim 0 (x[:, index] and several index tensors: refused)."""
+    if len(indices) != 1 or indices[0] is None or indices[0].dtype == torch.bool:
+        ctx.unsupported(node, "tensor indexing other than x[index] on dim 0 with one integer index tensor")
+    return _rows_of(ctx, node, x, indices[0])
 
 
 @family
@@ -96,6 +126,7 @@ class Embedding(RowFamily):
     def reference(self, node, coords, tensor_of):
         r0, r1 = self.row_range(node, coords)
         w, i = node.inputs
-        ids = tensor_of(i).reshape(-1)[r0:r1]
+        ids = tensor_of(i).reshape(-1)[r0:r1].long()
+        ids = torch.where(ids < 0, ids + w.shape[0], ids)
         c = w.shape[1]
         tensor_of(node.outputs[0]).view(-1, c)[r0:r1] = tensor_of(w)[ids].to(node.outputs[0].dtype)

@@ -302,6 +302,24 @@ def test_embedding_then_linear(dtype):
     compile_and_check(model, [torch.randint(0, 50, (B, R))], dtype, **OPTS)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_indexing(dtype):
+    """x[idx] (2-D idx, negative ids from the end), index_select on dim 0 of a 3-D tensor and of
+    a transposed one (its rows copied first)."""
+    idx = torch.tensor([[3, -1, 0], [4, 2, -5]])
+    sel = torch.tensor([1, 0, 1, 2])
+    check(
+        lambda x, y: (x[idx] * 2.0, torch.index_select(y, 0, sel), torch.index_select(x.t(), 0, sel)),
+        [randn(R, C, dtype=dtype), randn(3, S, H, dtype=dtype)],
+        dtype,
+    )
+
+
+def test_indexing_along_another_dim_is_refused():
+    with pytest.raises(mkcompiler.UnsupportedOpError, match="dim 0"):
+        mkcompiler.compile(Fn(lambda x: x[:, torch.tensor([0, 2])]), (randn(R, C, dtype=torch.float32),), **OPTS)
+
+
 # ---- layout ops ----
 
 LAYOUT = {
