@@ -5,6 +5,7 @@
 #   bash benchmarks/tp_bench.sh [N] [more tp_throughput.py options]   # N: GPUs (default: all)
 #   CASES=prefill4096 bash benchmarks/tp_bench.sh 4
 #   CASES=decode256 bash benchmarks/tp_bench.sh 4 --profile "$OUT/tp_profile"   # + rank 0's profile
+#   CASES=prefill4096 bash benchmarks/tp_bench.sh 4 --exchange    # the post-attention exchange
 # Environment: MODEL (llama-70b), LAYERS (10), CASES (decode256,prefill4096,decode64),
 # TP_BENCH_BUDGET (480 s: --time-budget, what would end later is skipped), TP_BENCH_TIMEOUT (560 s:
 # the hard limit of the torchrun). The log is tee'd to $OUT/tp_bench_<N>.log, the JSON written to

@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-kernels", action="store_true",
                    help="keep every case's megakernel (and its symmetric memory) alive to the end")  # fmt: skip
     p.add_argument("--opt", action="append", default=[], metavar="K=V", help="mkcompiler.compile option (repeatable)")
+    p.add_argument("--exchange", action="store_true",
+                   help="the post-attention exchange (tp.default_plan(model, exchange=True): attention outputs "
+                        "ExchangeParallel) instead of row-wise O projections")  # fmt: skip
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after timing, one profiled launch per case: rank 0's stamps, Gantt chart and summary "
                         "(communication overlap) under DIR (GPUs only)")  # fmt: skip
@@ -583,20 +586,22 @@ class MkHandle:
     """A compiled megakernel bound to its inputs: call (the whole call), launch (kernel only),
     check (read the error record), first() (rank 0's outputs, do all ranks agree)."""
 
-    def __init__(self, ranks, model, inputs, opts: dict):
+    def __init__(self, ranks, model, inputs, opts: dict, exchange: bool = False):
+        from mkcompiler import tp
+
         self.ranks, self.inputs = ranks, inputs
+        plan = tp.default_plan(model, exchange=exchange)
         if ranks.cuda:
             import mkcompiler
 
-            self.mk = mkcompiler.compile(model, inputs, tensor_parallel=ranks.tp, **opts)
+            self.mk = mkcompiler.compile(model, inputs, tensor_parallel=ranks.tp, tp_plan=plan, **opts)
             self.info = {"instructions": len(self.mk.queue), "workers": self.mk.num_workers}
             self.info["timings"] = {k: round(v, 3) for k, v in self.mk.timings.items()}
         else:  # every rank in this process, the Triton interpreter
-            from mkcompiler import tp
             from mkcompiler.tp_runtime import compile_world
 
             opts = {"num_workers": 2, "max_spin": 200_000, **opts}
-            self.mk = compile_world(tp.shard_ranks(model, ranks.tp), inputs, each_rank=False, **opts)
+            self.mk = compile_world(tp.shard_ranks(model, ranks.tp, plan), inputs, each_rank=False, **opts)
             self.info = {"instructions": len(self.mk.queue), "workers": self.mk.ranks[0].num_workers}
 
     def call(self):
@@ -646,7 +651,9 @@ def run_mk(ranks, base, case: Case, row: dict, args, budget: Budget, keep: list)
             ranks.sync()
             budget.record("build", time.perf_counter() - t0)
             t0 = time.perf_counter()
-            handle = MkHandle(ranks, model, inputs, opts)
+            handle = MkHandle(ranks, model, inputs, opts, exchange=args.exchange)
+            if args.exchange:
+                row["notes"].append("mkcompiler with the post-attention exchange (tp.ExchangeParallel)")
             row["compile_s"]["mkcompiler"] = time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001
             err = e

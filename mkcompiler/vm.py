@@ -348,7 +348,7 @@ def rank_executor(programs: list[VMProgram], rank: int):
         op = graph.ops[node["op"]]
         fam = FAMILIES[op.kind]
         if fam.peer_access:
-            fam.reference(op, node["coords"], prog.tensor_of, peer_tensor_of=peer_tensor_of)
+            fam.reference(op, node["coords"], prog.tensor_of, peer_tensor_of=peer_tensor_of, rank=rank)
         else:
             fam.reference(op, node["coords"], prog.tensor_of)
 

@@ -1,8 +1,9 @@
-"""Communication between the ranks of a tensor-parallel group: all_reduce and all_gather.
+"""Communication between the ranks of a tensor-parallel group: all_reduce, all_gather, all_to_all.
 
-The ops are torch custom ops, `mkcompiler::all_reduce(Tensor x, int world) -> Tensor` and
-`mkcompiler::all_gather(Tensor x, int dim, int world) -> Tensor`, which mkcompiler.tp puts
-after row-parallel and vocab-parallel Linears. torch.export records them as single nodes (their
+The ops are torch custom ops, `mkcompiler::all_reduce(Tensor x, int world) -> Tensor`,
+`mkcompiler::all_gather(Tensor x, int dim, int world) -> Tensor` and
+`mkcompiler::all_to_all(Tensor x, int world) -> Tensor`, which mkcompiler.tp puts after
+row-parallel and vocab-parallel Linears and around exchanged ones (tp.ExchangeParallel). torch.export records them as single nodes (their
 fake implementations give the shapes); here they lower to the op families below.
 
 Every rank runs the same program, so a buffer has the same id on every rank: a tile reads the
@@ -10,8 +11,10 @@ SAME view on a peer rank (`peer_tensor_of(rank, view)` in the reference VM; a pe
 table on the GPU). all_reduce tiles are element blocks of the output: each reads its block
 from every rank and sums in rank order 0..world-1 (fp32), so every rank holds the same bits.
 all_gather tiles are (source rank, element block): the block of rank k's input goes into slice
-k of the output along `dim`. passes/ranks.py makes each tile wait, on every rank it reads, for
-the tiles producing what it reads there (the same tasks as its local predecessors).
+k of the output along `dim`. all_to_all tiles are all_gather's, reading rank k's row block r
+(r: the reading rank, known to the tile at run time, so that every rank runs the same program)
+into column block k. passes/ranks.py makes each tile wait, on every rank it reads, for the tiles
+producing what it reads there (the same tasks as its local predecessors).
 
 GPU (and the interpreter): the tile routines below read a peer's buffer through the rank's
 table of peer addresses (the kernel's `tp_ptr`, layout.TPField: buffer b of rank k at
@@ -37,6 +40,7 @@ from mkcompiler.ops.base import (
     linear_access,
     next_pow2,
     tl_dtype,
+    whole,
 )
 from mkcompiler.ops.common import ARG0, arg, load_view_through, store_view, view_numel
 from mkcompiler.ops.elementwise import FLOAT_DTYPES
@@ -98,6 +102,25 @@ def _all_gather_fake(x, dim, world):
     return x.new_empty(shape)
 
 
+@torch.library.custom_op("mkcompiler::all_to_all", mutates_args=())
+def all_to_all(x: torch.Tensor, world: int) -> torch.Tensor:
+    """x [R, F] on every rank -> [R / world, world * F] on rank r: row block r of every rank's x,
+    side by side in rank order (the ranks exchange row blocks: rows sharded, columns gathered)."""
+    if _process_group_size() != world:
+        raise _no_group("all_to_all", world)
+    import torch.distributed as dist
+
+    out = torch.empty_like(x)  # [world x R / world, F]: block k from rank k
+    dist.all_to_all_single(out, x.contiguous())
+    rows, f = x.shape[0] // world, x.shape[1]
+    return out.view(world, rows, f).permute(1, 0, 2).reshape(rows, world * f)
+
+
+@all_to_all.register_fake
+def _all_to_all_fake(x, world):
+    return x.new_empty(x.shape[0] // world, world * x.shape[1])
+
+
 # ---- lowering ----
 
 
@@ -123,6 +146,18 @@ def lower_all_gather(ctx, node, x, dim, world):
         ctx.unsupported(node, "all_gather of a 0-d tensor")
     out = ctx.new_output(node)
     ctx.emit(node, "all_gather", (x,), (out,), world=world, dim=dim % x.rank)
+    return out
+
+
+@lowers(torch.ops.mkcompiler.all_to_all.default)
+def lower_all_to_all(ctx, node, x, world):
+    _check(ctx, node, x, world, "all_to_all")
+    if x.rank != 2 or x.shape[0] % world:
+        ctx.unsupported(node, f"all_to_all of a {list(x.shape)} tensor over {world} ranks (2-D, rows divisible)")
+    if not x.is_contiguous():  # a tile finds its row block at the rank's offset in x's elements
+        x = ctx.copy(x)
+    out = ctx.new_output(node)
+    ctx.emit(node, "all_to_all", (x,), (out,), world=world, dim=1)
     return out
 
 
@@ -206,7 +241,7 @@ class AllReduce(_Comm):
         lo, hi = self.span(node, *coords)
         return f"{node.name}[{lo}:{hi}] sum of {node.attrs['world']} ranks"
 
-    def reference(self, node, coords, tensor_of, peer_tensor_of=None):
+    def reference(self, node, coords, tensor_of, peer_tensor_of=None, rank=None):
         if peer_tensor_of is None:
             raise NotImplementedError("all_reduce reads every rank's input: run it with mkcompiler.vm.run_ranks")
         lo, hi = self.span(node, *coords)
@@ -259,7 +294,7 @@ class AllGather(_Comm):
         lo, hi = self.span(node, first, count)
         return f"{node.name}[rank {k}: {lo}:{hi}]"
 
-    def reference(self, node, coords, tensor_of, peer_tensor_of=None):
+    def reference(self, node, coords, tensor_of, peer_tensor_of=None, rank=None):
         if peer_tensor_of is None:
             raise NotImplementedError("all_gather reads every rank's input: run it with mkcompiler.vm.run_ranks")
         k, first, count = coords
@@ -268,10 +303,57 @@ class AllGather(_Comm):
         _store_linear(tensor_of(self.part(node, k)), lo, hi, src)
 
 
+@family
+class AllToAll(AllGather):
+    """all_gather's tiles and output slices, over one row block of x: rank k's row block r."""
+
+    kind = "all_to_all"
+    routines = ("all_to_all_tile",)
+
+    def chunk(self, node) -> int:
+        """Elements of one row block of x (what each rank sends each rank)."""
+        return node.inputs[0].numel // node.attrs["world"]
+
+    def blocks(self, node):
+        block = node.attrs.get("block", DEFAULT_BLOCK)
+        per = node.attrs.get("blocks_per_tile", 1)
+        n = cdiv(max(self.chunk(node), 1), block)
+        return [(b, min(per, n - b)) for b in range(0, n, per)]
+
+    def span(self, node, first: int, count: int) -> tuple[int, int]:
+        block = node.attrs.get("block", DEFAULT_BLOCK)
+        return first * block, min((first + count) * block, self.chunk(node))
+
+    def part(self, node, k: int):
+        f = node.inputs[0].shape[1]
+        return node.outputs[0].slice(1, k * f, (k + 1) * f)
+
+    def regions(self, node, coords):
+        # Which row block a tile reads depends on the rank running it: all of x, for every rank.
+        k, first, count = coords
+        lo, hi = self.span(node, first, count)
+        return [whole(node.inputs[0])], [linear_access(self.part(node, k), lo, hi)]
+
+    def describe(self, node, coords):
+        k, first, count = coords
+        lo, hi = self.span(node, first, count)
+        return f"{node.name}[rank {k}'s rows for this rank: {lo}:{hi}]"
+
+    def reference(self, node, coords, tensor_of, peer_tensor_of=None, rank=None):
+        if peer_tensor_of is None or rank is None:
+            raise NotImplementedError("all_to_all reads every rank's input: run it with mkcompiler.vm.run_ranks")
+        k, first, count = coords
+        lo, hi = self.span(node, first, count)
+        at = rank * self.chunk(node)
+        src = peer_tensor_of(k, node.inputs[0]).reshape(-1)[at + lo : at + hi]
+        _store_linear(tensor_of(self.part(node, k)), lo, hi, src)
+
+
 # ---- tile routines (instruction args: x view, out view, tile coordinates, [AllGather: slices]) ----
 
 TP_N_BUFFERS: tl.constexpr = tl.constexpr(int(TPField.N_BUFFERS))
 TP_PEER_ADDRS: tl.constexpr = tl.constexpr(int(TPField.PEER_ADDRS))
+TP_RANK: tl.constexpr = tl.constexpr(int(TPField.RANK))
 GATHER_PARTS: tl.constexpr = tl.constexpr(5)  # AllGather: arg of rank 0's output slice
 
 
@@ -337,4 +419,35 @@ def all_gather_tile(
         lin = blk * BLOCK + offs
         mask = (offs < BLOCK) & (lin < n)
         values = load_view_through(peer, views_ptr, x_v, lin, mask, X_DT, X_FLAT)
+        store_view(addrs_ptr, views_ptr, part_v, lin, mask, values, OUT_DT, OUT_FLAT)
+
+
+@triton.jit
+def all_to_all_tile(
+    row_ptr,
+    addrs_ptr,
+    views_ptr,
+    tp_ptr,
+    WORLD: tl.constexpr,
+    X_DT: tl.constexpr,
+    OUT_DT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    P2: tl.constexpr,
+    X_FLAT: tl.constexpr,
+    OUT_FLAT: tl.constexpr,
+):
+    """Blocks [first, first + count) of rank k's row block r (this rank's) of x (contiguous: the
+    block starts at element r x chunk) into slice k of the output."""
+    x_v = arg(row_ptr, 0)
+    k = arg(row_ptr, 2)
+    first = arg(row_ptr, 3)
+    part_v = tl.load(row_ptr[0] + ARG0 + GATHER_PARTS + k)  # row_ptr: (pointer, preloaded args)
+    chunk = view_numel(views_ptr, x_v) // WORLD
+    at = tl.load(tp_ptr + TP_RANK) * chunk
+    peer = peer_addrs(tp_ptr, k)
+    for blk in range(first, first + arg(row_ptr, 4)):
+        offs = tl.arange(0, P2)
+        lin = blk * BLOCK + offs
+        mask = (offs < BLOCK) & (lin < chunk)
+        values = load_view_through(peer, views_ptr, x_v, at + lin, mask, X_DT, X_FLAT)
         store_view(addrs_ptr, views_ptr, part_v, lin, mask, values, OUT_DT, OUT_FLAT)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from dag_utils import counted, dags, queue_from_dag
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mkcompiler.ops.comm import all_to_all
 from mkcompiler.passes.schedule import list_schedule
 from mkcompiler.passes.verify import check_queue
 from torch import nn
@@ -109,6 +110,8 @@ def test_communication_ops_refuse_to_run_eagerly_without_a_process_group():
     shard = tp.shard_model(random_llama("tiny"), 0, 2)
     with pytest.raises(RuntimeError, match="without a torch.distributed process group"):
         shard(torch.zeros(1, 1, dtype=torch.long), torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="all_to_all ran eagerly without"):
+        all_to_all(torch.zeros(4, 3), 2)
 
 
 def test_kernel_compiles_of_tensor_parallel_graphs_fail_clearly():
@@ -160,6 +163,32 @@ def test_sharded_llama_equals_the_unsharded_model(config, world, each_rank):
         token, pos = ref[:, -1].argmax(-1, keepdim=True), torch.tensor([5 + step])
     sizes = np.array(decode.compilations[0].dag.graph["counter_sizes"])
     assert all((c[: len(sizes)] == sizes * decode.generation).all() for c in decode.counters)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_post_attention_exchange_equals_the_unsharded_model(world):
+    """default_plan(exchange=True): attention outputs take ExchangeParallel (rows exchanged, the
+    whole O weight on each rank's rows: a view of the model's, never a copy), the MLP stays
+    row-wise. A prefill of 8 rows exchanges; a decode of 1 row (not divisible) falls back to
+    row-wise. Both equal the unsharded model under several interleavings."""
+    model = random_llama("tiny", max_seq_len=32)
+    plan = tp.default_plan(model, exchange=True)
+    assert isinstance(plan["layers.0.attn.wo"], tp.ExchangeParallel)
+    assert isinstance(plan["layers.0.mlp.down"], tp.RowwiseParallel)
+    shards = tp.shard_ranks(model, world, plan)
+    wo = shards[1].layers[0].attn.wo
+    assert wo.weight.data_ptr() == model.layers[0].attn.wo.weight.data_ptr()
+    prompt = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(3))
+    for inputs, exchanged in (((prompt, torch.arange(8)), True), ((prompt[:, :1], torch.tensor([8])), False)):
+        mk = tp.compile_tp(shards, inputs, each_rank=exchanged)
+        kinds = [op.kind for op in mk.compilations[0].graph.ops]
+        assert (kinds.count("all_to_all") == 2) == exchanged, kinds
+        with torch.no_grad():
+            ref = model(*inputs)
+        for seed in range(2):
+            outs, _ = mk.run(*inputs, seed=seed)
+            assert all(tp.outputs_equal(outs[0], o) for o in outs[1:]), "ranks disagree"
+            assert rel(outs[0], ref) <= TOL
 
 
 def test_sharded_hugging_face_model_with_biases_and_tied_head():

@@ -105,6 +105,28 @@ def test_sharded_llama_kernel_equals_eager_and_the_vm():
         assert mk.generation == 2
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_post_attention_exchange_kernels_equal_eager_and_the_vm(world):
+    """tp.ExchangeParallel: each rank's all_to_all tiles read its own row block of its peers'
+    attention output (the rank known at run time), the O projection runs on its rows with the
+    whole weight, the rows are gathered: every rank's kernel at once, poisoned first, equals
+    eager and the VM (which gives each tile its rank)."""
+    model = random_llama("tiny", max_seq_len=32)
+    shards = tp.shard_ranks(model, world, tp.default_plan(model, exchange=True))
+    prompt = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(2))
+    inputs = (prompt, torch.arange(8))
+    mk = compile_world(shards, inputs, each_rank=False, num_workers=3, max_spin=SPIN)
+    assert sum("all_to_all" in d for d in mk.queue.descs) > 0
+    with torch.no_grad():
+        ref = model(*inputs)
+    mk.poison()
+    outs = mk.run(*inputs)
+    assert all(torch.equal(outs[0], o) for o in outs[1:]), "ranks disagree"
+    assert rel(outs[0], ref) <= TOL
+    vm = tp.compile_tp(shards, inputs, each_rank=False, num_workers=3)
+    assert rel(outs[0], vm(*inputs)) <= 1e-6
+
+
 def test_gathers_and_reduces_over_four_ranks_with_static_schedules():
     """All-reduce (row-wise), all-gather of a sharded input and of a vocab-parallel output,
     over 4 ranks, static per-worker lists; two launches."""
@@ -257,20 +279,22 @@ def test_a_launch_waits_for_its_peers_to_finish_the_previous_one():
 
 def gpu_rank_sources() -> dict[str, str]:
     """GPU-style (bf16 tensor-core dots, 132 workers) sources of the TP ranks tests/test_tp_gpu.py
-    runs: TP = 2 prefill and TP = 4 decode."""
+    runs: TP = 2 prefill (also with the post-attention exchange) and TP = 4 decode."""
     model = random_llama(GPU_CONFIG, dtype=torch.bfloat16)
     sources = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tile, "interpreting", lambda: False)
-        for world, n in ((2, GPU_PROMPT), (4, 1)):
+        for world, n, exchange in ((2, GPU_PROMPT, False), (4, 1, False), (2, GPU_PROMPT, True)):
             pos = torch.arange(n) if n > 1 else torch.tensor([GPU_PROMPT])
             c = tp.compile_tp(
-                tp.shard_ranks(model, world),
+                tp.shard_ranks(model, world, tp.default_plan(model, exchange)),
                 (torch.zeros(1, n, dtype=torch.long), pos),
                 each_rank=False,
                 num_workers=132,
             )
-            sources[f"TP={world} {'prefill' if n > 1 else 'decode'}"] = generate(c.queue)
+            name = f"TP={world} {'prefill' if n > 1 else 'decode'}{' exchange' if exchange else ''}"
+            sources[name] = generate(c.queue)
+    assert "all_to_all_tile(" in sources["TP=2 prefill exchange"]
     return sources
 
 
@@ -278,7 +302,7 @@ def test_tp_rank_kernels_compile_for_sm90_without_spills():
     sources = gpu_rank_sources()
     for s in sources.values():
         assert "tl.bfloat16, 'tf32'" in s and "launch_barrier(tp_ptr" in s
-    with ThreadPoolExecutor(2) as pool:  # the static schedule (the GPU's default)
+    with ThreadPoolExecutor(3) as pool:  # the static schedule (the GPU's default)
         reports = dict(zip(sources, pool.map(lambda s: compile_sm90(s, dynamic=False), sources.values())))
     summary = "\n".join(f"{k}: {format_report(r)}" for k, r in reports.items())
     print("\n" + summary)

@@ -285,8 +285,9 @@ def test_case_model_shares_weights_and_fills_caches():
 
 def test_dry_run_end_to_end(tmp_path):
     """The whole script, as a subprocess, on tiny shapes: a decode and a prefill case compiled (2
-    ranks in the interpreter), checked against eager, timed, the peer timed eager, tables and JSON
-    written. (All three cases took 112 s on a 2-core machine: too long for CI.)"""
+    ranks in the interpreter; --exchange: the prefill's attention outputs exchanged), checked
+    against eager, timed, the peer timed eager, tables and JSON written. (All three cases took
+    112 s on a 2-core machine: too long for CI.)"""
     out = tmp_path / "dry.json"
     t0 = time.monotonic()
     r = subprocess.run(
@@ -298,6 +299,7 @@ def test_dry_run_end_to_end(tmp_path):
             "decode64,prefill4096",
             "--json",
             str(out),
+            "--exchange",
         ],
         capture_output=True,
         text=True,
@@ -317,6 +319,7 @@ def test_dry_run_end_to_end(tmp_path):
         assert set(c["ms"]) == expect
         assert set(c["derived"]["full_ms"]) == expect
     assert res["cases"][1]["tokens"] == 8  # the dry run's prefill
+    assert "post-attention exchange" in " ".join(res["cases"][1]["notes"])  # --exchange (8 rows: exchanged)
     assert "TP=4 decode64" in res["memory_estimates_real_gb"]
     assert res["memory_estimates_real_gb"]["TP=4 decode64"]["weights"] == pytest.approx(21.3, abs=0.1)
     assert r.stdout.count("### decode64") == 2  # when the case ended, and in the summary
