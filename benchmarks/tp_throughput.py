@@ -26,7 +26,7 @@ computed (no last-position wrapper). Per case:
 1. mkcompiler: compile (seconds printed), a first call (the Triton compile of the kernel), rank
    0's logits against eager of the whole (unsharded) model on rank 0 (same weights, same cache
    contents; relative error printed and flagged above --tol, never fatal), the ranks' logits
-   compared (checksums), then timed: `mk(tok, pos)` (mk call: checks, launch, error read, output
+   compared (checksums), then timed: `mk(*inputs)` (mk call: checks, launch, error read, output
    copy) and `mk.launch()` (mk kernel). If a prefill does not compile (an error such as out of
    memory), it is retried with half the tokens down to --min-prefill-chunk, printing the chunk
    (--prefill-fallback off: no retry); the peer then runs the same chunk. (A mixed step is not
@@ -116,7 +116,7 @@ PEER_EXTRA_SEQ = 8  # the peer's max_seq = ctx + tokens + 8
 MK_KERNEL, MK_CALL = "mkcompiler kernel", "mkcompiler call"
 IMPL_LABEL = {
     MK_KERNEL: "mkcompiler kernel (`mk.launch()`)",
-    MK_CALL: "mkcompiler call (`mk(tok, pos)`)",
+    MK_CALL: "mkcompiler call (`mk(*inputs)`)",
     "peer eager": "peer eager",
     "peer compile": "peer torch.compile max-autotune-no-cudagraphs",
     "peer compile-cg": "peer torch.compile + CUDA graphs (reduce-overhead)",

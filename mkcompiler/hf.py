@@ -29,6 +29,12 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),
+    # more families, tested as generic compositions (no code of their own here or in the passes)
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),  # soft-capped logits, GELU-tanh, (1 + w) norms
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),  # fused QKV and gate/up projections
+    "cohere": ("CohereConfig", "CohereForCausalLM"),  # parallel attention and MLP, LayerNorm, logit scale
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM"),  # LayerNorm with bias, GELU MLP, biases
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),  # q/k norms over all heads, norms after each block
 }
 
 TINY = dict(
