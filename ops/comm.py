@@ -308,7 +308,11 @@ class AllToAll(AllGather):
     """all_gather's tiles and output slices, over one row block of x: rank k's row block r."""
 
     kind = "all_to_all"
-    routines = ("all_to_all_tile",)
+    routines = ("all_gather_tile",)
+
+    def emit(self, key, name):
+        helper, call = super().emit(key, name)  # all_to_all_tile(...): all_gather_tile's, OWN_ROWS
+        return helper, "all_gather_tile(" + call[len("all_to_all_tile(") : -1] + ", True)"
 
     def chunk(self, node) -> int:
         """Elements of one row block of x (what each rank sends each rank)."""
@@ -406,48 +410,24 @@ def all_gather_tile(
     P2: tl.constexpr,
     X_FLAT: tl.constexpr,
     OUT_FLAT: tl.constexpr,
+    OWN_ROWS: tl.constexpr = False,
 ):
-    """Blocks [first, first + count) of rank k's x into slice k of the output."""
+    """Blocks [first, first + count) of rank k's x into slice k of the output. OWN_ROWS (the
+    all_to_all): of rank k's row block r, r this rank (x contiguous: the block starts at element
+    r x x's elements / WORLD)."""
     x_v = arg(row_ptr, 0)
     k = arg(row_ptr, 2)
     first = arg(row_ptr, 3)
     part_v = tl.load(row_ptr[0] + ARG0 + GATHER_PARTS + k)  # row_ptr: (pointer, preloaded args)
     n = view_numel(views_ptr, x_v)
+    at = 0
+    if OWN_ROWS:
+        n = n // WORLD
+        at = tl.load(tp_ptr + TP_RANK) * n
     peer = peer_addrs(tp_ptr, k)
     for blk in range(first, first + arg(row_ptr, 4)):
         offs = tl.arange(0, P2)
         lin = blk * BLOCK + offs
         mask = (offs < BLOCK) & (lin < n)
-        values = load_view_through(peer, views_ptr, x_v, lin, mask, X_DT, X_FLAT)
-        store_view(addrs_ptr, views_ptr, part_v, lin, mask, values, OUT_DT, OUT_FLAT)
-
-
-@triton.jit
-def all_to_all_tile(
-    row_ptr,
-    addrs_ptr,
-    views_ptr,
-    tp_ptr,
-    WORLD: tl.constexpr,
-    X_DT: tl.constexpr,
-    OUT_DT: tl.constexpr,
-    BLOCK: tl.constexpr,
-    P2: tl.constexpr,
-    X_FLAT: tl.constexpr,
-    OUT_FLAT: tl.constexpr,
-):
-    """Blocks [first, first + count) of rank k's row block r (this rank's) of x (contiguous: the
-    block starts at element r x chunk) into slice k of the output."""
-    x_v = arg(row_ptr, 0)
-    k = arg(row_ptr, 2)
-    first = arg(row_ptr, 3)
-    part_v = tl.load(row_ptr[0] + ARG0 + GATHER_PARTS + k)  # row_ptr: (pointer, preloaded args)
-    chunk = view_numel(views_ptr, x_v) // WORLD
-    at = tl.load(tp_ptr + TP_RANK) * chunk
-    peer = peer_addrs(tp_ptr, k)
-    for blk in range(first, first + arg(row_ptr, 4)):
-        offs = tl.arange(0, P2)
-        lin = blk * BLOCK + offs
-        mask = (offs < BLOCK) & (lin < chunk)
         values = load_view_through(peer, views_ptr, x_v, at + lin, mask, X_DT, X_FLAT)
         store_view(addrs_ptr, views_ptr, part_v, lin, mask, values, OUT_DT, OUT_FLAT)

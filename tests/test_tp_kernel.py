@@ -294,7 +294,7 @@ def gpu_rank_sources() -> dict[str, str]:
             )
             name = f"TP={world} {'prefill' if n > 1 else 'decode'}{' exchange' if exchange else ''}"
             sources[name] = generate(c.queue)
-    assert "all_to_all_tile(" in sources["TP=2 prefill exchange"]
+    assert re.search(r"all_gather_tile\([^\n]*, True\)", sources["TP=2 prefill exchange"])  # OWN_ROWS: all_to_all
     return sources
 
 
