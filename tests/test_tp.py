@@ -275,10 +275,12 @@ def test_random_sharded_dags_never_deadlock_across_ranks(dag, world, num_workers
 
 
 class MLPBlock(nn.Module):
-    """x + down(act(up(x)) [* gate(x)]): up/gate column-wise, down row-wise."""
+    """x + down(act(up(x)) [* gate(x)]): up/gate column-wise, down row-wise (exchange: rows
+    exchanged, tp.ExchangeParallel, when the rows divide among the ranks)."""
 
-    def __init__(self, dim, hidden, gated, bias, act):
+    def __init__(self, dim, hidden, gated, bias, act, exchange=False):
         super().__init__()
+        self.exchange = exchange
         self.up = nn.Linear(dim, hidden, bias=bias)
         self.gate = nn.Linear(dim, hidden, bias=bias) if gated else None
         self.down = nn.Linear(hidden, dim, bias=bias)
@@ -291,7 +293,8 @@ class MLPBlock(nn.Module):
         return x + self.down(h)
 
     def plan(self, prefix):
-        plan = {f"{prefix}.up": tp.ColwiseParallel(), f"{prefix}.down": tp.RowwiseParallel()}
+        down = tp.ExchangeParallel() if self.exchange else tp.RowwiseParallel()
+        plan = {f"{prefix}.up": tp.ColwiseParallel(), f"{prefix}.down": down}
         if self.gate is not None:
             plan[f"{prefix}.gate"] = tp.ColwiseParallel()
         return plan
@@ -352,10 +355,11 @@ def sharded_chains(draw):
     blocks = []
     for _ in range(draw(st.integers(1, 3))):
         hidden = 4 * world * draw(st.integers(1, 3))
-        kind = draw(st.sampled_from(["mlp", "gather", "head"]))
+        kind = draw(st.sampled_from(["mlp", "exchange", "gather", "head"]))
         bias = draw(st.booleans())
-        if kind == "mlp":
-            blocks.append(MLPBlock(dim, hidden, draw(st.booleans()), bias, draw(st.sampled_from(["silu", "relu"]))))
+        if kind in ("mlp", "exchange"):
+            act = draw(st.sampled_from(["silu", "relu"]))
+            blocks.append(MLPBlock(dim, hidden, draw(st.booleans()), bias, act, exchange=kind == "exchange"))
         elif kind == "gather":
             blocks.append(GatherBlock(dim, hidden, bias))
         else:
