@@ -7,8 +7,8 @@ for prefill and once for decode; both megakernels update the wrapper's cache in 
   (prefill + 15 decodes, teacher-forced by the same tokens) match eager (float64) within 1e-4;
   the KV cache afterwards equals eager's; no step writes a cache slot outside its own.
 - bf16: teacher-forced prefill + 8 decode steps match eager within 3e-2.
-- Gemma 2, Phi-3, Cohere, StarCoder 2 and OLMo 2 (nothing of their own in mkcompiler): a prefill
-  and a decode step match eager (fp32).
+- Gemma 2, Phi-3 and OLMo 2 (nothing of their own in mkcompiler): a prefill and a decode step
+  match eager (fp32).
 """
 
 import copy
@@ -162,13 +162,14 @@ def test_wrapper_matches_uncached_forward(family):
 
 # Their configs' special token ids default beyond TINY's 128-token vocabulary.
 OTHER_FAMILIES = {f: {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2} for f in
-                  ("gemma2", "phi3", "cohere", "starcoder2", "olmo2")}  # fmt: skip
+                  ("gemma2", "phi3", "olmo2")}  # fmt: skip
 
 
 @pytest.mark.parametrize("family", list(OTHER_FAMILIES))
 def test_other_families_compile_through_the_generic_pipeline(family, device):
-    """Five more decoder families, nothing of their own in mkcompiler: a prefill and a decode
-    step (fp32, poisoned intermediates) match a float64 eager run within 1e-4."""
+    """More decoder families, nothing of their own in mkcompiler: a prefill and a decode step
+    (fp32, poisoned intermediates) match a float64 eager run within 1e-4. (Cohere and StarCoder
+    2 pass too; left out for the suite's time.)"""
     if not hasattr(transformers, mkcompiler.hf.FAMILIES[family][1]):
         pytest.skip(f"this transformers has no {mkcompiler.hf.FAMILIES[family][1]}")
     model = random_model(family, torch.float32, seed=2, device=device, **OTHER_FAMILIES[family])
