@@ -58,12 +58,21 @@ def test_folded_norm_matches_eager(split_k):
     assert rel_err(mk(x), reference(model, (x,))) <= 1e-4
 
 
-def test_llama_decode_steps_match_eager():
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"split_sum_in_matmul": True, "fuse_matmul_a": True, "split_k": 2}],
+    ids=["defaults", "split-sums-fused-a"],
+)
+def test_llama_decode_steps_match_eager(options):
+    """Also with the split sums and silu(gate) * up computed in the down tiles' A loads: the
+    variants the next decode A/B runs with early weights."""
     torch.manual_seed(2)
     model = random_llama("tiny", dtype=torch.float32, max_seq_len=32, max_batch=1)
     ref = copy.deepcopy(model)
     tok, pos = torch.randint(0, 256, (1, 1)), torch.tensor([5])
-    mk = early(model, (tok, pos))
+    mk = early(model, (tok, pos), **options)
+    if options:  # both at work: a split matmul sums its own tiles, the down tiles compute their A
+        assert any("epilogue" in op.attrs for op in mk.graph.ops) and any("a_expr" in op.attrs for op in mk.graph.ops)
     for step in range(3):
         pos = torch.tensor([5 + step])
         got, want = mk(tok, pos), ref(tok, pos)
