@@ -68,7 +68,8 @@ def test_mlp_block_compiles_for_sm90_without_spills(tmp_path):
 
 def llama_sources() -> dict[str, str]:
     """GPU-style sources of a tiny bf16 Llama: prefill (causal attention, prefill tiles) and the
-    on-device greedy step (decode attention, KV-cache scatter, argmax, state write-backs)."""
+    on-device greedy step (decode attention, KV-cache scatter, argmax, state write-backs), also
+    with the split-KV chunks combined by their last tile (Settings.combine_in_attention)."""
     from examples.llama import GreedyLoop, random_llama
 
     model = random_llama("tiny", dtype=torch.bfloat16, max_seq_len=1024)  # long enough for split-KV
@@ -77,12 +78,18 @@ def llama_sources() -> dict[str, str]:
         tokens = torch.randint(0, 256, (1, 128))
         prefill = mkcompiler.compile(model, (tokens, torch.arange(128)), num_workers=132)
         loop = mkcompiler.compile(GreedyLoop(model, 1, 8), (), num_workers=132)
-    return {"prefill": prefill.source, "greedy step": loop.source}
+        combining = mkcompiler.compile(GreedyLoop(model, 1, 8), (), num_workers=132, combine_in_attention=True)
+    assert "combine_head(" in combining.source and "combine_head(" not in loop.source
+    return {
+        "prefill": prefill.source,
+        "greedy step": loop.source,
+        "greedy step, combine in attention": combining.source,
+    }
 
 
 def test_llama_kernels_compile_for_sm90_without_spills():
     sources = llama_sources()
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(3) as pool:
         reports = dict(zip(sources, pool.map(compile_sm90, sources.values())))
     summary = "\n".join(f"{k}: {format_report(r)}" for k, r in reports.items())
     print("\n" + summary)
