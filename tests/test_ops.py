@@ -182,10 +182,14 @@ def test_more_unary(name, dtype):
     check(MORE_UNARY[name], [randn(R, C, dtype=dtype)], dtype)
 
 
-def test_log1p_and_expm1_keep_their_precision_near_zero():
-    """log(1 + x) and exp(x) - 1 computed naively lose most digits at |x| ~ 1e-6."""
-    check(lambda x: torch.log1p(x * 1e-6) * 1e6 + torch.expm1(x * 1e-6) * 1e6, [randn(R, C, dtype=torch.float32)],
-          torch.float32, tol=1e-5)  # fmt: skip
+def test_log1p_expm1_and_tanh_keep_their_precision_near_zero():
+    """log(1 + x), exp(x) - 1 and 2 sigmoid(2x) - 1 computed naively lose most digits at |x| ~ 1e-6."""
+    check(
+        lambda x: torch.log1p(x * 1e-6) * 1e6 + torch.expm1(x * 1e-6) * 1e6 + torch.tanh(x * 1e-6) * 1e6,
+        [randn(R, C, dtype=torch.float32)],
+        torch.float32,
+        tol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
