@@ -63,8 +63,9 @@ class Settings:
     # against today's defaults (and with tensor-parallel queues, whose remote waits it multiplies)
     split_sum_in_matmul: bool = False
     # split-KV attention: the last of a (batch, kv head)'s key chunks to arrive combines them
-    # (a ticket, as the split sums), so the combine is no stage of its own. Decode only (all of a
-    # kv head's query rows in one tile). Not yet measured on a GPU.
+    # (a ticket, as the split sums), so the combine is no stage of its own; when all of a kv
+    # head's query rows fit one tile (decode), else the combine stays an op. Not yet measured on
+    # a GPU.
     combine_in_attention: bool = False
     # matmul tiles wait for their inputs themselves, after asking for their first weight block
     # and addressing their views (OpFamily.early_wait, codegen.generate): 1.478 against 1.571 ms
