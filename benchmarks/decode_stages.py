@@ -1,0 +1,86 @@
+"""Dependent stages of a decode step, per compile variant, without a GPU: the longest chain of the
+tile DAG (each link a wait, a wake-up and a small tile's fixed cost on the GPU).
+
+    python benchmarks/decode_stages.py --model llama-3.2-1b --variant "" \\
+        --variant "split_sum_in_matmul=True" --variant "combine_in_attention=True"
+
+The sources are the GPU's (as offline sm_90 compiles see them): bf16 tensor-core dots
+(passes/tile.interpreting answers False) and rms_norm kept whole (a CPU export decomposes it,
+a GPU's does not), 132 workers. Batch 1 at position --ctx. Prints instructions, the chain in
+tiles and per layer ((chain - 4) / layers: embedding, final norm, LM head and argmax-free
+logits outside the layers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from unittest import mock
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+from benchmarks.decode_latency import compile_options  # noqa: E402
+from examples.llama import CONFIGS, random_llama  # noqa: E402
+
+OUTSIDE_LAYERS = 4  # stages of the chain outside the decoder layers (embedding ... LM head)
+
+
+def gpu_faithful():
+    """Patches making a CPU compile build the GPU's graph and tiles."""
+    import mkcompiler.passes.tile as tile
+
+    import mkcompiler.capture as capture
+
+    table = capture._decompositions
+
+    def keep_rms_norm():
+        t = table()
+        t.pop(torch.ops.aten.rms_norm.default, None)
+        return t
+
+    return (
+        mock.patch.object(tile, "interpreting", lambda: False),
+        mock.patch.object(capture, "_decompositions", keep_rms_norm),
+    )
+
+
+def stages(model, inputs, options: dict, workers: int) -> dict:
+    import networkx as nx
+
+    import mkcompiler
+
+    a, b = gpu_faithful()
+    with a, b:
+        mk = mkcompiler.compile(model, inputs, num_workers=workers, cache=False, **options)
+    chain = nx.dag_longest_path_length(mk.dag) + 1
+    layers = model.c.n_layers
+    return {"instructions": len(mk.queue), "chain": chain, "per_layer": (chain - OUTSIDE_LAYERS) / layers}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Dependent stages of a decode step per compile variant (CPU).")
+    p.add_argument("--model", default="llama-3.2-1b", choices=sorted(CONFIGS))
+    p.add_argument("--layers", type=int, default=None, help="fewer layers than the model's (faster)")
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--workers", type=int, default=132)
+    p.add_argument("--variant", action="append", default=None, metavar="OPTS", help='k=v options ("": default)')
+    a = p.parse_args(argv)
+    overrides = {"max_seq_len": a.ctx + 8} | ({"n_layers": a.layers} if a.layers else {})
+    model = random_llama(a.model, dtype=torch.bfloat16, **overrides).eval()
+    inputs = (torch.randint(0, model.c.vocab_size, (1, 1)), torch.tensor([a.ctx]))
+    print(
+        f"| variant | instructions | chain (tiles) | per layer |  ({a.model}, {model.c.n_layers} layers, ctx {a.ctx})"
+    )
+    print("|---|---|---|---|")
+    for opts in a.variant if a.variant is not None else [""]:
+        r = stages(model, inputs, compile_options(opts.split()), a.workers)
+        print(f"| {opts or 'defaults'} | {r['instructions']} | {r['chain']} | {r['per_layer']:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
