@@ -33,7 +33,6 @@ from mkcompiler.queue import Queue
 WORKER, FETCH, READY, END = range(4)
 NUM_STAMPS = 4
 HATCH_LIMIT = 2000  # Gantt charts hatch wait bars up to this many
-COMM_KINDS = ("all_reduce", "all_gather")  # op kinds that move data between ranks (ops/comm.py)
 
 
 # ---- bytes and FLOPs of each instruction ----
@@ -537,11 +536,17 @@ class Profile:
             )
         return "\n".join(lines)
 
-    def overlap(self, kinds: tuple[str, ...] = COMM_KINDS) -> dict | None:
-        """How much of the busy time (ready to end) of `kinds`' instructions (communication by
-        default) other kinds' instructions, on any worker, were busy too: {"busy": summed busy time
-        of `kinds`, "overlapped": the part of it with another kind running, "share": their ratio,
-        "instructions": how many}; None when none of `kinds` ran."""
+    def overlap(self, kinds: tuple[str, ...] | None = None) -> dict | None:
+        """How much of the busy time (ready to end) of `kinds`' instructions (by default the
+        communication families': OpFamily.peer_access) other kinds' instructions, on any worker,
+        were busy too: {"busy": summed busy time of `kinds`, "overlapped": the part of it with
+        another kind running, "share": their ratio, "instructions": how many}; None when none of
+        `kinds` ran."""
+        from mkcompiler.ops.registry import FAMILIES, load_all
+
+        if kinds is None:
+            load_all()
+            kinds = tuple(k for k, fam in FAMILIES.items() if fam.peer_access)
         ok, _, _, ready, end, _ = self._times()
         kind = np.array(self.kinds(), dtype=object)
         mine = ok & np.isin(kind, list(kinds))

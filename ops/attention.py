@@ -346,29 +346,29 @@ class Attention(OpFamily):
             + tuple(t.strides[3] == 1 and aligned(t) for t in (q, k, v, node.outputs[0]))
             + (all(t.shape[3] == max(16, next_pow2(q.shape[3])) for t in (q, k, v)),),
             node.attrs["stages"],
-        ) + self._combine_key(node)
+            self._combine_key(node),
+        )
 
-    def _combine_key(self, node) -> tuple:
+    def _combine_key(self, node) -> tuple | None:
         """Split tiles that combine their chunks themselves (passes/split_kv.py, Settings
-        .combine_in_attention): (splits, the output's dtype, its padded Sq and D)."""
+        .combine_in_attention): (splits, the output's dtype, its padded Sq and D); else None."""
         if not node.attrs.get("combine"):
-            return ()
+            return None
         out = node.outputs[2]
         return (self.splits(node), out.dtype, max(16, next_pow2(out.shape[2])), max(16, next_pow2(out.shape[3])))
 
     def emit(self, key, name):
-        _, qdt, kdt, vdt, mdt, odt, dot, causal, scale, group, bm, bn, bd, split, units, stages = key[:16]
+        _, qdt, kdt, vdt, mdt, odt, dot, causal, scale, group, bm, bn, bd, split, units, stages, combine = key
         mask_dt = tl_dtype(mdt) if mdt is not None else "tl.float32"
         call = (
             f"attention_tile({{row}}, {{addrs}}, {{views}}, {tl_dtype(qdt)}, {tl_dtype(kdt)}, {tl_dtype(vdt)}, "
             f"{mask_dt}, {tl_dtype(odt)}, {tl_dtype(dot)}, {mdt is not None}, {mdt == torch.bool}, "
             f"{causal}, {scale!r}, {group}, {bm}, {bn}, {bd}, {split}, {', '.join(map(str, units))}, {stages})"
         )
-        if len(key) == 16:
+        if combine is None:
             return "", call
-        return _combine_routine(
-            name, call, group, *key[16:]
-        ), f"{name}({{row}}, {{addrs}}, {{views}}, {{counters}}, {{generation}})"
+        helper = _combine_routine(name, call, group, *combine)
+        return helper, f"{name}({{row}}, {{addrs}}, {{views}}, {{counters}}, {{generation}})"
 
     def view_args(self, node):
         """q, k, v, mask, out (or partials), then tile coords (b, kv head, m, chunk), then

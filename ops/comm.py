@@ -3,8 +3,9 @@
 The ops are torch custom ops, `mkcompiler::all_reduce(Tensor x, int world) -> Tensor`,
 `mkcompiler::all_gather(Tensor x, int dim, int world) -> Tensor` and
 `mkcompiler::all_to_all(Tensor x, int world) -> Tensor`, which mkcompiler.tp puts after
-row-parallel and vocab-parallel Linears and around exchanged ones (tp.ExchangeParallel). torch.export records them as single nodes (their
-fake implementations give the shapes); here they lower to the op families below.
+row-parallel and vocab-parallel Linears and around exchanged ones (tp.ExchangeParallel).
+torch.export records them as single nodes (their fake implementations give the shapes); here
+they lower to the op families below.
 
 Every rank runs the same program, so a buffer has the same id on every rank: a tile reads the
 SAME view on a peer rank (`peer_tensor_of(rank, view)` in the reference VM; a peer address
@@ -175,17 +176,22 @@ def _store_linear(dst: torch.Tensor, lo: int, hi: int, values: torch.Tensor) -> 
 
 class _Comm(OpFamily):
     peer_access = True
+    ROUTINE_FLAGS = ""  # constexpr arguments after the routine's common ones (AllToAll's OWN_ROWS)
+
+    def elements(self, node) -> int:
+        """Elements of the input one rank sends (all of it; AllToAll: one row block)."""
+        return node.inputs[0].numel
 
     def blocks(self, node) -> list[tuple[int, int]]:
-        """(first block, number of blocks) per tile, over the input's elements."""
+        """(first block, number of blocks) per tile, over the elements a rank sends."""
         block = node.attrs.get("block", DEFAULT_BLOCK)
         per = node.attrs.get("blocks_per_tile", 1)
-        n = cdiv(max(node.inputs[0].numel, 1), block)
+        n = cdiv(max(self.elements(node), 1), block)
         return [(b, min(per, n - b)) for b in range(0, n, per)]
 
     def span(self, node, first: int, count: int) -> tuple[int, int]:
         block = node.attrs.get("block", DEFAULT_BLOCK)
-        return first * block, min((first + count) * block, node.inputs[0].numel)
+        return first * block, min((first + count) * block, self.elements(node))
 
     def key(self, node):
         x, out = node.inputs[0], node.outputs[0]
@@ -207,10 +213,10 @@ class _Comm(OpFamily):
         return flat_flags(node.inputs[0], node.outputs[0])
 
     def emit(self, key, name):
-        kind, x_dt, out_dt, world, _, block, (x_flat, out_flat) = key
+        _, x_dt, out_dt, world, _, block, (x_flat, out_flat) = key
         call = (
-            f"{kind}_tile({{row}}, {{addrs}}, {{views}}, tp_ptr, {world}, {tl_dtype(x_dt)}, {tl_dtype(out_dt)}, "
-            f"{block}, {next_pow2(block)}, {x_flat}, {out_flat})"
+            f"{self.routines[0]}({{row}}, {{addrs}}, {{views}}, tp_ptr, {world}, {tl_dtype(x_dt)}, "
+            f"{tl_dtype(out_dt)}, {block}, {next_pow2(block)}, {x_flat}, {out_flat}{self.ROUTINE_FLAGS})"
         )
         return "", call
 
@@ -309,24 +315,11 @@ class AllToAll(AllGather):
 
     kind = "all_to_all"
     routines = ("all_gather_tile",)
+    ROUTINE_FLAGS = ", True"  # all_gather_tile's OWN_ROWS
 
-    def emit(self, key, name):
-        helper, call = super().emit(key, name)  # all_to_all_tile(...): all_gather_tile's, OWN_ROWS
-        return helper, "all_gather_tile(" + call[len("all_to_all_tile(") : -1] + ", True)"
-
-    def chunk(self, node) -> int:
-        """Elements of one row block of x (what each rank sends each rank)."""
+    def elements(self, node) -> int:
+        """One row block of x (what each rank sends each rank)."""
         return node.inputs[0].numel // node.attrs["world"]
-
-    def blocks(self, node):
-        block = node.attrs.get("block", DEFAULT_BLOCK)
-        per = node.attrs.get("blocks_per_tile", 1)
-        n = cdiv(max(self.chunk(node), 1), block)
-        return [(b, min(per, n - b)) for b in range(0, n, per)]
-
-    def span(self, node, first: int, count: int) -> tuple[int, int]:
-        block = node.attrs.get("block", DEFAULT_BLOCK)
-        return first * block, min((first + count) * block, self.chunk(node))
 
     def part(self, node, k: int):
         f = node.inputs[0].shape[1]
@@ -348,7 +341,7 @@ class AllToAll(AllGather):
             raise NotImplementedError("all_to_all reads every rank's input: run it with mkcompiler.vm.run_ranks")
         k, first, count = coords
         lo, hi = self.span(node, first, count)
-        at = rank * self.chunk(node)
+        at = rank * self.elements(node)
         src = peer_tensor_of(k, node.inputs[0]).reshape(-1)[at + lo : at + hi]
         _store_linear(tensor_of(self.part(node, k)), lo, hi, src)
 

@@ -235,9 +235,9 @@ def matmul_tile(
             sbk = aligned_stride(sbk, 128 // B_DT.primitive_bitwidth)
     rm = tm * BM + tl.arange(0, BM)
     rn = tn * BN + tl.arange(0, BN)
-    # Placeholders for what a configuration does not use (_a_block takes them all).
-    s1 = tl.zeros((BM,), dtype=tl.float32)
-    s2 = tl.zeros((BM,), dtype=tl.float32)
+    # Zero starts, and placeholders for what a configuration does not use (_a_block takes them all).
+    s1 = tl.zeros((BM,), dtype=tl.float32)  # a norm summed in the K loop: sum x (LayerNorm)
+    s2 = tl.zeros((BM,), dtype=tl.float32)  # and sum x^2
     shift = tl.zeros((BM,), dtype=tl.float32)
     mean = tl.zeros((BM,), dtype=tl.float32)
     rstd = tl.zeros((BM,), dtype=tl.float32)
@@ -279,8 +279,6 @@ def matmul_tile(
                 # loop from the A blocks it loads anyway, and the normalisation is applied to acc
                 # once at the end (Matmul.norm_in_loop). A sweep over K before the loop puts at least
                 # a round trip for x, and K / BK reduction steps, ahead of the first weight load.
-                s1 = tl.zeros((BM,), dtype=tl.float32)  # sum x (LayerNorm)
-                s2 = tl.zeros((BM,), dtype=tl.float32)  # sum x^2
                 if not N_RMS:
                     # LayerNorm works on x - c, c = each row's first element: the dot's A is rounded
                     # before it is centred, and the variance is E[x^2] - mean^2, both of which lose

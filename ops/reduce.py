@@ -180,8 +180,9 @@ def lower_amin(ctx, node, x, dims=(), keepdim=False):
     return ctx.elementwise(node, "neg", top)
 
 
-def _variance(ctx, node, x, dims, correction, keepdim, out_meta):
-    """sum((x - mean)^2) / (N - correction) over the last dim (two passes: no cancellation)."""
+def _variance(ctx, node, x, dims, correction, out_meta):
+    """(sum of (x - mean)^2, mean, N - correction) over the last dim (two passes: no
+    cancellation); the sum has out_meta's shape (keepdim or not), the mean keeps the dim."""
     _last_dim(ctx, node, x, dims if dims is not None else list(range(x.rank)))
     n = x.shape[-1]
     correction = 1 if correction is None else correction
@@ -197,7 +198,7 @@ def _variance(ctx, node, x, dims, correction, keepdim, out_meta):
 
 @lowers(aten.var.correction, aten.std.correction)
 def lower_var_std(ctx, node, x, dims=None, correction=None, keepdim=False):
-    total, _, dof = _variance(ctx, node, x, dims, correction, keepdim, node.meta["val"])
+    total, _, dof = _variance(ctx, node, x, dims, correction, node.meta["val"])
     var = ctx.elementwise(None if node.target == aten.std.correction else node, "div", total, float(dof))
     return ctx.elementwise(node, "sqrt", var) if node.target == aten.std.correction else var
 
@@ -205,7 +206,7 @@ def lower_var_std(ctx, node, x, dims=None, correction=None, keepdim=False):
 @lowers(aten.var_mean.correction)
 def lower_var_mean(ctx, node, x, dims=None, correction=None, keepdim=False):
     meta = node.meta["val"][0]
-    total, mean, dof = _variance(ctx, node, x, dims, correction, keepdim, meta)
+    total, mean, dof = _variance(ctx, node, x, dims, correction, meta)
     var = ctx.elementwise(None, "div", total, float(dof))
     return var, mean.reshape(tuple(meta.shape))
 

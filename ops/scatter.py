@@ -2,11 +2,11 @@
 
 `base[..., index[j], ...] = values[..., j, ...]` for a runtime index tensor; or, with a second
 1-D index tensor of the same length on a later dim (index_put only: a cache row and a position
-per sequence, `cache[rows, :, pos] = k`), `base[.., index[j], .., index2[j], ..] = values[j]`. When `base` is
-model state (a mutated buffer: torch.export functionalizes `cache[:, :, pos] = k` into
-index_put + a write-back), the write happens in place, in the state's own storage: regions
-make the old value's readers finish first (write-after-read) and the new value's readers
-wait for it (read-after-write). The written slot is only known at run time, so a tile's
+per sequence, `cache[rows, :, pos] = k`), `base[.., index[j], .., index2[j], ..] = values[j]`.
+When `base` is model state (a mutated buffer: torch.export functionalizes `cache[:, :, pos] = k`
+into index_put + a write-back), the write happens in place, in the state's own storage: regions
+make the old value's readers finish first (write-after-read) and the new value's readers wait
+for it (read-after-write). The written slot is only known at run time, so a tile's
 write region covers every slot of its rows. Out-of-range indices write nothing.
 """
 
@@ -48,9 +48,9 @@ def _placed(values: View, base: View, dims: list[int], n: int) -> View:
     if d1 == d0 + 1:
         values = values.expand(tuple(rest[:d0]) + (n,) + tuple(rest[d0:]))
     else:
-        values = values.expand((n, *rest))
-        order = [d for d in range(base.rank) if d != d1]  # the values' dims: j first, then rest
-        values = values.permute([0 if d == d0 else 1 + [e for e in order if e != d0].index(d) for d in order])
+        values = values.expand((n, *rest))  # j first, then the other dims in order
+        others = [d for d in range(base.rank) if d not in dims]
+        values = values.permute([0 if d == d0 else 1 + others.index(d) for d in range(base.rank) if d != d1])
     return values.unsqueeze(d1)
 
 

@@ -1,27 +1,19 @@
 """benchmarks/decode_latency.py without a GPU: the case grid its flags select, the floor
 arithmetic, the markdown table, the time budget and the model it builds (tiny, on the CPU)."""
 
-import importlib.util
 import math
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # examples/ is not an installed package
 from examples.llama import CONFIGS, random_llama  # noqa: E402
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("decode_latency", ROOT / "benchmarks" / "decode_latency.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-dl = _load()
+dl = load_benchmark("decode_latency")
 
 
 def test_import_does_no_cuda_work():

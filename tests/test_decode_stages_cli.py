@@ -1,25 +1,19 @@
 """benchmarks/decode_stages.py: the longest dependency chain of a decode step per variant (CPU),
 on GPU-faithful sources; the stage-removing options shorten it."""
 
-import importlib.util
 import re
 import sys
 from pathlib import Path
+
+from helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ and examples/ are not installed packages
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("decode_stages", ROOT / "benchmarks" / "decode_stages.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_stage_removing_options_shorten_the_chain(capsys):
     fewer = "split_k=2 split_kv=2 split_sum_in_matmul=True fuse_matmul_a=True combine_in_attention=True"
-    ds = _load()
+    ds = load_benchmark("decode_stages")
     assert ds.main(["--model", "tiny", "--ctx", "40", "--workers", "8", "--variant", "split_k=2 split_kv=2",
                     "--variant", fewer]) == 0  # fmt: skip
     rows = re.findall(r"^\| (.+?) \| (\d+) \| (\d+) \| ([\d.]+) \|$", capsys.readouterr().out, re.M)

@@ -2,23 +2,17 @@
 compiles each variant, checks it against eager, profiles it and writes the JSON and table; the
 matmul shapes it times cuBLAS on are the compiled graph's."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
+
+from helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ and examples/ are not installed packages
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("prefill_matmul", ROOT / "benchmarks" / "prefill_matmul.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-pm = _load()
+pm = load_benchmark("prefill_matmul")
 
 
 def test_dry_run_measures_every_variant_and_writes_the_table(tmp_path, capsys):

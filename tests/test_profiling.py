@@ -206,23 +206,24 @@ def test_gantt_and_trace_scale_to_a_gpu_sized_profile(vm_profile, tmp_path):
 
 
 def test_overlap_measures_communication_running_beside_other_tiles():
-    """Two all_reduce tiles: one half covered by a matmul on another worker, the other covered
-    for 10 of its 100 ns; matmul tiles' own overlap is not counted."""
+    """Two communication tiles (an all_reduce and an all_to_all): one half covered by a matmul on
+    another worker, the other covered for 10 of its 100 ns; matmul tiles' own overlap is not
+    counted."""
     from mkcompiler.layout import NUM_FIELDS
     from mkcompiler.queue import Queue
 
-    kinds = [0, 1, 1, 0, 0]  # opcodes: 0 matmul, 1 all_reduce
+    kinds = [0, 1, 2, 0, 0]  # opcodes: 0 matmul, 1 all_reduce, 2 all_to_all (both communication)
     rows = np.zeros((len(kinds), NUM_FIELDS), dtype=np.int32)
     rows[:, Field.OPCODE] = kinds
     q = Queue(
         rows=rows,
         waits=np.zeros((0, 4), dtype=np.int32),
         views=np.zeros((0, 8), dtype=np.int64),
-        opcode_keys=[("matmul",), ("all_reduce",)],
-        opcode_names=["matmul", "all_reduce"],
+        opcode_keys=[("matmul",), ("all_reduce",), ("all_to_all",)],
+        opcode_names=["matmul", "all_reduce", "all_to_all"],
         worker_begin=np.array([0, 5], dtype=np.int32),
         worker_order=np.arange(5, dtype=np.int32),
-        descs=["mm", "ar", "ar", "mm", "mm"],
+        descs=["mm", "ar", "a2a", "mm", "mm"],
         num_counters=0,
     )
     s = np.array(

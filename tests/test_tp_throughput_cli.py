@@ -2,7 +2,6 @@
 estimates against the models themselves (on the meta device), the per-case table, the time
 budget, and the dry run (tiny shapes, 2 ranks in the Triton interpreter, the peer eager on the CPU)."""
 
-import importlib.util
 import json
 import math
 import os
@@ -13,21 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # examples/ is not an installed package
 PEER = ROOT.parent / "shared" / "bench" / "peer_llama_tp.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("tp_throughput", ROOT / "benchmarks" / "tp_throughput.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["tp_throughput"] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
-tt = _load()
+tt = load_benchmark("tp_throughput")
 needs_peer = pytest.mark.skipif(not PEER.exists(), reason=f"the peer baseline is not at {PEER}")
 
 
