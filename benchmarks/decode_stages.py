@@ -7,8 +7,8 @@ tile DAG (each link a wait, a wake-up and a small tile's fixed cost on the GPU).
 The sources are the GPU's (as offline sm_90 compiles see them): bf16 tensor-core dots
 (passes/tile.interpreting answers False) and rms_norm kept whole (a CPU export decomposes it,
 a GPU's does not), 132 workers. Batch 1 at position --ctx. Prints instructions, the chain in
-tiles and per layer ((chain - 4) / layers: embedding, final norm, LM head and argmax-free
-logits outside the layers).
+tiles and per layer: (chain - OUTSIDE_LAYERS) / layers, an estimate that puts 4 links outside
+the decoder layers (the embedding and the LM head among them).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ if ROOT not in sys.path:
 from benchmarks.decode_latency import compile_options  # noqa: E402
 from examples.llama import CONFIGS, random_llama  # noqa: E402
 
-OUTSIDE_LAYERS = 4  # stages of the chain outside the decoder layers (embedding ... LM head)
+OUTSIDE_LAYERS = 4  # links of the chain taken to lie outside the decoder layers (an estimate)
 
 
 def gpu_faithful():

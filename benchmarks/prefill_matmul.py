@@ -37,6 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 from benchmarks.decode_latency import (  # noqa: E402
+    bench,
     compile_options,
     default_dtype_and_device,
     free_memory,
@@ -78,11 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def timer(args):
-    """ms per call: do_bench's median on a GPU; wall time of a few calls in the dry run."""
+    """ms per call: do_bench's median on a GPU (decode_latency.bench); wall time of a call in the
+    dry run."""
     if torch.cuda.is_available():
-        import triton
-
-        return lambda fn: triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
+        return lambda fn: bench(fn, args)
 
     def host(fn):
         fn()
