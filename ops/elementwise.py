@@ -369,7 +369,7 @@ def input_loads(expr, in_dtypes, flat, arg, split: bool, mask: str = "mask", lin
     return lines
 
 
-def _in_window(lin: torch.Tensor, win) -> torch.Tensor:
+def in_window(lin: torch.Tensor, win) -> torch.Tensor:
     inner, size, lo, hi = win
     r = (lin // inner) % size
     return (r >= lo) & (r < hi)
@@ -388,7 +388,7 @@ def linear_offsets(v, lin: torch.Tensor) -> torch.Tensor:
 def window_values(v, win, lin: torch.Tensor, tensor_of) -> torch.Tensor:
     """Values of view v at linear indices `lin` inside window `win`, 0 outside (the reference of a
     windowed load: only elements inside the window are read, as in the kernel)."""
-    ok = _in_window(lin, win)
+    ok = in_window(lin, win)
     out = torch.zeros(lin.shape, dtype=v.dtype)
     if ok.any():
         offs = linear_offsets(v, lin[ok])
@@ -409,7 +409,7 @@ def window_access(v, start: int, end: int, win) -> Access:
     if min(end, v.numel) - start > WINDOW_EXACT_MAX:
         return linear_access(v, start, end)
     lin = torch.arange(start, min(end, v.numel), dtype=torch.int64)
-    offs = linear_offsets(v, lin[_in_window(lin, win)])
+    offs = linear_offsets(v, lin[in_window(lin, win)])
     return Access(v.buffer, offsets_intervals(offs.numpy()))
 
 

@@ -23,11 +23,14 @@ A split-K sum in the matmul (passes/split_sum.py, Settings.split_sum_in_matmul):
 (expr, views), the elementwise op that summed the partials (plus bias, cast, residual add), moved
 into the matmul: views[0] is its output (also outputs[1]), views[1:] its inputs, all one shape
 (joint_coalesce), addressed by the row-major linear index lin = m * N + n of the [M, N] product;
-inputs that are pieces of the matmul's own partial buffer are read from it. Every split tile
+inputs that read the matmul's own partial buffer (attrs["epilogue_parts"]: piece s, moved by d
+elements inside a chunk of the block, through a window) are read from it. Every split tile
 stores its partial block, then takes a ticket (Matmul.combined, passes/counters.py): the last of
 the block's S tiles to arrive computes the expression for its [BM, BN] block and stores it (the
-opcode's generated `{name}_sum` routine). The instruction holds the output view, the other
-inputs and the ticket counter after the tail.
+opcode's generated `{name}_sum` routine), or, when the sum was a scatter (attrs
+["epilogue_scatter"], a KV-cache append), stores it where the scatter would have. The
+instruction holds the output view (a scatter's update), the other inputs, a scatter's index
+tensors and the ticket counter after the tail.
 """
 
 from __future__ import annotations
@@ -50,8 +53,16 @@ from mkcompiler.ops.base import (
     whole,
 )
 from mkcompiler.ops.common import aligned_stride, arg, view_base, view_base_aligned, view_size, view_stride
-from mkcompiler.ops.elementwise import expr_source, expr_torch, linear_offsets
+from mkcompiler.ops.elementwise import (
+    expr_source,
+    expr_torch,
+    linear_offsets,
+    slot_windows,
+    window_src,
+    window_values,
+)
 from mkcompiler.ops.registry import family, lowers
+from mkcompiler.ops.scatter import destination_lines, destination_offsets, written_rows
 
 from mkcompiler.ir import View
 from mkcompiler.kernel_lib import wait_in_tile
@@ -488,10 +499,12 @@ def _sum_routine(name: str, tile_call: str, sum_key, bm: int, bn: int) -> str:
     matmul_tile (`tile_call`), then the ticket; the last arriver loads the sum's inputs over its
     block (own partials from the partial buffer, L2 only: other tiles wrote them), evaluates the
     expression as the elementwise op would have, and stores the output."""
-    expr, splits, out_dtype, out_flat, ins, base = sum_key
-    lines, result = expr_source(expr, len(ins))
+    expr, splits, out_dtype, out_flat, ins, base, dest = sum_key
+    lines, result = expr_source(expr, len(ins), "lin")
     others = [k for k, d in enumerate(ins) if d[0] != "part"]
-    ticket = base + 1 + len(others)
+    n_index = len(dest[0]) if dest is not None else 0
+    ticket = base + 1 + len(others) + n_index
+    windows = slot_windows(expr)
     src = [
         "from mkcompiler.ops.matmul import split_sum_block, split_sum_last",
         "",
@@ -511,19 +524,32 @@ def _sum_routine(name: str, tile_call: str, sum_key, bm: int, bn: int) -> str:
         f"        lin, mask, part, part_stride = split_sum_block(row_ptr, addrs_ptr, views_ptr, {bm}, {bn})",
     ]
     for k, d in enumerate(ins):
-        if d[0] == "part":
+        mask = f"mask & {window_src(windows[k])}" if k in windows else "mask"
+        if d[0] == "part":  # piece s, moved by d (inside the block: passes/split_sum.py)
+            at = f"lin {'+' if d[2] > 0 else '-'} {abs(d[2])}" if d[2] else "lin"
             src.append(
-                f"        x{k} = tl.load(part + {d[1]} * part_stride + lin, mask=mask, other=0.0, cache_modifier='.cg')"
+                f"        x{k} = tl.load(part + {d[1]} * part_stride + {at}, mask={mask}, other=0.0, cache_modifier='.cg')"
             )
         else:
             slot = base + 1 + others.index(k)
             src.append(
-                f"        x{k} = load_view(addrs_ptr, views_ptr, arg(row_ptr, {slot}), lin, mask, {tl_dtype(d[0])}, {d[1]})"
+                f"        x{k} = load_view(addrs_ptr, views_ptr, arg(row_ptr, {slot}), lin, {mask}, {tl_dtype(d[0])}, {d[1]})"
             )
     src += [f"        {line}" for line in lines]
-    src.append(
-        f"        store_view(addrs_ptr, views_ptr, arg(row_ptr, {base}), lin, mask, {result}, {tl_dtype(out_dtype)}, {out_flat})"
-    )
+    if dest is None:
+        src.append(
+            f"        store_view(addrs_ptr, views_ptr, arg(row_ptr, {base}), lin, mask, {result}, {tl_dtype(out_dtype)}, {out_flat})"
+        )
+    else:  # the scatter's write (a KV-cache append): its update's view, then its index tensors
+        dims, limits, idts, shape = dest
+        first = base + 1 + len(others)
+        src += [f"        vo = arg(row_ptr, {base})"]
+        src += [f"        vi{n} = arg(row_ptr, {first + n})" for n in range(n_index)]
+        setup, store = destination_lines(
+            dims, [str(x) for x in limits], idts, out_dtype, "vo", [f"vi{n}" for n in range(n_index)]
+        )
+        src += [f"        i0, i1, i2, i3 = split_index(lin, {shape[1]}, {shape[2]}, {shape[3]})"]
+        src += [f"        {line}" for line in setup + store(result)]
     src += ["    if wait is not None:", "        return ok, t_ready"]
     return "\n".join(src) + "\n"
 
@@ -622,18 +648,21 @@ class Matmul(OpFamily):
         return key
 
     def sum_key(self, node):
-        """(expr, S, output dtype, output flat flag, per input ("part", s) for piece s of the own
-        partial buffer or (dtype, flat flag), first instruction slot of the sum's views) of a
-        split-K sum in the matmul (passes/split_sum.py)."""
+        """(expr, S, output dtype, output flat flag, per input ("part", s, d) for piece s of the
+        own partial buffer moved by d or (dtype, flat flag), first instruction slot of the sum's
+        views, a scatter's destination (padded dims, limits, index dtypes, update's padded
+        shape) or None) of a split-K sum in the matmul (passes/split_sum.py)."""
         expr, views = node.attrs["epilogue"]
-        part = node.outputs[0]
-        s, m, n = part.shape
         flags = flat_flags(*views)
         ins = tuple(
-            ("part", v.offset // (m * n)) if v.buffer == part.buffer else (v.dtype, f)
-            for v, f in zip(views[1:], flags[1:])
+            ("part", *r) if r is not None else (v.dtype, f)
+            for v, f, r in zip(views[1:], flags[1:], node.attrs["epilogue_parts"])
         )
-        return expr, s, views[0].dtype, flags[0], ins, A_TAIL + len(self._tail(node))
+        store = node.attrs.get("epilogue_scatter")
+        dest = None
+        if store is not None:
+            dest = (store.dims, store.limits, tuple(i.dtype for i in store.indices), views[0].padded(4)[0])
+        return expr, self.splits(node), views[0].dtype, flags[0], ins, A_TAIL + len(self._tail(node)), dest
 
     def a_expr_key(self, node):
         """(expr, A's dtype, per input (dtype, K stride 1, 16-byte aligned rows)) of an A computed
@@ -671,10 +700,11 @@ class Matmul(OpFamily):
 
     def instruction_tail(self, node):
         tail = self._tail(node)
-        if "epilogue" in node.attrs:  # the sum's output, then its inputs other than own partials
+        if "epilogue" in node.attrs:  # the sum's output, its inputs other than own partials, indices
             _, views = node.attrs["epilogue"]
-            part = node.outputs[0].buffer
-            tail += [views[0]] + [v for v in views[1:] if v.buffer != part]
+            tail += [views[0]] + [v for v, r in zip(views[1:], node.attrs["epilogue_parts"]) if r is None]
+            store = node.attrs.get("epilogue_scatter")
+            tail += list(store.indices) if store is not None else []
         return tail  # encode appends a combined tile's ticket (passes/counters.py)
 
     def _tail(self, node):
@@ -767,8 +797,16 @@ class Matmul(OpFamily):
         # block (the other tiles' partials too: no edge within the group, Matmul.combined) and
         # writes the block of the output.
         _, views = node.attrs["epilogue"]
-        reads += [_block_access(v, rows, cols, n) for v in views[1:]]
-        return reads, [out, _block_access(views[0], rows, cols, n)]
+        part = c.reshape((-1,))
+        for v, r in zip(views[1:], node.attrs["epilogue_parts"]):  # a moved read stays in the block
+            piece = v if r is None else part.slice(0, r[0] * m * n, (r[0] + 1) * m * n)
+            reads.append(_block_access(piece, rows, cols, n))
+        store = node.attrs.get("epilogue_scatter")
+        if store is None:
+            return reads, [out, _block_access(views[0], rows, cols, n)]
+        reads += [whole(i) for i in store.indices]
+        first, last = rows[0] * n + cols[0], (rows[1] - 1) * n + cols[1] - 1
+        return reads, [out, written_rows(store.base, store.dim, first // store.per_row, last // store.per_row + 1)]
 
     def cost(self, node, coords):
         a, b = node.inputs[:2]
@@ -825,13 +863,25 @@ class Matmul(OpFamily):
         rows = torch.arange(i * bm, min((i + 1) * bm, m))
         cols = torch.arange(j * bn, min((j + 1) * bn, n))
         lin = (rows[:, None] * n + cols[None, :]).reshape(-1)
+        windows = slot_windows(expr)
         ins = []
-        for v in views[1:]:
-            span, idx = _sum_span(v, lin, tensor_of)
-            ins.append(span[idx])
-        value = expr_torch(expr, ins)
-        span, idx = _sum_span(views[0], lin, tensor_of)
-        span[idx] = value.to(span.dtype)
+        for k, v in enumerate(views[1:]):
+            if k in windows:  # a moved read of the partials: only inside its window
+                ins.append(window_values(v, windows[k], lin, tensor_of))
+            else:
+                span, idx = _sum_span(v, lin, tensor_of)
+                ins.append(span[idx])
+        value = expr_torch(expr, ins, lin)
+        store = node.attrs.get("epilogue_scatter")
+        if store is None:
+            span, idx = _sum_span(views[0], lin, tensor_of)
+            span[idx] = value.to(span.dtype)
+            return
+        dst, ok = destination_offsets(store, views[0], lin, tensor_of)
+        if ok.any():
+            lo, hi = int(dst[ok].min()), int(dst[ok].max()) + 1
+            span = tensor_of(View(store.base.buffer, store.base.dtype, (hi - lo,), (1,), lo))
+            span[dst[ok] - lo] = value[ok].to(span.dtype)
 
 
 def _block_access(v: View, rows: tuple[int, int], cols: tuple[int, int], n: int) -> Access:

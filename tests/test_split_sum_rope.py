@@ -1,0 +1,155 @@
+"""Q/K/V projections that do their own RoPE and KV-cache append (passes/split_sum.py): a split-K
+matmul's last-arriving tile of a block reads the partials moved inside a head (rotate-half)
+and stores the rotated values, or writes them into the cache at the runtime position (a
+scatter). The decode layer loses the stage between Q/K/V and attention.
+
+Against float64 eager on random caches, with poisoned intermediates, two positions in a row,
+batch 1 and 3; no step writes outside its slot; the last arriver of a block may be any of its
+split tiles (kernel: the queue reordered; VM: each split held back in turn)."""
+
+import copy
+
+import pytest
+import torch
+from mkcompiler.ops.elementwise import slot_windows
+from mkcompiler.passes.split_sum import _partial_read
+
+import mkcompiler
+from examples.llama import random_llama
+from mkcompiler.ir import View
+from mkcompiler.vm import run_megakernel
+from tests.helpers import rel_err
+from tests.test_llama import CACHE_TOL, caches, randomize_caches, stray_writes
+from tests.test_split_sum import TILE, reorder_splits, run_vm_with_last
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(autouse=True)
+def keep_rms_norm(monkeypatch):
+    from tests.helpers import keep_rms_norm_whole
+
+    keep_rms_norm_whole(monkeypatch)
+
+
+def decode(batch=1, dtype=torch.float32, tile=TILE, **options):
+    model = random_llama("tiny", dtype=dtype, max_batch=batch)
+    randomize_caches(model)
+    ref = copy.deepcopy(model).double()
+    tok = torch.randint(0, model.c.vocab_size, (batch, 1), generator=torch.Generator().manual_seed(batch))
+    mk = mkcompiler.compile(
+        model, (tok, torch.tensor([0])), split_k=2, matmul_tile=tile, split_sum_in_matmul=True, cache=False, **options
+    )
+    return model, ref, mk, tok
+
+
+def rope_matmuls(mk) -> tuple[list[int], list[int]]:
+    """(ops summing with a RoPE: moved reads of their partials, ops doing a scatter)."""
+    moved = [i for i, op in enumerate(mk.graph.ops) if any(r and r[1] for r in op.attrs.get("epilogue_parts", ()))]
+    scatter = [i for i, op in enumerate(mk.graph.ops) if "epilogue_scatter" in op.attrs]
+    return moved, scatter
+
+
+def step(model, ref, mk, tok, p, batch):
+    """One decode step at position p, the slot poisoned first (NaN: an append that did not
+    happen shows)."""
+    for _, c in caches(model):
+        c[:batch, :, p] = float("nan")
+    old = [c.clone() for _, c in caches(model)]
+    mk.poison()
+    out = mk(tok, torch.tensor([p]))
+    want = ref(tok, torch.tensor([p]))
+    assert stray_writes(model, old, batch, p) == []
+    assert rel_err(out, want) <= TOL[out.dtype], f"position {p}"
+    return want
+
+
+def check_caches(model, ref, dtype):
+    for (name, c), (_, r) in zip(caches(model), caches(ref)):
+        tol = CACHE_TOL[torch.float32] if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(c, r.to(c.dtype), **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize(
+    "batch,dtype", [(1, torch.float32), (3, torch.float32), (1, torch.bfloat16)], ids=["b1", "b3", "b1-bf16"]
+)
+def test_qkv_do_rope_and_cache_append_and_match_eager(batch, dtype):
+    model, ref, mk, tok = decode(batch, dtype)
+    moved, scatter = rope_matmuls(mk)
+    layers = model.c.n_layers
+    assert len(moved) == 2 * layers and len(scatter) == 2 * layers  # Q and K rotate; K and V append
+    assert not [op for op in mk.graph.ops if op.kind == "scatter"]
+    assert all(mk.graph.ops[i].attrs["tile"][1] % model.c.head_dim == 0 for i in moved)
+    for p in (13, 14):
+        want = step(model, ref, mk, tok, p, batch)
+        tok = want[:, -1].argmax(-1, keepdim=True)
+    check_caches(model, ref, dtype)
+
+
+def test_vm_matches_with_any_split_tile_last():
+    """The VM (its split tiles each recompute the block's sum, the last one leaving it) with
+    K's split tiles held back in turn, then random interleavings; the slot poisoned each run."""
+    model, ref, mk, tok = decode()
+    _, scatter = rope_matmuls(mk)
+    pos = torch.tensor([9])
+    start = [c.clone() for _, c in caches(model)]
+    want = ref(tok, pos)
+
+    def fresh():
+        for (_, c), old in zip(caches(model), start):
+            c.copy_(old)
+            c[:, :, 9] = float("nan")
+
+    for last in range(2):
+        fresh()
+        run_vm_with_last(mk, (tok, pos), scatter[0], last)
+        assert rel_err(mk.outputs(), want) <= TOL[torch.float32]
+        check_caches(model, ref, torch.float32)
+    for seed in range(3):
+        fresh()
+        mk.poison()
+        vm, _ = run_megakernel(mk, tok, pos, seed=seed)
+        assert rel_err(vm, want) <= TOL[torch.float32]
+        check_caches(model, ref, torch.float32)
+
+
+def test_kernel_last_arriver_of_a_head_may_be_any_split():
+    """Q's and K's split tiles reversed in the queue (the interpreter runs it in order): the
+    tile with the first K chunk sums and rotates, reading the other's partials."""
+    model, ref, mk, tok = decode(schedule="dynamic")
+    moved, _ = rope_matmuls(mk)
+    for i in moved:
+        assert all(order == [1, 0] for order in reorder_splits(mk, i))
+    for p in (20, 21):
+        want = step(model, ref, mk, tok, p, 1)
+        tok = want[:, -1].argmax(-1, keepdim=True)
+    check_caches(model, ref, torch.float32)
+
+
+def test_a_tile_narrower_than_a_head_keeps_the_rope_apart():
+    """BN = 8 < head_dim 16: a block would not hold a rotated element's partner, so Q's and K's
+    sums stay ops of their own; V's append (no moved read) still goes into its matmul."""
+    model, ref, mk, tok = decode(tile=(16, 8, 16))
+    moved, scatter = rope_matmuls(mk)
+    assert not moved and len(scatter) == model.c.n_layers  # V only
+    assert len([op for op in mk.graph.ops if op.kind == "scatter"]) == model.c.n_layers  # K's
+    step(model, ref, mk, tok, 30, 1)
+    check_caches(model, ref, torch.float32)
+
+
+def test_partial_reads():
+    """_partial_read: a piece in row-major order; a read moved inside its window's chunk; moved
+    across a chunk, or without a window: refused."""
+    m, n = 2, 64
+    piece = View(0, torch.float32, (m, n), (n, 1), m * n)  # piece 1
+    assert _partial_read(piece, None, m, n) == (1, 0, 1)
+    lower = (1, 32, 0, 16)  # (inner, size, lo, hi): the first half of each 32-element head
+    up = View(0, torch.float32, (m, n), (n, 1), 16)  # x[lin + 16]: the head's other half
+    assert _partial_read(up, lower, m, n) == (0, 16, 32)
+    assert _partial_read(up, None, m, n) is None  # moved everywhere: crosses heads and rows
+    assert _partial_read(up, (1, 32, 8, 24), m, n) is None  # lin 16..23 + 16 leaves the head
+    down = View(0, torch.float32, (m, n), (n, 1), m * n - 16)  # piece 1's x[lin - 16]
+    assert _partial_read(down, (1, 32, 16, 32), m, n) == (1, -16, 32)
+    assert _partial_read(down, (1, 32, 0, 32), m, n) is None  # lin 0 - 16 is in piece 0
+    expr = ("op", "add", torch.float32, ("win", 0, *lower), ("in", 1))
+    assert slot_windows(expr) == {0: lower}
