@@ -62,6 +62,11 @@ class Settings:
     # kernel_lib.wait_many, 1.530 against 1.569 (commit 977ef05, same call). Off until measured
     # against today's defaults (and with tensor-parallel queues, whose remote waits it multiplies)
     split_sum_in_matmul: bool = False
+    # with split_sum_in_matmul, the sum may also be positional or a scatter: Q/K/V's last arrivers
+    # apply RoPE (partials read moved inside a head) and append K and V to the cache, so a decode
+    # layer loses the RoPE/append stage (5 dependent stages instead of 6, benchmarks/
+    # decode_stages.py). False: those sums stay ops (the A/B). Not yet measured on a GPU.
+    split_sum_rope_append: bool = True
     # split-KV attention: the last of a (batch, kv head)'s key chunks to arrive combines them
     # (a ticket, as the split sums), so the combine is no stage of its own; when all of a kv
     # head's query rows fit one tile (decode), else the combine stays an op. Not yet measured on

@@ -30,6 +30,8 @@ one shape with its output, elementwise.joint_coalesce); attrs["epilogue_parts"]:
 (piece s, move d) it reads of the partials, or None; a scatter's destination in
 attrs["epilogue_scatter"] (ScatterStore). E's output becomes the matmul's second output.
 
+Settings.split_sum_rope_append=False keeps positional sums and scatters apart (an A/B switch).
+
 Left alone (today's separate sum), never a wrong answer: E is not the partials' only reader, or
 neither an elementwise op nor a scatter; it reads its own output's buffer (the VM recomputes the
 sum in every split tile: ops/matmul.Matmul._sum_reference); it reads the partials other than at
@@ -45,7 +47,7 @@ from __future__ import annotations
 import math
 
 import torch
-from mkcompiler.ops.elementwise import in_window, joint_coalesce, linear_offsets, slot_windows
+from mkcompiler.ops.elementwise import has_positional, in_window, joint_coalesce, linear_offsets, slot_windows
 from mkcompiler.ops.matmul import A_TAIL
 from mkcompiler.ops.registry import FAMILIES
 from mkcompiler.ops.scatter import ScatterStore, parts
@@ -106,6 +108,8 @@ def _plan(graph: Graph, mm, readers, position, split_parts, settings: Settings):
         if store is None:
             return None
     if expr[0] != "op" or out.numel != m * n:
+        return None
+    if not settings.split_sum_rope_append and (store is not None or has_positional(expr)):
         return None
     if any(v.buffer in (out.buffer, e.outputs[0].buffer) for v in ins):
         return None  # reads its own output (state updated in place)

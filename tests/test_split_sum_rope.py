@@ -20,7 +20,7 @@ from mkcompiler.ir import View
 from mkcompiler.vm import run_megakernel
 from tests.helpers import rel_err
 from tests.test_llama import CACHE_TOL, caches, randomize_caches, stray_writes
-from tests.test_split_sum import TILE, reorder_splits, run_vm_with_last
+from tests.test_split_sum import TILE, reorder_splits, run_vm_with_last, summed
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
@@ -153,3 +153,14 @@ def test_partial_reads():
     assert _partial_read(down, (1, 32, 0, 32), m, n) is None  # lin 0 - 16 is in piece 0
     expr = ("op", "add", torch.float32, ("win", 0, *lower), ("in", 1))
     assert slot_windows(expr) == {0: lower}
+
+
+def test_the_switch_keeps_rope_and_append_apart():
+    """split_sum_rope_append=False (the A/B): Q's RoPE and the appends stay ops; O and down still
+    sum themselves."""
+    model, ref, mk, tok = decode(split_sum_rope_append=False)
+    assert rope_matmuls(mk) == ([], [])
+    assert len([op for op in mk.graph.ops if op.kind == "scatter"]) == 2 * model.c.n_layers
+    assert len(summed(mk)) == 2 * model.c.n_layers + 1  # O, down; the LM head
+    step(model, ref, mk, tok, 3, 1)
+    check_caches(model, ref, torch.float32)
