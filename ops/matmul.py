@@ -49,6 +49,7 @@ from mkcompiler.ops.base import (
     flat_flags,
     linear_access,
     merge_intervals,
+    next_pow2,
     tl_dtype,
     whole,
 )
@@ -412,13 +413,14 @@ def split_sum_last(row_ptr, counters_ptr, generation, TICKET: tl.constexpr, S: t
 
 
 @triton.jit
-def split_sum_block(row_ptr, addrs_ptr, views_ptr, BM: tl.constexpr, BN: tl.constexpr):
+def split_sum_block(row_ptr, addrs_ptr, views_ptr, BM: tl.constexpr, BN: tl.constexpr, ROWS: tl.constexpr):
     """(lin, mask, partials' base pointer, stride between partials) of the tile's [BM, BN] output
-    block: lin = m * N + n, the row-major index the sum's views are addressed by."""
+    block, as [ROWS, BN] (ROWS = BM, or a power of two >= M when M < BM: one block then holds
+    every row): lin = m * N + n, the row-major index the sum's views are addressed by."""
     vc = arg(row_ptr, 3)
     M = view_size(views_ptr, vc, 2)
     N = view_size(views_ptr, vc, 3)
-    rm = arg(row_ptr, 4) * BM + tl.arange(0, BM)
+    rm = arg(row_ptr, 4) * BM + tl.arange(0, ROWS)
     rn = arg(row_ptr, 5) * BN + tl.arange(0, BN)
     lin = rm[:, None] * N + rn[None, :]
     mask = (rm[:, None] < M) & (rn[None, :] < N)
@@ -499,7 +501,7 @@ def _sum_routine(name: str, tile_call: str, sum_key, bm: int, bn: int) -> str:
     matmul_tile (`tile_call`), then the ticket; the last arriver loads the sum's inputs over its
     block (own partials from the partial buffer, L2 only: other tiles wrote them), evaluates the
     expression as the elementwise op would have, and stores the output."""
-    expr, splits, out_dtype, out_flat, ins, base, dest = sum_key
+    expr, splits, out_dtype, out_flat, ins, base, dest, rows = sum_key
     lines, result = expr_source(expr, len(ins), "lin")
     others = [k for k, d in enumerate(ins) if d[0] != "part"]
     n_index = len(dest[0]) if dest is not None else 0
@@ -521,7 +523,7 @@ def _sum_routine(name: str, tile_call: str, sum_key, bm: int, bn: int) -> str:
         "    if ok != 0:",
         f"        last = split_sum_last(row_ptr, counters_ptr, generation, {ticket}, {splits}).to(tl.int32)",
         "    if last != 0:",
-        f"        lin, mask, part, part_stride = split_sum_block(row_ptr, addrs_ptr, views_ptr, {bm}, {bn})",
+        f"        lin, mask, part, part_stride = split_sum_block(row_ptr, addrs_ptr, views_ptr, {bm}, {bn}, {rows})",
     ]
     for k, d in enumerate(ins):
         mask = f"mask & {window_src(windows[k])}" if k in windows else "mask"
@@ -651,7 +653,8 @@ class Matmul(OpFamily):
         """(expr, S, output dtype, output flat flag, per input ("part", s, d) for piece s of the
         own partial buffer moved by d or (dtype, flat flag), first instruction slot of the sum's
         views, a scatter's destination (padded dims, limits, index dtypes, update's padded
-        shape) or None) of a split-K sum in the matmul (passes/split_sum.py)."""
+        shape) or None, rows of the block the sum covers) of a split-K sum in the matmul
+        (passes/split_sum.py)."""
         expr, views = node.attrs["epilogue"]
         flags = flat_flags(*views)
         ins = tuple(
@@ -662,7 +665,9 @@ class Matmul(OpFamily):
         dest = None
         if store is not None:
             dest = (store.dims, store.limits, tuple(i.dtype for i in store.indices), views[0].padded(4)[0])
-        return expr, self.splits(node), views[0].dtype, flags[0], ins, A_TAIL + len(self._tail(node)), dest
+        # the sum's rows: all M of them when M < BM (decode: 1 of 16 rows, not 16 rows of registers)
+        rows = min(node.attrs["tile"][0], next_pow2(node.outputs[0].shape[1]))
+        return expr, self.splits(node), views[0].dtype, flags[0], ins, A_TAIL + len(self._tail(node)), dest, rows
 
     def a_expr_key(self, node):
         """(expr, A's dtype, per input (dtype, K stride 1, 16-byte aligned rows)) of an A computed

@@ -9,7 +9,7 @@ import torch
 import mkcompiler
 from mkcompiler.layout import Field
 from mkcompiler.settings import WAIT_MODES
-from tests.helpers import compile_and_check, reference, rel_err
+from tests.helpers import FOLDED, compile_and_check, reference, rel_err
 from tests.models import ResidualMLP, TransformerMLP
 
 pytestmark = pytest.mark.gpu
@@ -158,11 +158,12 @@ def test_gpu_profile_stamps_every_instruction():
     assert rel_err(prof.outputs, reference(model, [x])) <= 1e-4
 
 
+@pytest.mark.parametrize("options", [{}, FOLDED], ids=["defaults", "folded"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_llama_decode_matches_eager_on_the_gpu(dtype):
+def test_llama_decode_matches_eager_on_the_gpu(dtype, options):
     """A small Llama's decode steps on the real kernel (one worker per SM: split-K matvecs,
     split-KV attention, RoPE and the KV-cache append fused as on big models) against eager,
-    logits and caches, with outputs poisoned first."""
+    logits and caches, with outputs poisoned first; also with the stage-removing options."""
     from examples.llama import random_llama
 
     shape = dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, hidden=512, vocab_size=1000, max_seq_len=1024)
@@ -174,7 +175,9 @@ def test_llama_decode_matches_eager_on_the_gpu(dtype):
             getattr(layer.attn, name).copy_(t)
             getattr(rlayer.attn, name).copy_(t)
     tok = torch.randint(0, 1000, (1, 1), device="cuda")
-    mk = mkcompiler.compile(model, (tok, torch.tensor([600], device="cuda")))
+    mk = mkcompiler.compile(model, (tok, torch.tensor([600], device="cuda")), **options)
+    if options:
+        assert any("epilogue_scatter" in op.attrs for op in mk.graph.ops), "no Q/K/V appends to the cache"
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for step in range(3):
         pos = torch.tensor([600 + step], device="cuda")
