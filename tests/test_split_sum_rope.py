@@ -18,7 +18,7 @@ import mkcompiler
 from examples.llama import random_llama
 from mkcompiler.ir import View
 from mkcompiler.vm import run_megakernel
-from tests.helpers import rel_err
+from tests.helpers import FOLDED, rel_err
 from tests.test_llama import CACHE_TOL, caches, randomize_caches, stray_writes
 from tests.test_split_sum import TILE, reorder_splits, run_vm_with_last, summed
 
@@ -164,3 +164,33 @@ def test_the_switch_keeps_rope_and_append_apart():
     assert len(summed(mk)) == 2 * model.c.n_layers + 1  # O, down; the LM head
     step(model, ref, mk, tok, 3, 1)
     check_caches(model, ref, torch.float32)
+
+
+def test_hugging_face_llama_folds_too():
+    """transformers' Llama (cos and sin its own inputs, RoPE through its own rotate_half): Q and
+    K rotate and K and V append in the projections; two steps, logits and caches against eager."""
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    from mkcompiler.hf import StaticCacheLM, random_model
+
+    model = random_model("llama", torch.float32, seed=1)
+    lm = StaticCacheLM(model, batch_size=1, max_cache_len=32)
+    ref = StaticCacheLM(copy.deepcopy(model).double(), batch_size=1, max_cache_len=32)
+    g = torch.Generator().manual_seed(5)
+    for kv, rkv in zip(lm.caches(), ref.caches()):
+        for t, r in zip(kv, rkv):
+            t.copy_(torch.randn(t.shape, generator=g))
+            r.copy_(t)
+    tok = torch.randint(0, 128, (1, 1), generator=g)
+    mk = mkcompiler.compile(lm, (tok, torch.tensor([4])), matmul_tile=TILE, cache=False, **FOLDED)
+    moved, scatter = rope_matmuls(mk)
+    layers = model.config.num_hidden_layers
+    assert len(moved) == 2 * layers and len(scatter) == 2 * layers
+    for p in (5, 6):
+        mk.poison()
+        out = mk(tok, torch.tensor([p]))
+        with torch.no_grad():
+            want = ref(tok, torch.tensor([p]))
+        assert rel_err(out, want) <= TOL[torch.float32], f"position {p}"
+    for kv, rkv in zip(lm.caches(), ref.caches()):
+        for t, r in zip(kv, rkv):
+            assert rel_err(t, r) <= 1e-6
