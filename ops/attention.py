@@ -351,11 +351,13 @@ class Attention(OpFamily):
 
     def _combine_key(self, node) -> tuple | None:
         """Split tiles that combine their chunks themselves (passes/split_kv.py, Settings
-        .combine_in_attention): (splits, the output's dtype, its padded Sq and D); else None."""
+        .combine_in_attention): (splits, the output's dtype, its padded Sq and D); else None. Sq is
+        padded to a power of two only (no dot: decode's one row is a [1, D] block, not [16, D] of
+        registers; at 16 the 1B decode kernel spilled)."""
         if not node.attrs.get("combine"):
             return None
         out = node.outputs[2]
-        return (self.splits(node), out.dtype, max(16, next_pow2(out.shape[2])), max(16, next_pow2(out.shape[3])))
+        return (self.splits(node), out.dtype, next_pow2(out.shape[2]), max(16, next_pow2(out.shape[3])))
 
     def emit(self, key, name):
         _, qdt, kdt, vdt, mdt, odt, dot, causal, scale, group, bm, bn, bd, split, units, stages, combine = key
