@@ -12,10 +12,24 @@ Per program (one CTA, persistent):
     multiplies by the matching x chunk (broadcast, fp32; M=1 needs no tensor cores), releases the
     slot, and at the end of the tile reduces the rows and stores y.
 
-Tile table (int32, NF=8 columns per row; `make_tiles` builds it):
-    [weight index, n0 (first row), x offset, y offset, K, N, 0, 0]
+Tile table (int32, NF=12 columns per row; `make_tiles` builds it):
+    [weight index, n0 (first row), x offset, y offset, K, N, wait counter, wait count,
+     signal counter, 0, 0, 0]
 x and y offsets are in elements of the x / y buffers (one 1-D tensor each; several vectors live
-in one buffer at different offsets). Weights are passed as up to MAX_W TMA descriptors (Gluon
+in one buffer at different offsets; x and y may be one buffer, so a tile may read what another
+wrote: a chain of matvecs in one launch).
+
+Dependencies (a megakernel's, in miniature): a tile with a wait counter >= 0 reads x only once
+counters[wait counter] >= wait count (polled with volatile loads, then one acquire; x is then
+read from L2, `.cg`); a tile with a signal counter >= 0 adds 1 to it (release) once its rows of
+y are stored. Only the compute partition waits: the loader never does (weights depend on
+nothing), so it streams the next tiles' weights while compute waits for their inputs. A wait
+gives up after MAX_SPIN polls: the kernel records the tile in err[0..1] (1, tile) and drains
+the ring without computing or signalling, so every program ends (the loader never blocks on a
+slot compute will not free). Counters are the caller's: zero them before a launch (or raise
+the counts). Tiles are taken round-robin (tile t on program t % programs) and each program runs
+its tiles in table order: a table in topological order whose programs all run at once cannot
+deadlock. Weights are passed as up to MAX_W TMA descriptors (Gluon
 cannot index a descriptor array at run time: the loader picks one with a static if-chain).
 Stacking one weight kind across layers as [L*N, K] makes one descriptor cover all layers.
 
@@ -33,7 +47,8 @@ import json
 import re
 import time
 
-NF = 8  # tile table columns
+NF = 12  # tile table columns
+MAX_SPIN = 1 << 22  # polls of one wait before the kernel gives up (a few hundred ms)
 MAX_W = 8  # weight descriptors per launch
 COMPUTE_WARPS = 4
 LOADER_WARPS = 1
@@ -59,6 +74,7 @@ if HAVE_GLUON:
     _TMA_LOAD = tma.async_copy_global_to_shared if hasattr(tma, "async_copy_global_to_shared") else tma.async_load
     _LOADER_WARPS = gl.constexpr(LOADER_WARPS)
     _LOADER_REGS = gl.constexpr(LOADER_REGS)
+    _NF = gl.constexpr(NF)
 
     @gluon.jit
     def _add(a, b):
@@ -100,9 +116,9 @@ if HAVE_GLUON:
         NBYTES: gl.constexpr = w0.block_type.nbytes
         it = 0
         for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-            wid = gl.load(q_ptr + t * 8)
-            n0 = gl.load(q_ptr + t * 8 + 1)
-            K = gl.load(q_ptr + t * 8 + 4)
+            wid = gl.load(q_ptr + t * _NF)
+            n0 = gl.load(q_ptr + t * _NF + 1)
+            K = gl.load(q_ptr + t * _NF + 4)
             for k in range(0, K, BK):
                 s = it % NUM_BUF
                 mbarrier.wait(empty.index(s), ((it // NUM_BUF) & 1) ^ 1)  # first pass: free at once
@@ -111,7 +127,19 @@ if HAVE_GLUON:
                 it += 1
 
     @gluon.jit
-    def _compute(x_ptr, y_ptr, q_ptr, n_tiles, bufs, ready, empty, num_warps: gl.constexpr):
+    def _wait_counter(counters_ptr, ctr, cnt, MAX_SPIN: gl.constexpr):
+        """True once counters[ctr] >= cnt: volatile polls, then one acquire (the x loads after it
+        see what the signalling tile stored); False after MAX_SPIN polls."""
+        seen = gl.load(counters_ptr + ctr, volatile=True)
+        spins = 0
+        while (seen < cnt) & (spins < MAX_SPIN):
+            seen = gl.load(counters_ptr + ctr, volatile=True)
+            spins += 1
+        return gl.atomic_add(counters_ptr + ctr, 0, sem="acquire", scope="gpu") >= cnt
+
+    @gluon.jit
+    def _compute(x_ptr, y_ptr, q_ptr, n_tiles, bufs, ready, empty, counters_ptr, err_ptr,
+                 MAX_SPIN: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
         NUM_BUF: gl.constexpr = bufs.type.shape[0]
         BN: gl.constexpr = bufs.type.shape[1]
         BK: gl.constexpr = bufs.type.shape[2]
@@ -124,26 +152,40 @@ if HAVE_GLUON:
         cols = gl.arange(0, BK, layout=cols_l)
         rows = gl.arange(0, BN, layout=rows_l)
         it = 0
+        failed = 0  # once a wait gave up: drain the ring, compute and signal nothing
         for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-            n0 = gl.load(q_ptr + t * 8 + 1)
-            x_off = gl.load(q_ptr + t * 8 + 2)
-            y_off = gl.load(q_ptr + t * 8 + 3)
-            K = gl.load(q_ptr + t * 8 + 4)
-            N = gl.load(q_ptr + t * 8 + 5)
+            n0 = gl.load(q_ptr + t * _NF + 1)
+            x_off = gl.load(q_ptr + t * _NF + 2)
+            y_off = gl.load(q_ptr + t * _NF + 3)
+            K = gl.load(q_ptr + t * _NF + 4)
+            N = gl.load(q_ptr + t * _NF + 5)
+            wait_ctr = gl.load(q_ptr + t * _NF + 6)
+            wait_cnt = gl.load(q_ptr + t * _NF + 7)
+            signal = gl.load(q_ptr + t * _NF + 8)
+            if (failed == 0) & (wait_ctr >= 0):
+                if not _wait_counter(counters_ptr, wait_ctr, wait_cnt, MAX_SPIN):
+                    failed = 1
+                    gl.atomic_xchg(err_ptr + 1, t)
+                    gl.atomic_xchg(err_ptr, 1)
             acc = gl.zeros([BN, BK], gl.float32, layout=blk)
             for k in range(0, K, BK):
                 s = it % NUM_BUF
                 kk = k + cols
-                xv = gl.load(x_ptr + x_off + kk, mask=kk < K, other=0.0).to(gl.float32)
+                # x after the wait, from L2 (another SM wrote it); nothing when failed
+                xv = gl.load(x_ptr + x_off + kk, mask=(kk < K) & (failed == 0), other=0.0, cache_modifier=".cg")
                 mbarrier.wait(ready.index(s), (it // NUM_BUF) & 1)
                 w = bufs.index(s).load(blk)
                 _CTA_BARRIER()  # every compute warp has read the slot before it is given back
                 mbarrier.arrive(empty.index(s), count=1)
-                acc += w.to(gl.float32) * xv[None, :]
+                acc += w.to(gl.float32) * xv.to(gl.float32)[None, :]
                 it += 1
-            y = gl.reduce(acc, 1, _add)
-            rr = n0 + rows
-            gl.store(y_ptr + y_off + rr, y.to(y_ptr.dtype.element_ty), mask=rr < N)
+            if failed == 0:
+                y = gl.reduce(acc, 1, _add)
+                rr = n0 + rows
+                gl.store(y_ptr + y_off + rr, y.to(y_ptr.dtype.element_ty), mask=rr < N)
+                if signal >= 0:
+                    _CTA_BARRIER()  # every compute warp's rows are stored before the release
+                    gl.atomic_add(counters_ptr + signal, 1, sem="release", scope="gpu")
 
     @gluon.jit
     def stream_matvec_kernel(
@@ -159,8 +201,11 @@ if HAVE_GLUON:
         n_tiles,
         x_ptr,
         y_ptr,
+        counters_ptr,
+        err_ptr,
         NUM_W: gl.constexpr,
         NUM_BUF: gl.constexpr,
+        MAX_SPIN: gl.constexpr,
         num_warps: gl.constexpr,
     ):
         bufs = gl.allocate_shared_memory(w0.dtype, [NUM_BUF] + w0.block_type.shape, w0.layout)
@@ -171,7 +216,10 @@ if HAVE_GLUON:
             mbarrier.init(empty.index(s), count=1)
         gl.warp_specialize(
             [
-                (_compute, (x_ptr, y_ptr, q_ptr, n_tiles, bufs, ready, empty, num_warps)),
+                (
+                    _compute,
+                    (x_ptr, y_ptr, q_ptr, n_tiles, bufs, ready, empty, counters_ptr, err_ptr, MAX_SPIN, num_warps),
+                ),
                 (_loader, (w0, w1, w2, w3, w4, w5, w6, w7, q_ptr, n_tiles, bufs, ready, empty, NUM_W)),
             ],
             [_LOADER_WARPS],
@@ -192,21 +240,34 @@ def weight_layout(BN: int, BK: int):
 # ---- host side ----
 
 
-def make_tiles(weights, x_offsets, y_offsets, BN: int, which=None):
+def make_tiles(weights, x_offsets, y_offsets, BN: int, which=None, waits=None, signals=None):
     """Tile table (int32 CPU tensor [T, NF]) covering every row block of the chosen weights.
     weights: list of [N, K] tensors; x_offsets[i] / y_offsets[i]: where weight i's x and y live
-    in the x / y buffers (elements). which: weight indices to cover (default: all, in order)."""
+    in the x / y buffers (elements). which: weight indices to cover (default: all, in order).
+    waits[i]: (counter, count) every tile of weight i waits for, or None; signals[i]: the
+    counter each of its tiles adds 1 to, or None."""
     import torch
 
     rows = []
     for i in range(len(weights)) if which is None else which:
         N, K = weights[i].shape
+        ctr, cnt = waits[i] if waits is not None and waits[i] is not None else (-1, 0)
+        sig = signals[i] if signals is not None and signals[i] is not None else -1
         for n0 in range(0, N, BN):
-            rows.append([i, n0, x_offsets[i], y_offsets[i], K, N, 0, 0])
+            rows.append([i, n0, x_offsets[i], y_offsets[i], K, N, ctr, cnt, sig, 0, 0, 0])
     return torch.tensor(rows, dtype=torch.int32).reshape(-1, NF)
 
 
-def _check_tiles(weights, xs, ys, tiles):
+def chain_tiles(weights, x_offset: int, y_offsets, BN: int):
+    """Tiles of a chain of matvecs in one buffer: weight 0 reads x at x_offset, weight i > 0
+    reads weight i-1's output (at y_offsets[i-1]) once all of its tiles signalled counter i-1."""
+    blocks = [-(-w.shape[0] // BN) for w in weights]
+    x_offsets = [x_offset] + list(y_offsets[:-1])
+    waits = [None] + [(i - 1, blocks[i - 1]) for i in range(1, len(weights))]
+    return make_tiles(weights, x_offsets, y_offsets, BN, waits=waits, signals=list(range(len(weights))))
+
+
+def _check_tiles(weights, xs, ys, tiles, n_counters: int = 0):
     import torch
 
     if tiles.dim() != 2 or tiles.shape[1] not in (4, NF):
@@ -231,12 +292,21 @@ def _check_tiles(weights, xs, ys, tiles):
     out = torch.zeros(t.shape[0], NF, dtype=torch.int32)
     out[:, :4] = t[:, :4].to(torch.int32)
     out[:, 4], out[:, 5] = K.to(torch.int32), N.to(torch.int32)
+    out[:, 6], out[:, 8] = -1, -1
+    if t.shape[1] == NF:
+        ctr, sig = t[:, 6], t[:, 8]
+        if bool(((ctr >= n_counters) | (sig >= n_counters) | (ctr < -1) | (sig < -1)).any()):
+            raise GluonStreamError(f"a tile's wait or signal counter is outside the {n_counters} counters given")
+        out[:, 6:9] = t[:, 6:9].to(torch.int32)
     return out
 
 
-def prepare_stream_matvec(weights, xs, ys, tiles, BN: int = 64, BK: int = 128, NUM_BUF: int = 4, num_programs=None):
-    """Validate once and build the TMA descriptors; return a no-argument callable that only
-    launches (what a benchmark times). Arguments as for `stream_matvec`."""
+def prepare_stream_matvec(
+    weights, xs, ys, tiles, BN: int = 64, BK: int = 128, NUM_BUF: int = 4, num_programs=None, counters=None
+):
+    """Validate once and build the TMA descriptors; return a no-argument callable that zeroes
+    the counters and the error record, then launches (what a benchmark times); `.errors()` of it
+    is the error record [flag, tile]. Arguments as for `stream_matvec`."""
     import os
 
     import torch
@@ -255,9 +325,19 @@ def prepare_stream_matvec(weights, xs, ys, tiles, BN: int = 64, BK: int = 128, N
         raise GluonStreamError("xs and ys must be 1-D CUDA tensors")
     if xs.dtype not in (torch.bfloat16, torch.float32) or ys.dtype not in (torch.float32, torch.bfloat16):
         raise GluonStreamError("xs must be bf16/fp32 and ys fp32/bf16")
-    table = _check_tiles(weights, xs, ys, tiles).to(xs.device)
+    if counters is None:
+        counters = torch.zeros(1, dtype=torch.int32, device=xs.device)
+        n_counters = 0
+    elif counters.dtype != torch.int32 or counters.dim() != 1 or counters.device != xs.device:
+        raise GluonStreamError("counters must be a 1-D int32 tensor on the vectors' device")
+    else:
+        n_counters = counters.numel()
+    table = _check_tiles(weights, xs, ys, tiles, n_counters).to(xs.device)
+    err = torch.zeros(2, dtype=torch.int32, device=xs.device)
     if table.shape[0] == 0:
-        return lambda: ys
+        launch = lambda: ys  # noqa: E731
+        launch.errors = lambda: err.cpu()
+        return launch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     layout = weight_layout(BN, BK)
@@ -269,22 +349,44 @@ def prepare_stream_matvec(weights, xs, ys, tiles, BN: int = 64, BK: int = 128, N
     n_tiles = table.shape[0]
 
     def launch():
+        counters.zero_()
+        err.zero_()
         stream_matvec_kernel[grid](
-            *descs, table, n_tiles, xs, ys, NUM_W=len(weights), NUM_BUF=NUM_BUF, num_warps=COMPUTE_WARPS
+            *descs,
+            table,
+            n_tiles,
+            xs,
+            ys,
+            counters,
+            err,
+            NUM_W=len(weights),
+            NUM_BUF=NUM_BUF,
+            MAX_SPIN=MAX_SPIN,
+            num_warps=COMPUTE_WARPS,
         )
         return ys
 
+    launch.errors = lambda: err.cpu()
     return launch
 
 
-def stream_matvec(weights, xs, ys, tiles, BN: int = 64, BK: int = 128, NUM_BUF: int = 4, num_programs=None):
+def stream_matvec(
+    weights, xs, ys, tiles, BN: int = 64, BK: int = 128, NUM_BUF: int = 4, num_programs=None, counters=None
+):
     """y[y_off + n0 + r] = sum_k W[n0 + r, k] * x[x_off + k] (r < BN, n0 + r < N) for every tile.
 
     weights: list (<= MAX_W) of contiguous bf16 [N, K] CUDA tensors (K * 2 bytes a multiple of 16);
-    xs: 1-D bf16 or fp32 CUDA tensor; ys: 1-D fp32 or bf16 CUDA tensor (written in place);
-    tiles: int [T, 4] (w, n0, x_off, y_off) or [T, NF] (make_tiles); n0 is normally a multiple of
-    BN (tiles that overlap write the same rows). Returns ys. Needs a CUDA GPU (sm_90)."""
-    return prepare_stream_matvec(weights, xs, ys, tiles, BN, BK, NUM_BUF, num_programs)()
+    xs: 1-D bf16 or fp32 CUDA tensor; ys: 1-D fp32 or bf16 CUDA tensor (written in place; may be
+    xs itself); tiles: int [T, 4] (w, n0, x_off, y_off) or [T, NF] (make_tiles, chain_tiles);
+    n0 is normally a multiple of BN (tiles that overlap write the same rows); counters: 1-D int32
+    tensor the tiles' waits and signals index (zeroed before the launch). Returns ys once the
+    kernel has finished; raises GluonStreamError if a wait gave up. Needs a CUDA GPU (sm_90)."""
+    launch = prepare_stream_matvec(weights, xs, ys, tiles, BN, BK, NUM_BUF, num_programs, counters)
+    launch()
+    flag, tile = launch.errors().tolist()
+    if flag:
+        raise GluonStreamError(f"tile {tile} waited {MAX_SPIN} polls for its input and gave up (a missing signal?)")
+    return ys
 
 
 # ---- offline compile (CPU only) ----
@@ -317,13 +419,21 @@ def compile_offline(
         n_tiles="i32",
         x_ptr=f"*{x_dtype}",
         y_ptr=f"*{y_dtype}",
+        counters_ptr="*i32",
+        err_ptr="*i32",
         NUM_W="constexpr",
         NUM_BUF="constexpr",
+        MAX_SPIN="constexpr",
         num_warps="constexpr",
     )
     idx = {n: i for i, n in enumerate(fn.arg_names)}
-    attrs = {(idx[n],): [["tt.divisibility", 16]] for n in ("q_ptr", "x_ptr", "y_ptr")}
-    cst = {(idx["NUM_W"],): num_w, (idx["NUM_BUF"],): NUM_BUF, (idx["num_warps"],): COMPUTE_WARPS}
+    attrs = {(idx[n],): [["tt.divisibility", 16]] for n in ("q_ptr", "x_ptr", "y_ptr", "counters_ptr", "err_ptr")}
+    cst = {
+        (idx["NUM_W"],): num_w,
+        (idx["NUM_BUF"],): NUM_BUF,
+        (idx["MAX_SPIN"],): MAX_SPIN,
+        (idx["num_warps"],): COMPUTE_WARPS,
+    }
     src = GluonASTSource(fn, sig, cst, attrs)
     log = io.StringIO()
     old = (knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile)
@@ -358,7 +468,16 @@ def compile_offline(
         "setmaxnreg": sorted(set(re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx))),
         "ptx_counts": {
             p: ptx.count(p)
-            for p in ("cp.async.bulk.tensor", "mbarrier.try_wait", "mbarrier.arrive", "expect_tx", "bar.sync")
+            for p in (
+                "cp.async.bulk.tensor",
+                "mbarrier.try_wait",
+                "mbarrier.arrive",
+                "expect_tx",
+                "bar.sync",
+                "ld.volatile.global",  # a wait's polls
+                "ld.global.gpu.acquire",  # its final acquire
+                "atom.global.gpu.release",  # a signal
+            )
         },
         "ptx_lines": ptx.count("\n"),
         "compile_s": round(seconds, 3),

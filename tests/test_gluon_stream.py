@@ -29,6 +29,9 @@ def test_compiles_for_sm90_with_tma_ring_and_no_spills(cfg):
     assert "mbarrier.init" in ptx
     assert len(r["setmaxnreg"]) >= 2, r  # warp-specialized: partitions re-balance registers
     assert "ttg.warp_specialize" in r["ttgir"]
+    # dependencies: volatile polls, one acquire, x from L2 after the wait, a release per signal
+    assert "ld.volatile.global" in ptx and "ld.global.gpu.acquire" in ptx, r["ptx_counts"]
+    assert "ld.global.cg" in ptx and "atom.global.gpu.release.add" in ptx, r["ptx_counts"]
 
 
 def test_tiles_table_and_checks():
@@ -37,9 +40,19 @@ def test_tiles_table_and_checks():
     assert t.shape == (4 + 2, gs.NF) and t.dtype == torch.int32
     assert t[:4, 1].tolist() == [0, 32, 64, 96] and t[4:, 0].tolist() == [1, 1]
     assert t[0, 4:6].tolist() == [64, 100] and t[5, 4:6].tolist() == [32, 64]
+    assert t[:, 6].tolist() == [-1] * 6 and t[:, 8].tolist() == [-1] * 6  # no waits, no signals
     xs, ys = torch.empty(96), torch.empty(164)
     assert torch.equal(gs._check_tiles(ws, xs, ys, t), t)
     assert torch.equal(gs._check_tiles(ws, xs, ys, t[:, :4]), t)  # K, N filled in
+    # a chain: weight 1 reads weight 0's output once its 4 tiles signalled counter 0
+    chain = [torch.empty(64, 32, dtype=torch.bfloat16), torch.empty(16, 64, dtype=torch.bfloat16)]
+    c = gs.chain_tiles(chain, 0, [32, 96], BN=16)
+    assert c[:4, 6:9].tolist() == [[-1, 0, 0]] * 4 and c[4, 6:9].tolist() == [0, 4, 1]
+    assert c[4, 2].item() == 32  # weight 1's x is weight 0's y
+    buf = torch.empty(112)
+    assert torch.equal(gs._check_tiles(chain, buf, buf, c, n_counters=2), c)
+    with pytest.raises(gs.GluonStreamError, match="counter"):
+        gs._check_tiles(chain, buf, buf, c, n_counters=1)
     with pytest.raises(gs.GluonStreamError, match="weight index"):
         gs._check_tiles(ws, xs, ys, torch.tensor([[2, 0, 0, 0]]))
     with pytest.raises(gs.GluonStreamError, match="x range"):
@@ -86,3 +99,45 @@ def test_stream_matvec_matches_torch(x_dtype, y_dtype, BN, BK, NUM_BUF):
     for (n, _), b in zip(shapes, y_off):
         gaps[b : b + n] = False
     assert ys[gaps].float().isnan().all(), "wrote outside its tiles"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("programs", [3, None], ids=["3-programs", "all-SMs"])
+def test_dependent_chain_matches_torch(programs):
+    """A chain of 6 matvecs in one launch (each reads the previous one's output, fp32 in one
+    buffer): waits and signals order them across programs; twice (counters zeroed per launch)."""
+    torch.manual_seed(1)
+    dev = "cuda"
+    dims = [256, 512, 192, 1024, 128, 384, 256]
+    ws = [(torch.randn(n, k, device=dev) / k**0.5).to(torch.bfloat16) for k, n in zip(dims, dims[1:])]
+    offs, o = [], dims[0]
+    for n in dims[1:]:
+        offs.append(o)
+        o += n
+    buf = torch.full((o,), float("nan"), device=dev)
+    counters = torch.zeros(len(ws), dtype=torch.int32, device=dev)
+    tiles = gs.chain_tiles(ws, 0, offs, BN=64)
+    for _ in range(2):
+        buf[: dims[0]] = torch.randn(dims[0], device=dev)
+        buf[dims[0] :] = float("nan")
+        gs.stream_matvec(ws, buf, buf, tiles, BN=64, BK=128, NUM_BUF=4, num_programs=programs, counters=counters)
+        x = buf[: dims[0]].clone()
+        for w, off in zip(ws, offs):
+            x = w.float() @ x
+            got = buf[off : off + w.shape[0]]
+            assert not got.isnan().any(), "rows not written"
+            assert ((got - x).norm() / x.norm()).item() <= 1e-2
+            x = got.clone()  # each step from the kernel's own input: errors do not compound
+        assert counters.tolist() == [-(-w.shape[0] // 64) for w in ws]
+
+
+@pytest.mark.gpu
+def test_a_missing_signal_gives_up_and_the_launch_ends():
+    """A tile waiting for a counter nobody raises: the wait gives up (bounded), the kernel ends
+    (its ring drained), and stream_matvec raises."""
+    dev = "cuda"
+    ws = [torch.randn(128, 64, device=dev).to(torch.bfloat16)]
+    tiles = gs.make_tiles(ws, [0], [64], BN=64, waits=[(0, 1)])
+    buf = torch.randn(192, device=dev)
+    with pytest.raises(gs.GluonStreamError, match="gave up"):
+        gs.stream_matvec(ws, buf, buf, tiles, counters=torch.zeros(1, dtype=torch.int32, device=dev))
