@@ -8,6 +8,13 @@ dependencies. Prints ms, achieved GB/s and % of the device copy bandwidth measur
 process (torch copy of a large tensor: read + write bytes / time), for a few (BN, BK, NUM_BUF).
 
     python benchmarks/gluon_stream_bw.py [--iters 20] [--configs 64,128,4 128,64,6]
+
+--chain L: instead, a DEPENDENT chain of 2L matvecs shaped as Llama-3.2-1B's MLP without the
+activation (up 8192x2048, then down 2048x8192, L times; each reads the previous one's fp32
+output after waiting for all its tiles): the Gluon streamer with its waits and signals (the
+loader streams the next matvec's weights while compute waits), the same tiles without waits
+(streaming alone), the Triton megakernel of the same chain (`mkcompiler.compile` of an
+nn.Sequential of bias-free Linears, batch 1, bf16, `mk.launch()`), and eager; one process.
 """
 
 from __future__ import annotations
@@ -69,7 +76,7 @@ def build_tiles(BN: int):
     for layer in range(LAYERS):
         for i, (name, (n, k)) in enumerate(SHAPES.items()):
             for n0 in range(layer * n, (layer + 1) * n, BN):
-                rows.append([i, n0, x_base[name] + layer * k, y_base[name], k, LAYERS * n, 0, 0])
+                rows.append([i, n0, x_base[name] + layer * k, y_base[name], k, LAYERS * n, -1, 0, -1, 0, 0, 0])
     return torch.tensor(rows, dtype=torch.int32), x_base, y_base, xo, yo
 
 
@@ -79,6 +86,7 @@ def main() -> None:
     p.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS, help="BN,BK,NUM_BUF triples")
     p.add_argument("--batch", type=int, default=5, help="launches per timed sample")
     p.add_argument("--num-programs", type=int, default=None, help="default: one per SM")
+    p.add_argument("--chain", type=int, default=0, metavar="L", help="the dependent up/down chain of L pairs")
     a = p.parse_args()
     if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("gluon_stream_bw.py needs a CUDA GPU (Hopper, sm_90): nothing to measure here")
@@ -88,6 +96,8 @@ def main() -> None:
         sys.exit("triton.experimental.gluon is not importable (needs Triton 3.6)")
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
+    if a.chain:
+        return chain(gs, a, props)
     weights = [torch.randn(LAYERS * n, k, device="cuda").to(torch.bfloat16) for n, k in SHAPES.values()]
     w_bytes = sum(w.numel() * w.element_size() for w in weights)
     copy_gbs = copy_bandwidth(a.iters)
@@ -136,6 +146,76 @@ def main() -> None:
             f"BN={BN:4d} BK={BK:4d} NUM_BUF={NUM_BUF}: {ms:.3f} ms, {gbs:.0f} GB/s, "
             f"{100 * gbs / copy_gbs:.0f}% of copy BW  ({tiles.shape[0]} tiles, rel err {worst:.1e})"
         )
+
+
+def chain(gs, a, props) -> None:
+    import mkcompiler
+
+    dim, hidden = SHAPES["down"]
+    linears = []
+    for _ in range(a.chain):
+        linears += [torch.nn.Linear(dim, hidden, bias=False), torch.nn.Linear(hidden, dim, bias=False)]
+    model = torch.nn.Sequential(*linears).cuda().to(torch.bfloat16)
+    for m in linears:
+        m.weight.data /= m.in_features**0.5  # activations stay O(1) along the chain
+    weights = [m.weight.data.contiguous() for m in linears]
+    w_bytes = sum(w.numel() * w.element_size() for w in weights)
+    copy_gbs = copy_bandwidth(a.iters)
+    floor = w_bytes / copy_gbs / 1e6
+    print(f"{props.name}, {props.multi_processor_count} SMs; chain of {len(weights)} matvecs, {w_bytes / 1e9:.3f} GB")
+    print(f"device copy bandwidth: {copy_gbs:.0f} GB/s; floor {floor:.3f} ms\n")
+    x = torch.randn(dim, device="cuda").to(torch.bfloat16)
+    with torch.no_grad():
+        want = model(x[None]).float()[0]
+        rows = [("eager (nn.Sequential, bf16)", time_ms(lambda: model(x[None]), a.iters), 0.0)]
+        mk = mkcompiler.compile(model, (x[None],))
+        got = mk(x[None]).float()[0]
+        err = ((got - want).norm() / want.norm()).item()
+        rows.append(("mkcompiler Triton megakernel (`mk.launch()`)", time_ms(mk.launch, a.iters, batch=a.batch), err))
+    offs, o = [], dim
+    for w in weights:
+        offs.append(o)
+        o += w.shape[0]
+    for cfg in a.configs:
+        BN, BK, NUM_BUF = (int(v) for v in cfg.split(","))
+        buf = torch.zeros(o, device="cuda")
+        buf[:dim] = x.float()
+        counters = torch.zeros(len(weights), dtype=torch.int32, device="cuda")
+        dep = gs.chain_tiles(weights, 0, offs, BN)
+        free = dep.clone()
+        free[:, 6], free[:, 8] = -1, -1  # the same tiles, no waits: streaming alone (wrong values)
+        for name, tiles in (("with waits", dep), ("no waits (streaming only)", free)):
+            try:
+                launch = gs.prepare_stream_matvec(
+                    weights,
+                    buf,
+                    buf,
+                    tiles,
+                    BN=BN,
+                    BK=BK,
+                    NUM_BUF=NUM_BUF,
+                    num_programs=a.num_programs,
+                    counters=counters,
+                )
+                launch()
+                torch.cuda.synchronize()
+                if launch.errors()[0]:
+                    raise gs.GluonStreamError("a wait gave up")
+            except Exception as e:  # noqa: BLE001  (a config that does not fit: report and go on)
+                print(f"gluon BN={BN} BK={BK} NUM_BUF={NUM_BUF} {name}: FAILED {type(e).__name__}: {str(e)[:200]}")
+                continue
+            err = 0.0
+            if tiles is dep:
+                last = buf[offs[-1] : offs[-1] + dim]
+                err = ((last - want).norm() / want.norm()).item()
+            rows.append(
+                (f"gluon BN={BN} BK={BK} NUM_BUF={NUM_BUF} {name}", time_ms(launch, a.iters, batch=a.batch), err)
+            )
+    print("| what | ms | GB/s | % of copy floor | rel err vs eager |")
+    print("|---|---|---|---|---|")
+    for name, ms, err in rows:
+        gbs = w_bytes / ms / 1e6
+        print(f"| {name} | {ms:.3f} | {gbs:.0f} | {100 * floor / ms:.1f}% | {err:.1e} |")
 
 
 if __name__ == "__main__":

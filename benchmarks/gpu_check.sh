@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks; a short table last. Usage (device machine):
-#   bash benchmarks/gpu_check.sh [tests|bench|llama|decode|profile|pdecode|issue3|prefill|compile|all] ...
+#   bash benchmarks/gpu_check.sh [tests|bench|llama|decode|profile|pdecode|issue3|prefill|gluon|compile|all] ...
 # several modes may be given. BENCH_ARGS / LLAMA_ARGS / DECODE_ARGS / PREFILL_ARGS add options to
 # the MLP / Llama / decode-latency / prefill-matmul benchmarks; PROFILE_FACTORY names the model
-# `profile` runs; PDECODE_ARGS are profile_decode.py's options (pdecode, issue3 and prefill are
-# not part of `all`).
+# `profile` runs; PDECODE_ARGS are profile_decode.py's options (pdecode, issue3, prefill and gluon
+# are not part of `all`); GLUON_ARGS add options to the Gluon chain benchmark.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-/tmp/mk_out}"; mkdir -p "$OUT"
 modes=" ${*:-all} "
-want() { [[ "$modes" == *" $1 "* || ("$modes" == *" all "* && " pdecode issue3 prefill " != *" $1 "*) ]]; }
+want() { [[ "$modes" == *" $1 "* || ("$modes" == *" all "* && " pdecode issue3 prefill gluon " != *" $1 "*) ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 rc=0
@@ -53,6 +53,11 @@ if want prefill; then  # matmul instructions' share of cuBLAS's rate on an 8B pr
   # (e.g. PREFILL_ARGS='--variant "" --variant "matmul_tile=(128,128,64)"')
   eval "timeout 560 python3 benchmarks/prefill_matmul.py --model llama-3.1-8b --layers 2 --tokens 2048 ${PREFILL_ARGS:-} \
     --time-budget 520 --json $OUT/prefill_matmul.json" 2>&1 | grep -v Warning | tail -16
+fi
+if want gluon; then  # issue 7: the Gluon streamer's GPU tests, then a dependent matvec chain against the Triton backend
+  timeout 200 python3 -m pytest -m gpu -q -x -p no:logging tests/test_gluon_stream.py 2>&1 | tail -4
+  timeout 300 python3 benchmarks/gluon_stream_bw.py --chain ${GLUON_CHAIN:-8} --configs 64,128,4 64,128,8 64,256,6 128,128,6 \
+    ${GLUON_ARGS:-} 2>&1 | grep -v Warning | tail -14
 fi
 if want compile; then
   timeout 200 python3 benchmarks/compile_times.py --model llama-3.2-1b 2>&1 | grep -v Warning | tail -4
