@@ -11,6 +11,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mkcompiler.ops.elementwise import slot_windows
 from mkcompiler.passes.split_sum import _partial_read
 
@@ -194,3 +196,41 @@ def test_hugging_face_llama_folds_too():
     for kv, rkv in zip(lm.caches(), ref.caches()):
         for t, r in zip(kv, rkv):
             assert rel_err(t, r) <= 1e-6
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    m=st.integers(1, 3),
+    heads=st.integers(1, 3),
+    head=st.sampled_from([4, 8, 16]),
+    piece=st.integers(0, 2),
+    move=st.integers(-20, 20),
+    lo_hi=st.tuples(st.integers(0, 16), st.integers(0, 16)),
+    windowed=st.booleans(),
+)
+def test_partial_read_agrees_with_the_offsets(m, heads, head, piece, move, lo_hi, windowed):
+    """Whatever _partial_read accepts reads, at every windowed index, the element its (s, d)
+    names, inside lin's head; whatever it refuses has an index outside the piece, the head,
+    or reads that are not a fixed move."""
+    from mkcompiler.ops.elementwise import in_window, linear_offsets
+
+    n = heads * head
+    mn = m * n
+    lo, hi = sorted(v % (head + 1) for v in lo_hi)
+    win = (1, head, lo, hi) if windowed else None
+    v = View(0, torch.float32, (m, n), (n, 1), piece * mn + move)
+    lin = torch.arange(mn)
+    if win is not None:
+        lin = lin[in_window(lin, win)]
+    read = _partial_read(v, win, m, n)
+    if lin.numel() == 0:
+        assert read is None
+        return
+    at = linear_offsets(v, lin)
+    s, d = int(at[0]) // mn, int(at[0] - lin[0]) - (int(at[0]) // mn) * mn
+    same_piece = bool((at // mn == s).all())
+    in_head = bool(((lin + d) // head == lin // head).all())
+    assert (read is not None) == (same_piece and (d == 0 or (win is not None and in_head))), (v, win, read)
+    if read is not None:
+        assert read[:2] == (s, d) and torch.equal(at, s * mn + lin + d)
+        assert read[2] == (head if d else 1)
