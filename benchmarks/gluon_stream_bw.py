@@ -87,6 +87,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=5, help="launches per timed sample")
     p.add_argument("--num-programs", type=int, default=None, help="default: one per SM")
     p.add_argument("--chain", type=int, default=0, metavar="L", help="the dependent up/down chain of L pairs")
+    p.add_argument(
+        "--profile", metavar="NPZ", help="--chain: profile the first config with waits (stamps saved to NPZ)"
+    )
     a = p.parse_args()
     if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("gluon_stream_bw.py needs a CUDA GPU (Hopper, sm_90): nothing to measure here")
@@ -211,6 +214,25 @@ def chain(gs, a, props) -> None:
             rows.append(
                 (f"gluon BN={BN} BK={BK} NUM_BUF={NUM_BUF} {name}", time_ms(launch, a.iters, batch=a.batch), err)
             )
+    if a.profile:
+        BN, BK, NUM_BUF = (int(v) for v in a.configs[0].split(","))
+        tiles = gs.chain_tiles(weights, 0, offs, BN)
+        launch = gs.prepare_stream_matvec(
+            weights, buf, buf, tiles, BN=BN, BK=BK, NUM_BUF=NUM_BUF, num_programs=a.num_programs, counters=counters,
+            profile=True,
+        )  # fmt: skip
+        launch()
+        stamps = launch.stamps()
+        import numpy as np
+
+        np.savez(a.profile, stamps=stamps.numpy(), tiles=tiles.numpy(), programs=launch.programs)
+        r = gs.prefetch_report(stamps, tiles.shape[0], launch.programs)
+        print(
+            f"profile (BN={BN} BK={BK} NUM_BUF={NUM_BUF}, {r['pairs']} consecutive tile pairs): "
+            f"{100 * r['ahead']:.0f}% of tiles had their first weight block asked for before the tile before them "
+            f"ended (median lead {r['lead_us']:.2f} us); median wait for inputs {r['wait_us']:.2f} us; "
+            f"span {r['span_us']:.1f} us; stamps in {a.profile}\n"
+        )
     print("| what | ms | GB/s | % of copy floor | rel err vs eager |")
     print("|---|---|---|---|---|")
     for name, ms, err in rows:

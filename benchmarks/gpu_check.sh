@@ -56,8 +56,8 @@ if want prefill; then  # matmul instructions' share of cuBLAS's rate on an 8B pr
 fi
 if want gluon; then  # issue 7: the Gluon streamer's GPU tests, then a dependent matvec chain against the Triton backend
   timeout 200 python3 -m pytest -m gpu -q -x -p no:logging tests/test_gluon_stream.py 2>&1 | tail -4
-  timeout 300 python3 benchmarks/gluon_stream_bw.py --chain ${GLUON_CHAIN:-8} --configs 64,128,4 64,128,8 64,256,6 128,128,6 \
-    ${GLUON_ARGS:-} 2>&1 | grep -v Warning | tail -14
+  timeout 300 python3 benchmarks/gluon_stream_bw.py --chain ${GLUON_CHAIN:-8} --configs 64,128,8 64,128,4 64,256,6 128,128,6 \
+    --profile "$OUT/gluon_chain_stamps.npz" ${GLUON_ARGS:-} 2>&1 | grep -v Warning | tail -16
 fi
 if want compile; then
   timeout 200 python3 benchmarks/compile_times.py --model llama-3.2-1b 2>&1 | grep -v Warning | tail -4

@@ -49,6 +49,10 @@ import time
 
 NF = 12  # tile table columns
 MAX_SPIN = 1 << 22  # polls of one wait before the kernel gives up (a few hundred ms)
+# Profile stamps per tile (%globaltimer, ns): the loader asks for its first weight block; compute
+# starts it (then waits); its inputs are there; its rows are stored (and signalled).
+STAMPS = ("issue", "start", "ready", "end")
+NUM_STAMPS = len(STAMPS)
 MAX_W = 8  # weight descriptors per launch
 COMPUTE_WARPS = 4
 LOADER_WARPS = 1
@@ -75,6 +79,8 @@ if HAVE_GLUON:
     _LOADER_WARPS = gl.constexpr(LOADER_WARPS)
     _LOADER_REGS = gl.constexpr(LOADER_REGS)
     _NF = gl.constexpr(NF)
+    _NS = gl.constexpr(NUM_STAMPS)
+    _S_ISSUE, _S_START, _S_READY, _S_END = (gl.constexpr(i) for i in range(NUM_STAMPS))
 
     @gluon.jit
     def _add(a, b):
@@ -110,7 +116,8 @@ if HAVE_GLUON:
                 _TMA_LOAD(w7, [n0, k], bar, buf)
 
     @gluon.jit
-    def _loader(w0, w1, w2, w3, w4, w5, w6, w7, q_ptr, n_tiles, bufs, ready, empty, NUM_W: gl.constexpr):
+    def _loader(w0, w1, w2, w3, w4, w5, w6, w7, q_ptr, n_tiles, bufs, ready, empty, prof_ptr,
+                NUM_W: gl.constexpr, PROFILE: gl.constexpr):  # fmt: skip
         NUM_BUF: gl.constexpr = bufs.type.shape[0]
         BK: gl.constexpr = bufs.type.shape[2]
         NBYTES: gl.constexpr = w0.block_type.nbytes
@@ -122,9 +129,16 @@ if HAVE_GLUON:
             for k in range(0, K, BK):
                 s = it % NUM_BUF
                 mbarrier.wait(empty.index(s), ((it // NUM_BUF) & 1) ^ 1)  # first pass: free at once
+                if PROFILE:
+                    if k == 0:  # the tile's first weight block is asked for
+                        gl.store(prof_ptr + t * _NS + _S_ISSUE, _now())
                 mbarrier.expect(ready.index(s), NBYTES)
                 _issue_load(wid, n0, k, ready.index(s), bufs.index(s), w0, w1, w2, w3, w4, w5, w6, w7, NUM_W)
                 it += 1
+
+    @gluon.jit
+    def _now():
+        return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
 
     @gluon.jit
     def _wait_counter(counters_ptr, ctr, cnt, MAX_SPIN: gl.constexpr):
@@ -138,8 +152,8 @@ if HAVE_GLUON:
         return gl.atomic_add(counters_ptr + ctr, 0, sem="acquire", scope="gpu") >= cnt
 
     @gluon.jit
-    def _compute(x_ptr, y_ptr, q_ptr, n_tiles, bufs, ready, empty, counters_ptr, err_ptr,
-                 MAX_SPIN: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    def _compute(x_ptr, y_ptr, q_ptr, n_tiles, bufs, ready, empty, counters_ptr, err_ptr, prof_ptr,
+                 MAX_SPIN: gl.constexpr, PROFILE: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
         NUM_BUF: gl.constexpr = bufs.type.shape[0]
         BN: gl.constexpr = bufs.type.shape[1]
         BK: gl.constexpr = bufs.type.shape[2]
@@ -162,11 +176,15 @@ if HAVE_GLUON:
             wait_ctr = gl.load(q_ptr + t * _NF + 6)
             wait_cnt = gl.load(q_ptr + t * _NF + 7)
             signal = gl.load(q_ptr + t * _NF + 8)
+            if PROFILE:
+                gl.store(prof_ptr + t * _NS + _S_START, _now())
             if (failed == 0) & (wait_ctr >= 0):
                 if not _wait_counter(counters_ptr, wait_ctr, wait_cnt, MAX_SPIN):
                     failed = 1
                     gl.atomic_xchg(err_ptr + 1, t)
                     gl.atomic_xchg(err_ptr, 1)
+            if PROFILE:
+                gl.store(prof_ptr + t * _NS + _S_READY, _now())
             acc = gl.zeros([BN, BK], gl.float32, layout=blk)
             for k in range(0, K, BK):
                 s = it % NUM_BUF
@@ -186,6 +204,8 @@ if HAVE_GLUON:
                 if signal >= 0:
                     _CTA_BARRIER()  # every compute warp's rows are stored before the release
                     gl.atomic_add(counters_ptr + signal, 1, sem="release", scope="gpu")
+            if PROFILE:
+                gl.store(prof_ptr + t * _NS + _S_END, _now())
 
     @gluon.jit
     def stream_matvec_kernel(
@@ -203,9 +223,11 @@ if HAVE_GLUON:
         y_ptr,
         counters_ptr,
         err_ptr,
+        prof_ptr,
         NUM_W: gl.constexpr,
         NUM_BUF: gl.constexpr,
         MAX_SPIN: gl.constexpr,
+        PROFILE: gl.constexpr,
         num_warps: gl.constexpr,
     ):
         bufs = gl.allocate_shared_memory(w0.dtype, [NUM_BUF] + w0.block_type.shape, w0.layout)
@@ -218,9 +240,26 @@ if HAVE_GLUON:
             [
                 (
                     _compute,
-                    (x_ptr, y_ptr, q_ptr, n_tiles, bufs, ready, empty, counters_ptr, err_ptr, MAX_SPIN, num_warps),
+                    (
+                        x_ptr,
+                        y_ptr,
+                        q_ptr,
+                        n_tiles,
+                        bufs,
+                        ready,
+                        empty,
+                        counters_ptr,
+                        err_ptr,
+                        prof_ptr,
+                        MAX_SPIN,
+                        PROFILE,
+                        num_warps,
+                    ),
                 ),
-                (_loader, (w0, w1, w2, w3, w4, w5, w6, w7, q_ptr, n_tiles, bufs, ready, empty, NUM_W)),
+                (
+                    _loader,
+                    (w0, w1, w2, w3, w4, w5, w6, w7, q_ptr, n_tiles, bufs, ready, empty, prof_ptr, NUM_W, PROFILE),
+                ),
             ],
             [_LOADER_WARPS],
             [_LOADER_REGS],
@@ -302,11 +341,21 @@ def _check_tiles(weights, xs, ys, tiles, n_counters: int = 0):
 
 
 def prepare_stream_matvec(
-    weights, xs, ys, tiles, BN: int = 64, BK: int = 128, NUM_BUF: int = 4, num_programs=None, counters=None
+    weights,
+    xs,
+    ys,
+    tiles,
+    BN: int = 64,
+    BK: int = 128,
+    NUM_BUF: int = 4,
+    num_programs=None,
+    counters=None,
+    profile: bool = False,
 ):
     """Validate once and build the TMA descriptors; return a no-argument callable that zeroes
     the counters and the error record, then launches (what a benchmark times); `.errors()` of it
-    is the error record [flag, tile]. Arguments as for `stream_matvec`."""
+    is the error record [flag, tile], `.stamps()` (profile=True: a separate compile) the tiles'
+    [T, NUM_STAMPS] %globaltimer stamps (STAMPS). Arguments as for `stream_matvec`."""
     import os
 
     import torch
@@ -334,9 +383,11 @@ def prepare_stream_matvec(
         n_counters = counters.numel()
     table = _check_tiles(weights, xs, ys, tiles, n_counters).to(xs.device)
     err = torch.zeros(2, dtype=torch.int32, device=xs.device)
+    prof = torch.zeros(max(1, table.shape[0]), NUM_STAMPS, dtype=torch.int64, device=xs.device)
     if table.shape[0] == 0:
         launch = lambda: ys  # noqa: E731
-        launch.errors = lambda: err.cpu()
+        launch.errors, launch.stamps = lambda: err.cpu(), lambda: prof[:0].cpu()
+        launch.programs = 0
         return launch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -359,15 +410,44 @@ def prepare_stream_matvec(
             ys,
             counters,
             err,
+            prof,
             NUM_W=len(weights),
             NUM_BUF=NUM_BUF,
             MAX_SPIN=MAX_SPIN,
+            PROFILE=profile,
             num_warps=COMPUTE_WARPS,
         )
         return ys
 
-    launch.errors = lambda: err.cpu()
+    launch.errors, launch.stamps = lambda: err.cpu(), lambda: prof.cpu()
+    launch.programs = grid[0]  # tile t runs on program t % programs
     return launch
+
+
+def prefetch_report(stamps, n_tiles: int, programs: int) -> dict:
+    """What the stamps of one profiled launch say about cross-tile prefetch. Per program, for
+    each tile b after the program's first: lead = end of the tile before it - the time the loader
+    asked for b's first weight block (> 0: b's weights were in flight while the previous tile
+    still ran); wait = ready - start (what b waited for its inputs). Medians in us."""
+    import torch
+
+    s = stamps.to(torch.float64) / 1e3
+    leads, waits = [], []
+    for p in range(programs):
+        mine = list(range(p, n_tiles, programs))
+        for a, b in zip(mine, mine[1:]):
+            leads.append(s[a, 3] - s[b, 0])
+            waits.append(s[b, 2] - s[b, 1])
+    if not leads:
+        return {"pairs": 0}
+    lead, wait = torch.stack(leads), torch.stack(waits)
+    return {
+        "pairs": len(leads),
+        "ahead": float((lead > 0).double().mean()),  # share of tiles whose weights came early
+        "lead_us": float(lead.median()),
+        "wait_us": float(wait.median()),
+        "span_us": float(s[:, 3].max() - s[:, 0].min()),
+    }
 
 
 def stream_matvec(
@@ -401,6 +481,7 @@ def compile_offline(
     num_w: int = MAX_W,
     arch: int = 90,
     keep_asm: bool = False,
+    profile: bool = False,
 ) -> dict:
     """Compile stream_matvec_kernel for sm_`arch` without a GPU; report registers (ptxas: the
     whole CTA's allocation before setmaxnreg), spills, shared memory and PTX op counts."""
@@ -421,9 +502,11 @@ def compile_offline(
         y_ptr=f"*{y_dtype}",
         counters_ptr="*i32",
         err_ptr="*i32",
+        prof_ptr="*i64",
         NUM_W="constexpr",
         NUM_BUF="constexpr",
         MAX_SPIN="constexpr",
+        PROFILE="constexpr",
         num_warps="constexpr",
     )
     idx = {n: i for i, n in enumerate(fn.arg_names)}
@@ -432,6 +515,7 @@ def compile_offline(
         (idx["NUM_W"],): num_w,
         (idx["NUM_BUF"],): NUM_BUF,
         (idx["MAX_SPIN"],): MAX_SPIN,
+        (idx["PROFILE"],): profile,
         (idx["num_warps"],): COMPUTE_WARPS,
     }
     src = GluonASTSource(fn, sig, cst, attrs)
@@ -469,6 +553,7 @@ def compile_offline(
         "ptx_counts": {
             p: ptx.count(p)
             for p in (
+                "globaltimer",
                 "cp.async.bulk.tensor",
                 "mbarrier.try_wait",
                 "mbarrier.arrive",

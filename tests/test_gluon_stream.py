@@ -34,6 +34,25 @@ def test_compiles_for_sm90_with_tma_ring_and_no_spills(cfg):
     assert "ld.global.cg" in ptx and "atom.global.gpu.release.add" in ptx, r["ptx_counts"]
 
 
+@needs_gluon
+def test_profiled_variant_compiles_with_its_stamps():
+    """PROFILE=True (a separate compile) reads %globaltimer for each of a tile's stamps; the plain
+    kernel has none."""
+    plain, prof = gs.compile_offline(), gs.compile_offline(profile=True)
+    assert plain["ptx_counts"]["globaltimer"] == 0
+    assert prof["ptx_counts"]["globaltimer"] == gs.NUM_STAMPS and prof["spilled_bytes"] == 0
+
+
+def test_prefetch_report_reads_leads_and_waits():
+    """Two programs, two tiles each (ns): program 0's second tile was asked for 2 us before its
+    first ended; program 1's only after."""
+    stamps = torch.tensor([[0, 0, 1000, 5000], [0, 0, 500, 4000], [3000, 5000, 6000, 9000], [4500, 4100, 4200, 8000]])
+    r = gs.prefetch_report(stamps, 4, 2)
+    assert r["pairs"] == 2 and r["ahead"] == 0.5 and r["span_us"] == 9.0
+    # leads 2.0 and -0.5 us, waits 1.0 and 0.1 us: torch's median of two is the lower one
+    assert r["lead_us"] == pytest.approx(-0.5) and r["wait_us"] == pytest.approx(0.1)
+
+
 def test_tiles_table_and_checks():
     ws = [torch.empty(100, 64, dtype=torch.bfloat16), torch.empty(64, 32, dtype=torch.bfloat16)]
     t = gs.make_tiles(ws, [0, 64], [0, 100], BN=32)
@@ -129,6 +148,12 @@ def test_dependent_chain_matches_torch(programs):
             assert ((got - x).norm() / x.norm()).item() <= 1e-2
             x = got.clone()  # each step from the kernel's own input: errors do not compound
         assert counters.tolist() == [-(-w.shape[0] // 64) for w in ws]
+    launch = gs.prepare_stream_matvec(ws, buf, buf, tiles, num_programs=programs, counters=counters, profile=True)
+    launch()
+    stamps = launch.stamps()
+    assert (stamps > 0).all() and (stamps[:, 1] <= stamps[:, 2]).all() and (stamps[:, 2] <= stamps[:, 3]).all()
+    r = gs.prefetch_report(stamps, tiles.shape[0], launch.programs)
+    print(r)
 
 
 @pytest.mark.gpu
