@@ -568,7 +568,7 @@ def _combine_routine(name: str, tile_call: str, group: int, splits: int, odt, bm
         "\n".join(
             [
                 "from mkcompiler.ops.attention import combine_head",
-                "from mkcompiler.ops.matmul import split_sum_last",
+                "from mkcompiler.ops.matmul_sum import split_sum_last",
                 "",
                 "",
                 "@triton.jit",
