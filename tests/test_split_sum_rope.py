@@ -8,10 +8,11 @@ batch 1 and 3; no step writes outside its slot; the last arriver of a block may 
 split tiles (kernel: the queue reordered; VM: each split held back in turn)."""
 
 import copy
+import os
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from mkcompiler.ops.elementwise import slot_windows
 from mkcompiler.passes.split_sum import _partial_read
@@ -234,3 +235,64 @@ def test_partial_read_agrees_with_the_offsets(m, heads, head, piece, move, lo_hi
     if read is not None:
         assert read[:2] == (s, d) and torch.equal(at, s * mn + lin + d)
         assert read[2] == (head if d else 1)
+
+
+class Rotated(torch.nn.Module):
+    """A split-K projection read by a rotation of each head by p (RoPE's rotate-half when p is
+    half the head): y * c + cat(-y[p:], y[:p]) * s, optionally appended to a cache at pos."""
+
+    def __init__(self, k, heads, head, p, append):
+        super().__init__()
+        self.shape, self.p, self.append = (1, heads, 1, head), p, append
+        self.proj = torch.nn.Linear(k, heads * head, bias=False)
+        self.register_buffer("c", torch.randn(head))
+        self.register_buffer("s", torch.randn(head))
+        self.register_buffer("cache", torch.randn(1, heads, 6, head))
+
+    def forward(self, x, pos):
+        y = self.proj(x).view(self.shape)
+        z = y * self.c + torch.cat((-y[..., self.p :], y[..., : self.p]), -1) * self.s
+        if not self.append:
+            return z * 2.0
+        self.cache[:, :, pos] = z
+        return self.cache * 2.0
+
+
+@settings(max_examples=int(os.environ.get("MKCOMPILER_FUZZ_ROPE", "24")), deadline=None)
+@given(
+    k=st.sampled_from([32, 48]),
+    heads=st.integers(1, 3),
+    head=st.sampled_from([8, 16]),
+    p_frac=st.floats(0.05, 0.95),
+    append=st.booleans(),
+    bn=st.sampled_from([8, 16, 32]),
+    seed=st.integers(0, 2**16),
+    in_kernel=st.integers(0, 3),
+)
+def test_random_rotations_of_split_sums_match_eager(k, heads, head, p_frac, append, bn, seed, in_kernel):
+    """Random rotations (any shift p, not only half a head), tile widths below, at and above the
+    head, with and without a cache append: the VM under random interleavings, and for a quarter
+    of the cases the interpreted kernel, against eager; the fold happens when a block holds
+    whole heads."""
+    torch.manual_seed(seed)
+    p = max(1, min(head - 1, round(p_frac * head)))
+    model = Rotated(k, heads, head, p, append)
+    ref = copy.deepcopy(model).double()
+    x, pos = torch.randn(1, k), torch.tensor([seed % 6])
+    mk = mkcompiler.compile(
+        model, (x, pos), split_k=2, matmul_tile=(16, bn, 16), split_sum_in_matmul=True, cache=False, num_workers=3
+    )
+    moved, scatter = rope_matmuls(mk)
+    if bn % head:
+        assert not moved  # a block would split a head
+    event("rotated in the matmul" if moved else "rotated apart")
+    event("appended in the matmul" if scatter else "appended apart" if append else "no append")
+    start = model.cache.clone()
+    want = ref(x.double(), pos)
+    runs = [lambda: run_megakernel(mk, x, pos, seed=seed)[0]] + ([lambda: mk(x, pos)] if in_kernel == 0 else [])
+    for run in runs:
+        model.cache.copy_(start)
+        model.cache[:, :, pos] = float("nan")  # an append that does not happen shows
+        mk.poison()
+        got = run()
+        assert rel_err(got, want) <= 1e-5, (p, bn, append, bool(moved), bool(scatter))
