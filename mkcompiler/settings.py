@@ -48,6 +48,10 @@ class Settings:
     # rows x 16 columns, 41 MB of operands, instead of 2.4 rows x 56 columns, 120 MB: B
     # re-streamed from HBM for every 2.4 rows). 1: row-major. Not yet measured on a GPU.
     matmul_group_rows: int = 8
+    # Large-M matmul tiles (prefill, big batches) load A and B through TMA descriptors the tile
+    # makes (ops/matmul.matmul_tile_tma: bulk copies into shared memory, no address arithmetic
+    # in registers). Not yet measured on a GPU.
+    matmul_tma: bool = False
     # decode matmuls compute A from its elementwise producer (passes/fuse_matmul_a.py): one stage
     # fewer, yet not faster on 1B decode (H200: 1.682 ms on, 1.636 off, same device call)
     fuse_matmul_a: bool = False

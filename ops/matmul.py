@@ -70,6 +70,7 @@ SWEEP_STAGES: tl.constexpr = tl.constexpr(3)
 # Matmuls with at most this many rows stream their weights (decode: passes/tile.matmul_tile gives
 # them BM = 16 blocks); their tiles wait themselves (Matmul.early_wait).
 DECODE_ROWS = 16
+MAKES_DESCRIPTORS = ("matmul_tile_tma",)  # routines that need the launch's global scratch (runtime)
 A_TAIL = 7  # instruction args before the tail: A, B, bias, C views, then tile coordinates (i, j, s)
 # An A expression's inputs: the first in A's slot, the others in the tail.
 A_EXPR_MAX_INPUTS = NUM_ARGS - A_TAIL + 1
@@ -374,6 +375,91 @@ def matmul_tile(
 
 
 @triton.jit
+def matmul_tile_tma(
+    row_ptr,
+    addrs_ptr,
+    views_ptr,
+    A_DT: tl.constexpr,
+    B_DT: tl.constexpr,
+    BIAS_DT: tl.constexpr,
+    C_DT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_DT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    B_K_UNIT: tl.constexpr,
+    C_N_UNIT: tl.constexpr,
+    C_ALIGNED: tl.constexpr,
+    PROXY_FENCE: tl.constexpr,
+):
+    """matmul_tile for a large-M tile (Settings.matmul_tma, Matmul.tma) whose A and B blocks come
+    through TMA: the tile makes a tensor descriptor of each (device side: 128 bytes in the
+    launch's global scratch, runtime.Megakernel) and the K loop's loads become bulk copies into
+    shared memory that Triton pipelines, with no address arithmetic or masks in registers (the
+    copy engine zero-fills past the edges). A is [M, K] with unit K stride; B is the [N, K] rows
+    of a linear's weight (B_K_UNIT: the view is W^T) or a [K, N] matrix with unit N stride; both
+    16-byte aligned with 16-byte multiple strides (Matmul.key checks). PROXY_FENCE (on a GPU):
+    A was stored by other tiles through the generic proxy and the dispatcher's wait acquired
+    it; TMA reads through the async proxy, which needs `fence.proxy.async.global` between the
+    two (inline PTX: not in the interpreter)."""
+    if PROXY_FENCE:
+        tl.inline_asm_elementwise(
+            "fence.proxy.async.global; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1
+        )
+    va = arg(row_ptr, 0)
+    vb = arg(row_ptr, 1)
+    vbias = arg(row_ptr, 2)
+    vc = arg(row_ptr, 3)
+    tm = arg(row_ptr, 4)
+    tn = arg(row_ptr, 5)
+    ks = arg(row_ptr, 6)
+    M = view_size(views_ptr, va, 2)
+    K = view_size(views_ptr, va, 3)
+    N = view_size(views_ptr, vb, 3)
+    # Split-K chunks are whole BK blocks: a block never reads into the next chunk.
+    k_chunk = tl.cdiv(tl.cdiv(K, view_size(views_ptr, vc, 1)), BK) * BK
+    k_lo = ks * k_chunk
+    k_hi = tl.minimum(K, k_lo + k_chunk)
+    # Descriptor shapes and block offsets are 32-bit (the TMA unit's coordinates).
+    m32, k32, n32 = M.to(tl.int32), K.to(tl.int32), N.to(tl.int32)
+    a_ptr, sam = a_rows(addrs_ptr, views_ptr, va, A_DT, True, True)
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[m32, k32], strides=[sam, 1], block_shape=[BM, BK])
+    b_ptr = view_base_aligned(addrs_ptr, views_ptr, vb, B_DT)
+    if B_K_UNIT:  # W^T: W's rows are N, unit stride along K
+        sbn = aligned_stride(view_stride(views_ptr, vb, 3), 128 // B_DT.primitive_bitwidth)
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[n32, k32], strides=[sbn, 1], block_shape=[BN, BK])
+    else:
+        sbk = aligned_stride(view_stride(views_ptr, vb, 2), 128 // B_DT.primitive_bitwidth)
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[k32, n32], strides=[sbk, 1], block_shape=[BK, BN])
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    m0 = (tm * BM).to(tl.int32)
+    n0 = (tn * BN).to(tl.int32)
+    for k in range(k_lo.to(tl.int32), k_hi.to(tl.int32), BK):
+        a = a_desc.load([m0, k])
+        if B_K_UNIT:
+            b = b_desc.load([n0, k]).T
+        else:
+            b = b_desc.load([k, n0])
+        acc = tl.dot(a.to(DOT_DT), b.to(DOT_DT), acc, input_precision=PRECISION)
+    rm = tm * BM + tl.arange(0, BM)
+    rn = tn * BN + tl.arange(0, BN)
+    if HAS_BIAS:
+        bias_ptr = view_base(addrs_ptr, views_ptr, vbias, BIAS_DT)
+        bias = tl.load(bias_ptr + rn * view_stride(views_ptr, vbias, 3), mask=rn < N, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    c_ptr = view_base(addrs_ptr, views_ptr, vc, C_DT) + ks * view_stride(views_ptr, vc, 1)
+    scm = view_stride(views_ptr, vc, 2)
+    scn = 1 if C_N_UNIT else view_stride(views_ptr, vc, 3)
+    if C_ALIGNED:
+        c_ptr = view_base_aligned(addrs_ptr, views_ptr, vc, C_DT)
+        if C_N_UNIT:
+            scm = aligned_stride(scm, 128 // C_DT.primitive_bitwidth)
+    tl.store(c_ptr + rm[:, None] * scm + rn[None, :] * scn, acc.to(C_DT), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
 def matmul_a_input(
     row_ptr,
     addrs_ptr,
@@ -508,7 +594,7 @@ def _stride_aligned(v: View, dim: int) -> bool:
 @family
 class Matmul(OpFamily):
     kind = "matmul"
-    routines = ("matmul_tile",)
+    routines = ("matmul_tile", "matmul_tile_tma")
 
     def key(self, node):
         a, b, bias = node.inputs[:3]
@@ -529,6 +615,7 @@ class Matmul(OpFamily):
         c_al = aligned(c) and self.splits(node) == 1 and (not c_n or _stride_aligned(c, -2))
         units += (a_al, b_al, c_al)
         units += (a.shape[1] % 8 == 0 and b.shape[1] % 8 == 0,)
+        units += (self.tma(node, a_k and a_al, b_al and (b_k or b_n)),)
         key = (
             self.kind,
             a.dtype,
@@ -548,6 +635,15 @@ class Matmul(OpFamily):
         if "epilogue" in node.attrs:  # key[10]: the A expression's key or None; key[11] the sum's
             key += (None,) * (11 - len(key)) + (self.sum_key(node),)
         return key
+
+    def tma(self, node, a_ok: bool, b_ok: bool) -> bool:
+        """Does the tile load A and B through TMA descriptors (matmul_tile_tma)? With
+        Settings.matmul_tma (choose_tiles: attrs["tma"]), for a plain large-M matmul (no folded
+        norm, A expression or sum in the matmul; the dispatcher waits) whose A has unit K stride
+        and B a unit stride, both 16-byte aligned (a_ok, b_ok: key's checks)."""
+        plain = not any(k in node.attrs for k in ("norm", "a_expr", "epilogue"))
+        large = node.attrs["tile"][0] > DECODE_ROWS
+        return bool(node.attrs.get("tma")) and plain and large and a_ok and b_ok
 
     def sum_key(self, node):
         """matmul_sum.sum_key: the split-K sum's part of the opcode key."""
@@ -614,9 +710,18 @@ class Matmul(OpFamily):
                 f"{in_loop}, {nw_flat}, {nb_flat}"
             )
         a_key = key[10] if len(key) > 10 else None
+        if units[-1]:  # TMA loads (Matmul.tma): a plain large-M tile, the dispatcher's wait
+            from mkcompiler.passes import tile  # (passes/tile.py imports this module)
+
+            a_k, b_k, b_n, c_n, a_al, b_al, c_al = units[:7]
+            return "", (
+                f"matmul_tile_tma({{row}}, {{addrs}}, {{views}}, {tl_dtype(a)}, {tl_dtype(b)}, {bias_dt}, "
+                f"{tl_dtype(c)}, {bias is not None}, {tl_dtype(dot)}, {prec!r}, {bm}, {bn}, {bk}, {b_k}, {c_n}, {c_al}, "
+                f"{not tile.interpreting()})"
+            )
         call = (
             f"matmul_tile({{row}}, {{addrs}}, {{views}}, {tl_dtype(a)}, {tl_dtype(b)}, {bias_dt}, {tl_dtype(c)}, "
-            f"{bias is not None}, {tl_dtype(dot)}, {prec!r}, {bm}, {bn}, {bk}, {', '.join(map(str, units))}, "
+            f"{bias is not None}, {tl_dtype(dot)}, {prec!r}, {bm}, {bn}, {bk}, {', '.join(map(str, units[:-1]))}, "
             f"{norm_args}{', ' + name + '_a' if a_key is not None else ''})"
         )
         helper = _a_loader(f"{name}_a", a_key, dot) if a_key is not None else ""

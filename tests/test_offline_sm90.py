@@ -143,3 +143,24 @@ def test_profile_and_wait_variants_compile_for_sm90():
         assert r["ptx_lines"] != reports["plain"]["ptx_lines"]
     many = reports["acquire waits, many rows"]  # wait_many only where asked for: more code there
     assert many["spilled_bytes"] == 0 and many["ptx_lines"] > reports["acquire waits"]["ptx_lines"], format_report(many)
+
+
+def test_tma_matmul_tiles_compile_to_bulk_copies(tmp_path):
+    """Settings.matmul_tma on a prefill-shaped MLP (512 rows, bf16) as a GPU would run it: the
+    tiles build their descriptors on the device (tensormap.replace), fence the async proxy after
+    the wait, load through TMA (cp.async.bulk.tensor) into wgmma; no spills, also at the wider
+    (128, 128, 64) tile that spills 48 B with pointer loads (RESULTS.md, session 7)."""
+    model = TransformerMLP(dim=512, hidden=1024, layers=1).to(torch.bfloat16)
+    x = torch.randn(512, 512, dtype=torch.bfloat16)
+    for shape in [None, (128, 128, 64)]:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(tile, "interpreting", lambda: False)
+            mk = mkcompiler.compile(model, (x,), num_workers=132, matmul_tma=True, matmul_tile=shape, cache=False)
+        assert "matmul_tile_tma(" in mk.source and "True)" in mk.source  # PROXY_FENCE on a GPU's source
+        dump = tmp_path / f"dump{shape is not None}"
+        line = cli_report(mk.source, tmp_path, "--dump", str(dump))
+        ptx = next(dump.glob("*.ptx")).read_text()
+        for needle in ("cp.async.bulk.tensor", "tensormap.replace", "fence.proxy.async.global", "wgmma.mma_async"):
+            assert needle in ptx, (needle, line)
+        m = re.match(r"sm_90: (\d+) regs/thread, (\d+) B spilled", line)
+        assert m and int(m.group(2)) == 0, line
