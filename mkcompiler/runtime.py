@@ -148,9 +148,10 @@ class Megakernel:
         # scratch Triton asks an allocator for at each launch: one buffer, kept (launches of one
         # megakernel never overlap).
         self._scratch_buf: torch.Tensor | None = None
-        from mkcompiler.ops.matmul import MAKES_DESCRIPTORS
+        from mkcompiler.ops.registry import FAMILIES
 
-        self._makes_descriptors = any(f"{r}(" in source for r in MAKES_DESCRIPTORS)
+        keys = compilation.queue.opcode_keys
+        self._makes_descriptors = any(FAMILIES[k[0]].makes_descriptors(k) for k in keys)
         g = self.graph
         self.buffers: dict[int, torch.Tensor] = {}
         for b in g.buffers:

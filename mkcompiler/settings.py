@@ -52,6 +52,10 @@ class Settings:
     # makes (ops/matmul.matmul_tile_tma: bulk copies into shared memory, no address arithmetic
     # in registers). Not yet measured on a GPU.
     matmul_tma: bool = False
+    # Decode matmul tiles load their weight blocks through a TMA descriptor made in the tile
+    # (ops/matmul.matmul_tile: bulk copies, no per-thread address arithmetic) after the first
+    # block (early_weights keeps pointer loads for it). Not yet measured on a GPU.
+    decode_weights_tma: bool = False
     # decode matmuls compute A from its elementwise producer (passes/fuse_matmul_a.py): one stage
     # fewer, yet not faster on 1B decode (H200: 1.682 ms on, 1.636 off, same device call)
     fuse_matmul_a: bool = False

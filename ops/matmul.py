@@ -70,7 +70,6 @@ SWEEP_STAGES: tl.constexpr = tl.constexpr(3)
 # Matmuls with at most this many rows stream their weights (decode: passes/tile.matmul_tile gives
 # them BM = 16 blocks); their tiles wait themselves (Matmul.early_wait).
 DECODE_ROWS = 16
-MAKES_DESCRIPTORS = ("matmul_tile_tma",)  # routines that need the launch's global scratch (runtime)
 A_TAIL = 7  # instruction args before the tail: A, B, bias, C views, then tile coordinates (i, j, s)
 # An A expression's inputs: the first in A's slot, the others in the tail.
 A_EXPR_MAX_INPUTS = NUM_ARGS - A_TAIL + 1
@@ -193,6 +192,7 @@ def matmul_tile(
     B_ALIGNED: tl.constexpr,
     C_ALIGNED: tl.constexpr,
     KN_DIV: tl.constexpr,
+    B_TMA: tl.constexpr,
     NORM: tl.constexpr,
     N_RMS: tl.constexpr,
     N_EPS: tl.constexpr,
@@ -240,6 +240,15 @@ def matmul_tile(
             sbk = aligned_stride(sbk, 128 // B_DT.primitive_bitwidth)
     rm = tm * BM + tl.arange(0, BM)
     rn = tn * BN + tl.arange(0, BN)
+    b_desc = None
+    if B_TMA:  # Settings.decode_weights_tma: B (W^T, unit K stride) through a TMA descriptor
+        if B_TMA == 2:  # a GPU: B may have been stored by other tiles (see matmul_tile_tma)
+            tl.inline_asm_elementwise(
+                "fence.proxy.async.global; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1
+            )
+        b_desc = tl.make_tensor_descriptor(
+            b_ptr, shape=[N.to(tl.int32), K.to(tl.int32)], strides=[sbn, 1], block_shape=[BN, BK]
+        )
     # Zero starts, and placeholders for what a configuration does not use (_a_block takes them all).
     s1 = tl.zeros((BM,), dtype=tl.float32)  # a norm summed in the K loop: sum x (LayerNorm)
     s2 = tl.zeros((BM,), dtype=tl.float32)  # and sum x^2
@@ -337,10 +346,15 @@ def matmul_tile(
             a, s1, s2, g_next, nb_next = _a_block(
                 k, tile, s1, s2, g_next, nb_next, BM, BK, H_DT, NORM, N_RMS, HAS_NW, HAS_NB, N_IN_LOOP, A_FN
             )
-            rk = k + tl.arange(0, BK)
-            b = tl.load(
-                b_ptr + rk[:, None] * sbk + rn[None, :] * sbn, mask=(rk[:, None] < k_hi) & (rn[None, :] < N), other=0.0
-            )
+            if B_TMA:  # whole BK blocks (split-K chunks are): the copy zero-fills past K and N
+                b = b_desc.load([(tn * BN).to(tl.int32), k.to(tl.int32)]).T
+            else:
+                rk = k + tl.arange(0, BK)
+                b = tl.load(
+                    b_ptr + rk[:, None] * sbk + rn[None, :] * sbn,
+                    mask=(rk[:, None] < k_hi) & (rn[None, :] < N),
+                    other=0.0,
+                )
             acc = tl.dot(a.to(DOT_DT), b.to(DOT_DT), acc, input_precision=PRECISION)
         if NORM:
             if N_IN_LOOP:  # normalise the rows of acc (see the K loop)
@@ -615,6 +629,9 @@ class Matmul(OpFamily):
         c_al = aligned(c) and self.splits(node) == 1 and (not c_n or _stride_aligned(c, -2))
         units += (a_al, b_al, c_al)
         units += (a.shape[1] % 8 == 0 and b.shape[1] % 8 == 0,)
+        # decode tiles: B through TMA (Settings.decode_weights_tma: attrs["b_tma"]) where W's rows
+        # are unit-stride and aligned; large-M tiles: A and B (Matmul.tma)
+        units += (bool(node.attrs.get("b_tma")) and node.attrs["tile"][0] <= DECODE_ROWS and b_k and b_al,)
         units += (self.tma(node, a_k and a_al, b_al and (b_k or b_n)),)
         key = (
             self.kind,
@@ -635,6 +652,9 @@ class Matmul(OpFamily):
         if "epilogue" in node.attrs:  # key[10]: the A expression's key or None; key[11] the sum's
             key += (None,) * (11 - len(key)) + (self.sum_key(node),)
         return key
+
+    def makes_descriptors(self, key) -> bool:
+        return bool(key[8][-1] or key[8][-2])  # matmul_tile_tma, or a decode tile's B_TMA
 
     def tma(self, node, a_ok: bool, b_ok: bool) -> bool:
         """Does the tile load A and B through TMA descriptors (matmul_tile_tma)? With
@@ -710,9 +730,9 @@ class Matmul(OpFamily):
                 f"{in_loop}, {nw_flat}, {nb_flat}"
             )
         a_key = key[10] if len(key) > 10 else None
-        if units[-1]:  # TMA loads (Matmul.tma): a plain large-M tile, the dispatcher's wait
-            from mkcompiler.passes import tile  # (passes/tile.py imports this module)
+        from mkcompiler.passes import tile  # (passes/tile.py imports this module)
 
+        if units[-1]:  # TMA loads (Matmul.tma): a plain large-M tile, the dispatcher's wait
             a_k, b_k, b_n, c_n, a_al, b_al, c_al = units[:7]
             return "", (
                 f"matmul_tile_tma({{row}}, {{addrs}}, {{views}}, {tl_dtype(a)}, {tl_dtype(b)}, {bias_dt}, "
@@ -721,7 +741,8 @@ class Matmul(OpFamily):
             )
         call = (
             f"matmul_tile({{row}}, {{addrs}}, {{views}}, {tl_dtype(a)}, {tl_dtype(b)}, {bias_dt}, {tl_dtype(c)}, "
-            f"{bias is not None}, {tl_dtype(dot)}, {prec!r}, {bm}, {bn}, {bk}, {', '.join(map(str, units[:-1]))}, "
+            f"{bias is not None}, {tl_dtype(dot)}, {prec!r}, {bm}, {bn}, {bk}, {', '.join(map(str, units[:-2]))}, "
+            f"{(1 if tile.interpreting() else 2) if units[-2] else 0}, "
             f"{norm_args}{', ' + name + '_a' if a_key is not None else ''})"
         )
         helper = _a_loader(f"{name}_a", a_key, dot) if a_key is not None else ""

@@ -75,6 +75,7 @@ def choose_tiles(graph: Graph, settings: Settings, num_workers: int = 1) -> Grap
             )
             op.attrs["group_rows"] = max(1, settings.matmul_group_rows)  # queue order of its tiles
             op.attrs["tma"] = settings.matmul_tma  # where the tile allows it (Matmul.tma)
+            op.attrs["b_tma"] = settings.decode_weights_tma  # decode tiles' weights (Matmul.key)
         elif op.kind == "attention":
             q, k = op.inputs[0], op.inputs[1]
             # A tile's rows are the packed rows of the query heads sharing one kv head (group x
