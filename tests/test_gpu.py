@@ -158,7 +158,9 @@ def test_gpu_profile_stamps_every_instruction():
     assert rel_err(prof.outputs, reference(model, [x])) <= 1e-4
 
 
-@pytest.mark.parametrize("options", [{}, FOLDED], ids=["defaults", "folded"])
+@pytest.mark.parametrize(
+    "options", [{}, FOLDED, dict(FOLDED, decode_weights_tma=True)], ids=["defaults", "folded", "folded-tma"]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_llama_decode_matches_eager_on_the_gpu(dtype, options):
     """A small Llama's decode steps on the real kernel (one worker per SM: split-K matvecs,
