@@ -347,7 +347,7 @@ def matmul_tile(
                 k, tile, s1, s2, g_next, nb_next, BM, BK, H_DT, NORM, N_RMS, HAS_NW, HAS_NB, N_IN_LOOP, A_FN
             )
             if B_TMA:  # whole BK blocks (split-K chunks are): the copy zero-fills past K and N
-                b = b_desc.load([(tn * BN).to(tl.int32), k.to(tl.int32)]).T
+                b = b_desc.load([(tn * BN).to(tl.int32), tl.cast(k, tl.int32)]).T  # (k: an int in the interpreter)
             else:
                 rk = k + tl.arange(0, BK)
                 b = tl.load(

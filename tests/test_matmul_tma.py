@@ -81,7 +81,9 @@ def test_decode_weights_through_tma_match_eager(dtype, options):
     randomize_caches(model)
     ref = copy.deepcopy(model).double()
     tok = torch.randint(0, model.c.vocab_size, (1, 1), generator=torch.Generator().manual_seed(4))
-    mk = mkcompiler.compile(model, (tok, torch.tensor([3])), decode_weights_tma=True, cache=False, **options)
+    # BK 16: every matvec takes several K steps (the first before the wait, the rest through TMA)
+    opts = dict(options, matmul_tile=(16, 32, 16))
+    mk = mkcompiler.compile(model, (tok, torch.tensor([3])), decode_weights_tma=True, cache=False, **opts)
     assert mk._makes_descriptors
     assert any(FAMILIES["matmul"].key(op)[8][-2] for op in mk.graph.ops if op.kind == "matmul")
     for p in (7, 8):
