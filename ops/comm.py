@@ -35,13 +35,14 @@ import triton.language as tl
 from mkcompiler.ops.base import (
     BYTES_PER_NS,
     TILE_OVERHEAD_NS,
+    Access,
     OpFamily,
     cdiv,
     flat_flags,
     linear_access,
+    merge_intervals,
     next_pow2,
     tl_dtype,
-    whole,
 )
 from mkcompiler.ops.common import ARG0, arg, load_view_through, store_view, view_numel
 from mkcompiler.ops.elementwise import FLOAT_DTYPES
@@ -326,10 +327,14 @@ class AllToAll(AllGather):
         return node.outputs[0].slice(1, k * f, (k + 1) * f)
 
     def regions(self, node, coords):
-        # Which row block a tile reads depends on the rank running it: all of x, for every rank.
+        # Which row block a tile reads depends on the rank running it (rank r: block r), and the
+        # queue is every rank's: the same span of every row block. The tile then waits only for
+        # the tiles writing those rows (e.g. their attention row blocks), not for all of x.
         k, first, count = coords
         lo, hi = self.span(node, first, count)
-        return [whole(node.inputs[0])], [linear_access(self.part(node, k), lo, hi)]
+        x, e = node.inputs[0], self.elements(node)
+        pairs = [p for r in range(node.attrs["world"]) for p in linear_access(x, r * e + lo, r * e + hi).intervals]
+        return [Access(x.buffer, merge_intervals(pairs))], [linear_access(self.part(node, k), lo, hi)]
 
     def describe(self, node, coords):
         k, first, count = coords
