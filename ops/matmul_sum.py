@@ -76,35 +76,45 @@ def sum_routine(name: str, tile_call: str, sum_key, bm: int, bn: int) -> str:
         "    if last != 0:",
         f"        lin, mask, part, part_stride = split_sum_block(row_ptr, addrs_ptr, views_ptr, {bm}, {bn}, {rows})",
     ]
+    body = _input_loads(ins, windows, base, others) + lines
+    body += _stores(dest, result, out_dtype, out_flat, base, base + 1 + len(others))
+    src += [f"        {line}" for line in body]
+    src += ["    if wait is not None:", "        return ok, t_ready"]
+    return "\n".join(src) + "\n"
+
+
+def _input_loads(ins, windows, base: int, others: list[int]) -> list[str]:
+    """Lines loading the sum's inputs x0.. over the block: a piece s of the partials, moved by d
+    (inside the block: passes/split_sum.py), from L2 (other tiles wrote it) under its window;
+    any other input through its view in the instruction (slots after the output's, `base`)."""
+    lines = []
     for k, d in enumerate(ins):
         mask = f"mask & {window_src(windows[k])}" if k in windows else "mask"
-        if d[0] == "part":  # piece s, moved by d (inside the block: passes/split_sum.py)
+        if d[0] == "part":
             at = f"lin {'+' if d[2] > 0 else '-'} {abs(d[2])}" if d[2] else "lin"
-            src.append(
-                f"        x{k} = tl.load(part + {d[1]} * part_stride + {at}, mask={mask}, other=0.0, cache_modifier='.cg')"
+            lines.append(
+                f"x{k} = tl.load(part + {d[1]} * part_stride + {at}, mask={mask}, other=0.0, cache_modifier='.cg')"
             )
         else:
             slot = base + 1 + others.index(k)
-            src.append(
-                f"        x{k} = load_view(addrs_ptr, views_ptr, arg(row_ptr, {slot}), lin, {mask}, {tl_dtype(d[0])}, {d[1]})"
-            )
-    src += [f"        {line}" for line in lines]
+            view = f"arg(row_ptr, {slot})"
+            lines.append(f"x{k} = load_view(addrs_ptr, views_ptr, {view}, lin, {mask}, {tl_dtype(d[0])}, {d[1]})")
+    return lines
+
+
+def _stores(dest, result: str, out_dtype, out_flat: int, base: int, first_index: int) -> list[str]:
+    """Lines storing the sum: through the output view (slot `base`), or, for a scatter's sum (a
+    KV-cache append), where the scatter would have written (its update's view in slot `base`,
+    its index tensors from slot `first_index` on)."""
     if dest is None:
-        src.append(
-            f"        store_view(addrs_ptr, views_ptr, arg(row_ptr, {base}), lin, mask, {result}, {tl_dtype(out_dtype)}, {out_flat})"
-        )
-    else:  # the scatter's write (a KV-cache append): its update's view, then its index tensors
-        dims, limits, idts, shape = dest
-        first = base + 1 + len(others)
-        src += [f"        vo = arg(row_ptr, {base})"]
-        src += [f"        vi{n} = arg(row_ptr, {first + n})" for n in range(n_index)]
-        setup, store = destination_lines(
-            dims, [str(x) for x in limits], idts, out_dtype, "vo", [f"vi{n}" for n in range(n_index)]
-        )
-        src += [f"        i0, i1, i2, i3 = split_index(lin, {shape[1]}, {shape[2]}, {shape[3]})"]
-        src += [f"        {line}" for line in setup + store(result)]
-    src += ["    if wait is not None:", "        return ok, t_ready"]
-    return "\n".join(src) + "\n"
+        out = f"arg(row_ptr, {base})"
+        return [f"store_view(addrs_ptr, views_ptr, {out}, lin, mask, {result}, {tl_dtype(out_dtype)}, {out_flat})"]
+    dims, limits, idts, shape = dest
+    index_views = [f"vi{n}" for n in range(len(dims))]
+    lines = [f"vo = arg(row_ptr, {base})"] + [f"vi{n} = arg(row_ptr, {first_index + n})" for n in range(len(dims))]
+    setup, store = destination_lines(dims, [str(x) for x in limits], idts, out_dtype, "vo", index_views)
+    lines.append(f"i0, i1, i2, i3 = split_index(lin, {shape[1]}, {shape[2]}, {shape[3]})")
+    return lines + setup + store(result)
 
 
 def sum_span(v: View, lin: torch.Tensor, tensor_of) -> tuple[torch.Tensor, torch.Tensor]:
