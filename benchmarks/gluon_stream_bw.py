@@ -226,12 +226,18 @@ def chain(gs, a, props) -> None:
         import numpy as np
 
         np.savez(a.profile, stamps=stamps.numpy(), tiles=tiles.numpy(), programs=launch.programs)
+        png = os.path.splitext(a.profile)[0] + ".png"
+        try:
+            title = f"{props.name}: {len(weights)} dependent matvecs, BN={BN} BK={BK} NUM_BUF={NUM_BUF}"
+            gs.prefetch_gantt(stamps, tiles, launch.programs, png, title)
+        except ImportError:
+            png = "(no matplotlib: no picture)"
         r = gs.prefetch_report(stamps, tiles.shape[0], launch.programs)
         print(
             f"profile (BN={BN} BK={BK} NUM_BUF={NUM_BUF}, {r['pairs']} consecutive tile pairs): "
             f"{100 * r['ahead']:.0f}% of tiles had their first weight block asked for before the tile before them "
             f"ended (median lead {r['lead_us']:.2f} us); median wait for inputs {r['wait_us']:.2f} us; "
-            f"span {r['span_us']:.1f} us; stamps in {a.profile}\n"
+            f"span {r['span_us']:.1f} us; stamps in {a.profile}, picture {png}\n"
         )
     print("| what | ms | GB/s | % of copy floor | rel err vs eager |")
     print("|---|---|---|---|---|")

@@ -469,6 +469,32 @@ def stream_matvec(
     return ys
 
 
+def prefetch_gantt(stamps, tiles, programs: int, path: str, title: str = "") -> str:
+    """A picture of one profiled launch (PROFILE stamps, STAMPS): a row per program, per tile a
+    thin bar from the loader's first weight request to the end (its weights in flight) above a
+    grey wait (start to ready) and a compute bar (ready to end) coloured by weight. Bars of
+    tile i+1 that start left of tile i's end show the cross-tile prefetch. Returns `path`."""
+    from matplotlib.figure import Figure
+
+    s = (stamps.double() - stamps[stamps > 0].min()).numpy() / 1e3  # us from the first stamp
+    wid = tiles[:, 0].tolist()
+    fig = Figure(figsize=(12, max(2.0, 0.25 * programs + 1)))
+    ax = fig.add_subplot()
+    colors = [f"C{i % 10}" for i in range(max(wid) + 1)]
+    for t in range(s.shape[0]):
+        y = t % programs
+        issue, start, ready, end = s[t]
+        ax.broken_barh([(issue, end - issue)], (y + 0.30, 0.15), color=colors[wid[t]], alpha=0.35)
+        ax.broken_barh([(start, ready - start)], (y - 0.35, 0.6), color="0.8")
+        ax.broken_barh([(ready, end - ready)], (y - 0.35, 0.6), color=colors[wid[t]])
+    ax.set_xlabel("us")
+    ax.set_ylabel("program")
+    ax.set_ylim(-0.6, programs)
+    ax.set_title(title or "thin: weights asked for -> tile end; grey: waiting for inputs; colour: computing")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path
+
+
 # ---- offline compile (CPU only) ----
 
 

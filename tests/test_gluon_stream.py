@@ -53,6 +53,19 @@ def test_prefetch_report_reads_leads_and_waits():
     assert r["lead_us"] == pytest.approx(-0.5) and r["wait_us"] == pytest.approx(0.1)
 
 
+def test_prefetch_gantt_draws_a_launch(tmp_path):
+    pytest.importorskip("matplotlib")
+    stamps = torch.tensor([[0, 0, 1000, 5000], [0, 0, 500, 4000], [3000, 5000, 6000, 9000], [4500, 4100, 4200, 8000]])
+    tiles = gs.make_tiles(
+        [torch.empty(128, 64, dtype=torch.bfloat16), torch.empty(128, 64, dtype=torch.bfloat16)],
+        [0, 0],
+        [0, 128],
+        BN=64,
+    )
+    path = gs.prefetch_gantt(stamps, tiles, 2, str(tmp_path / "chain.png"))
+    assert (tmp_path / "chain.png").stat().st_size > 1000 and path.endswith("chain.png")
+
+
 def test_tiles_table_and_checks():
     ws = [torch.empty(100, 64, dtype=torch.bfloat16), torch.empty(64, 32, dtype=torch.bfloat16)]
     t = gs.make_tiles(ws, [0, 64], [0, 100], BN=32)
