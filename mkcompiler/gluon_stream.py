@@ -476,7 +476,7 @@ def prefetch_gantt(stamps, tiles, programs: int, path: str, title: str = "") -> 
     tile i+1 that start left of tile i's end show the cross-tile prefetch. Returns `path`."""
     from matplotlib.figure import Figure
 
-    s = (stamps.double() - stamps[stamps > 0].min()).numpy() / 1e3  # us from the first stamp
+    s = (stamps.double() - stamps.min()).numpy() / 1e3  # us from the first stamp
     wid = tiles[:, 0].tolist()
     fig = Figure(figsize=(12, max(2.0, 0.25 * programs + 1)))
     ax = fig.add_subplot()
