@@ -301,3 +301,25 @@ def test_random_rotations_of_split_sums_match_eager(k, heads, head, p_frac, appe
         mk.poison()
         got = run()
         assert rel_err(got, want) <= 1e-5, (p, bn, append, bool(moved), bool(scatter))
+
+
+def test_a_group_that_would_not_split_takes_wide_pairs_for_its_heads():
+    """Heads of 128 (as Llama-3.1-8B's) in a Q/K/V group that would not split (its 64-row tiles
+    already fill the workers): with split sums it takes BN=128 and two K chunks instead (as many
+    tiles, each as big), so its RoPE and cache append move into the projections; without split
+    sums it keeps (64, no split). The VM's result equals eager's."""
+    shape = dict(dim=1024, n_layers=1, n_heads=8, n_kv_heads=2, hidden=1024, vocab_size=256, max_seq_len=16)
+    model = random_llama("tiny", **shape)
+    randomize_caches(model)
+    ref = copy.deepcopy(model).double()
+    tok, pos = torch.tensor([[3]]), torch.tensor([5])
+    qkv = lambda mk: [op for op in mk.graph.ops if op.kind == "matmul"][:3]  # noqa: E731
+    plain = mkcompiler.compile(model, (tok, pos), num_workers=24, cache=False)
+    assert [(op.attrs["tile"][1], "split" in op.attrs) for op in qkv(plain)] == [(64, False)] * 3
+    mk = mkcompiler.compile(model, (tok, pos), num_workers=24, split_sum_in_matmul=True, cache=False)
+    assert [(op.attrs["tile"][1], op.attrs.get("split")) for op in qkv(mk)] == [(128, 2)] * 3
+    moved, scatter = rope_matmuls(mk)
+    assert len(moved) == 2 and len(scatter) == 2
+    mk.poison()
+    vm, _ = run_megakernel(mk, tok, pos, seed=2)
+    assert rel_err(vm, ref(tok, pos)) <= TOL[torch.float32]
