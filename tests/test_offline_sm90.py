@@ -70,10 +70,9 @@ def test_mlp_block_compiles_for_sm90_without_spills(tmp_path):
 def llama_sources() -> dict[str, str]:
     """GPU-style sources of a tiny bf16 Llama: prefill (causal attention, prefill tiles) and the
     on-device greedy step (decode attention, KV-cache scatter, argmax, state write-backs), also
-    with the split-KV chunks combined by their last tile (Settings.combine_in_attention), and
     with every stage-removing option (tests/helpers.FOLDED: Q/K/V's split sums do RoPE and the
-    cache append: code the interpreter runs but does not type-check as the compiler does) and
-    the decode weights through TMA descriptors (decode_weights_tma)."""
+    cache append, the split-KV chunks combine in attention: code the interpreter runs but does
+    not type-check as the compiler does) and the decode weights through TMA descriptors."""
     from examples.llama import GreedyLoop, random_llama
 
     model = random_llama("tiny", dtype=torch.bfloat16, max_seq_len=1024)  # long enough for split-KV
@@ -82,15 +81,13 @@ def llama_sources() -> dict[str, str]:
         tokens = torch.randint(0, 256, (1, 128))
         prefill = mkcompiler.compile(model, (tokens, torch.arange(128)), num_workers=132)
         loop = mkcompiler.compile(GreedyLoop(model, 1, 8), (), num_workers=132)
-        combining = mkcompiler.compile(GreedyLoop(model, 1, 8), (), num_workers=132, combine_in_attention=True)
         folded = mkcompiler.compile(GreedyLoop(model, 1, 8), (), num_workers=132, decode_weights_tma=True, **FOLDED)
-    assert "combine_head(" in combining.source and "combine_head(" not in loop.source
+    assert "combine_head(" in folded.source and "combine_head(" not in loop.source
     assert any("epilogue_scatter" in op.attrs for op in folded.graph.ops)  # Q/K/V append to the cache
     assert folded._makes_descriptors  # and their weights come through TMA (decode_weights_tma)
     return {
         "prefill": prefill.source,
         "greedy step": loop.source,
-        "greedy step, combine in attention": combining.source,
         "greedy step, folded stages, TMA weights": folded.source,
     }
 

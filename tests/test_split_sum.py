@@ -147,8 +147,8 @@ def llama_decode(dtype, split, **options):
 
 @pytest.mark.parametrize(
     "dtype,split",
-    [(torch.float32, 2), (torch.float32, 3), (torch.float32, 4), (torch.bfloat16, 3)],
-    ids=["fp32-2", "fp32-3", "fp32-4", "bf16-3"],
+    [(torch.float32, 2), (torch.float32, 4), (torch.bfloat16, 3)],
+    ids=["fp32-2", "fp32-4", "bf16-3"],
 )
 def test_tiny_llama_decode_matches_eager_over_two_launches(dtype, split):
     model, ref, mk, g = llama_decode(dtype, split)
