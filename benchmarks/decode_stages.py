@@ -2,7 +2,7 @@
 tile DAG (each link a wait, a wake-up and a small tile's fixed cost on the GPU).
 
     python benchmarks/decode_stages.py --model llama-3.2-1b --variant "" \\
-        --variant "split_sum_in_matmul=True" --variant "combine_in_attention=True"
+        --variant "fuse_norm=False"
 
 The sources are the GPU's (as offline sm_90 compiles see them): bf16 tensor-core dots
 (passes/tile.interpreting answers False) and rms_norm kept whole (a CPU export decomposes it,

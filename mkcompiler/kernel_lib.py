@@ -126,8 +126,7 @@ WIDE: tl.constexpr = tl.constexpr(128)  # wait rows polled at once by wait_many 
 
 @triton.jit
 def wait_many(w, w_end, waits_ptr, counters_ptr, err_ptr, generation, MAX_SPIN: tl.constexpr):
-    """wait_all's "acquire" mode for an instruction with more than three wait rows (a consumer of
-    split-K tiles that sum their own blocks waits for one counter per block): WIDE rows at a
+    """wait_all's "acquire" mode for an instruction with more than three wait rows: WIDE rows at a
     time, each thread loading one row and polling its counter with ld.acquire; a CTA-wide
     reduction (a barrier) tells when all are met, so the wait costs one round trip to L2, not
     two per row. The barrier orders every thread's later loads after the acquires of the others

@@ -144,14 +144,6 @@ class Megakernel:
         self.num_workers = compilation.num_workers
         self.max_spin = self.settings.max_spin or (2000 if interpret else 1 << 22)
         self._kernel = load_source(source).megakernel
-        # Tiles that make TMA descriptors (ops/matmul.matmul_tile_tma) write them into a global
-        # scratch Triton asks an allocator for at each launch: one buffer, kept (launches of one
-        # megakernel never overlap).
-        self._scratch_buf: torch.Tensor | None = None
-        from mkcompiler.ops.registry import FAMILIES
-
-        keys = compilation.queue.opcode_keys
-        self._makes_descriptors = any(FAMILIES[k[0]].makes_descriptors(k) for k in keys)
         g = self.graph
         self.buffers: dict[int, torch.Tensor] = {}
         for b in g.buffers:
@@ -312,12 +304,6 @@ class Megakernel:
                         "in memory of its own; pass a .clone()"
                     )
 
-    def _scratch(self, size: int, alignment: int, stream) -> torch.Tensor:
-        """Triton's allocator for the launch's global scratch (descriptors made in the kernel)."""
-        if self._scratch_buf is None or self._scratch_buf.numel() < size:
-            self._scratch_buf = torch.empty(size, dtype=torch.int8, device=self.device)
-        return self._scratch_buf
-
     def launch(self, prof: torch.Tensor | None = None) -> None:
         """One launch of the kernel on the bound inputs (no checks: see __call__). With `prof`
         (int64 [n * NUM_STAMPS + 1]), the profiling variant of the kernel stamps into it."""
@@ -341,10 +327,6 @@ class Megakernel:
                 maxnreg=register_cap(self.settings.num_warps, self.settings.workers_per_sm),
                 launch_cooperative_grid=True,
             )
-        if self._makes_descriptors and not self.interpret:
-            import triton
-
-            triton.set_allocator(self._scratch)
         # The interpreter keeps global state (grid index, patched triton.language): one launch at a time.
         with INTERPRETER_LOCK if self.interpret else contextlib.nullcontext(), _cooperative_errors(self):
             self._kernel[(self.num_workers,)](

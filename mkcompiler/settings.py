@@ -48,38 +48,9 @@ class Settings:
     # rows x 16 columns, 41 MB of operands, instead of 2.4 rows x 56 columns, 120 MB: B
     # re-streamed from HBM for every 2.4 rows). 1: row-major. Not yet measured on a GPU.
     matmul_group_rows: int = 8
-    # Large-M matmul tiles (prefill, big batches) load A and B through TMA descriptors the tile
-    # makes (ops/matmul.matmul_tile_tma: bulk copies into shared memory, no address arithmetic
-    # in registers). Not yet measured on a GPU.
-    matmul_tma: bool = False
-    # Decode matmul tiles load their weight blocks through a TMA descriptor made in the tile
-    # (ops/matmul.matmul_tile: bulk copies, no per-thread address arithmetic) after the first
-    # block (early_weights keeps pointer loads for it). Not yet measured on a GPU.
-    decode_weights_tma: bool = False
-    # decode matmuls compute A from its elementwise producer (passes/fuse_matmul_a.py): one stage
-    # fewer, yet not faster on 1B decode (H200: 1.682 ms on, 1.636 off, same device call)
-    fuse_matmul_a: bool = False
-    fuse_into_norm: bool = False  # norms compute their input's producer (residual add) themselves: measured slower (1.97 vs 1.67 ms, 1B decode, H200)
     # fold LayerNorm/RMSNorm into decode matmuls (passes/fuse_norm.py): with the statistics summed
     # in the K loop, 1.586 against 1.672 ms (1B decode, H100, same device call)
     fuse_norm: bool = True
-    # split-K matmuls sum their own partials (passes/split_sum.py): the last of an output block's S
-    # split tiles to arrive (a ticket counter) computes the sum op's fused expression (bias, cast,
-    # residual add) for the block, so the sum is no stage of its own. 1B decode, H100: 1.821
-    # against 1.571 ms while its consumers polled 32 wait rows one after another; with
-    # kernel_lib.wait_many, 1.530 against 1.569 (commit 977ef05, same call). Off until measured
-    # against today's defaults (and with tensor-parallel queues, whose remote waits it multiplies)
-    split_sum_in_matmul: bool = False
-    # with split_sum_in_matmul, the sum may also be positional or a scatter: Q/K/V's last arrivers
-    # apply RoPE (partials read moved inside a head) and append K and V to the cache, so a decode
-    # layer loses the RoPE/append stage (5 dependent stages instead of 6, benchmarks/
-    # decode_stages.py). False: those sums stay ops (the A/B). Not yet measured on a GPU.
-    split_sum_rope_append: bool = True
-    # split-KV attention: the last of a (batch, kv head)'s key chunks to arrive combines them
-    # (a ticket, as the split sums), so the combine is no stage of its own; when all of a kv
-    # head's query rows fit one tile (decode), else the combine stays an op. Not yet measured on
-    # a GPU.
-    combine_in_attention: bool = False
     # matmul tiles wait for their inputs themselves, after asking for their first weight block
     # and addressing their views (OpFamily.early_wait, codegen.generate): 1.478 against 1.571 ms
     # (1B decode, H100, same call)

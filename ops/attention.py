@@ -229,14 +229,8 @@ def attention_combine_rows(row_ptr, addrs_ptr, views_ptr, O_DT: tl.constexpr, BM
     vpart = arg(row_ptr, 0)  # [P*B, H, Sq, D] fp32 unnormalised partial outputs
     vml = arg(row_ptr, 1)  # [P*B, H, Sq, 2] fp32 (max, sum) per chunk
     vo = arg(row_ptr, 2)  # [B, H, Sq, D]
-    combine_head(addrs_ptr, views_ptr, vpart, vml, vo, arg(row_ptr, 3), arg(row_ptr, 4), O_DT, BM, BD, "")
-
-
-@triton.jit
-def combine_head(addrs_ptr, views_ptr, vpart, vml, vo, b, h, O_DT: tl.constexpr, BM: tl.constexpr,
-                 BD: tl.constexpr, CACHE: tl.constexpr):  # fmt: skip
-    """attention_combine_rows' work for head h of batch b. CACHE ".cg": the partials were just
-    written by other SMs (the last split tile combining them: L2, not this SM's L1)."""
+    b = arg(row_ptr, 3)
+    h = arg(row_ptr, 4)
     B = view_size(views_ptr, vo, 0)
     P = view_size(views_ptr, vml, 0) // B
     Sq = view_size(views_ptr, vo, 2)
@@ -250,17 +244,17 @@ def combine_head(addrs_ptr, views_ptr, vpart, vml, vo, b, h, O_DT: tl.constexpr,
     big = tl.full([BM], float("-inf"), tl.float32)
     for p in range(0, P):
         ml = ml_base + (p * B + b) * view_stride(views_ptr, vml, 0) + rows * view_stride(views_ptr, vml, 2)
-        big = tl.maximum(big, tl.load(ml, mask=row_ok, other=float("-inf"), cache_modifier=CACHE))
+        big = tl.maximum(big, tl.load(ml, mask=row_ok, other=float("-inf")))
     big = tl.where(big == float("-inf"), 0.0, big)
     acc = tl.zeros([BM, BD], tl.float32)
     total = tl.zeros([BM], tl.float32)
     for p in range(0, P):
         ml = ml_base + (p * B + b) * view_stride(views_ptr, vml, 0) + rows * view_stride(views_ptr, vml, 2)
-        w = tl.exp(tl.load(ml, mask=row_ok, other=float("-inf"), cache_modifier=CACHE) - big)
-        total += w * tl.load(ml + view_stride(views_ptr, vml, 3), mask=row_ok, other=0.0, cache_modifier=CACHE)
+        w = tl.exp(tl.load(ml, mask=row_ok, other=float("-inf")) - big)
+        total += w * tl.load(ml + view_stride(views_ptr, vml, 3), mask=row_ok, other=0.0)
         part = p_base + (p * B + b) * view_stride(views_ptr, vpart, 0)
         offs = rows[:, None] * view_stride(views_ptr, vpart, 2) + d[None, :] * view_stride(views_ptr, vpart, 3)
-        acc += w[:, None] * tl.load(part + offs, mask=mask, other=0.0, cache_modifier=CACHE)
+        acc += w[:, None] * tl.load(part + offs, mask=mask, other=0.0)
     out = acc / tl.where(total > 0, total, 1.0)[:, None]
     o_ptr = (
         view_base(addrs_ptr, views_ptr, vo, O_DT)
@@ -315,8 +309,7 @@ def _ungroup(ctx, kv: View) -> View:
 
 @family
 class Attention(OpFamily):
-    """Outputs: (out,) or, split over the keys (passes/split_kv.py), (partials, max_and_sum), or
-    (partials, max_and_sum, out) when the last chunk to arrive combines them (attrs["combine"])."""
+    """Outputs: (out,) or, split over the keys (passes/split_kv.py), (partials, max_and_sum)."""
 
     kind = "attention"
     routines = ("attention_tile",)
@@ -346,45 +339,23 @@ class Attention(OpFamily):
             + tuple(t.strides[3] == 1 and aligned(t) for t in (q, k, v, node.outputs[0]))
             + (all(t.shape[3] == max(16, next_pow2(q.shape[3])) for t in (q, k, v)),),
             node.attrs["stages"],
-            self._combine_key(node),
         )
 
-    def _combine_key(self, node) -> tuple | None:
-        """Split tiles that combine their chunks themselves (passes/split_kv.py, Settings
-        .combine_in_attention): (splits, the output's dtype, its padded Sq and D); else None. Sq is
-        padded to a power of two only (no dot: decode's one row is a [1, D] block, not [16, D] of
-        registers; at 16 the 1B decode kernel spilled)."""
-        if not node.attrs.get("combine"):
-            return None
-        out = node.outputs[2]
-        return (self.splits(node), out.dtype, next_pow2(out.shape[2]), max(16, next_pow2(out.shape[3])))
-
     def emit(self, key, name):
-        _, qdt, kdt, vdt, mdt, odt, dot, causal, scale, group, bm, bn, bd, split, units, stages, combine = key
+        _, qdt, kdt, vdt, mdt, odt, dot, causal, scale, group, bm, bn, bd, split, units, stages = key
         mask_dt = tl_dtype(mdt) if mdt is not None else "tl.float32"
-        call = (
+        return "", (
             f"attention_tile({{row}}, {{addrs}}, {{views}}, {tl_dtype(qdt)}, {tl_dtype(kdt)}, {tl_dtype(vdt)}, "
             f"{mask_dt}, {tl_dtype(odt)}, {tl_dtype(dot)}, {mdt is not None}, {mdt == torch.bool}, "
             f"{causal}, {scale!r}, {group}, {bm}, {bn}, {bd}, {split}, {', '.join(map(str, units))}, {stages})"
         )
-        if combine is None:
-            return "", call
-        helper = _combine_routine(name, call, group, *combine)
-        return helper, f"{name}({{row}}, {{addrs}}, {{views}}, {{counters}}, {{generation}})"
 
     def view_args(self, node):
-        """q, k, v, mask, out (or partials), then tile coords (b, kv head, m, chunk), then
-        max_and_sum, then (combining) the output; encode appends the ticket (COMBINE_TICKET)."""
+        """q, k, v, mask, out (or partials), then tile coords (b, kv head, m, chunk), then max_and_sum."""
         return list(node.inputs) + [node.outputs[0]]
 
     def instruction_tail(self, node):
-        if node.attrs.get("combine"):
-            return [node.outputs[1], node.outputs[2]]
         return [node.outputs[1] if self.splits(node) > 1 else None]
-
-    def combined(self, node, coords):
-        """Combining split tiles: the P chunks of one (batch, kv head, row block) take one ticket."""
-        return tuple(coords[:3]) if node.attrs.get("combine") else None
 
     def tiles(self, node):
         q, k = node.inputs[0], node.inputs[1]
@@ -429,11 +400,8 @@ class Attention(OpFamily):
         ob = p * q.shape[0] + b
         writes = [
             _union(o, [((ob, ob + 1), (h, h + 1), (q0, q1), (0, o.shape[3])) for h, q0, q1 in segs])
-            for o in node.outputs[:2]
+            for o in node.outputs
         ]
-        if node.attrs.get("combine"):  # each of the group's tiles may be the one that writes it
-            out = node.outputs[2]
-            writes.append(_union(out, [((b, b + 1), (h, h + 1), (q0, q1), (0, out.shape[3])) for h, q0, q1 in segs]))
         return reads, writes
 
     def cost(self, node, coords):
@@ -485,8 +453,6 @@ class Attention(OpFamily):
             tensor_of(node.outputs[0])[ob, h, rs] = (e @ vv).float()
             tensor_of(node.outputs[1])[ob, h, rs, 0] = mx.float()
             tensor_of(node.outputs[1])[ob, h, rs, 1] = e.sum(-1).float()
-            if node.attrs.get("combine"):  # recomputed by every split tile: the last one's stands
-                _combine_reference(*node.outputs, b, h, tensor_of)
 
 
 def kv_chunk(keys: int, parts: int, bn: int) -> int:
@@ -538,50 +504,17 @@ class AttentionCombine(OpFamily):
         return f"{node.name}[b{coords[0]} h{coords[1]}]"
 
     def reference(self, node, coords, tensor_of):
-        _combine_reference(*node.inputs, node.outputs[0], *coords, tensor_of)
-
-
-def _combine_reference(part: View, ml: View, out: View, b: int, h: int, tensor_of) -> None:
-    """out[b, h] from the split-KV chunks' partials and (max, sum) (attention_combine_rows)."""
-    B = out.shape[0]
-    idx = [p * B + b for p in range(part.shape[0] // B)]
-    mx = tensor_of(ml)[idx, h, :, 0].double()
-    sm = tensor_of(ml)[idx, h, :, 1].double()
-    acc = tensor_of(part)[idx, h].double()
-    big = mx.amax(0)
-    big = torch.where(big == float("-inf"), 0.0, big)
-    w = torch.exp(mx - big)
-    total = (w * sm).sum(0)
-    res = (w[..., None] * acc).sum(0) / torch.where(total > 0, total, 1.0)[:, None]
-    tensor_of(out)[b, h] = res.to(out.dtype)
-
-
-COMBINE_TICKET = 11  # a combining split tile's ticket: after its 5 views, 4 coordinates, 2 tail views
-
-
-def _combine_routine(name: str, tile_call: str, group: int, splits: int, odt, bm: int, bd: int) -> str:
-    """Source of a split tile that combines its (batch, kv head) chunks itself: attention_tile
-    (`tile_call`), then the ticket; the last of the P chunks to arrive combines the GROUP query
-    heads of its kv head (all their rows: split_kv combines in the tile only when one row
-    block holds them), as attention_combine would have."""
-    return (
-        "\n".join(
-            [
-                "from mkcompiler.ops.attention import combine_head",
-                "from mkcompiler.ops.matmul_sum import split_sum_last",
-                "",
-                "",
-                "@triton.jit",
-                f"def {name}(row_ptr, addrs_ptr, views_ptr, counters_ptr, generation):",
-                f"    {tile_call.format(row='row_ptr', addrs='addrs_ptr', views='views_ptr')}",
-                f"    last = split_sum_last(row_ptr, counters_ptr, generation, {COMBINE_TICKET}, {splits}).to(tl.int32)",
-                "    if last != 0:",
-                "        b = arg(row_ptr, 5)",
-                "        hk = arg(row_ptr, 6)",
-                f"        for j in range({group}):",
-                "            combine_head(addrs_ptr, views_ptr, arg(row_ptr, 4), arg(row_ptr, 9), arg(row_ptr, 10), b,",
-                f"                         hk * {group} + j, {tl_dtype(odt)}, {bm}, {bd}, '.cg')",
-            ]
-        )
-        + "\n"
-    )
+        part, ml = node.inputs
+        out = node.outputs[0]
+        b, h = coords
+        B = out.shape[0]
+        idx = [p * B + b for p in range(part.shape[0] // B)]
+        mx = tensor_of(ml)[idx, h, :, 0].double()
+        sm = tensor_of(ml)[idx, h, :, 1].double()
+        acc = tensor_of(part)[idx, h].double()
+        big = mx.amax(0)
+        big = torch.where(big == float("-inf"), 0.0, big)
+        w = torch.exp(mx - big)
+        total = (w * sm).sum(0)
+        res = (w[..., None] * acc).sum(0) / torch.where(total > 0, total, 1.0)[:, None]
+        tensor_of(out)[b, h] = res.to(out.dtype)

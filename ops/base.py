@@ -250,12 +250,6 @@ class OpFamily:
 
     kind: str = ""
     routines: tuple[str, ...] = ()  # @triton.jit tile routines in this module the kernel calls
-
-    def makes_descriptors(self, key) -> bool:
-        """Does this opcode's routine make TMA descriptors on the device? The launch then hands
-        Triton a global scratch for them (runtime.Megakernel._scratch)."""
-        return False
-
     peer_access: bool = False  # tiles read other ranks' buffers (communication: ops/comm.py)
 
     def peer_ranks(self, node: OpNode, coords) -> list[int]:

@@ -6,31 +6,11 @@ the S partials (plus bias, cast) afterwards. Operands are 2-D strided views, so 
 (linear's W^T) is read in place. Accumulation is fp32; fp32 operands use `precision`
 ("ieee" by default: exact-ish fp32, "tf32" for speed).
 
-A computed from an expression (passes/fuse_matmul_a.py, decode): attrs["a_expr"] = (expr, A's
-dtype) over the [M, K] views inputs[3:] (inputs[0] is the first of them: it gives A's shape).
-The opcode gets a generated @triton.jit loader (Matmul.emit: `{name}_a`), passed to matmul_tile
-as the constexpr A_FN, that loads each input's [BM, BK] block and evaluates the expression as
-elementwise ops do (ops/elementwise.expr_source: fp32, each node rounded to its dtype).
-
 A folded norm (passes/fuse_norm.py, decode): attrs["norm"] = (rms, eps, h's dtype), inputs[0] is
 the norm's input x and inputs[3:5] its weight g and bias b; A = norm(x) is computed by the tile.
 A tile seeing all of K (Matmul.norm_in_loop) sums its rows' statistics in the K loop from the A
 blocks it loads, feeds the dot x * g and normalises acc's rows at the end; a split-K tile sweeps
-its rows for the statistics first and normalises each A block (matmul_tile). Never combined with
-an A expression.
-
-A split-K sum in the matmul (passes/split_sum.py, Settings.split_sum_in_matmul): attrs["epilogue"] =
-(expr, views), the elementwise op that summed the partials (plus bias, cast, residual add), moved
-into the matmul: views[0] is its output (also outputs[1]), views[1:] its inputs, all one shape
-(joint_coalesce), addressed by the row-major linear index lin = m * N + n of the [M, N] product;
-inputs that read the matmul's own partial buffer (attrs["epilogue_parts"]: piece s, moved by d
-elements inside a chunk of the block, through a window) are read from it. Every split tile
-stores its partial block, then takes a ticket (Matmul.combined, passes/counters.py): the last of
-the block's S tiles to arrive computes the expression for its [BM, BN] block and stores it (the
-opcode's generated `{name}_sum` routine: ops/matmul_sum.py), or, when the sum was a scatter (attrs
-["epilogue_scatter"], a KV-cache append), stores it where the scatter would have. The
-instruction holds the output view (a scatter's update), the other inputs, a scatter's index
-tensors and the ticket counter after the tail.
+its rows for the statistics first and normalises each A block (matmul_tile).
 """
 
 from __future__ import annotations
@@ -50,16 +30,10 @@ from mkcompiler.ops.base import (
     whole,
 )
 from mkcompiler.ops.common import aligned_stride, arg, view_base, view_base_aligned, view_size, view_stride
-from mkcompiler.ops.elementwise import (
-    expr_source,
-    expr_torch,
-)
-from mkcompiler.ops.matmul_sum import sum_key, sum_reference, sum_regions, sum_routine
 from mkcompiler.ops.registry import family, lowers
 
 from mkcompiler.ir import View
 from mkcompiler.kernel_lib import wait_in_tile
-from mkcompiler.layout import NUM_ARGS
 
 aten = torch.ops.aten
 
@@ -70,9 +44,6 @@ SWEEP_STAGES: tl.constexpr = tl.constexpr(3)
 # Matmuls with at most this many rows stream their weights (decode: passes/tile.matmul_tile gives
 # them BM = 16 blocks); their tiles wait themselves (Matmul.early_wait).
 DECODE_ROWS = 16
-A_TAIL = 7  # instruction args before the tail: A, B, bias, C views, then tile coordinates (i, j, s)
-# An A expression's inputs: the first in A's slot, the others in the tail.
-A_EXPR_MAX_INPUTS = NUM_ARGS - A_TAIL + 1
 
 
 @triton.jit
@@ -119,23 +90,19 @@ def _a_block(
     HAS_NW: tl.constexpr,
     HAS_NB: tl.constexpr,
     N_IN_LOOP: tl.constexpr,
-    A_FN: tl.constexpr,
 ):
     """matmul_tile's A block at K offset k, as the dot takes it (a folded norm applied; its
     loop-carried statistics and next weight slices updated): (a, s1, s2, g_next, nb_next).
     `tile`: what matmul_tile fixed for the whole tile (a tuple, in this order); what a
     configuration does not use are placeholders."""
-    row_ptr, addrs_ptr, views_ptr, a_ptr, sam, sak, rm, M, k_hi, shift, mean, rstd = tile[:12]
-    nw_ptr, snw, nb_ptr, snb = tile[12:]
+    a_ptr, sam, sak, rm, M, k_hi, shift, mean, rstd = tile[:9]
+    nw_ptr, snw, nb_ptr, snb = tile[9:]
     rk = k + tl.arange(0, BK)
     a_mask = (rm[:, None] < M) & (rk[None, :] < k_hi)
     rows = tl.arange(0, BM)
     G_ROW: tl.constexpr = BM - 1
     B_ROW: tl.constexpr = BM - 1 if N_RMS else BM - 2
-    if A_FN is None:
-        a = tl.load(a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=a_mask, other=0.0)
-    else:  # A computed from an elementwise expression (passes/fuse_matmul_a.py), masked lanes 0
-        a = A_FN(row_ptr, addrs_ptr, views_ptr, rm, rk, a_mask)
+    a = tl.load(a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=a_mask, other=0.0)
     if NORM:
         x = a.to(tl.float32)  # 0 where A is masked
         if HAS_NW:
@@ -192,7 +159,6 @@ def matmul_tile(
     B_ALIGNED: tl.constexpr,
     C_ALIGNED: tl.constexpr,
     KN_DIV: tl.constexpr,
-    B_TMA: tl.constexpr,
     NORM: tl.constexpr,
     N_RMS: tl.constexpr,
     N_EPS: tl.constexpr,
@@ -204,7 +170,6 @@ def matmul_tile(
     N_IN_LOOP: tl.constexpr,
     NW_FLAT: tl.constexpr,
     NB_FLAT: tl.constexpr,
-    A_FN: tl.constexpr = None,
     wait=None,
 ):
     va = arg(row_ptr, 0)
@@ -240,15 +205,6 @@ def matmul_tile(
             sbk = aligned_stride(sbk, 128 // B_DT.primitive_bitwidth)
     rm = tm * BM + tl.arange(0, BM)
     rn = tn * BN + tl.arange(0, BN)
-    b_desc = None
-    if B_TMA:  # Settings.decode_weights_tma: B (W^T, unit K stride) through a TMA descriptor
-        if B_TMA == 2:  # a GPU: B may have been stored by other tiles (see matmul_tile_tma)
-            tl.inline_asm_elementwise(
-                "fence.proxy.async.global; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1
-            )
-        b_desc = tl.make_tensor_descriptor(
-            b_ptr, shape=[N.to(tl.int32), K.to(tl.int32)], strides=[sbn, 1], block_shape=[BN, BK]
-        )
     # Zero starts, and placeholders for what a configuration does not use (_a_block takes them all).
     s1 = tl.zeros((BM,), dtype=tl.float32)  # a norm summed in the K loop: sum x (LayerNorm)
     s2 = tl.zeros((BM,), dtype=tl.float32)  # and sum x^2
@@ -259,7 +215,6 @@ def matmul_tile(
     nb_next = tl.zeros((BK,), dtype=NB_DT)
     nw_ptr, snw, nb_ptr, snb = a_ptr, 0, a_ptr, 0
     if NORM:  # A = norm(x) (passes/fuse_norm.py)
-        tl.static_assert(A_FN is None, "a folded norm and an A expression are never combined (Matmul.key)")
         # The norm's weight g and bias b ([K] vectors) are addressed once per tile, here: the K
         # loop then loads only their BK-slices, no view metadata.
         if HAS_NW:
@@ -334,27 +289,24 @@ def matmul_tile(
             if HAS_NB:
                 nb_next = tl.load(nb_ptr + rk * snb, mask=rk < k_hi, other=0.0)
         # What _a_block needs of the tile, fixed for all its K steps (one tuple: two call sites).
-        tile = (row_ptr, addrs_ptr, views_ptr, a_ptr, sam, sak, rm, M, k_hi, shift, mean, rstd)
+        tile = (a_ptr, sam, sak, rm, M, k_hi, shift, mean, rstd)
         tile = tile + (nw_ptr, snw, nb_ptr, snb)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         if wait is not None:  # the first K step's weights came before the wait
             a, s1, s2, g_next, nb_next = _a_block(
-                k_lo, tile, s1, s2, g_next, nb_next, BM, BK, H_DT, NORM, N_RMS, HAS_NW, HAS_NB, N_IN_LOOP, A_FN
+                k_lo, tile, s1, s2, g_next, nb_next, BM, BK, H_DT, NORM, N_RMS, HAS_NW, HAS_NB, N_IN_LOOP
             )
             acc = tl.dot(a.to(DOT_DT), b_first.to(DOT_DT), acc, input_precision=PRECISION)
         for k in range(k_start, k_hi, BK):
             a, s1, s2, g_next, nb_next = _a_block(
-                k, tile, s1, s2, g_next, nb_next, BM, BK, H_DT, NORM, N_RMS, HAS_NW, HAS_NB, N_IN_LOOP, A_FN
+                k, tile, s1, s2, g_next, nb_next, BM, BK, H_DT, NORM, N_RMS, HAS_NW, HAS_NB, N_IN_LOOP
             )
-            if B_TMA:  # whole BK blocks (split-K chunks are): the copy zero-fills past K and N
-                b = b_desc.load([(tn * BN).to(tl.int32), tl.cast(k, tl.int32)]).T  # (k: an int in the interpreter)
-            else:
-                rk = k + tl.arange(0, BK)
-                b = tl.load(
-                    b_ptr + rk[:, None] * sbk + rn[None, :] * sbn,
-                    mask=(rk[:, None] < k_hi) & (rn[None, :] < N),
-                    other=0.0,
-                )
+            rk = k + tl.arange(0, BK)
+            b = tl.load(
+                b_ptr + rk[:, None] * sbk + rn[None, :] * sbn,
+                mask=(rk[:, None] < k_hi) & (rn[None, :] < N),
+                other=0.0,
+            )
             acc = tl.dot(a.to(DOT_DT), b.to(DOT_DT), acc, input_precision=PRECISION)
         if NORM:
             if N_IN_LOOP:  # normalise the rows of acc (see the K loop)
@@ -386,112 +338,6 @@ def matmul_tile(
         )
     if wait is not None:
         return ok, t_ready
-
-
-@triton.jit
-def matmul_tile_tma(
-    row_ptr,
-    addrs_ptr,
-    views_ptr,
-    A_DT: tl.constexpr,
-    B_DT: tl.constexpr,
-    BIAS_DT: tl.constexpr,
-    C_DT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    DOT_DT: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    B_K_UNIT: tl.constexpr,
-    C_N_UNIT: tl.constexpr,
-    C_ALIGNED: tl.constexpr,
-    PROXY_FENCE: tl.constexpr,
-):
-    """matmul_tile for a large-M tile (Settings.matmul_tma, Matmul.tma) whose A and B blocks come
-    through TMA: the tile makes a tensor descriptor of each (device side: 128 bytes in the
-    launch's global scratch, runtime.Megakernel) and the K loop's loads become bulk copies into
-    shared memory that Triton pipelines, with no address arithmetic or masks in registers (the
-    copy engine zero-fills past the edges). A is [M, K] with unit K stride; B is the [N, K] rows
-    of a linear's weight (B_K_UNIT: the view is W^T) or a [K, N] matrix with unit N stride; both
-    16-byte aligned with 16-byte multiple strides (Matmul.key checks). PROXY_FENCE (on a GPU):
-    A was stored by other tiles through the generic proxy and the dispatcher's wait acquired
-    it; TMA reads through the async proxy, which needs `fence.proxy.async.global` between the
-    two (inline PTX: not in the interpreter)."""
-    if PROXY_FENCE:
-        tl.inline_asm_elementwise(
-            "fence.proxy.async.global; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1
-        )
-    va = arg(row_ptr, 0)
-    vb = arg(row_ptr, 1)
-    vbias = arg(row_ptr, 2)
-    vc = arg(row_ptr, 3)
-    tm = arg(row_ptr, 4)
-    tn = arg(row_ptr, 5)
-    ks = arg(row_ptr, 6)
-    M = view_size(views_ptr, va, 2)
-    K = view_size(views_ptr, va, 3)
-    N = view_size(views_ptr, vb, 3)
-    # Split-K chunks are whole BK blocks: a block never reads into the next chunk.
-    k_chunk = tl.cdiv(tl.cdiv(K, view_size(views_ptr, vc, 1)), BK) * BK
-    k_lo = ks * k_chunk
-    k_hi = tl.minimum(K, k_lo + k_chunk)
-    # Descriptor shapes and block offsets are 32-bit (the TMA unit's coordinates).
-    m32, k32, n32 = M.to(tl.int32), K.to(tl.int32), N.to(tl.int32)
-    a_ptr, sam = a_rows(addrs_ptr, views_ptr, va, A_DT, True, True)
-    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[m32, k32], strides=[sam, 1], block_shape=[BM, BK])
-    b_ptr = view_base_aligned(addrs_ptr, views_ptr, vb, B_DT)
-    if B_K_UNIT:  # W^T: W's rows are N, unit stride along K
-        sbn = aligned_stride(view_stride(views_ptr, vb, 3), 128 // B_DT.primitive_bitwidth)
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[n32, k32], strides=[sbn, 1], block_shape=[BN, BK])
-    else:
-        sbk = aligned_stride(view_stride(views_ptr, vb, 2), 128 // B_DT.primitive_bitwidth)
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[k32, n32], strides=[sbk, 1], block_shape=[BK, BN])
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    m0 = (tm * BM).to(tl.int32)
-    n0 = (tn * BN).to(tl.int32)
-    for k in range(k_lo.to(tl.int32), k_hi.to(tl.int32), BK):
-        a = a_desc.load([m0, k])
-        if B_K_UNIT:
-            b = b_desc.load([n0, k]).T
-        else:
-            b = b_desc.load([k, n0])
-        acc = tl.dot(a.to(DOT_DT), b.to(DOT_DT), acc, input_precision=PRECISION)
-    rm = tm * BM + tl.arange(0, BM)
-    rn = tn * BN + tl.arange(0, BN)
-    if HAS_BIAS:
-        bias_ptr = view_base(addrs_ptr, views_ptr, vbias, BIAS_DT)
-        bias = tl.load(bias_ptr + rn * view_stride(views_ptr, vbias, 3), mask=rn < N, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    c_ptr = view_base(addrs_ptr, views_ptr, vc, C_DT) + ks * view_stride(views_ptr, vc, 1)
-    scm = view_stride(views_ptr, vc, 2)
-    scn = 1 if C_N_UNIT else view_stride(views_ptr, vc, 3)
-    if C_ALIGNED:
-        c_ptr = view_base_aligned(addrs_ptr, views_ptr, vc, C_DT)
-        if C_N_UNIT:
-            scm = aligned_stride(scm, 128 // C_DT.primitive_bitwidth)
-    tl.store(c_ptr + rm[:, None] * scm + rn[None, :] * scn, acc.to(C_DT), mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-
-@triton.jit
-def matmul_a_input(
-    row_ptr,
-    addrs_ptr,
-    views_ptr,
-    SLOT: tl.constexpr,
-    rm,
-    rk,
-    mask,
-    DT: tl.constexpr,
-    K_UNIT: tl.constexpr,
-    ALIGNED: tl.constexpr,
-):
-    """The [BM, BK] block (fp32, masked lanes 0) of an A expression's input: the [M, K] view in
-    instruction slot SLOT, addressed as matmul_tile addresses A."""
-    v = arg(row_ptr, SLOT)
-    p, sm = a_rows(addrs_ptr, views_ptr, v, DT, K_UNIT, ALIGNED)
-    sk = 1 if K_UNIT else view_stride(views_ptr, v, 3)
-    return tl.load(p + rm[:, None] * sm + rk[None, :] * sk, mask=mask, other=0.0).to(tl.float32)
 
 
 def _norm_reference(x, node, tensor_of):
@@ -533,34 +379,6 @@ def _norm_in_loop_reference(x, w, node, tensor_of):
     if nb is not None:
         acc = acc + tensor_of(nb).to(h_dtype).double() @ w
     return acc
-
-
-def _a_loader(name: str, a_key, dot) -> str:
-    """Source of a @triton.jit routine computing the tile's A block from an expression: loads
-    each input's [BM, BK] block (input 0 in A's slot, input k >= 1 in tail slot A_TAIL + k - 1),
-    evaluates the expression as elementwise ops do (rounded to A's dtype as storing it would), and
-    returns it in the dot's operand dtype, 0 where `mask` is off (the expression of 0 need not
-    be 0, and 0 * inf in the dot would be NaN)."""
-    expr, a_dtype, flags = a_key
-    lines, result = expr_source(expr, len(flags))
-    src = [
-        "from mkcompiler.ops.matmul import matmul_a_input",  # only kernels with an A expression import it
-        "",
-        "",
-        "@triton.jit",
-        f"def {name}(row_ptr, addrs_ptr, views_ptr, rm, rk, mask):",
-    ]
-    for k, (dt, unit, al) in enumerate(flags):
-        slot = 0 if k == 0 else A_TAIL + k - 1
-        src.append(
-            f"    x{k} = matmul_a_input(row_ptr, addrs_ptr, views_ptr, {slot}, rm, rk, mask, {tl_dtype(dt)}, {unit}, {al})"
-        )
-    src += [f"    {line}" for line in lines]
-    value = f"tl.where(mask, {result}, 0.0).to({tl_dtype(a_dtype)})"
-    if dot != a_dtype:
-        value += f".to({tl_dtype(dot)})"
-    src.append(f"    return {value}")
-    return "\n".join(src) + "\n"
 
 
 def _as_2d(ctx, v: View) -> View:
@@ -608,7 +426,7 @@ def _stride_aligned(v: View, dim: int) -> bool:
 @family
 class Matmul(OpFamily):
     kind = "matmul"
-    routines = ("matmul_tile", "matmul_tile_tma")
+    routines = ("matmul_tile",)
 
     def key(self, node):
         a, b, bias = node.inputs[:3]
@@ -629,11 +447,7 @@ class Matmul(OpFamily):
         c_al = aligned(c) and self.splits(node) == 1 and (not c_n or _stride_aligned(c, -2))
         units += (a_al, b_al, c_al)
         units += (a.shape[1] % 8 == 0 and b.shape[1] % 8 == 0,)
-        # decode tiles: B through TMA (Settings.decode_weights_tma: attrs["b_tma"]) where W's rows
-        # are unit-stride and aligned; large-M tiles: A and B (Matmul.tma)
-        units += (bool(node.attrs.get("b_tma")) and node.attrs["tile"][0] <= DECODE_ROWS and b_k and b_al,)
-        units += (self.tma(node, a_k and a_al, b_al and (b_k or b_n)),)
-        key = (
+        return (
             self.kind,
             a.dtype,
             b.dtype,
@@ -645,40 +459,6 @@ class Matmul(OpFamily):
             units,
             self.norm_key(node),
         )
-        if "a_expr" in node.attrs:
-            # matmul_tile has no path for both (passes/fuse_norm.py folds only into plain matmuls)
-            assert "norm" not in node.attrs, f"{node.name}: a folded norm and an A expression"
-            key += (self.a_expr_key(node),)
-        if "epilogue" in node.attrs:  # key[10]: the A expression's key or None; key[11] the sum's
-            key += (None,) * (11 - len(key)) + (self.sum_key(node),)
-        return key
-
-    def makes_descriptors(self, key) -> bool:
-        return bool(key[8][-1] or key[8][-2])  # matmul_tile_tma, or a decode tile's B_TMA
-
-    def tma(self, node, a_ok: bool, b_ok: bool) -> bool:
-        """Does the tile load A and B through TMA descriptors (matmul_tile_tma)? With
-        Settings.matmul_tma (choose_tiles: attrs["tma"]), for a plain large-M matmul (no folded
-        norm, A expression or sum in the matmul; the dispatcher waits) whose A has unit K stride
-        and B a unit stride, both 16-byte aligned (a_ok, b_ok: key's checks)."""
-        plain = not any(k in node.attrs for k in ("norm", "a_expr", "epilogue"))
-        large = node.attrs["tile"][0] > DECODE_ROWS
-        return bool(node.attrs.get("tma")) and plain and large and a_ok and b_ok
-
-    def sum_key(self, node):
-        """matmul_sum.sum_key: the split-K sum's part of the opcode key."""
-        return sum_key(node, self.splits(node), A_TAIL + len(self._tail(node)))
-
-    def a_expr_key(self, node):
-        """(expr, A's dtype, per input (dtype, K stride 1, 16-byte aligned rows)) of an A computed
-        from an expression (passes/fuse_matmul_a.py)."""
-        expr, a_dtype = node.attrs["a_expr"]
-        flags = []
-        for x in node.inputs[3:]:
-            unit = x.strides[1] == 1
-            al = x.dtype != torch.bool and aligned(x) and (not unit or _stride_aligned(x, 0))
-            flags.append((x.dtype, unit, al))
-        return expr, a_dtype, tuple(flags)
 
     def norm_key(self, node):
         """(rms, eps, h dtype, norm weight dtype, norm bias dtype, norm_in_loop, weight and bias
@@ -704,21 +484,10 @@ class Matmul(OpFamily):
         return list(node.inputs[:3]) + [node.outputs[0]]  # A, B, bias, C; then tile coords
 
     def instruction_tail(self, node):
-        tail = self._tail(node)
-        if "epilogue" in node.attrs:  # the sum's output, its inputs other than own partials, indices
-            _, views = node.attrs["epilogue"]
-            tail += [views[0]] + [v for v, r in zip(views[1:], node.attrs["epilogue_parts"]) if r is None]
-            store = node.attrs.get("epilogue_scatter")
-            tail += list(store.indices) if store is not None else []
-        return tail  # encode appends a combined tile's ticket (passes/counters.py)
-
-    def _tail(self, node):
-        if "a_expr" in node.attrs:
-            return list(node.inputs[4:])  # the A expression's inputs after the first (in A's slot)
         return list(node.inputs[3:5]) if "norm" in node.attrs else []  # norm weight and bias
 
     def emit(self, key, name):
-        _, a, b, bias, c, dot, prec, (bm, bn, bk), units, norm = key[:10]
+        _, a, b, bias, c, dot, prec, (bm, bn, bk), units, norm = key
         bias_dt = tl_dtype(bias) if bias is not None else "tl.float32"
         if norm is None:
             norm_args = "False, True, 0.0, tl.float32, tl.float32, tl.float32, False, False, False, 1, 1"
@@ -729,35 +498,15 @@ class Matmul(OpFamily):
                 f"{tl_dtype(nb_dt) if nb_dt else 'tl.float32'}, {nw_dt is not None}, {nb_dt is not None}, "
                 f"{in_loop}, {nw_flat}, {nb_flat}"
             )
-        a_key = key[10] if len(key) > 10 else None
-        from mkcompiler.passes import tile  # (passes/tile.py imports this module)
-
-        if units[-1]:  # TMA loads (Matmul.tma): a plain large-M tile, the dispatcher's wait
-            a_k, b_k, b_n, c_n, a_al, b_al, c_al = units[:7]
-            return "", (
-                f"matmul_tile_tma({{row}}, {{addrs}}, {{views}}, {tl_dtype(a)}, {tl_dtype(b)}, {bias_dt}, "
-                f"{tl_dtype(c)}, {bias is not None}, {tl_dtype(dot)}, {prec!r}, {bm}, {bn}, {bk}, {b_k}, {c_n}, {c_al}, "
-                f"{not tile.interpreting()})"
-            )
-        call = (
+        return "", (  # {wait}: the tile's own wait (early_wait), or None
             f"matmul_tile({{row}}, {{addrs}}, {{views}}, {tl_dtype(a)}, {tl_dtype(b)}, {bias_dt}, {tl_dtype(c)}, "
-            f"{bias is not None}, {tl_dtype(dot)}, {prec!r}, {bm}, {bn}, {bk}, {', '.join(map(str, units[:-2]))}, "
-            f"{(1 if tile.interpreting() else 2) if units[-2] else 0}, "
-            f"{norm_args}{', ' + name + '_a' if a_key is not None else ''})"
+            f"{bias is not None}, {tl_dtype(dot)}, {prec!r}, {bm}, {bn}, {bk}, {', '.join(map(str, units))}, "
+            f"{norm_args}, wait={{wait}})"
         )
-        helper = _a_loader(f"{name}_a", a_key, dot) if a_key is not None else ""
-        if len(key) > 11:  # a split-K sum in the matmul: the tile, then the ticket and the sum
-            tile_call = call.format(row="row_ptr", addrs="addrs_ptr", views="views_ptr")
-            helper += ("\n\n" if helper else "") + sum_routine(f"{name}_sum", tile_call, key[11], bm, bn)
-            call = f"{name}_sum({{row}}, {{addrs}}, {{views}}, {{counters}}, {{generation}}, wait={{wait}})"
-        else:  # the tile's own wait (early_wait), or None
-            call = call[:-1] + ", wait={wait})"
-        return helper, call
 
     def early_wait(self, key) -> bool:
         """A decode matmul tile (BM at most DECODE_ROWS) waits itself: its first weight
-        block and every view's address are asked for first (matmul_tile's `wait`; with a split-K
-        sum in the matmul, the ticket is taken only once the wait succeeded). Larger tiles keep
+        block and every view's address are asked for first (matmul_tile's `wait`). Larger tiles keep
         the dispatcher's wait: their first block would hold registers across it (a Llama
         prefill kernel spilled) for a load that is a small part of their time."""
         return key[7][0] <= DECODE_ROWS
@@ -772,10 +521,6 @@ class Matmul(OpFamily):
         bk = node.attrs["tile"][2]
         chunk = cdiv(cdiv(k, self.splits(node)), bk) * bk
         return min(k, s * chunk), min(k, (s + 1) * chunk)
-
-    def combined(self, node, coords):
-        """A split-K sum in the matmul: the S split tiles of output block (i, j) are one group."""
-        return tuple(coords[:2]) if "epilogue" in node.attrs else None
 
     def tiles(self, node):
         """(row block, column block, K split) in queue order: per split, groups of group_rows
@@ -798,39 +543,24 @@ class Matmul(OpFamily):
         reads = [box_access(b, (ks, cols))]
         if bias is not None:
             reads.append(box_access(bias, (cols,)))
-        if "a_expr" in node.attrs:  # A's expression reads its inputs over the tile's rows and K range
-            reads += [box_access(x, (rows, ks)) for x in node.inputs[3:]]
-        else:
-            # A folded norm reads whole rows of x (its statistics), and its weight and bias.
-            a_ks = (0, a.shape[1]) if "norm" in node.attrs else ks
-            reads.append(box_access(a, (rows, a_ks)))
-            reads += [whole(v) for v in node.inputs[3:] if v is not None]
+        # A folded norm reads whole rows of x (its statistics), and its weight and bias.
+        a_ks = (0, a.shape[1]) if "norm" in node.attrs else ks
+        reads.append(box_access(a, (rows, a_ks)))
+        reads += [whole(v) for v in node.inputs[3:] if v is not None]
         out = box_access(c, ((s, s + 1), rows, cols)) if c.rank == 3 else box_access(c, (rows, cols))
-        if "epilogue" not in node.attrs:
-            return reads, [out]
-        # Any of the block's split tiles may be the last: each reads what the sum reads over the
-        # block (the other tiles' partials too: no edge within the group, Matmul.combined) and
-        # writes the block of the output.
-        sum_reads, sum_writes = sum_regions(node, rows, cols)
-        return reads + sum_reads, [out, *sum_writes]
+        return reads, [out]
 
     def cost(self, node, coords):
         a, b = node.inputs[:2]
         bm, bn, _ = node.attrs["tile"]
         k0, k1 = self.k_range(node, coords[2])
-        a_size = sum(x.dtype.itemsize for x in node.inputs[3:]) if "a_expr" in node.attrs else a.dtype.itemsize
-        nbytes = (min(bm, a.shape[0]) * a_size + bn * b.dtype.itemsize) * (k1 - k0)
-        if "epilogue" in node.attrs:  # one tile in S sums the block: its share of the bytes
-            _, views = node.attrs["epilogue"]
-            block = min(bm, a.shape[0]) * bn
-            nbytes += block * sum(v.dtype.itemsize for v in views) / self.splits(node)
+        nbytes = (min(bm, a.shape[0]) * a.dtype.itemsize + bn * b.dtype.itemsize) * (k1 - k0)
         return bytes_cost(nbytes, 2.0 * bm * bn * (k1 - k0))
 
     def describe(self, node, coords):
         bm, bn, _ = node.attrs["tile"]
         split = f", k{self.k_range(node, coords[2])[0]}:" if self.splits(node) > 1 else ""
-        total = "+sum" if "epilogue" in node.attrs else ""
-        return f"{node.name}[m{coords[0] * bm}:+{bm}, n{coords[1] * bn}:+{bn}{split}]{total}"
+        return f"{node.name}[m{coords[0] * bm}:+{bm}, n{coords[1] * bn}:+{bn}{split}]"
 
     def reference(self, node, coords, tensor_of):
         a, b, bias = node.inputs[:3]
@@ -839,11 +569,7 @@ class Matmul(OpFamily):
         i, j, s = coords
         rs, cs = slice(i * bm, (i + 1) * bm), slice(j * bn, (j + 1) * bn)
         k0, k1 = self.k_range(node, s)
-        if "a_expr" in node.attrs:  # A = expr(inputs) as the elementwise op would have stored it
-            expr, a_dtype = node.attrs["a_expr"]
-            x = expr_torch(expr, [tensor_of(v)[rs, k0:k1] for v in node.inputs[3:]]).to(a_dtype)
-            acc = x.double() @ tensor_of(b)[k0:k1, cs].double()
-        elif "norm" in node.attrs and self.norm_in_loop(node):
+        if "norm" in node.attrs and self.norm_in_loop(node):
             acc = _norm_in_loop_reference(tensor_of(a)[rs], tensor_of(b)[:, cs], node, tensor_of)
         else:
             x = tensor_of(a)[rs]
@@ -854,5 +580,3 @@ class Matmul(OpFamily):
             acc = acc + tensor_of(bias)[cs].double()
         out = tensor_of(c)
         (out[s] if c.rank == 3 else out)[rs, cs] = acc.to(c.dtype)
-        if "epilogue" in node.attrs:
-            sum_reference(node, i, j, tensor_of)

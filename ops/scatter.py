@@ -13,11 +13,9 @@ write region covers every slot of its rows. Out-of-range indices write nothing.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 from mkcompiler.ops.base import OpFamily, bytes_cost, flat_flags, linear_access, tl_dtype, whole
-from mkcompiler.ops.elementwise import linear_offsets
 from mkcompiler.ops.registry import family, lowers
 
 from mkcompiler.ir import View
@@ -100,18 +98,6 @@ def lower_slice_scatter(ctx, node, base, src, dim=0, start=None, end=None, step=
     return base
 
 
-class ScatterStore(NamedTuple):
-    """Where a scatter's values land, for a split-K matmul that does the scatter itself
-    (passes/split_sum.py): the kernel's destination_lines and the VM's destination_offsets."""
-
-    dims: tuple[int, ...]  # the indexed dims, padded to 4 (the first: the values' j)
-    limits: tuple[int, ...]  # the base's size along each
-    indices: tuple[View, ...]  # the index tensors (1-D)
-    base: View
-    dim: int  # the first indexed dim, unpadded: rows of the update are its dims before it
-    per_row: int  # elements of the update per row
-
-
 def written_rows(base: View, dim: int, r0: int, r1: int):
     """What a scatter writing rows [r0, r1) of base (its dims before `dim`) may write: every
     slot of those rows (the slot is known at run time only); all of base when strided."""
@@ -119,25 +105,6 @@ def written_rows(base: View, dim: int, r0: int, r1: int):
         return whole(base)
     row = math.prod(base.shape[dim:])
     return linear_access(base, r0 * row, r1 * row)
-
-
-def destination_offsets(store: ScatterStore, update: View, lin: torch.Tensor, tensor_of):
-    """(element offsets in the base's buffer, written?) of the update's elements at row-major
-    indices `lin`: the VM's twin of destination_lines."""
-    shape, strides = update.padded(4)
-    at, rest = [], lin.clone()
-    for size in reversed(shape):
-        at.insert(0, rest % size)
-        rest = rest // size
-    j = at[store.dims[0]]
-    dst = linear_offsets(update, lin)
-    ok = torch.ones(lin.shape, dtype=torch.bool)
-    for n, (d, limit, index) in enumerate(zip(store.dims, store.limits, store.indices)):
-        i = tensor_of(index).reshape(-1).long()[j]
-        i = torch.where(i < 0, i + limit, i)
-        ok &= (i >= 0) & (i < limit)
-        dst = dst + (i - j if n == 0 else i) * strides[d]
-    return dst, ok
 
 
 def tail_size(node) -> int:
@@ -285,7 +252,7 @@ def _emit(key, name: str) -> tuple[str, str]:
         f"    r1 = arg(row_ptr, {k + 4 + two})",
     ]
     limits = [f"view_size(views_ptr, vb, {dim})"] + ([f"view_size(views_ptr, vb, {dim2})"] if two else [])
-    setup, store = destination_lines((dim, dim2)[: 1 + two], limits, idts, odt, "vo", ["vi", "vi2"][: 1 + two])
+    setup, store = destination_lines((dim, dim2)[: 1 + two], limits, idts, odt)
     src += [f"    {line}" for line in setup]
     src += [
         f"    for start in range(r0 * {per_row}, tl.minimum(r1 * {per_row}, {math.prod(shape)}), BLOCK):",
@@ -299,23 +266,21 @@ def _emit(key, name: str) -> tuple[str, str]:
     return "\n".join(src) + "\n", f"{name}({{row}}, {{addrs}}, {{views}}, {block})"
 
 
-def destination_lines(dims, limits, idts, odt, vo: str, vi: list[str]):
+def destination_lines(dims, limits, idts, odt):
     """(setup lines, store(value) -> lines) of a scatter's write: the values at update indices
     i0..i3 (split_index over the update's padded shape, under `mask`) go to the base at the
-    runtime slots the index tensors (view ids vi) give along padded dims `dims` (the first: the
-    values' j; a second, of extent 1 in the update: an offset of its own). vo is the update's
-    view id; limits the base's sizes along dims (Triton expressions). Negative indices count
-    from the end; out-of-range ones write nothing. (Names it defines: o_ptr, limit*, i*_ptr,
-    i*_stride, stride*, j, idx*, written, dst; never `ok`, a split-K sum's wait result.) Shared by the scatter's routine and a
-    split-K matmul that does its scatter (ops/matmul.py)."""
-    setup = [f"o_ptr = view_base(addrs_ptr, views_ptr, {vo}, {tl_dtype(odt)})"]
-    for n, (d, lim, v, idt) in enumerate(zip(dims, limits, vi, idts)):
+    runtime slots the index tensors (view ids vi, vi2) give along padded dims `dims` (the first:
+    the values' j; a second, of extent 1 in the update: an offset of its own). vo is the
+    update's view id; limits the base's sizes along dims (Triton expressions). Negative indices
+    count from the end; out-of-range ones write nothing."""
+    setup = [f"o_ptr = view_base(addrs_ptr, views_ptr, vo, {tl_dtype(odt)})"]
+    for n, (d, lim, v, idt) in enumerate(zip(dims, limits, ["vi", "vi2"], idts)):
         sfx = "" if n == 0 else str(n + 1)
         setup += [
             f"limit{sfx} = {lim}",
             f"i{sfx}_ptr = view_base(addrs_ptr, views_ptr, {v}, {tl_dtype(idt)})",
             f"i{sfx}_stride = view_stride(views_ptr, {v}, 3)",
-            f"stride{sfx} = view_stride(views_ptr, {vo}, {d})",
+            f"stride{sfx} = view_stride(views_ptr, vo, {d})",
         ]
 
     def store(value: str) -> list[str]:
@@ -324,7 +289,7 @@ def destination_lines(dims, limits, idts, odt, vo: str, vi: list[str]):
             "idx = tl.load(i_ptr + j.to(tl.int64) * i_stride, mask=mask, other=0).to(tl.int64)",
             "idx = tl.where(idx < 0, idx + limit, idx)",
             "written = mask & (idx >= 0) & (idx < limit)",
-            f"dst = o_ptr + strided_offsets(views_ptr, {vo}, i0, i1, i2, i3) + (idx - j) * stride",
+            "dst = o_ptr + strided_offsets(views_ptr, vo, i0, i1, i2, i3) + (idx - j) * stride",
         ]
         if len(dims) == 2:
             lines += [

@@ -9,11 +9,6 @@ gives the same values. P is spliced when it has one reader op (x * sigmoid(x) re
 or when it is small (at most DUPLICATE_MAX_ELEMENTS: then it is recomputed in every reader); a
 merged node keeps the reader's output view (which may be a slice, e.g. of a cat).
 
-Norms (ops/norm.py) are readers too, through their x: the residual add producing x (a split-K
-sum inside) is computed by the norm itself in each sweep over its rows, one dependent stage less
-before every norm. A small P that some other reader cannot absorb stays, and its norm readers
-recompute it anyway (they no longer wait for it).
-
 Elementwise producers also fuse into the scatters that store their values (`fuse_into_scatter`:
 KV-cache appends).
 
@@ -30,14 +25,12 @@ import math
 
 import torch
 from mkcompiler.ops.elementwise import group_windows, has_positional, slot_windows
-from mkcompiler.ops.norm import NORM_TAIL
 from mkcompiler.ops.scatter import tail_size
 
 from mkcompiler.ir import Graph, View, contiguous_strides
 from mkcompiler.layout import NUM_ARGS
 
 MAX_INPUTS = NUM_ARGS - 3  # instruction args: output view, the inputs, first block, block count
-NORM_MAX_INPUTS = NUM_ARGS - NORM_TAIL  # a fused norm's args: its x inputs, weight, bias, output, row block
 
 
 def reindex(expr, mapping):
@@ -66,16 +59,14 @@ def sole_writers(graph: Graph) -> dict[int, object]:
     return sole
 
 
-def fuse_elementwise(graph: Graph, into_norms: bool = True) -> Graph:
+def fuse_elementwise(graph: Graph) -> Graph:
     """Fuse to a fixed point: a splice can leave a producer with a single reader (x read by
     sigmoid and by mul: once sigmoid is in mul, x can go in too). Producers with one reader go
-    first (nothing is recomputed): a split-K sum is inside its residual add before the add,
-    read by a norm and by the next residual add, is recomputed in them, so the recomputed
-    chains (the residual stream) stay bounded by the readers' inputs (MAX_INPUTS,
-    NORM_MAX_INPUTS). Then splice elementwise producers into the scatters storing their values
-    (fuse_into_scatter). `into_norms` (Settings.fuse_into_norm): norms absorb their input's
-    producer too."""
-    while _inline_producers(graph, False, into_norms) or _inline_producers(graph, True, into_norms):
+    first (nothing is recomputed: a split-K sum goes into its residual add before small
+    producers are recomputed in their readers). Then splice elementwise producers into the
+    scatters storing their values (fuse_into_scatter) and fold cats into their readers
+    (fold_cats)."""
+    while _inline_producers(graph, False) or _inline_producers(graph, True):
         pass
     return fold_cats(fuse_into_scatter(graph))
 
@@ -135,53 +126,20 @@ def window_dims(view: View, out_shape) -> tuple[list[int], list[int | None]] | N
     return start, dims
 
 
-def _absorbing(u, buffer: int, into_norms: bool = True):
-    """(inputs, expr) of the elementwise computation in reader u that a producer of `buffer`
-    would be spliced into: an elementwise op's, or a norm's x (ops/norm.py: x itself, or its
-    fused expression); None if u cannot absorb it (another kind of op, or a norm reading the
-    buffer as its weight or bias)."""
-    if u.kind == "elementwise":
-        return list(u.inputs), u.attrs["expr"]
-    if into_norms and u.kind == "norm" and all(v is None or v.buffer != buffer for v in u.inputs[-2:]):
-        return list(u.inputs[:-2]), u.attrs.get("expr", ("in", 0))
-    return None
-
-
-def _most_inputs(u, shared: bool, norm_x: set[int]) -> int:
-    """The most inputs reader u may have after a splice: what its instruction holds; in the
-    recomputing tier, an elementwise op that a norm reads stays small enough for the norm to
-    absorb it in turn (x_{l+1} = x_l + ..., read by a norm and by the next residual add: the
-    chain stops before a norm would have to wait for it)."""
-    if u.kind == "norm" or (shared and u.outputs[0].buffer in norm_x):
-        return NORM_MAX_INPUTS
-    return MAX_INPUTS
-
-
-def _apply(u, plan) -> None:
-    inputs, expr = plan
-    if u.kind == "norm":
-        inputs = inputs + tuple(u.inputs[-2:])
-    u.inputs, u.attrs["expr"] = inputs, expr
-
-
-def _inline_producers(graph: Graph, shared: bool, into_norms: bool = True) -> int:
-    """Splice each elementwise producer into the ops reading it (elementwise ops, and norms
-    through their x); returns the number of splices. Not `shared`: producers read by one op
-    only (nothing is recomputed). `shared`: small producers (at most DUPLICATE_MAX_ELEMENTS)
-    are recomputed inside each of their readers (a split-K sum read by RoPE's
-    pieces and product costs no stage of its own); when some reader cannot absorb it, the
-    producer stays, and the norms among its readers that can still compute it themselves (a
-    residual add also read by the next residual add: the norm no longer waits for the add).
-    Each reading view must be a window of the producer's output (transfer), the result must fit
-    the reader's instruction, and no op between the producer and the reader may write the
-    producer's inputs (in-place state updates)."""
+def _inline_producers(graph: Graph, shared: bool) -> int:
+    """Splice each elementwise producer into the elementwise ops reading it, when all of them
+    can take it; returns the number of splices. Not `shared`: producers read by one op only
+    (nothing is recomputed). `shared`: small producers (at most DUPLICATE_MAX_ELEMENTS) are
+    recomputed inside each of their readers (a split-K sum read by RoPE's pieces and product
+    costs no stage of its own). Each reading view must be a window of the producer's output
+    (transfer), the result must fit the reader's instruction, and no op between the producer
+    and the reader may write the producer's inputs (in-place state updates)."""
     outputs, readers = graph.output_buffers(), graph.readers()
     position = {id(op): i for i, op in enumerate(graph.ops)}
     writes: dict[int, list[int]] = {}
     for i, op in enumerate(graph.ops):
         for o in op.outputs:
             writes.setdefault(o.buffer, []).append(i)
-    norm_x = {v.buffer for op in graph.ops if op.kind == "norm" for v in op.inputs[:-2]}  # buffers norms read as x
     removed, splices = set(), 0
     sole = sole_writers(graph)
     for p in graph.ops:
@@ -191,21 +149,15 @@ def _inline_producers(graph: Graph, shared: bool, into_norms: bool = True) -> in
             continue
         if (len(users) > 1 and not shared) or (shared and out.numel > DUPLICATE_MAX_ELEMENTS):
             continue
-        plans = {
-            id(u): _plan_inline(u, p, position, writes, _most_inputs(u, shared, norm_x), into_norms) for u in users
-        }
-        if out.buffer not in outputs and all(plan is not None for plan in plans.values()):
-            chosen = users
-            removed.add(id(p))
-        elif shared:  # p stays: only norms recompute it (they wait for it no longer)
-            chosen = [u for u in users if u.kind == "norm" and plans[id(u)] is not None]
-        else:
+        if out.buffer in outputs:
             continue
-        for u in chosen:
-            _apply(u, plans[id(u)])
-            if u.kind == "norm":
-                norm_x.update(v.buffer for v in plans[id(u)][0])
+        plans = {id(u): _plan_inline(u, p, position, writes) for u in users}
+        if any(plan is None for plan in plans.values()):
+            continue
+        for u in users:
+            u.inputs, u.attrs["expr"] = plans[id(u)]
             splices += 1
+        removed.add(id(p))
     graph.ops = [op for op in graph.ops if id(op) not in removed]
     return splices
 
@@ -232,16 +184,15 @@ def transfer_inputs(view: View, p, inputs: list) -> dict[int, int] | None:
     return mapping
 
 
-def _plan_inline(consumer, p, position, writes, most: int, into_norms: bool = True):
-    """(inputs, expr) of `consumer`'s elementwise computation with every read of p's output
-    replaced by p's expression over p's inputs seen through that read's view; None if the
-    consumer cannot absorb p, a view is not a window of p's output, the inputs would not fit
-    an instruction, or an op between p and the consumer writes one of p's inputs."""
-    out = p.outputs[0]
-    absorbing = _absorbing(consumer, out.buffer, into_norms)
-    if absorbing is None:
+def _plan_inline(consumer, p, position, writes):
+    """(inputs, expr) of elementwise op `consumer` with every read of p's output replaced by
+    p's expression over p's inputs seen through that read's view; None if the consumer is no
+    elementwise op, a view is not a window of p's output, the inputs would not fit an
+    instruction, or an op between p and the consumer writes one of p's inputs."""
+    if consumer.kind != "elementwise":
         return None
-    consumer_inputs, consumer_expr = absorbing
+    out = p.outputs[0]
+    consumer_inputs, consumer_expr = list(consumer.inputs), consumer.attrs["expr"]
     if written_between(p, consumer, position, writes):
         return None
     if has_positional(p.attrs["expr"]) or has_positional(consumer_expr):  # built for their own op's indices
@@ -256,7 +207,7 @@ def _plan_inline(consumer, p, position, writes, most: int, into_norms: bool = Tr
         if mapping is None:
             return None
         replaced[i] = reindex(p.attrs["expr"], mapping)
-    if len(inputs) > most or (not inputs and consumer.kind == "norm"):  # a norm's rows come from its inputs
+    if len(inputs) > MAX_INPUTS:
         return None
     return tuple(inputs), _substitute_each(consumer_expr, replaced, keep)
 

@@ -39,7 +39,7 @@ def fuse_norm_into_matmul(graph: Graph) -> Graph:
     outputs, readers = graph.output_buffers(), graph.readers()
     dropped = set()
     for norm in graph.ops:
-        if norm.kind != "norm" or "expr" in norm.attrs:  # x computed by a fused expression (passes/fuse.py)
+        if norm.kind != "norm":
             continue
         h = norm.outputs[0]
         x, w, b = norm.inputs

@@ -13,13 +13,11 @@ from mkcompiler.passes.counters import assign_counters, check_counters
 from mkcompiler.passes.dependencies import build_dag, check_dag
 from mkcompiler.passes.encode import encode
 from mkcompiler.passes.fuse import fuse_elementwise
-from mkcompiler.passes.fuse_matmul_a import fuse_into_matmul_a
 from mkcompiler.passes.fuse_norm import fuse_norm_into_matmul
 from mkcompiler.passes.ranks import add_remote_waits, check_remote_waits, choose_comm_tiles
 from mkcompiler.passes.schedule import Schedule, list_schedule
 from mkcompiler.passes.split_k import split_k
 from mkcompiler.passes.split_kv import split_kv
-from mkcompiler.passes.split_sum import split_sum_into_matmul
 from mkcompiler.passes.tile import choose_tiles
 from mkcompiler.passes.verify import check_dynamic, check_static
 
@@ -60,22 +58,12 @@ PIPELINE = [
     ),
     (
         "fuse_elementwise",
-        lambda c: setattr(c, "graph", fuse_elementwise(c.graph, c.settings.fuse_into_norm)),
-        lambda c: check_single_writer_order(c.graph),
-    ),
-    (
-        "fuse_into_matmul_a",
-        lambda c: setattr(c, "graph", fuse_into_matmul_a(c.graph) if c.settings.fuse_matmul_a else c.graph),
+        lambda c: setattr(c, "graph", fuse_elementwise(c.graph)),
         lambda c: check_single_writer_order(c.graph),
     ),
     (
         "fuse_norm_into_matmul",
         lambda c: setattr(c, "graph", fuse_norm_into_matmul(c.graph) if c.settings.fuse_norm else c.graph),
-        lambda c: check_single_writer_order(c.graph),
-    ),
-    (
-        "split_sum_into_matmul",  # after the fusions: the residual add is in the sum by now
-        lambda c: setattr(c, "graph", split_sum_into_matmul(c.graph, c.settings)),
         lambda c: check_single_writer_order(c.graph),
     ),
     ("choose_tiles", lambda c: setattr(c, "graph", choose_tiles(c.graph, c.settings, c.num_workers)), None),

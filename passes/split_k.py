@@ -66,25 +66,9 @@ def decode_tiling(graph: Graph, settings: Settings, num_workers: int) -> dict[in
                 bn = 128
         tile = matmul_tile(m, max(ns), k, settings, half, bn)
         s = _splits(m, ns, k, settings, num_workers, tile)
-        if s == 1 and bn is None and _wide_pair_fits(m, ns, k, settings, num_workers, half):
-            bn, s = 128, 2
         for op in ops:
             plan[id(op)] = (bn, s)
     return plan
-
-
-def _wide_pair_fits(m: int, ns: list[int], k: int, settings: Settings, num_workers: int, half: bool) -> bool:
-    """With split sums that take RoPE and the cache append (passes/split_sum.py), should a decode
-    group that would not split (Llama-3.1-8B's Q/K/V: 96 tiles of 64 rows x all of K) take
-    BN=128 and two K chunks instead? As many tiles of the same size (128 rows x half of K), and
-    blocks that hold whole heads of up to 128: the RoPE/append stage can move into the
-    projections' last arrivers (its block must hold a head)."""
-    if not (settings.split_sum_in_matmul and settings.split_sum_rope_append):
-        return False
-    if m > DECODE_ROWS or settings.matmul_tile is not None or settings.split_k is not None:
-        return False
-    wide = matmul_tile(m, max(ns), k, settings, half, 128)
-    return 2 * _tile_count(m, ns, wide) <= num_workers and k // max(wide[2], MIN_K_CHUNK) >= 2
 
 
 def split_k(graph: Graph, settings: Settings, num_workers: int) -> Graph:

@@ -1,9 +1,7 @@
 """Split-KV for decode attention: too few (batch, kv head, packed query-block) tiles to occupy
 the workers and a long context. Each tile then covers one chunk of the keys and writes an
 unnormalised partial output plus its running max and sum (fp32); an attention_combine op
-merges the chunks (flash-decoding), or, with Settings.combine_in_attention and all of a kv
-head's query rows in one tile, the last of its chunks to arrive does (a ticket). Runs after
-choose_tiles (it needs the attention tile).
+merges the chunks (flash-decoding). Runs after choose_tiles (it needs the attention tile).
 
 Chunks are a multiple of BN keys; chosen automatically, none is empty (only the last may be short)."""
 
@@ -55,12 +53,6 @@ def split_kv(graph: Graph, settings: Settings, num_workers: int) -> Graph:
         max_and_sum = graph.new_tensor(f"{op.name}_max_sum", (p * b, h, sq, 2), torch.float32)
         op.outputs = (partials, max_and_sum)
         op.attrs["split"] = p
-        if settings.combine_in_attention and op.attrs["group"] * sq <= bm:
-            # One row block holds all of a kv head's query rows: its last chunk to arrive
-            # combines them (a ticket), no combine stage (ops/attention.Attention.combined).
-            op.outputs = (partials, max_and_sum, out)
-            op.attrs["combine"] = True
-            continue
         ops.append(
             OpNode(
                 "attention_combine", (partials, max_and_sum), (out,), {}, name=f"{op.name}_combine", source=op.source

@@ -16,20 +16,17 @@ DECODE_STEP_BYTES = 32 * 1024  # weight bytes per K step of a decode tile (all a
 DECODE_MAX_BK = 256
 
 
-def matmul_tile(
-    m: int, n: int, k: int, settings: Settings, half: bool = True, bn: int | None = None, multiple: int = 1
-):
+def matmul_tile(m: int, n: int, k: int, settings: Settings, half: bool = True, bn: int | None = None):
     """(BM, BN, BK) of a matmul. Decode (m <= DECODE_ROWS): BN is 64 unless decode_tiling chose
     128 for the op's sibling group; BK keeps DECODE_STEP_BYTES of weights per step (a 256-deep
-    block at BN=64 in bf16 runs near HBM rate per SM; fp32 dots, on FMA units, get half).
-    BN is at least `multiple` (a power of two: a split-K sum's chunk, passes/split_sum.py)."""
+    block at BN=64 in bf16 runs near HBM rate per SM; fp32 dots, on FMA units, get half)."""
     if settings.matmul_tile is not None:
         return tuple(settings.matmul_tile)
     bm = min(64, max(16, next_pow2(m)))
     if m > DECODE_ROWS:
         bn = min(128 if m > 64 else 64, max(16, next_pow2(n)))  # large M (prefill): fewer, wider tiles
-        return (bm, max(bn, multiple), min(64, max(16, next_pow2(k))))
-    bn = max(min(bn or 64, max(16, next_pow2(n))), multiple)
+        return (bm, bn, min(64, max(16, next_pow2(k))))
+    bn = min(bn or 64, max(16, next_pow2(n)))
     bk = min(DECODE_STEP_BYTES // (bn * (2 if half else 4)), DECODE_MAX_BK)
     return (bm, bn, min(bk, max(16, next_pow2(k))))
 
@@ -66,16 +63,8 @@ def choose_tiles(graph: Graph, settings: Settings, num_workers: int = 1) -> Grap
             op.attrs["dot"] = dot_config(a_dtype, b.dtype, settings)
             half = op.attrs["dot"][0] in (torch.bfloat16, torch.float16)
             # split_k may have chosen a decode BN for the op's sibling group (split_k.decode_tiling)
-            multiple = op.attrs.get("bn_multiple", 1)
-            op.attrs["tile"] = matmul_tile(
-                a.shape[0], b.shape[1], a.shape[1], settings, half, op.attrs.get("bn"), multiple
-            )
-            assert op.attrs["tile"][1] % multiple == 0, (
-                f"{op.name}: BN {op.attrs['tile'][1]} splits a chunk of {multiple}"
-            )
+            op.attrs["tile"] = matmul_tile(a.shape[0], b.shape[1], a.shape[1], settings, half, op.attrs.get("bn"))
             op.attrs["group_rows"] = max(1, settings.matmul_group_rows)  # queue order of its tiles
-            op.attrs["tma"] = settings.matmul_tma  # where the tile allows it (Matmul.tma)
-            op.attrs["b_tma"] = settings.decode_weights_tma  # decode tiles' weights (Matmul.key)
         elif op.kind == "attention":
             q, k = op.inputs[0], op.inputs[1]
             # A tile's rows are the packed rows of the query heads sharing one kv head (group x

@@ -10,10 +10,8 @@ import torch.utils._pytree as pytree
 import mkcompiler
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
-# The stage-removing options (benchmarks/decode_stages.py): split sums with RoPE and the cache
-# append in Q/K/V's last arrivers, silu(gate) * up in down's A loads, the split-KV combine in
-# attention; two splits forced (small test models' K is too short for split_k to choose any).
-FOLDED = dict(split_sum_in_matmul=True, fuse_matmul_a=True, combine_in_attention=True, split_k=2)
+# Two splits forced (small test models' K is too short for split_k to choose any).
+FOLDED = dict(split_k=2)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -12,9 +12,9 @@ sys.path.insert(0, str(ROOT))  # benchmarks/ and examples/ are not installed pac
 
 
 def test_stage_removing_options_shorten_the_chain(capsys):
-    fewer = "split_k=2 split_kv=2 split_sum_in_matmul=True fuse_matmul_a=True combine_in_attention=True"
+    fewer = "split_k=2 split_kv=2"  # norms folded into the matmuls (fuse_norm, a default)
     ds = load_benchmark("decode_stages")
-    assert ds.main(["--model", "tiny", "--ctx", "40", "--workers", "8", "--variant", "split_k=2 split_kv=2",
+    assert ds.main(["--model", "tiny", "--ctx", "40", "--workers", "8", "--variant", "split_k=2 split_kv=2 fuse_norm=False",
                     "--variant", fewer]) == 0  # fmt: skip
     rows = re.findall(r"^\| (.+?) \| (\d+) \| (\d+) \| ([\d.]+) \|$", capsys.readouterr().out, re.M)
     (_, _, base, _), (name, _, shorter, _) = rows

@@ -158,9 +158,7 @@ def test_gpu_profile_stamps_every_instruction():
     assert rel_err(prof.outputs, reference(model, [x])) <= 1e-4
 
 
-@pytest.mark.parametrize(
-    "options", [{}, FOLDED, dict(FOLDED, decode_weights_tma=True)], ids=["defaults", "folded", "folded-tma"]
-)
+@pytest.mark.parametrize("options", [{}, FOLDED], ids=["defaults", "folded"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_llama_decode_matches_eager_on_the_gpu(dtype, options):
     """A small Llama's decode steps on the real kernel (one worker per SM: split-K matvecs,
@@ -178,8 +176,6 @@ def test_llama_decode_matches_eager_on_the_gpu(dtype, options):
             getattr(rlayer.attn, name).copy_(t)
     tok = torch.randint(0, 1000, (1, 1), device="cuda")
     mk = mkcompiler.compile(model, (tok, torch.tensor([600], device="cuda")), **options)
-    if options:
-        assert any("epilogue_scatter" in op.attrs for op in mk.graph.ops), "no Q/K/V appends to the cache"
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for step in range(3):
         pos = torch.tensor([600 + step], device="cuda")
@@ -227,18 +223,24 @@ def test_mixed_step_matches_eager_on_the_gpu():
 
 
 def test_many_waits_are_polled_together_and_bounded():
-    """Consumers of split-K matmuls that sum their own blocks (split_sum_in_matmul) wait for one
-    counter per block: more than three wait rows take kernel_lib.wait_many (one row per thread).
-    Right results; a dropped signal among many rows still ends in an error, and the next call
-    is right."""
+    """A small Llama's decode step has instructions waiting on more than three counters: they
+    take kernel_lib.wait_many (one row per thread). Right results; a dropped signal among many
+    rows still ends in an error, and the next call is right."""
+    import copy
+
+    from examples.llama import random_llama
+
     torch.manual_seed(0)
-    model = TransformerMLP(dim=2048, hidden=8192, layers=2).cuda().to(torch.bfloat16)
-    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
-    mk = mkcompiler.compile(model, (x,), split_sum_in_matmul=True, max_spin=1 << 14)
+    model = random_llama("tiny", dtype=torch.bfloat16, device="cuda", max_seq_len=64)
+    eager = copy.deepcopy(model)
+    tok, pos = torch.randint(0, 256, (1, 1), device="cuda"), torch.tensor([40], device="cuda")
+    mk = mkcompiler.compile(model, (tok, pos), max_spin=1 << 14)
     q = mk.queue
     many = [i for i in range(len(q)) if len(q.waits_of(i)) > 3]
     assert many, "no instruction waits on more than three counters"
-    assert rel_err(mk(x), reference(model, [x])) <= 2e-2
+    with torch.no_grad():
+        want = eager(tok, pos)
+    assert rel_err(mk(tok, pos), want) <= 3e-2
     good = q.rows.copy()
     last_row = q.waits_of(many[0])[-1][0]  # the last of its rows: only wait_many's own polls see it
     victim = next(i for i in range(len(q)) if q.rows[i, Field.SIGNAL] == last_row)
@@ -246,35 +248,11 @@ def test_many_waits_are_polled_together_and_bounded():
     mk.upload_queue(check=False)
     t0 = time.perf_counter()
     with pytest.raises(mkcompiler.MegakernelError, match="instruction|counter"):
-        mk(x)
+        mk(tok, pos)
     assert time.perf_counter() - t0 < 1.0
     q.rows[:] = good
     mk.upload_queue()
-    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
-    assert rel_err(mk(x), reference(model, [x])) <= 2e-2
-
-
-@pytest.mark.parametrize("tile", [None, (128, 128, 64)], ids=["default-tile", "128x128x64"])
-def test_tma_matmul_tiles_match_eager_on_the_gpu(tile):
-    """Settings.matmul_tma: prefill-sized matmul tiles load through TMA descriptors made on the
-    device (an MLP of 512 rows, then a small Llama's prefill), twice with fresh inputs."""
-    from examples.llama import random_llama
-
-    torch.manual_seed(0)
-    model = TransformerMLP(dim=1024, hidden=4096, layers=2).cuda().to(torch.bfloat16)
-    mk = mkcompiler.compile(model, (torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16),), matmul_tma=True,
-                            matmul_tile=tile)  # fmt: skip
-    assert mk._makes_descriptors
-    for _ in range(2):
-        x = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16)
-        mk.poison()
-        assert rel_err(mk(x), reference(model, [x])) <= 2e-2
-    shape = dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, hidden=512, vocab_size=1000, max_seq_len=512)
-    llama = random_llama("tiny", dtype=torch.bfloat16, device="cuda", **shape)
-    ref = random_llama("tiny", dtype=torch.bfloat16, device="cuda", **shape)
-    tok = torch.randint(0, 1000, (1, 256), device="cuda")
-    pos = torch.arange(256, device="cuda")
-    pre = mkcompiler.compile(llama, (tok, pos), matmul_tma=True, matmul_tile=tile)
-    pre.poison()
+    tok = torch.randint(0, 256, (1, 1), device="cuda")
     with torch.no_grad():
-        assert rel_err(pre(tok, pos), ref(tok, pos)) <= 3e-2
+        want = eager(tok, pos)
+    assert rel_err(mk(tok, pos), want) <= 3e-2

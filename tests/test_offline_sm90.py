@@ -70,9 +70,7 @@ def test_mlp_block_compiles_for_sm90_without_spills(tmp_path):
 def llama_sources() -> dict[str, str]:
     """GPU-style sources of a tiny bf16 Llama: prefill (causal attention, prefill tiles) and the
     on-device greedy step (decode attention, KV-cache scatter, argmax, state write-backs), also
-    with every stage-removing option (tests/helpers.FOLDED: Q/K/V's split sums do RoPE and the
-    cache append, the split-KV chunks combine in attention: code the interpreter runs but does
-    not type-check as the compiler does) and the decode weights through TMA descriptors."""
+    with every stage-removing option (tests/helpers.FOLDED)."""
     from examples.llama import GreedyLoop, random_llama
 
     model = random_llama("tiny", dtype=torch.bfloat16, max_seq_len=1024)  # long enough for split-KV
@@ -81,14 +79,11 @@ def llama_sources() -> dict[str, str]:
         tokens = torch.randint(0, 256, (1, 128))
         prefill = mkcompiler.compile(model, (tokens, torch.arange(128)), num_workers=132)
         loop = mkcompiler.compile(GreedyLoop(model, 1, 8), (), num_workers=132)
-        folded = mkcompiler.compile(GreedyLoop(model, 1, 8), (), num_workers=132, decode_weights_tma=True, **FOLDED)
-    assert "combine_head(" in folded.source and "combine_head(" not in loop.source
-    assert any("epilogue_scatter" in op.attrs for op in folded.graph.ops)  # Q/K/V append to the cache
-    assert folded._makes_descriptors  # and their weights come through TMA (decode_weights_tma)
+        folded = mkcompiler.compile(GreedyLoop(model, 1, 8), (), num_workers=132, **FOLDED)
     return {
         "prefill": prefill.source,
         "greedy step": loop.source,
-        "greedy step, folded stages, TMA weights": folded.source,
+        "greedy step, folded stages": folded.source,
     }
 
 
@@ -142,24 +137,3 @@ def test_profile_and_wait_variants_compile_for_sm90():
         assert r["ptx_lines"] != reports["plain"]["ptx_lines"]
     many = reports["acquire waits, many rows"]  # wait_many only where asked for: more code there
     assert many["spilled_bytes"] == 0 and many["ptx_lines"] > reports["acquire waits"]["ptx_lines"], format_report(many)
-
-
-def test_tma_matmul_tiles_compile_to_bulk_copies(tmp_path):
-    """Settings.matmul_tma on a prefill-shaped MLP (512 rows, bf16) as a GPU would run it: the
-    tiles build their descriptors on the device (tensormap.replace), fence the async proxy after
-    the wait, load through TMA (cp.async.bulk.tensor) into wgmma; no spills, also at the wider
-    (128, 128, 64) tile that spills 48 B with pointer loads (RESULTS.md, session 7)."""
-    model = TransformerMLP(dim=512, hidden=1024, layers=1).to(torch.bfloat16)
-    x = torch.randn(512, 512, dtype=torch.bfloat16)
-    for shape in [None, (128, 128, 64)]:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(tile, "interpreting", lambda: False)
-            mk = mkcompiler.compile(model, (x,), num_workers=132, matmul_tma=True, matmul_tile=shape, cache=False)
-        assert "matmul_tile_tma(" in mk.source and "True)" in mk.source  # PROXY_FENCE on a GPU's source
-        dump = tmp_path / f"dump{shape is not None}"
-        line = cli_report(mk.source, tmp_path, "--dump", str(dump))
-        ptx = next(dump.glob("*.ptx")).read_text()
-        for needle in ("cp.async.bulk.tensor", "tensormap.replace", "fence.proxy.async.global", "wgmma.mma_async"):
-            assert needle in ptx, (needle, line)
-        m = re.match(r"sm_90: (\d+) regs/thread, (\d+) B spilled", line)
-        assert m and int(m.group(2)) == 0, line
