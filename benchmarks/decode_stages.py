@@ -33,7 +33,7 @@ def gpu_faithful():
     """Patches making a CPU compile build the GPU's graph and tiles."""
     import mkcompiler.passes.tile as tile
 
-    import mkcompiler.capture as capture
+    import mkcompiler.frontend.capture as capture
 
     table = capture._decompositions
 

@@ -93,7 +93,7 @@ def main() -> None:
     a = p.parse_args()
     if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("gluon_stream_bw.py needs a CUDA GPU (Hopper, sm_90): nothing to measure here")
-    from mkcompiler import gluon_stream as gs
+    from mkcompiler.backends.gluon import stream as gs
 
     if not gs.HAVE_GLUON:
         sys.exit("triton.experimental.gluon is not importable (needs Triton 3.6)")

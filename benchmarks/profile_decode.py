@@ -23,7 +23,7 @@ from decode_latency import compile_options  # noqa: E402  (this directory: run a
 
 import mkcompiler  # noqa: E402
 from examples.llama import random_llama  # noqa: E402
-from mkcompiler.layout import Field  # noqa: E402
+from mkcompiler.ir.layout import Field  # noqa: E402
 
 
 def main() -> None:
@@ -58,7 +58,7 @@ def main() -> None:
         kinds=np.array(kinds),
         descs=np.array(q.descs),
     )
-    print(prof.summary())  # per op kind, per SM, idle gaps (mkcompiler/profiling.py)
+    print(prof.summary())  # per op kind, per SM, idle gaps (mkcompiler/tools/profiling.py)
     span = prof.span() / 1e3  # us
     kernel = triton.testing.do_bench(mk.launch, warmup=20, rep=200, return_mode="median")
     call = triton.testing.do_bench(lambda: mk(tok, pos), warmup=20, rep=200, return_mode="median")

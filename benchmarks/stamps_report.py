@@ -59,9 +59,9 @@ def gantt(path: str, png: str, opts: dict, title: str, ctx: int) -> None:
     import mkcompiler.passes.tile as tile
 
     import mkcompiler
-    import mkcompiler.capture as capture
+    import mkcompiler.frontend.capture as capture
     from examples.llama import random_llama
-    from mkcompiler.profiling import Profile
+    from mkcompiler.tools.profiling import Profile
 
     decomps = capture._decompositions
 

@@ -320,7 +320,7 @@ def max_seq_len(ctx: int, tokens: int) -> int:
 
 
 def kv_heads_per_rank(n_kv: int, tp: int) -> int:
-    return n_kv // tp if n_kv % tp == 0 else 1  # more ranks than kv heads: replicated (mkcompiler.tp, the peer)
+    return n_kv // tp if n_kv % tp == 0 else 1  # more ranks than kv heads: replicated (mkcompiler.tp.plan, the peer)
 
 
 def memory_estimate(
@@ -587,7 +587,7 @@ class MkHandle:
     check (read the error record), first() (rank 0's outputs, do all ranks agree)."""
 
     def __init__(self, ranks, model, inputs, opts: dict, exchange: bool = False):
-        from mkcompiler import tp
+        from mkcompiler.tp import plan as tp
 
         self.ranks, self.inputs = ranks, inputs
         plan = tp.default_plan(model, exchange=exchange)
@@ -598,7 +598,7 @@ class MkHandle:
             self.info = {"instructions": len(self.mk.queue), "workers": self.mk.num_workers}
             self.info["timings"] = {k: round(v, 3) for k, v in self.mk.timings.items()}
         else:  # every rank in this process, the Triton interpreter
-            from mkcompiler.tp_runtime import compile_world
+            from mkcompiler.tp.runtime import compile_world
 
             opts = {"num_workers": 2, "max_spin": 200_000, **opts}
             self.mk = compile_world(tp.shard_ranks(model, ranks.tp, plan), inputs, each_rank=False, **opts)

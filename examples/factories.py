@@ -17,7 +17,7 @@ import torch
 
 import mkcompiler  # noqa: F401  (chooses the interpreter on CPU-only machines before any kernel is defined)
 from examples.llama import random_llama
-from mkcompiler.demo import TinyTransformerMLP
+from mkcompiler.tools.demo import TinyTransformerMLP
 
 
 def device() -> str:
@@ -50,7 +50,7 @@ def transformer_block(pos: int = 8):
 
 
 def mlp():
-    """Two pre-norm SwiGLU MLP blocks (mkcompiler/demo.py), 4 rows of 64, fp32."""
+    """Two pre-norm SwiGLU MLP blocks (mkcompiler/tools/demo.py), 4 rows of 64, fp32."""
     dev = device()
     torch.manual_seed(0)
     model = TinyTransformerMLP(dim=64, hidden=128, layers=2).to(dev)

@@ -18,9 +18,9 @@ import time
 import torch
 
 import mkcompiler  # before transformers: without a GPU, Triton must see TRITON_INTERPRET first
-from mkcompiler.hf import FAMILIES, StaticCacheLM, greedy, random_model
+from mkcompiler.frontend.hf import FAMILIES, StaticCacheLM, greedy, random_model
 
-# Model shapes (random weights): config overrides of mkcompiler.hf.TINY.
+# Model shapes (random weights): config overrides of mkcompiler.frontend.hf.TINY.
 SIZES = {
     "tiny": {},
     "llama-3.2-1b": dict(

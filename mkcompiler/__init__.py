@@ -25,13 +25,13 @@ def _default_interpret() -> None:
 
 _default_interpret()
 if _os.environ.get("TRITON_INTERPRET") == "1":
-    from mkcompiler import interp_patches as _interp_patches
+    from mkcompiler.backends.triton import interp_patches as _interp_patches
 
     _interp_patches.install()
 
 from mkcompiler.api import compile  # noqa: E402
 from mkcompiler.errors import InputError, MegakernelError, UnsupportedOpError  # noqa: E402
-from mkcompiler.runtime import Megakernel  # noqa: E402
-from mkcompiler.settings import Settings  # noqa: E402
+from mkcompiler.ir.settings import Settings  # noqa: E402
+from mkcompiler.runtime.megakernel import Megakernel  # noqa: E402
 
 __all__ = ["compile", "Megakernel", "MegakernelError", "UnsupportedOpError", "InputError", "Settings"]

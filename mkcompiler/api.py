@@ -8,16 +8,16 @@ import time
 
 import torch
 
-from mkcompiler import cache
-from mkcompiler.capture import capture
-from mkcompiler.codegen import generate
-from mkcompiler.codegen_tp import is_tensor_parallel
+from mkcompiler.backends.triton.codegen import generate
+from mkcompiler.backends.triton.codegen_tp import is_tensor_parallel
 from mkcompiler.errors import UnsupportedOpError
-from mkcompiler.fallback import SegmentedModel, compile_with_fallback
+from mkcompiler.frontend.capture import capture
+from mkcompiler.ir.settings import Settings
 from mkcompiler.passes.pipeline import run_pipeline
-from mkcompiler.progress import Progress
-from mkcompiler.runtime import Megakernel, check_num_workers
-from mkcompiler.settings import Settings
+from mkcompiler.runtime.fallback import SegmentedModel, compile_with_fallback
+from mkcompiler.runtime.megakernel import Megakernel, check_num_workers
+from mkcompiler.tools import cache
+from mkcompiler.tools.progress import Progress
 
 INTERPRETER_WORKERS = 4
 
@@ -40,8 +40,8 @@ def compile(model: torch.nn.Module, example_inputs, **options) -> Megakernel | S
     make = Megakernel
     if tensor_parallel not in (None, 1):
         # This process's rank of a torch.distributed group (torchrun): its shard, and a megakernel
-        # whose shared buffers live in symmetric memory (mkcompiler/tp_runtime.py).
-        from mkcompiler import tp_runtime
+        # whose shared buffers live in symmetric memory (mkcompiler/tp/runtime.py).
+        from mkcompiler.tp import runtime as tp_runtime
 
         if options.get("fallback", "error") != "error":
             raise NotImplementedError("tensor_parallel with fallback='eager' is not supported")
@@ -92,7 +92,7 @@ def compile(model: torch.nn.Module, example_inputs, **options) -> Megakernel | S
 
 
 def _compile(model, example_inputs, options, settings, num_workers, device, interpret, progress, make=Megakernel):
-    """Capture, passes, kernel; with settings.cache, the cache (mkcompiler/cache.py) may skip the
+    """Capture, passes, kernel; with settings.cache, the cache (mkcompiler/tools/cache.py) may skip the
     passes (graph key) or capture and passes (model key). `make` builds the Megakernel."""
     timings: dict[str, float] = {}
     use_cache = settings.cache
@@ -153,9 +153,9 @@ def _compile(model, example_inputs, options, settings, num_workers, device, inte
             f.write(source)
     if make is Megakernel and is_tensor_parallel(comp.queue):
         raise NotImplementedError(
-            "the model has tensor-parallel communication ops (a shard from mkcompiler.tp): its kernel reads peer "
+            "the model has tensor-parallel communication ops (a shard from mkcompiler.tp.plan): its kernel reads peer "
             "ranks' memory. Compile the whole model with tensor_parallel=N in every process of a torchrun group, "
-            "or run the shards together with mkcompiler.tp.compile_tp (reference VM) or "
-            "mkcompiler.tp_runtime.compile_world (interpreter)"
+            "or run the shards together with mkcompiler.tp.plan.compile_tp (reference VM) or "
+            "mkcompiler.tp.runtime.compile_world (interpreter)"
         )
     return make(comp, source, device, interpret)

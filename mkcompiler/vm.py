@@ -10,7 +10,7 @@ worker can move and work remains, that is a deadlock: `VMDeadlock` says who wait
 Tensor parallelism: `run_ranks` runs the queues of several ranks in one process, each with its
 own counters and queue head, interleaving all their workers; waits on another rank's counters
 (communication tiles, passes/ranks.py) read that rank's counters. `VMProgram` holds one rank's
-memory for programs no kernel runs (mkcompiler/tp.py).
+memory for programs no kernel runs (mkcompiler/tp/plan.py).
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
-from mkcompiler.ir import BufferKind, View
-from mkcompiler.layout import Field
-from mkcompiler.queue import Queue
+from mkcompiler.errors import check_input
+from mkcompiler.ir.graph import BufferKind, View
+from mkcompiler.ir.layout import Field
+from mkcompiler.ir.queue import Queue
 
 
 class VMDeadlock(RuntimeError):
@@ -305,8 +306,6 @@ class VMProgram:
         return self.compilation.dag
 
     def bind(self, inputs) -> None:
-        from mkcompiler.runtime import check_input
-
         flat = pytree.tree_leaves(tuple(inputs))
         expected = self.graph.inputs
         if len(flat) != len(expected):

@@ -33,7 +33,7 @@ from mkcompiler.ops.base import (
 from mkcompiler.ops.common import aligned_stride, arg, view_base, view_base_aligned, view_size, view_stride
 from mkcompiler.ops.registry import family, lowers
 
-from mkcompiler.ir import View
+from mkcompiler.ir.graph import View
 
 aten = torch.ops.aten
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mkcompiler.ir import OpNode, View
+from mkcompiler.ir.graph import OpNode, View
 
 # Region of one buffer: sorted, disjoint half-open element intervals.
 Intervals = tuple[tuple[int, int], ...]

@@ -2,7 +2,7 @@
 
 The ops are torch custom ops, `mkcompiler::all_reduce(Tensor x, int world) -> Tensor`,
 `mkcompiler::all_gather(Tensor x, int dim, int world) -> Tensor` and
-`mkcompiler::all_to_all(Tensor x, int world) -> Tensor`, which mkcompiler.tp puts after
+`mkcompiler::all_to_all(Tensor x, int world) -> Tensor`, which mkcompiler.tp.plan puts after
 row-parallel and vocab-parallel Linears and around exchanged ones (tp.ExchangeParallel).
 torch.export records them as single nodes (their fake implementations give the shapes); here
 they lower to the op families below.
@@ -19,7 +19,7 @@ producing what it reads there (the same tasks as its local predecessors).
 
 GPU (and the interpreter): the tile routines below read a peer's buffer through the rank's
 table of peer addresses (the kernel's `tp_ptr`, layout.TPField: buffer b of rank k at
-PEER_ADDRS + k * N_BUFFERS + b; symmetric memory on GPUs, mkcompiler/tp_runtime.py), with
+PEER_ADDRS + k * N_BUFFERS + b; symmetric memory on GPUs, mkcompiler/tp/runtime.py), with
 the same view ids as locally. Their remote waits are in the dispatcher (kernel_tp.wait_all_tp).
 
 Eager (outside mkcompiler): with a torch.distributed process group of `world` ranks the ops run
@@ -48,7 +48,7 @@ from mkcompiler.ops.common import ARG0, arg, load_view_through, store_view, view
 from mkcompiler.ops.elementwise import FLOAT_DTYPES
 from mkcompiler.ops.registry import family, lowers
 
-from mkcompiler.layout import MAX_WORLD, NUM_ARGS, TPField
+from mkcompiler.ir.layout import MAX_WORLD, NUM_ARGS, TPField
 
 PEER_BYTES_PER_NS = 4.0  # NVLink bytes/ns per SM (H100: ~450 GB/s a direction over 132 SMs), cost model only
 DEFAULT_BLOCK = 1024  # elements per tile when passes/ranks.choose_comm_tiles has not chosen
@@ -64,7 +64,7 @@ def _no_group(name: str, world: int):
     return RuntimeError(
         f"mkcompiler::{name} ran eagerly without a torch.distributed process group of {world} ranks "
         f"(found {_process_group_size()}). A tensor-parallel shard computes its rank's part only: run it "
-        "under torchrun with an initialised process group, or simulate every rank with mkcompiler.tp.run_tp."
+        "under torchrun with an initialised process group, or simulate every rank with mkcompiler.tp.plan.run_tp."
     )
 
 

@@ -7,8 +7,8 @@ comes from the address table, so one routine serves every layer's tensors.
 import triton
 import triton.language as tl
 
-from mkcompiler.layout import MAX_RANK, NUM_VIEW_FIELDS, Field, ViewField
-from mkcompiler.layout import PRELOADED_ARGS as LAYOUT_PRELOADED_ARGS
+from mkcompiler.ir.layout import MAX_RANK, NUM_VIEW_FIELDS, Field, ViewField
+from mkcompiler.ir.layout import PRELOADED_ARGS as LAYOUT_PRELOADED_ARGS
 
 ARG0: tl.constexpr = tl.constexpr(int(Field.ARG0))
 PRELOADED_ARGS: tl.constexpr = tl.constexpr(LAYOUT_PRELOADED_ARGS)

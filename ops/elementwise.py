@@ -40,8 +40,8 @@ from mkcompiler.ops.base import (
 )
 from mkcompiler.ops.registry import family, lowers
 
-from mkcompiler.ir import View
-from mkcompiler.layout import MAX_RANK
+from mkcompiler.ir.graph import View
+from mkcompiler.ir.layout import MAX_RANK
 
 aten = torch.ops.aten
 

@@ -30,10 +30,10 @@ from mkcompiler.ops.base import (
     whole,
 )
 from mkcompiler.ops.common import aligned_stride, arg, view_base, view_base_aligned, view_size, view_stride
+from mkcompiler.ops.kernel_lib import wait_in_tile
 from mkcompiler.ops.registry import family, lowers
 
-from mkcompiler.ir import View
-from mkcompiler.kernel_lib import wait_in_tile
+from mkcompiler.ir.graph import View
 
 aten = torch.ops.aten
 

@@ -18,7 +18,7 @@ import torch
 from mkcompiler.ops.base import OpFamily, bytes_cost, flat_flags, linear_access, tl_dtype, whole
 from mkcompiler.ops.registry import family, lowers
 
-from mkcompiler.ir import View
+from mkcompiler.ir.graph import View
 
 aten = torch.ops.aten
 TILE_ELEMENTS = 4096  # elements of `values` per tile (whole rows)

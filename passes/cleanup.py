@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mkcompiler.ir import BufferKind, Graph, View
+from mkcompiler.ir.graph import BufferKind, Graph, View
 
 
 def eliminate_dead_ops(graph: Graph) -> Graph:

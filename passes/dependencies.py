@@ -31,7 +31,7 @@ import networkx as nx
 import numpy as np
 from mkcompiler.ops.registry import FAMILIES
 
-from mkcompiler.ir import Graph
+from mkcompiler.ir.graph import Graph
 
 BUFFER_SHIFT = 40  # intervals of buffer b live at b << 40 + offset: one address space for all buffers
 PAIRS_PER_CHUNK = 1 << 22  # interval pairs materialised at once (bounds memory)

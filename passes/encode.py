@@ -15,9 +15,18 @@ import numpy as np
 from mkcompiler.ops.registry import FAMILIES
 from mkcompiler.passes.schedule import Schedule
 
-from mkcompiler.ir import Graph, View
-from mkcompiler.layout import LOCAL, MAX_RANK, NUM_ARGS, NUM_FIELDS, NUM_VIEW_FIELDS, NUM_WAIT_FIELDS, Field, ViewField
-from mkcompiler.queue import Queue
+from mkcompiler.ir.graph import Graph, View
+from mkcompiler.ir.layout import (
+    LOCAL,
+    MAX_RANK,
+    NUM_ARGS,
+    NUM_FIELDS,
+    NUM_VIEW_FIELDS,
+    NUM_WAIT_FIELDS,
+    Field,
+    ViewField,
+)
+from mkcompiler.ir.queue import Queue
 
 
 def opcode_name(key: tuple) -> str:

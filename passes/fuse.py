@@ -27,8 +27,8 @@ import torch
 from mkcompiler.ops.elementwise import group_windows, has_positional, slot_windows
 from mkcompiler.ops.scatter import tail_size
 
-from mkcompiler.ir import Graph, View, contiguous_strides
-from mkcompiler.layout import NUM_ARGS
+from mkcompiler.ir.graph import Graph, View, contiguous_strides
+from mkcompiler.ir.layout import NUM_ARGS
 
 MAX_INPUTS = NUM_ARGS - 3  # instruction args: output view, the inputs, first block, block count
 

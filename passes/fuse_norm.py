@@ -26,7 +26,7 @@ How the tile does it (Matmul.norm_in_loop decides, per matmul):
 
 from __future__ import annotations
 
-from mkcompiler.ir import Graph, View
+from mkcompiler.ir.graph import Graph, View
 
 MAX_ROWS = 16
 

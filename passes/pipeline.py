@@ -21,9 +21,9 @@ from mkcompiler.passes.split_kv import split_kv
 from mkcompiler.passes.tile import choose_tiles
 from mkcompiler.passes.verify import check_dynamic, check_static
 
-from mkcompiler.ir import Graph
-from mkcompiler.queue import Queue
-from mkcompiler.settings import Settings
+from mkcompiler.ir.graph import Graph
+from mkcompiler.ir.queue import Queue
+from mkcompiler.ir.settings import Settings
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Compilation:
     schedule: Schedule | None = None
     queue: Queue | None = None
     timings: dict[str, float] = field(default_factory=dict)
-    cache: str = "off"  # the on-disk cache (mkcompiler/cache.py): "off", "miss", "hit" (no capture), "graph hit"
+    cache: str = "off"  # the on-disk cache (mkcompiler/tools/cache.py): "off", "miss", "hit" (no capture), "graph hit"
 
 
 def _verify(c: Compilation) -> None:

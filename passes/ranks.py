@@ -2,7 +2,7 @@
 
 Every rank of a tensor-parallel group runs the same program on its own shard: the ranks' op
 graphs, DAGs, counters and queues are identical (same shapes, same passes), only the tensors
-differ (mkcompiler.tp asserts it). A communication tile (a family with `peer_access`,
+differ (mkcompiler.tp.plan asserts it). A communication tile (a family with `peer_access`,
 ops/comm.py) reads its input on the ranks `peer_ranks(op, coords)`; on each such rank k it
 must wait for k's tiles producing what it reads there. Those are k's copies of the tile's own
 local predecessors, which signal the same counter groups on k: the tile waits, for each rank
@@ -28,8 +28,8 @@ import networkx as nx
 from mkcompiler.ops.registry import FAMILIES
 from mkcompiler.passes.tile import elementwise_block
 
-from mkcompiler.ir import Graph
-from mkcompiler.settings import Settings
+from mkcompiler.ir.graph import Graph
+from mkcompiler.ir.settings import Settings
 
 
 def communication_ops(graph: Graph) -> list[int]:

@@ -16,8 +16,8 @@ from mkcompiler.ops.base import cdiv
 from mkcompiler.ops.matmul import DECODE_ROWS
 from mkcompiler.passes.tile import dot_config, matmul_tile
 
-from mkcompiler.ir import Graph, OpNode, View
-from mkcompiler.settings import Settings
+from mkcompiler.ir.graph import Graph, OpNode, View
+from mkcompiler.ir.settings import Settings
 
 MAX_SPLITS = 6  # the sum's inputs (S partials + bias) must fit an instruction (fuse.MAX_INPUTS)
 MIN_K_CHUNK = 512  # at least this many K per chunk, or splitting costs more than it saves

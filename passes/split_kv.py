@@ -11,8 +11,8 @@ import torch
 from mkcompiler.ops.attention import kv_chunk
 from mkcompiler.ops.base import cdiv
 
-from mkcompiler.ir import Graph, OpNode
-from mkcompiler.settings import Settings
+from mkcompiler.ir.graph import Graph, OpNode
+from mkcompiler.ir.settings import Settings
 
 MAX_SPLITS = 16
 MIN_KEYS_PER_SPLIT = 128  # shorter chunks cost more in merging than they save

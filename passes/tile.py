@@ -8,8 +8,8 @@ import torch
 from mkcompiler.ops.base import next_pow2
 from mkcompiler.ops.matmul import DECODE_ROWS
 
-from mkcompiler.ir import Graph
-from mkcompiler.settings import Settings
+from mkcompiler.ir.graph import Graph
+from mkcompiler.ir.settings import Settings
 
 DECODE_STEP_BYTES = 32 * 1024  # weight bytes per K step of a decode tile (all a worker has in flight)
 # Deepest decode K block: BN=32 tiles at 512 (DECODE_STEP_BYTES) spilled 652 B with a folded norm.

@@ -79,7 +79,7 @@ def check_queue(queue, static: bool) -> None:
     """Check an encoded (possibly hand-edited) queue before launch: every wait is met exactly
     by the signals the queue holds, signals come earlier in the queue than their waiters
     (dynamic fetch), and the static lists hold every instruction once with no cycle of waits."""
-    from mkcompiler.layout import Field
+    from mkcompiler.ir.layout import Field
 
     signal = queue.rows[:, Field.SIGNAL]
     signallers: dict[int, list[int]] = {}

@@ -5,7 +5,7 @@ import os
 import tempfile
 
 os.environ.setdefault("MKCOMPILER_DEBUG", "1")  # every pass runs its invariant check
-# Compile cache (mkcompiler/cache.py) and generated kernels in a directory of this test session:
+# Compile cache (mkcompiler/tools/cache.py) and generated kernels in a directory of this test session:
 # tests never read entries an earlier run (or other code) left behind.
 os.environ.setdefault("MKCOMPILER_CACHE", tempfile.mkdtemp(prefix="mkcompiler-tests-"))
 

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from mkcompiler.passes.counters import assign_counters
 from mkcompiler.passes.schedule import Schedule, list_schedule
 
-from mkcompiler.layout import LOCAL, NUM_FIELDS, NUM_VIEW_FIELDS, NUM_WAIT_FIELDS, Field
-from mkcompiler.queue import Queue
+from mkcompiler.ir.layout import LOCAL, NUM_FIELDS, NUM_VIEW_FIELDS, NUM_WAIT_FIELDS, Field
+from mkcompiler.ir.queue import Queue
 
 MAX_NODES = 40
 

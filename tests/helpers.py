@@ -66,7 +66,7 @@ def check_kernel_and_vm(mk, model, args, tol: float, vm_tol: float = 1e-5) -> No
 def keep_rms_norm_whole(monkeypatch) -> None:
     """On the CPU nn.RMSNorm decomposes (pow, mean, rsqrt, mul): keep aten.rms_norm whole so it
     lowers to a norm op, as nn.RMSNorm's _fused_rms_norm does on a GPU."""
-    from mkcompiler import capture
+    from mkcompiler.frontend import capture
 
     table = capture._decompositions
 

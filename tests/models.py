@@ -2,7 +2,7 @@
 
 import torch
 
-from mkcompiler.demo import MLPBlock, TinyTransformerMLP  # noqa: F401  (MLPBlock re-exported)
+from mkcompiler.tools.demo import MLPBlock, TinyTransformerMLP  # noqa: F401  (MLPBlock re-exported)
 
 
 class ResidualMLP(torch.nn.Module):

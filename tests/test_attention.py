@@ -195,7 +195,7 @@ def test_choose_kv_splits_never_leaves_an_empty_chunk():
     from mkcompiler.ops.attention import kv_chunk
     from mkcompiler.passes.split_kv import MAX_SPLITS, choose_kv_splits
 
-    from mkcompiler.settings import Settings
+    from mkcompiler.ir.settings import Settings
 
     settings = Settings()
     assert choose_kv_splits(8, 520, 128, settings, 132) == 5

@@ -13,7 +13,7 @@ from mkcompiler.passes.verify import check_static
 
 import mkcompiler
 from mkcompiler import MegakernelError
-from mkcompiler.layout import Field
+from mkcompiler.ir.layout import Field
 
 MAX_SPIN = 200
 FAST = 10.0  # seconds: a tiny model plus 200 interpreted polls; a hang would be unbounded

@@ -16,9 +16,9 @@ from mkcompiler.passes.dependencies import build_dag
 from models import TransformerMLP
 from test_cache import same_dag
 
-from mkcompiler.capture import capture
-from mkcompiler.ir import View
-from mkcompiler.settings import Settings
+from mkcompiler.frontend.capture import capture
+from mkcompiler.ir.graph import View
+from mkcompiler.ir.settings import Settings
 
 # ---- the straightforward versions (build_dag and ops/base.py before they were vectorized) ----
 

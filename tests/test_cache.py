@@ -1,4 +1,4 @@
-"""The on-disk compile cache (mkcompiler/cache.py): hits give the same queue and outputs, weights
+"""The on-disk compile cache (mkcompiler/tools/cache.py): hits give the same queue and outputs, weights
 are re-bound from the live model, anything that changes the graph misses, corrupt entries are
 recompiled, cache=False bypasses it; and the progress line."""
 
@@ -11,8 +11,8 @@ import torch
 from models import ResidualMLP
 
 import mkcompiler
-from mkcompiler import cache
-from mkcompiler.progress import Progress
+from mkcompiler.tools import cache
+from mkcompiler.tools.progress import Progress
 
 
 @pytest.fixture

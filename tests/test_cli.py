@@ -4,7 +4,7 @@ import json
 import re
 import textwrap
 
-from mkcompiler.__main__ import main
+from mkcompiler.tools.cli import main
 
 SECTIONS = [
     "== model",

@@ -7,8 +7,8 @@ from mkcompiler.ops.base import cdiv
 from mkcompiler.passes.split_k import MAX_SPLITS, decode_tiling, split_k
 from mkcompiler.passes.tile import choose_tiles
 
-from mkcompiler.capture import capture
-from mkcompiler.settings import Settings
+from mkcompiler.frontend.capture import capture
+from mkcompiler.ir.settings import Settings
 
 
 class Siblings(torch.nn.Module):

@@ -19,8 +19,8 @@ import mkcompiler
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ is not an installed package
 from examples.llama import random_llama  # noqa: E402
 from mkcompiler import MegakernelError
-from mkcompiler.layout import Field
-from mkcompiler.profiling import END, FETCH, READY
+from mkcompiler.ir.layout import Field
+from mkcompiler.tools.profiling import END, FETCH, READY
 from tests.test_fuse_norm import NormThenProjections
 
 

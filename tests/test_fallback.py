@@ -15,7 +15,7 @@ from helpers import TOL, reference, rel_err
 from torch import nn
 
 import mkcompiler
-from mkcompiler.fallback import FallbackWarning, SegmentedModel
+from mkcompiler.runtime.fallback import FallbackWarning, SegmentedModel
 
 OPTS = dict(matmul_tile=(16, 16, 16), elementwise_block=64, row_block=2)
 HERE = os.path.basename(__file__)

@@ -6,8 +6,8 @@ from mkcompiler.passes.fuse import fuse_elementwise
 from mkcompiler.passes.split_k import split_k
 
 import mkcompiler
-from mkcompiler.capture import capture
-from mkcompiler.settings import Settings
+from mkcompiler.frontend.capture import capture
+from mkcompiler.ir.settings import Settings
 from tests.helpers import rel_err
 
 
@@ -136,7 +136,7 @@ def test_a_small_producer_is_recomputed_in_each_window_reader():
 def test_transfer_maps_windows_and_refuses_carries():
     from mkcompiler.passes.fuse import transfer
 
-    from mkcompiler.ir import View
+    from mkcompiler.ir.graph import View
 
     out_shape = (4, 8)
     x = View(7, torch.float32, (4, 8), (1, 4), 0)  # a transposed input: x[i, j] at i + 4 j

@@ -8,10 +8,10 @@ from mkcompiler.passes.pipeline import run_pipeline
 
 import mkcompiler
 from mkcompiler.api import _device_of
-from mkcompiler.capture import capture
-from mkcompiler.codegen import generate
-from mkcompiler.runtime import Megakernel
-from mkcompiler.settings import Settings
+from mkcompiler.backends.triton.codegen import generate
+from mkcompiler.frontend.capture import capture
+from mkcompiler.ir.settings import Settings
+from mkcompiler.runtime.megakernel import Megakernel
 from tests.helpers import rel_err
 
 

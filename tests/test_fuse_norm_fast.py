@@ -12,7 +12,7 @@ import torch
 from mkcompiler.ops.registry import FAMILIES
 
 import mkcompiler
-from mkcompiler.offline import compile_sm90, format_report
+from mkcompiler.tools.offline import compile_sm90, format_report
 from mkcompiler.vm import run_megakernel
 from tests.helpers import keep_rms_norm_whole, reference, rel_err
 

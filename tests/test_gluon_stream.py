@@ -1,10 +1,10 @@
-"""Gluon weight-streaming kernel (mkcompiler/gluon_stream.py): offline sm_90 compile on the CPU
+"""Gluon weight-streaming kernel (mkcompiler/backends/gluon/stream.py): offline sm_90 compile on the CPU
 (TMA ring + warp specialization, no spills), host-side tile checks, and one GPU run vs torch."""
 
 import pytest
 import torch
 
-from mkcompiler import gluon_stream as gs
+from mkcompiler.backends.gluon import stream as gs
 
 needs_gluon = pytest.mark.skipif(not gs.HAVE_GLUON, reason="triton.experimental.gluon not importable")
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import mkcompiler
-from mkcompiler.layout import Field
-from mkcompiler.settings import WAIT_MODES
+from mkcompiler.ir.layout import Field
+from mkcompiler.ir.settings import WAIT_MODES
 from tests.helpers import FOLDED, compile_and_check, reference, rel_err
 from tests.models import ResidualMLP, TransformerMLP
 

@@ -1,6 +1,6 @@
 """Hugging Face decoder LLMs end to end: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM (q/k
 norm) and MistralForCausalLM (sliding window) from tiny random configs, captured through
-mkcompiler.hf.StaticCacheLM (transformers' StaticCache as module buffers) and compiled once
+mkcompiler.frontend.hf.StaticCacheLM (transformers' StaticCache as module buffers) and compiled once
 for prefill and once for decode; both megakernels update the wrapper's cache in place.
 
 - fp32: greedy generation of 16 tokens equals eager's token for token; every step's logits
@@ -21,8 +21,8 @@ from tests.helpers import rel_err
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
 
 import mkcompiler  # noqa: E402
-import mkcompiler.hf  # noqa: E402
-from mkcompiler.hf import StaticCacheLM, greedy, random_model  # noqa: E402
+import mkcompiler.frontend.hf  # noqa: E402
+from mkcompiler.frontend.hf import StaticCacheLM, greedy, random_model  # noqa: E402
 
 MAX_CACHE = 32
 PROMPT = 4
@@ -170,8 +170,8 @@ def test_other_families_compile_through_the_generic_pipeline(family, device):
     """More decoder families, nothing of their own in mkcompiler: a prefill and a decode step
     (fp32, poisoned intermediates) match a float64 eager run within 1e-4. (Cohere and StarCoder
     2 pass too; left out for the suite's time.)"""
-    if not hasattr(transformers, mkcompiler.hf.FAMILIES[family][1]):
-        pytest.skip(f"this transformers has no {mkcompiler.hf.FAMILIES[family][1]}")
+    if not hasattr(transformers, mkcompiler.frontend.hf.FAMILIES[family][1]):
+        pytest.skip(f"this transformers has no {mkcompiler.frontend.hf.FAMILIES[family][1]}")
     model = random_model(family, torch.float32, seed=2, device=device, **OTHER_FAMILIES[family])
     lm = StaticCacheLM(model, max_cache_len=MAX_CACHE)
     ref = StaticCacheLM(copy.deepcopy(model).double(), max_cache_len=MAX_CACHE)

@@ -1,4 +1,4 @@
-"""The interpreter speed-up patch (mkcompiler/interp_patches.py): same results, language restored."""
+"""The interpreter speed-up patch (mkcompiler/backends/triton/interp_patches.py): same results, language restored."""
 
 import os
 
@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mkcompiler import interp_patches
+from mkcompiler.backends.triton import interp_patches
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter only")
 

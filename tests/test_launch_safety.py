@@ -20,9 +20,10 @@ from helpers import TOL, reference, rel_err
 from models import ResidualMLP
 
 import mkcompiler
-import mkcompiler.runtime as runtime
-from mkcompiler import MegakernelError, threaded_interp
-from mkcompiler.layout import NUM_VIEW_FIELDS, Field, ViewField
+import mkcompiler.runtime.megakernel as runtime
+from mkcompiler import MegakernelError
+from mkcompiler.backends.triton import threaded_interp
+from mkcompiler.ir.layout import NUM_VIEW_FIELDS, Field, ViewField
 
 MAX_SPIN = 200
 OPTIONS = dict(matmul_tile=(16, 16, 16), elementwise_block=32, row_block=1, max_spin=MAX_SPIN)

@@ -19,7 +19,7 @@ import torch
 from helpers import rel_err
 
 import mkcompiler
-from mkcompiler.ir import BufferKind
+from mkcompiler.ir.graph import BufferKind
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ is not an installed package
 from examples import generate  # noqa: E402

@@ -13,7 +13,7 @@ from helpers import rel_err
 from torch import nn
 
 import mkcompiler
-from mkcompiler import tp
+from mkcompiler.tp import plan as tp
 from mkcompiler.vm import run_megakernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ is not an installed package

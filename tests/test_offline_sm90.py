@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import mkcompiler
-from mkcompiler.offline import compile_sm90, format_report
+from mkcompiler.tools.offline import compile_sm90, format_report
 from tests.helpers import FOLDED
 from tests.models import TransformerMLP
 
@@ -38,10 +38,10 @@ def mlp_source(gpu_dots: bool) -> str:
 
 
 def cli_report(source: str, tmp_path, *options: str) -> str:
-    """`python -m mkcompiler.offline file`, from a process where TRITON_INTERPRET=1 (it restarts itself)."""
+    """`python -m mkcompiler.tools.offline file`, from a process where TRITON_INTERPRET=1 (it restarts itself)."""
     path = tmp_path / "megakernel.py"
     path.write_text(source)
-    cmd = [sys.executable, "-m", "mkcompiler.offline", str(path), *options]
+    cmd = [sys.executable, "-m", "mkcompiler.tools.offline", str(path), *options]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip().splitlines()[-1]

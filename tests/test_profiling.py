@@ -1,4 +1,4 @@
-"""Per-instruction profiles (mkcompiler/profiling.py) on the CPU: a reference-VM profile of a
+"""Per-instruction profiles (mkcompiler/tools/profiling.py) on the CPU: a reference-VM profile of a
 one-layer Llama decode step (split-K and split-KV forced, so every tile kind shows up) written
 as a Chrome trace, a Gantt PNG and a text summary; bytes and FLOPs per instruction."""
 
@@ -11,8 +11,8 @@ import torch
 
 import mkcompiler
 from examples.factories import transformer_block
-from mkcompiler.layout import Field
-from mkcompiler.profiling import END, FETCH, READY, WORKER, Profile, instruction_work, profile_vm
+from mkcompiler.ir.layout import Field
+from mkcompiler.tools.profiling import END, FETCH, READY, WORKER, Profile, instruction_work, profile_vm
 from mkcompiler.vm import run_queue
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -209,8 +209,8 @@ def test_overlap_measures_communication_running_beside_other_tiles():
     """Two communication tiles (an all_reduce and an all_to_all): one half covered by a matmul on
     another worker, the other covered for 10 of its 100 ns; matmul tiles' own overlap is not
     counted."""
-    from mkcompiler.layout import NUM_FIELDS
-    from mkcompiler.queue import Queue
+    from mkcompiler.ir.layout import NUM_FIELDS
+    from mkcompiler.ir.queue import Queue
 
     kinds = [0, 1, 2, 0, 0]  # opcodes: 0 matmul, 1 all_reduce, 2 all_to_all (both communication)
     rows = np.zeros((len(kinds), NUM_FIELDS), dtype=np.int32)

@@ -18,7 +18,7 @@ from mkcompiler.passes.counters import check_counters
 from mkcompiler.passes.verify import check_dynamic
 
 from mkcompiler.errors import MegakernelError
-from mkcompiler.layout import Field
+from mkcompiler.ir.layout import Field
 
 workers = st.integers(1, 6)
 

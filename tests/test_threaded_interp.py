@@ -13,7 +13,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpreterError
 
 import mkcompiler
-from mkcompiler import threaded_interp
+from mkcompiler.backends.triton import threaded_interp
 from tests.helpers import compile_and_check, reference, rel_err
 from tests.models import TransformerMLP
 

@@ -9,7 +9,7 @@ from mkcompiler.ops.registry import FAMILIES
 from torch import nn
 
 import mkcompiler
-from mkcompiler.ir import Buffer, BufferKind, OpNode, View
+from mkcompiler.ir.graph import Buffer, BufferKind, OpNode, View
 
 
 def matmul_node(m: int, n: int, tile, group_rows: int, splits: int):

@@ -1,4 +1,4 @@
-"""Tensor parallelism on the CPU (mkcompiler/tp.py, ops/comm.py, passes/ranks.py, vm.run_ranks):
+"""Tensor parallelism on the CPU (mkcompiler/tp/plan.py, ops/comm.py, passes/ranks.py, vm.run_ranks):
 every rank's program runs in the reference VM, all ranks interleaved.
 
 Sharded Llamas (TP = 2, 4 and 8; with kv heads split or replicated) equal the unsharded model
@@ -26,8 +26,8 @@ from mkcompiler.passes.verify import check_queue
 from torch import nn
 
 import mkcompiler
-from mkcompiler import tp
-from mkcompiler.layout import LOCAL, Field, WaitField
+from mkcompiler.ir.layout import LOCAL, Field, WaitField
+from mkcompiler.tp import plan as tp
 from mkcompiler.vm import VMDeadlock, run_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ is not an installed package
@@ -196,7 +196,7 @@ def test_sharded_hugging_face_model_with_biases_and_tied_head():
     the HF adapter gives each shard a config with its head counts, so StaticCacheLM builds the
     rank's own cache; prefill and a decode step equal the unsharded model."""
     pytest.importorskip("transformers")
-    from mkcompiler.hf import StaticCacheLM, random_model
+    from mkcompiler.frontend.hf import StaticCacheLM, random_model
 
     model = random_model("qwen2", tie_word_embeddings=True)
     shards = tp.shard_ranks(model, 4)

@@ -58,7 +58,7 @@ def rank_main() -> dict:
     import torch.distributed as dist
 
     import mkcompiler
-    from mkcompiler.tp import default_plan
+    from mkcompiler.tp.plan import default_plan
 
     world = dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device())

@@ -1,4 +1,4 @@
-"""The tensor-parallel kernel on the CPU (mkcompiler/tp_runtime.py, kernel_tp.py, codegen_tp.py,
+"""The tensor-parallel kernel on the CPU (mkcompiler/tp/runtime.py, kernel_tp.py, codegen_tp.py,
 ops/comm.py's tile routines): every rank's generated kernel runs in the Triton interpreter in
 one process, all ranks' programs at once (one thread each), reading each other's memory through
 the rank tables as GPUs read their peers' symmetric memory.
@@ -23,12 +23,13 @@ import torch
 from torch import nn
 
 import mkcompiler
-from mkcompiler import codegen_tp, tp
-from mkcompiler.codegen import generate
-from mkcompiler.ir import BufferKind
-from mkcompiler.layout import ErrorField
-from mkcompiler.offline import compile_sm90, format_report
-from mkcompiler.tp_runtime import LocalWorld, World, compile_world
+from mkcompiler.backends.triton import codegen_tp
+from mkcompiler.backends.triton.codegen import generate
+from mkcompiler.ir.graph import BufferKind
+from mkcompiler.ir.layout import ErrorField
+from mkcompiler.tools.offline import compile_sm90, format_report
+from mkcompiler.tp import plan as tp
+from mkcompiler.tp.runtime import LocalWorld, World, compile_world
 from tests.models import TransformerMLP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ is not an installed package

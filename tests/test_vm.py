@@ -21,7 +21,7 @@ from mkcompiler.passes.verify import check_static, static_wait_graph
 
 import mkcompiler
 from mkcompiler.errors import MegakernelError
-from mkcompiler.layout import Field
+from mkcompiler.ir.layout import Field
 from mkcompiler.vm import VMDeadlock, run_megakernel, run_queue
 
 SEEDS = 12

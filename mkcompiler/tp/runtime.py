@@ -5,7 +5,7 @@ reads its peers' buffers directly (NVLink) through symmetric memory.
     mk = mkcompiler.compile(model.cuda(), (tokens, pos), tensor_parallel=world)  # this rank's shard
     logits = mk(tokens, pos)                       # every rank gets the same (replicated) outputs
 
-Each rank shards the model (mkcompiler.tp.shard_model: views of the weights) and compiles its
+Each rank shards the model (mkcompiler.tp.plan.shard_model: views of the weights) and compiles its
 shard through the normal pipeline; every rank's program must be the same (checked: a digest of
 the queue and kernel source is compared across ranks). What peers read lives in one arena per
 rank allocated with PyTorch symmetric memory (`torch.distributed._symmetric_memory.empty` and
@@ -40,10 +40,10 @@ import numpy as np
 import torch
 
 from mkcompiler.errors import MegakernelError
-from mkcompiler.ir import BufferKind, Graph
-from mkcompiler.layout import LOCAL, MAX_WORLD, NUM_ERROR_FIELDS, ErrorField, TPField, WaitField
+from mkcompiler.ir.graph import BufferKind, Graph
+from mkcompiler.ir.layout import LOCAL, MAX_WORLD, NUM_ERROR_FIELDS, ErrorField, TPField, WaitField
 from mkcompiler.ops.registry import FAMILIES
-from mkcompiler.runtime import INTERPRETER_LOCK, Megakernel
+from mkcompiler.runtime.megakernel import INTERPRETER_LOCK, Megakernel
 
 # NVLink multicast (NVLS) is off on our machines and must stay off; symmetric memory and NCCL
 # read these when they initialise, so set them before either does (scripts set them too).
@@ -369,8 +369,8 @@ _SHARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def rank_shard(model: torch.nn.Module, rank: int, world: int, plan: dict | None, group_name: str) -> torch.nn.Module:
-    """This rank's shard of `model` (mkcompiler.tp.shard_model), the same one for every compile."""
-    from mkcompiler.tp import shard_model
+    """This rank's shard of `model` (mkcompiler.tp.plan.shard_model), the same one for every compile."""
+    from mkcompiler.tp.plan import shard_model
 
     shards = _SHARDS.setdefault(model, {})
     key = (rank, world, id(plan), group_name)
@@ -392,7 +392,7 @@ def prepare_rank(model: torch.nn.Module, world: int, plan: dict | None = None, g
 
     def make(compilation, source, device, interpret) -> TPMegakernel:
         if interpret and not local:
-            raise ValueError("tensor_parallel under torchrun runs on GPUs; use mkcompiler.tp_runtime.compile_world")
+            raise ValueError("tensor_parallel under torchrun runs on GPUs; use mkcompiler.tp.runtime.compile_world")
         return TPMegakernel(compilation, source, device, interpret, peers)
 
     group_name = f"local-{id(peers.local_world)}" if local else peers.group.group_name
@@ -433,7 +433,7 @@ class World:
             for mk in self.ranks:
                 grid, args, kwargs = recorded_launch(mk)
                 launches.append((mk._kernel, grid, args, kwargs))
-            from mkcompiler import threaded_interp
+            from mkcompiler.backends.triton import threaded_interp
 
             with INTERPRETER_LOCK:
                 threaded_interp.launch_together(launches)
@@ -453,9 +453,9 @@ class World:
 
 def compile_world(shards: list[torch.nn.Module], example_inputs, **options) -> World:
     """Every rank's megakernel for the Triton interpreter (CPU tensors), in this process.
-    Options: mkcompiler.tp.compile_tp's (each_rank, num_workers) and Settings fields."""
-    from mkcompiler.codegen import generate
-    from mkcompiler.tp import compile_tp
+    Options: mkcompiler.tp.plan.compile_tp's (each_rank, num_workers) and Settings fields."""
+    from mkcompiler.backends.triton.codegen import generate
+    from mkcompiler.tp.plan import compile_tp
 
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("compile_world runs the ranks in the Triton interpreter (TRITON_INTERPRET=1, CPU)")

@@ -1,7 +1,7 @@
 """Compile a generated megakernel for sm_90 on a CPU-only machine and report its resources.
 
     report = compile_sm90(mk.source)          # registers, spills, shared memory, ...
-    python -m mkcompiler.offline kernel.py    # one-line report (--json for all fields)
+    python -m mkcompiler.tools.offline kernel.py    # one-line report (--json for all fields)
 
 No GPU or driver is needed: Triton's compiler and ptxas ship in the wheel. Under
 TRITON_INTERPRET=1 (what `import mkcompiler` sets without a GPU) @triton.jit returns
@@ -64,19 +64,19 @@ def signature_of(arg_names) -> dict:
 
 def default_num_warps() -> int:
     """What a megakernel launches with unless told otherwise (one definition: settings.py)."""
-    from mkcompiler.settings import Settings
+    from mkcompiler.ir.settings import Settings
 
     return Settings().num_warps
 
 
 def default_waits() -> str:
-    from mkcompiler.settings import Settings
+    from mkcompiler.ir.settings import Settings
 
     return Settings().waits
 
 
 def default_num_stages() -> int:
-    from mkcompiler.settings import Settings
+    from mkcompiler.ir.settings import Settings
 
     return Settings().num_stages
 
@@ -107,7 +107,7 @@ def compile_sm90(
     cmd = [
         sys.executable,
         "-m",
-        "mkcompiler.offline",
+        "mkcompiler.tools.offline",
         path,
         "--json",
         f"--num-warps={num_warps}",
@@ -140,7 +140,7 @@ def format_report(r: dict) -> str:
 
 def _load_kernel(path: str):
     """The `megakernel` JITFunction of a generated source file."""
-    from mkcompiler.runtime import load_source  # imports mkcompiler: keeps TRITON_INTERPRET as set
+    from mkcompiler.runtime.megakernel import load_source  # imports mkcompiler: keeps TRITON_INTERPRET as set
 
     with open(path) as f:
         kernel = load_source(f.read()).megakernel
@@ -165,7 +165,7 @@ def _compile(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from mkcompiler.settings import WAIT_MANY_MODE, WAIT_MODES, Settings, register_cap
+    from mkcompiler.ir.settings import WAIT_MANY_MODE, WAIT_MODES, Settings, register_cap
 
     waits = Settings().waits if waits is None else waits
     index = {name: i for i, name in enumerate(kernel.arg_names)}
@@ -283,7 +283,7 @@ def main(argv=None) -> None:
         # kernel would have no ptxas log, hence TRITON_ALWAYS_COMPILE.
         env = dict(os.environ, TRITON_INTERPRET="0", TRITON_ALWAYS_COMPILE="1")
         args = sys.argv[1:] if argv is None else list(argv)
-        os.execve(sys.executable, [sys.executable, "-m", "mkcompiler.offline", *args], env)
+        os.execve(sys.executable, [sys.executable, "-m", "mkcompiler.tools.offline", *args], env)
     r = report_for(a.source, a.num_warps, a.num_stages, a.arch, a.dynamic, a.dump, a.profile, a.waits)
     print(json.dumps(r) if a.json else format_report(r))
 

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
-from mkcompiler.errors import InputError, MegakernelError
-from mkcompiler.ir import BufferKind, View
-from mkcompiler.layout import NUM_ERROR_FIELDS, NUM_VIEW_FIELDS, ErrorField, Field, ViewField
+from mkcompiler.errors import InputError, MegakernelError, check_input
+from mkcompiler.ir.graph import BufferKind, View
+from mkcompiler.ir.layout import NUM_ERROR_FIELDS, NUM_STAMPS, NUM_VIEW_FIELDS, ErrorField, Field, ViewField
+from mkcompiler.ir.settings import WAIT_MANY_MODE, WAIT_MODES, register_cap
 from mkcompiler.ops.base import ALIGN_BYTES
 from mkcompiler.passes.verify import check_queue
-from mkcompiler.profiling import NUM_STAMPS, Profile
-from mkcompiler.settings import WAIT_MANY_MODE, WAIT_MODES, register_cap
+from mkcompiler.tools.profiling import Profile
 
 COUNTER_LIMIT = 2**31 - 1
 # Triton's interpreter is not thread-safe: a launch sets a global grid index and patches
@@ -66,29 +66,6 @@ def wait_mode(waits: str, interpret: bool, most_rows: int) -> int:
         return 0
     mode = WAIT_MODES.index(waits)
     return WAIT_MANY_MODE if waits == "acquire" and most_rows > 3 else mode
-
-
-def check_input(t, what: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
-    """Raise TypeError/InputError naming `what`, the expected and the given fact, or return."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{what}: expected a torch.Tensor of shape {shape} and dtype {dtype}, got {type(t).__name__}")
-    got = tuple(t.shape)
-    if len(got) != len(shape):
-        raise InputError(f"{what}: expected rank {len(shape)} (shape {shape}), got rank {len(got)} (shape {got})")
-    if got != shape:
-        raise InputError(
-            f"{what}: expected shape {shape}, got {got} "
-            "(a megakernel is compiled for one shape; compile another for a new shape)"
-        )
-    if t.dtype != dtype:
-        raise InputError(f"{what}: expected dtype {dtype}, got {t.dtype}")
-    if t.device.type != device.type or (device.index is not None and t.device.index != device.index):
-        raise InputError(f"{what}: expected a tensor on {device}, got one on {t.device}")
-    if not t.is_contiguous():
-        # A silent copy would hide a per-call cost and break in-place updates of the input.
-        raise InputError(
-            f"{what}: expected a contiguous tensor, got strides {tuple(t.stride())} for shape {got}; pass .contiguous()"
-        )
 
 
 def max_workers(device: torch.device, interpret: bool, per_sm: int = 1) -> int | None:

@@ -71,7 +71,7 @@ class Settings:
     fallback: str = "error"  # unsupported ops: "error" raises; "eager" runs them eagerly between megakernels
     debug: int = int(os.environ.get("MKCOMPILER_DEBUG", "0"))  # 1: check pass invariants; 2: print
     dump_dir: str | None = os.environ.get("MKCOMPILER_DUMP") or None
-    cache: bool = True  # reuse compiled queues from the on-disk cache (MKCOMPILER_CACHE, mkcompiler/cache.py)
+    cache: bool = True  # reuse compiled queues from the on-disk cache (MKCOMPILER_CACHE, mkcompiler/tools/cache.py)
     progress: bool = True  # a progress line on stderr (a terminal only) once a compile takes over 2 s
 
     def replace(self, **changes) -> Settings:

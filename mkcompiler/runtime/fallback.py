@@ -28,11 +28,10 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from mkcompiler import capture as cap
-from mkcompiler.errors import InputError, UnsupportedOpError
-from mkcompiler.ir import BufferKind, Graph
+from mkcompiler.errors import InputError, UnsupportedOpError, check_input
+from mkcompiler.frontend import capture as cap
+from mkcompiler.ir.graph import BufferKind, Graph
 from mkcompiler.ops import registry
-from mkcompiler.runtime import check_input
 
 MEGAKERNEL, EAGER = "megakernel", "eager"
 STATE, ATTACHED = "state", "attached"  # levelled with their inputs / with the node they take an item of

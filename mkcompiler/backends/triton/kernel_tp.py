@@ -3,7 +3,7 @@ ranks' counters, system-scope signals, and the separation of launches across ran
 
 A tensor-parallel kernel (codegen_tp.py) gets one more argument, `tp_ptr`, the rank's int64
 table (layout.TPField): its rank, the addresses of every rank's counters and error record,
-every rank's address of each buffer peers read (symmetric memory: mkcompiler/tp_runtime.py),
+every rank's address of each buffer peers read (symmetric memory: mkcompiler/tp/runtime.py),
 and which counters peers wait on. Single-GPU kernels never import this module.
 
 Memory ordering across GPUs (TRITON_3_6_NOTES.md): a producer's stores are published to other
@@ -25,7 +25,8 @@ num_workers x (g - 1), i.e. every peer has finished launch g - 1 (launch_barrier
 import triton
 import triton.language as tl
 
-from mkcompiler.kernel_lib import (
+from mkcompiler.ir.layout import LOCAL, ErrorField, TPField, WaitField
+from mkcompiler.ops.kernel_lib import (
     ABORT_CHECK,
     E_COUNTER,
     E_FLAG,
@@ -37,7 +38,6 @@ from mkcompiler.kernel_lib import (
     load_wait,
     wait_all,
 )
-from mkcompiler.layout import LOCAL, ErrorField, TPField, WaitField
 
 TP_RANK: tl.constexpr = tl.constexpr(int(TPField.RANK))
 TP_WORLD: tl.constexpr = tl.constexpr(int(TPField.WORLD))

@@ -18,7 +18,7 @@ import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind, OutputKind
 
 from mkcompiler.errors import UnsupportedOpError
-from mkcompiler.ir import BufferKind, Graph, OpNode, View
+from mkcompiler.ir.graph import BufferKind, Graph, OpNode, View
 from mkcompiler.ops import registry
 from mkcompiler.ops.base import ALIGN_BYTES
 from mkcompiler.ops.elementwise import VALUE_DTYPES

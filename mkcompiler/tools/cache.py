@@ -69,11 +69,11 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
-from mkcompiler.capture import bound_tensor
-from mkcompiler.ir import Graph, View
+from mkcompiler.frontend.capture import bound_tensor
+from mkcompiler.ir.graph import Graph, View
 from mkcompiler.ops import registry
 from mkcompiler.passes.pipeline import Compilation
-from mkcompiler.runtime import cache_dir
+from mkcompiler.runtime.megakernel import cache_dir
 
 FORMAT = 1
 MAGIC = b"mkcompiler compile cache\n"

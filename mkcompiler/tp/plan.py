@@ -1,9 +1,9 @@
 """Tensor parallelism: shard a model over N ranks and run every rank's megakernel program in
 the reference VM. (On GPUs, one process per GPU: mkcompiler.compile(model, inputs,
-tensor_parallel=N) under torchrun, mkcompiler/tp_runtime.py; tp_runtime.compile_world runs every
+tensor_parallel=N) under torchrun, mkcompiler/tp/runtime.py; tp_runtime.compile_world runs every
 rank's generated kernel together in the Triton interpreter.)
 
-    from mkcompiler import tp
+    from mkcompiler.tp import plan as tp
 
     shards = tp.shard_ranks(model, world=4)         # default plan: decoder blocks by module names
     prefill = tp.compile_tp(shards, (tokens, torch.arange(P)))
@@ -64,11 +64,11 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import nn
 
-from mkcompiler.capture import bound_tensor, capture
-from mkcompiler.ir import BufferKind
+from mkcompiler.frontend.capture import bound_tensor, capture
+from mkcompiler.ir.graph import BufferKind
+from mkcompiler.ir.settings import Settings
 from mkcompiler.ops.comm import all_gather, all_reduce, all_to_all
 from mkcompiler.passes.pipeline import Compilation, run_pipeline
-from mkcompiler.settings import Settings
 from mkcompiler.vm import RanksResult, VMProgram, rank_executor, run_ranks
 
 try:  # PyTorch's plan vocabulary (CPU wheels have it too)

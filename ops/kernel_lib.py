@@ -8,9 +8,9 @@ by one thread with no barrier before it, so callers put tl.debug_barrier() befor
 import triton
 import triton.language as tl
 
-from mkcompiler.layout import NUM_FIELDS as LAYOUT_NUM_FIELDS
-from mkcompiler.layout import NUM_WAIT_FIELDS, PRELOADED_ARGS, ErrorField, Field, WaitField
-from mkcompiler.settings import WAIT_MANY_MODE as SETTINGS_WAIT_MANY_MODE
+from mkcompiler.ir.layout import NUM_FIELDS as LAYOUT_NUM_FIELDS
+from mkcompiler.ir.layout import NUM_WAIT_FIELDS, PRELOADED_ARGS, ErrorField, Field, WaitField
+from mkcompiler.ir.settings import WAIT_MANY_MODE as SETTINGS_WAIT_MANY_MODE
 
 NUM_FIELDS: tl.constexpr = tl.constexpr(int(LAYOUT_NUM_FIELDS))
 OPCODE: tl.constexpr = tl.constexpr(int(Field.OPCODE))

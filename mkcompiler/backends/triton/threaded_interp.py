@@ -5,7 +5,7 @@ schedule never really runs in parallel there and a wait on a later program's wor
 ends. With `threaded()` every program is a thread: static schedules run concurrently on the
 CPU and a bad schedule really deadlocks (and is caught by the bounded waits).
 
-    with mkcompiler.threaded_interp.threaded():
+    with mkcompiler.backends.triton.threaded_interp.threaded():
         out = mk(x)
 
 `launch_together` runs several launches at once that way (the ranks of a tensor-parallel group).
@@ -48,7 +48,7 @@ def _run_all(threads: list[threading.Thread]) -> None:
 def _check_version() -> None:
     if not triton.__version__.startswith(SUPPORTED):
         raise RuntimeError(
-            f"mkcompiler.threaded_interp patches the internals of triton {SUPPORTED}.x's interpreter; "
+            f"mkcompiler.backends.triton.threaded_interp patches the internals of triton {SUPPORTED}.x's interpreter; "
             f"this is triton {triton.__version__}. Check triton/runtime/interpreter.py (GridExecutor.__call__, "
             "InterpreterBuilder.grid_idx) and update the patch and SUPPORTED."
         )

@@ -25,13 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mkcompiler.layout import Field
+from mkcompiler.ir.layout import NUM_STAMPS, Field, StampField
+from mkcompiler.ir.queue import Queue
 from mkcompiler.ops.scatter import parts
-from mkcompiler.queue import Queue
 
-# Column layout of Profile.stamps (one definition: codegen and the VM write these columns).
-WORKER, FETCH, READY, END = range(4)
-NUM_STAMPS = 4
+WORKER, FETCH, READY, END = StampField  # Profile.stamps' columns (ir/layout.py)
 HATCH_LIMIT = 2000  # Gantt charts hatch wait bars up to this many
 
 

@@ -2,7 +2,7 @@
 few anchors when the queue's tiles read peer ranks' memory (so single-GPU kernels are unchanged).
 
 The variant takes one more argument, `tp_ptr` (after prof_ptr: the rank's table, layout.TPField)
-and uses mkcompiler/kernel_tp.py: every worker first waits for the peers to have finished the
+and uses mkcompiler/backends/triton/kernel_tp.py: every worker first waits for the peers to have finished the
 previous launch (launch_barrier; on failure it runs nothing), waits go through wait_all_tp (rows
 on a peer's counters poll that rank's memory), signals through signal_tp (system scope for the
 counters peers wait on), and each worker adds 1 to the EXIT counter as it leaves.
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import re
 
+from mkcompiler.ir.queue import Queue
 from mkcompiler.ops.registry import FAMILIES
-from mkcompiler.queue import Queue
 
-IMPORT = "from mkcompiler.kernel_tp import launch_barrier, signal_tp, wait_all_tp, worker_exit\n"
+IMPORT = "from mkcompiler.backends.triton.kernel_tp import launch_barrier, signal_tp, wait_all_tp, worker_exit\n"
 
 # (what, pattern, replacement): re.subn with re.MULTILINE, each must match exactly once.
 EDITS = [
@@ -53,7 +53,7 @@ def tensor_parallel_source(source: str) -> str:
         if n != 1:
             raise AssertionError(
                 f"codegen_tp: expected {what} once in the generated kernel, found it {n} times; "
-                "codegen.py changed: update mkcompiler/codegen_tp.py's EDITS"
+                "codegen.py changed: update mkcompiler/backends/triton/codegen_tp.py's EDITS"
             )
     if not source.endswith("\n") or not source.rstrip("\n").splitlines()[-1].startswith("        "):
         raise AssertionError("codegen_tp: the generated kernel no longer ends inside its dispatch loop")

@@ -36,7 +36,7 @@ Stacking one weight kind across layers as [L*N, K] makes one descriptor cover al
 Importing this module does no CUDA work and never fails without Gluon (`HAVE_GLUON` says if it
 is there). Gluon does not run in Triton's interpreter: `stream_matvec` needs a CUDA GPU.
 `compile_offline` compiles the kernel for sm_90 on a CPU-only machine and reports registers,
-spills and shared memory (python -m mkcompiler.gluon_stream [--json]).
+spills and shared memory (python -m mkcompiler.backends.gluon.stream [--json]).
 """
 
 from __future__ import annotations

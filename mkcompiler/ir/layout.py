@@ -74,7 +74,7 @@ NUM_ERROR_FIELDS = 8
 
 
 class TPField(IntEnum):
-    """Header of a tensor-parallel rank's int64 table (the kernel's tp_ptr; mkcompiler/kernel_tp.py).
+    """Header of a tensor-parallel rank's int64 table (the kernel's tp_ptr; mkcompiler/backends/triton/kernel_tp.py).
     After the header: PEER_COUNTERS[k] and PEER_ERRS[k], the addresses of rank k's counters and
     error record; then from PEER_ADDRS, N_BUFFERS entries per rank: the address of buffer b on
     rank k at PEER_ADDRS + k * N_BUFFERS + b (0 where b is not shared with peers); then, from
@@ -92,3 +92,16 @@ class TPField(IntEnum):
 
 
 MAX_WORLD = 8
+
+
+class StampField(IntEnum):
+    """Columns of a profile's int64 stamps, one row per instruction (the profiling kernel and
+    the VM write them; tools/profiling.Profile reads them). -1: the instruction never ran."""
+
+    WORKER = 0
+    FETCH = 1  # the worker took the instruction
+    READY = 2  # its waits were met
+    END = 3  # after its signal
+
+
+NUM_STAMPS = len(StampField)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mkcompiler.layout import LOCAL, Field, WaitField
+from mkcompiler.ir.layout import LOCAL, Field, WaitField
 
 
 @dataclass

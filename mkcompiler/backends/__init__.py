@@ -1,0 +1,1 @@
+"""Code generation from the instruction queue, one package per backend."""

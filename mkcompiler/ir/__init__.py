@@ -1,0 +1,2 @@
+"""The IR: the op graph (graph.py), the instruction queue and its field layouts, settings.
+Imports nothing else of mkcompiler's."""

@@ -1,0 +1,2 @@
+"""Launching megakernels: buffers, inputs, launch and errors (megakernel.py), and models
+segmented around ops that run eagerly (fallback.py)."""
