@@ -1,9 +1,5 @@
 """Shared test helpers: relative error against a high-precision reference, poisoned runs."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 import torch.utils._pytree as pytree
 
@@ -76,14 +72,3 @@ def keep_rms_norm_whole(monkeypatch) -> None:
         return t
 
     monkeypatch.setattr(capture, "_decompositions", keep)
-
-
-def load_benchmark(name: str):
-    """benchmarks/<name>.py as a module (benchmarks/ is no package), registered in sys.modules
-    (dataclasses look their module up there)."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod

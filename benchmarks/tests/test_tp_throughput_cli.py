@@ -12,15 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_benchmark
+from benchmark_module import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # examples/ is not an installed package
-PEER = ROOT.parent / "shared" / "bench" / "peer_llama_tp.py"
 
 
 tt = load_benchmark("tp_throughput")
-needs_peer = pytest.mark.skipif(not PEER.exists(), reason=f"the peer baseline is not at {PEER}")
 
 
 def test_import_sets_multicast_off_and_does_no_cuda_work():
@@ -36,7 +34,6 @@ def test_default_cases_and_flags():
     assert a.cases[1] == tt.Case("prefill4096", "prefill", 1, 4096)
     assert (a.model, a.layers, a.ctx, a.iters, a.warmup) == ("llama-70b", 10, 1024, 20, 3)
     assert a.peer_modes == ["eager", "compile-cg"] and a.time_budget is None and a.prefill_fallback
-    assert os.path.abspath(a.peer) == str(PEER.resolve()) or not PEER.exists()
     a = tt.parse_args(["--cases", "decode64,decode64,prefill512", "--peer-modes", "none", "--time-budget", "480"])
     assert [c.name for c in a.cases] == ["decode64", "prefill512"] and a.peer_modes == [] and a.time_budget == 480
     assert not tt.parse_args(["--no-prefill-fallback"]).prefill_fallback
@@ -108,23 +105,7 @@ def test_scaling_is_the_peers():
     assert tt.scaled_ms(35.9 / 8, 10, 80) == pytest.approx(35.9)
     assert tt.tokens_per_s(256, 1, 35.9) == pytest.approx(7131, rel=1e-3)  # the peer README's 7.1k tokens/s
     assert tt.tokens_per_s(1, 4096, 317.0) == pytest.approx(12921, rel=1e-3)  # its 12.9k
-    if PEER.exists():  # the peer still scales this way (if this fails, follow it in scaled_ms)
-        src = PEER.read_text()
-        assert "per_layer = ms / a.layers" in src and 'full_ms = per_layer * c["depth"]' in src
-        assert '"compile-cg": torch.compile(m.forward, mode="reduce-overhead")' in src
-        assert "a.ctx + T + 8" in src  # its max_seq, which max_seq_len mirrors
     assert tt.max_seq_len(1024, 1) == 1033
-
-
-@pytest.mark.parametrize("model", ["llama-70b", "llama-8b"])
-def test_our_shapes_are_the_peers(model):
-    from examples.llama import CONFIGS
-
-    c = tt.llama_config(model, 10)
-    assert c.n_layers == 10 and c.head_dim == 128
-    ours = tt.shapes_of(c, CONFIGS[tt.MODELS[model]].n_layers)
-    if PEER.exists():
-        assert tt.shape_mismatch(ours, tt.load_peer(str(PEER)).SHAPES[model]) == []
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -139,13 +120,6 @@ def test_memory_estimate_counts_the_models_tensors(tp):
     assert est["weights"] == 2 * sum(p.numel() for p in m.parameters())
     assert est["model_kv_caches"] == 2 * sum(b.numel() for n, b in m.named_buffers() if "cache" in n)
     assert est["mk_shard_kv_caches"] == (0 if tp == 1 else est["model_kv_caches"] * (8 // tp) // 8)
-    if PEER.exists():
-        peer = tt.load_peer(str(PEER))
-        pm = peer.ShardedLlama(peer.SHAPES["llama-70b"], 2, tp, 3, tt.max_seq_len(1024, 1), "meta")
-        tensors = [t for layer in pm.L for t in layer.values()] + [pm.norm, pm.head]
-        weights = sum(t.numel() for t in tensors if t.dim() < 4)
-        caches = sum(t.numel() for t in tensors if t.dim() == 4)
-        assert (est["peer_weights"], est["peer_kv_caches"]) == (2 * weights, 2 * caches)
     assert est["total"] == sum(v for k, v in est.items() if k != "total")
 
 
@@ -163,36 +137,6 @@ def test_memory_estimate_of_a_mixed_step(tp):
         m = Llama(c)
     assert est["model_kv_caches"] == 2 * sum(b.numel() for n, b in m.named_buffers() if "cache" in n)
     assert est["weights"] == tt.memory_estimate(c, tp, batch=B, tokens=1, ctx=ctx)["weights"]
-    if PEER.exists():
-        peer = tt.load_peer(str(PEER))
-        seq = tt.max_seq_len(ctx, C)
-        dec = peer.ShardedLlama(peer.SHAPES["llama-70b"], 2, tp, B, seq, "meta")
-        pre = peer.ShardedLlama(peer.SHAPES["llama-70b"], 2, tp, 1, seq, "meta")
-        caches = sum(t.numel() for pm in (dec, pre) for layer in pm.L for t in layer.values() if t.dim() == 4)
-        assert est["peer_kv_caches"] == 2 * caches
-
-
-@needs_peer
-def test_the_peers_mixed_step_is_two_calls_sharing_the_weights():
-    """peer_calls for a mixed case: a decode model of batch B at ctx and a prefill model of batch 1
-    at ctx..ctx+C-1, the second with the first's weights (no copy) and caches of its own; peer_step
-    runs both (eager, on the CPU, unsharded)."""
-    peer = tt.load_peer(str(PEER))
-    args = tt.parse_args(["--cases", "mixed5+3", "--ctx", "6", "--layers", "2"])
-    ranks = tt.LocalRanks()
-    shapes = tt.DRY_SHAPES
-    with torch.no_grad():
-        calls = tt.peer_calls(peer, ranks, args.cases[0], 1, shapes, args)
-        (dec, xd, pd), (pre, xp, pp) = calls
-        assert xd.shape == (3, 1, 64) and pd.tolist() == [6]
-        assert xp.shape == (1, 5, 64) and pp.tolist() == [6, 7, 8, 9, 10]
-        for ld, lp in zip(dec.L, pre.L):
-            assert ld["wqkv"] is lp["wqkv"] and ld["w2"] is lp["w2"]
-            assert ld["k"].shape[0] == 3 and lp["k"].shape[0] == 1 and lp["k"].device.type == "cpu"
-        assert pre.head is dec.head and pre.cos is dec.cos and dec.max_seq == pre.max_seq == 6 + 5 + 8
-        tt.peer_step(calls, "eager")()
-        assert lp["k"][0, :, 6:11].abs().sum() > 0 and lp["k"][0, :, 11:].abs().sum() == 0  # the chunk's slots
-        assert ld["k"][:, :, 6].abs().sum() > 0 and ld["k"][:, :, 7:].abs().sum() == 0  # the decoders' slot
 
 
 def _row(**ms):
@@ -292,6 +236,8 @@ def test_dry_run_end_to_end(tmp_path):
             "--json",
             str(out),
             "--exchange",
+            "--peer",
+            str(tmp_path / "no_peer.py"),  # nothing outside the repository
         ],
         capture_output=True,
         text=True,
@@ -307,7 +253,7 @@ def test_dry_run_end_to_end(tmp_path):
     for c in res["cases"]:
         assert c["status"] == "done" and not c["errors"], c["errors"]
         assert c["rel_err"] < 5e-2 and c["ranks_agree"]
-        expect = {tt.MK_KERNEL, tt.MK_CALL} | ({"peer eager"} if PEER.exists() else set())
+        expect = {tt.MK_KERNEL, tt.MK_CALL}
         assert set(c["ms"]) == expect
         assert set(c["derived"]["full_ms"]) == expect
     assert res["cases"][1]["tokens"] == 8  # the dry run's prefill
@@ -334,6 +280,8 @@ def test_dry_run_of_a_mixed_step(tmp_path):
             str(out),
             "--profile",
             str(tmp_path / "prof"),
+            "--peer",
+            str(tmp_path / "no_peer.py"),
         ],
         capture_output=True,
         text=True,
@@ -356,13 +304,11 @@ def test_dry_run_of_a_mixed_step(tmp_path):
     assert c["rel_err"] < 5e-2 and c["ranks_agree"]
     assert "profile (dry run: World has no profiled launch)" in c["skipped"]  # --profile: GPUs only
     assert c["mk"]["max_seq_len"] == tt.max_seq_len(tt.DRY_CTX, 8)
-    expect = {tt.MK_KERNEL, tt.MK_CALL} | ({"peer eager"} if PEER.exists() else set())
+    expect = {tt.MK_KERNEL, tt.MK_CALL}
     assert set(c["ms"]) == expect
     for k, ms in c["derived"]["full_ms"].items():
         assert c["derived"]["tokens_per_s"][k] == pytest.approx(9 / (ms / 1e3))
     assert "### mixed8+64: one step of 9 tokens: a prefill chunk of 8 at positions 8..15, 1 decode token" in r.stdout
-    if PEER.exists():
-        assert "peer eager (decode 1 + prefill 8, two calls)" in r.stdout
 
 
 def test_missing_peer_is_skipped(tmp_path, capsys):

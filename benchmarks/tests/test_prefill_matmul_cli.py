@@ -6,9 +6,9 @@ import json
 import sys
 from pathlib import Path
 
-from helpers import load_benchmark
+from benchmark_module import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # benchmarks/ and examples/ are not installed packages
 
 

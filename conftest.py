@@ -1,0 +1,71 @@
+"""Test setup for tests/ and benchmarks/tests/: invariant checks on, the interpreter on CPU-only
+machines, GPU tests skipped (with the reason shown) where there is no GPU, and the quick tier:
+`pytest -m "not slow"` leaves out the tests in SLOW (see below)."""
+
+import os
+import tempfile
+
+os.environ.setdefault("MKCOMPILER_DEBUG", "1")  # every pass runs its invariant check
+# Compile cache (mkcompiler/tools/cache.py) and generated kernels in a directory of this test session:
+# tests never read entries an earlier run (or other code) left behind.
+os.environ.setdefault("MKCOMPILER_CACHE", tempfile.mkdtemp(prefix="mkcompiler-tests-"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import mkcompiler  # noqa: E402,F401  (chooses the Triton interpreter when there is no GPU)
+
+# The slow tier: tests (by file, and function name or "*" for the whole file) that take seconds
+# each on the 2-core CI machine. The quick tier (`-m "not slow"`) still runs at least one test of
+# every library module; the full suite (CI) runs everything.
+SLOW = {
+    "benchmarks/tests/test_decode_latency_cli.py": {"*"},
+    "benchmarks/tests/test_decode_stages_cli.py": {"*"},
+    "benchmarks/tests/test_prefill_matmul_cli.py": {"*"},
+    "benchmarks/tests/test_tp_throughput_cli.py": {"*"},
+    "tests/test_fuzz.py": {"*"},
+    "tests/test_hf_models.py": {
+        "test_hf_greedy_fp32",
+        "test_hf_teacher_forced_bf16",
+        "test_other_families_compile_through_the_generic_pipeline",
+    },
+    "tests/test_offline_sm90.py": {
+        "test_llama_kernels_compile_for_sm90_without_spills",
+        "test_profile_and_wait_variants_compile_for_sm90",
+    },
+    "tests/test_tp_kernel.py": {
+        "test_tp_rank_kernels_compile_for_sm90_without_spills",
+        "test_sharded_llama_kernel_equals_eager_and_the_vm",
+        "test_compile_with_tensor_parallel_in_one_process",
+    },
+    "tests/test_llama.py": {"test_logits_match_eager", "test_greedy_loop_generates_eager_tokens_with_launches_only"},
+    "tests/test_cli.py": {"test_inspect_transformer_block_prints_every_section"},
+    "tests/test_fuse_norm_fast.py": {
+        "test_rms_norm_in_loop",
+        "test_layer_norm_in_loop",
+        "test_both_paths_compile_for_sm90_without_spills",
+    },
+    "tests/test_early_weights.py": {"test_decode_mlp_matches_eager", "test_llama_decode_steps_match_eager"},
+    "tests/test_tp.py": {
+        "test_post_attention_exchange_equals_the_unsharded_model",
+        "test_sharded_llama_equals_the_unsharded_model",
+        "test_random_sharded_modules_equal_the_unsharded_model",
+    },
+    "tests/test_mixed_step.py": {"test_tensor_parallel_mixed_step_equals_the_unsharded_model"},
+    "tests/test_attention.py": {"test_gqa_decode_packs_the_group_into_one_tile"},
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    slow = pytest.mark.slow
+    for item in items:
+        path = os.path.relpath(str(item.path), str(config.rootpath)).replace(os.sep, "/")
+        names = SLOW.get(path, ())
+        if "*" in names or getattr(item, "originalname", item.name) in names:
+            item.add_marker(slow)
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: run `pytest -m gpu` on the device machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
