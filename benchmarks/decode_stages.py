@@ -5,7 +5,7 @@ tile DAG (each link a wait, a wake-up and a small tile's fixed cost on the GPU).
         --variant "fuse_norm=False"
 
 The sources are the GPU's (as offline sm_90 compiles see them): bf16 tensor-core dots
-(passes/tile.interpreting answers False) and rms_norm kept whole (a CPU export decomposes it,
+(interpret=False: a GPU kernel, not run) and rms_norm kept whole (a CPU export decomposes it,
 a GPU's does not), 132 workers. Batch 1 at position --ctx. Prints instructions, the chain in
 tiles and per layer: (chain - OUTSIDE_LAYERS) / layers, an estimate that puts 4 links outside
 the decoder layers (the embedding and the LM head among them).
@@ -29,10 +29,8 @@ from examples.llama import CONFIGS, random_llama  # noqa: E402
 OUTSIDE_LAYERS = 4  # links of the chain taken to lie outside the decoder layers (an estimate)
 
 
-def gpu_faithful():
-    """Patches making a CPU compile build the GPU's graph and tiles."""
-    import mkcompiler.passes.tile as tile
-
+def keep_rms_norm_whole():
+    """A patch making a CPU capture build the GPU's graph (interpret=False gives its tiles)."""
     import mkcompiler.frontend.capture as capture
 
     table = capture._decompositions
@@ -42,10 +40,7 @@ def gpu_faithful():
         t.pop(torch.ops.aten.rms_norm.default, None)
         return t
 
-    return (
-        mock.patch.object(tile, "interpreting", lambda: False),
-        mock.patch.object(capture, "_decompositions", keep_rms_norm),
-    )
+    return mock.patch.object(capture, "_decompositions", keep_rms_norm)
 
 
 def stages(model, inputs, options: dict, workers: int) -> dict:
@@ -53,10 +48,9 @@ def stages(model, inputs, options: dict, workers: int) -> dict:
 
     import mkcompiler
 
-    a, b = gpu_faithful()
-    with a, b:
-        mk = mkcompiler.compile(model, inputs, num_workers=workers, cache=False, **options)
-    chain = nx.dag_longest_path_length(mk.dag) + 1
+    with keep_rms_norm_whole():
+        mk = mkcompiler.compile(model, inputs, num_workers=workers, cache=False, interpret=False, **options)
+    chain = nx.dag_longest_path_length(mk.dag.graph) + 1
     layers = model.c.n_layers
     return {"instructions": len(mk.queue), "chain": chain, "per_layer": (chain - OUTSIDE_LAYERS) / layers}
 

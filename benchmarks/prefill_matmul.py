@@ -145,7 +145,7 @@ def run_variant(model, inputs, opts_text: str, ref_logits, time_ms) -> dict:
     mk = mkcompiler.compile(model, inputs, **compile_options(opts_text.split()))
     row["compile_s"] = time.perf_counter() - t0
     row["instructions"], row["workers"] = len(mk.queue), mk.num_workers
-    row["tiles"] = sorted({str(op.attrs["tile"]) for op in mk.graph.ops if op.kind == "matmul"})
+    row["tiles"] = sorted({str(op.attrs.tile) for op in mk.graph.ops if op.kind == "matmul"})
     out = mk(*inputs)
     row["rel_err"] = rel(out.float(), ref_logits)
     row["kernel_ms"] = time_ms(mk.launch)

@@ -48,7 +48,7 @@ def main() -> None:
         prof = mk.profile(tok, pos)
     s = prof.stamps.astype(np.int64)
     q, dag, graph = mk.queue, mk.dag, mk.graph
-    op_names = [graph.ops[dag.nodes[int(q.rows[i, Field.TASK])]["op"]].name for i in range(len(q))]
+    op_names = [graph.ops[dag.tasks[int(q.rows[i, Field.TASK])].op].name for i in range(len(q))]
     kinds = [q.opcode_name(i) for i in range(len(q))]
     os.makedirs(args.out, exist_ok=True)
     np.savez_compressed(

@@ -56,8 +56,6 @@ def gantt(path: str, png: str, opts: dict, title: str, ctx: int) -> None:
     import torch
 
     sys.path.insert(0, ".")
-    import mkcompiler.passes.tile as tile
-
     import mkcompiler
     import mkcompiler.frontend.capture as capture
     from examples.llama import random_llama
@@ -73,11 +71,8 @@ def gantt(path: str, png: str, opts: dict, title: str, ctx: int) -> None:
     # As profile_decode.py builds it (the cache length decides the split-KV tiles).
     model = random_llama("llama-3.2-1b", dtype=torch.bfloat16, max_seq_len=ctx + 8, max_batch=1)
     inputs = (torch.zeros(1, 1, dtype=torch.long), torch.tensor([ctx]))
-    with (
-        mock.patch.object(capture, "_decompositions", keep_rms_norm),
-        mock.patch.object(tile, "interpreting", lambda: False),
-    ):
-        mk = mkcompiler.compile(model, inputs, num_workers=132, cache=False, **opts)
+    with mock.patch.object(capture, "_decompositions", keep_rms_norm):  # interpret=False: the GPU's tiles
+        mk = mkcompiler.compile(model, inputs, num_workers=132, cache=False, interpret=False, **opts)
     stamps = np.load(path, allow_pickle=True)["stamps"]
     if len(stamps) != len(mk.queue):
         raise SystemExit(f"{len(stamps)} stamps but the rebuilt queue has {len(mk.queue)} instructions: other options?")

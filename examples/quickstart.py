@@ -29,5 +29,5 @@ mk = mkcompiler.compile(model, (x,))
 out = mk(x)
 print("max abs error vs eager:", (out - model(x)).abs().max().item())
 print(mk.queue.table(10))  # index, worker, opcode, tile, waits, signals
-print(f"DAG: {mk.dag.number_of_nodes()} tile tasks, {mk.dag.number_of_edges()} dependencies")
+print(f"DAG: {len(mk.dag)} tile tasks, {mk.dag.number_of_edges()} dependencies")
 print(mk.source[:600])  # the generated persistent kernel (standalone Triton source)

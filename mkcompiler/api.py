@@ -12,14 +12,14 @@ from mkcompiler.backends.triton.codegen import generate
 from mkcompiler.backends.triton.codegen_tp import is_tensor_parallel
 from mkcompiler.errors import UnsupportedOpError
 from mkcompiler.frontend.capture import capture
-from mkcompiler.ir.settings import Settings
+from mkcompiler.ir.settings import Settings, triton_interprets
 from mkcompiler.passes.pipeline import run_pipeline
 from mkcompiler.runtime.fallback import SegmentedModel, compile_with_fallback
 from mkcompiler.runtime.megakernel import Megakernel, check_num_workers
 from mkcompiler.tools import cache
 from mkcompiler.tools.progress import Progress
 
-INTERPRETER_WORKERS = 4
+CPU_WORKERS = 4  # default num_workers without a GPU (the interpreter, or a GPU kernel generated only)
 
 
 def _device_of(model: torch.nn.Module, example_inputs) -> torch.device:
@@ -49,29 +49,31 @@ def compile(model: torch.nn.Module, example_inputs, **options) -> Megakernel | S
         model, make = tp_runtime.prepare_rank(model, tensor_parallel, tp_plan, tp_group)
     elif tp_plan is not None or tp_group is not None:
         raise ValueError("tp_plan and tp_group need tensor_parallel=N")
-    settings = Settings().replace(**options)
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    interpret = interpreting if settings.interpret is None else settings.interpret
-    if interpret != interpreting:
+    # The target (Settings.interpret) is decided here, once; the passes, codegen, cache and runtime read it.
+    settings = Settings().replace(**options).for_target()
+    interpret = settings.interpret
+    if interpret and not triton_interprets():
         raise ValueError(
-            f"interpret={settings.interpret} but TRITON_INTERPRET={'1' if interpreting else 'unset'}: "
-            "Triton picks interpreter or GPU when kernels are defined; set TRITON_INTERPRET before importing mkcompiler"
+            "interpret=True but Triton compiles for the GPU in this process (TRITON_INTERPRET unset): Triton picks "
+            "interpreter or GPU when kernels are defined; set TRITON_INTERPRET=1 before importing mkcompiler"
         )
-    if settings.schedule is None:  # see Settings.schedule
-        settings = settings.replace(schedule="dynamic" if interpret else "static")
+    # interpret=False where Triton interprets: GPU source to read or compile offline, not to run
+    # (Megakernel.launch refuses; tools/offline.py compiles it for sm_90).
+    generate_only = not interpret and triton_interprets()
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
     device = _device_of(model, example_inputs)
     if interpret and device.type != "cpu":
         raise ValueError("the Triton interpreter runs megakernels on CPU tensors; move the model and inputs to the CPU")
-    if not interpret and device.type != "cuda":
+    if not interpret and not generate_only and device.type != "cuda":
         raise ValueError(f"megakernels run on CUDA GPUs; the model is on {device}")
     if settings.num_workers is not None:
         num_workers = settings.num_workers
-    elif interpret:
-        num_workers = INTERPRETER_WORKERS
-    else:
+    elif device.type == "cuda":
         num_workers = torch.cuda.get_device_properties(device).multi_processor_count * settings.workers_per_sm
-    check_num_workers(num_workers, device, interpret, settings.workers_per_sm)  # before the (slow) capture
+    else:
+        num_workers = CPU_WORKERS
+    no_sm_limit = device.type != "cuda"  # interpreted programs run one after another; no GPU to fill
+    check_num_workers(num_workers, device, no_sm_limit, settings.workers_per_sm)  # before the (slow) capture
     progress = Progress(settings.progress)
     # Compiling allocates millions of small objects; the cyclic garbage collector would rescan
     # torch.export's object graph again and again (about a fifth of a 1B-model compile). Cycles
@@ -79,7 +81,7 @@ def compile(model: torch.nn.Module, example_inputs, **options) -> Megakernel | S
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        mk = _compile(model, example_inputs, options, settings, num_workers, device, interpret, progress, make)
+        mk = _compile(model, example_inputs, options, settings, num_workers, device, progress, make)
     except BaseException:
         progress.close(f"failed in {progress.step_name}")
         raise
@@ -91,13 +93,13 @@ def compile(model: torch.nn.Module, example_inputs, **options) -> Megakernel | S
     return mk
 
 
-def _compile(model, example_inputs, options, settings, num_workers, device, interpret, progress, make=Megakernel):
+def _compile(model, example_inputs, options, settings, num_workers, device, progress, make=Megakernel):
     """Capture, passes, kernel; with settings.cache, the cache (mkcompiler/tools/cache.py) may skip the
     passes (graph key) or capture and passes (model key). `make` builds the Megakernel."""
     timings: dict[str, float] = {}
     use_cache = settings.cache
     read_cache = use_cache and not settings.dump_dir  # dumps come from running the passes
-    env = cache.environment(settings, num_workers, interpret, device) if use_cache else None
+    env = cache.environment(settings, num_workers, device) if use_cache else None
     comp = mkey = graph = None
     try:
         if read_cache:
@@ -158,4 +160,4 @@ def _compile(model, example_inputs, options, settings, num_workers, device, inte
             "or run the shards together with mkcompiler.tp.plan.compile_tp (reference VM) or "
             "mkcompiler.tp.runtime.compile_world (interpreter)"
         )
-    return make(comp, source, device, interpret)
+    return make(comp, source, device)

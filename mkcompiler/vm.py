@@ -158,9 +158,9 @@ def run_megakernel(mk, *inputs, seed: int = 0, dynamic: bool | None = None, choo
     q, dag, graph = mk.queue, mk.dag, mk.graph
 
     def execute(i):
-        node = dag.nodes[int(q.rows[i, Field.TASK])]
-        op = graph.ops[node["op"]]
-        FAMILIES[op.kind].reference(op, node["coords"], mk.tensor_of)
+        task = dag.tasks[int(q.rows[i, Field.TASK])]
+        op = graph.ops[task.op]
+        FAMILIES[op.kind].reference(op, task.coords, mk.tensor_of)
 
     dynamic = mk.settings.schedule != "static" if dynamic is None else dynamic
     res = run_queue(q, execute, dynamic=dynamic, seed=seed, choose=choose, observe=observe, lookahead=dynamic)
@@ -343,12 +343,12 @@ def rank_executor(programs: list[VMProgram], rank: int):
         return programs[k].tensor_of(v)
 
     def execute(i: int) -> None:
-        node = dag.nodes[int(q.rows[i, Field.TASK])]
-        op = graph.ops[node["op"]]
+        task = dag.tasks[int(q.rows[i, Field.TASK])]
+        op = graph.ops[task.op]
         fam = FAMILIES[op.kind]
         if fam.peer_access:
-            fam.reference(op, node["coords"], prog.tensor_of, peer_tensor_of=peer_tensor_of, rank=rank)
+            fam.reference(op, task.coords, prog.tensor_of, peer_tensor_of=peer_tensor_of, rank=rank)
         else:
-            fam.reference(op, node["coords"], prog.tensor_of)
+            fam.reference(op, task.coords, prog.tensor_of)
 
     return execute

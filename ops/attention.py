@@ -15,6 +15,8 @@ Rows whose every key is masked produce 0 (torch gives NaN there).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -289,9 +291,8 @@ def lower_sdpa(ctx, node, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=Fals
     b, h, sq, dv = q4.shape[0], q4.shape[1], q4.shape[2], v4.shape[3]
     out = ctx.graph.new_tensor(node.name, (b, sq, h, dv), node.meta["val"].dtype).permute((0, 2, 1, 3))
     scale = 1.0 / math.sqrt(q4.shape[3]) if scale is None else float(scale)
-    ctx.emit(
-        node, "attention", (q4, k4, v4, attn_mask), (out,), scale=scale, causal=bool(is_causal), group=hq // k4.shape[1]
-    )
+    attrs = AttentionAttrs(scale=scale, causal=bool(is_causal), group=hq // k4.shape[1])
+    ctx.emit(node, "attention", (q4, k4, v4, attn_mask), (out,), attrs)
     return out.reshape(tuple(node.meta["val"].shape))
 
 
@@ -299,12 +300,42 @@ def _ungroup(ctx, kv: View) -> View:
     """Undo repeat_kv: if kv is a copy of an expanded [B, Hkv, G, S, D] view, read the source
     (G heads share one kv head) instead of the copy; the copy then dies (dead-op pass)."""
     op = next((o for o in ctx.graph.ops if o.outputs[0].buffer == kv.buffer and o.kind == "elementwise"), None)
-    if op is None or op.attrs["expr"][1] != "copy" or len(op.inputs) != 1:
+    if op is None or op.attrs.expr[1] != "copy" or len(op.inputs) != 1:
         return kv
     src = op.inputs[0]
     if src.rank == 5 and src.strides[2] == 0 and kv.shape[1] == src.shape[1] * src.shape[2]:
         return src.select(2, 0)
     return kv
+
+
+@dataclass
+class AttentionAttrs:
+    scale: float
+    causal: bool
+    group: int  # query heads per kv head
+    tile: tuple[int, int] | None = None  # (BM, BN) (passes/tile.py)
+    stages: int | None = None  # software pipeline stages of the key loop (passes/tile.py, split_kv.py)
+    dot: torch.dtype | None = None  # tl.dot's operand dtype (passes/tile.py)
+    split: int = 1  # key chunks (passes/split_kv.py)
+
+
+class AttentionKey(NamedTuple):
+    kind: str
+    q: torch.dtype
+    k: torch.dtype
+    v: torch.dtype
+    mask: torch.dtype | None
+    out: torch.dtype
+    dot: torch.dtype
+    causal: bool
+    scale: float
+    group: int
+    bm: int
+    bn: int
+    bd: int
+    split: bool
+    units: tuple[bool, ...]  # attention_tile's Q_UNIT .. D_EXACT, in its order
+    stages: int
 
 
 @family
@@ -315,22 +346,22 @@ class Attention(OpFamily):
     routines = ("attention_tile",)
 
     def splits(self, node) -> int:
-        return node.attrs.get("split", 1)
+        return node.attrs.split
 
     def key(self, node):
         q, k, v, mask = node.inputs
-        bm, bn = node.attrs["tile"]
-        return (
+        bm, bn = node.attrs.tile
+        return AttentionKey(
             self.kind,
             q.dtype,
             k.dtype,
             v.dtype,
             mask.dtype if mask is not None else None,
             node.outputs[0].dtype,
-            node.attrs["dot"],
-            node.attrs["causal"],
-            node.attrs["scale"],
-            node.attrs["group"],
+            node.attrs.dot,
+            node.attrs.causal,
+            node.attrs.scale,
+            node.attrs.group,
             bm,
             bn,
             max(16, next_pow2(q.shape[3])),
@@ -338,16 +369,17 @@ class Attention(OpFamily):
             tuple(t is not None and t.strides[3] == 1 for t in (q, k, v, mask, node.outputs[0]))
             + tuple(t.strides[3] == 1 and aligned(t) for t in (q, k, v, node.outputs[0]))
             + (all(t.shape[3] == max(16, next_pow2(q.shape[3])) for t in (q, k, v)),),
-            node.attrs["stages"],
+            node.attrs.stages,
         )
 
     def emit(self, key, name):
-        _, qdt, kdt, vdt, mdt, odt, dot, causal, scale, group, bm, bn, bd, split, units, stages = key
+        mdt = key.mask
         mask_dt = tl_dtype(mdt) if mdt is not None else "tl.float32"
         return "", (
-            f"attention_tile({{row}}, {{addrs}}, {{views}}, {tl_dtype(qdt)}, {tl_dtype(kdt)}, {tl_dtype(vdt)}, "
-            f"{mask_dt}, {tl_dtype(odt)}, {tl_dtype(dot)}, {mdt is not None}, {mdt == torch.bool}, "
-            f"{causal}, {scale!r}, {group}, {bm}, {bn}, {bd}, {split}, {', '.join(map(str, units))}, {stages})"
+            f"attention_tile({{row}}, {{addrs}}, {{views}}, {tl_dtype(key.q)}, {tl_dtype(key.k)}, {tl_dtype(key.v)}, "
+            f"{mask_dt}, {tl_dtype(key.out)}, {tl_dtype(key.dot)}, {mdt is not None}, {mdt == torch.bool}, "
+            f"{key.causal}, {key.scale!r}, {key.group}, {key.bm}, {key.bn}, {key.bd}, {key.split}, "
+            f"{', '.join(map(str, key.units))}, {key.stages})"
         )
 
     def view_args(self, node):
@@ -359,8 +391,8 @@ class Attention(OpFamily):
 
     def tiles(self, node):
         q, k = node.inputs[0], node.inputs[1]
-        packed = node.attrs["group"] * q.shape[2]
-        bm = node.attrs["tile"][0]
+        packed = node.attrs.group * q.shape[2]
+        bm = node.attrs.tile[0]
         return [
             (b, hk, m, p)
             for p in range(self.splits(node))
@@ -371,7 +403,7 @@ class Attention(OpFamily):
 
     def row_segments(self, node, coords) -> list[tuple[int, int, int]]:
         """(query head, first, end query position) of each head the tile's packed rows cover."""
-        sq, group, bm = node.inputs[0].shape[2], node.attrs["group"], node.attrs["tile"][0]
+        sq, group, bm = node.inputs[0].shape[2], node.attrs.group, node.attrs.tile[0]
         _, hk, m, _ = coords
         r0, r1 = m * bm, min((m + 1) * bm, group * sq)
         return [
@@ -381,7 +413,7 @@ class Attention(OpFamily):
 
     def kv_range(self, node, p: int) -> tuple[int, int]:
         """Keys of chunk p; the kernel computes the same chunks."""
-        skv, bn = node.inputs[1].shape[2], node.attrs["tile"][1]
+        skv, bn = node.inputs[1].shape[2], node.attrs.tile[1]
         chunk = kv_chunk(skv, self.splits(node), bn)
         return min(skv, p * chunk), min(skv, (p + 1) * chunk)
 
@@ -406,7 +438,7 @@ class Attention(OpFamily):
 
     def cost(self, node, coords):
         q, k, v, _ = node.inputs
-        bm = node.attrs["tile"][0]
+        bm = node.attrs.tile[0]
         lo, hi = self.kv_range(node, coords[3])
         return bytes_cost(
             (hi - lo) * k.shape[3] * (k.dtype.itemsize + v.dtype.itemsize), 4.0 * bm * (hi - lo) * k.shape[3]
@@ -414,7 +446,7 @@ class Attention(OpFamily):
 
     def describe(self, node, coords):
         b, hk, m, p = coords
-        bm = node.attrs["tile"][0]
+        bm = node.attrs.tile[0]
         segs = self.row_segments(node, coords)
         heads = f"h{segs[0][0]}" if len(segs) == 1 else f"h{segs[0][0]}:{segs[-1][0] + 1}"
         split = f" kv{self.kv_range(node, p)[0]}:" if self.splits(node) > 1 else ""
@@ -429,9 +461,9 @@ class Attention(OpFamily):
         ob = p * q.shape[0] + b
         for h, q0, q1 in self.row_segments(node, coords):
             rs = slice(q0, q1)
-            s = (tensor_of(q)[b, h, rs].double() * node.attrs["scale"]) @ kk.T
+            s = (tensor_of(q)[b, h, rs].double() * node.attrs.scale) @ kk.T
             keep = torch.ones_like(s, dtype=torch.bool)
-            if node.attrs["causal"]:
+            if node.attrs.causal:
                 keep &= (
                     torch.arange(k.shape[2], device=s.device)[ks][None, :]
                     <= torch.arange(q.shape[2], device=s.device)[rs][:, None]
@@ -465,6 +497,13 @@ def _union(view: View, boxes) -> Access:
     return Access(view.buffer, merge_intervals(iv for box in boxes for iv in box_access(view, box).intervals))
 
 
+class CombineKey(NamedTuple):
+    kind: str
+    out: torch.dtype
+    bm: int
+    bd: int
+
+
 @family
 class AttentionCombine(OpFamily):
     """Merges split-KV partials: inputs (partials, max_and_sum), output the attention output."""
@@ -474,11 +513,10 @@ class AttentionCombine(OpFamily):
 
     def key(self, node):
         out = node.outputs[0]
-        return (self.kind, out.dtype, max(16, next_pow2(out.shape[2])), max(16, next_pow2(out.shape[3])))
+        return CombineKey(self.kind, out.dtype, max(16, next_pow2(out.shape[2])), max(16, next_pow2(out.shape[3])))
 
     def emit(self, key, name):
-        _, odt, bm, bd = key
-        return "", f"attention_combine_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(odt)}, {bm}, {bd})"
+        return "", f"attention_combine_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(key.out)}, {key.bm}, {key.bd})"
 
     def tiles(self, node):
         out = node.outputs[0]

@@ -5,8 +5,12 @@ A family (one module in ops/) says how one of its ops:
   - is encoded: `view_args(node)` -> views whose ids lead the instruction args (coords follow),
   - touches memory: `regions(node, coords)` -> (reads, writes) as buffer intervals,
   - costs:      `cost(node, coords)` -> estimated ns (bytes / bandwidth + flops / rate),
-  - generates:  `key(node)` -> specialization key (one opcode per key) and `emit(key, name)`,
+  - generates:  `key(node)` -> specialization key (one opcode per key: a NamedTuple whose first
+                field `kind` is the family's) and `emit(key, name)`,
   - computes:   `reference(node, coords, tensor_of)` -> the tile in torch (the VM's spec).
+A family's ops carry its own dataclass of attributes (OpNode.attrs, defined in its module: set at
+capture, completed by passes); inputs whose meaning depends on the variant are named there too
+(matmul.MatmulInputs, scatter.ScatterInputs).
 Communication families (tensor parallelism, ops/comm.py) also read their peers' memory:
 `peer_access` is True, `peer_ranks(node, coords)` lists the ranks a tile reads from, and
 `reference` takes `peer_tensor_of(rank, view)` (the same view on another rank) as well.
@@ -259,6 +263,10 @@ class OpFamily:
     def key(self, node: OpNode) -> tuple:
         raise NotImplementedError
 
+    def label(self, key: tuple) -> str:
+        """A readable name for the opcode of `key` (passes/encode.py numbers it)."""
+        return self.kind
+
     def view_args(self, node: OpNode) -> list[View | None]:
         return list(node.inputs) + list(node.outputs)
 
@@ -271,13 +279,6 @@ class OpFamily:
 
     def regions(self, node: OpNode, coords) -> tuple[list[Access], list[Access]]:
         raise NotImplementedError
-
-    def combined(self, node: OpNode, coords) -> tuple | None:
-        """Tiles of `node` giving the same non-None value are accumulating writers of one output
-        block, combined by a ticket counter (ops/matmul.py: a split-K sum in the matmul): they
-        share written regions yet must not be ordered against each other (passes/dependencies.py
-        adds no edge between them; passes/counters.py gives each group its ticket)."""
-        return None
 
     def cost(self, node: OpNode, coords) -> float:
         return TILE_OVERHEAD_NS

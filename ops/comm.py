@@ -29,6 +29,9 @@ returning a silently wrong local value.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -52,6 +55,24 @@ from mkcompiler.ir.layout import MAX_WORLD, NUM_ARGS, TPField
 
 PEER_BYTES_PER_NS = 4.0  # NVLink bytes/ns per SM (H100: ~450 GB/s a direction over 132 SMs), cost model only
 DEFAULT_BLOCK = 1024  # elements per tile when passes/ranks.choose_comm_tiles has not chosen
+
+
+@dataclass
+class CommAttrs:
+    world: int  # ranks of the group
+    dim: int | None = None  # all_gather, all_to_all: the dim the ranks' parts are placed along
+    block: int = DEFAULT_BLOCK  # elements per block (passes/ranks.choose_comm_tiles)
+    blocks_per_tile: int = 1
+
+
+class CommKey(NamedTuple):
+    kind: str
+    x: torch.dtype
+    out: torch.dtype
+    world: int
+    dim: int | None
+    block: int
+    flat: tuple[int, int]  # _Comm.flat
 
 
 def _process_group_size() -> int | None:
@@ -137,7 +158,7 @@ def _check(ctx, node, x, world, name):
 def lower_all_reduce(ctx, node, x, world):
     _check(ctx, node, x, world, "all_reduce")
     out = ctx.new_output(node)
-    ctx.emit(node, "all_reduce", (x,), (out,), world=world)
+    ctx.emit(node, "all_reduce", (x,), (out,), CommAttrs(world))
     return out
 
 
@@ -147,7 +168,7 @@ def lower_all_gather(ctx, node, x, dim, world):
     if x.rank == 0:
         ctx.unsupported(node, "all_gather of a 0-d tensor")
     out = ctx.new_output(node)
-    ctx.emit(node, "all_gather", (x,), (out,), world=world, dim=dim % x.rank)
+    ctx.emit(node, "all_gather", (x,), (out,), CommAttrs(world, dim=dim % x.rank))
     return out
 
 
@@ -159,7 +180,7 @@ def lower_all_to_all(ctx, node, x, world):
     if not x.is_contiguous():  # a tile finds its row block at the rank's offset in x's elements
         x = ctx.copy(x)
     out = ctx.new_output(node)
-    ctx.emit(node, "all_to_all", (x,), (out,), world=world, dim=1)
+    ctx.emit(node, "all_to_all", (x,), (out,), CommAttrs(world, dim=1))
     return out
 
 
@@ -185,39 +206,30 @@ class _Comm(OpFamily):
 
     def blocks(self, node) -> list[tuple[int, int]]:
         """(first block, number of blocks) per tile, over the elements a rank sends."""
-        block = node.attrs.get("block", DEFAULT_BLOCK)
-        per = node.attrs.get("blocks_per_tile", 1)
+        block, per = node.attrs.block, node.attrs.blocks_per_tile
         n = cdiv(max(self.elements(node), 1), block)
         return [(b, min(per, n - b)) for b in range(0, n, per)]
 
     def span(self, node, first: int, count: int) -> tuple[int, int]:
-        block = node.attrs.get("block", DEFAULT_BLOCK)
+        block = node.attrs.block
         return first * block, min((first + count) * block, self.elements(node))
 
     def key(self, node):
         x, out = node.inputs[0], node.outputs[0]
-        world = node.attrs["world"]
+        world = node.attrs.world
         if world > MAX_WORLD:
             raise NotImplementedError(f"{node.name}: {world} ranks (at most {MAX_WORLD} in a kernel)")
-        return (
-            self.kind,
-            x.dtype,
-            out.dtype,
-            world,
-            node.attrs.get("dim"),
-            node.attrs.get("block", DEFAULT_BLOCK),
-            self.flat(node),
-        )
+        return CommKey(self.kind, x.dtype, out.dtype, world, node.attrs.dim, node.attrs.block, self.flat(node))
 
     def flat(self, node) -> tuple[int, int]:
         """ops/common.offsets_of flags of the input and of what the tile writes."""
         return flat_flags(node.inputs[0], node.outputs[0])
 
     def emit(self, key, name):
-        _, x_dt, out_dt, world, _, block, (x_flat, out_flat) = key
+        x_flat, out_flat = key.flat
         call = (
-            f"{self.routines[0]}({{row}}, {{addrs}}, {{views}}, tp_ptr, {world}, {tl_dtype(x_dt)}, "
-            f"{tl_dtype(out_dt)}, {block}, {next_pow2(block)}, {x_flat}, {out_flat}{self.ROUTINE_FLAGS})"
+            f"{self.routines[0]}({{row}}, {{addrs}}, {{views}}, tp_ptr, {key.world}, {tl_dtype(key.x)}, "
+            f"{tl_dtype(key.out)}, {key.block}, {next_pow2(key.block)}, {x_flat}, {out_flat}{self.ROUTINE_FLAGS})"
         )
         return "", call
 
@@ -231,7 +243,7 @@ class AllReduce(_Comm):
         return self.blocks(node)
 
     def peer_ranks(self, node, coords):
-        return list(range(node.attrs["world"]))
+        return list(range(node.attrs.world))
 
     def regions(self, node, coords):
         lo, hi = self.span(node, *coords)
@@ -240,13 +252,13 @@ class AllReduce(_Comm):
     def cost(self, node, coords):
         lo, hi = self.span(node, *coords)
         x, out = node.inputs[0], node.outputs[0]
-        peer = (hi - lo) * x.dtype.itemsize * (node.attrs["world"] - 1)
+        peer = (hi - lo) * x.dtype.itemsize * (node.attrs.world - 1)
         local = (hi - lo) * (x.dtype.itemsize + out.dtype.itemsize)
         return TILE_OVERHEAD_NS + local / BYTES_PER_NS + peer / PEER_BYTES_PER_NS
 
     def describe(self, node, coords):
         lo, hi = self.span(node, *coords)
-        return f"{node.name}[{lo}:{hi}] sum of {node.attrs['world']} ranks"
+        return f"{node.name}[{lo}:{hi}] sum of {node.attrs.world} ranks"
 
     def reference(self, node, coords, tensor_of, peer_tensor_of=None, rank=None):
         if peer_tensor_of is None:
@@ -254,7 +266,7 @@ class AllReduce(_Comm):
         lo, hi = self.span(node, *coords)
         x = node.inputs[0]
         acc = None
-        for k in range(node.attrs["world"]):  # rank order: every rank adds in the same order
+        for k in range(node.attrs.world):  # rank order: every rank adds in the same order
             part = peer_tensor_of(k, x).reshape(-1)[lo:hi].float()
             acc = part if acc is None else acc + part
         _store_linear(tensor_of(node.outputs[0]), lo, hi, acc)
@@ -266,15 +278,15 @@ class AllGather(_Comm):
     routines = ("all_gather_tile",)
 
     def tiles(self, node):
-        return [(k, b, n) for k in range(node.attrs["world"]) for b, n in self.blocks(node)]
+        return [(k, b, n) for k in range(node.attrs.world) for b, n in self.blocks(node)]
 
     def instruction_tail(self, node):
         """Every rank's slice of the output (the tile picks slice k: arg GATHER_PARTS + k)."""
-        assert 5 + node.attrs["world"] <= NUM_ARGS, node.attrs["world"]
-        return [self.part(node, k) for k in range(node.attrs["world"])]
+        assert 5 + node.attrs.world <= NUM_ARGS, node.attrs.world
+        return [self.part(node, k) for k in range(node.attrs.world)]
 
     def flat(self, node):
-        parts = flat_flags(*(self.part(node, k) for k in range(node.attrs["world"])))
+        parts = flat_flags(*(self.part(node, k) for k in range(node.attrs.world)))
         return flat_flags(node.inputs[0])[0], min(parts)  # one routine writes every slice
 
     def peer_ranks(self, node, coords):
@@ -282,7 +294,8 @@ class AllGather(_Comm):
 
     def part(self, node, k: int):
         """Slice k of the output: where rank k's input goes."""
-        dim, size = node.attrs["dim"], node.inputs[0].shape[node.attrs["dim"]]
+        dim = node.attrs.dim
+        size = node.inputs[0].shape[dim]
         return node.outputs[0].slice(dim, k * size, (k + 1) * size)
 
     def regions(self, node, coords):
@@ -320,7 +333,7 @@ class AllToAll(AllGather):
 
     def elements(self, node) -> int:
         """One row block of x (what each rank sends each rank)."""
-        return node.inputs[0].numel // node.attrs["world"]
+        return node.inputs[0].numel // node.attrs.world
 
     def part(self, node, k: int):
         f = node.inputs[0].shape[1]
@@ -333,7 +346,7 @@ class AllToAll(AllGather):
         k, first, count = coords
         lo, hi = self.span(node, first, count)
         x, e = node.inputs[0], self.elements(node)
-        pairs = [p for r in range(node.attrs["world"]) for p in linear_access(x, r * e + lo, r * e + hi).intervals]
+        pairs = [p for r in range(node.attrs.world) for p in linear_access(x, r * e + lo, r * e + hi).intervals]
         return [Access(x.buffer, merge_intervals(pairs))], [linear_access(self.part(node, k), lo, hi)]
 
     def describe(self, node, coords):

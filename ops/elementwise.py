@@ -25,7 +25,8 @@ a positional expression into another op (`has_positional`).
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 from mkcompiler.ops.base import (
@@ -248,6 +249,14 @@ def _round_src(dtype: torch.dtype) -> str:
     if dtype == torch.float32 or dtype == torch.bool:
         return ""
     return f".to({tl_dtype(dtype)}).to(tl.float32)"
+
+
+def op_names(expr):
+    """The op names of `expr`'s nodes, depth first, a node before its arguments."""
+    if expr[0] == "op":
+        yield expr[1]
+        for a in expr[3:]:
+            yield from op_names(a)
 
 
 def has_positional(expr) -> bool:
@@ -485,21 +494,42 @@ def joint_coalesce(views):
     return [replace(v, shape=tuple(shape), strides=tuple(st)) for v, st in zip(views, strides)]
 
 
+@dataclass
+class ElementwiseAttrs:
+    expr: tuple  # the expression tree (module docstring)
+    block: int | None = None  # elements per block (passes/tile.py)
+    blocks_per_tile: int = 1
+
+
+class ElementwiseKey(NamedTuple):
+    kind: str
+    expr: tuple  # nested tuples of literals and dtypes: hashable as is
+    in_dtypes: tuple
+    out_dtype: torch.dtype
+    block: int
+    flat: tuple[int, ...]  # flat_flags of the output, then the inputs
+    numel_div: bool  # the output's numel is a multiple of 8
+    shape: tuple[int, ...] | None  # index_shape
+
+
 @family
 class Elementwise(OpFamily):
     kind = "elementwise"
 
     def key(self, node):
-        return (
+        return ElementwiseKey(
             self.kind,
-            node.attrs["expr"],  # nested tuples of literals and dtypes: hashable as is
+            node.attrs.expr,
             tuple(v.dtype for v in node.inputs),
             node.outputs[0].dtype,
-            node.attrs["block"],
+            node.attrs.block,
             flat_flags(*self.view_args(node)),
             node.outputs[0].numel % 8 == 0,
             self.index_shape(node),
         )
+
+    def label(self, key):
+        return "ew_" + "_".join(dict.fromkeys(reversed(list(op_names(key.expr)))))[:24]
 
     def index_shape(self, node) -> tuple[int, ...] | None:
         """The padded shape all views share, when some view is strided: the kernel then splits
@@ -515,8 +545,8 @@ class Elementwise(OpFamily):
         return joint_coalesce([node.outputs[0], *node.inputs])
 
     def emit(self, key, name):
-        _, expr, in_dtypes, out_dtype, block, flat, numel_div, shape = key
-        vec = numel_div and all(f == 2 for f in flat)  # 16-byte accesses need uniform masks too
+        expr, in_dtypes, out_dtype, flat, shape = key.expr, key.in_dtypes, key.out_dtype, key.flat, key.shape
+        vec = key.numel_div and all(f == 2 for f in flat)  # 16-byte accesses need uniform masks too
         lines, result = expr_source(expr, len(in_dtypes), "lin")
         n = len(in_dtypes)
         src = [
@@ -542,21 +572,21 @@ class Elementwise(OpFamily):
             src.append(
                 f"        store_view(addrs_ptr, views_ptr, out_v, lin, mask, {result}, {tl_dtype(out_dtype)}, {flat[0]})"
             )
-        return "\n".join(src) + "\n", f"{name}({{row}}, {{addrs}}, {{views}}, {block})"
+        return "\n".join(src) + "\n", f"{name}({{row}}, {{addrs}}, {{views}}, {key.block})"
 
     def tiles(self, node):
         """(first block, number of blocks): big tensors get several blocks per tile (passes/tile)."""
-        blocks = cdiv(node.outputs[0].numel, node.attrs["block"])
-        per = node.attrs.get("blocks_per_tile", 1)
+        blocks = cdiv(node.outputs[0].numel, node.attrs.block)
+        per = node.attrs.blocks_per_tile
         return [(b, min(per, blocks - b)) for b in range(0, blocks, per)]
 
     def span(self, node, coords) -> tuple[int, int]:
-        block = node.attrs["block"]
+        block = node.attrs.block
         return coords[0] * block, min((coords[0] + coords[1]) * block, node.outputs[0].numel)
 
     def regions(self, node, coords):
         lo, hi = self.span(node, coords)
-        windows = slot_windows(node.attrs["expr"])
+        windows = slot_windows(node.attrs.expr)
         reads = [
             window_access(v, lo, hi, windows[k]) if k in windows else linear_access(v, lo, hi)
             for k, v in enumerate(node.inputs)
@@ -574,12 +604,12 @@ class Elementwise(OpFamily):
     def reference(self, node, coords, tensor_of):
         sl = slice(*self.span(node, coords))
         lin = torch.arange(sl.start, sl.stop, dtype=torch.int64)
-        windows = slot_windows(node.attrs["expr"])
+        windows = slot_windows(node.attrs.expr)
         ins = [
             window_values(v, windows[k], lin, tensor_of) if k in windows else tensor_of(v).reshape(-1)[sl]
             for k, v in enumerate(node.inputs)
         ]
-        out = expr_torch(node.attrs["expr"], ins, lin)
+        out = expr_torch(node.attrs.expr, ins, lin)
         dst = tensor_of(node.outputs[0])
         idx = torch.unravel_index(torch.arange(sl.start, sl.stop), dst.shape)
         dst[idx] = out.to(dst.dtype)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 from mkcompiler.ops.base import bytes_cost, linear_access, row_access, tl_dtype, whole
 from mkcompiler.ops.common import arg, store_view, view_base, view_numel, view_offsets, view_size, view_stride
-from mkcompiler.ops.reduce import RowFamily
+from mkcompiler.ops.reduce import RowAttrs, RowFamily
 from mkcompiler.ops.registry import family, lowers
 
 aten = torch.ops.aten
@@ -61,7 +63,7 @@ def lower_embedding(ctx, node, weight, indices, padding_idx=-1, scale_grad_by_fr
     if weight.rank != 2:
         ctx.unsupported(node, "embedding with a weight that is not 2-D")
     out = ctx.new_output(node)
-    ctx.emit(node, "embedding", (weight, ctx.row_input(indices)), (out,))
+    ctx.emit(node, "embedding", (weight, ctx.row_input(indices)), (out,), RowAttrs())
     return out
 
 
@@ -75,7 +77,8 @@ def _rows_of(ctx, node, x, index):
     if weight is None:
         weight = ctx.copy(x).reshape(flat)
     out = ctx.new_output(node)
-    ctx.emit(node, "embedding", (weight, ctx.row_input(index) if index.rank else index.reshape((1,))), (out,))
+    index = ctx.row_input(index) if index.rank else index.reshape((1,))
+    ctx.emit(node, "embedding", (weight, index), (out,), RowAttrs())
     return out
 
 
@@ -94,6 +97,15 @@ def lower_index(ctx, node, x, indices):
     return _rows_of(ctx, node, x, indices[0])
 
 
+class EmbeddingKey(NamedTuple):
+    kind: str
+    weight: torch.dtype
+    index: torch.dtype
+    y: torch.dtype
+    tile: tuple[int, int]
+    y_flat: bool  # the output is contiguous
+
+
 @family
 class Embedding(RowFamily):
     kind = "embedding"
@@ -104,13 +116,14 @@ class Embedding(RowFamily):
 
     def key(self, node):
         w, i = node.inputs
-        return (self.kind, w.dtype, i.dtype, node.outputs[0].dtype, node.attrs["tile"], node.outputs[0].is_contiguous())
+        y = node.outputs[0]
+        return EmbeddingKey(self.kind, w.dtype, i.dtype, y.dtype, node.attrs.tile, y.is_contiguous())
 
     def emit(self, key, name):
-        _, wdt, idt, ydt, (br, bc), y_flat = key
+        br, bc = key.tile
         return "", (
-            f"embedding_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(wdt)}, {tl_dtype(idt)}, {tl_dtype(ydt)}, "
-            f"{br}, {bc}, {y_flat})"
+            f"embedding_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(key.weight)}, {tl_dtype(key.index)}, "
+            f"{tl_dtype(key.y)}, {br}, {bc}, {key.y_flat})"
         )
 
     def regions(self, node, coords):

@@ -6,14 +6,17 @@ the S partials (plus bias, cast) afterwards. Operands are 2-D strided views, so 
 (linear's W^T) is read in place. Accumulation is fp32; fp32 operands use `precision`
 ("ieee" by default: exact-ish fp32, "tf32" for speed).
 
-A folded norm (passes/fuse_norm.py, decode): attrs["norm"] = (rms, eps, h's dtype), inputs[0] is
-the norm's input x and inputs[3:5] its weight g and bias b; A = norm(x) is computed by the tile.
+A folded norm (passes/fuse_norm.py, decode): attrs.norm (FoldedNorm), A is the norm's input x and
+MatmulInputs.norm_weight/norm_bias its weight g and bias b; A = norm(x) is computed by the tile.
 A tile seeing all of K (Matmul.norm_in_loop) sums its rows' statistics in the K loop from the A
 blocks it loads, feeds the dot x * g and normalises acc's rows at the end; a split-K tile sweeps
 its rows for the statistics first and normalises each A block (matmul_tile).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -340,19 +343,74 @@ def matmul_tile(
         return ok, t_ready
 
 
+@dataclass(frozen=True)
+class FoldedNorm:
+    """A row norm folded into the matmul (passes/fuse_norm.py): A = norm(x), as ops/norm.py computes it."""
+
+    rms: bool
+    eps: float
+    h_dtype: torch.dtype  # the norm's output dtype: what A is rounded to
+    name: str = ""  # the norm op's (reports)
+
+
+@dataclass
+class MatmulAttrs:
+    norm: FoldedNorm | None = None  # passes/fuse_norm.py
+    bn: int | None = None  # a decode BN for the op's sibling group (passes/split_k.decode_tiling)
+    dot: tuple[torch.dtype, str] | None = None  # tl.dot's (operand dtype, precision) (passes/tile.py)
+    tile: tuple[int, int, int] | None = None  # (BM, BN, BK) (passes/tile.py)
+    group_rows: int = 1  # queue order of the tiles (Matmul.tiles)
+
+
+class MatmulInputs(NamedTuple):
+    """A matmul's inputs by name (node.inputs in this order; the norm's only with a folded norm)."""
+
+    a: View  # with a folded norm: the norm's input x
+    b: View
+    bias: View | None
+    norm_weight: View | None = None
+    norm_bias: View | None = None
+
+
+class FoldedNormKey(NamedTuple):
+    """What matmul_tile specialises on of a folded norm."""
+
+    rms: bool
+    eps: float
+    h_dtype: torch.dtype
+    weight_dtype: torch.dtype | None
+    bias_dtype: torch.dtype | None
+    in_loop: bool  # Matmul.norm_in_loop
+    weight_flat: int  # flat_flags of the weight and the bias
+    bias_flat: int
+
+
+class MatmulKey(NamedTuple):
+    kind: str
+    a: torch.dtype
+    b: torch.dtype
+    bias: torch.dtype | None
+    c: torch.dtype
+    dot: torch.dtype
+    precision: str
+    tile: tuple[int, int, int]
+    units: tuple[bool, ...]  # matmul_tile's A_K_UNIT .. KN_DIV, in its order
+    norm: FoldedNormKey | None
+
+
 def _norm_reference(x, node, tensor_of):
-    rms, eps, h_dtype = node.attrs["norm"]
-    nw, nb = node.inputs[3:5]
+    norm, ins = node.attrs.norm, Matmul.operands(node)
+    nw, nb = ins.norm_weight, ins.norm_bias
     xs = x.double()
-    if rms:
-        y = xs * torch.rsqrt((xs * xs).mean(-1, keepdim=True) + eps)
+    if norm.rms:
+        y = xs * torch.rsqrt((xs * xs).mean(-1, keepdim=True) + norm.eps)
     else:
-        y = torch.nn.functional.layer_norm(xs, (xs.shape[-1],), eps=eps)
+        y = torch.nn.functional.layer_norm(xs, (xs.shape[-1],), eps=norm.eps)
     if nw is not None:
         y = y * tensor_of(nw).double()
     if nb is not None:
         y = y + tensor_of(nb).double()
-    return y.to(h_dtype)
+    return y.to(norm.h_dtype)
 
 
 def _norm_in_loop_reference(x, w, node, tensor_of):
@@ -363,18 +421,18 @@ def _norm_in_loop_reference(x, w, node, tensor_of):
     as the kernel's spare A rows are. That rounds x * g where storing h rounds the normalised
     value: the results differ by bf16 rounding, so these tiles are specified here, not by
     _norm_reference (which split-K tiles, sweeping first, still match exactly)."""
-    rms, eps, h_dtype = node.attrs["norm"]
-    nw, nb = node.inputs[3:5]
+    norm, ins = node.attrs.norm, Matmul.operands(node)
+    nw, nb, h_dtype = ins.norm_weight, ins.norm_bias, norm.h_dtype
     xs, w = x.double(), w.double()
     g = tensor_of(nw).double() if nw is not None else torch.ones(xs.shape[-1], dtype=torch.float64)
-    if rms:
+    if norm.rms:
         acc = (xs * g).to(h_dtype).double() @ w
-        acc = acc * torch.rsqrt((xs * xs).mean(-1, keepdim=True) + eps)
+        acc = acc * torch.rsqrt((xs * xs).mean(-1, keepdim=True) + norm.eps)
     else:  # on x - (each row's first element), as the kernel
         xs = xs - xs[:, :1]
         acc = (xs * g).to(h_dtype).double() @ w
         mean = xs.mean(-1, keepdim=True)
-        rstd = torch.rsqrt(xs.var(-1, unbiased=False, keepdim=True) + eps)
+        rstd = torch.rsqrt(xs.var(-1, unbiased=False, keepdim=True) + norm.eps)
         acc = (acc - mean * (g.to(h_dtype).double() @ w)) * rstd
     if nb is not None:
         acc = acc + tensor_of(nb).to(h_dtype).double() @ w
@@ -428,10 +486,14 @@ class Matmul(OpFamily):
     kind = "matmul"
     routines = ("matmul_tile",)
 
+    @staticmethod
+    def operands(node) -> MatmulInputs:
+        return MatmulInputs(*node.inputs)
+
     def key(self, node):
-        a, b, bias = node.inputs[:3]
+        a, b, bias = self.operands(node)[:3]
         c = node.outputs[0]
-        dot, prec = node.attrs["dot"]
+        dot, prec = node.attrs.dot
         a_k, b_k, b_n, c_n = (
             a.strides[1] == 1,
             b.strides[0] == 1,
@@ -447,7 +509,7 @@ class Matmul(OpFamily):
         c_al = aligned(c) and self.splits(node) == 1 and (not c_n or _stride_aligned(c, -2))
         units += (a_al, b_al, c_al)
         units += (a.shape[1] % 8 == 0 and b.shape[1] % 8 == 0,)
-        return (
+        return MatmulKey(
             self.kind,
             a.dtype,
             b.dtype,
@@ -455,20 +517,19 @@ class Matmul(OpFamily):
             c.dtype,
             dot,
             prec,
-            node.attrs["tile"],
+            node.attrs.tile,
             units,
             self.norm_key(node),
         )
 
-    def norm_key(self, node):
-        """(rms, eps, h dtype, norm weight dtype, norm bias dtype, norm_in_loop, weight and bias
-        flat_flags) of a folded norm, or None."""
-        if "norm" not in node.attrs:
+    def norm_key(self, node) -> FoldedNormKey | None:
+        norm = node.attrs.norm
+        if norm is None:
             return None
-        rms, eps, h_dtype = node.attrs["norm"]
-        nw, nb = node.inputs[3:5]
+        ins = self.operands(node)
+        nw, nb = ins.norm_weight, ins.norm_bias
         dtypes = (nw.dtype if nw is not None else None, nb.dtype if nb is not None else None)
-        return (rms, eps, h_dtype) + dtypes + (self.norm_in_loop(node),) + flat_flags(nw, nb)
+        return FoldedNormKey(norm.rms, norm.eps, norm.h_dtype, *dtypes, self.norm_in_loop(node), *flat_flags(nw, nb))
 
     def norm_in_loop(self, node) -> bool:
         """Does the tile compute its folded norm's statistics inside the K loop (one pass, the
@@ -476,32 +537,37 @@ class Matmul(OpFamily):
         all of K (no split-K) and, for LayerNorm or a norm bias, the A block has spare rows past
         M for the dot to compute gW (and bW) in (matmul_tile). (Split-K tiles summing the other
         chunks' statistics in their loop spilled and were slower: RESULTS.md, session 6.)"""
-        rms = node.attrs["norm"][0]
-        spare = (0 if rms else 1) + (node.inputs[4] is not None)
-        return self.splits(node) == 1 and node.inputs[0].shape[0] + spare <= node.attrs["tile"][0]
+        ins = self.operands(node)
+        spare = (0 if node.attrs.norm.rms else 1) + (ins.norm_bias is not None)
+        return self.splits(node) == 1 and ins.a.shape[0] + spare <= node.attrs.tile[0]
 
     def view_args(self, node):
-        return list(node.inputs[:3]) + [node.outputs[0]]  # A, B, bias, C; then tile coords
+        ins = self.operands(node)
+        return [ins.a, ins.b, ins.bias, node.outputs[0]]  # then tile coords
 
     def instruction_tail(self, node):
-        return list(node.inputs[3:5]) if "norm" in node.attrs else []  # norm weight and bias
+        ins = self.operands(node)
+        return [ins.norm_weight, ins.norm_bias] if node.attrs.norm is not None else []
 
     def emit(self, key, name):
-        _, a, b, bias, c, dot, prec, (bm, bn, bk), units, norm = key
+        bias = key.bias
         bias_dt = tl_dtype(bias) if bias is not None else "tl.float32"
+        norm = key.norm
         if norm is None:
             norm_args = "False, True, 0.0, tl.float32, tl.float32, tl.float32, False, False, False, 1, 1"
         else:
-            rms, eps, h_dt, nw_dt, nb_dt, in_loop, nw_flat, nb_flat = norm
+            nw_dt, nb_dt = norm.weight_dtype, norm.bias_dtype
             norm_args = (
-                f"True, {rms}, {eps!r}, {tl_dtype(h_dt)}, {tl_dtype(nw_dt) if nw_dt else 'tl.float32'}, "
+                f"True, {norm.rms}, {norm.eps!r}, {tl_dtype(norm.h_dtype)}, "
+                f"{tl_dtype(nw_dt) if nw_dt else 'tl.float32'}, "
                 f"{tl_dtype(nb_dt) if nb_dt else 'tl.float32'}, {nw_dt is not None}, {nb_dt is not None}, "
-                f"{in_loop}, {nw_flat}, {nb_flat}"
+                f"{norm.in_loop}, {norm.weight_flat}, {norm.bias_flat}"
             )
+        bm, bn, bk = key.tile
         return "", (  # {wait}: the tile's own wait (early_wait), or None
-            f"matmul_tile({{row}}, {{addrs}}, {{views}}, {tl_dtype(a)}, {tl_dtype(b)}, {bias_dt}, {tl_dtype(c)}, "
-            f"{bias is not None}, {tl_dtype(dot)}, {prec!r}, {bm}, {bn}, {bk}, {', '.join(map(str, units))}, "
-            f"{norm_args}, wait={{wait}})"
+            f"matmul_tile({{row}}, {{addrs}}, {{views}}, {tl_dtype(key.a)}, {tl_dtype(key.b)}, {bias_dt}, "
+            f"{tl_dtype(key.c)}, {bias is not None}, {tl_dtype(key.dot)}, {key.precision!r}, {bm}, {bn}, {bk}, "
+            f"{', '.join(map(str, key.units))}, {norm_args}, wait={{wait}})"
         )
 
     def early_wait(self, key) -> bool:
@@ -509,7 +575,7 @@ class Matmul(OpFamily):
         block and every view's address are asked for first (matmul_tile's `wait`). Larger tiles keep
         the dispatcher's wait: their first block would hold registers across it (a Llama
         prefill kernel spilled) for a load that is a small part of their time."""
-        return key[7][0] <= DECODE_ROWS
+        return key.tile[0] <= DECODE_ROWS
 
     def splits(self, node) -> int:
         c = node.outputs[0]
@@ -517,24 +583,25 @@ class Matmul(OpFamily):
 
     def k_range(self, node, s: int) -> tuple[int, int]:
         """K chunk of split s; the kernel computes the same chunks."""
-        k = node.inputs[0].shape[1]
-        bk = node.attrs["tile"][2]
+        k = self.operands(node).a.shape[1]
+        bk = node.attrs.tile[2]
         chunk = cdiv(cdiv(k, self.splits(node)), bk) * bk
         return min(k, s * chunk), min(k, (s + 1) * chunk)
 
     def tiles(self, node):
         """(row block, column block, K split) in queue order: per split, groups of group_rows
         row blocks (Settings.matmul_group_rows), column by column, each column's rows together."""
-        bm, bn, _ = node.attrs["tile"]
+        bm, bn, _ = node.attrs.tile
         m, n = node.outputs[0].shape[-2:]
-        rows, cols, g = cdiv(m, bm), cdiv(n, bn), node.attrs.get("group_rows", 1)
+        rows, cols, g = cdiv(m, bm), cdiv(n, bn), node.attrs.group_rows
         order = [(i, j) for i0 in range(0, rows, g) for j in range(cols) for i in range(i0, min(i0 + g, rows))]
         return [(i, j, s) for s in range(self.splits(node)) for i, j in order]
 
     def regions(self, node, coords):
-        a, b, bias = node.inputs[:3]
+        ins = self.operands(node)
+        a, b, bias = ins.a, ins.b, ins.bias
         c = node.outputs[0]
-        bm, bn, _ = node.attrs["tile"]
+        bm, bn, _ = node.attrs.tile
         i, j, s = coords
         m, n = c.shape[-2:]
         rows = (i * bm, min((i + 1) * bm, m))
@@ -544,36 +611,36 @@ class Matmul(OpFamily):
         if bias is not None:
             reads.append(box_access(bias, (cols,)))
         # A folded norm reads whole rows of x (its statistics), and its weight and bias.
-        a_ks = (0, a.shape[1]) if "norm" in node.attrs else ks
+        a_ks = (0, a.shape[1]) if node.attrs.norm is not None else ks
         reads.append(box_access(a, (rows, a_ks)))
-        reads += [whole(v) for v in node.inputs[3:] if v is not None]
+        reads += [whole(v) for v in (ins.norm_weight, ins.norm_bias) if v is not None]
         out = box_access(c, ((s, s + 1), rows, cols)) if c.rank == 3 else box_access(c, (rows, cols))
         return reads, [out]
 
     def cost(self, node, coords):
-        a, b = node.inputs[:2]
-        bm, bn, _ = node.attrs["tile"]
+        a, b = self.operands(node)[:2]
+        bm, bn, _ = node.attrs.tile
         k0, k1 = self.k_range(node, coords[2])
         nbytes = (min(bm, a.shape[0]) * a.dtype.itemsize + bn * b.dtype.itemsize) * (k1 - k0)
         return bytes_cost(nbytes, 2.0 * bm * bn * (k1 - k0))
 
     def describe(self, node, coords):
-        bm, bn, _ = node.attrs["tile"]
+        bm, bn, _ = node.attrs.tile
         split = f", k{self.k_range(node, coords[2])[0]}:" if self.splits(node) > 1 else ""
         return f"{node.name}[m{coords[0] * bm}:+{bm}, n{coords[1] * bn}:+{bn}{split}]"
 
     def reference(self, node, coords, tensor_of):
-        a, b, bias = node.inputs[:3]
+        a, b, bias = self.operands(node)[:3]
         c = node.outputs[0]
-        bm, bn, _ = node.attrs["tile"]
+        bm, bn, _ = node.attrs.tile
         i, j, s = coords
         rs, cs = slice(i * bm, (i + 1) * bm), slice(j * bn, (j + 1) * bn)
         k0, k1 = self.k_range(node, s)
-        if "norm" in node.attrs and self.norm_in_loop(node):
+        if node.attrs.norm is not None and self.norm_in_loop(node):
             acc = _norm_in_loop_reference(tensor_of(a)[rs], tensor_of(b)[:, cs], node, tensor_of)
         else:
             x = tensor_of(a)[rs]
-            if "norm" in node.attrs:  # h = norm(x) as ops/norm.py stores it
+            if node.attrs.norm is not None:  # h = norm(x) as ops/norm.py stores it
                 x = _norm_reference(x, node, tensor_of)
             acc = x[:, k0:k1].double() @ tensor_of(b)[k0:k1, cs].double()
         if bias is not None:

@@ -7,12 +7,15 @@ and `aten.rms_norm` where a graph keeps it whole.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 from mkcompiler.ops.base import row_access, row_flags, tl_dtype, whole
 from mkcompiler.ops.common import arg, load_view, store_view
-from mkcompiler.ops.reduce import RowFamily, row_shape
+from mkcompiler.ops.reduce import RowAttrs, RowFamily, row_shape
 from mkcompiler.ops.registry import family, lowers
 
 aten = torch.ops.aten
@@ -75,6 +78,24 @@ def norm_rows(
         store_view(addrs_ptr, views_ptr, vy, lin, mask, y, Y_DT, Y_FLAT)
 
 
+@dataclass(kw_only=True)
+class NormAttrs(RowAttrs):
+    rms: bool  # RMSNorm, else LayerNorm
+    eps: float
+
+
+class NormKey(NamedTuple):
+    kind: str
+    x: torch.dtype
+    weight: torch.dtype | None
+    bias: torch.dtype | None
+    y: torch.dtype
+    rms: bool
+    eps: float
+    tile: tuple[int, int]
+    flat: tuple[int, ...]  # row_flags of x, weight, bias, y
+
+
 def _check_last_dim(ctx, node, x, normalized_shape):
     if len(normalized_shape) != 1:
         ctx.unsupported(node, f"normalization over {len(normalized_shape)} dims (only the last dim)")
@@ -84,7 +105,7 @@ def _check_last_dim(ctx, node, x, normalized_shape):
 def lower_layer_norm(ctx, node, x, normalized_shape, weight, bias, eps):
     _check_last_dim(ctx, node, x, normalized_shape)
     out = ctx.new_output(node, index=0)
-    ctx.emit(node, "norm", (ctx.row_input(x), weight, bias), (out,), rms=False, eps=float(eps))
+    ctx.emit(node, "norm", (ctx.row_input(x), weight, bias), (out,), NormAttrs(rms=False, eps=float(eps)))
     # mean and rstd (training-only outputs) are refused if anything reads them.
     return (out, ctx.refused(node, "the mean output of layer_norm"), ctx.refused(node, "the rstd output of layer_norm"))
 
@@ -93,7 +114,7 @@ def lower_layer_norm(ctx, node, x, normalized_shape, weight, bias, eps):
 def lower_layer_norm_whole(ctx, node, x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
     _check_last_dim(ctx, node, x, normalized_shape)
     out = ctx.new_output(node)
-    ctx.emit(node, "norm", (ctx.row_input(x), weight, bias), (out,), rms=False, eps=float(eps))
+    ctx.emit(node, "norm", (ctx.row_input(x), weight, bias), (out,), NormAttrs(rms=False, eps=float(eps)))
     return out
 
 
@@ -103,7 +124,7 @@ def lower_rms_norm(ctx, node, x, normalized_shape, weight=None, eps=None):
     if eps is None:
         eps = torch.finfo(node.meta["val"].dtype).eps
     out = ctx.new_output(node)
-    ctx.emit(node, "norm", (ctx.row_input(x), weight, None), (out,), rms=True, eps=float(eps))
+    ctx.emit(node, "norm", (ctx.row_input(x), weight, None), (out,), NormAttrs(rms=True, eps=float(eps)))
     return out
 
 
@@ -114,7 +135,7 @@ def lower_fused_rms_norm(ctx, node, x, normalized_shape, weight=None, eps=None):
     if eps is None:
         eps = torch.finfo(node.meta["val"][0].dtype).eps
     out = ctx.new_output(node, index=0)
-    ctx.emit(node, "norm", (ctx.row_input(x), weight, None), (out,), rms=True, eps=float(eps))
+    ctx.emit(node, "norm", (ctx.row_input(x), weight, None), (out,), NormAttrs(rms=True, eps=float(eps)))
     return (out, ctx.refused(node, "the rstd output of rms_norm"))
 
 
@@ -126,25 +147,30 @@ class Norm(RowFamily):
     def key(self, node):
         x, w, b = node.inputs
         y = node.outputs[0]
-        return (
+        return NormKey(
             self.kind,
             x.dtype,
             w.dtype if w is not None else None,
             b.dtype if b is not None else None,
             y.dtype,
-            node.attrs["rms"],
-            node.attrs["eps"],
-            node.attrs["tile"],
+            node.attrs.rms,
+            node.attrs.eps,
+            node.attrs.tile,
             row_flags(x, w, b, y),
         )
 
+    def label(self, key):
+        return f"{self.kind}_{'rms' if key.rms else 'layer'}"
+
     def emit(self, key, name):
-        _, xdt, wdt, bdt, ydt, rms, eps, (br, bc), flat = key
+        wdt, bdt = key.weight, key.bias
         w = tl_dtype(wdt) if wdt is not None else "tl.float32"
         b = tl_dtype(bdt) if bdt is not None else "tl.float32"
+        br, bc = key.tile
         return "", (
-            f"norm_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(xdt)}, {w}, {b}, {tl_dtype(ydt)}, "
-            f"{wdt is not None}, {bdt is not None}, {rms}, {eps!r}, {br}, {bc}, {', '.join(map(str, flat))})"
+            f"norm_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(key.x)}, {w}, {b}, {tl_dtype(key.y)}, "
+            f"{wdt is not None}, {bdt is not None}, {key.rms}, {key.eps!r}, {br}, {bc}, "
+            f"{', '.join(map(str, key.flat))})"
         )
 
     def regions(self, node, coords):
@@ -158,10 +184,10 @@ class Norm(RowFamily):
         x, w, b = node.inputs
         c = x.shape[-1]
         xs = tensor_of(x).reshape(-1, c)[r0:r1].double()
-        if node.attrs["rms"]:
-            y = xs * torch.rsqrt((xs * xs).mean(-1, keepdim=True) + node.attrs["eps"])
+        if node.attrs.rms:
+            y = xs * torch.rsqrt((xs * xs).mean(-1, keepdim=True) + node.attrs.eps)
         else:
-            y = torch.nn.functional.layer_norm(xs, (c,), eps=node.attrs["eps"])
+            y = torch.nn.functional.layer_norm(xs, (c,), eps=node.attrs.eps)
         if w is not None:
             y = y * tensor_of(w).double()
         if b is not None:

@@ -6,6 +6,9 @@ works with one compiled routine. Also defines RowFamily, the tiling shared with 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -130,6 +133,37 @@ def softmax_rows(
         store_view(addrs_ptr, views_ptr, vy, lin, mask, tl.exp(x - m[:, None]) / s[:, None], Y_DT, Y_FLAT)
 
 
+@dataclass
+class RowAttrs:
+    """A row op's attributes (every RowFamily's attrs are one of these)."""
+
+    tile: tuple[int, int] | None = None  # (BR rows per tile, BC columns per sweep step) (passes/tile.py)
+
+
+@dataclass(kw_only=True)
+class ReduceAttrs(RowAttrs):
+    mode: str  # a key of MODES
+
+
+class RowKey(NamedTuple):
+    """Key of a row op x -> y whose routine takes (X_DT, Y_DT, BR, BC, X_FLAT, Y_FLAT) only."""
+
+    kind: str
+    x: torch.dtype
+    y: torch.dtype
+    tile: tuple[int, int]
+    flat: tuple[int, ...]  # row_flags of x and y
+
+
+class ReduceKey(NamedTuple):
+    kind: str
+    mode: str
+    x: torch.dtype
+    y: torch.dtype
+    tile: tuple[int, int]
+    flat: tuple[int, ...]  # row_flags of x and y
+
+
 def _last_dim(ctx, node, x, dims):
     dims = [d % x.rank for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
     if dims != [x.rank - 1]:
@@ -140,7 +174,7 @@ def _reduce(ctx, node, mode, x, dims, keepdim=False, dtype=None):
     _last_dim(ctx, node, x, dims)
     x = ctx.row_input(x)
     out = ctx.new_output(node)
-    ctx.emit(node, "reduce", (x,), (out,), mode=mode)
+    ctx.emit(node, "reduce", (x,), (out,), ReduceAttrs(mode=mode))
     return out
 
 
@@ -165,7 +199,7 @@ def lower_argmax(ctx, node, x, dim=None, keepdim=False):
         ctx.unsupported(node, "argmax over all elements (give dim=-1)")
     _last_dim(ctx, node, x, dim)
     out = ctx.new_output(node)
-    ctx.emit(node, "argmax", (ctx.row_input(x),), (out,))
+    ctx.emit(node, "argmax", (ctx.row_input(x),), (out,), RowAttrs())
     return out
 
 
@@ -176,7 +210,7 @@ def lower_amin(ctx, node, x, dims=(), keepdim=False):
     neg = ctx.row_input(ctx.elementwise(None, "neg", x))
     meta = node.meta["val"]
     top = ctx.graph.new_tensor(node.name, tuple(meta.shape), meta.dtype)
-    ctx.emit(node, "reduce", (neg,), (top,), mode="amax")
+    ctx.emit(node, "reduce", (neg,), (top,), ReduceAttrs(mode="amax"))
     return ctx.elementwise(node, "neg", top)
 
 
@@ -188,11 +222,11 @@ def _variance(ctx, node, x, dims, correction, out_meta):
     correction = 1 if correction is None else correction
     rows = ctx.row_input(x)
     mean = ctx.graph.new_tensor(f"{node.name}_mean", tuple(x.shape[:-1]) + (1,), out_meta.dtype)
-    ctx.emit(None, "reduce", (rows,), (mean,), mode="mean")
+    ctx.emit(None, "reduce", (rows,), (mean,), ReduceAttrs(mode="mean"))
     dev = ctx.elementwise(None, "sub", x, mean)
     sq = ctx.row_input(ctx.elementwise(None, "mul", dev, dev))
     total = ctx.graph.new_tensor(f"{node.name}_ss", tuple(out_meta.shape), out_meta.dtype)
-    ctx.emit(node, "reduce", (sq,), (total,), mode="sum")
+    ctx.emit(node, "reduce", (sq,), (total,), ReduceAttrs(mode="sum"))
     return total, mean, max(n - correction, 0)
 
 
@@ -221,9 +255,9 @@ def lower_max_min_dim(ctx, node, x, dim, keepdim=False):
     x = ctx.row_input(x)
     meta = node.meta["val"][0]
     values = ctx.graph.new_tensor(node.name, tuple(meta.shape), meta.dtype)
-    ctx.emit(node, "reduce", (x,), (values,), mode="amax")
+    ctx.emit(node, "reduce", (x,), (values,), ReduceAttrs(mode="amax"))
     indices = ctx.new_output(node, 1)
-    ctx.emit(None, "argmax", (x,), (indices,))
+    ctx.emit(None, "argmax", (x,), (indices,), RowAttrs())
     if node.target == aten.min.dim:
         values = ctx.elementwise(None, "neg", values)
     return values, indices
@@ -234,7 +268,7 @@ def lower_softmax(ctx, node, x, dim, half_to_float=False):
     _last_dim(ctx, node, x, dim)
     x = ctx.row_input(x)
     out = ctx.new_output(node)
-    ctx.emit(node, "softmax", (x,), (out,))
+    ctx.emit(node, "softmax", (x,), (out,), RowAttrs())
     return out
 
 
@@ -246,10 +280,10 @@ class RowFamily(OpFamily):
         return x.numel // x.shape[-1]
 
     def tiles(self, node):
-        return [(b,) for b in range(cdiv(self.rows(node), node.attrs["tile"][0]))]
+        return [(b,) for b in range(cdiv(self.rows(node), node.attrs.tile[0]))]
 
     def row_range(self, node, coords):
-        br = node.attrs["tile"][0]
+        br = node.attrs.tile[0]
         return coords[0] * br, min((coords[0] + 1) * br, self.rows(node))
 
     def regions(self, node, coords):
@@ -277,29 +311,24 @@ class Reduce(RowFamily):
     routines = ("reduce_rows",)
 
     def key(self, node):
-        return (
-            self.kind,
-            node.attrs["mode"],
-            node.inputs[0].dtype,
-            node.outputs[0].dtype,
-            node.attrs["tile"],
-            row_flags(node.inputs[0], node.outputs[0]),
-        )
+        x, y = node.inputs[0], node.outputs[0]
+        return ReduceKey(self.kind, node.attrs.mode, x.dtype, y.dtype, node.attrs.tile, row_flags(x, y))
+
+    def label(self, key):
+        return f"{self.kind}_{key.mode}"
 
     def emit(self, key, name):
-        _, mode, xdt, ydt, (br, bc), flat = key
+        br, bc = key.tile
         return "", (
-            f"reduce_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(xdt)}, {tl_dtype(ydt)}, {MODES[mode]}, {br}, "
-            f"{bc}, {', '.join(map(str, flat))})"
+            f"reduce_rows({{row}}, {{addrs}}, {{views}}, {tl_dtype(key.x)}, {tl_dtype(key.y)}, {MODES[key.mode]}, "
+            f"{br}, {bc}, {', '.join(map(str, key.flat))})"
         )
 
     def reference(self, node, coords, tensor_of):
         r0, r1 = self.row_range(node, coords)
         x = tensor_of(node.inputs[0])
         x = x.reshape(-1, x.shape[-1])[r0:r1].double()
-        y = {"sum": lambda t: t.sum(-1), "mean": lambda t: t.mean(-1), "amax": lambda t: t.amax(-1)}[
-            node.attrs["mode"]
-        ](x)
+        y = {"sum": lambda t: t.sum(-1), "mean": lambda t: t.mean(-1), "amax": lambda t: t.amax(-1)}[node.attrs.mode](x)
         out = tensor_of(node.outputs[0])
         idx = torch.unravel_index(torch.arange(r0, r1), out.shape)
         out[idx] = y.to(out.dtype)
@@ -310,11 +339,11 @@ class OneInOneOut(RowFamily):
 
     def key(self, node):
         x, y = node.inputs[0], node.outputs[0]
-        return (self.kind, x.dtype, y.dtype, node.attrs["tile"], row_flags(x, y))
+        return RowKey(self.kind, x.dtype, y.dtype, node.attrs.tile, row_flags(x, y))
 
     def emit(self, key, name):
-        _, xdt, ydt, (br, bc), flat = key
-        args = f"{tl_dtype(xdt)}, {tl_dtype(ydt)}, {br}, {bc}, {', '.join(map(str, flat))}"
+        br, bc = key.tile
+        args = f"{tl_dtype(key.x)}, {tl_dtype(key.y)}, {br}, {bc}, {', '.join(map(str, key.flat))}"
         return "", f"{self.routines[0]}({{row}}, {{addrs}}, {{views}}, {args})"
 
 

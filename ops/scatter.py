@@ -13,6 +13,8 @@ write region covers every slot of its rows. Out-of-range indices write nothing.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from mkcompiler.ops.base import OpFamily, bytes_cost, flat_flags, linear_access, tl_dtype, whole
@@ -22,6 +24,36 @@ from mkcompiler.ir.graph import View
 
 aten = torch.ops.aten
 TILE_ELEMENTS = 4096  # elements of `values` per tile (whole rows)
+
+
+@dataclass
+class ScatterAttrs:
+    dim: int  # the (first) indexed dim of the base
+    dim2: int | None = None  # the second indexed dim (two index tensors)
+    expr: tuple | None = None  # fused values (passes/fuse.py): an elementwise expression of the value inputs
+
+
+class ScatterInputs(NamedTuple):
+    """A scatter's inputs by name (node.inputs: the value input(s), index tensor(s), update, base)."""
+
+    values: list[View]
+    indices: list[View]
+    update: View
+    base: View
+
+
+class ScatterKey(NamedTuple):
+    kind: str
+    expr: tuple
+    in_dtypes: tuple
+    index_dtypes: tuple
+    base: torch.dtype
+    dim: int  # padded to 4 dims
+    dim2: int | None
+    block: int
+    flat: tuple[int, ...]  # flat_flags of the value inputs
+    shape: tuple[int, ...]  # the update's padded shape
+    per_row: int
 
 
 def _index_dims(ctx, node, indices) -> list[int]:
@@ -63,8 +95,8 @@ def _scatter(ctx, node, base: View, dims: list[int], indices: list[View], values
     update = _update(base, dims, n)  # base's strides, the index's extent along dims[0]
     if len(dims) == 2:
         values = _placed(values, base, dims, n)
-    attrs = dict(dim=dims[0]) | (dict(dim2=dims[1]) if len(dims) == 2 else {})
-    ctx.emit(node, "scatter", (values.expand(update.shape), *indices, update, base), (base,), **attrs)
+    attrs = ScatterAttrs(dims[0], dims[1] if len(dims) == 2 else None)
+    ctx.emit(node, "scatter", (values.expand(update.shape), *indices, update, base), (base,), attrs)
     return base
 
 
@@ -109,14 +141,13 @@ def written_rows(base: View, dim: int, r0: int, r1: int):
 
 def tail_size(node) -> int:
     """A scatter's inputs after its values: its index tensor(s), the update, the base."""
-    return 4 if "dim2" in node.attrs else 3
+    return 4 if node.attrs.dim2 is not None else 3
 
 
-def parts(node) -> tuple[list[View], list[View], View, View]:
-    """(values, index tensors, update, base) of a scatter node."""
+def parts(node) -> ScatterInputs:
     k = len(node.inputs) - tail_size(node)
     *indices, update, base = node.inputs[k:]
-    return list(node.inputs[:k]), indices, update, base
+    return ScatterInputs(list(node.inputs[:k]), indices, update, base)
 
 
 @family
@@ -127,25 +158,26 @@ class Scatter(OpFamily):
         return list(node.inputs)  # the value input(s), index(es), update, base; then rows r0, r1
 
     def padded_dim(self, node) -> int:
-        update = node.inputs[-2]
+        update = parts(node).update
         if update.rank > 4:
             raise NotImplementedError("index_put on a tensor of rank > 4")
-        return node.attrs["dim"] + 4 - update.rank
+        return node.attrs.dim + 4 - update.rank
 
     def values(self, node) -> list[View]:
         """The value inputs: one view, or (fused, passes/fuse.fuse_into_scatter) the inputs of
-        node.attrs["expr"], all expanded to the update's shape."""
-        return parts(node)[0]
+        node.attrs.expr, all expanded to the update's shape."""
+        return parts(node).values
 
-    def expr(self, node):
+    @staticmethod
+    def expr(node):
         """The values as an elementwise expression of the value inputs (a plain scatter: x0)."""
-        return node.attrs.get("expr", ("in", 0))
+        return node.attrs.expr if node.attrs.expr is not None else ("in", 0)
 
     def key(self, node):
         values, indices, update, base = parts(node)
         _, per_row = self.rows(node)
-        dim2 = node.attrs.get("dim2")
-        return (
+        dim2 = node.attrs.dim2
+        return ScatterKey(
             self.kind,
             self.expr(node),
             tuple(v.dtype for v in values),
@@ -163,9 +195,9 @@ class Scatter(OpFamily):
         return _emit(key, name)
 
     def rows(self, node) -> tuple[int, int]:
-        update = node.inputs[-2]
-        outer = math.prod(update.shape[: node.attrs["dim"]])
-        per_row = math.prod(update.shape[node.attrs["dim"] :])
+        update, dim = parts(node).update, node.attrs.dim
+        outer = math.prod(update.shape[:dim])
+        per_row = math.prod(update.shape[dim:])
         return outer, per_row
 
     def tiles(self, node):
@@ -177,7 +209,7 @@ class Scatter(OpFamily):
         values, indices, update, base = parts(node)
         r0, r1 = coords
         _, per_row = self.rows(node)
-        written = written_rows(base, node.attrs["dim"], r0, r1)
+        written = written_rows(base, node.attrs.dim, r0, r1)
         from mkcompiler.ops.elementwise import slot_windows, window_access
 
         windows = slot_windows(self.expr(node))
@@ -190,7 +222,7 @@ class Scatter(OpFamily):
 
     def cost(self, node, coords):
         _, per_row = self.rows(node)
-        itemsize = sum(v.dtype.itemsize for v in self.values(node)) + parts(node)[3].dtype.itemsize
+        itemsize = sum(v.dtype.itemsize for v in self.values(node)) + parts(node).base.dtype.itemsize
         return bytes_cost((coords[1] - coords[0]) * per_row * itemsize)
 
     def describe(self, node, coords):
@@ -198,7 +230,7 @@ class Scatter(OpFamily):
 
     def reference(self, node, coords, tensor_of):
         values, indices, update, base = parts(node)
-        dim = node.attrs["dim"]
+        dim = node.attrs.dim
         r0, r1 = coords
         b = tensor_of(base).reshape(-1, *base.shape[dim:]) if base.is_contiguous() else None
         if b is None:
@@ -213,7 +245,7 @@ class Scatter(OpFamily):
         ]
         v = expr_torch(expr, ins, lin.reshape(update.shape)).reshape(-1, *update.shape[dim:])
         # Per index tensor: its dim's place within a row of b (dims from `dim` on) and its values.
-        places = [0] + ([node.attrs["dim2"] - dim] if "dim2" in node.attrs else [])
+        places = [0] + ([node.attrs.dim2 - dim] if node.attrs.dim2 is not None else [])
         idx = []
         for place, index in zip(places, indices):
             i = tensor_of(index).long()
@@ -237,7 +269,8 @@ def _emit(key, name: str) -> tuple[str, str]:
     index and destination (runtime divisors would cost an integer division each)."""
     from mkcompiler.ops.elementwise import expr_source, input_loads
 
-    _, expr, in_dtypes, idts, odt, dim, dim2, block, flat, shape, per_row = key
+    expr, in_dtypes, idts, odt, dim, dim2 = key.expr, key.in_dtypes, key.index_dtypes, key.base, key.dim, key.dim2
+    flat, shape, per_row = key.flat, key.shape, key.per_row
     k = len(in_dtypes)
     two = dim2 is not None
     lines, result = expr_source(expr, k, "lin")
@@ -263,7 +296,7 @@ def _emit(key, name: str) -> tuple[str, str]:
     src += [f"        {line}" for line in input_loads(expr, in_dtypes, flat, lambda i: f"arg(row_ptr, {i})", True)]
     src += [f"        {line}" for line in lines]
     src += [f"        {line}" for line in store(result)]
-    return "\n".join(src) + "\n", f"{name}({{row}}, {{addrs}}, {{views}}, {block})"
+    return "\n".join(src) + "\n", f"{name}({{row}}, {{addrs}}, {{views}}, {key.block})"
 
 
 def destination_lines(dims, limits, idts, odt):

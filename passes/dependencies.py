@@ -3,8 +3,8 @@
 Every op is split into its family's tiles; a task records the intervals it reads and
 writes. Edges: read-after-write, write-after-write and write-after-read between tasks
 whose intervals overlap, in program order. Buffers nobody writes (parameters, inputs) need
-no tracking. The result is a networkx DiGraph whose nodes are task ids with attributes:
-op (index into graph.ops), coords, cost, desc.
+no tracking. The result is a TileDAG (mkcompiler/ir/dag.py): per task its op, coords, cost
+and description, and the edges.
 
 Equivalently: tasks u < v get the edge u -> v when some access of u and some access of v
 to the same buffer overlap and at least one of the two is a write (reads of buffers no op
@@ -15,12 +15,6 @@ thousands of matmul tiles writing one output would otherwise cost a quadratic nu
 Python interval checks. Edges are added in the order the task-by-task formulation adds them
 (by successor, then its access, writers before readers, then predecessor), so the DiGraph is
 the same object down to its adjacency order.
-
-One exception, declared by the op family (OpFamily.combined) and applied here only: the tiles of
-one combined group (a split-K matmul's S tiles of one output block when the matmul sums its own
-partials: they all write the output block, and each reads the others' partials) get no edge
-between them; a ticket counter picks the one that writes the block (passes/counters.py). The
-groups are recorded as dag.graph["combined"] = {task: group number}.
 """
 
 from __future__ import annotations
@@ -31,42 +25,28 @@ import networkx as nx
 import numpy as np
 from mkcompiler.ops.registry import FAMILIES
 
+from mkcompiler.ir.dag import TileDAG, TileTask
 from mkcompiler.ir.graph import Graph
 
 BUFFER_SHIFT = 40  # intervals of buffer b live at b << 40 + offset: one address space for all buffers
 PAIRS_PER_CHUNK = 1 << 22  # interval pairs materialised at once (bounds memory)
 
 
-def build_dag(graph: Graph) -> nx.DiGraph:
+def build_dag(graph: Graph) -> TileDAG:
     written = {o.buffer for op in graph.ops for o in op.outputs}
-    nodes = []
+    tasks: list[TileTask] = []
     acc_task: list[int] = []  # per tracked access: task, position in the task's accesses, is a write, buffer
     acc_pos: list[int] = []
     acc_write: list[bool] = []
     acc_buffer: list[int] = []
     acc_count: list[int] = []  # intervals of the access
     flat: list[tuple[int, int]] = []
-    groups: dict[tuple, int] = {}  # (op, the family's combined key) -> group number
-    combined: dict[int, int] = {}  # task -> its group (OpFamily.combined)
-    task = 0
     for op_index, op in enumerate(graph.ops):
         fam = FAMILIES[op.kind]
         for coords in fam.tiles(op):
+            task = len(tasks)
             reads, writes = fam.regions(op, coords)
-            key = fam.combined(op, coords)
-            if key is not None:
-                combined[task] = groups.setdefault((op_index, key), len(groups))
-            nodes.append(
-                (
-                    task,
-                    {
-                        "op": op_index,
-                        "coords": tuple(coords),
-                        "cost": fam.cost(op, coords),
-                        "desc": fam.describe(op, coords),
-                    },
-                )
-            )
+            tasks.append(TileTask(op_index, tuple(coords), fam.cost(op, coords), fam.describe(op, coords)))
             pos = 0
             for is_write, accesses in ((False, reads), (True, writes)):
                 for acc in accesses:
@@ -78,9 +58,6 @@ def build_dag(graph: Graph) -> nx.DiGraph:
                         acc_count.append(len(acc.intervals))
                         flat.extend(acc.intervals)
                     pos += 1
-            task += 1
-    dag = nx.DiGraph()
-    dag.add_nodes_from(nodes)
     u, v = _dependencies(
         np.array(acc_task, dtype=np.int64),
         np.array(acc_pos, dtype=np.int64),
@@ -88,29 +65,15 @@ def build_dag(graph: Graph) -> nx.DiGraph:
         np.array(acc_buffer, dtype=np.int64),
         np.array(acc_count, dtype=np.int64),
         np.fromiter(chain.from_iterable(flat), dtype=np.int64, count=2 * len(flat)).reshape(-1, 2),
-        task,
-        _group_array(combined, task),
+        len(tasks),
     )
-    dag.add_edges_from(zip(u.tolist(), v.tolist()))
-    if combined:
-        dag.graph["combined"] = combined
-    return dag
+    return TileDAG(tasks, zip(u.tolist(), v.tolist()))
 
 
-def _group_array(combined: dict[int, int], num_tasks: int) -> np.ndarray | None:
-    """Per task its combined group, -1 for none; None when no task has one."""
-    if not combined:
-        return None
-    group = np.full(num_tasks, -1, dtype=np.int64)
-    group[list(combined)] = list(combined.values())
-    return group
-
-
-def _dependencies(acc_task, acc_pos, acc_write, acc_buffer, acc_count, intervals, num_tasks, group=None):
+def _dependencies(acc_task, acc_pos, acc_write, acc_buffer, acc_count, intervals, num_tasks):
     """Edges (u, v) as two arrays, in insertion order. Every interval of every tracked access is
     a query; every interval of a write is a candidate; each overlapping (query, candidate) pair
-    of two different tasks gives an edge from the earlier task to the later one, unless both
-    tasks are in one combined group (`group`: per task, -1 for none)."""
+    of two different tasks gives an edge from the earlier task to the later one."""
     if len(intervals) == 0:
         return np.empty(0, np.int64), np.empty(0, np.int64)
     rec_acc = np.repeat(np.arange(len(acc_task)), acc_count)
@@ -129,8 +92,6 @@ def _dependencies(acc_task, acc_pos, acc_write, acc_buffer, acc_count, intervals
     for q, w in _overlapping_pairs(lo, hi, cand):
         tq, tw = task_of[q], task_of[w]
         keep = tq != tw
-        if group is not None:  # accumulating writers of one block: no order between them
-            keep &= (group[tq] < 0) | (group[tq] != group[tw])
         q, w, tq, tw = q[keep], w[keep], tq[keep], tw[keep]
         later_is_query = tq > tw
         rank = np.where(later_is_query, rank_of[q], rank_of[w] + read_of[q])
@@ -185,7 +146,7 @@ def _overlapping_pairs(lo, hi, cand):
             q0 = q1
 
 
-def check_dag(dag: nx.DiGraph) -> None:
-    assert nx.is_directed_acyclic_graph(dag), "tile dependency graph has a cycle"
+def check_dag(dag: TileDAG) -> None:
+    assert nx.is_directed_acyclic_graph(dag.graph), "tile dependency graph has a cycle"
     for u, v in dag.edges:
         assert u < v, f"edge {u}->{v} goes against program order"

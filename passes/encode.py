@@ -8,13 +8,11 @@ this rank's counters, a rank for a communication tile's waits on its peers (pass
 
 from __future__ import annotations
 
-import re
-
-import networkx as nx
 import numpy as np
 from mkcompiler.ops.registry import FAMILIES
 from mkcompiler.passes.schedule import Schedule
 
+from mkcompiler.ir.dag import TileDAG
 from mkcompiler.ir.graph import Graph, View
 from mkcompiler.ir.layout import (
     LOCAL,
@@ -31,12 +29,7 @@ from mkcompiler.ir.queue import Queue
 
 def opcode_name(key: tuple) -> str:
     """A readable, stable name for an opcode (the full key is in Queue.opcode_keys)."""
-    kind = key[0]
-    if kind == "elementwise":
-        names = re.findall(r"\('op', '(\w+)'", repr(key[1]))
-        return "ew_" + "_".join(dict.fromkeys(reversed(names)))[:24]
-    extras = {"reduce": lambda k: k[1], "norm": lambda k: "rms" if k[5] else "layer"}.get(kind)
-    return f"{kind}_{extras(key)}" if extras else kind
+    return FAMILIES[key.kind].label(key)
 
 
 class ViewTable:
@@ -66,41 +59,38 @@ def _too_many_dims(v: View):
     return c.padded(MAX_RANK)
 
 
-def encode(graph: Graph, dag: nx.DiGraph, schedule: Schedule) -> Queue:
+def encode(graph: Graph, dag: TileDAG, schedule: Schedule) -> Queue:
     views = ViewTable()
     keys: dict[tuple, int] = {}
     pos = {t: i for i, t in enumerate(schedule.order)}
     rows = np.full((len(schedule.order), NUM_FIELDS), -1, dtype=np.int32)
     waits: list[tuple[int, int, int]] = []
     descs = []
-    tickets = dag.graph.get("tickets", {})
     op_views: dict[int, tuple] = {}  # per op, computed once: its key and view ids (not per tile)
     for i, t in enumerate(schedule.order):
-        node = dag.nodes[t]
-        if node["op"] not in op_views:
-            op = graph.ops[node["op"]]
+        task = dag.tasks[t]
+        if task.op not in op_views:
+            op = graph.ops[task.op]
             fam = FAMILIES[op.kind]
-            op_views[node["op"]] = (
+            op_views[task.op] = (
                 op,
                 fam.key(op),
                 [views.id(v) for v in fam.view_args(op)],
                 [views.id(v) for v in fam.instruction_tail(op)],
             )
-        op, key, head, tail = op_views[node["op"]]
+        op, key, head, tail = op_views[task.op]
         opcode = keys.setdefault(key, len(keys))
-        args = head + list(node["coords"]) + tail
-        if t in tickets:  # a combined tile's ticket counter (passes/counters.py) follows its tail
-            args.append(tickets[t])
+        args = head + list(task.coords) + tail
         assert len(args) <= NUM_ARGS, f"{op.name}: {len(args)} instruction args > {NUM_ARGS}"
         rows[i, Field.OPCODE] = opcode
         rows[i, Field.ARG0 : Field.ARG0 + len(args)] = args
         rows[i, Field.WAIT_BEGIN] = len(waits)
-        waits.extend((c, n, LOCAL) for c, n in node["waits"])
-        waits.extend(node.get("remote_waits", ()))  # (counter, count, rank): passes/ranks.py
+        waits.extend((c, n, LOCAL) for c, n in task.waits)
+        waits.extend(task.remote_waits)  # (counter, count, rank): passes/ranks.py
         rows[i, Field.WAIT_END] = len(waits)
-        rows[i, Field.SIGNAL] = node["signal"]
+        rows[i, Field.SIGNAL] = task.signal
         rows[i, Field.TASK] = t
-        descs.append(node["desc"])
+        descs.append(task.desc)
     begin = np.cumsum([0] + [len(w) for w in schedule.worker_lists]).astype(np.int32)
     order = np.array([pos[t] for w in schedule.worker_lists for t in w], dtype=np.int32)
     key_list = sorted(keys, key=keys.get)
@@ -113,5 +103,5 @@ def encode(graph: Graph, dag: nx.DiGraph, schedule: Schedule) -> Queue:
         worker_begin=begin,
         worker_order=order,
         descs=descs,
-        num_counters=len(dag.graph["counter_sizes"]) + dag.graph.get("num_tickets", 0),
+        num_counters=len(dag.counter_sizes),
     )

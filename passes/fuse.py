@@ -25,9 +25,9 @@ import math
 
 import torch
 from mkcompiler.ops.elementwise import group_windows, has_positional, slot_windows
-from mkcompiler.ops.scatter import tail_size
+from mkcompiler.ops.scatter import Scatter, parts, tail_size
 
-from mkcompiler.ir.graph import Graph, View, contiguous_strides
+from mkcompiler.ir.graph import BufferKind, Graph, View, contiguous_strides
 from mkcompiler.ir.layout import NUM_ARGS
 
 MAX_INPUTS = NUM_ARGS - 3  # instruction args: output view, the inputs, first block, block count
@@ -44,14 +44,15 @@ def reindex(expr, mapping):
 def sole_writers(graph: Graph) -> dict[int, object]:
     """buffer -> the elementwise op writing all of it, for buffers no other op writes (a cat's
     pieces each write a slice: their buffer has no sole writer, whatever its first piece looks
-    like)."""
+    like). Model state is left out: its writes are results of the step, and ops before the
+    writer read its old value."""
     writers: dict[int, list] = {}
     for op in graph.ops:
         for o in op.outputs:
             writers.setdefault(o.buffer, []).append((op, o))
     sole = {}
     for b, ws in writers.items():
-        if len(ws) == 1:
+        if len(ws) == 1 and graph.buffers[b].kind != BufferKind.STATE:
             op, o = ws[0]
             whole = o.offset == 0 and o.is_contiguous() and o.numel == graph.buffers[b].numel
             if op.kind == "elementwise" and whole:
@@ -155,7 +156,7 @@ def _inline_producers(graph: Graph, shared: bool) -> int:
         if any(plan is None for plan in plans.values()):
             continue
         for u in users:
-            u.inputs, u.attrs["expr"] = plans[id(u)]
+            u.inputs, u.attrs.expr = plans[id(u)]
             splices += 1
         removed.add(id(p))
     graph.ops = [op for op in graph.ops if id(op) not in removed]
@@ -192,10 +193,10 @@ def _plan_inline(consumer, p, position, writes):
     if consumer.kind != "elementwise":
         return None
     out = p.outputs[0]
-    consumer_inputs, consumer_expr = list(consumer.inputs), consumer.attrs["expr"]
+    consumer_inputs, consumer_expr = list(consumer.inputs), consumer.attrs.expr
     if written_between(p, consumer, position, writes):
         return None
-    if has_positional(p.attrs["expr"]) or has_positional(consumer_expr):  # built for their own op's indices
+    if has_positional(p.attrs.expr) or has_positional(consumer_expr):  # built for their own op's indices
         return None
     inputs = [v for v in consumer_inputs if v.buffer != out.buffer]
     keep = {i: inputs.index(v) for i, v in enumerate(consumer_inputs) if v.buffer != out.buffer}
@@ -206,7 +207,7 @@ def _plan_inline(consumer, p, position, writes):
         mapping = transfer_inputs(v, p, inputs)
         if mapping is None:
             return None
-        replaced[i] = reindex(p.attrs["expr"], mapping)
+        replaced[i] = reindex(p.attrs.expr, mapping)
     if len(inputs) > MAX_INPUTS:
         return None
     return tuple(inputs), _substitute_each(consumer_expr, replaced, keep)
@@ -238,13 +239,13 @@ def fuse_into_scatter(graph: Graph) -> Graph:
     producers = sole_writers(graph)
     removed = set()
     for op in graph.ops:
-        if op.kind != "scatter" or "expr" in op.attrs:
+        if op.kind != "scatter" or op.attrs.expr is not None:
             continue
         values = op.inputs[0]
         p = producers.get(values.buffer)
         if p is None or values.buffer in outputs or len(p.inputs) + tail_size(op) + SCATTER_ROWS > NUM_ARGS:
             continue
-        if has_positional(p.attrs["expr"]):
+        if has_positional(p.attrs.expr):
             continue
         out = p.outputs[0]
         if out.offset != 0 or not out.is_contiguous() or {id(o) for o, _ in readers[values.buffer]} != {id(op)}:
@@ -255,7 +256,7 @@ def fuse_into_scatter(graph: Graph) -> Graph:
         if any(x is None for x in inputs):
             continue
         op.inputs = tuple(inputs) + tuple(op.inputs[1:])
-        op.attrs["expr"] = p.attrs["expr"]
+        op.attrs.expr = p.attrs.expr
         removed.add(id(p))
     graph.ops = [op for op in graph.ops if id(op) not in removed]
     return graph
@@ -340,7 +341,7 @@ def _cat_read(view: View, layout, slot) -> tuple | None:
             if x.shape != p.outputs[0].shape:
                 return None
             mapping[j] = slot(_shifted(x, view, start, dims, d, lo), win)
-        values.append(_windowed(p.attrs["expr"], mapping, win))
+        values.append(_windowed(p.attrs.expr, mapping, win))
     expr = values[-1]
     dtype = spans[0][2].outputs[0].dtype
     for (_, b, _), value in zip(reversed(chosen[:-1]), reversed(values[:-1])):
@@ -365,10 +366,10 @@ def _plan_cat(u, buffer: int, layout, position, writes):
     read is no window of the cat, an op between a piece and u writes the piece's inputs, or the
     inputs would not fit u's instruction."""
     if u.kind == "elementwise":
-        values, expr, most, shape = list(u.inputs), u.attrs["expr"], MAX_INPUTS, u.outputs[0].shape
+        values, expr, most, shape = list(u.inputs), u.attrs.expr, MAX_INPUTS, u.outputs[0].shape
     elif u.kind == "scatter" and all(v.buffer != buffer for v in u.inputs[-tail_size(u) :]):
-        values, expr = list(u.inputs[: -tail_size(u)]), u.attrs.get("expr", ("in", 0))
-        most, shape = NUM_ARGS - tail_size(u) - SCATTER_ROWS, u.inputs[-2].shape
+        values, expr = list(u.inputs[: -tail_size(u)]), Scatter.expr(u)
+        most, shape = NUM_ARGS - tail_size(u) - SCATTER_ROWS, parts(u).update.shape
     else:
         return None
     if any(written_between(p, u, position, writes) or position[id(p)] >= position[id(u)] for _, _, p in layout[2]):
@@ -422,7 +423,7 @@ def fold_cats(graph: Graph) -> Graph:
     cats = [b for b, ws in writers.items() if len(ws) > 1 and b not in outputs]
     for b in sorted(cats, key=lambda b: max(position[id(p)] for p in writers[b]), reverse=True):
         pieces = writers[b]
-        if any(p.kind != "elementwise" or len(p.outputs) != 1 or has_positional(p.attrs["expr"]) for p in pieces):
+        if any(p.kind != "elementwise" or len(p.outputs) != 1 or has_positional(p.attrs.expr) for p in pieces):
             continue
         users = [
             u for u in graph.ops if id(u) not in removed and any(v is not None and v.buffer == b for v in u.inputs)
@@ -435,7 +436,7 @@ def fold_cats(graph: Graph) -> Graph:
             continue
         for u, (inputs, expr) in zip(users, plans):
             u.inputs = inputs + (tuple(u.inputs[-tail_size(u) :]) if u.kind == "scatter" else ())
-            u.attrs["expr"] = expr
+            u.attrs.expr = expr
         removed.update(id(p) for p in pieces)
     graph.ops = [op for op in graph.ops if id(op) not in removed]
     return graph

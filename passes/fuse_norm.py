@@ -26,6 +26,8 @@ How the tile does it (Matmul.norm_in_loop decides, per matmul):
 
 from __future__ import annotations
 
+from mkcompiler.ops.matmul import FoldedNorm, MatmulInputs
+
 from mkcompiler.ir.graph import Graph, View
 
 MAX_ROWS = 16
@@ -55,9 +57,8 @@ def fuse_norm_into_matmul(graph: Graph) -> Graph:
             continue
         for op in users:
             a, bmat, bias = op.inputs
-            op.inputs = (x2, bmat, bias, w, b)
-            op.attrs["norm"] = (norm.attrs["rms"], norm.attrs["eps"], h.dtype)
-            op.attrs["norm_of"] = norm.name
+            op.inputs = tuple(MatmulInputs(x2, bmat, bias, norm_weight=w, norm_bias=b))
+            op.attrs.norm = FoldedNorm(norm.attrs.rms, norm.attrs.eps, h.dtype, norm.name)
         dropped.add(id(norm))
     graph.ops = [op for op in graph.ops if id(op) not in dropped]
     return graph
@@ -65,7 +66,7 @@ def fuse_norm_into_matmul(graph: Graph) -> Graph:
 
 def _reads_rows_as_a(op, h: View, rows: View | None) -> bool:
     """op is a matmul whose A operand is all of h, read as [R, C] rows, and nothing else of it."""
-    if op.kind != "matmul" or rows is None or len(op.inputs) != 3 or "norm" in op.attrs:
+    if op.kind != "matmul" or rows is None or len(op.inputs) != 3 or op.attrs.norm is not None:
         return False
     a, bmat, bias = op.inputs
     others = [v for v in (bmat, bias) if v is not None]

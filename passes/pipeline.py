@@ -7,7 +7,6 @@ import os
 import time
 from dataclasses import dataclass, field
 
-import networkx as nx
 from mkcompiler.passes.cleanup import check_single_writer_order, eliminate_dead_ops
 from mkcompiler.passes.counters import assign_counters, check_counters
 from mkcompiler.passes.dependencies import build_dag, check_dag
@@ -21,6 +20,7 @@ from mkcompiler.passes.split_kv import split_kv
 from mkcompiler.passes.tile import choose_tiles
 from mkcompiler.passes.verify import check_dynamic, check_static
 
+from mkcompiler.ir.dag import TileDAG
 from mkcompiler.ir.graph import Graph
 from mkcompiler.ir.queue import Queue
 from mkcompiler.ir.settings import Settings
@@ -31,7 +31,7 @@ class Compilation:
     graph: Graph
     settings: Settings
     num_workers: int
-    dag: nx.DiGraph | None = None
+    dag: TileDAG | None = None
     schedule: Schedule | None = None
     queue: Queue | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -79,7 +79,7 @@ PIPELINE = [
     (
         "remote_waits",
         lambda c: setattr(c, "dag", add_remote_waits(c.graph, c.dag)),
-        lambda c: check_remote_waits(c.dag),
+        lambda c: check_remote_waits(c.graph, c.dag),
     ),
     ("schedule", lambda c: setattr(c, "schedule", list_schedule(c.dag, c.num_workers)), None),
     ("verify_schedule", _verify, None),  # always runs: never launch a schedule that could deadlock
@@ -111,8 +111,8 @@ def _dump(c: Compilation, name: str, root: str) -> None:
         if c.queue is not None:
             f.write(c.queue.table())
         elif c.dag is not None:
-            for t in sorted(c.dag.nodes):
-                f.write(f"{t} {c.dag.nodes[t]['desc']} <- {sorted(c.dag.predecessors(t))}\n")
+            for t, task in enumerate(c.dag.tasks):
+                f.write(f"{t} {task.desc} <- {sorted(c.dag.predecessors(t))}\n")
         else:
             for op in c.graph.ops:
                 f.write(f"{op.name}: {op.kind} {op.attrs} in={op.inputs} out={op.outputs}\n")

@@ -24,10 +24,10 @@ launch with kernel_tp.launch_barrier).
 
 from __future__ import annotations
 
-import networkx as nx
 from mkcompiler.ops.registry import FAMILIES
 from mkcompiler.passes.tile import elementwise_block
 
+from mkcompiler.ir.dag import TileDAG
 from mkcompiler.ir.graph import Graph
 from mkcompiler.ir.settings import Settings
 
@@ -45,12 +45,12 @@ def choose_comm_tiles(graph: Graph, settings: Settings, num_workers: int) -> Gra
         numel = max(op.inputs[0].numel, 1)
         tiling = _producer_blocks(graph, i)
         if tiling is not None:
-            op.attrs["block"], op.attrs["blocks_per_tile"] = tiling
+            op.attrs.block, op.attrs.blocks_per_tile = tiling
             continue
-        op.attrs["block"] = elementwise_block(numel, settings, num_workers)
+        op.attrs.block = elementwise_block(numel, settings, num_workers)
         if settings.elementwise_block is None:
-            blocks = -(-numel // op.attrs["block"])
-            op.attrs["blocks_per_tile"] = max(1, -(-blocks // num_workers))
+            blocks = -(-numel // op.attrs.block)
+            op.attrs.blocks_per_tile = max(1, -(-blocks // num_workers))
     return graph
 
 
@@ -66,16 +66,16 @@ def _producer_blocks(graph: Graph, index: int) -> tuple[int, int] | None:
     same = out.offset == x.offset and out.numel == x.numel and out.is_contiguous() and x.is_contiguous()
     if not same:
         return None
-    if producer.kind == "elementwise" and "block" in producer.attrs:
-        return producer.attrs["block"], producer.attrs.get("blocks_per_tile", 1)
-    if producer.kind == "matmul" and out.rank == 2 and out.shape[0] == 1 and "tile" in producer.attrs:
-        return producer.attrs["tile"][1], 1
+    if producer.kind == "elementwise" and producer.attrs.block is not None:
+        return producer.attrs.block, producer.attrs.blocks_per_tile
+    if producer.kind == "matmul" and out.rank == 2 and out.shape[0] == 1 and producer.attrs.tile is not None:
+        return producer.attrs.tile[1], 1
     return None
 
 
 def world_of(graph: Graph) -> int:
     """Ranks the graph's communication ops span (1 without any); all ops must agree."""
-    worlds = {graph.ops[i].attrs["world"] for i in communication_ops(graph)}
+    worlds = {graph.ops[i].attrs.world for i in communication_ops(graph)}
     if len(worlds) > 1:
         raise NotImplementedError(f"communication ops over different rank counts {sorted(worlds)} in one graph")
     return worlds.pop() if worlds else 1
@@ -95,31 +95,29 @@ def check_peer_reads(graph: Graph) -> None:
                 )
 
 
-def add_remote_waits(graph: Graph, dag: nx.DiGraph) -> nx.DiGraph:
-    """Give each communication tile its waits on the ranks it reads (node attr remote_waits)."""
+def add_remote_waits(graph: Graph, dag: TileDAG) -> TileDAG:
+    """Give each communication tile its waits on the ranks it reads (TileTask.remote_waits)."""
     comm = set(communication_ops(graph))
     if not comm:
         return dag
     check_peer_reads(graph)
     world = world_of(graph)
-    for t in dag.nodes:
-        node = dag.nodes[t]
-        if node["op"] not in comm:
+    for task in dag.tasks:
+        if task.op not in comm:
             continue
-        op = graph.ops[node["op"]]
-        ranks = FAMILIES[op.kind].peer_ranks(op, node["coords"])
+        op = graph.ops[task.op]
+        ranks = FAMILIES[op.kind].peer_ranks(op, task.coords)
         assert all(0 <= k < world for k in ranks), (op.name, ranks, world)
-        node["remote_waits"] = [(c, n, k) for k in ranks for c, n in node["waits"]]
-    dag.graph["world"] = world
+        task.remote_waits = tuple((c, n, k) for k in ranks for c, n in task.waits)
     return dag
 
 
-def check_remote_waits(dag: nx.DiGraph) -> None:
+def check_remote_waits(graph: Graph, dag: TileDAG) -> None:
     """Every remote wait is one of the task's local wait groups, on a rank of the group."""
-    sizes = dag.graph["counter_sizes"]
-    world = dag.graph.get("world", 1)
-    for t in dag.nodes:
-        local = set(dag.nodes[t]["waits"])
-        for c, n, k in dag.nodes[t].get("remote_waits", ()):
+    sizes = dag.counter_sizes
+    world = world_of(graph)
+    for t, task in enumerate(dag.tasks):
+        local = set(task.waits)
+        for c, n, k in task.remote_waits:
             assert (c, n) in local and n == sizes[c], f"task {t}: remote wait on counter {c} is not a local wait group"
             assert 0 <= k < world, f"task {t} waits on rank {k} of {world}"

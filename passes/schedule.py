@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import networkx as nx
 
+from mkcompiler.ir.dag import TileDAG
+
 
 @dataclass
 class Schedule:
@@ -21,21 +23,20 @@ class Schedule:
     makespan_ns: float
 
 
-def bottom_levels(dag: nx.DiGraph) -> dict[int, float]:
+def bottom_levels(dag: TileDAG) -> dict[int, float]:
     level: dict[int, float] = {}
-    cost = dict(dag.nodes(data="cost"))
-    successors = dict(dag.adjacency())
-    for t in reversed(list(nx.topological_sort(dag))):
-        level[t] = cost[t] + max((level[s] for s in successors[t]), default=0.0)
+    successors = dict(dag.graph.adjacency())
+    for t in reversed(list(nx.topological_sort(dag.graph))):
+        level[t] = dag.tasks[t].cost + max((level[s] for s in successors[t]), default=0.0)
     return level
 
 
-def list_schedule(dag: nx.DiGraph, num_workers: int) -> Schedule:
+def list_schedule(dag: TileDAG, num_workers: int) -> Schedule:
     level = bottom_levels(dag)
-    cost = dict(dag.nodes(data="cost"))
-    missing = dict(dag.in_degree())
-    ready_at = {t: 0.0 for t in dag.nodes}
-    ready = [(-level[t], t) for t in dag.nodes if missing[t] == 0]
+    cost = [task.cost for task in dag.tasks]
+    missing = dict(dag.graph.in_degree())
+    ready_at = {t: 0.0 for t in range(len(dag))}
+    ready = [(-level[t], t) for t in range(len(dag)) if missing[t] == 0]
     heapq.heapify(ready)
     workers = [(0.0, w) for w in range(num_workers)]  # (free at, worker)
     heapq.heapify(workers)
@@ -69,10 +70,3 @@ def _release(dag, t, finish, missing, ready_at, ready, level):
         ready_at[s] = max(ready_at[s], finish)
         if missing[s] == 0:
             heapq.heappush(ready, (-level[s], s))
-
-
-def program_order_schedule(dag: nx.DiGraph, num_workers: int) -> Schedule:
-    """Tasks in program order, round robin over workers (a simple baseline)."""
-    order = sorted(dag.nodes)
-    lists = [order[w::num_workers] for w in range(num_workers)]
-    return Schedule(order, lists, float("nan"))

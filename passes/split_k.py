@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import torch
 from mkcompiler.ops.base import cdiv
+from mkcompiler.ops.elementwise import ElementwiseAttrs
 from mkcompiler.ops.matmul import DECODE_ROWS
 from mkcompiler.passes.tile import dot_config, matmul_tile
 
@@ -78,23 +79,23 @@ def split_k(graph: Graph, settings: Settings, num_workers: int) -> Graph:
         ops.append(op)
         if op.kind != "matmul":
             continue
-        a, b, bias = op.inputs
+        a, b, bias = op.inputs  # no folded norm yet (passes/fuse_norm.py runs later)
         c = op.outputs[0]
         bn, s = plan[id(op)]
-        if bn is not None:
-            op.attrs["bn"] = bn  # choose_tiles keeps the group's BN
+        op.attrs.bn = bn  # choose_tiles keeps the group's BN
         if s == 1:
             continue
         partial = graph.new_tensor(f"{op.name}_partial", (s, *c.shape), torch.float32)
         op.inputs = (a, b, None)
-        op.outputs = (partial,)
-        op.attrs["split"] = s
+        op.outputs = (partial,)  # the split count is its leading dim (Matmul.splits)
         pieces = [replace(partial.select(0, i)) for i in range(s)]
         inputs: list[View] = pieces + ([bias.expand(c.shape)] if bias is not None else [])
         expr = ("in", 0)
         for i in range(1, len(inputs)):
             expr = ("op", "add", torch.float32, expr, ("in", i))
         expr = ("op", "copy", c.dtype, expr)
-        ops.append(OpNode("elementwise", tuple(inputs), (c,), {"expr": expr}, name=f"{op.name}_sum", source=op.source))
+        ops.append(
+            OpNode("elementwise", tuple(inputs), (c,), ElementwiseAttrs(expr), name=f"{op.name}_sum", source=op.source)
+        )
     graph.ops = ops
     return graph

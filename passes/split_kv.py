@@ -40,23 +40,21 @@ def split_kv(graph: Graph, settings: Settings, num_workers: int) -> Graph:
             continue
         q, k = op.inputs[0], op.inputs[1]
         b, h, sq, d = q.shape[0], q.shape[1], q.shape[2], op.outputs[0].shape[3]
-        bm, bn = op.attrs["tile"]
-        tiles = b * k.shape[1] * cdiv(op.attrs["group"] * sq, bm)  # (batch, kv head, packed row block)
+        bm, bn = op.attrs.tile
+        tiles = b * k.shape[1] * cdiv(op.attrs.group * sq, bm)  # (batch, kv head, packed row block)
         p = choose_kv_splits(tiles, k.shape[2], bn, settings, num_workers)
         # A tile whose keys fit one block gains nothing from a software pipeline, whose buffers
         # cost registers and shared memory in the whole kernel (ops/attention.py STAGES).
-        op.attrs["stages"] = 1 if kv_chunk(k.shape[2], p, bn) <= bn else settings.num_stages
+        op.attrs.stages = 1 if kv_chunk(k.shape[2], p, bn) <= bn else settings.num_stages
         if p == 1:
             continue
         out = op.outputs[0]
         partials = graph.new_tensor(f"{op.name}_partials", (p * b, h, sq, d), torch.float32)
         max_and_sum = graph.new_tensor(f"{op.name}_max_sum", (p * b, h, sq, 2), torch.float32)
         op.outputs = (partials, max_and_sum)
-        op.attrs["split"] = p
+        op.attrs.split = p
         ops.append(
-            OpNode(
-                "attention_combine", (partials, max_and_sum), (out,), {}, name=f"{op.name}_combine", source=op.source
-            )
+            OpNode("attention_combine", (partials, max_and_sum), (out,), name=f"{op.name}_combine", source=op.source)
         )
     graph.ops = ops
     return graph

@@ -1,12 +1,11 @@
-"""Choose each op's tile shape (recorded in node.attrs; part of the op's opcode key)."""
+"""Choose each op's tile shape (recorded in the op's attrs; part of its opcode key)."""
 
 from __future__ import annotations
-
-import os
 
 import torch
 from mkcompiler.ops.base import next_pow2
 from mkcompiler.ops.matmul import DECODE_ROWS
+from mkcompiler.ops.reduce import RowAttrs
 
 from mkcompiler.ir.graph import Graph
 from mkcompiler.ir.settings import Settings
@@ -34,14 +33,14 @@ def matmul_tile(m: int, n: int, k: int, settings: Settings, half: bool = True, b
 def dot_config(a: torch.dtype, b: torch.dtype, settings: Settings) -> tuple[torch.dtype, str]:
     """(operand dtype, precision) for tl.dot. Half-precision pairs use the tensor cores with
     fp32 accumulation; anything else is fp32. Triton 3.6's interpreter computes bf16 dots
-    wrongly, so there half operands are widened to fp32 (exact: products of halves fit)."""
-    if a == b and a in (torch.bfloat16, torch.float16) and not interpreting():
-        return a, "tf32"  # precision is ignored for half operands
+    wrongly, so there half operands are widened to fp32 (exact: products of halves fit).
+    The target is settings.interpret (Settings.for_target resolves it before the passes)."""
+    if a == b and a in (torch.bfloat16, torch.float16):
+        if settings.interpret is None:
+            raise ValueError("Settings.interpret is unresolved: the passes need Settings.for_target()")
+        if not settings.interpret:
+            return a, "tf32"  # precision is ignored for half operands
     return torch.float32, settings.fp32_precision
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 ELEMENTWISE_MAX_BLOCK = 4096  # beyond this the widest fused chains start to spill registers
@@ -59,27 +58,28 @@ def choose_tiles(graph: Graph, settings: Settings, num_workers: int = 1) -> Grap
     for op in graph.ops:
         if op.kind == "matmul":
             a, b = op.inputs[:2]
-            a_dtype = op.attrs["norm"][2] if "norm" in op.attrs else a.dtype  # a folded norm's output dtype
-            op.attrs["dot"] = dot_config(a_dtype, b.dtype, settings)
-            half = op.attrs["dot"][0] in (torch.bfloat16, torch.float16)
+            norm = op.attrs.norm
+            a_dtype = norm.h_dtype if norm is not None else a.dtype  # a folded norm's output dtype
+            op.attrs.dot = dot_config(a_dtype, b.dtype, settings)
+            half = op.attrs.dot[0] in (torch.bfloat16, torch.float16)
             # split_k may have chosen a decode BN for the op's sibling group (split_k.decode_tiling)
-            op.attrs["tile"] = matmul_tile(a.shape[0], b.shape[1], a.shape[1], settings, half, op.attrs.get("bn"))
-            op.attrs["group_rows"] = max(1, settings.matmul_group_rows)  # queue order of its tiles
+            op.attrs.tile = matmul_tile(a.shape[0], b.shape[1], a.shape[1], settings, half, op.attrs.bn)
+            op.attrs.group_rows = max(1, settings.matmul_group_rows)  # queue order of its tiles
         elif op.kind == "attention":
             q, k = op.inputs[0], op.inputs[1]
             # A tile's rows are the packed rows of the query heads sharing one kv head (group x
             # Sq, ops/attention.py). Decode (few of them): wider key blocks, fewer dependent steps.
-            op.attrs["tile"] = (16, 128) if op.attrs["group"] * q.shape[2] <= 16 else (64, 64)
-            op.attrs["stages"] = settings.num_stages  # split_kv lowers it for one-block tiles
-            op.attrs["dot"] = dot_config(q.dtype, k.dtype, settings)[0]
-        elif op.kind == "scatter":
-            pass  # rows of the update (ops/scatter.py)
+            op.attrs.tile = (16, 128) if op.attrs.group * q.shape[2] <= 16 else (64, 64)
+            op.attrs.stages = settings.num_stages  # split_kv lowers it for one-block tiles
+            op.attrs.dot = dot_config(q.dtype, k.dtype, settings)[0]
         elif op.kind == "elementwise":
-            op.attrs["block"] = elementwise_block(op.outputs[0].numel, settings, num_workers)
+            op.attrs.block = elementwise_block(op.outputs[0].numel, settings, num_workers)
             if settings.elementwise_block is None:  # about one tile per worker for big tensors
-                blocks = -(-op.outputs[0].numel // op.attrs["block"])
-                op.attrs["blocks_per_tile"] = max(1, -(-blocks // num_workers))
-        else:  # row ops: BR rows per tile, BC columns per sweep step
+                blocks = -(-op.outputs[0].numel // op.attrs.block)
+                op.attrs.blocks_per_tile = max(1, -(-blocks // num_workers))
+        elif isinstance(op.attrs, RowAttrs):  # row ops: BR rows per tile, BC columns per sweep step
             row = op.inputs[0].shape[-1]  # embedding: inputs[0] is the weight, its rows are the output rows
-            op.attrs["tile"] = (settings.row_block, min(settings.row_chunk, max(16, next_pow2(row))))
+            op.attrs.tile = (settings.row_block, min(settings.row_chunk, max(16, next_pow2(row))))
+        # Others have no tile to choose: scatters (rows of the update, ops/scatter.py), communication
+        # (passes/ranks.choose_comm_tiles), attention_combine (a (batch, head) each).
     return graph

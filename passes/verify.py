@@ -12,6 +12,7 @@ import networkx as nx
 import numpy as np
 
 from mkcompiler.errors import MegakernelError
+from mkcompiler.ir.dag import TileDAG
 
 
 def _positions(order: list[int]) -> np.ndarray:
@@ -22,12 +23,12 @@ def _positions(order: list[int]) -> np.ndarray:
     return pos
 
 
-def _edges(dag: nx.DiGraph) -> np.ndarray:
+def _edges(dag: TileDAG) -> np.ndarray:
     return np.array(list(dag.edges), dtype=np.int64).reshape(-1, 2)
 
 
-def check_dynamic(dag: nx.DiGraph, order: list[int]) -> None:
-    if sorted(order) != sorted(dag.nodes):
+def check_dynamic(dag: TileDAG, order: list[int]) -> None:
+    if sorted(order) != list(range(len(dag))):
         raise MegakernelError("queue does not hold every task exactly once")
     pos, edges = _positions(order), _edges(dag)
     backward = np.nonzero(pos[edges[:, 0]] > pos[edges[:, 1]])[0]  # vectorised: prefill DAGs have millions of edges
@@ -39,15 +40,15 @@ def check_dynamic(dag: nx.DiGraph, order: list[int]) -> None:
         )
 
 
-def static_wait_graph(dag: nx.DiGraph, worker_lists: list[list[int]]) -> nx.DiGraph:
+def static_wait_graph(dag: TileDAG, worker_lists: list[list[int]]) -> nx.DiGraph:
     g = nx.DiGraph(dag.edges)
-    g.add_nodes_from(dag.nodes)
+    g.add_nodes_from(range(len(dag)))
     for tasks in worker_lists:
         g.add_edges_from(zip(tasks, tasks[1:]))
     return g
 
 
-def _forward_in(order: list[int], dag: nx.DiGraph, worker_lists: list[list[int]]) -> bool:
+def _forward_in(order: list[int], dag: TileDAG, worker_lists: list[list[int]]) -> bool:
     """Does every wait edge (DAG edges, and each worker's next task) go forward in `order`? Then
     the wait graph is acyclic: a total order with every edge forward is a topological order."""
     pos, edges = _positions(order), _edges(dag)
@@ -56,12 +57,12 @@ def _forward_in(order: list[int], dag: nx.DiGraph, worker_lists: list[list[int]]
     return all((np.diff(pos[np.asarray(tasks, dtype=np.int64)]) > 0).all() for tasks in worker_lists if len(tasks) > 1)
 
 
-def check_static(dag: nx.DiGraph, worker_lists: list[list[int]], order: list[int] | None = None) -> None:
+def check_static(dag: TileDAG, worker_lists: list[list[int]], order: list[int] | None = None) -> None:
     """`order` (optional): a witness, e.g. the global order the lists were dealt from. When every
     wait edge goes forward in it, the lists are free of cycles without a graph search (which takes
     minutes on an 8B prefill's DAG); otherwise the search finds the cycle to report."""
     flat = [t for tasks in worker_lists for t in tasks]
-    if sorted(flat) != sorted(dag.nodes):
+    if sorted(flat) != list(range(len(dag))):
         raise MegakernelError("static schedule does not hold every task exactly once")
     if order is not None and sorted(order) == sorted(flat) and _forward_in(order, dag, worker_lists):
         return

@@ -52,7 +52,7 @@ def test_split_kv_is_chosen_for_long_contexts_with_few_tiles():
     mask = torch.ones(1, 1024, dtype=torch.bool)
     mk = mkcompiler.compile(Decode(), (q, k, v, mask), num_workers=16)
     attn = next(op for op in mk.graph.ops if op.kind == "attention")
-    assert attn.attrs["split"] == 4  # 4 (b, h) tiles x 4 chunks = 16 workers busy; 256 keys each
+    assert attn.attrs.split == 4  # 4 (b, h) tiles x 4 chunks = 16 workers busy; 256 keys each
     assert rel_err(mk(q, k, v, mask), reference(Decode(), q, k, v, mask)) <= 1e-4
 
 
@@ -140,7 +140,7 @@ def test_gqa_decode_packs_the_group_into_one_tile(group, mask_kind, split_kv):
     inputs = [q, k, v] + ([make_mask(mask_kind, b, 1, skv)] if mask_kind else [])
     mk = run_and_check(GQA(), inputs, split_kv=split_kv)
     op = attention_op(mk)
-    assert op.attrs["tile"] == (16, 128) and op.attrs["group"] == group
+    assert op.attrs.tile == (16, 128) and op.attrs.group == group
     tiles = [t for t in mk.queue.descs if t.startswith(op.name + "[")]
     assert len(tiles) == b * hkv * (split_kv or 1)  # one tile per (batch, kv head, chunk)
 
@@ -161,8 +161,8 @@ def test_gqa_causal_prefill_with_blocks_straddling_heads(group, sq, skv, split_k
     k, v = torch.randn(b, hkv, skv, 16), torch.randn(b, hkv, skv, 16)
     mk = run_and_check(GQA(causal=True), [q, k, v], split_kv=split_kv)
     op = attention_op(mk)
-    bm = op.attrs["tile"][0]
-    assert op.attrs["group"] == group
+    bm = op.attrs.tile[0]
+    assert op.attrs.group == group
     assert bm == (16 if group * sq <= 16 else 64)
     assert len([t for t in mk.queue.descs if t.startswith(op.name + "[")]) == b * hkv * -(-group * sq // bm) * (
         split_kv or 1
@@ -186,7 +186,7 @@ def test_automatic_split_kv_has_no_empty_chunk():
     k, v = torch.randn(1, 8, 520, 16), torch.randn(1, 8, 520, 16)
     mk = run_and_check(GQA(), [q, k, v], num_workers=132)
     op = attention_op(mk)
-    assert op.attrs["split"] == 5
+    assert op.attrs.split == 5
     fam = FAMILIES["attention"]
     assert [fam.kv_range(op, p) for p in range(5)] == [(0, 128), (128, 256), (256, 384), (384, 512), (512, 520)]
 

@@ -5,7 +5,6 @@ versions give: the same DAG down to networkx's adjacency order, the same interva
 import random
 from collections import defaultdict
 
-import networkx as nx
 import numpy as np
 import pytest
 import torch
@@ -17,6 +16,7 @@ from models import TransformerMLP
 from test_cache import same_dag
 
 from mkcompiler.frontend.capture import capture
+from mkcompiler.ir.dag import TileDAG, TileTask
 from mkcompiler.ir.graph import View
 from mkcompiler.ir.settings import Settings
 
@@ -35,9 +35,9 @@ def overlaps(a, b) -> bool:
     return False
 
 
-def build_dag_reference(graph) -> nx.DiGraph:
+def build_dag_reference(graph) -> TileDAG:
     """Task by task: each tile's accesses against every earlier access of the same buffer."""
-    dag = nx.DiGraph()
+    tasks, edges = [], []
     written = {o.buffer for op in graph.ops for o in op.outputs}
     writers, readers = defaultdict(list), defaultdict(list)  # buffer -> [(task, intervals)]
 
@@ -49,23 +49,21 @@ def build_dag_reference(graph) -> nx.DiGraph:
         fam = FAMILIES[op.kind]
         for coords in fam.tiles(op):
             reads, writes = fam.regions(op, coords)
-            dag.add_node(
-                task, op=op_index, coords=tuple(coords), cost=fam.cost(op, coords), desc=fam.describe(op, coords)
-            )
+            tasks.append(TileTask(op_index, tuple(coords), fam.cost(op, coords), fam.describe(op, coords)))
             for acc in reads:
                 if acc.buffer in written:
-                    dag.add_edges_from((w, task) for w in overlapping(writers[acc.buffer], acc.intervals))
+                    edges += [(w, task) for w in overlapping(writers[acc.buffer], acc.intervals)]
             for acc in writes:
                 earlier = overlapping(writers[acc.buffer], acc.intervals)
                 earlier += overlapping(readers[acc.buffer], acc.intervals)
-                dag.add_edges_from((w, task) for w in earlier if w != task)
+                edges += [(w, task) for w in earlier if w != task]
             for acc in reads:
                 if acc.buffer in written:
                     readers[acc.buffer].append((task, acc.intervals))
             for acc in writes:
                 writers[acc.buffer].append((task, acc.intervals))
             task += 1
-    return dag
+    return TileDAG(tasks, edges)
 
 
 def box_access_reference(view: View, box) -> base.Access:
@@ -147,7 +145,7 @@ def test_runs_intervals_is_merge_intervals():
 
 
 def graph_before_dag(model, inputs, num_workers):
-    comp = pipeline.Compilation(capture(model, inputs), Settings(), num_workers)
+    comp = pipeline.Compilation(capture(model, inputs), Settings().for_target(), num_workers)
     for name, step, _ in pipeline.PIPELINE:
         if name == "build_dag":
             return comp.graph

@@ -27,7 +27,7 @@ class Siblings(torch.nn.Module):
 
 
 def tiled(model, inputs, workers, **options):
-    settings = Settings().replace(**options)
+    settings = Settings().replace(**options).for_target()  # the passes' target: as Triton runs here
     graph = capture(model, inputs)
     plan = decode_tiling(graph, settings, workers)
     graph = choose_tiles(split_k(graph, settings, workers), settings, workers)
@@ -42,7 +42,7 @@ def test_siblings_share_one_split_count_and_fill_the_workers():
     qkv, gate_up = mms[:3], mms[3:]
     assert len({plan[id(op)] for op in qkv}) == 1  # one decision for the group
     bn, s = plan[id(qkv[0])]
-    tiles = sum(cdiv(op.outputs[0].shape[-1], op.attrs["tile"][1]) * s for op in qkv)
+    tiles = sum(cdiv(op.outputs[0].shape[-1], op.attrs.tile[1]) * s for op in qkv)
     assert tiles <= 132 and tiles * 2 > 132, (bn, s, tiles)  # fills the workers, one wave
     assert 1 < s <= MAX_SPLITS
     assert len({plan[id(op)] for op in gate_up}) == 1
@@ -53,10 +53,10 @@ def test_wide_groups_take_bn_128_when_it_still_fills_the_workers():
     x, y = torch.randn(1, 256, dtype=torch.bfloat16), torch.randn(1, 256, dtype=torch.bfloat16)
     graph, plan = tiled(model, (x, y), workers=120)
     gate, up = [op for op in graph.ops if op.kind == "matmul"][3:]
-    assert plan[id(gate)] == (128, 1) and gate.attrs["tile"][1] == 128  # 64 + 64 tiles >= 0.9 x 120
+    assert plan[id(gate)] == (128, 1) and gate.attrs.tile[1] == 128  # 64 + 64 tiles >= 0.9 x 120
     graph, plan = tiled(model, (x, y), workers=200)
     gate = [op for op in graph.ops if op.kind == "matmul"][3]
-    assert plan[id(gate)][0] is None and gate.attrs["tile"][1] == 64  # 128 tiles would leave workers idle
+    assert plan[id(gate)][0] is None and gate.attrs.tile[1] == 64  # 128 tiles would leave workers idle
 
 
 def test_prefill_and_explicit_tiles_are_left_alone():
@@ -65,4 +65,4 @@ def test_prefill_and_explicit_tiles_are_left_alone():
     graph, plan = tiled(model, (x, y), workers=132)
     assert all(bn is None for bn, _ in plan.values())
     graph, plan = tiled(model, (x[:1], y[:1]), workers=132, matmul_tile=(16, 32, 32))
-    assert all(op.attrs["tile"] == (16, 32, 32) for op in graph.ops if op.kind == "matmul")
+    assert all(op.attrs.tile == (16, 32, 32) for op in graph.ops if op.kind == "matmul")

@@ -58,7 +58,7 @@ def op_levels(mk) -> dict[int, int]:
     dag = mk.dag
     preds: dict[int, set[int]] = {}
     for a, b in dag.edges:
-        oa, ob = dag.nodes[a]["op"], dag.nodes[b]["op"]
+        oa, ob = dag.tasks[a].op, dag.tasks[b].op
         if oa != ob:
             preds.setdefault(ob, set()).add(oa)
 
@@ -75,8 +75,8 @@ def stages_between(mk, src="matmul", dst="attention") -> int:
     dag, ops = mk.dag, mk.graph.ops
     opg = nx.DiGraph()
     for a, b in dag.edges:
-        if dag.nodes[a]["op"] != dag.nodes[b]["op"]:
-            opg.add_edge(dag.nodes[a]["op"], dag.nodes[b]["op"])
+        if dag.tasks[a].op != dag.tasks[b].op:
+            opg.add_edge(dag.tasks[a].op, dag.tasks[b].op)
     target = next(i for i, op in enumerate(ops) if op.kind == dst)
 
     @functools.cache
@@ -109,7 +109,7 @@ def test_rotate_half_folds_into_rope_and_the_cache_write(monkeypatch):
     # The four cat pieces (-q2, q1, -k2, k1) are gone: q's RoPE and the cache scatter compute them.
     assert before.count("elementwise") - kinds.count("elementwise") == 4, (before, kinds)
     (scatter,) = [op for op in mk.graph.ops if op.kind == "scatter"]
-    assert fuse.has_positional(scatter.attrs["expr"])
+    assert fuse.has_positional(scatter.attrs.expr)
     # Matmul -> RoPE (and the cache write) -> attention: one stage between them, was two.
     assert stages_between(unfolded) == 2 and stages_between(mk) == 1
     depth, depth_before = max(op_levels(mk).values()), max(op_levels(unfolded).values())
@@ -140,7 +140,7 @@ def test_a_cat_of_slices_folds_into_each_reader():
     args = (torch.randn(4, 6, 8), torch.randn(1, 1, 8), torch.randn(4, 6, 8))
     mk = mkcompiler.compile(model, args, cache=False)
     assert len(mk.graph.ops) == 2, [op.name for op in mk.graph.ops]  # the two readers: no piece, no s
-    assert all(fuse.has_positional(op.attrs["expr"]) for op in mk.graph.ops)
+    assert all(fuse.has_positional(op.attrs.expr) for op in mk.graph.ops)
     args = (torch.rand(4, 6, 8) + 0.5, torch.rand(1, 1, 8) + 0.5, torch.rand(4, 6, 8) + 0.5)
     check_kernel_and_vm(mk, model, args, 1e-5)
 
@@ -166,7 +166,7 @@ def test_a_cat_whose_inputs_are_overwritten_stays():
     args = (torch.randn(1, 8), torch.tensor([1]))
     mk = mkcompiler.compile(model, args, cache=False)
     assert [op.kind for op in mk.graph.ops].count("elementwise") == 3  # two pieces and the reader
-    assert not any(fuse.has_positional(op.attrs.get("expr", ("in", 0))) for op in mk.graph.ops)
+    assert not any(fuse.has_positional(op.attrs.expr) for op in mk.graph.ops if op.attrs.expr is not None)
     for row in (0, 1):
         args = (torch.rand(1, 8) + 0.5, torch.tensor([row]))
         mk.poison()

@@ -52,7 +52,7 @@ def test_folded_layer_norm_equals_the_unfolded_graph(dtype, bias):
     folded = mkcompiler.compile(model, (x,), split_k=2, fuse_norm=True)
     plain = mkcompiler.compile(model, (x,), split_k=2, fuse_norm=False)
     assert "norm" not in kinds(folded) and "norm" in kinds(plain)
-    assert all(op.attrs.get("norm") for op in folded.graph.ops if op.kind == "matmul")
+    assert all(op.attrs.norm is not None for op in folded.graph.ops if op.kind == "matmul")
     x = torch.randn(3, 1, 64, dtype=dtype)
     folded.poison()
     plain.poison()
@@ -68,11 +68,11 @@ def test_folded_rms_norm_matches_torch():
     x = torch.randn(2, 1, 64)
     graph = capture(model, (x,))
     (norm,) = [op for op in graph.ops if op.kind == "norm"]
-    norm.attrs["rms"] = True
-    settings = Settings().replace(fuse_norm=True)
+    norm.attrs.rms = True
+    settings = Settings().replace(fuse_norm=True).for_target()
     comp = run_pipeline(graph, settings, 4)
     assert "norm" not in [op.kind for op in comp.graph.ops]
-    mk = Megakernel(comp, generate(comp.queue), _device_of(model, (x,)), interpret=True)
+    mk = Megakernel(comp, generate(comp.queue), _device_of(model, (x,)))
     x = torch.randn(2, 1, 64)
     mk.poison()
     h = torch.nn.functional.rms_norm(x, (64,), model.norm.weight, eps=model.norm.eps)

@@ -6,7 +6,6 @@ parameters."""
 
 import os
 
-import mkcompiler.passes.tile as tile
 import pytest
 import torch
 from mkcompiler.ops.registry import FAMILIES
@@ -53,7 +52,7 @@ class NormLinear(torch.nn.Module):
 
 def folded(mk):
     """The matmuls a norm was folded into, and whether each takes the one-pass path."""
-    mms = [op for op in mk.graph.ops if "norm" in op.attrs]
+    mms = [op for op in mk.graph.ops if op.kind == "matmul" and op.attrs.norm is not None]
     assert mms and all(op.kind == "matmul" for op in mms)
     assert "norm" not in [op.kind for op in mk.graph.ops]
     return [FAMILIES["matmul"].norm_in_loop(op) for op in mms]
@@ -110,7 +109,7 @@ def test_split_k_sweeps_first(dtype, norm):
     x = torch.randn(2, 256, dtype=dtype)
     mk = check(model, x, dtype, split_k=2, matmul_tile=(16, 32, 64))
     assert folded(mk) == [False]
-    assert any(op.attrs.get("split") == 2 for op in mk.graph.ops)
+    assert any(FAMILIES[op.kind].splits(op) == 2 for op in mk.graph.ops if op.kind == "matmul")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -161,12 +160,12 @@ def test_strided_norm_weight_and_bias(rms, split_k):
     tile = (16, 32, 32) if split_k else None
     mk = check(StridedNormLinear(rms), torch.randn(1, 96), torch.float32, split_k=split_k, matmul_tile=tile)
     assert folded(mk) == [split_k is None]
-    (op,) = [op for op in mk.graph.ops if "norm" in op.attrs]
+    (op,) = [op for op in mk.graph.ops if op.kind == "matmul" and op.attrs.norm is not None]
     assert FAMILIES["matmul"].norm_key(op)[-2:] == ((0, 1) if rms else (0, 0))
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU-only check")
-def test_both_paths_compile_for_sm90_without_spills(monkeypatch):
+def test_both_paths_compile_for_sm90_without_spills():
     """bf16 dots as a GPU runs them: one-pass RMSNorm and LayerNorm tiles and a split-K sweep
     tile in one kernel."""
 
@@ -180,14 +179,13 @@ def test_both_paths_compile_for_sm90_without_spills(monkeypatch):
         def forward(self, x, y):
             return self.a(x) + self.b(x), self.c(y)
 
-    monkeypatch.setattr(tile, "interpreting", lambda: False)
     model = Both().to(torch.bfloat16)
     x, y = torch.randn(1, 256, dtype=torch.bfloat16), torch.randn(1, 1024, dtype=torch.bfloat16)
-    mk = mkcompiler.compile(model, (x, y), fuse_norm=True, cache=False, num_workers=132)
+    mk = mkcompiler.compile(model, (x, y), fuse_norm=True, cache=False, num_workers=132, interpret=False)
     paths = {
-        (op.attrs["norm"][0], op.attrs.get("split", 1)): FAMILIES["matmul"].norm_in_loop(op)
+        (op.attrs.norm.rms, FAMILIES["matmul"].splits(op)): FAMILIES["matmul"].norm_in_loop(op)
         for op in mk.graph.ops
-        if "norm" in op.attrs
+        if op.kind == "matmul" and op.attrs.norm is not None
     }
     assert paths == {(True, 1): True, (False, 1): True, (True, 2): False}, paths
     r = compile_sm90(mk.source)

@@ -58,8 +58,8 @@ def test_index_put_with_two_index_tensors_matches_eager(case):
     v = torch.randn(vshape, generator=g)
     mk = mkcompiler.compile(copy.deepcopy(model), (rows, pos, v), num_workers=3, cache=False)
     scatters = [op for op in mk.graph.ops if op.kind == "scatter"]
-    assert [op.attrs.get("dim2") for op in scatters] == [1 if adjacent else 2]
-    assert ("expr" in scatters[0].attrs) == fused  # the 2v + 1 computed where it is stored
+    assert [op.attrs.dim2 for op in scatters] == [1 if adjacent else 2]
+    assert (scatters[0].attrs.expr is not None) == fused  # the 2v + 1 computed where it is stored
     for step in range(2):  # a second call with other indices and values
         rows, pos = rows.roll(1), pos.flip(0)
         v = torch.randn(vshape, generator=g)

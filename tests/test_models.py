@@ -90,7 +90,7 @@ def test_repeated_calls_with_fresh_inputs(name):
     dtype = torch.float32
     model, shape = make(name, dtype)
     mk = mkcompiler.compile(model, (torch.randn(shape, dtype=dtype),), **OPTS)
-    sizes = mk.dag.graph["counter_sizes"]
+    sizes = mk.dag.counter_sizes
     for call in (1, 2):
         x = torch.randn(shape, dtype=dtype)
         mk.poison()

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-import mkcompiler.passes.tile as tile
 import pytest
 import torch
 
@@ -25,16 +24,23 @@ DIM, HIDDEN, ROWS = 256, 512, 4
 
 def mlp_source(gpu_dots: bool) -> str:
     """Source of a 2-layer pre-norm MLP in bf16 with default tiles. In the interpreter bf16 dots
-    are widened to fp32 (passes/tile.dot_config); `gpu_dots` generates what a GPU would run."""
+    are widened to fp32 (passes/tile.dot_config); `gpu_dots` generates what a GPU would run
+    (interpret=False: a Megakernel that is not launched here)."""
     torch.manual_seed(0)
     model = TransformerMLP(dim=DIM, hidden=HIDDEN, layers=2).to(torch.bfloat16)
     x = torch.randn(ROWS, DIM, dtype=torch.bfloat16)
-    with pytest.MonkeyPatch.context() as mp:
-        if gpu_dots:
-            mp.setattr(tile, "interpreting", lambda: False)
-        mk = mkcompiler.compile(model, (x,))
+    mk = mkcompiler.compile(model, (x,), interpret=not gpu_dots)
     assert ("tl.bfloat16, 'tf32'" in mk.source) == gpu_dots  # the matmul's DOT_DT and precision
     return mk.source
+
+
+def test_a_gpu_kernel_generated_without_a_gpu_is_not_launched():
+    """interpret=False where Triton interprets: GPU source to read and compile offline; a call says so."""
+    x = torch.randn(2, 32)
+    mk = mkcompiler.compile(TransformerMLP(dim=32, hidden=64), (x,), interpret=False, cache=False)
+    assert not mk.interpret and not mk.launchable and mk.settings.schedule == "static"
+    with pytest.raises(mkcompiler.MegakernelError, match="generated for a GPU .* cannot be launched here"):
+        mk(x)
 
 
 def cli_report(source: str, tmp_path, *options: str) -> str:
@@ -74,12 +80,11 @@ def llama_sources() -> dict[str, str]:
     from examples.llama import GreedyLoop, random_llama
 
     model = random_llama("tiny", dtype=torch.bfloat16, max_seq_len=1024)  # long enough for split-KV
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tile, "interpreting", lambda: False)
-        tokens = torch.randint(0, 256, (1, 128))
-        prefill = mkcompiler.compile(model, (tokens, torch.arange(128)), num_workers=132)
-        loop = mkcompiler.compile(GreedyLoop(model, 1, 8), (), num_workers=132)
-        folded = mkcompiler.compile(GreedyLoop(model, 1, 8), (), num_workers=132, **FOLDED)
+    gpu = dict(num_workers=132, interpret=False)
+    tokens = torch.randint(0, 256, (1, 128))
+    prefill = mkcompiler.compile(model, (tokens, torch.arange(128)), **gpu)
+    loop = mkcompiler.compile(GreedyLoop(model, 1, 8), (), **gpu)
+    folded = mkcompiler.compile(GreedyLoop(model, 1, 8), (), **gpu, **FOLDED)
     return {
         "prefill": prefill.source,
         "greedy step": loop.source,
@@ -102,10 +107,7 @@ def decode_mlp_source() -> str:
     torch.manual_seed(0)
     model = TransformerMLP(dim=DIM, hidden=HIDDEN, layers=1).to(torch.bfloat16)
     x = torch.randn(1, DIM, dtype=torch.bfloat16)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tile, "interpreting", lambda: False)
-        mk = mkcompiler.compile(model, (x,), num_workers=132)
-    return mk.source
+    return mkcompiler.compile(model, (x,), num_workers=132, interpret=False).source
 
 
 def test_profile_and_wait_variants_compile_for_sm90():

@@ -5,6 +5,7 @@ import torch
 from helpers import rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mkcompiler.ops.matmul import MatmulAttrs
 from mkcompiler.ops.registry import FAMILIES
 from torch import nn
 
@@ -16,7 +17,7 @@ def matmul_node(m: int, n: int, tile, group_rows: int, splits: int):
     """A matmul node of an [m, n] output ([splits, m, n] when split along K)."""
     buf = Buffer(0, "c", m * n * splits, torch.float32, BufferKind.ACT)
     c = View.full(buf, (splits, m, n) if splits > 1 else (m, n))
-    return OpNode("matmul", (), (c,), {"tile": tile, "group_rows": group_rows}, name="mm")
+    return OpNode("matmul", (), (c,), MatmulAttrs(tile=tile, group_rows=group_rows), name="mm")
 
 
 @settings(max_examples=60, deadline=None)

@@ -161,7 +161,7 @@ def test_sharded_llama_equals_the_unsharded_model(config, world, each_rank):
             first = outs[0]
         assert rel(first, ref) <= TOL, (step, rel(first, ref))
         token, pos = ref[:, -1].argmax(-1, keepdim=True), torch.tensor([5 + step])
-    sizes = np.array(decode.compilations[0].dag.graph["counter_sizes"])
+    sizes = np.array(decode.compilations[0].dag.counter_sizes)
     assert all((c[: len(sizes)] == sizes * decode.generation).all() for c in decode.counters)
 
 
@@ -237,12 +237,12 @@ def test_random_sharded_dags_never_deadlock_across_ranks(dag, world, num_workers
     peer it reads, and every counter ends at size x generation on every rank."""
     dag = counted(dag)
     peers = {}
-    for t in data.draw(st.sets(st.sampled_from(sorted(dag.nodes)), max_size=8)):
+    for t in data.draw(st.sets(st.sampled_from(range(len(dag))), max_size=8)):
         peers[t] = sorted(data.draw(st.sets(st.integers(0, world - 1), min_size=1)))
-        dag.nodes[t]["remote_waits"] = [(c, n, k) for k in peers[t] for c, n in dag.nodes[t]["waits"]]
+        dag.tasks[t].remote_waits = tuple((c, n, k) for k in peers[t] for c, n in dag.tasks[t].waits)
     q = queue_from_dag(dag, list_schedule(dag, num_workers))
     check_queue(q, static=not dynamic)
-    sizes = np.array(dag.graph["counter_sizes"], dtype=np.int64)
+    sizes = np.array(dag.counter_sizes, dtype=np.int64)
     counters = [np.zeros(max(q.num_counters, 1), dtype=np.int64) for _ in range(world)]
     for generation in (1, 2):
         done = [set() for _ in range(world)]
@@ -398,7 +398,7 @@ def test_random_sharded_modules_equal_the_unsharded_model(chain, rows, num_worke
         for bid, t in prog.graph.params.items():
             if not prog.graph.buffers[bid].name.startswith("const"):
                 assert tp.storage_owner(t, model) is not None
-    sizes = np.array(mk.compilations[0].dag.graph["counter_sizes"])
+    sizes = np.array(mk.compilations[0].dag.counter_sizes)
     for run in range(2):
         choose = (lambda moves: data.draw(st.sampled_from(moves))) if run == 0 else None
         outs, res = mk.run(x, choose=choose, seed=run)
@@ -497,8 +497,8 @@ def test_an_exchange_tile_waits_only_for_the_rows_it_sends():
     c = mk.compilations[0]
     a2a = next(i for i, op in enumerate(c.graph.ops) if op.kind == "all_to_all")
     x = c.graph.ops[a2a].inputs[0].buffer
-    writers = {t for t in c.dag.nodes if any(o.buffer == x for o in c.graph.ops[c.dag.nodes[t]["op"]].outputs)}
-    tiles = [t for t in c.dag.nodes if c.dag.nodes[t]["op"] == a2a]
+    writers = {t for t, task in enumerate(c.dag.tasks) if any(o.buffer == x for o in c.graph.ops[task.op].outputs)}
+    tiles = [t for t, task in enumerate(c.dag.tasks) if task.op == a2a]
     waits = [set(c.dag.predecessors(t)) & writers for t in tiles]
     assert len(writers) > 1 and all(w for w in waits)
     assert max(len(w) for w in waits) < len(writers), (len(writers), [len(w) for w in waits])

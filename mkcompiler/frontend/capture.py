@@ -21,7 +21,8 @@ from mkcompiler.errors import UnsupportedOpError
 from mkcompiler.ir.graph import BufferKind, Graph, OpNode, View
 from mkcompiler.ops import registry
 from mkcompiler.ops.base import ALIGN_BYTES
-from mkcompiler.ops.elementwise import VALUE_DTYPES
+from mkcompiler.ops.elementwise import VALUE_DTYPES, ElementwiseAttrs
+from mkcompiler.ops.matmul import MatmulAttrs
 
 IGNORED = {
     torch.ops.aten._assert_tensor_metadata.default,
@@ -96,7 +97,8 @@ class LoweringContext:
         return flat if flat is not None else self.copy(v).reshape((-1, v.shape[-1]))
 
     # ---- ops ----
-    def emit(self, node, kind: str, inputs, outputs, **attrs) -> OpNode:
+    def emit(self, node, kind: str, inputs, outputs, attrs=None) -> OpNode:
+        """Append an op; `attrs`: its family's attributes (ops/<family>.py), None for a family without any."""
         for x in inputs:
             if isinstance(x, Refused):
                 self.unsupported(node, x.what)
@@ -104,7 +106,7 @@ class LoweringContext:
             kind,
             tuple(inputs),
             tuple(outputs),
-            dict(attrs),
+            attrs,
             name=node.name if node is not None else f"{kind}{len(self.graph.ops)}",
             source=user_source(node) if node is not None else "",
         )
@@ -115,7 +117,7 @@ class LoweringContext:
         if a.rank != 2 or b.rank != 2:
             self.unsupported(node, f"a matmul of ranks {a.rank} x {b.rank} (batched matmul)")
         out = self.graph.new_tensor(node.name, (a.shape[0], b.shape[1]), node.meta["val"].dtype)
-        self.emit(node, "matmul", (a, b, bias), (out,))
+        self.emit(node, "matmul", (a, b, bias), (out,), MatmulAttrs())
         return out
 
     def elementwise(self, node, name: str, *operands) -> View:
@@ -142,17 +144,18 @@ class LoweringContext:
             else:
                 self.unsupported(node, f"elementwise {name} on a {type(x).__name__} operand")
         out = self.graph.new_tensor(node.name if node is not None else name, shape, dtype)
-        self.emit(node, "elementwise", inputs, (out,), expr=("op", name, dtype, *leaves))
+        self.emit(node, "elementwise", inputs, (out,), ElementwiseAttrs(("op", name, dtype, *leaves)))
         return out
 
     def copy(self, v: View) -> View:
         """A fresh contiguous copy of v."""
         out = self.graph.new_tensor("copy", v.shape, v.dtype)
-        self.emit(None, "elementwise", (v,), (out,), expr=("op", "copy", v.dtype, ("in", 0)))
+        self.emit(None, "elementwise", (v,), (out,), ElementwiseAttrs(("op", "copy", v.dtype, ("in", 0))))
         return out
 
     def copy_into(self, src: View, dst: View, node=None):
-        self.emit(node, "elementwise", (src.expand(dst.shape),), (dst,), expr=("op", "copy", dst.dtype, ("in", 0)))
+        copy = ElementwiseAttrs(("op", "copy", dst.dtype, ("in", 0)))
+        self.emit(node, "elementwise", (src.expand(dst.shape),), (dst,), copy)
 
 
 def _module_tensors(model: torch.nn.Module, ep) -> dict[str, torch.Tensor]:

@@ -192,12 +192,14 @@ def _reshape_strides(old_shape, old_strides, new_shape):
 
 @dataclass
 class OpNode:
-    """One op of the graph. `inputs`/`outputs` are views; `attrs` are op-family specific."""
+    """One op of the graph. `inputs`/`outputs` are views; `attrs` is the op family's own dataclass of
+    attributes (defined beside the family in ops/, e.g. ops/matmul.MatmulAttrs; None for a family
+    without any): set at capture, completed by passes (tiles, split counts, a folded norm)."""
 
     kind: str
     inputs: tuple[View | None, ...]
     outputs: tuple[View, ...]
-    attrs: dict = field(default_factory=dict)
+    attrs: object = None
     name: str = ""
     source: str = ""  # the user's source line this op came from
 

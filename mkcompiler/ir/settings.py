@@ -16,21 +16,33 @@ WAIT_MODES = ("atomic", "fence", "acquire")
 WAIT_MANY_MODE = len(WAIT_MODES)
 
 
+def triton_interprets() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter in this process (TRITON_INTERPRET=1, which
+    `import mkcompiler` sets without a GPU; Triton reads it when kernels are defined). What
+    Settings.interpret defaults to; the passes read the setting, never this."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def default_max_spin(interpret: bool) -> int:
+    """Polls before a wait gives up (Settings.max_spin's default): a few hundred ms on a GPU; in
+    the interpreter a poll is slow and programs run one after another, so give up sooner."""
+    return 2000 if interpret else 1 << 22
+
+
 def register_cap(num_warps: int, workers_per_sm: int = 1) -> int:
     """Registers per thread the kernel may use (Triton's maxnreg): all an SM's 64K shared by its
-    workers, at most 255. Without it ptxas often settles on 128 for 8 warps and spills (a decode
-    MLP kernel: 128 registers and 96 B of spills, against 230 and none with the cap)."""
+    workers, at most 255. Without it ptxas often settles on 128 for 8 warps and spills."""
     return min(255, 65536 // (32 * num_warps * workers_per_sm) // 8 * 8)
 
 
 @dataclass(frozen=True)
 class Settings:
-    num_workers: int | None = None  # persistent programs; default: SM count (GPU) or 4 (interpreter)
-    # "static" (per-worker lists) or "dynamic" (atomic queue head). Default: static on a GPU
-    # (1.67 against 2.48 ms, 1B decode, H200: no atomic round trip per fetch); dynamic in the
-    # interpreter, which runs programs one after another (a static list can wait on a later one).
+    num_workers: int | None = None  # persistent programs; default: the GPU's SMs x workers_per_sm, 4 on the CPU
+    # "static" (per-worker lists) or "dynamic" (atomic queue head); default: static on a GPU (no
+    # atomic round trip per fetch), dynamic in the interpreter (it runs programs one after another,
+    # and a static list could wait on a later one)
     schedule: str | None = None
-    max_spin: int | None = None  # polls before a wait gives up; default 2**22 (GPU), 2000 (interpreter)
+    max_spin: int | None = None  # polls before a wait gives up; default: default_max_spin(interpret)
     fp32_precision: str = "ieee"  # tl.dot precision for fp32 operands: "ieee" or "tf32"
     matmul_tile: tuple[int, int, int] | None = None  # (BM, BN, BK); default chosen per shape
     split_kv: int | None = None  # key chunks per decode attention; default: enough to give every worker a tile
@@ -38,31 +50,27 @@ class Settings:
     elementwise_block: int | None = None  # elements per elementwise tile; default: by size (passes/tile.py)
     row_block: int = 4  # rows per tile for norms, reductions, softmax, embedding
     row_chunk: int = 1024  # columns per step of a row sweep (max)
-    num_warps: int = 8  # 4 spills registers once prefill-sized tiles and attention share the kernel
-    # software-pipeline depth of tile loops: 3 is 8% faster than 2 (1B decode, H200); 4: 1.621
-    # against 1.586 ms (H100)
-    num_stages: int = 3
+    num_warps: int = 8  # warps per worker: 4 spills registers once prefill-sized tiles and attention share the kernel
+    num_stages: int = 3  # software-pipeline depth of tile loops (3: faster on decode than 2 or 4)
     # Large-M matmuls: tiles in the queue (and so, in dynamic fetch, in execution order) by groups
     # of this many tile rows, column by column within a group, so that the tiles running together
-    # share A rows and B columns in L2 (a wave of 132 tiles of an 8B-prefill gate projection: 8
-    # rows x 16 columns, 41 MB of operands, instead of 2.4 rows x 56 columns, 120 MB: B
-    # re-streamed from HBM for every 2.4 rows). 1: row-major. Not yet measured on a GPU.
+    # share A rows and B columns in L2 instead of re-streaming B for every few rows. 1: row-major.
     matmul_group_rows: int = 8
-    # fold LayerNorm/RMSNorm into decode matmuls (passes/fuse_norm.py): with the statistics summed
-    # in the K loop, 1.586 against 1.672 ms (1B decode, H100, same device call)
+    # fold LayerNorm/RMSNorm into decode matmuls, the statistics summed in the K loop (passes/fuse_norm.py)
     fuse_norm: bool = True
     # matmul tiles wait for their inputs themselves, after asking for their first weight block
-    # and addressing their views (OpFamily.early_wait, codegen.generate): 1.478 against 1.571 ms
-    # (1B decode, H100, same call)
+    # and addressing their views (OpFamily.early_wait, codegen.generate)
     early_weights: bool = True
     # How a wait acquires its producers' writes (kernel_lib.wait_all; one of WAIT_MODES): "atomic"
-    # (acquire atomics; the interpreter always), "fence" (GPU: polls, a barrier vote, fence.acq_rel:
-    # no faster on 1B decode), "acquire" (GPU: every poll an ld.acquire: 1.672 against 1.728 ms
-    # for "atomic", 1B decode, H100, same device call).
+    # (acquire atomics; the interpreter always), "fence" (GPU: polls, a barrier vote, fence.acq_rel),
+    # "acquire" (GPU, the default: every poll an ld.acquire)
     waits: str = "acquire"
     preload_args: bool = True  # load an instruction's args before its wait (codegen.generate)
     workers_per_sm: int = 1  # default num_workers = SMs x this (co-resident: registers and shared memory permitting)
-    interpret: bool | None = None  # run in the Triton interpreter; default: when there is no GPU
+    # Generate for Triton's CPU interpreter (True) or a GPU (False); default (None): as Triton runs
+    # in this process (triton_interprets()), resolved by mkcompiler.compile (Settings.for_target).
+    # A GPU kernel generated where Triton interprets can be inspected and compiled offline, not run.
+    interpret: bool | None = None
     copy_outputs: bool = True  # return fresh tensors (not views of the megakernel's buffers)
     # When a call looks at the kernel's error record: "sync" waits for the launch and raises at
     # once; "deferred" returns without waiting (the host runs ahead, as with CUDA's own errors)
@@ -92,6 +100,13 @@ class Settings:
         if s.fallback not in ("error", "eager"):
             raise ValueError(f"fallback must be 'error' or 'eager', not {s.fallback!r}")
         return s
+
+    def for_target(self) -> Settings:
+        """These settings with the target's defaults filled in: interpret (triton_interprets()
+        unless set) and schedule (see Settings.schedule). What the passes are given."""
+        interpret = triton_interprets() if self.interpret is None else self.interpret
+        schedule = self.schedule or ("dynamic" if interpret else "static")
+        return dataclasses.replace(self, interpret=interpret, schedule=schedule)
 
     def key(self) -> tuple:
         return tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in UNKEYED)

@@ -22,7 +22,7 @@ import torch.utils._pytree as pytree
 from mkcompiler.errors import InputError, MegakernelError, check_input
 from mkcompiler.ir.graph import BufferKind, View
 from mkcompiler.ir.layout import NUM_ERROR_FIELDS, NUM_STAMPS, NUM_VIEW_FIELDS, ErrorField, Field, ViewField
-from mkcompiler.ir.settings import WAIT_MANY_MODE, WAIT_MODES, register_cap
+from mkcompiler.ir.settings import WAIT_MANY_MODE, WAIT_MODES, default_max_spin, register_cap, triton_interprets
 from mkcompiler.ops.base import ALIGN_BYTES
 from mkcompiler.passes.verify import check_queue
 from mkcompiler.tools.profiling import Profile
@@ -111,15 +111,20 @@ def _cooperative_errors(mk):
 class Megakernel:
     extra_args: tuple = ()  # kernel arguments after prof_ptr (tensor parallelism: tp_runtime.TPMegakernel)
 
-    def __init__(self, compilation, source: str, device: torch.device, interpret: bool):
+    def __init__(self, compilation, source: str, device: torch.device):
         self.compilation = compilation
         self.graph = compilation.graph
         self.settings = compilation.settings
         self.source = source
         self.device = device
-        self.interpret = interpret
+        if self.settings.interpret is None:
+            raise ValueError("the compilation's Settings.interpret is unresolved (Settings.for_target)")
+        self.interpret = self.settings.interpret  # the target the source was generated for
+        # A GPU kernel generated where Triton interprets (interpret=False without a GPU): its
+        # source can be read and compiled offline (mkcompiler/tools/offline.py), not launched.
+        self.launchable = self.interpret == triton_interprets()
         self.num_workers = compilation.num_workers
-        self.max_spin = self.settings.max_spin or (2000 if interpret else 1 << 22)
+        self.max_spin = self.settings.max_spin or default_max_spin(self.interpret)
         self._kernel = load_source(source).megakernel
         g = self.graph
         self.buffers: dict[int, torch.Tensor] = {}
@@ -150,6 +155,8 @@ class Megakernel:
 
     @property
     def dag(self):
+        """The tile DAG (mkcompiler.ir.dag.TileDAG): `dag.tasks[t]` is tile task t (op, coords, cost,
+        counters); `dag.graph` is its dependencies as a networkx DiGraph over task ids."""
         return self.compilation.dag
 
     @property
@@ -284,6 +291,12 @@ class Megakernel:
     def launch(self, prof: torch.Tensor | None = None) -> None:
         """One launch of the kernel on the bound inputs (no checks: see __call__). With `prof`
         (int64 [n * NUM_STAMPS + 1]), the profiling variant of the kernel stamps into it."""
+        if not self.launchable:
+            raise MegakernelError(
+                "this megakernel was generated for a GPU (interpret=False) in a process where Triton runs kernels in "
+                "its interpreter: it cannot be launched here. Read mk.source, or compile it for sm_90 with "
+                "mkcompiler.tools.offline.compile_sm90(mk.source); to run it, compile the model on a GPU"
+            )
         if (self.generation + 1) * self._max_count >= COUNTER_LIMIT or (
             (self.generation + 1) * (len(self.queue) + self.num_workers) >= COUNTER_LIMIT
         ):

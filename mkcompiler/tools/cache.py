@@ -18,8 +18,8 @@ Two keys lead to an entry.
 
 - The graph key, always correct: a hash of the captured graph (every op, kind, attribute,
   view shape/stride/offset/dtype, buffer kind, input and output spec, the bytes of folded
-  constants; not weight values) and of the environment: Settings.key(), num_workers, device
-  and interpreter, the torch / triton / numpy / networkx / Python versions and a hash of
+  constants; not weight values) and of the environment: Settings.key() (with the target,
+  Settings.interpret), num_workers, device, the torch / triton / numpy / networkx / Python versions and a hash of
   mkcompiler's own source files (any code change invalidates everything). A hit skips the
   passes but not capture (torch.export), which takes seconds for a 1B model.
 
@@ -64,18 +64,18 @@ import tempfile
 import warnings
 from collections import Counter
 
-import networkx as nx
 import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
 from mkcompiler.frontend.capture import bound_tensor
+from mkcompiler.ir.dag import TileDAG, TileTask
 from mkcompiler.ir.graph import Graph, View
 from mkcompiler.ops import registry
 from mkcompiler.passes.pipeline import Compilation
 from mkcompiler.runtime.megakernel import cache_dir
 
-FORMAT = 1
+FORMAT = 2
 MAGIC = b"mkcompiler compile cache\n"
 stats: Counter = Counter()  # "hit", "graph hit", "miss", "store", "corrupt", "untraceable": for tests and reports
 
@@ -125,23 +125,13 @@ def _versions() -> tuple:
     )
 
 
-def environment(settings, num_workers: int, interpret: bool, device: torch.device) -> tuple:
-    """Everything besides the graph that the queue and the generated kernel depend on."""
-    from mkcompiler.passes import tile
-
+def environment(settings, num_workers: int, device: torch.device) -> tuple:
+    """Everything besides the graph that the queue and the generated kernel depend on (the target,
+    Settings.interpret, is in settings.key())."""
     dev = (device.type,)
     if device.type == "cuda":
         dev += (torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
-    return (
-        FORMAT,
-        _versions(),
-        source_digest(),
-        settings.key(),
-        num_workers,
-        interpret,
-        tile.interpreting(),  # what the passes consult (tests patch it to generate GPU code)
-        dev,
-    )
+    return (FORMAT, _versions(), source_digest(), settings.key(), num_workers, dev)
 
 
 def _digest(obj) -> str:
@@ -467,37 +457,25 @@ def _read(kind: str, key: str):
         return None
 
 
-def _dag_data(dag: nx.DiGraph) -> dict:
-    nodes = list(dag.nodes)
-    attrs = [dag.nodes[n] for n in nodes]
-    names = list(attrs[0]) if attrs else []
-    columnar = all(list(a) == names for a in attrs)
-    preds = [list(dag.pred[n]) for n in nodes]
+def _dag_data(dag: TileDAG) -> dict:
+    """The DAG as columns (one list per TileTask field, in field order) and predecessor arrays."""
+    preds = [list(dag.graph.pred[t]) for t in range(len(dag))]
     return {
-        "nodes": nodes,
-        "names": names if columnar else None,
-        "columns": [[a[k] for a in attrs] for k in names] if columnar else attrs,
+        "columns": [[getattr(task, f.name) for task in dag.tasks] for f in dataclasses.fields(TileTask)],
         "pred_count": np.array([len(p) for p in preds], dtype=np.int64),
         "pred": np.fromiter((u for p in preds for u in p), dtype=np.int64),
-        "graph": dict(dag.graph),
+        "counter_sizes": list(dag.counter_sizes),
     }
 
 
-def _rebuild_dag(data: dict) -> nx.DiGraph:
-    """The stored DAG with the same nodes, attributes and adjacency order as the original
-    (build_dag adds each task's edges in turn, so successors are in increasing order)."""
-    dag = nx.DiGraph()
-    dag.graph.update(data["graph"])
-    nodes = data["nodes"]
-    if data["names"] is not None:
-        names = data["names"]
-        dag.add_nodes_from((n, dict(zip(names, values))) for n, values in zip(nodes, zip(*data["columns"])))
-        if not names:
-            dag.add_nodes_from(nodes)
-    else:
-        dag.add_nodes_from(zip(nodes, data["columns"]))
-    succ = np.repeat(np.array(nodes, dtype=np.int64), data["pred_count"])
-    dag.add_edges_from(zip(data["pred"].tolist(), succ.tolist()))
+def _rebuild_dag(data: dict) -> TileDAG:
+    """The stored DAG with the same tasks and adjacency order as the original (build_dag adds
+    each task's edges in turn, so successors are in increasing order). Fields are positional:
+    an entry is only read by the source that wrote it (the key holds source_digest)."""
+    tasks = [TileTask(*values) for values in zip(*data["columns"])]
+    succ = np.repeat(np.arange(len(tasks), dtype=np.int64), data["pred_count"])
+    dag = TileDAG(tasks, zip(data["pred"].tolist(), succ.tolist()))
+    dag.counter_sizes = data["counter_sizes"]
     return dag
 
 

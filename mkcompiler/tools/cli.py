@@ -12,7 +12,7 @@ path to a .py file. examples/factories.py has some: transformer_block, mlp, llam
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import os
@@ -81,16 +81,10 @@ def build(spec: str, workers: int | None = None, gpu_codegen: bool = False):
     if workers is not None:
         options["num_workers"] = workers
     inputs = tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,)
-    patch = contextlib.nullcontext()
     if gpu_codegen:
-        from unittest import mock
-
-        import mkcompiler.passes.tile as tile
-
-        patch = mock.patch.object(tile, "interpreting", lambda: False)  # half-precision dots as on a GPU
+        options["interpret"] = False  # a GPU's kernel (half-precision dots), to read and compile offline
     t0 = time.perf_counter()
-    with patch:
-        mk = mkcompiler.compile(model, inputs, **options)
+    mk = mkcompiler.compile(model, inputs, **options)
     seconds = time.perf_counter() - t0
     if not isinstance(mk, mkcompiler.Megakernel):
         raise ValueError(
@@ -138,9 +132,17 @@ def _expr(e) -> str:
 TILING_ATTRS = ("tile", "block", "blocks_per_tile", "split")
 
 
+def _set_attrs(op) -> dict:
+    """The op's attributes that differ from their defaults (those a pass has not set are None)."""
+    if op.attrs is None:
+        return {}
+    values = {f.name: (getattr(op.attrs, f.name), f.default) for f in dataclasses.fields(op.attrs)}
+    return {k: v for k, (v, default) in values.items() if v != default}
+
+
 def _attrs(op) -> str:
     parts = []
-    for k, v in op.attrs.items():
+    for k, v in _set_attrs(op).items():
         if k in TILING_ATTRS:
             continue
         if k == "expr":
@@ -185,12 +187,12 @@ def tiling_section(mk) -> list[str]:
 
     q, g, dag = mk.queue, mk.graph, mk.dag
     nbytes, flops = instruction_work(mk.compilation)
-    op_of = np.array([dag.nodes[t]["op"] for t in q.rows[:, Field.TASK].tolist()], dtype=np.int64)
+    op_of = np.array([dag.tasks[t].op for t in q.rows[:, Field.TASK].tolist()], dtype=np.int64)
     header = ["op", "kind", "tile", "tiles", "bytes/tile", "FLOPs/tile", "bytes", "FLOPs"]
     rows = []
     for k, op in enumerate(g.ops):
         sel = op_of == k
-        attrs = {a: op.attrs[a] for a in TILING_ATTRS if a in op.attrs}
+        attrs = {a: v for a, v in _set_attrs(op).items() if a in TILING_ATTRS}
         fam = FAMILIES[op.kind]
         if op.kind == "matmul" and fam.splits(op) > 1:
             attrs["split_k"] = fam.splits(op)
@@ -224,7 +226,7 @@ def tiling_section(mk) -> list[str]:
     return lines
 
 
-def offline_section(mk, gpu_codegen: bool = False) -> tuple[list[str], bool]:
+def offline_section(mk) -> tuple[list[str], bool]:
     from mkcompiler.tools.offline import OfflineCompileError, compile_sm90, format_report
 
     s = mk.settings
@@ -240,7 +242,7 @@ def offline_section(mk, gpu_codegen: bool = False) -> tuple[list[str], bool]:
         f"(65536 per SM); shared memory {r['shared']} B (228 KiB per SM); spilled {r['spilled_bytes']} B/thread; "
         f"local {r['local']} B; compiled in {r['compile_s']:.1f} s"
     )
-    if mk.interpret and not gpu_codegen and _has_half_dots(mk):
+    if mk.interpret and _has_half_dots(mk):
         lines.append(
             "  note: this source was generated for the interpreter (half-precision dots widened to fp32); "
             "--gpu-codegen generates what a GPU would run"
@@ -279,7 +281,7 @@ def cmd_inspect(a) -> int:
         print("  skipped (--no-offline)")
     else:
         sys.stdout.flush()
-        lines, ok = offline_section(mk, a.gpu_codegen)
+        lines, ok = offline_section(mk)
         print("\n".join(lines))
     return 0 if ok else 1
 
@@ -327,7 +329,8 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument(
         "--gpu-codegen",
         action="store_true",
-        help="in the interpreter, generate half-precision dots as for a GPU (what the sm_90 compile should see)",
+        help="without a GPU, generate the kernel a GPU would run (interpret=False: half-precision dots), "
+        "for the sm_90 compile to see; it is not run",
     )
     f = sub.add_parser("profile", help="per-instruction profile: trace.json, gantt.png and a summary")
     f.add_argument("factory", metavar="MODULE:FACTORY")

@@ -28,6 +28,8 @@ import sys
 import tempfile
 import time
 
+from mkcompiler.ir.settings import triton_interprets
+
 # The megakernel's parameters (codegen.LOOP_HEAD) and their Triton signature types.
 SIGNATURE = {
     "instr_ptr": "*i32",
@@ -51,7 +53,6 @@ SIGNATURE = {
 # A tensor-parallel kernel (codegen_tp.py) takes the rank's table after prof_ptr.
 _AFTER = list(SIGNATURE).index("prof_ptr") + 1
 TP_SIGNATURE = dict([*list(SIGNATURE.items())[:_AFTER], ("tp_ptr", "*i64"), *list(SIGNATURE.items())[_AFTER:]])
-GPU_MAX_SPIN = 1 << 22  # runtime.Megakernel's default on a GPU
 
 
 def signature_of(arg_names) -> dict:
@@ -165,12 +166,12 @@ def _compile(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from mkcompiler.ir.settings import WAIT_MANY_MODE, WAIT_MODES, Settings, register_cap
+    from mkcompiler.ir.settings import WAIT_MANY_MODE, WAIT_MODES, Settings, default_max_spin, register_cap
 
     waits = Settings().waits if waits is None else waits
     index = {name: i for i, name in enumerate(kernel.arg_names)}
     constexprs = {
-        (index["MAX_SPIN"],): GPU_MAX_SPIN,
+        (index["MAX_SPIN"],): default_max_spin(interpret=False),
         (index["DYNAMIC"],): dynamic,
         (index["PROFILE"],): profile,
         (index["LOGICAL_CLOCK"],): False,
@@ -277,7 +278,7 @@ def main(argv=None) -> None:
     p.add_argument("--dump", metavar="DIR", help="write ttir/ttgir/llir/ptx here")
     p.add_argument("--json", action="store_true", help="print the report as one JSON line")
     a = p.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") == "1" or os.environ.get("TRITON_ALWAYS_COMPILE") != "1":
+    if triton_interprets() or os.environ.get("TRITON_ALWAYS_COMPILE") != "1":
         # `import mkcompiler` (which runs before this module) chose the interpreter, so the ops'
         # @triton.jit functions cannot be compiled any more: start again without it. A cached
         # kernel would have no ptxas log, hence TRITON_ALWAYS_COMPILE.

@@ -48,7 +48,7 @@ def _work_fn(graph, op):
     if op.kind == "matmul":
         a, b, bias = op.inputs[:3]
         c = op.outputs[0]
-        bm, bn, _ = op.attrs["tile"]
+        bm, bn, _ = op.attrs.tile
         m, n = c.shape[-2:]
         a_sz, b_sz, c_sz = a.dtype.itemsize, b.dtype.itemsize, c.dtype.itemsize
         bias_sz = bias.dtype.itemsize if bias is not None else 0
@@ -65,7 +65,7 @@ def _work_fn(graph, op):
     if op.kind == "attention":
         q, k, v, mask = op.inputs
         dq, dv = q.shape[3], v.shape[3]
-        causal, split = op.attrs["causal"], fam.splits(op) > 1
+        causal, split = op.attrs.causal, fam.splits(op) > 1
         q_sz, k_sz, v_sz = q.dtype.itemsize, k.dtype.itemsize, v.dtype.itemsize
         m_sz, o_sz = (mask.dtype.itemsize if mask is not None else 0), op.outputs[0].dtype.itemsize
 
@@ -119,12 +119,12 @@ def instruction_work(compilation, queue: Queue | None = None) -> tuple[np.ndarra
     n = len(queue)
     nbytes, flops = np.zeros(n), np.zeros(n)
     fns: dict[int, object] = {}
-    for i, task in enumerate(queue.rows[:, Field.TASK].tolist()):
-        node = dag.nodes[task]
-        fn = fns.get(node["op"])
+    for i, t in enumerate(queue.rows[:, Field.TASK].tolist()):
+        task = dag.tasks[t]
+        fn = fns.get(task.op)
         if fn is None:
-            fn = fns[node["op"]] = _work_fn(graph, graph.ops[node["op"]])
-        nbytes[i], flops[i] = fn(tuple(node["coords"]))
+            fn = fns[task.op] = _work_fn(graph, graph.ops[task.op])
+        nbytes[i], flops[i] = fn(task.coords)
     return nbytes, flops
 
 
@@ -154,6 +154,99 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
         cells = [str(v).ljust(w) if c == 0 else str(v).rjust(w) for c, (v, w) in enumerate(zip(r, widths))]
         out.append("  " + "  ".join(cells).rstrip())
     return out
+
+
+@dataclass
+class _Timeline:
+    """What Profile.summary's sections read: per instruction, whether it ran (ok), its worker and
+    its times relative to the earliest fetch (Profile._times); the span; the unit."""
+
+    ok: np.ndarray
+    worker: np.ndarray
+    fetch: np.ndarray
+    ready: np.ndarray
+    end: np.ndarray
+    span: float
+    unit: str
+
+    @property
+    def timed(self) -> bool:
+        """Real durations (not the interpreter's logical ticks): rates make sense."""
+        return self.unit == "ns"
+
+    @property
+    def busy(self) -> np.ndarray:
+        return self.end - self.ready
+
+    @property
+    def wait(self) -> np.ndarray:
+        return self.ready - self.fetch
+
+    @property
+    def workers(self) -> list[int]:
+        return sorted(set(self.worker[self.ok].tolist()))
+
+
+def _rate(amount: float, ns: float, suffix: str) -> str:
+    return _fmt_si(amount / (ns * 1e-9) if ns else 0.0, suffix)
+
+
+def _kind_row(t: _Timeline, kind: str, sel, work, total_busy: float, bandwidth, flops) -> list[str]:
+    """Profile.summary's row of one op kind: its instructions `sel` and their (bytes, FLOPs)
+    `work`; busy time, its share of `total_busy`, wall span and, when timed, rates over both."""
+    busy, wall = float(t.busy[sel].sum()), float(t.end[sel].max() - t.ready[sel].min())
+    nbytes, nflops = work
+    row = [
+        kind,
+        str(int(sel.sum())),
+        _fmt_time(busy, t.unit),
+        f"{100 * busy / total_busy:.1f}%",
+        _fmt_time(wall, t.unit),
+    ]
+    row += [_fmt_si(nbytes, "B"), _fmt_si(nflops, "FLOP") if nflops else "-"]
+    if not t.timed:
+        return row
+    row += [_rate(nbytes, busy, "B/s"), _rate(nbytes, wall, "B/s")]
+    row += [_rate(nflops, busy, "FLOP/s") if nflops else "-", _rate(nflops, wall, "FLOP/s") if nflops else "-"]
+    if bandwidth:
+        row.append(f"{100 * (nbytes / (wall * 1e-9) if wall else 0.0) / bandwidth:.1f}%")
+    if flops:
+        row.append(f"{100 * (nflops / (wall * 1e-9) if wall else 0.0) / flops:.1f}%" if nflops else "-")
+    return row
+
+
+def _total_row(t: _Timeline, total_busy: float, work, bandwidth, flops) -> list[str]:
+    """Profile.summary's total row: all busy time, and rates over the whole span."""
+    nbytes, nflops = work
+    span = t.span
+    row = ["total", str(int(t.ok.sum())), _fmt_time(total_busy, t.unit), "100%", _fmt_time(span, t.unit)]
+    row += [_fmt_si(nbytes, "B"), _fmt_si(nflops, "FLOP") if nflops else "-"]
+    if not t.timed:
+        return row
+    row += ["", _rate(nbytes, span, "B/s") if span else "-", ""]
+    row += [_rate(nflops, span, "FLOP/s") if span and nflops else "-"]
+    if bandwidth:
+        row.append(f"{100 * nbytes / (span * 1e-9) / bandwidth:.1f}%" if span else "-")
+    if flops:
+        row.append(f"{100 * nflops / (span * 1e-9) / flops:.1f}%" if span and nflops else "-")
+    return row
+
+
+def _min_mean_max(x: np.ndarray, unit: str) -> str:
+    return f"min {_fmt_time(x.min(), unit)}, mean {_fmt_time(x.mean(), unit)}, max {_fmt_time(x.max(), unit)}"
+
+
+def _no_worker_working(t: _Timeline, t_start: float) -> str:
+    """Stretches where every worker is waiting or idle: gaps in the union of busy intervals."""
+    by_start = np.argsort(t.ready[t.ok], kind="stable")
+    r_s, e_s = t.ready[t.ok][by_start], t.end[t.ok][by_start]
+    reach = np.maximum.accumulate(e_s)
+    holes = np.concatenate([[r_s[0] - t_start], np.maximum(r_s[1:] - reach[:-1], 0.0)])
+    holes = holes[holes > 0]
+    return (
+        f"  no worker working: {_fmt_time(holes.sum(), t.unit)} ({100 * holes.sum() / (t.span or 1):.1f}% of the span) "
+        f"in {len(holes)} stretches" + (f", longest {_fmt_time(holes.max(), t.unit)}" if len(holes) else "")
+    )
 
 
 # ---- the profile ----
@@ -363,22 +456,30 @@ class Profile:
     def summary(self, bandwidth: float | None = None, flops: float | None = None, top: int = 5) -> str:
         """Where the time went. `bandwidth` (bytes/s) and `flops` (FLOP/s): ceilings to compare
         achieved rates with. Busy = ready to end; wall = a kind's first ready to its last end."""
+        t = self._timeline()
+        lines = self._summary_head(t)
+        if t.ok.any():
+            lines += self._kind_section(t, bandwidth, flops)
+            lines += self._worker_section(t, top)
+            lines += self._gap_section(t)
+            lines += self._slowest_section(t, top)
+        return "\n".join(lines)
+
+    def _timeline(self) -> _Timeline:
         ok, worker, fetch, ready, end, _ = self._times()
-        q, unit = self.queue, self.unit
-        timed = unit == "ns"
-        kinds = np.array(self.kinds(), dtype=object)
-        nbytes, nflops = self.work()
-        n = len(q)
-        workers = sorted(set(worker[ok].tolist()))
-        span = self.span()
+        return _Timeline(ok, worker, fetch, ready, end, self.span(), self.unit)
+
+    def _summary_head(self, t: _Timeline) -> list[str]:
+        """What ran where over which span; what never ran."""
+        q, n, workers = self.queue, len(self.queue), t.workers
         lines = [
-            f"profile ({self.source}{', ' + self.device_name if self.device_name else ''}, unit {unit}): "
-            f"{int(ok.sum())} of {n} instructions on {len(workers)} worker{'s' if len(workers) != 1 else ''}"
+            f"profile ({self.source}{', ' + self.device_name if self.device_name else ''}, unit {t.unit}): "
+            f"{int(t.ok.sum())} of {n} instructions on {len(workers)} worker{'s' if len(workers) != 1 else ''}"
             + (f" (of {q.num_workers})" if q.num_workers != len(workers) else "")
             + ", "
-            f"total span {_fmt_time(span, unit)} (first fetch to last end)"
+            f"total span {_fmt_time(t.span, t.unit)} (first fetch to last end)"
         ]
-        if unit == "tick":
+        if t.unit == "tick":
             lines.append("  times are logical ticks of the interpreter (order, not duration): no bytes/s or FLOP/s")
         missing = self.missing()
         if missing:
@@ -386,59 +487,28 @@ class Profile:
             lines.append(
                 f"  WARNING: {len(missing)} instructions never ran (stamps -1): {shown}{' ...' if len(missing) > 8 else ''}"
             )
-        if not ok.any():
-            return "\n".join(lines)
-        busy = end - ready
-        wait = ready - fetch
-        total_busy = float(busy[ok].sum()) or 1.0
+        return lines
 
-        # per op kind
-        lines.append("")
-        lines.append("per op kind (busy = sum of ready->end; wall = the kind's first ready to its last end):")
+    def _kind_section(self, t: _Timeline, bandwidth: float | None, flops: float | None) -> list[str]:
+        """One row per op kind (busiest first) and a total: time, bytes, FLOPs and, timed, their rates."""
         header = ["kind", "instr", "busy", "share", "wall", "bytes", "FLOPs"]
-        if timed:
+        if t.timed:
             header += ["B/s busy", "B/s wall", "FLOP/s busy", "FLOP/s wall"]
-            if bandwidth:
-                header += ["%BW wall"]
-            if flops:
-                header += ["%FLOP wall"]
+            header += (["%BW wall"] if bandwidth else []) + (["%FLOP wall"] if flops else [])
+        kinds = np.array(self.kinds(), dtype=object)
+        nbytes, nflops = self.work()
+        ok, busy = t.ok, t.busy
+        total_busy = float(busy[ok].sum()) or 1.0
         rows = []
         for kind in sorted(set(kinds[ok].tolist()), key=lambda k: -busy[ok & (kinds == k)].sum()):
             sel = ok & (kinds == kind)
-            b, wall = float(busy[sel].sum()), float(end[sel].max() - ready[sel].min())
-            by, fl = float(nbytes[sel].sum()), float(nflops[sel].sum())
-            r = [
-                kind,
-                str(int(sel.sum())),
-                _fmt_time(b, unit),
-                f"{100 * b / total_busy:.1f}%",
-                _fmt_time(wall, unit),
-                _fmt_si(by, "B"),
-                _fmt_si(fl, "FLOP") if fl else "-",
-            ]
-            if timed:
-                rb, rw = (by / (b * 1e-9) if b else 0.0), (by / (wall * 1e-9) if wall else 0.0)
-                fb, fw = (fl / (b * 1e-9) if b else 0.0), (fl / (wall * 1e-9) if wall else 0.0)
-                r += [_fmt_si(rb, "B/s"), _fmt_si(rw, "B/s"), _fmt_si(fb, "FLOP/s") if fl else "-"]
-                r += [_fmt_si(fw, "FLOP/s") if fl else "-"]
-                if bandwidth:
-                    r.append(f"{100 * rw / bandwidth:.1f}%")
-                if flops:
-                    r.append(f"{100 * fw / flops:.1f}%" if fl else "-")
-            rows.append(r)
-        by, fl = float(nbytes[ok].sum()), float(nflops[ok].sum())
-        r = ["total", str(int(ok.sum())), _fmt_time(total_busy, unit), "100%", _fmt_time(span, unit)]
-        r += [_fmt_si(by, "B"), _fmt_si(fl, "FLOP") if fl else "-"]
-        if timed:
-            r += ["", _fmt_si(by / (span * 1e-9), "B/s") if span else "-", ""]
-            r += [_fmt_si(fl / (span * 1e-9), "FLOP/s") if span and fl else "-"]
-            if bandwidth:
-                r.append(f"{100 * by / (span * 1e-9) / bandwidth:.1f}%" if span else "-")
-            if flops:
-                r.append(f"{100 * fl / (span * 1e-9) / flops:.1f}%" if span and fl else "-")
-        rows.append(r)
+            work = (float(nbytes[sel].sum()), float(nflops[sel].sum()))
+            rows.append(_kind_row(t, kind, sel, work, total_busy, bandwidth, flops))
+        work = (float(nbytes[ok].sum()), float(nflops[ok].sum()))
+        rows.append(_total_row(t, total_busy, work, bandwidth, flops))
+        lines = ["", "per op kind (busy = sum of ready->end; wall = the kind's first ready to its last end):"]
         lines += _table(header, rows)
-        if timed:
+        if t.timed:
             lines.append(
                 "  B/s busy and FLOP/s busy are per worker while it runs the kind (sum / busy time); "
                 "wall rates are the whole kernel's over the kind's wall span"
@@ -446,25 +516,24 @@ class Profile:
             if bandwidth or flops:
                 ceil = [_fmt_si(bandwidth, "B/s") if bandwidth else "", _fmt_si(flops, "FLOP/s") if flops else ""]
                 lines.append(f"  ceilings: {' and '.join(c for c in ceil if c)}")
-
         comm = self.overlap()
         if comm is not None:
             lines.append(
-                f"  communication: {comm['instructions']} tiles busy {_fmt_time(comm['busy'], unit)}, "
+                f"  communication: {comm['instructions']} tiles busy {_fmt_time(comm['busy'], t.unit)}, "
                 f"{100 * comm['share']:.1f}% of it while other tiles ran (Profile.overlap)"
             )
+        return lines
 
-        # per worker: working / waiting / idle shares of the span
-        t_end = float(end[ok].max())
-        t_start = float(fetch[ok].min())
-        stats = []
-        for w in workers:
-            sel = ok & (worker == w)
-            wk, wt = float(busy[sel].sum()), float(wait[sel].sum())
+    def _worker_section(self, t: _Timeline, top: int) -> list[str]:
+        """Working / waiting / idle shares of the span over the workers, and the `top` most waiting."""
+        span = t.span
+        stats = []  # (worker, instructions, working, waiting, idle)
+        for w in t.workers:
+            sel = t.ok & (t.worker == w)
+            wk, wt = float(t.busy[sel].sum()), float(t.wait[sel].sum())
             stats.append((w, int(sel.sum()), wk, wt, max(0.0, span - wk - wt)))
         st = np.array([[s[2], s[3], s[4]] for s in stats]) / (span or 1.0) * 100
-        lines.append("")
-        lines.append(f"per worker (share of the {_fmt_time(span, unit)} span; idle = not holding an instruction):")
+        lines = ["", f"per worker (share of the {_fmt_time(span, t.unit)} span; idle = not holding an instruction):"]
         lines += _table(
             ["", "min", "mean", "max"],
             [
@@ -482,57 +551,47 @@ class Profile:
                     for w, cnt, wk, wt, _ in worst
                 )
             )
+        return lines
 
-        # idle gaps
+    def _gap_section(self, t: _Timeline) -> list[str]:
+        """Idle time at a worker's start, between its instructions, at its end, and stretches with
+        no worker working."""
+        ok, worker, fetch, end, unit = t.ok, t.worker, t.fetch, t.end, t.unit
+        t_start, t_end = float(fetch[ok].min()), float(end[ok].max())
         order = np.lexsort((fetch, worker))
         order = order[ok[order]]
         ws, fs, es = worker[order], fetch[order], end[order]
-        same = ws[1:] == ws[:-1]
+        same = ws[1:] == ws[:-1]  # consecutive instructions of one worker
         gaps = np.where(same, fs[1:] - es[:-1], 0.0)
-        first = np.array([fetch[ok & (worker == w)].min() - t_start for w in workers])
-        last = np.array([t_end - end[ok & (worker == w)].max() for w in workers])
-        lines.append("")
-        lines.append("idle gaps:")
-        lines.append(
-            f"  start (span start to a worker's first fetch): min {_fmt_time(first.min(), unit)}, "
-            f"mean {_fmt_time(first.mean(), unit)}, max {_fmt_time(first.max(), unit)}"
-        )
-        lines.append(
+        first = np.array([fetch[ok & (worker == w)].min() - t_start for w in t.workers])
+        last = np.array([t_end - end[ok & (worker == w)].max() for w in t.workers])
+        longest = ""
+        if gaps.size and gaps.max() > 0:
+            k = int(np.argmax(gaps))
+            longest = f" ({self._track_name(int(ws[k]))} after instruction {int(order[k])})"
+        return [
+            "",
+            "idle gaps:",
+            f"  start (span start to a worker's first fetch): {_min_mean_max(first, unit)}",
             f"  between instructions (end to next fetch): total {_fmt_time(gaps.sum(), unit)}, "
             f"mean {_fmt_time(gaps[same].mean() if same.any() else 0.0, unit)}, "
-            f"max {_fmt_time(gaps.max(initial=0.0), unit)}"
-            + (
-                f" ({self._track_name(int(ws[int(np.argmax(gaps))]))} after instruction {int(order[int(np.argmax(gaps))])})"
-                if gaps.size and gaps.max() > 0
-                else ""
-            )
-        )
-        lines.append(
-            f"  tail (a worker's last end to span end): min {_fmt_time(last.min(), unit)}, "
-            f"mean {_fmt_time(last.mean(), unit)}, max {_fmt_time(last.max(), unit)}"
-        )
-        # stretches where no worker is working (every worker waiting or idle)
-        by_start = np.argsort(ready[ok], kind="stable")
-        r_s, e_s = ready[ok][by_start], end[ok][by_start]
-        reach = np.maximum.accumulate(e_s)
-        holes = np.concatenate([[r_s[0] - t_start], np.maximum(r_s[1:] - reach[:-1], 0.0)])
-        holes = holes[holes > 0]
-        lines.append(
-            f"  no worker working: {_fmt_time(holes.sum(), unit)} ({100 * holes.sum() / (span or 1):.1f}% of the span) "
-            f"in {len(holes)} stretches" + (f", longest {_fmt_time(holes.max(), unit)}" if len(holes) else "")
-        )
+            f"max {_fmt_time(gaps.max(initial=0.0), unit)}" + longest,
+            f"  tail (a worker's last end to span end): {_min_mean_max(last, unit)}",
+            _no_worker_working(t, t_start),
+        ]
 
-        # slowest instructions
-        idx = np.nonzero(ok)[0]
+    def _slowest_section(self, t: _Timeline, top: int) -> list[str]:
+        """The `top` instructions with the longest ready -> end."""
+        q, busy = self.queue, t.busy
+        idx = np.nonzero(t.ok)[0]
         slow = idx[np.argsort(-busy[idx], kind="stable")[:top]]
-        lines.append("")
-        lines.append(f"slowest {len(slow)} instructions (ready->end):")
+        lines = ["", f"slowest {len(slow)} instructions (ready->end):"]
         for i in slow.tolist():
             lines.append(
-                f"  {i:>6} {self._track_name(int(worker[i])):<10} {q.opcode_name(i):<24} {q.descs[i]:<36} "
-                f"{_fmt_time(busy[i], unit)}, waited {_fmt_time(wait[i], unit)}"
+                f"  {i:>6} {self._track_name(int(t.worker[i])):<10} {q.opcode_name(i):<24} {q.descs[i]:<36} "
+                f"{_fmt_time(busy[i], t.unit)}, waited {_fmt_time(t.wait[i], t.unit)}"
             )
-        return "\n".join(lines)
+        return lines
 
     def overlap(self, kinds: tuple[str, ...] | None = None) -> dict | None:
         """How much of the busy time (ready to end) of `kinds`' instructions (by default the

@@ -592,7 +592,7 @@ def compile_tp(
     Options are mkcompiler.Settings fields. each_rank=False captures rank 0 only and binds the
     other ranks' tensors to its program (faster; valid for shards from shard_model, which differ
     in tensors only: same names, shapes and strides, checked)."""
-    settings = Settings().replace(**options)
+    settings = Settings().replace(**options).for_target()
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
     if each_rank:
         comps = [run_pipeline(capture(s, example_inputs), settings, num_workers) for s in shards]

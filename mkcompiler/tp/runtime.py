@@ -42,6 +42,7 @@ import torch
 from mkcompiler.errors import MegakernelError
 from mkcompiler.ir.graph import BufferKind, Graph
 from mkcompiler.ir.layout import LOCAL, MAX_WORLD, NUM_ERROR_FIELDS, ErrorField, TPField, WaitField
+from mkcompiler.ir.settings import triton_interprets
 from mkcompiler.ops.registry import FAMILIES
 from mkcompiler.runtime.megakernel import INTERPRETER_LOCK, Megakernel
 
@@ -209,14 +210,14 @@ class TPMegakernel(Megakernel):
     """One rank's megakernel: its shard's program, with the buffers peers read in the rank's
     arena and the rank's table (layout.TPField) passed to the kernel as `tp_ptr`."""
 
-    def __init__(self, compilation, source: str, device: torch.device, interpret: bool, peers):
+    def __init__(self, compilation, source: str, device: torch.device, peers):
         self._tp_ready = self._profile_compiled = False
         self.broken: str | None = None
         self.peers = peers
         self.rank, self.world = peers.rank, peers.world
         if not 1 <= self.world <= MAX_WORLD:
             raise NotImplementedError(f"tensor parallelism over {self.world} ranks (1 to {MAX_WORLD} supported)")
-        super().__init__(compilation, source, device, interpret)
+        super().__init__(compilation, source, device)
         q, g = self.queue, self.graph
         peers.check_same(program_digest(q, source))
         self.exit_counter = q.num_counters
@@ -233,7 +234,7 @@ class TPMegakernel(Megakernel):
         self.extra_args = (self.tp_table,)
         self._tp_ready = True
         self.reset()  # collective: the arenas start uninitialised
-        if not interpret:
+        if not self.interpret:
             self._compile_kernel()
             peers.barrier(device)  # no rank starts waiting on a peer still compiling its kernel
 
@@ -390,10 +391,10 @@ def prepare_rank(model: torch.nn.Module, world: int, plan: dict | None = None, g
     if peers.world != world:
         raise ValueError(f"tensor_parallel={world} but the process group has {peers.world} ranks")
 
-    def make(compilation, source, device, interpret) -> TPMegakernel:
-        if interpret and not local:
+    def make(compilation, source, device) -> TPMegakernel:
+        if compilation.settings.interpret and not local:
             raise ValueError("tensor_parallel under torchrun runs on GPUs; use mkcompiler.tp.runtime.compile_world")
-        return TPMegakernel(compilation, source, device, interpret, peers)
+        return TPMegakernel(compilation, source, device, peers)
 
     group_name = f"local-{id(peers.local_world)}" if local else peers.group.group_name
     return rank_shard(model, peers.rank, world, plan, group_name), make
@@ -457,10 +458,10 @@ def compile_world(shards: list[torch.nn.Module], example_inputs, **options) -> W
     from mkcompiler.backends.triton.codegen import generate
     from mkcompiler.tp.plan import compile_tp
 
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not triton_interprets() or options.get("interpret", True) is not True:
         raise RuntimeError("compile_world runs the ranks in the Triton interpreter (TRITON_INTERPRET=1, CPU)")
-    tpc = compile_tp(shards, example_inputs, **options)
+    tpc = compile_tp(shards, example_inputs, **{**options, "interpret": True})
     source = generate(tpc.queue)
     local = LocalWorld(tpc.world)
     cpu = torch.device("cpu")
-    return World([TPMegakernel(c, source, cpu, True, local.rank(r)) for r, c in enumerate(tpc.compilations)])
+    return World([TPMegakernel(c, source, cpu, local.rank(r)) for r, c in enumerate(tpc.compilations)])
