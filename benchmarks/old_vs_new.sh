@@ -2,14 +2,16 @@
 # One device call: GPU tests on this tree, then the default decode step and prefill of an older
 # commit (git archive, same card, same call) and of this tree, interleaved old/new so that clock
 # drift falls on both. Usage (device machine, repository root):
-#   OLD_COMMIT=08daccd bash benchmarks/old_vs_new.sh
+#   OLD_COMMIT=08daccd bash benchmarks/old_vs_new.sh     (or OLD_TREE=dir: an older checkout)
 # Logs and JSON under $OUT. DECODE_ARGS / PREFILL_ARGS replace the benchmarks' case options.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/mk_out}"; mkdir -p "$OUT"
-NEW="$PWD"; OLD=/tmp/old_tree
-rm -rf "$OLD"; mkdir -p "$OLD"
-git archive "${OLD_COMMIT:?name the older commit}" | tar -x -C "$OLD" || exit 2
+NEW="$PWD"; OLD="${OLD_TREE:-/tmp/old_tree}"
+if [[ -z "${OLD_TREE:-}" ]]; then  # OLD_TREE: an older checkout made beforehand
+  rm -rf "$OLD"; mkdir -p "$OLD"
+  git archive "${OLD_COMMIT:?name the older commit or OLD_TREE}" | tar -x -C "$OLD" || exit 2
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 rc=0
 if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
