@@ -32,11 +32,13 @@ SLOW = {
     "tests/test_offline_sm90.py": {
         "test_llama_kernels_compile_for_sm90_without_spills",
         "test_profile_and_wait_variants_compile_for_sm90",
+        "test_mlp_block_compiles_for_sm90_without_spills",
     },
     "tests/test_tp_kernel.py": {
         "test_tp_rank_kernels_compile_for_sm90_without_spills",
         "test_sharded_llama_kernel_equals_eager_and_the_vm",
         "test_compile_with_tensor_parallel_in_one_process",
+        "test_post_attention_exchange_kernels_equal_eager_and_the_vm",
     },
     "tests/test_llama.py": {"test_logits_match_eager", "test_greedy_loop_generates_eager_tokens_with_launches_only"},
     "tests/test_cli.py": {"test_inspect_transformer_block_prints_every_section"},

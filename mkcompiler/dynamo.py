@@ -1,0 +1,261 @@
+"""`torch.compile(model, backend="mkcompiler")`: every graph dynamo hands over runs as megakernels.
+
+    compiled = torch.compile(model, backend="mkcompiler", options={"num_workers": 8})
+
+Graph breaks are dynamo's: each graph it captures comes here and is compiled with
+`mkcompiler.compile`; `options` are that function's options (the fields of `mkcompiler.Settings`).
+This backend defaults to fallback="eager": an op mkcompiler cannot compile runs in eager PyTorch
+between megakernel segments of the same graph (a FallbackWarning names it) instead of failing;
+pass options={"fallback": "error"} to refuse such graphs. Inference only: outputs carry no
+autograd history.
+
+Dynamo passes a graph's parameters, buffers and other tensors as graph inputs. Here each input is
+- bound: a module parameter or buffer (dynamo marks them static inputs), or a tensor the graph
+  writes in place (a KV cache reached through an argument, as Hugging Face's StaticCache is).
+  Bound tensors become buffers of a module around the graph (`_GraphModel`), so capture reads
+  them in place and updates the written ones in place (model state): no copy, per call or ever;
+- an input: any other tensor, given to the megakernel at each call;
+- a value: an int or float (the size of a dynamic dimension), a constant of the compile.
+Graphs are compiled when first called, for the call's shapes and values, and again for each new
+combination: dynamo's guards bring a new shape to a new graph, or its automatic dynamic shapes
+bring it to a graph with symbolic sizes, which is specialized here. A graph compiles for at most
+`torch._dynamo.config.recompile_limit` combinations (as dynamo caps its own recompiles); past
+that, a RecompileLimitWarning says so and new ones run the graph eagerly. Bound tensors are
+checked by address at every call: moved ones (a new KV cache for each `generate()`, another
+instance of the model) are bound again by compiling once more, which the compile cache
+(mkcompiler/tools/cache.py) serves without capture or passes, as it serves a later process.
+
+Registration: the package's entry point (pyproject's `torch_dynamo_backends` group, read by
+dynamo's registry) names `backend`, so `backend="mkcompiler"` works in a process that never
+imported mkcompiler; `import mkcompiler` registers it as well (for a source checkout), through
+`register()`, without importing torch._dynamo (slow) before it is needed.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.abc
+import importlib.machinery
+import sys
+import warnings
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from mkcompiler.api import compile as mk_compile
+from mkcompiler.ir.settings import Settings
+
+NAME = "mkcompiler"
+_REGISTRY = "torch._dynamo.backends.registry"
+DEFAULT_OPTIONS = {"fallback": "eager"}
+
+
+class RecompileLimitWarning(UserWarning):
+    """A graph met more shapes than torch._dynamo.config.recompile_limit: new ones run eagerly."""
+
+
+class Role(enum.Enum):
+    BOUND = "bound"  # a module tensor or one written in place: read (and written) in place
+    INPUT = "input"  # a tensor given at each call
+    VALUE = "value"  # a Python number: a constant of the compile
+
+
+def backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None, mode: str | None = None):
+    """The dynamo backend: `gm` as a callable that runs it as megakernels (a CompiledGraph).
+
+    `options`: keyword options of `mkcompiler.compile` (default fallback="eager": ops mkcompiler
+    cannot compile run eagerly inside the graph). `mode` has no meaning here and is ignored."""
+    options = {**DEFAULT_OPTIONS, **(options or {})}
+    Settings().replace(**options)  # unknown options fail here, not at the first call
+    if mode not in (None, "default"):
+        warnings.warn(f"mkcompiler: torch.compile mode={mode!r} is ignored (a megakernel is one launch)", stacklevel=2)
+    compiled = CompiledGraph(gm, example_inputs, options)
+    _LIVE[:] = [r for r in _LIVE if r() is not None] + [weakref.ref(compiled)]
+    return compiled
+
+
+def compiled_graphs() -> list[CompiledGraph]:
+    """The CompiledGraphs of this process that dynamo still holds, oldest first (to inspect
+    their megakernels: `compiled_graphs()[-1].compiled`)."""
+    return [g for g in (r() for r in _LIVE) if g is not None]
+
+
+_LIVE: list[weakref.ref] = []
+
+
+def _roles(gm: fx.GraphModule, example_inputs: list) -> list[Role]:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(example_inputs):
+        raise ValueError(f"the graph has {len(placeholders)} inputs, dynamo gave {len(example_inputs)}")
+    return [_role(n, x) for n, x in zip(placeholders, example_inputs)]
+
+
+def _role(node: fx.Node, example) -> Role:
+    if not isinstance(example, torch.Tensor):
+        return Role.VALUE
+    # Dynamo marks module parameters and buffers (and tensors given to mark_static_address) static.
+    static = isinstance(example, nn.Parameter) or getattr(example, "_dynamo_static_input_type", None) is not None
+    # Dynamo traced the graph on fake tensors: an in-place write bumped the placeholder's version.
+    traced = node.meta.get("example_value")
+    written = isinstance(traced, torch.Tensor) and traced._version > 0
+    return Role.BOUND if static or written else Role.INPUT
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """How one graph input reaches the graph inside _GraphModel."""
+
+    role: Role
+    name: str  # the buffer (BOUND)
+    value: object = None  # the constant (VALUE)
+
+
+class _GraphModel(nn.Module):
+    """The graph as a module whose forward takes only the input tensors: bound tensors are its
+    buffers (the tensors themselves, detached: same storage, so capture reads them in place and
+    writes model state in place), values are constants of this compile."""
+
+    def __init__(self, gm: fx.GraphModule, roles: list[Role], args: list):
+        super().__init__()
+        self.graph_module = gm
+        self._slots = []
+        placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        for i, (role, a, name) in enumerate(zip(roles, args, placeholders)):
+            if hasattr(self, name):  # the placeholder's name (errors name it) unless nn.Module has it
+                name = f"bound_{i}"
+            if role is Role.BOUND:
+                self.register_buffer(name, a.detach(), persistent=False)
+            self._slots.append(_Slot(role, name, a if role is Role.VALUE else None))
+
+    def forward(self, *inputs):
+        given = iter(inputs)
+        args = []
+        for slot in self._slots:
+            if slot.role is Role.BOUND:
+                args.append(getattr(self, slot.name))
+            elif slot.role is Role.INPUT:
+                args.append(next(given))
+            else:
+                args.append(slot.value)
+        # Run node by node with each node's meta current, so that capture's nodes keep the stack
+        # traces dynamo recorded (error messages and fallback warnings name the user's line).
+        with fx.traceback.preserve_node_meta():
+            return fx.Interpreter(self.graph_module).run(*args)
+
+
+class CompiledGraph:
+    """One dynamo graph, compiled (`mkcompiler.compile`) for each combination of input shapes and
+    values it meets, up to the recompile limit. `compiled` maps each such key to its Megakernel
+    (or SegmentedModel, with fallback="eager" and ops that run eagerly). Bound tensors that move
+    (a new KV cache for each `generate()`) are bound again: the same key, compiled again through
+    the compile cache (a hit: no capture, no passes), and the compile for the old tensors is
+    dropped (it would keep them alive)."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: list, options: dict):
+        self.graph_module = gm
+        self.options = options
+        self.roles = _roles(gm, example_inputs)
+        self._bound = [i for i, r in enumerate(self.roles) if r is Role.BOUND]
+        self._inputs = [i for i, r in enumerate(self.roles) if r is Role.INPUT]
+        self._values = [i for i, r in enumerate(self.roles) if r is Role.VALUE]
+        self.compiled: dict[tuple, object] = {}
+        self._addresses: dict[tuple, tuple] = {}  # key -> the bound tensors' addresses it was compiled for
+        self._warned = False
+
+    def _key(self, args) -> tuple:
+        # Dynamo guards every tensor's dtype, sizes and strides, or passes the symbols of its
+        # dynamic sizes as values: input shapes and values determine the layouts of the rest.
+        return tuple(args[i].shape for i in self._inputs), tuple(args[i] for i in self._values)
+
+    def __call__(self, *args):
+        key = self._key(args)
+        addresses = tuple([args[i].data_ptr() for i in self._bound])
+        if self._addresses.get(key) != addresses and not self._compile(key, addresses, args):
+            return self.graph_module(*args)  # past the recompile limit
+        # Megakernels take contiguous inputs (dynamo may pass views, e.g. the last row of a batch).
+        return self.compiled[key](*(args[i].contiguous() for i in self._inputs))
+
+    def _compile(self, key: tuple, addresses: tuple, args) -> bool:
+        """Compile for this call's key and bound tensors; False when the key is new and the
+        recompile limit is reached."""
+        from torch._dynamo import config  # imported: dynamo is calling us
+
+        limit = config.recompile_limit
+        if key not in self.compiled and len(self.compiled) >= limit:
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"mkcompiler: a graph was compiled for {limit} combinations of input shapes "
+                    "(torch._dynamo.config.recompile_limit); new ones run eagerly. Raise the limit, or give the "
+                    "model inputs of fewer shapes (a static KV cache, padded prompts)",
+                    RecompileLimitWarning,
+                    stacklevel=3,
+                )
+            return False
+        self.compiled.pop(key, None)  # the old tensors are not kept alive while compiling for the new ones
+        self._addresses.pop(key, None)
+        model = _GraphModel(self.graph_module, self.roles, list(args))
+        inputs = tuple(args[i].contiguous() for i in self._inputs)
+        with torch.no_grad():
+            self.compiled[key] = mk_compile(model, inputs, **self.options)
+        self._addresses[key] = addresses
+        return True
+
+    def __repr__(self):
+        counts = {r: self.roles.count(r) for r in Role}
+        return (
+            f"<CompiledGraph {counts[Role.INPUT]} inputs, {counts[Role.BOUND]} bound tensors, "
+            f"{counts[Role.VALUE]} values; compiled for {len(self.compiled)} shape(s)>"
+        )
+
+
+# ---- registration ----
+
+
+def register() -> None:
+    """Make backend="mkcompiler" known to dynamo: now if its registry is imported, else when it is."""
+    if _REGISTRY in sys.modules:
+        _register()
+    elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport())
+
+
+def _register() -> None:
+    from torch._dynamo.backends import registry
+
+    # Where the entry point is known, the registry loads it itself (registering here too would
+    # make it refuse the entry point as a duplicate name).
+    if NAME not in registry._COMPILER_FNS and registry._BACKENDS.get(NAME) is None:
+        registry.register_backend(backend, name=NAME)
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Finds dynamo's registry module as the import system would, and registers the backend
+    once the module has run; then leaves sys.meta_path."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _REGISTRY:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _RegisteringLoader(spec.loader)
+        return spec
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        _register()
+
+    def __getattr__(self, name):  # get_source, get_filename, ...: the real loader's
+        return getattr(self.loader, name)
