@@ -1,4 +1,5 @@
-"""Bad inputs at call time: a TypeError (not a tensor) or an InputError (a ValueError) that
+"""Bad inputs at call time: an InputError (a ValueError; InputTypeError, also a TypeError, for what is
+not a tensor or not structured like the example inputs) that
 names the argument (position and the forward's parameter name), what was expected and what
 was given; and nothing happens: no launch, no binding, counters and model state (a KV cache)
 exactly as they were. The next good call then computes the right answer.
@@ -12,6 +13,7 @@ from helpers import TOL, reference, rel_err
 
 import mkcompiler
 from mkcompiler import InputError
+from mkcompiler.errors import InputTypeError
 
 OPTIONS = dict(matmul_tile=(16, 16, 16), elementwise_block=32)
 
@@ -105,8 +107,22 @@ def x() -> torch.Tensor:
 
 # (bad call, error type, the facts its message must state: argument, expected, got)
 CASES = {
-    "not_a_tensor": (lambda: (x(), 2.5), TypeError, ["input 1 ('residual')", "torch.Tensor", "(3, 16)", "got float"]),
-    "numpy_array": (lambda: (x().numpy(), x()), TypeError, ["input 0 ('hidden')", "torch.Tensor", "got ndarray"]),
+    "not_a_tensor": (
+        lambda: (x(), 2.5),
+        InputTypeError,
+        ["input 1 ('residual')", "torch.Tensor", "(3, 16)", "got float 2.5"],
+    ),
+    "numpy_array": (
+        lambda: (x().numpy(), x()),
+        InputTypeError,
+        ["input 0 ('hidden')", "torch.Tensor", "got numpy.ndarray of shape (3, 16) and dtype float32"],
+    ),
+    "python_list": (
+        lambda: (x().tolist(), x()),
+        InputTypeError,
+        ["input 0 ('hidden')", "torch.Tensor", "(3, 16)", "got list of 3 items"],
+    ),
+    "tensor_in_a_list": (lambda: ([x()], x()), InputTypeError, ["input 0 ('hidden')", "got list of 1 item"]),
     "rank": (
         lambda: (x(), x()[None]),
         InputError,
@@ -155,6 +171,17 @@ def test_bad_input_is_refused_before_launch(compiled, case):
 
 def test_input_errors_are_value_errors():
     assert issubclass(InputError, ValueError)
+    assert issubclass(InputTypeError, InputError) and issubclass(InputTypeError, TypeError)
+
+
+def test_keyword_inputs_the_example_did_not_have_are_refused(compiled):
+    model, mk = compiled
+    assert_good_call(mk, model, x(), x())
+    mk.poison()
+    before = snapshot(mk)
+    with pytest.raises(InputError, match="keyword arguments: expected keys \\[\\], got \\['extra'\\]"):
+        mk(x(), x(), extra=x())
+    assert_unchanged(mk, before)
 
 
 def test_the_same_tensor_twice_is_refused(compiled):
@@ -247,3 +274,26 @@ def test_gpu_megakernel_refuses_host_and_strided_inputs():
     message = refused(mk, InputError, torch.randn(16, 3, device="cuda").t(), b)
     assert "input 0 ('hidden'): expected a contiguous tensor, got strides (1, 3)" in message
     assert rel_err(mk(a, b), reference(model, (a, b))) <= TOL[torch.float32]
+
+
+class _PairInput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 16)
+
+    def forward(self, xs):
+        return self.lin(xs[0]) + xs[1]
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_nested_inputs_are_called_as_they_were_exported(cache, device):
+    """A list argument is called as a list (the exported structure, also after a cache hit); the
+    flat tensors as two positional arguments are refused."""
+    torch.manual_seed(0)
+    m = _PairInput().to(device)
+    x, y = torch.randn(4, 16, device=device), torch.randn(4, 16, device=device)
+    mk = mkcompiler.compile(m, ([x, y],), cache=cache)
+    x2, y2 = torch.randn(4, 16, device=device), torch.randn(4, 16, device=device)
+    assert rel_err(mk([x2, y2]), m([x2, y2])) < TOL[torch.float32]
+    with pytest.raises(InputError, match="1 positional"):
+        mk(x2, y2)

@@ -62,15 +62,18 @@ def test_trace_has_one_event_per_instruction(vm_profile, tmp_path):
     assert all(e["ts"] >= 0 and e["dur"] >= 0 for e in ops + waits)
     assert min(e["ts"] for e in ops + waits) == 0  # relative to the earliest fetch
     s = vm_profile.stamps
+    # A wait starts at the fetch, or at the worker's previous end when it fetched ahead (Profile._times).
+    _, _, waiting_from, ready, _, _ = vm_profile._times()
+    assert (waiting_from >= s[:, FETCH] - s[vm_profile.ran(), FETCH].min()).all()
     for e in ops:
         i = e["args"]["instruction"]
         assert e["name"] == q.opcode_name(i) and e["args"]["tile"] == q.descs[i]
         assert e["tid"] == s[i, WORKER]
         assert e["dur"] == pytest.approx((s[i, END] - s[i, READY]) / 1e3, abs=2e-3)
-        assert e["args"]["wait"] == pytest.approx((s[i, READY] - s[i, FETCH]) / 1e3, abs=2e-3)
+        assert e["args"]["wait"] == pytest.approx((ready[i] - waiting_from[i]) / 1e3, abs=2e-3)
     # A wait event per instruction that waited, ending where the instruction's event starts.
     start = {e["args"]["instruction"]: e["ts"] for e in ops}
-    assert {w["args"]["instruction"] for w in waits} == set(np.nonzero(s[:, READY] > s[:, FETCH])[0].tolist())
+    assert {w["args"]["instruction"] for w in waits} == set(np.nonzero(ready > waiting_from)[0].tolist())
     assert all(
         w["name"] == "wait" and w["ts"] + w["dur"] == pytest.approx(start[w["args"]["instruction"]], abs=2e-3)
         for w in waits

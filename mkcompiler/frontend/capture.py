@@ -42,6 +42,11 @@ def user_source(fx_node) -> str:
     return f"{path}:{line}: {code.strip()}"
 
 
+def _at(fx_node) -> str:
+    where = user_source(fx_node) if fx_node is not None else ""
+    return f" at {where}" if where else ""
+
+
 class Refused:
     """Stands for a value we cannot produce; using it raises."""
 
@@ -58,15 +63,22 @@ class LoweringContext:
 
     # ---- errors ----
     def unsupported(self, node, what: str):
+        """Raise UnsupportedOpError: its first line is this refusal (fallback.py reports it per op); then
+        every op of the model with no lowering at all, each with its source line, and what to do."""
         node = node or self.fx_node
-        where = user_source(node) if node is not None else ""
-        supported = ", ".join(sorted({str(t).replace("aten.", "") for t in registry.LOWERINGS}))
-        raise UnsupportedOpError(
-            f"mkcompiler cannot compile {what}"
-            + (f" (ATen op {node.target}, node {node.name})" if node is not None else "")
-            + (f"\n  at {where}" if where else "")
-            + f"\n  supported ATen ops: {supported}"
+        first = f"mkcompiler cannot compile {what}"
+        if node is not None and str(node.target) not in what:
+            first += f" (ATen op {node.target}, node {node.name})"
+        lines = [first + _at(node)]
+        others = [n for n in _unlowerable_ops(node.graph) if n is not node] if node is not None else []
+        if others:
+            lines.append(f"  the model's other ops with no lowering ({len(others)}):")
+            lines += [f"    {n.target} (node {n.name}){_at(n)}" for n in others]
+        lines.append(
+            '  compile with fallback="eager" to run what cannot compile in eager PyTorch between megakernels; '
+            "`python -m mkcompiler ops` lists the supported ATen ops"
         )
+        raise UnsupportedOpError("\n".join(lines))
 
     def refused(self, node, what: str) -> Refused:
         return Refused(what)
@@ -192,7 +204,7 @@ def capture(model: torch.nn.Module, example_inputs: tuple) -> Graph:
         warnings.simplefilter("ignore", FutureWarning)
         ep = torch.export.export(model, tuple(example_inputs), strict=False)
         ep = ep.run_decompositions(_decompositions())
-    graph = Graph(out_spec=ep.call_spec.out_spec)
+    graph = Graph(out_spec=ep.call_spec.out_spec, in_spec=ep.call_spec.in_spec)
     ctx = LoweringContext(graph)
     ctx.order = {n: i for i, n in enumerate(ep.graph.nodes)}
     env: dict = {}
@@ -329,6 +341,24 @@ def _fold(fx_node, env):
     args = pytree.tree_map(value, fx_node.args)
     kwargs = pytree.tree_map(value, fx_node.kwargs)
     return Const(fx_node.target(*args, **kwargs))
+
+
+def _unlowerable_ops(fx_graph) -> list:
+    """The graph's ATen ops with no lowering that capture would not fold into a constant (one
+    computing from no tensor that a placeholder, a user input or a parameter, provides)."""
+    folds: dict = {}
+    found = []
+    for n in fx_graph.nodes:
+        if n.op == "placeholder":
+            folds[n] = False
+        elif n.op == "call_function":
+            inputs = n.all_input_nodes
+            folds[n] = n.target in SHAPE_ONLY or all(folds.get(a, False) for a in inputs)
+            if n.target in IGNORED or n.target is operator.getitem or n.target in registry.LOWERINGS:
+                continue
+            if not folds[n]:
+                found.append(n)
+    return found
 
 
 def _lower_node(ctx, fx_node, env):

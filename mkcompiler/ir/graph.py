@@ -215,6 +215,7 @@ class Graph:
     inputs: list[tuple[int, torch.Size, torch.dtype] | None] = field(default_factory=list)  # flat user inputs
     outputs: list = field(default_factory=list)  # flat outputs: View | python scalar
     out_spec: object = None
+    in_spec: object = None  # the pytree structure of a call's (args, kwargs), as exported
 
     def add_buffer(self, name: str, numel: int, dtype: torch.dtype, kind: BufferKind) -> Buffer:
         buf = Buffer(len(self.buffers), name, numel, dtype, kind)

@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from mkcompiler.errors import InputError, UnsupportedOpError, check_input
+from mkcompiler.errors import UnsupportedOpError, check_input, flatten_call
 from mkcompiler.frontend import capture as cap
 from mkcompiler.ir.graph import BufferKind, Graph
 from mkcompiler.ops import registry
@@ -441,6 +441,7 @@ class SegmentedModel:
         self.fallen_back = fallen_back
         self._placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self._outputs = list(_output_node(gm.graph).args[0])
+        self._in_spec = gm._in_spec
         self._out_spec = gm._out_spec
         self._lock = threading.Lock()
 
@@ -478,18 +479,17 @@ class SegmentedModel:
         kinds = ", ".join(s.kind for s in self._segments)
         return f"<SegmentedModel {len(self._segments)} segments ({kinds}); {len(self.fallen_back)} ops run eagerly>"
 
-    def _check_inputs(self, flat: list) -> None:
-        if len(flat) != len(self._placeholders):
-            names = ", ".join(p.name for p in self._placeholders)
-            raise InputError(f"expected {len(self._placeholders)} inputs ({names}), got {len(flat)}")
+    def _check_inputs(self, args: tuple, kwargs: dict) -> list:
+        """The call's flat inputs, once checked against the example inputs' structure and metadata."""
+        flat = flatten_call(args, kwargs, self._in_spec, [p.name for p in self._placeholders])
         for i, (t, p) in enumerate(zip(flat, self._placeholders)):
             val = p.meta.get("val")
             if isinstance(val, torch.Tensor):
                 check_input(t, f"input {i} ({p.name!r})", tuple(val.shape), val.dtype, val.device)
+        return flat
 
     def __call__(self, *args, **kwargs):
-        flat = pytree.tree_leaves((args, kwargs))
-        self._check_inputs(flat)  # before anything runs: a refused call changes no state
+        flat = self._check_inputs(args, kwargs)  # before anything runs: a refused call changes no state
         with self._lock:
             env = dict(zip(self._placeholders, flat))
             for seg in self._segments:

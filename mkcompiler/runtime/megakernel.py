@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
-from mkcompiler.errors import InputError, MegakernelError, check_input
+from mkcompiler.errors import InputError, MegakernelError, check_input, flatten_call
 from mkcompiler.ir.graph import BufferKind, View
 from mkcompiler.ir.layout import NUM_ERROR_FIELDS, NUM_STAMPS, NUM_VIEW_FIELDS, ErrorField, Field, ViewField
 from mkcompiler.ir.settings import WAIT_MANY_MODE, WAIT_MODES, default_max_spin, register_cap, triton_interprets
@@ -225,15 +225,18 @@ class Megakernel:
         """The flat user inputs' names: the forward's parameter names, as torch.export keeps them."""
         return [self.graph.buffers[bid].name for bid, _, _ in self.graph.inputs]
 
+    @functools.cached_property
+    def in_spec(self) -> pytree.TreeSpec:
+        """The pytree structure a call's (args, kwargs) must have: the example inputs' (the graph's
+        `in_spec` where capture records it), else the graph's flat user inputs as positional arguments."""
+        spec = self.graph.in_spec
+        return spec if spec is not None else pytree.tree_structure((tuple(range(len(self.graph.inputs))), {}))
+
     def _bind(self, args, kwargs) -> None:
         """Point the address table at the call's inputs, once every input has been checked:
         a refused call changes nothing (no binding, no launch, counters and state untouched)."""
-        flat = pytree.tree_leaves((args, kwargs))
         expected = self.graph.inputs
-        if len(flat) != len(expected):
-            raise InputError(
-                f"expected {len(expected)} tensor inputs ({', '.join(self.input_names())}), got {len(flat)}"
-            )
+        flat = flatten_call(args, kwargs, self.in_spec, self.input_names())
         for i, (t, (bid, shape, dtype)) in enumerate(zip(flat, expected)):
             check_input(t, f"input {i} ({self.graph.buffers[bid].name!r})", tuple(shape), dtype, self.device)
         self._check_overlaps(flat)

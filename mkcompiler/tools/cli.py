@@ -1,12 +1,15 @@
 """Command line.
 
     python -m mkcompiler demo
+    python -m mkcompiler ops
     python -m mkcompiler inspect MODULE:FACTORY [--workers N] [--no-offline] [--limit K]
     python -m mkcompiler profile MODULE:FACTORY [--out DIR] [--vm]
 
 A FACTORY is a function returning (model, example_inputs) or (model, example_inputs,
-compile_options); MODULE is a dotted module name (importable from the current directory) or a
-path to a .py file. examples/factories.py has some: transformer_block, mlp, llama_1b_decode.
+compile_options); MODULE is a dotted module name (importable from the current directory or the
+repository mkcompiler was installed from) or a path to a .py file (imported with its repository
+root, or the top of the packages around it, on sys.path). examples/factories.py has some:
+transformer_block, mlp, llama_1b_decode.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ USAGE = """usage: python -m mkcompiler COMMAND ...
 
 commands:
   demo                              compile a small model, run it, check it, show the queue and kernel
+  ops                               list the ATen ops that compile into megakernels
   inspect MODULE:FACTORY [--workers N] [--no-offline] [--limit K]
                                     op graph, tiling, instruction queue, kernel source and an offline
                                     sm_90 compile's resources (registers, shared memory, spills)
@@ -38,35 +42,95 @@ A FACTORY returns (model, example_inputs) or (model, example_inputs, compile_opt
 # ---- loading a model ----
 
 
+REPO_MARKERS = ("pyproject.toml", "setup.py", ".git")
+
+
 def load_factory(spec: str):
     """'pkg.module:function' or 'path/to/file.py:function' -> the function."""
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"expected MODULE:FACTORY (e.g. examples.factories:mlp), got {spec!r}")
-    if module_name.endswith(".py") or os.sep in module_name:
-        path = os.path.abspath(module_name)
-        name = "mkcompiler_factory_" + os.path.splitext(os.path.basename(path))[0]
-        mspec = importlib.util.spec_from_file_location(name, path)
-        if mspec is None:
-            raise ValueError(f"cannot load {path}")
-        module = importlib.util.module_from_spec(mspec)
-        sys.modules[name] = module
-        mspec.loader.exec_module(module)
+    if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
+        module = _import_file(module_name)
     else:
-        if os.getcwd() not in sys.path and "" not in sys.path:
-            sys.path.insert(0, os.getcwd())  # the console script does not add the current directory
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name and module_name.startswith(e.name):
-                raise ValueError(
-                    f"no module {e.name!r} (run from the directory that holds it, or give a .py path)"
-                ) from e
-            raise
+        module = _import_dotted(module_name)
     try:
         return getattr(module, attr)
     except AttributeError:
         raise ValueError(f"{module_name} has no {attr!r}") from None
+
+
+def _repository_root(start: str) -> str | None:
+    """The nearest directory at or above `start` holding a pyproject.toml, setup.py or .git."""
+    d = os.path.abspath(start)
+    while True:
+        if any(os.path.exists(os.path.join(d, m)) for m in REPO_MARKERS):
+            return d
+        parent = os.path.dirname(d)
+        if parent == d:
+            return None
+        d = parent
+
+
+def _import_dotted(name: str):
+    """Import `name` from the current directory, else from the repository mkcompiler was installed
+    from (an editable install: `examples.factories` works from any directory)."""
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    roots = [os.getcwd()] + [r for r in [_repository_root(here)] if r and r != os.getcwd()]
+    failure = None
+    for root in roots:
+        _on_sys_path(root)
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if not (e.name and (name == e.name or name.startswith(e.name + "."))):
+                raise _import_failed(name, roots, e) from e  # the module exists; something it imports does not
+            failure = e
+    raise _import_failed(name, roots, failure) from failure
+
+
+def _import_file(path: str):
+    """Import a .py file as the module its repository (or the packages around it) would name it,
+    with that root on sys.path, so that its own imports of sibling modules work."""
+    path = os.path.abspath(path if path.endswith(".py") else path + ".py")
+    if not os.path.isfile(path):
+        raise ValueError(f"no file {path}")
+    root = os.path.dirname(path)
+    while os.path.isfile(os.path.join(root, "__init__.py")):  # up through the packages around the file
+        root = os.path.dirname(root)
+    repo = _repository_root(root)
+    parts = os.path.relpath(path, repo)[:-3].split(os.sep) if repo else []
+    if parts and all(p.isidentifier() for p in parts):
+        root = repo  # `from examples.llama import ...` inside examples/factories.py works
+    name = ".".join(os.path.relpath(path, root)[:-3].split(os.sep))
+    roots = list(dict.fromkeys([root, os.path.dirname(path)]))
+    loaded = sys.modules.get(name)
+    if loaded is not None and os.path.abspath(getattr(loaded, "__file__", "") or "") == path:
+        return loaded
+    mspec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(mspec)
+    sys.modules[name] = module  # a new file of an old name replaces it (each test's own factories.py)
+    _on_sys_path(*roots)
+    try:
+        mspec.loader.exec_module(module)
+    except ImportError as e:
+        del sys.modules[name]
+        raise _import_failed(f"{path} as {name!r}", roots, e) from e
+    return module
+
+
+def _on_sys_path(*dirs: str) -> None:
+    """Put directories first on sys.path, for good: the factory may import more when it is called
+    (the console script does not even add the current directory)."""
+    sys.path[:0] = [d for d in dirs if d not in sys.path]
+
+
+def _import_failed(what: str, roots: list[str], e: BaseException) -> ValueError:
+    tried = ", ".join(roots)
+    return ValueError(
+        f"cannot import {what} ({type(e).__name__}: {e}; tried with {tried} on sys.path): run from the "
+        "directory that holds it, or give the path of its .py file as path/to/file.py:FACTORY"
+    )
 
 
 def build(spec: str, workers: int | None = None, gpu_codegen: bool = False):
@@ -290,6 +354,7 @@ def cmd_inspect(a) -> int:
 
 
 def cmd_profile(a) -> int:
+    from mkcompiler.errors import MissingExtraError
     from mkcompiler.tools.profiling import profile_vm
 
     mk, inputs, seconds = build(a.factory, a.workers)
@@ -306,12 +371,38 @@ def cmd_profile(a) -> int:
             prof.compilation = mk.compilation
     os.makedirs(a.out, exist_ok=True)
     trace = prof.trace(os.path.join(a.out, "trace.json"))
-    gantt = prof.gantt(os.path.join(a.out, "gantt.png"))
+    try:
+        wrote = f"{trace} (open in https://ui.perfetto.dev) and {prof.gantt(os.path.join(a.out, 'gantt.png'))}"
+    except MissingExtraError as e:  # the trace and the summary need nothing optional
+        wrote = f"{trace} (open in https://ui.perfetto.dev); no gantt.png: {e}"
     bandwidth = a.bandwidth * 1e9 if a.bandwidth else None
     flops = a.flops * 1e12 if a.flops else None
     print(prof.summary(bandwidth=bandwidth, flops=flops))
-    print(f"\nwrote {trace} (open in https://ui.perfetto.dev) and {gantt}")
+    print(f"\nwrote {wrote}")
     return 0 if not prof.missing() else 1
+
+
+# ---- ops ----
+
+
+def supported_ops() -> list[str]:
+    """The ATen ops capture lowers (ops/registry.py LOWERINGS), sorted; others are decomposed into these
+    first (torch.export's core ATen decompositions) or refused (fallback="eager" runs them eagerly)."""
+    from mkcompiler.ops import registry
+
+    registry.load_all()
+    return sorted({str(t) for t in registry.LOWERINGS})
+
+
+def cmd_ops(a) -> int:
+    names = supported_ops()
+    print(f"{len(names)} ATen ops compile into megakernels (after torch.export's core ATen decompositions):")
+    width = max(map(len, names)) + 2
+    per_line = max(1, 100 // width)
+    for k in range(0, len(names), per_line):
+        print("  " + "".join(n.ljust(width) for n in names[k : k + per_line]).rstrip())
+    print('others raise UnsupportedOpError; compile with fallback="eager" to run them in eager PyTorch')
+    return 0
 
 
 # ---- entry ----
@@ -321,6 +412,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mkcompiler", description="mkcompiler command line")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="compile a small model, run it, check it, show the queue and kernel")
+    sub.add_parser("ops", help="list the ATen ops that compile into megakernels")
     i = sub.add_parser("inspect", help="op graph, tiling, queue, kernel source, offline sm_90 resources")
     i.add_argument("factory", metavar="MODULE:FACTORY")
     i.add_argument("--workers", type=int, default=None, help="num_workers (default: SMs, or 4 in the interpreter)")
@@ -354,7 +446,7 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
-    if argv[0] not in ("demo", "inspect", "profile"):
+    if argv[0] not in ("demo", "ops", "inspect", "profile"):
         print(f"unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     a = parser().parse_args(argv)
@@ -362,6 +454,8 @@ def main(argv=None) -> int:
         from mkcompiler.tools.demo import main as demo
 
         return demo()
+    if a.command == "ops":
+        return cmd_ops(a)
     try:
         return cmd_inspect(a) if a.command == "inspect" else cmd_profile(a)
     except ValueError as e:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mkcompiler.errors import MissingExtraError
 from mkcompiler.ir.layout import NUM_STAMPS, Field, StampField
 from mkcompiler.ir.queue import Queue
 from mkcompiler.ops.scatter import parts
@@ -289,11 +290,22 @@ class Profile:
 
     def _times(self):
         """(ok mask, worker, fetch, ready, end, origin) with times as float64 relative to the
-        earliest fetch; ready/end are clamped to be monotone (fetch <= ready <= end)."""
+        earliest fetch; ready/end are clamped to be monotone (fetch <= ready <= end).
+
+        `fetch` is when the worker starts waiting for the instruction: its fetch stamp, or its
+        previous instruction's end if later. With fetch-ahead (the dynamic schedule's lookahead,
+        in the kernel and the VM) a worker takes its next instruction while it still runs one, so
+        raw fetch-to-ready waits overlap the work before them: shares over 100% of the span and
+        negative end-to-next-fetch gaps. Clamped, a worker's waits and runs tile its time."""
         s = np.asarray(self.stamps, dtype=np.int64)
         ok = self.ran()
         origin = int(s[ok, FETCH].min()) if ok.any() else 0
         fetch = (s[:, FETCH] - origin).astype(np.float64)
+        order = np.lexsort((fetch, s[:, WORKER]))
+        order = order[ok[order]]
+        same = s[order[1:], WORKER] == s[order[:-1], WORKER]  # consecutive instructions of one worker
+        prev_end = (s[order[:-1], END] - origin).astype(np.float64)
+        fetch[order[1:]] = np.where(same, np.maximum(fetch[order[1:]], prev_end), fetch[order[1:]])
         ready = np.maximum((s[:, READY] - origin).astype(np.float64), fetch)
         end = np.maximum((s[:, END] - origin).astype(np.float64), ready)
         return ok, s[:, WORKER], fetch, ready, end, origin
@@ -377,9 +389,12 @@ class Profile:
     def gantt(self, path: str, title: str | None = None, dpi: int = 100) -> str:
         """Write a PNG Gantt chart: one row per worker, one colour per op kind, waits (fetch to
         ready) light grey and hatched. One PolyCollection per kind: fast for 10^4+ bars."""
-        from matplotlib.collections import PolyCollection
-        from matplotlib.figure import Figure
-        from matplotlib.patches import Patch
+        try:
+            from matplotlib.collections import PolyCollection
+            from matplotlib.figure import Figure
+            from matplotlib.patches import Patch
+        except ModuleNotFoundError as e:
+            raise MissingExtraError("matplotlib", "profile", "Gantt charts") from e
 
         ok, worker, fetch, ready, end, _ = self._times()
         scale, xunit = (1e-3, "us") if self.unit == "ns" else (1.0, "ticks")
