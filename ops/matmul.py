@@ -34,6 +34,7 @@ from mkcompiler.ops.base import (
 )
 from mkcompiler.ops.common import aligned_stride, arg, view_base, view_base_aligned, view_size, view_stride
 from mkcompiler.ops.kernel_lib import wait_in_tile
+from mkcompiler.ops.norm import norm_reference, norm_rstd, norm_scale
 from mkcompiler.ops.registry import family, lowers
 
 from mkcompiler.ir.graph import View
@@ -51,8 +52,10 @@ DECODE_ROWS = 16
 
 @triton.jit
 def a_rows(addrs_ptr, views_ptr, v, DT: tl.constexpr, K_UNIT: tl.constexpr, ALIGNED: tl.constexpr):
-    """(base pointer, row stride) of an [M, K] A operand view; ALIGNED (Matmul.key): a 16-byte
-    aligned base and, with unit K stride, a row stride Triton can see is a multiple of 16 bytes."""
+    """(base pointer, row stride, K stride) of an [M, K] A operand view. K_UNIT: a literal unit K
+    stride, which lets Triton see contiguity and issue wide, coalesced loads (a stride read from
+    the view table at run time would hide it); ALIGNED: a 16-byte aligned base and, with K_UNIT,
+    a row stride Triton can see is a multiple of 16 bytes (Matmul.key)."""
     if ALIGNED:
         base = view_base_aligned(addrs_ptr, views_ptr, v, DT)
         rows = view_stride(views_ptr, v, 2)
@@ -61,7 +64,40 @@ def a_rows(addrs_ptr, views_ptr, v, DT: tl.constexpr, K_UNIT: tl.constexpr, ALIG
     else:
         base = view_base(addrs_ptr, views_ptr, v, DT)
         rows = view_stride(views_ptr, v, 2)
-    return base, rows
+    return base, rows, 1 if K_UNIT else view_stride(views_ptr, v, 3)
+
+
+@triton.jit
+def b_cols(
+    addrs_ptr, views_ptr, v, DT: tl.constexpr, K_UNIT: tl.constexpr, N_UNIT: tl.constexpr, ALIGNED: tl.constexpr
+):
+    """(base pointer, K stride, N stride) of a [K, N] B operand view, as a_rows: with ALIGNED the
+    stride beside a unit one is a multiple of 16 bytes."""
+    sbk = 1 if K_UNIT else view_stride(views_ptr, v, 2)
+    sbn = 1 if N_UNIT else view_stride(views_ptr, v, 3)
+    if ALIGNED:
+        base = view_base_aligned(addrs_ptr, views_ptr, v, DT)
+        if K_UNIT:
+            sbn = aligned_stride(sbn, 128 // DT.primitive_bitwidth)
+        if N_UNIT:
+            sbk = aligned_stride(sbk, 128 // DT.primitive_bitwidth)
+    else:
+        base = view_base(addrs_ptr, views_ptr, v, DT)
+    return base, sbk, sbn
+
+
+@triton.jit
+def c_rows(addrs_ptr, views_ptr, v, ks, DT: tl.constexpr, N_UNIT: tl.constexpr, ALIGNED: tl.constexpr):
+    """(base pointer of split ks, row stride, N stride) of the C view ([S, M, N] or [M, N]);
+    ALIGNED (never with split-K: Matmul.key) as a_rows."""
+    base = view_base(addrs_ptr, views_ptr, v, DT) + ks * view_stride(views_ptr, v, 1)
+    scm = view_stride(views_ptr, v, 2)
+    scn = 1 if N_UNIT else view_stride(views_ptr, v, 3)
+    if ALIGNED:
+        base = view_base_aligned(addrs_ptr, views_ptr, v, DT)
+        if N_UNIT:
+            scm = aligned_stride(scm, 128 // DT.primitive_bitwidth)
+    return base, scm, scn
 
 
 @triton.jit
@@ -78,35 +114,133 @@ def k_vector(addrs_ptr, views_ptr, v, DT: tl.constexpr, FLAT: tl.constexpr):
 
 
 @triton.jit
-def _a_block(
-    k,
-    tile,
-    s1,
-    s2,
-    g_next,
-    nb_next,
-    BM: tl.constexpr,
-    BK: tl.constexpr,
-    H_DT: tl.constexpr,
-    NORM: tl.constexpr,
-    N_RMS: tl.constexpr,
-    HAS_NW: tl.constexpr,
-    HAS_NB: tl.constexpr,
-    N_IN_LOOP: tl.constexpr,
+def _extent(views_ptr, va, vb, vc, ks, BK: tl.constexpr, KN_DIV: tl.constexpr):
+    """(M, K, N, k_lo, k_hi): the product's sizes and the tile's K chunk, chunk ks of S (S = 1
+    when C is a plain [M, N] view: padded dim 1 has size 1). KN_DIV: K and N are multiples of
+    8, so masks stay uniform across a 16-byte vector."""
+    M = view_size(views_ptr, va, 2)
+    K = view_size(views_ptr, va, 3)
+    N = view_size(views_ptr, vb, 3)
+    if KN_DIV:
+        K = aligned_stride(K, 8)
+        N = aligned_stride(N, 8)
+    k_chunk = tl.cdiv(tl.cdiv(K, view_size(views_ptr, vc, 1)), BK) * BK
+    k_lo = ks * k_chunk
+    return M, K, N, k_lo, tl.minimum(K, k_lo + k_chunk)
+
+
+@triton.jit
+def _b_block(b_ptr, sbk, sbn, rn, N, k, k_hi, BK: tl.constexpr):
+    """The [BK, BN] weight block at K offset k."""
+    rk = k + tl.arange(0, BK)
+    return tl.load(
+        b_ptr + rk[:, None] * sbk + rn[None, :] * sbn, mask=(rk[:, None] < k_hi) & (rn[None, :] < N), other=0.0
+    )
+
+
+@triton.jit
+def _norm_vectors(row_ptr, addrs_ptr, views_ptr, a_ptr, NRM):
+    """(nw_ptr, snw, nb_ptr, snb): a folded norm's weight g and bias b ([K] vectors), addressed once
+    per tile so that the K loop loads only their BK-slices, no view metadata (placeholders
+    where absent)."""
+    nw_ptr, snw, nb_ptr, snb = a_ptr, 0, a_ptr, 0
+    if NRM[0]:
+        if NRM[6]:
+            nw_ptr, snw = k_vector(addrs_ptr, views_ptr, arg(row_ptr, 7), NRM[4], NRM[9])
+        if NRM[7]:
+            nb_ptr, snb = k_vector(addrs_ptr, views_ptr, arg(row_ptr, 8), NRM[5], NRM[10])
+    return nw_ptr, snw, nb_ptr, snb
+
+
+@triton.jit
+def _first_block_then_wait(b_ptr, sbk, sbn, rn, N, k_lo, k_hi, BK: tl.constexpr, wait):
+    """(b_first, ok, t_ready) of a tile that waits itself (Settings.early_weights): the first K
+    step's weight block is asked for (and every view addressed, by the caller) before the inputs
+    are waited for (kernel_lib.wait_in_tile). A tile whose inputs are already there becomes ready
+    3-4 us after its fetch instead of 0.9 (H100): the wait seems to wait for the block."""
+    b_first = _b_block(b_ptr, sbk, sbn, rn, N, k_lo, k_hi, BK)
+    ok, t_ready = wait_in_tile(wait)
+    # A select on the wait's answer keeps the block's move into shared memory (the dot's operand)
+    # after the wait: without it the compiler put the move right after the load, so the tile
+    # waited for its weights to arrive before it even started waiting for its inputs.
+    return tl.where(ok != 0, b_first, 0.0), ok, t_ready
+
+
+@triton.jit
+def _norm_prologue(
+    a_ptr, sam, sak, rm, M, K, k_lo, k_hi, nw_ptr, snw, nb_ptr, snb, BM: tl.constexpr, BK: tl.constexpr, NRM
 ):
+    """What a folded norm needs before the K loop (after the wait): (shift, mean, rstd, g_next,
+    nb_next); placeholders where a configuration does not use them (_a_block takes them all)."""
+    RMS: tl.constexpr = NRM[1]
+    shift = tl.zeros((BM,), dtype=tl.float32)
+    mean = tl.zeros((BM,), dtype=tl.float32)
+    rstd = tl.zeros((BM,), dtype=tl.float32)
+    g_next = tl.zeros((BK,), dtype=NRM[4])  # the types of the loads that replace them
+    nb_next = tl.zeros((BK,), dtype=NRM[5])
+    if NRM[0]:
+        if NRM[8]:
+            # The tile sees all of K (no split-K): the rows' statistics are summed inside the K loop
+            # from the A blocks it loads anyway, and the normalisation is applied to acc once at the
+            # end (Matmul.norm_in_loop). A sweep over K before the loop puts at least a round trip
+            # for x, and K / BK reduction steps, ahead of the first weight load.
+            if not RMS:
+                # LayerNorm works on x - c, c = each row's first element: the dot's A is rounded
+                # before it is centred, and the variance is E[x^2] - mean^2, both of which lose
+                # precision as |mean| grows against the spread; shifted by c they lose it only as far
+                # as x[0] lies from the mean. Used first after the loop's first wait, so the load
+                # overlaps the pipeline's first weight loads.
+                shift = tl.load(a_ptr + rm * sam, mask=rm < M, other=0.0).to(tl.float32)
+        else:
+            # Split-K: the tile sees only its K chunk, the statistics need all of K: a sweep over
+            # the tile's rows first (two for LayerNorm: mean, then the centred variance).
+            if not RMS:
+                for k in tl.range(0, K, BK, num_stages=SWEEP_STAGES):
+                    rk = k + tl.arange(0, BK)
+                    mask = (rm[:, None] < M) & (rk[None, :] < K)
+                    x = tl.load(a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=mask, other=0.0)
+                    mean += tl.sum(x.to(tl.float32), axis=1)
+                mean = mean / K
+            var = tl.zeros((BM,), dtype=tl.float32)
+            for k in tl.range(0, K, BK, num_stages=SWEEP_STAGES):
+                rk = k + tl.arange(0, BK)
+                mask = (rm[:, None] < M) & (rk[None, :] < K)
+                x = tl.load(a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=mask, other=0.0).to(tl.float32)
+                d = tl.where(mask, x - mean[:, None], 0.0)
+                var += tl.sum(d * d, axis=1)
+            rstd = norm_rstd(var / K, NRM[2])
+        # g's and b's slices are loaded one K step ahead: Triton's pipeliner leaves these loads
+        # alone (a [BK] vector spread over the threads is one element per thread, too narrow for
+        # cp.async), so loaded in the step that uses them, each step would wait for one.
+        rk = k_lo + tl.arange(0, BK)
+        if NRM[6]:
+            g_next = tl.load(nw_ptr + rk * snw, mask=rk < k_hi, other=0.0)
+        if NRM[7]:
+            nb_next = tl.load(nb_ptr + rk * snb, mask=rk < k_hi, other=0.0)
+    return shift, mean, rstd, g_next, nb_next
+
+
+@triton.jit
+def _a_block(k, tile, s1, s2, g_next, nb_next, BM: tl.constexpr, BK: tl.constexpr, NRM):
     """matmul_tile's A block at K offset k, as the dot takes it (a folded norm applied; its
     loop-carried statistics and next weight slices updated): (a, s1, s2, g_next, nb_next).
     `tile`: what matmul_tile fixed for the whole tile (a tuple, in this order); what a
     configuration does not use are placeholders."""
     a_ptr, sam, sak, rm, M, k_hi, shift, mean, rstd = tile[:9]
     nw_ptr, snw, nb_ptr, snb = tile[9:]
+    RMS: tl.constexpr = NRM[1]
+    HAS_NW: tl.constexpr = NRM[6]
+    HAS_NB: tl.constexpr = NRM[7]
     rk = k + tl.arange(0, BK)
     a_mask = (rm[:, None] < M) & (rk[None, :] < k_hi)
     rows = tl.arange(0, BM)
+    # LayerNorm's mean term needs gW = sum_k g_k W_kn and a bias bW = sum_k b_k W_kn: the dot
+    # computes them in spare rows of the A block (past the tile's rows, which norm_in_loop
+    # guarantees exist; BM >= 16 while decode has a row or a few).
     G_ROW: tl.constexpr = BM - 1
-    B_ROW: tl.constexpr = BM - 1 if N_RMS else BM - 2
+    B_ROW: tl.constexpr = BM - 1 if RMS else BM - 2
     a = tl.load(a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=a_mask, other=0.0)
-    if NORM:
+    if NRM[0]:
         x = a.to(tl.float32)  # 0 where A is masked
         if HAS_NW:
             g = g_next.to(tl.float32)
@@ -114,8 +248,8 @@ def _a_block(
         if HAS_NB:
             nb = nb_next.to(tl.float32)
             nb_next = tl.load(nb_ptr + (rk + BK) * snb, mask=rk + BK < k_hi, other=0.0)
-        if N_IN_LOOP:
-            if not N_RMS:
+        if NRM[8]:
+            if not RMS:
                 x = tl.where(a_mask, x - shift[:, None], 0.0)
                 s1 += tl.sum(x, axis=1)
             s2 += tl.sum(x * x, axis=1)
@@ -124,57 +258,53 @@ def _a_block(
             # loop. h = (x - mean) * rstd * g + b, so C = rstd * ((x*g) W - mean * gW) + bW
             # (x - c and mean - c for LayerNorm: the same C).
             y = x * g[None, :] if HAS_NW else x
-            if not N_RMS:  # the spare row G_ROW carries g (1 without a weight), masked past k_hi
+            if not RMS:  # the spare row G_ROW carries g (1 without a weight), masked past k_hi
                 y = tl.where(rows[:, None] == G_ROW, (g if HAS_NW else (rk < k_hi).to(tl.float32))[None, :], y)
             if HAS_NB:  # and B_ROW the bias
                 y = tl.where(rows[:, None] == B_ROW, nb[None, :], y)
-            a = y.to(H_DT)
+            a = y.to(NRM[3])
         else:  # as ops/norm.py computes and stores h, then zero where A is masked
             y = (x - mean[:, None]) * rstd[:, None]
             if HAS_NW:
                 y = y * g[None, :]
             if HAS_NB:
                 y = y + nb[None, :]
-            a = tl.where(a_mask, y.to(H_DT), 0.0)
+            a = tl.where(a_mask, y.to(NRM[3]), 0.0)
     return a, s1, s2, g_next, nb_next
 
 
 @triton.jit
-def matmul_tile(
-    row_ptr,
-    addrs_ptr,
-    views_ptr,
-    A_DT: tl.constexpr,
-    B_DT: tl.constexpr,
-    BIAS_DT: tl.constexpr,
-    C_DT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    DOT_DT: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    A_K_UNIT: tl.constexpr,
-    B_K_UNIT: tl.constexpr,
-    B_N_UNIT: tl.constexpr,
-    C_N_UNIT: tl.constexpr,
-    A_ALIGNED: tl.constexpr,
-    B_ALIGNED: tl.constexpr,
-    C_ALIGNED: tl.constexpr,
-    KN_DIV: tl.constexpr,
-    NORM: tl.constexpr,
-    N_RMS: tl.constexpr,
-    N_EPS: tl.constexpr,
-    H_DT: tl.constexpr,
-    NW_DT: tl.constexpr,
-    NB_DT: tl.constexpr,
-    HAS_NW: tl.constexpr,
-    HAS_NB: tl.constexpr,
-    N_IN_LOOP: tl.constexpr,
-    NW_FLAT: tl.constexpr,
-    NB_FLAT: tl.constexpr,
-    wait=None,
-):
+def _norm_epilogue(acc, s1, s2, K, BM: tl.constexpr, NRM):
+    """acc with a folded norm summed in the K loop applied to its rows (see _a_block):
+    C = rstd * ((x*g) W - mean * gW) + bW, gW and bW read from the spare rows."""
+    if NRM[0] and NRM[8]:
+        RMS: tl.constexpr = NRM[1]
+        rows = tl.arange(0, BM)
+        G_ROW: tl.constexpr = BM - 1
+        B_ROW: tl.constexpr = BM - 1 if RMS else BM - 2
+        if NRM[7]:
+            bw = tl.sum(tl.where(rows[:, None] == B_ROW, acc, 0.0), axis=0)
+        if RMS:
+            acc = acc * norm_scale(s1, s2, K, NRM[2], RMS)[1][:, None]
+        else:
+            gw = tl.sum(tl.where(rows[:, None] == G_ROW, acc, 0.0), axis=0)
+            mean, rstd = norm_scale(s1, s2, K, NRM[2], RMS)  # of x - c
+            acc = (acc - mean[:, None] * gw[None, :]) * rstd[:, None]
+        if NRM[7]:
+            acc += bw[None, :]
+    return acc
+
+
+@triton.jit
+def matmul_tile(row_ptr, addrs_ptr, views_ptr, DTS, HAS_BIAS: tl.constexpr, DOT, TILE, UNITS, NRM, wait=None):
+    """One [BM, BN] tile of C (split-K: of its partial sum ks). Constexpr groups, as Matmul.emit
+    writes them: DTS the (A, B, bias, C) dtypes; DOT tl.dot's (operand dtype, precision); TILE
+    (BM, BN, BK); UNITS (MatmulKey.units) (A_K_UNIT, B_K_UNIT, B_N_UNIT, C_N_UNIT, A_ALIGNED,
+    B_ALIGNED, C_ALIGNED, KN_DIV); NRM a folded norm's (NORM, RMS, EPS, H_DT, NW_DT, NB_DT, HAS_NW,
+    HAS_NB, IN_LOOP, NW_FLAT, NB_FLAT). `wait`: the tile's own wait (Matmul.early_wait), or None."""
+    BM: tl.constexpr = TILE[0]
+    BN: tl.constexpr = TILE[1]
+    BK: tl.constexpr = TILE[2]
     va = arg(row_ptr, 0)
     vb = arg(row_ptr, 1)
     vbias = arg(row_ptr, 2)
@@ -182,163 +312,45 @@ def matmul_tile(
     tm = arg(row_ptr, 4)
     tn = arg(row_ptr, 5)
     ks = arg(row_ptr, 6)
-    M = view_size(views_ptr, va, 2)
-    K = view_size(views_ptr, va, 3)
-    N = view_size(views_ptr, vb, 3)
-    if KN_DIV:  # K and N are multiples of 8: masks then stay uniform across a 16-byte vector
-        K = aligned_stride(K, 8)
-        N = aligned_stride(N, 8)
-    # Split-K: chunk ks of S (S = 1 when C is a plain [M, N] view: padded dim 1 has size 1).
-    k_chunk = tl.cdiv(tl.cdiv(K, view_size(views_ptr, vc, 1)), BK) * BK
-    k_lo = ks * k_chunk
-    k_hi = tl.minimum(K, k_lo + k_chunk)
-    b_ptr = view_base(addrs_ptr, views_ptr, vb, B_DT)
-    # A literal unit stride (X_UNIT) lets Triton see contiguity and issue wide, coalesced
-    # loads; a stride read from the view table at run time would hide it.
-    # X_ALIGNED: the view starts 16-byte aligned and its outer stride is a multiple of 16 bytes.
-    a_ptr, sam = a_rows(addrs_ptr, views_ptr, va, A_DT, A_K_UNIT, A_ALIGNED)
-    sak = 1 if A_K_UNIT else view_stride(views_ptr, va, 3)
-    sbk = 1 if B_K_UNIT else view_stride(views_ptr, vb, 2)
-    sbn = 1 if B_N_UNIT else view_stride(views_ptr, vb, 3)
-    if B_ALIGNED:
-        b_ptr = view_base_aligned(addrs_ptr, views_ptr, vb, B_DT)
-        if B_K_UNIT:
-            sbn = aligned_stride(sbn, 128 // B_DT.primitive_bitwidth)
-        if B_N_UNIT:
-            sbk = aligned_stride(sbk, 128 // B_DT.primitive_bitwidth)
+    M, K, N, k_lo, k_hi = _extent(views_ptr, va, vb, vc, ks, BK, UNITS[7])
+    a_ptr, sam, sak = a_rows(addrs_ptr, views_ptr, va, DTS[0], UNITS[0], UNITS[4])
+    b_ptr, sbk, sbn = b_cols(addrs_ptr, views_ptr, vb, DTS[1], UNITS[1], UNITS[2], UNITS[5])
     rm = tm * BM + tl.arange(0, BM)
     rn = tn * BN + tl.arange(0, BN)
-    # Zero starts, and placeholders for what a configuration does not use (_a_block takes them all).
-    s1 = tl.zeros((BM,), dtype=tl.float32)  # a norm summed in the K loop: sum x (LayerNorm)
-    s2 = tl.zeros((BM,), dtype=tl.float32)  # and sum x^2
-    shift = tl.zeros((BM,), dtype=tl.float32)
-    mean = tl.zeros((BM,), dtype=tl.float32)
-    rstd = tl.zeros((BM,), dtype=tl.float32)
-    g_next = tl.zeros((BK,), dtype=NW_DT)  # the types of the loads that replace them
-    nb_next = tl.zeros((BK,), dtype=NB_DT)
-    nw_ptr, snw, nb_ptr, snb = a_ptr, 0, a_ptr, 0
-    if NORM:  # A = norm(x) (passes/fuse_norm.py)
-        # The norm's weight g and bias b ([K] vectors) are addressed once per tile, here: the K
-        # loop then loads only their BK-slices, no view metadata.
-        if HAS_NW:
-            nw_ptr, snw = k_vector(addrs_ptr, views_ptr, arg(row_ptr, 7), NW_DT, NW_FLAT)
-        if HAS_NB:
-            nb_ptr, snb = k_vector(addrs_ptr, views_ptr, arg(row_ptr, 8), NB_DT, NB_FLAT)
+    nw_ptr, snw, nb_ptr, snb = _norm_vectors(row_ptr, addrs_ptr, views_ptr, a_ptr, NRM)
     ok = 1
     t_ready = tl.zeros((), tl.int64)
     k_start = k_lo
-    if wait is not None:
-        # Settings.early_weights: the first K step's weight block is asked for (and every view
-        # addressed, above) before the inputs are waited for (kernel_lib.wait_in_tile). A tile
-        # whose inputs are already there becomes ready 3-4 us after its fetch instead of 0.9
-        # (H100): the wait seems to wait for the block. Loading it past L1 (.cg) did not help
-        # (in a build that also carried other changes: RESULTS.md, session 6).
-        rk = k_lo + tl.arange(0, BK)
-        b_first = tl.load(
-            b_ptr + rk[:, None] * sbk + rn[None, :] * sbn, mask=(rk[:, None] < k_hi) & (rn[None, :] < N), other=0.0
-        )
-        ok, t_ready = wait_in_tile(wait)
-        # A select on the wait's answer keeps the block's move into shared memory (the dot's
-        # operand) after the wait: the compiler put it right after the loads, so the tile waited
-        # for its weights to arrive before it even started waiting for its inputs (H100: ready
-        # 3-4 us after the fetch when the inputs were already there).
-        b_first = tl.where(ok != 0, b_first, 0.0)
+    if wait is not None:  # every view above is addressed before the wait, and the first weights asked for
+        b_first, ok, t_ready = _first_block_then_wait(b_ptr, sbk, sbn, rn, N, k_lo, k_hi, BK, wait)
         k_start = k_lo + BK
     if ok != 0:
-        if NORM:
-            if N_IN_LOOP:
-                # The tile sees all of K (no split-K): the rows' statistics are summed inside the K
-                # loop from the A blocks it loads anyway, and the normalisation is applied to acc
-                # once at the end (Matmul.norm_in_loop). A sweep over K before the loop puts at least
-                # a round trip for x, and K / BK reduction steps, ahead of the first weight load.
-                if not N_RMS:
-                    # LayerNorm works on x - c, c = each row's first element: the dot's A is rounded
-                    # before it is centred, and the variance is E[x^2] - mean^2, both of which lose
-                    # precision as |mean| grows against the spread; shifted by c they lose it only as
-                    # far as x[0] lies from the mean. Used first after the loop's first wait, so the
-                    # load overlaps the pipeline's first weight loads.
-                    shift = tl.load(a_ptr + rm * sam, mask=rm < M, other=0.0).to(tl.float32)
-                rows = tl.arange(0, BM)
-                # LayerNorm's mean term needs gW = sum_k g_k W_kn and a bias bW = sum_k b_k W_kn: the
-                # dot computes them in spare rows of the A block (past the tile's rows, which
-                # norm_in_loop guarantees exist; BM >= 16 while decode has a row or a few).
-                G_ROW: tl.constexpr = BM - 1
-                B_ROW: tl.constexpr = BM - 1 if N_RMS else BM - 2
-            else:
-                # Split-K: the tile sees only its K chunk, the statistics need all of K: a sweep over
-                # the tile's rows first (two for LayerNorm: mean, then the centred variance).
-                mean = tl.zeros((BM,), dtype=tl.float32)
-                if not N_RMS:
-                    for k in tl.range(0, K, BK, num_stages=SWEEP_STAGES):
-                        rk = k + tl.arange(0, BK)
-                        mask = (rm[:, None] < M) & (rk[None, :] < K)
-                        x = tl.load(a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=mask, other=0.0)
-                        mean += tl.sum(x.to(tl.float32), axis=1)
-                    mean = mean / K
-                var = tl.zeros((BM,), dtype=tl.float32)
-                for k in tl.range(0, K, BK, num_stages=SWEEP_STAGES):
-                    rk = k + tl.arange(0, BK)
-                    mask = (rm[:, None] < M) & (rk[None, :] < K)
-                    x = tl.load(a_ptr + rm[:, None] * sam + rk[None, :] * sak, mask=mask, other=0.0).to(tl.float32)
-                    d = tl.where(mask, x - mean[:, None], 0.0)
-                    var += tl.sum(d * d, axis=1)
-                rstd = 1.0 / tl.sqrt(var / K + N_EPS)
-            # g's and b's slices are loaded one K step ahead: Triton's pipeliner leaves these loads
-            # alone (a [BK] vector spread over the threads is one element per thread, too narrow
-            # for cp.async), so loaded in the step that uses them, each step would wait for one.
-            rk = k_lo + tl.arange(0, BK)
-            if HAS_NW:
-                g_next = tl.load(nw_ptr + rk * snw, mask=rk < k_hi, other=0.0)
-            if HAS_NB:
-                nb_next = tl.load(nb_ptr + rk * snb, mask=rk < k_hi, other=0.0)
+        shift, mean, rstd, g_next, nb_next = _norm_prologue(
+            a_ptr, sam, sak, rm, M, K, k_lo, k_hi, nw_ptr, snw, nb_ptr, snb, BM, BK, NRM
+        )
         # What _a_block needs of the tile, fixed for all its K steps (one tuple: two call sites).
-        tile = (a_ptr, sam, sak, rm, M, k_hi, shift, mean, rstd)
-        tile = tile + (nw_ptr, snw, nb_ptr, snb)
+        tile = (a_ptr, sam, sak, rm, M, k_hi, shift, mean, rstd, nw_ptr, snw, nb_ptr, snb)
+        s1 = tl.zeros((BM,), dtype=tl.float32)  # a norm summed in the K loop: sum x (LayerNorm)
+        s2 = tl.zeros((BM,), dtype=tl.float32)  # and sum x^2
         acc = tl.zeros((BM, BN), dtype=tl.float32)
+        DOT_DT: tl.constexpr = DOT[0]
+        PRECISION: tl.constexpr = DOT[1]
         if wait is not None:  # the first K step's weights came before the wait
-            a, s1, s2, g_next, nb_next = _a_block(
-                k_lo, tile, s1, s2, g_next, nb_next, BM, BK, H_DT, NORM, N_RMS, HAS_NW, HAS_NB, N_IN_LOOP
-            )
+            a, s1, s2, g_next, nb_next = _a_block(k_lo, tile, s1, s2, g_next, nb_next, BM, BK, NRM)
             acc = tl.dot(a.to(DOT_DT), b_first.to(DOT_DT), acc, input_precision=PRECISION)
+        # The K loop stays here, in the function that owns its range: Triton pipelines it (num_stages).
         for k in range(k_start, k_hi, BK):
-            a, s1, s2, g_next, nb_next = _a_block(
-                k, tile, s1, s2, g_next, nb_next, BM, BK, H_DT, NORM, N_RMS, HAS_NW, HAS_NB, N_IN_LOOP
-            )
-            rk = k + tl.arange(0, BK)
-            b = tl.load(
-                b_ptr + rk[:, None] * sbk + rn[None, :] * sbn,
-                mask=(rk[:, None] < k_hi) & (rn[None, :] < N),
-                other=0.0,
-            )
+            a, s1, s2, g_next, nb_next = _a_block(k, tile, s1, s2, g_next, nb_next, BM, BK, NRM)
+            b = _b_block(b_ptr, sbk, sbn, rn, N, k, k_hi, BK)
             acc = tl.dot(a.to(DOT_DT), b.to(DOT_DT), acc, input_precision=PRECISION)
-        if NORM:
-            if N_IN_LOOP:  # normalise the rows of acc (see the K loop)
-                if HAS_NB:
-                    bw = tl.sum(tl.where(rows[:, None] == B_ROW, acc, 0.0), axis=0)
-                if N_RMS:
-                    rstd = 1.0 / tl.sqrt(s2 / K + N_EPS)
-                    acc = acc * rstd[:, None]
-                else:
-                    gw = tl.sum(tl.where(rows[:, None] == G_ROW, acc, 0.0), axis=0)
-                    mean = s1 / K  # of x - c
-                    rstd = 1.0 / tl.sqrt(tl.maximum(s2 / K - mean * mean, 0.0) + N_EPS)
-                    acc = (acc - mean[:, None] * gw[None, :]) * rstd[:, None]
-                if HAS_NB:
-                    acc += bw[None, :]
+        acc = _norm_epilogue(acc, s1, s2, K, BM, NRM)
         if HAS_BIAS:
-            bias_ptr = view_base(addrs_ptr, views_ptr, vbias, BIAS_DT)
+            bias_ptr = view_base(addrs_ptr, views_ptr, vbias, DTS[2])
             bias = tl.load(bias_ptr + rn * view_stride(views_ptr, vbias, 3), mask=rn < N, other=0.0)
             acc += bias.to(tl.float32)[None, :]
-        c_ptr = view_base(addrs_ptr, views_ptr, vc, C_DT) + ks * view_stride(views_ptr, vc, 1)
-        scm = view_stride(views_ptr, vc, 2)
-        scn = 1 if C_N_UNIT else view_stride(views_ptr, vc, 3)
-        if C_ALIGNED:
-            c_ptr = view_base_aligned(addrs_ptr, views_ptr, vc, C_DT)
-            if C_N_UNIT:
-                scm = aligned_stride(scm, 128 // C_DT.primitive_bitwidth)
-        tl.store(
-            c_ptr + rm[:, None] * scm + rn[None, :] * scn, acc.to(C_DT), mask=(rm[:, None] < M) & (rn[None, :] < N)
-        )
+        c_ptr, scm, scn = c_rows(addrs_ptr, views_ptr, vc, ks, DTS[3], UNITS[3], UNITS[6])
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        tl.store(c_ptr + rm[:, None] * scm + rn[None, :] * scn, acc.to(DTS[3]), mask=mask)
     if wait is not None:
         return ok, t_ready
 
@@ -394,23 +406,14 @@ class MatmulKey(NamedTuple):
     dot: torch.dtype
     precision: str
     tile: tuple[int, int, int]
-    units: tuple[bool, ...]  # matmul_tile's A_K_UNIT .. KN_DIV, in its order
+    units: tuple[bool, ...]  # matmul_tile's UNITS (A_K_UNIT .. KN_DIV, in its order)
     norm: FoldedNormKey | None
 
 
 def _norm_reference(x, node, tensor_of):
     norm, ins = node.attrs.norm, Matmul.operands(node)
-    nw, nb = ins.norm_weight, ins.norm_bias
-    xs = x.double()
-    if norm.rms:
-        y = xs * torch.rsqrt((xs * xs).mean(-1, keepdim=True) + norm.eps)
-    else:
-        y = torch.nn.functional.layer_norm(xs, (xs.shape[-1],), eps=norm.eps)
-    if nw is not None:
-        y = y * tensor_of(nw).double()
-    if nb is not None:
-        y = y + tensor_of(nb).double()
-    return y.to(norm.h_dtype)
+    w, b = (tensor_of(v) if v is not None else None for v in (ins.norm_weight, ins.norm_bias))
+    return norm_reference(x, norm.rms, norm.eps, w, b).to(norm.h_dtype)
 
 
 def _norm_in_loop_reference(x, w, node, tensor_of):
@@ -550,24 +553,21 @@ class Matmul(OpFamily):
         return [ins.norm_weight, ins.norm_bias] if node.attrs.norm is not None else []
 
     def emit(self, key, name):
-        bias = key.bias
-        bias_dt = tl_dtype(bias) if bias is not None else "tl.float32"
-        norm = key.norm
+        bias, norm = key.bias, key.norm
+        dts = (key.a, key.b, bias if bias is not None else torch.float32, key.c)
         if norm is None:
-            norm_args = "False, True, 0.0, tl.float32, tl.float32, tl.float32, False, False, False, 1, 1"
+            nrm = "False, True, 0.0, tl.float32, tl.float32, tl.float32, False, False, False, 1, 1"
         else:
             nw_dt, nb_dt = norm.weight_dtype, norm.bias_dtype
-            norm_args = (
+            nrm = (
                 f"True, {norm.rms}, {norm.eps!r}, {tl_dtype(norm.h_dtype)}, "
                 f"{tl_dtype(nw_dt) if nw_dt else 'tl.float32'}, "
                 f"{tl_dtype(nb_dt) if nb_dt else 'tl.float32'}, {nw_dt is not None}, {nb_dt is not None}, "
                 f"{norm.in_loop}, {norm.weight_flat}, {norm.bias_flat}"
             )
-        bm, bn, bk = key.tile
         return "", (  # {wait}: the tile's own wait (early_wait), or None
-            f"matmul_tile({{row}}, {{addrs}}, {{views}}, {tl_dtype(key.a)}, {tl_dtype(key.b)}, {bias_dt}, "
-            f"{tl_dtype(key.c)}, {bias is not None}, {tl_dtype(key.dot)}, {key.precision!r}, {bm}, {bn}, {bk}, "
-            f"{', '.join(map(str, key.units))}, {norm_args}, wait={{wait}})"
+            f"matmul_tile({{row}}, {{addrs}}, {{views}}, ({', '.join(map(tl_dtype, dts))}), {bias is not None}, "
+            f"({tl_dtype(key.dot)}, {key.precision!r}), {key.tile}, {key.units}, ({nrm}), wait={{wait}})"
         )
 
     def early_wait(self, key) -> bool:

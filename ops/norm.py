@@ -22,6 +22,40 @@ aten = torch.ops.aten
 
 
 @triton.jit
+def norm_rstd(var, EPS: tl.constexpr):
+    """A normalised row's scale 1 / sqrt(var + eps); var is the row's variance (RMSNorm: its
+    mean square)."""
+    return 1.0 / tl.sqrt(var + EPS)
+
+
+@triton.jit
+def norm_scale(s1, s2, n, EPS: tl.constexpr, RMS: tl.constexpr):
+    """(mean, rstd) of rows from one pass's sums over n elements: s1 = sum x (LayerNorm only),
+    s2 = sum x^2. LayerNorm's variance E[x^2] - mean^2 is clamped at 0 against rounding."""
+    mean = s1 / n
+    if RMS:
+        rstd = norm_rstd(s2 / n, EPS)
+    else:
+        rstd = norm_rstd(tl.maximum(s2 / n - mean * mean, 0.0), EPS)
+    return mean, rstd
+
+
+def norm_reference(x: torch.Tensor, rms: bool, eps: float, weight=None, bias=None) -> torch.Tensor:
+    """The norm of x's rows in float64 (weight and bias tensors or None): what norm_rows and a
+    matmul's folded norm (ops/matmul.py, split-K tiles) compute."""
+    xs = x.double()
+    if rms:
+        y = xs * torch.rsqrt((xs * xs).mean(-1, keepdim=True) + eps)
+    else:
+        y = torch.nn.functional.layer_norm(xs, (xs.shape[-1],), eps=eps)
+    if weight is not None:
+        y = y * weight.double()
+    if bias is not None:
+        y = y + bias.double()
+    return y
+
+
+@triton.jit
 def norm_rows(
     row_ptr,
     addrs_ptr,
@@ -64,7 +98,7 @@ def norm_rows(
         x = load_view(addrs_ptr, views_ptr, vx, rows[:, None] * C + cols[None, :], mask, X_DT, X_FLAT)
         d = tl.where(mask, x - mean[:, None], 0.0)
         var += tl.sum(d * d, axis=1)
-    rstd = 1.0 / tl.sqrt(var / C + EPS)
+    rstd = norm_rstd(var / C, EPS)
     for c0 in range(0, C, BC):
         cols = c0 + tl.arange(0, BC)
         col_ok = cols < C
@@ -183,13 +217,6 @@ class Norm(RowFamily):
         r0, r1 = self.row_range(node, coords)
         x, w, b = node.inputs
         c = x.shape[-1]
-        xs = tensor_of(x).reshape(-1, c)[r0:r1].double()
-        if node.attrs.rms:
-            y = xs * torch.rsqrt((xs * xs).mean(-1, keepdim=True) + node.attrs.eps)
-        else:
-            y = torch.nn.functional.layer_norm(xs, (c,), eps=node.attrs.eps)
-        if w is not None:
-            y = y * tensor_of(w).double()
-        if b is not None:
-            y = y + tensor_of(b).double()
+        w, b = (tensor_of(v) if v is not None else None for v in (w, b))
+        y = norm_reference(tensor_of(x).reshape(-1, c)[r0:r1], node.attrs.rms, node.attrs.eps, w, b)
         tensor_of(node.outputs[0]).view(-1, c)[r0:r1] = y.to(node.outputs[0].dtype)
