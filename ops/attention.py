@@ -18,15 +18,16 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 from mkcompiler.ops.base import (
     Access,
     OpFamily,
+    Work,
     aligned,
     box_access,
-    bytes_cost,
     cdiv,
     merge_intervals,
     next_pow2,
@@ -436,13 +437,27 @@ class Attention(OpFamily):
         ]
         return reads, writes
 
-    def cost(self, node, coords):
-        q, k, v, _ = node.inputs
-        bm = node.attrs.tile[0]
+    def work(self, node, coords):
+        """Q rows in and O rows out (plus max and sum per row when split), each key and value
+        row once, the mask per query-key pair; FLOPs 2 x pairs x (d_qk + d_v). Causal rows see
+        keys up to their own position (top-left aligned, as the kernel)."""
+        q, k, v, mask = node.inputs
+        dq, dv = q.shape[3], v.shape[3]
         lo, hi = self.kv_range(node, coords[3])
-        return bytes_cost(
-            (hi - lo) * k.shape[3] * (k.dtype.itemsize + v.dtype.itemsize), 4.0 * bm * (hi - lo) * k.shape[3]
-        )
+        rows = pairs = span = 0
+        for _, r0, r1 in self.row_segments(node, coords):  # query rows of each head the tile covers
+            rows += r1 - r0
+            if node.attrs.causal:
+                keys = np.clip(np.minimum(hi, np.arange(r0, r1) + 1) - lo, 0, None)
+                pairs, span = pairs + int(keys.sum()), max(span, int(keys.max(initial=0)))
+            else:
+                pairs, span = pairs + (r1 - r0) * (hi - lo), hi - lo
+        split = 8 if self.splits(node) > 1 else 0
+        nbytes = rows * (dq * q.dtype.itemsize + dv * node.outputs[0].dtype.itemsize + split)
+        nbytes += span * (dq * k.dtype.itemsize + dv * v.dtype.itemsize)
+        if mask is not None:
+            nbytes += pairs * mask.dtype.itemsize
+        return Work(float(nbytes), 2.0 * pairs * (dq + dv))
 
     def describe(self, node, coords):
         b, hk, m, p = coords
@@ -533,10 +548,6 @@ class AttentionCombine(OpFamily):
             for p in range(part.shape[0] // B)
         ]
         return reads, [box_access(out, ((b, b + 1), (h, h + 1), (0, out.shape[2]), (0, out.shape[3])))]
-
-    def cost(self, node, coords):
-        part = node.inputs[0]
-        return bytes_cost(part.numel * 4 / max(1, part.shape[1]))
 
     def describe(self, node, coords):
         return f"{node.name}[b{coords[0]} h{coords[1]}]"

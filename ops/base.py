@@ -4,7 +4,9 @@ A family (one module in ops/) says how one of its ops:
   - tiles:      `tiles(node)` -> list of tile coordinates (tuples of ints),
   - is encoded: `view_args(node)` -> views whose ids lead the instruction args (coords follow),
   - touches memory: `regions(node, coords)` -> (reads, writes) as buffer intervals,
-  - costs:      `cost(node, coords)` -> estimated ns (bytes / bandwidth + flops / rate),
+  - does work:  `work(node, coords)` -> Work(bytes, flops, peer_bytes) the tile moves and computes
+                (default: the bytes of `regions`); profiles report it, and `cost(node, coords)`
+                (estimated ns, for scheduling) is tile_ns of it for every family,
   - generates:  `key(node)` -> specialization key (one opcode per key: a NamedTuple whose first
                 field `kind` is the family's) and `emit(key, name)`,
   - computes:   `reference(node, coords, tensor_of)` -> the tile in torch (the VM's spec).
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,6 +41,23 @@ MAX_INTERVALS = 64  # more than this collapses to one bounding interval (conserv
 BYTES_PER_NS = 24.0  # bytes/ns streamed by one SM
 FLOPS_PER_NS = 3000.0  # dense bf16 flop/ns of one SM (~400 TFLOP/s over 132 SMs)
 TILE_OVERHEAD_NS = 3500.0
+PEER_BYTES_PER_NS = 4.0  # NVLink bytes/ns per SM (H100: ~450 GB/s a direction over 132 SMs)
+
+
+class Work(NamedTuple):
+    """What one tile does: bytes through its own GPU's memory, FLOPs (matmul and attention count
+    theirs; others 0), and bytes read from other ranks' memory (communication tiles)."""
+
+    bytes: float
+    flops: float = 0.0
+    peer_bytes: float = 0.0
+
+
+def tile_ns(work: Work) -> float:
+    """The cost model: fixed overhead, then the slower of streaming and computing (roofline),
+    then the peer reads (a link of its own)."""
+    local = max(work.bytes / BYTES_PER_NS, work.flops / FLOPS_PER_NS)
+    return TILE_OVERHEAD_NS + local + work.peer_bytes / PEER_BYTES_PER_NS
 
 
 @dataclass(frozen=True)
@@ -189,12 +209,13 @@ def row_access(view: View, r0: int, r1: int) -> Access:
     return linear_access(view, r0 * cols, r1 * cols)
 
 
+def elements(access: Access) -> int:
+    """Elements in an access's intervals (a bound: MAX_INTERVALS can merge them into one)."""
+    return sum(hi - lo for lo, hi in access.intervals)
+
+
 def whole(view: View) -> Access:
     return box_access(view, tuple((0, s) for s in view.shape))
-
-
-def bytes_cost(nbytes: float, flops: float = 0.0) -> float:
-    return TILE_OVERHEAD_NS + max(nbytes / BYTES_PER_NS, flops / FLOPS_PER_NS)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -280,8 +301,16 @@ class OpFamily:
     def regions(self, node: OpNode, coords) -> tuple[list[Access], list[Access]]:
         raise NotImplementedError
 
+    def work(self, node: OpNode, coords) -> Work:
+        """Bytes the tile reads and writes, from `regions` (a family whose routine moves other
+        bytes than its regions say, e.g. where they are bounding intervals of strided views, or
+        computes FLOPs worth counting, overrides this)."""
+        reads, writes = self.regions(node, coords)
+        size = {v.buffer: v.dtype.itemsize for v in (*node.inputs, *node.outputs) if v is not None}
+        return Work(float(sum(elements(a) * size[a.buffer] for a in (*reads, *writes))))
+
     def cost(self, node: OpNode, coords) -> float:
-        return TILE_OVERHEAD_NS
+        return tile_ns(self.work(node, coords))
 
     def emit(self, key: tuple, name: str) -> tuple[str, str]:
         """(source defining helpers or '', call expression with {row},{addrs},{views})."""

@@ -36,10 +36,9 @@ import torch
 import triton
 import triton.language as tl
 from mkcompiler.ops.base import (
-    BYTES_PER_NS,
-    TILE_OVERHEAD_NS,
     Access,
     OpFamily,
+    Work,
     cdiv,
     flat_flags,
     linear_access,
@@ -53,7 +52,6 @@ from mkcompiler.ops.registry import family, lowers
 
 from mkcompiler.ir.layout import MAX_WORLD, NUM_ARGS, TPField
 
-PEER_BYTES_PER_NS = 4.0  # NVLink bytes/ns per SM (H100: ~450 GB/s a direction over 132 SMs), cost model only
 DEFAULT_BLOCK = 1024  # elements per tile when passes/ranks.choose_comm_tiles has not chosen
 
 
@@ -249,12 +247,12 @@ class AllReduce(_Comm):
         lo, hi = self.span(node, *coords)
         return [linear_access(node.inputs[0], lo, hi)], [linear_access(node.outputs[0], lo, hi)]
 
-    def cost(self, node, coords):
+    def work(self, node, coords):
+        """Its own input span in and the sum out locally; every other rank's span over the link."""
         lo, hi = self.span(node, *coords)
         x, out = node.inputs[0], node.outputs[0]
         peer = (hi - lo) * x.dtype.itemsize * (node.attrs.world - 1)
-        local = (hi - lo) * (x.dtype.itemsize + out.dtype.itemsize)
-        return TILE_OVERHEAD_NS + local / BYTES_PER_NS + peer / PEER_BYTES_PER_NS
+        return Work(float((hi - lo) * (x.dtype.itemsize + out.dtype.itemsize)), peer_bytes=float(peer))
 
     def describe(self, node, coords):
         lo, hi = self.span(node, *coords)
@@ -303,11 +301,12 @@ class AllGather(_Comm):
         lo, hi = self.span(node, first, count)
         return [linear_access(node.inputs[0], lo, hi)], [linear_access(self.part(node, k), lo, hi)]
 
-    def cost(self, node, coords):
+    def work(self, node, coords):
+        """Rank k's span over the link, written into its slice locally."""
         k, first, count = coords
         lo, hi = self.span(node, first, count)
-        x = node.inputs[0]
-        return TILE_OVERHEAD_NS + (hi - lo) * x.dtype.itemsize * (1 / PEER_BYTES_PER_NS + 1 / BYTES_PER_NS)
+        nbytes = float((hi - lo) * node.inputs[0].dtype.itemsize)
+        return Work(nbytes, peer_bytes=nbytes)
 
     def describe(self, node, coords):
         k, first, count = coords

@@ -32,8 +32,9 @@ import torch
 from mkcompiler.ops.base import (
     Access,
     OpFamily,
-    bytes_cost,
+    Work,
     cdiv,
+    elements,
     flat_flags,
     linear_access,
     offsets_intervals,
@@ -593,9 +594,14 @@ class Elementwise(OpFamily):
         ]
         return reads, [linear_access(node.outputs[0], lo, hi)]
 
-    def cost(self, node, coords):
+    def work(self, node, coords):
+        """Each view's distinct elements (a broadcast input reads few), at most one per element of
+        the span: a strided view's region can collapse to its bounding interval (ops/base.py
+        MAX_INTERVALS), which bounds dependencies but would count elements never read."""
         lo, hi = self.span(node, coords)
-        return bytes_cost((hi - lo) * sum(v.dtype.itemsize for v in (*node.inputs, node.outputs[0])))
+        reads, writes = self.regions(node, coords)
+        views = (*node.inputs, node.outputs[0])
+        return Work(float(sum(min(elements(a), hi - lo) * v.dtype.itemsize for a, v in zip((*reads, *writes), views))))
 
     def describe(self, node, coords):
         lo, hi = self.span(node, coords)

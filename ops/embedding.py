@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from mkcompiler.ops.base import bytes_cost, linear_access, row_access, tl_dtype, whole
+from mkcompiler.ops.base import Work, linear_access, row_access, tl_dtype, whole
 from mkcompiler.ops.common import arg, store_view, view_base, view_numel, view_offsets, view_size, view_stride
 from mkcompiler.ops.reduce import RowAttrs, RowFamily
 from mkcompiler.ops.registry import family, lowers
@@ -131,10 +131,13 @@ class Embedding(RowFamily):
         r0, r1 = self.row_range(node, coords)
         return [whole(w), linear_access(i, r0, r1)], [row_access(node.outputs[0], r0, r1)]
 
-    def cost(self, node, coords):
+    def work(self, node, coords):
+        """Per row: its index, one weight row in, one output row out (not the whole table that
+        `regions` names for dependencies)."""
         r0, r1 = self.row_range(node, coords)
-        w = node.inputs[0]
-        return bytes_cost(2 * (r1 - r0) * w.shape[1] * w.dtype.itemsize)
+        w, i = node.inputs
+        per_row = w.shape[1] * (w.dtype.itemsize + node.outputs[0].dtype.itemsize) + i.dtype.itemsize
+        return Work(float((r1 - r0) * per_row))
 
     def reference(self, node, coords, tensor_of):
         r0, r1 = self.row_range(node, coords)

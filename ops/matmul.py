@@ -24,9 +24,9 @@ import triton.language as tl
 from mkcompiler.ops.base import (
     ALIGN_BYTES,
     OpFamily,
+    Work,
     aligned,
     box_access,
-    bytes_cost,
     cdiv,
     flat_flags,
     tl_dtype,
@@ -617,12 +617,21 @@ class Matmul(OpFamily):
         out = box_access(c, ((s, s + 1), rows, cols)) if c.rank == 3 else box_access(c, (rows, cols))
         return reads, [out]
 
-    def cost(self, node, coords):
-        a, b = self.operands(node)[:2]
+    def work(self, node, coords):
+        """The tile's real rows and columns (edge tiles clipped) over its K range: A and B in,
+        bias and C out."""
+        a, b, bias = self.operands(node)[:3]
+        c = node.outputs[0]
         bm, bn, _ = node.attrs.tile
-        k0, k1 = self.k_range(node, coords[2])
-        nbytes = (min(bm, a.shape[0]) * a.dtype.itemsize + bn * b.dtype.itemsize) * (k1 - k0)
-        return bytes_cost(nbytes, 2.0 * bm * bn * (k1 - k0))
+        i, j, s = coords
+        m, n = c.shape[-2:]
+        rows, cols = min(bm, m - i * bm), min(bn, n - j * bn)
+        k0, k1 = self.k_range(node, s)
+        k = k1 - k0
+        nbytes = rows * k * a.dtype.itemsize + k * cols * b.dtype.itemsize + rows * cols * c.dtype.itemsize
+        if bias is not None:
+            nbytes += cols * bias.dtype.itemsize
+        return Work(float(nbytes), 2.0 * rows * cols * k)
 
     def describe(self, node, coords):
         bm, bn, _ = node.attrs.tile

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from mkcompiler.ops.base import OpFamily, bytes_cost, cdiv, linear_access, row_access, row_flags, tl_dtype
+from mkcompiler.ops.base import OpFamily, cdiv, linear_access, row_access, row_flags, tl_dtype
 from mkcompiler.ops.common import aligned_stride, arg, load_view, store_view, view_numel, view_size
 from mkcompiler.ops.registry import family, lowers
 
@@ -294,11 +294,6 @@ class RowFamily(OpFamily):
         # (reductions, whose output's last dim is another dim of x when keepdim=False).
         rows = self.rows(node)
         return reads, [linear_access(v, r0 * (v.numel // rows), r1 * (v.numel // rows)) for v in node.outputs]
-
-    def cost(self, node, coords):
-        r0, r1 = self.row_range(node, coords)
-        x = node.inputs[0]
-        return bytes_cost((r1 - r0) * x.shape[-1] * (x.dtype.itemsize + node.outputs[0].dtype.itemsize))
 
     def describe(self, node, coords):
         r0, r1 = self.row_range(node, coords)

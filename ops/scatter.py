@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from mkcompiler.ops.base import OpFamily, bytes_cost, flat_flags, linear_access, tl_dtype, whole
+from mkcompiler.ops.base import OpFamily, Work, flat_flags, linear_access, tl_dtype, whole
 from mkcompiler.ops.registry import family, lowers
 
 from mkcompiler.ir.graph import View
@@ -220,10 +220,13 @@ class Scatter(OpFamily):
         ]
         return reads + [whole(i) for i in indices], [written]
 
-    def cost(self, node, coords):
+    def work(self, node, coords):
+        """Per row: the values in and the written row of the base out; the indices whole."""
+        values, indices, _, base = parts(node)  # one value view, or a fused expression's inputs
         _, per_row = self.rows(node)
-        itemsize = sum(v.dtype.itemsize for v in self.values(node)) + parts(node).base.dtype.itemsize
-        return bytes_cost((coords[1] - coords[0]) * per_row * itemsize)
+        row_bytes = per_row * (sum(v.dtype.itemsize for v in values) + base.dtype.itemsize)
+        index_bytes = sum(i.numel * i.dtype.itemsize for i in indices)
+        return Work(float((coords[1] - coords[0]) * row_bytes + index_bytes))
 
     def describe(self, node, coords):
         return f"{node.name}[rows {coords[0]}:{coords[1]}]"

@@ -11,9 +11,8 @@ instructions that never ran hold -1.
     prof.gantt("gantt.png")         # one row per worker, one colour per op kind
     print(prof.summary(bandwidth=3.35e12, flops=989e12))
 
-Bytes and FLOPs per instruction (`instruction_work`) come from the compilation: matmul,
-attention, embedding and scatter tiles are counted from their shapes (what the tile routine
-loads and stores); other tiles from the buffer regions they read and write.
+Bytes and FLOPs per instruction (`instruction_work`) are the op families' own `work` (ops/base.py),
+the same figures the scheduler's cost model uses.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import numpy as np
 from mkcompiler.errors import MissingExtraError
 from mkcompiler.ir.layout import NUM_STAMPS, Field, StampField
 from mkcompiler.ir.queue import Queue
-from mkcompiler.ops.scatter import parts
+from mkcompiler.ops.registry import FAMILIES
 
 WORKER, FETCH, READY, END = StampField  # Profile.stamps' columns (ir/layout.py)
 HATCH_LIMIT = 2000  # Gantt charts hatch wait bars up to this many
@@ -37,95 +36,19 @@ HATCH_LIMIT = 2000  # Gantt charts hatch wait bars up to this many
 # ---- bytes and FLOPs of each instruction ----
 
 
-def _access_bytes(graph, accesses) -> int:
-    return sum(sum(hi - lo for lo, hi in a.intervals) * graph.buffers[a.buffer].dtype.itemsize for a in accesses)
-
-
-def _work_fn(graph, op):
-    """coords -> (bytes, flops) of one tile of `op` (per-op constants computed once)."""
-    from mkcompiler.ops.registry import FAMILIES
-
-    fam = FAMILIES[op.kind]
-    if op.kind == "matmul":
-        a, b, bias = op.inputs[:3]
-        c = op.outputs[0]
-        bm, bn, _ = op.attrs.tile
-        m, n = c.shape[-2:]
-        a_sz, b_sz, c_sz = a.dtype.itemsize, b.dtype.itemsize, c.dtype.itemsize
-        bias_sz = bias.dtype.itemsize if bias is not None else 0
-
-        def matmul(coords):
-            i, j, s = coords
-            rows, cols = min(bm, m - i * bm), min(bn, n - j * bn)
-            k0, k1 = fam.k_range(op, s)
-            k = k1 - k0
-            nbytes = rows * k * a_sz + k * cols * b_sz + cols * bias_sz + rows * cols * c_sz
-            return nbytes, 2.0 * rows * cols * k
-
-        return matmul
-    if op.kind == "attention":
-        q, k, v, mask = op.inputs
-        dq, dv = q.shape[3], v.shape[3]
-        causal, split = op.attrs.causal, fam.splits(op) > 1
-        q_sz, k_sz, v_sz = q.dtype.itemsize, k.dtype.itemsize, v.dtype.itemsize
-        m_sz, o_sz = (mask.dtype.itemsize if mask is not None else 0), op.outputs[0].dtype.itemsize
-
-        def attention(coords):
-            lo, hi = fam.kv_range(op, coords[3])
-            rows = pairs = span = 0
-            for _, r0, r1 in fam.row_segments(op, coords):  # query rows of each head the tile covers
-                rows += r1 - r0
-                if causal:  # row r sees keys <= r (top-left aligned, as the kernel)
-                    keys = np.clip(np.minimum(hi, np.arange(r0, r1) + 1) - lo, 0, None)
-                    pairs, span = pairs + int(keys.sum()), max(span, int(keys.max(initial=0)))
-                else:
-                    pairs, span = pairs + (r1 - r0) * (hi - lo), hi - lo
-            nbytes = rows * (dq * q_sz + dv * o_sz + (8 if split else 0))
-            nbytes += span * (dq * k_sz + dv * v_sz) + pairs * m_sz
-            return nbytes, 2.0 * pairs * (dq + dv)
-
-        return attention
-    if op.kind == "embedding":
-        w, idx = op.inputs
-        per_row = w.shape[1] * (w.dtype.itemsize + op.outputs[0].dtype.itemsize) + idx.dtype.itemsize
-
-        def embedding(coords):
-            r0, r1 = fam.row_range(op, coords)
-            return (r1 - r0) * per_row, 0.0
-
-        return embedding
-    if op.kind == "scatter":
-        values, indices, _, base = parts(op)  # one value view, or a fused expression's inputs
-        _, per_row = fam.rows(op)
-        row_bytes = per_row * (sum(v.dtype.itemsize for v in values) + base.dtype.itemsize)
-        index_bytes = sum(i.numel * i.dtype.itemsize for i in indices)
-
-        def scatter(coords):
-            return (coords[1] - coords[0]) * row_bytes + index_bytes, 0.0
-
-        return scatter
-
-    def regions(coords):
-        reads, writes = fam.regions(op, coords)
-        return _access_bytes(graph, reads) + _access_bytes(graph, writes), 0.0
-
-    return regions
-
-
 def instruction_work(compilation, queue: Queue | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(bytes[n], flops[n]) per instruction of `queue` (default: the compilation's). FLOPs
-    count matmul (2 M N K) and attention (2 x query-key pairs x (d_qk + d_v)) only."""
+    """(bytes[n], flops[n]) per instruction of `queue` (default: the compilation's): the op
+    families' own `work` (what the cost model schedules by), peer bytes counted with the rest.
+    FLOPs count matmul (2 M N K) and attention (2 x query-key pairs x (d_qk + d_v)) only."""
     queue = compilation.queue if queue is None else queue
     graph, dag = compilation.graph, compilation.dag
     n = len(queue)
     nbytes, flops = np.zeros(n), np.zeros(n)
-    fns: dict[int, object] = {}
     for i, t in enumerate(queue.rows[:, Field.TASK].tolist()):
         task = dag.tasks[t]
-        fn = fns.get(task.op)
-        if fn is None:
-            fn = fns[task.op] = _work_fn(graph, graph.ops[task.op])
-        nbytes[i], flops[i] = fn(task.coords)
+        op = graph.ops[task.op]
+        work = FAMILIES[op.kind].work(op, task.coords)
+        nbytes[i], flops[i] = work.bytes + work.peer_bytes, work.flops
     return nbytes, flops
 
 
