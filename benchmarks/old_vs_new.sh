@@ -25,11 +25,11 @@ for round in $(seq "${ROUNDS:-1}"); do
   for tag in old new; do
     tree=$OLD; [[ $tag == new ]] && tree=$NEW
     echo "=== round $round: $tag decode"
-    (cd "$tree" && PYTHONPATH="$tree" timeout 150 python3 benchmarks/decode_latency.py $decode_args --no-torch-compile \
-      --no-eager --time-budget 130 --json "$OUT/decode_${tag}_$round.json" 2>&1 | grep -v Warning | grep -E "kernel|call|ms|rel|Error" | tail -6)
+    (cd "$tree" && PYTHONPATH="$tree" timeout 120 python3 benchmarks/decode_latency.py $decode_args --no-torch-compile \
+      --no-eager --json "$OUT/decode_${tag}_$round.json" 2>&1 | grep -v Warning | grep -E "kernel|call|ms|rel|Error" | tail -6)
     echo "=== round $round: $tag prefill"
-    (cd "$tree" && PYTHONPATH="$tree" timeout 170 python3 benchmarks/prefill_matmul.py $prefill_args --baseline-modes none \
-      --time-budget 150 --json "$OUT/prefill_${tag}_$round.json" 2>&1 | grep -v Warning | tail -8)
+    (cd "$tree" && PYTHONPATH="$tree" timeout 200 python3 benchmarks/prefill_matmul.py $prefill_args --baseline-modes none \
+      --json "$OUT/prefill_${tag}_$round.json" 2>&1 | grep -v Warning | tail -8)
   done
 done
 echo "gpu tests exit code: $rc"
