@@ -4,6 +4,7 @@ library module, the lazy ones inside functions too, so a crossed layer fails her
 import ast
 import os
 
+import networkx as nx
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,3 +98,32 @@ def test_the_check_can_fail(tmp_path, monkeypatch):
 @pytest.mark.parametrize("layer", sorted(FORBIDDEN))
 def test_every_layer_exists(layer):
     assert any(_under(m, layer) for m in library_modules()), f"no module in layer {layer}"
+
+
+def module_level_imports() -> nx.DiGraph:
+    """module -> the library modules it imports when it is imported (top-level statements only:
+    a function's lazy import, as ops/registry.load_all's, runs later)."""
+    modules = library_modules()
+    graph = nx.DiGraph()
+    for module, path in modules.items():
+        graph.add_node(module)
+        for node in ast.parse(open(path).read(), path).body:
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                    for a in node.names
+                ]
+            else:
+                continue
+            for name in names:
+                while name and name not in modules:
+                    name = name.rpartition(".")[0]
+                if name and name != module and not module.startswith(name + "."):
+                    graph.add_edge(module, name)
+    return graph
+
+
+def test_no_import_circles():
+    assert list(nx.simple_cycles(module_level_imports())) == []
