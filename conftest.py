@@ -74,7 +74,10 @@ SLOW = {
     "tests/test_build_dag.py": {"test_region_helpers_match_their_element_by_element_versions"},
     "tests/test_fuse_cat.py": {"test_tiny_llama_decode_has_one_stage_between_qkv_and_attention"},
     "tests/test_cache.py": {"test_llama_decode_hits_and_updates_its_kv_cache"},
-    "tests/test_dynamo_backend.py": {"test_entry_point_names_the_backend_without_importing_mkcompiler"},
+    "tests/test_dynamo_backend.py": {
+        "test_entry_point_names_the_backend_without_importing_mkcompiler",
+        "test_import_mkcompiler_registers_the_backend_lazily",
+    },
     "tests/test_new_user.py": {"test_factory_file_path_imports_its_siblings_from_another_directory"},
 }
 
