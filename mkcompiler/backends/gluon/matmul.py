@@ -44,12 +44,10 @@ spills and shared memory (python -m mkcompiler.backends.gluon.matmul [--json]).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import re
-import time
 from dataclasses import dataclass
+
+from mkcompiler.backends.gluon.ptxas import compile_report
 
 LOADER_WARPS = 1
 LOADER_REGS = 40
@@ -434,6 +432,22 @@ def gluon_matmul(
 # ---- offline compile (CPU only) ----
 
 
+PTX_OPS = (  # counted in an offline report
+    "wgmma.mma_async",
+    "wgmma.wait_group",
+    "cp.async.bulk.tensor.2d.shared::cluster.global",  # TMA loads
+    "cp.async.bulk.tensor.2d.global.shared::cta",  # TMA stores
+    "cp.async.bulk.wait_group",
+    "fence.proxy.async",
+    "mbarrier.try_wait",
+    "mbarrier.arrive",
+    "expect_tx",
+    "bar.sync",
+    "ld.local",
+    "st.local",
+)
+
+
 def compile_offline(
     block=DEFAULT_BLOCK,
     stages: int = DEFAULT_STAGES,
@@ -446,14 +460,8 @@ def compile_offline(
     """Compile gluon_matmul_kernel for sm_`arch` without a GPU; report registers (ptxas: the
     whole CTA's allocation before setmaxnreg), spills, shared memory and PTX op counts."""
     _require_gluon()
-    import triton
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     cfg = config_of(block, stages, group_m, warps)
     a_lay, b_lay, c_lay = _layouts(cfg)
-    fn = gluon_matmul_kernel
     sig = {
         "a_desc": f"tensordesc<bf16[{cfg.BM}, {cfg.BK}],{a_lay!r}>",
         "b_desc": f"tensordesc<bf16[{cfg.BN}, {cfg.BK}],{b_lay!r}>",
@@ -464,66 +472,15 @@ def compile_offline(
         "GROUP_M": "constexpr",
         "num_warps": "constexpr",
     }
-    idx = {n: i for i, n in enumerate(fn.arg_names)}
-    cst = {
-        (idx["HAS_RES"],): residual,
-        (idx["STAGES"],): cfg.stages,
-        (idx["GROUP_M"],): cfg.group_m,
-        (idx["num_warps"],): cfg.num_warps,
-    }
-    src = GluonASTSource(fn, sig, cst, {})
-    log = io.StringIO()
-    old = (knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile)
-    knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True  # fresh compile: log exists
-    t0 = time.perf_counter()
-    try:
-        with contextlib.redirect_stdout(log):
-            k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=cfg.num_warps))
-    finally:
-        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = old
-    seconds = time.perf_counter() - t0
-    text = log.getvalue()
-    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    regs = re.search(r"Used (\d+) registers", text)
-    if not m or not regs:
-        raise GluonMatmulError(f"no register/spill line in the ptxas log:\n{text}")
-    ptx = k.asm["ptx"]
-    r = {
-        "arch": arch,
-        "block": [cfg.BM, cfg.BN, cfg.BK],
-        "stages": cfg.stages,
-        "group_m": cfg.group_m,
-        "residual": residual,
-        "num_warps": k.metadata.num_warps,
-        "regs": int(regs.group(1)),
-        "spill_stores": int(m.group(1)),
-        "spill_loads": int(m.group(2)),
-        "spilled_bytes": int(m.group(1)) + int(m.group(2)),
-        "shared": k.metadata.shared,
-        "shared_estimate": cfg.shared_bytes(),
-        "setmaxnreg": sorted(set(re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx))),
-        "ptx_counts": {
-            p: ptx.count(p)
-            for p in (
-                "wgmma.mma_async",
-                "wgmma.wait_group",
-                "cp.async.bulk.tensor.2d.shared::cluster.global",  # TMA loads
-                "cp.async.bulk.tensor.2d.global.shared::cta",  # TMA stores
-                "cp.async.bulk.wait_group",
-                "fence.proxy.async",
-                "mbarrier.try_wait",
-                "mbarrier.arrive",
-                "expect_tx",
-                "bar.sync",
-                "ld.local",
-                "st.local",
-            )
-        },
-        "ptx_lines": ptx.count("\n"),
-        "compile_s": round(seconds, 3),
-    }
-    if keep_asm:
-        r["ptx"], r["ttgir"], r["ptxas_log"] = ptx, k.asm["ttgir"], text
+    cst = {"HAS_RES": residual, "STAGES": cfg.stages, "GROUP_M": cfg.group_m, "num_warps": cfg.num_warps}
+    r = compile_report(gluon_matmul_kernel, sig, cst, {}, cfg.num_warps, arch, PTX_OPS, GluonMatmulError, keep_asm)
+    r.update(
+        block=[cfg.BM, cfg.BN, cfg.BK],
+        stages=cfg.stages,
+        group_m=cfg.group_m,
+        residual=residual,
+        shared_estimate=cfg.shared_bytes(),
+    )
     return r
 
 

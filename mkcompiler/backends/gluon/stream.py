@@ -41,14 +41,13 @@ spills and shared memory (python -m mkcompiler.backends.gluon.stream [--json]).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import re
-import time
+
+from mkcompiler.backends.gluon.ptxas import compile_report
+from mkcompiler.ir.settings import default_max_spin
 
 NF = 12  # tile table columns
-MAX_SPIN = 1 << 22  # polls of one wait before the kernel gives up (a few hundred ms)
+MAX_SPIN = default_max_spin(interpret=False)  # a Gluon kernel runs only on a GPU
 # Profile stamps per tile (%globaltimer, ns): the loader asks for its first weight block; compute
 # starts it (then waits); its inputs are there; its rows are stored (and signalled).
 STAMPS = ("issue", "start", "ready", "end")
@@ -498,6 +497,19 @@ def prefetch_gantt(stamps, tiles, programs: int, path: str, title: str = "") -> 
 # ---- offline compile (CPU only) ----
 
 
+PTX_OPS = (  # counted in an offline report
+    "globaltimer",
+    "cp.async.bulk.tensor",
+    "mbarrier.try_wait",
+    "mbarrier.arrive",
+    "expect_tx",
+    "bar.sync",
+    "ld.volatile.global",  # a wait's polls
+    "ld.global.gpu.acquire",  # its final acquire
+    "atom.global.gpu.release",  # a signal
+)
+
+
 def compile_offline(
     BN: int = 64,
     BK: int = 128,
@@ -512,10 +524,6 @@ def compile_offline(
     """Compile stream_matvec_kernel for sm_`arch` without a GPU; report registers (ptxas: the
     whole CTA's allocation before setmaxnreg), spills, shared memory and PTX op counts."""
     _require_gluon()
-    import triton
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
 
     fn = stream_matvec_kernel
     lay = weight_layout(BN, BK)
@@ -535,66 +543,10 @@ def compile_offline(
         PROFILE="constexpr",
         num_warps="constexpr",
     )
-    idx = {n: i for i, n in enumerate(fn.arg_names)}
-    attrs = {(idx[n],): [["tt.divisibility", 16]] for n in ("q_ptr", "x_ptr", "y_ptr", "counters_ptr", "err_ptr")}
-    cst = {
-        (idx["NUM_W"],): num_w,
-        (idx["NUM_BUF"],): NUM_BUF,
-        (idx["MAX_SPIN"],): MAX_SPIN,
-        (idx["PROFILE"],): profile,
-        (idx["num_warps"],): COMPUTE_WARPS,
-    }
-    src = GluonASTSource(fn, sig, cst, attrs)
-    log = io.StringIO()
-    old = (knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile)
-    knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True  # fresh compile: log exists
-    t0 = time.perf_counter()
-    try:
-        with contextlib.redirect_stdout(log):
-            k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=COMPUTE_WARPS))
-    finally:
-        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = old
-    seconds = time.perf_counter() - t0
-    text = log.getvalue()
-    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    regs = re.search(r"Used (\d+) registers", text)
-    if not m or not regs:
-        raise GluonStreamError(f"no register/spill line in the ptxas log:\n{text}")
-    ptx = k.asm["ptx"]
-    r = {
-        "arch": arch,
-        "BN": BN,
-        "BK": BK,
-        "NUM_BUF": NUM_BUF,
-        "x_dtype": x_dtype,
-        "y_dtype": y_dtype,
-        "num_w": num_w,
-        "regs": int(regs.group(1)),
-        "spill_stores": int(m.group(1)),
-        "spill_loads": int(m.group(2)),
-        "spilled_bytes": int(m.group(1)) + int(m.group(2)),
-        "shared": k.metadata.shared,
-        "num_warps": k.metadata.num_warps,
-        "setmaxnreg": sorted(set(re.findall(r"setmaxnreg\.(?:inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx))),
-        "ptx_counts": {
-            p: ptx.count(p)
-            for p in (
-                "globaltimer",
-                "cp.async.bulk.tensor",
-                "mbarrier.try_wait",
-                "mbarrier.arrive",
-                "expect_tx",
-                "bar.sync",
-                "ld.volatile.global",  # a wait's polls
-                "ld.global.gpu.acquire",  # its final acquire
-                "atom.global.gpu.release",  # a signal
-            )
-        },
-        "ptx_lines": ptx.count("\n"),
-        "compile_s": round(seconds, 3),
-    }
-    if keep_asm:
-        r["ptx"], r["ttgir"], r["ptxas_log"] = ptx, k.asm["ttgir"], text
+    attrs = {n: [["tt.divisibility", 16]] for n in ("q_ptr", "x_ptr", "y_ptr", "counters_ptr", "err_ptr")}
+    cst = {"NUM_W": num_w, "NUM_BUF": NUM_BUF, "MAX_SPIN": MAX_SPIN, "PROFILE": profile, "num_warps": COMPUTE_WARPS}
+    r = compile_report(fn, sig, cst, attrs, COMPUTE_WARPS, arch, PTX_OPS, GluonStreamError, keep_asm)
+    r.update(BN=BN, BK=BK, NUM_BUF=NUM_BUF, x_dtype=x_dtype, y_dtype=y_dtype, num_w=num_w)
     return r
 
 
