@@ -51,24 +51,5 @@ def install() -> bool:
         return scope
 
     interp._patch_lang = patch_lang
-    _round_bf16_to_nearest(interp)
     _installed = True
     return True
-
-
-def _round_bf16_to_nearest(interp) -> None:
-    """Triton 3.6's interpreter truncates float32 -> bfloat16 casts (cast_impl passes no rounding
-    mode); a GPU rounds them to nearest even, as torch does. Truncation made an interpreted
-    bf16 elementwise chain differ from eager by a bf16 step (log(|x| + 1) at x = 0.0623: 0.0532
-    against 0.0605), so the CPU tests would not see what the GPU computes."""
-    builder = interp.InterpreterBuilder
-    original = builder.cast_impl
-    rtne = interp._ir.ROUNDING_MODE.RTNE
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            data = interp._convert_float(src.data, tl.float32, tl.bfloat16, rtne)
-            return interp.TensorHandle(data.view(interp._get_np_dtype(dst_type)), dst_type.scalar)
-        return original(self, src, dst_type)
-
-    builder.cast_impl = cast_impl
