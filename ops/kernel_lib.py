@@ -312,3 +312,44 @@ def signal(pre, counters_ptr):
     counter = pre[2]
     if counter >= 0:
         tl.atomic_add(counters_ptr + counter, 1, sem="release")
+
+
+# ---- L2 prefetch of weights ahead (mkcompiler/backends/triton/prefetch.py: the table) ----
+PF_LANES: tl.constexpr = tl.constexpr(64)  # prefetch.LANES: rows per region
+PF_FIELDS: tl.constexpr = tl.constexpr(2)  # prefetch.FIELDS: address, shape (prefetch.pack_shape)
+
+
+@triton.jit
+def prefetch_fields(pf_ptr, position, valid, ENTRIES: tl.constexpr):
+    """The regions of one position of the prefetch table as [ENTRIES, PF_LANES] tensors (every
+    lane of a region holds its region's address and packed shape): loaded one instruction before
+    prefetch_issue uses them, so their latency hides behind that instruction."""
+    e = tl.arange(0, ENTRIES)[:, None] + tl.zeros([ENTRIES, PF_LANES], tl.int32)
+    base = pf_ptr + position.to(tl.int64) * (ENTRIES * PF_FIELDS) + e * PF_FIELDS
+    return tl.load(base, mask=valid, other=0), tl.load(base + 1, mask=valid, other=0)
+
+
+@triton.jit
+def prefetch_issue(addr, shape):
+    """Ask the copy engine for the regions (sm_90 bulk prefetch into L2; nothing waits for it).
+    shape = stride << 32 | row_bytes << 8 | rows (prefetch.pack_shape). A region of r rows: lane l
+    takes row l // parts, part l % parts of it (parts = PF_LANES // r), in 16-byte multiples;
+    lanes past the region ask for nothing (a predicated prefetch)."""
+    rows = (shape & 0xFF).to(tl.int32)
+    nbytes = ((shape >> 8) & 0xFFFFFF).to(tl.int32)
+    stride = shape >> 32
+    lane = tl.arange(0, PF_LANES)[None, :]
+    parts = PF_LANES // tl.maximum(rows, 1)
+    row = lane // parts
+    piece = tl.cdiv(nbytes // 16, parts) * 16
+    start = (lane % parts) * piece
+    size = tl.minimum(piece, nbytes - start)
+    on = (row < rows) & (size > 0)
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.s32 p, $3, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; }\n\tmov.u32 $0, 0;",
+        "=r,l,r,r",
+        [addr + row * stride + start, tl.where(on, size, 16), on.to(tl.int32)],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
