@@ -24,6 +24,14 @@ SLOW = {
     "benchmarks/tests/test_prefill_matmul_cli.py": {"*"},
     "benchmarks/tests/test_tp_throughput_cli.py": {"*"},
     "tests/test_fuzz.py": {"*"},
+    "tests/test_canonicalize_norms.py": {
+        "test_every_spelling_compiles_like_the_canonical_one",
+        "test_canonical_spellings_match_eager",
+    },
+    "tests/test_gpu_fuzz.py": {"*"},
+    "tests/test_gpu_determinism.py": {"*"},
+    "benchmarks/tests/test_soak_cli.py": {"test_smoke_run_passes_and_writes_its_figures"},
+    "benchmarks/tests/test_sanitize_cli.py": {"*"},
     "tests/test_hf_models.py": {
         "test_hf_greedy_fp32",
         "test_hf_teacher_forced_bf16",
@@ -79,7 +87,31 @@ SLOW = {
         "test_import_mkcompiler_registers_the_backend_lazily",
     },
     "tests/test_new_user.py": {"test_factory_file_path_imports_its_siblings_from_another_directory"},
+    "tests/test_serve.py": {"test_megakernel_steps_equal_eager"},
+    "benchmarks/tests/test_serve_throughput_cli.py": {"test_tiny_run_writes_a_row_per_engine"},
 }
+
+
+def pytest_addoption(parser):
+    """The GPU fuzz campaign's knobs (tests/test_gpu_fuzz.py); each also read from an environment variable."""
+    group = parser.getgroup("mkcompiler fuzz", "the GPU fuzz campaign (tests/test_gpu_fuzz.py)")
+    env = os.environ.get
+    group.addoption("--fuzz-seed", type=int, default=int(env("MKCOMPILER_FUZZ_SEED", "0")), help="campaign seed")
+    group.addoption(
+        "--fuzz-models", type=int, default=int(env("MKCOMPILER_FUZZ_MODELS", "200")), help="random models to run"
+    )
+    group.addoption(
+        "--fuzz-budget-s",
+        type=float,
+        default=float(env("MKCOMPILER_FUZZ_BUDGET_S", "240")),
+        help="no model starts after this many seconds (reducing a failure has a budget of its own)",
+    )
+    group.addoption(
+        "--fuzz-jobs",
+        type=int,
+        default=int(env("MKCOMPILER_FUZZ_JOBS", str(max(0, min(12, (os.cpu_count() or 1) - 3))))),
+        help="processes that compile the next models' kernels ahead (0: none)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, then benchmarks; a short table last. Usage (device machine):
 #   bash benchmarks/gpu_check.sh [tests|bench|llama|decode|profile|pdecode|issue3|prefill|gluon|compile|all] ...
+#   bash benchmarks/gpu_check.sh reliability   # issue 22: fuzz, determinism, soak, sanitize (each also a mode)
 # several modes may be given. BENCH_ARGS / LLAMA_ARGS / DECODE_ARGS / PREFILL_ARGS add options to
 # the MLP / Llama / decode-latency / prefill-matmul benchmarks; PROFILE_FACTORY names the model
 # `profile` runs; PDECODE_ARGS are profile_decode.py's options (pdecode, issue3, prefill and gluon
-# are not part of `all`); GLUON_ARGS add options to the Gluon chain benchmark.
+# are not part of `all`); GLUON_ARGS add options to the Gluon chain benchmark. FUZZ_ARGS / SOAK_ARGS /
+# SANITIZE_ARGS add options to the GPU fuzz campaign (pytest), soak.py and sanitize_models.py
+# (fuzz, determinism, soak, sanitize and reliability are not part of `all` either).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-/tmp/mk_out}"; mkdir -p "$OUT"
 modes=" ${*:-all} "
-want() { [[ "$modes" == *" $1 "* || ("$modes" == *" all "* && " pdecode issue3 prefill gluon " != *" $1 "*) ]]; }
+NOT_ALL=" pdecode issue3 prefill gluon fuzz determinism soak sanitize reliability "
+want() { [[ "$modes" == *" $1 "* || ("$modes" == *" all "* && "$NOT_ALL" != *" $1 "*) ]]; }
+reliable() { want "$1" || want reliability; }  # issue 22's sections: each alone, or all four
+left() { echo $(( ${1} < ${2} - SECONDS ? ${1} : (${2} - SECONDS > 30 ? ${2} - SECONDS : 30) )); }  # min(want, end - now)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 rc=0
@@ -61,6 +67,26 @@ if want gluon; then  # issue 7: the Gluon streamer's GPU tests, then a dependent
 fi
 if want compile; then
   timeout 200 python3 benchmarks/compile_times.py --model llama-3.2-1b 2>&1 | grep -v Warning | tail -4
+fi
+if reliable fuzz; then  # issue 22: random models against eager, one worker per SM (tests/test_gpu_fuzz.py)
+  MKCOMPILER_FUZZ_REPORT="$OUT/gpu_fuzz.json" timeout -k 10 "$(left 350 560)" \
+    python3 -m pytest -m gpu -q -s -p no:logging tests/test_gpu_fuzz.py \
+    --fuzz-budget-s "${FUZZ_BUDGET_S:-210}" ${FUZZ_ARGS:-} 2>&1 | tee "$OUT/gpu_fuzz.log" | grep -v Warning | tail -25
+  ((PIPESTATUS[0])) && rc=1
+  [[ -d tests/fuzz_repros ]] && cp -r tests/fuzz_repros "$OUT/"  # reproducers of failures, if any
+fi
+if reliable determinism; then  # issue 22: 1B decode launched 1,000 times, greedy loop runs: bitwise the same
+  timeout -k 10 "$(left 200 565)" python3 -m pytest -m gpu -q -s -p no:logging tests/test_gpu_determinism.py 2>&1 \
+    | tee "$OUT/gpu_determinism.log" | grep -v Warning | tail -16
+  ((PIPESTATUS[0])) && rc=1
+fi
+if reliable soak; then  # issue 22: 100,000 calls of a small decode megakernel; SOAK PASS/FAIL last
+  timeout -k 10 "$(left 120 575)" python3 benchmarks/soak.py --json "$OUT/soak.json" ${SOAK_ARGS:-} 2>&1 | grep -v Warning | tail -3
+  ((PIPESTATUS[0])) && rc=1
+fi
+if reliable sanitize; then  # issue 22: compute-sanitizer memcheck; MEMCHECK PASS/FAIL last
+  SANITIZE_TIMEOUT="$(left 280 585)" bash benchmarks/sanitize.sh ${SANITIZE_ARGS:-} 2>&1 | tail -30
+  ((PIPESTATUS[0])) && rc=1
 fi
 echo "gpu tests exit code: $rc"
 exit $rc
