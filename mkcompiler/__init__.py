@@ -31,10 +31,10 @@ if _os.environ.get("TRITON_INTERPRET") == "1":
 
 from mkcompiler import dynamo as _dynamo  # noqa: E402
 from mkcompiler.api import compile  # noqa: E402
-from mkcompiler.errors import InputError, MegakernelError, UnsupportedOpError  # noqa: E402
+from mkcompiler.errors import InputError, MegakernelError, ModelError, UnsupportedOpError  # noqa: E402
 from mkcompiler.ir.settings import Settings  # noqa: E402
 from mkcompiler.runtime.megakernel import Megakernel  # noqa: E402
 
 _dynamo.register()  # torch.compile(backend="mkcompiler"); torch._dynamo itself is imported only when used
 
-__all__ = ["compile", "Megakernel", "MegakernelError", "UnsupportedOpError", "InputError", "Settings"]
+__all__ = ["compile", "Megakernel", "MegakernelError", "UnsupportedOpError", "InputError", "ModelError", "Settings"]

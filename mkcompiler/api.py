@@ -12,6 +12,7 @@ from mkcompiler.backends.triton.codegen import generate
 from mkcompiler.backends.triton.codegen_tp import is_tensor_parallel
 from mkcompiler.errors import UnsupportedOpError
 from mkcompiler.frontend.capture import capture
+from mkcompiler.frontend.checks import check_model
 from mkcompiler.ir.settings import Settings, triton_interprets
 from mkcompiler.passes.pipeline import run_pipeline
 from mkcompiler.runtime.fallback import SegmentedModel, compile_with_fallback
@@ -61,6 +62,7 @@ def compile(model: torch.nn.Module, example_inputs, **options) -> Megakernel | S
     # (Megakernel.launch refuses; tools/offline.py compiles it for sm_90).
     generate_only = not interpret and triton_interprets()
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
+    check_model(model, example_inputs)  # a model that would compile into a wrong answer: a ModelError naming why
     device = _device_of(model, example_inputs)
     if interpret and device.type != "cpu":
         raise ValueError("the Triton interpreter runs megakernels on CPU tensors; move the model and inputs to the CPU")

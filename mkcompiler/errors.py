@@ -12,6 +12,12 @@ class UnsupportedOpError(NotImplementedError):
     """The captured graph holds an ATen op (or a use of one) that mkcompiler cannot lower."""
 
 
+class ModelError(ValueError):
+    """The model cannot be compiled as it is (weights on several devices, a forward that changes Python
+    attributes, dropout in training mode, example inputs that require grad in training mode): the
+    message names the parameter, module, attribute or op, and what to change."""
+
+
 class MissingExtraError(ModuleNotFoundError):
     """An optional package that one feature needs is not installed; the message names the extra
     (pyproject.toml's optional-dependencies) that installs it."""

@@ -36,8 +36,16 @@ INTERPRETER_LOCK = threading.Lock()
 
 def cache_dir() -> str:
     root = os.environ.get("MKCOMPILER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mkcompiler")
-    os.makedirs(root, exist_ok=True)
+    os.makedirs(root, mode=0o700, exist_ok=True)  # owner only: tools/cache.py skips a directory others can write
     return root
+
+
+def _holds(path: str, source: str) -> bool:
+    try:
+        with open(path) as f:
+            return f.read() == source
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def load_source(source: str):
@@ -47,9 +55,9 @@ def load_source(source: str):
     if name in sys.modules:
         return sys.modules[name]
     path = os.path.join(cache_dir(), name + ".py")
-    if not os.path.exists(path):
+    if not _holds(path, source):  # absent, or not our source (planted, truncated): never imported as found
         tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             f.write(source)
         os.replace(tmp, path)
     spec = importlib.util.spec_from_file_location(name, path)

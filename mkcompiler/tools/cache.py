@@ -8,11 +8,14 @@ buffer by name (re-bound from the live model at every load, so new weight values
 and KV caches are still updated in place), or, for constants folded at capture (masks,
 position tables: values fixed by the code and the shapes), their bytes.
 
-Entries live in MKCOMPILER_CACHE (default ~/.cache/mkcompiler) under compile/, one pickle
-per key with a sha256 of its payload in the header: a truncated or corrupt file is ignored
-(the model is compiled again and the entry rewritten). Writes go to a temporary file first,
-then os.replace, so concurrent compiles never read half an entry. Pickles run code when
-loaded: the directory must be writable only by you (as for every pickle-based cache).
+Entries live in MKCOMPILER_CACHE (default ~/.cache/mkcompiler) under compile/, one file per key:
+data only (JSON and raw arrays, see "the entry format" below; no pickle: reading an entry runs
+nothing from it), with a sha256 of its contents in the header. An entry that does not parse
+(truncated, corrupt, of another version, a file someone else put there) is ignored with a
+warning: the model is compiled again and the entry rewritten. Entries are created owner-only
+(files 0600, compile/ 0700); a cache directory that another user could write to (group or
+others may write, or another owner) is not used at all, with a warning. Writes go to a
+temporary file first, then os.replace, so concurrent compiles never read half an entry.
 
 Two keys lead to an entry.
 
@@ -41,7 +44,8 @@ Two keys lead to an entry.
   The fast path is refused (capture runs, the graph key decides) when the trace fails (data
   dependent control flow, a real tensor attribute or global used in forward: its values could
   change in place), when forward changes module attributes while it runs (Python side
-  effects), or when an argument cannot be recorded by value.
+  effects: capture then refuses the model, frontend/checks.py; the trace undoes what forward
+  assigned, as torch.export does), or when an argument cannot be recorded by value.
   Residual risk: forward code that takes a different torch call on the same data only when
   exporting, by means this trace does not set (not torch.compiler.is_exporting()). With
   MKCOMPILER_DEBUG=1 every model-key hit is checked: capture runs anyway and must give the
@@ -57,8 +61,9 @@ import dataclasses
 import enum
 import functools
 import hashlib
+import json
 import os
-import pickle
+import stat
 import sys
 import tempfile
 import warnings
@@ -69,14 +74,15 @@ import torch
 import torch.utils._pytree as pytree
 
 from mkcompiler.frontend.capture import bound_tensor
+from mkcompiler.frontend.checks import plain_value
 from mkcompiler.ir.dag import TileDAG, TileTask
 from mkcompiler.ir.graph import Graph, View
 from mkcompiler.ops import registry
 from mkcompiler.passes.pipeline import Compilation
 from mkcompiler.runtime.megakernel import cache_dir
 
-FORMAT = 2
-MAGIC = b"mkcompiler compile cache\n"
+FORMAT = 3  # the entry format (see "the entry format" below); part of every key
+MAGIC = b"mkcompiler compile cache, data only\n"
 stats: Counter = Counter()  # "hit", "graph hit", "miss", "store", "corrupt", "untraceable": for tests and reports
 
 
@@ -231,25 +237,6 @@ class Untraceable(Exception):
     """The model cannot get a model key (the graph key still applies)."""
 
 
-def _plain(x, depth: int = 0):
-    """A stable description of an attribute value: plain values by value, others by type."""
-    if x is None or isinstance(x, (bool, int, float, complex, str, bytes)):
-        return x
-    if isinstance(x, (torch.dtype, torch.device, torch.layout, torch.memory_format, enum.Enum)):
-        return str(x)
-    if depth < 4:
-        if isinstance(x, (list, tuple)):
-            return (type(x).__name__, [_plain(v, depth + 1) for v in x])
-        if isinstance(x, dict):
-            return ("dict", sorted((repr(k), _plain(v, depth + 1)) for k, v in x.items()))
-        if isinstance(x, (set, frozenset)):
-            return ("set", sorted(repr(_plain(v, depth + 1)) for v in x))
-        if dataclasses.is_dataclass(x) and not isinstance(x, type):
-            fields = [(f.name, _plain(getattr(x, f.name), depth + 1)) for f in dataclasses.fields(x)]
-            return (type(x).__qualname__, fields)
-    return ("object", type(x).__module__, type(x).__qualname__)
-
-
 def _callable_name(f) -> str:
     f = getattr(f, "__func__", f)
     return f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', type(f).__qualname__)}"
@@ -259,7 +246,7 @@ def module_fingerprint(model: torch.nn.Module) -> tuple:
     """The module tree, its plain attributes and hooks, and every tensor's metadata and aliasing."""
     modules = []
     for name, m in model.named_modules(remove_duplicate=False):
-        attrs = sorted((k, _plain(v)) for k, v in vars(m).items() if not k.startswith("_"))
+        attrs = sorted((k, plain_value(v)) for k, v in vars(m).items() if not k.startswith("_"))
         hooks = [
             [_callable_name(h) for h in getattr(m, d).values()]
             for d in ("_forward_pre_hooks", "_forward_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks")
@@ -397,85 +384,419 @@ def _trace(model: torch.nn.Module, example_inputs: tuple) -> str:
 
 def model_key(model: torch.nn.Module, example_inputs: tuple, env: tuple) -> str | None:
     """The model key, or None when this model cannot have one (see the module docstring)."""
+    saved = [(m, dict(vars(m))) for m in model.modules()]
     try:
         before = module_fingerprint(model)
         trace = _trace(model, example_inputs)
         if module_fingerprint(model) != before:
-            raise Untraceable("forward changes module attributes")
+            raise Untraceable("forward changes module attributes")  # capture names the attribute
     except Exception:  # the trace is only an optimisation: any failure means "capture"
         stats["untraceable"] += 1
         return None
+    finally:  # forward ran on fake tensors: what it assigned to module attributes is undone (as export does)
+        for m, attributes in saved:
+            m.__dict__.clear()
+            m.__dict__.update(attributes)
     return _digest((env, before, trace))
+
+
+# ---- the entry format: data only ----
+#
+# An entry file is MAGIC, the sha256 (hex) of the rest and "\n", then the rest: one line of JSON,
+# "\n", and the raw bytes of every array and bytes value (the JSON gives each one's offset and
+# length). Reading is json.loads and np.frombuffer: nothing in the file is executed or imported.
+# Every JSON object in an entry is one tagged value (a plain dict is {"dict": pairs}):
+#   {"tuple": [...]}  {"dict": [[key, value], ...]}  {"dtype": "float32"}  {"size": [...]}
+#   {"array": [dtype, shape, offset, nbytes]}  {"bytes": [offset, nbytes]}  {"np": [dtype, value]}
+#   {"enum": [class, name]}  {"record": [class, [[field, value], ...]]} (a dataclass, every field)
+#   {"namedtuple": [class, [...]]}  {"type": class} (a pytree node type)  {"spec": [type, context, children]}
+# A class is "module:qualname", looked up in modules already imported. Records, enums and named
+# tuples must be mkcompiler's own; types must be pytree node types. Records are rebuilt field by
+# field without calling __init__ (as unpickling did), named tuples with tuple.__new__.
+
+ARRAY_KINDS = "biuf"  # numpy dtype kinds an entry may hold: no object arrays
+
+
+@functools.cache
+def _class_name(cls) -> str:
+    """The name of a class (or of a function that is a pytree node type) as "module:qualname"."""
+    name = f"{cls.__module__}:{cls.__qualname__}"
+    if _lookup(name) is not cls:  # a local class, or one its module does not export
+        raise TypeError(f"{cls!r} cannot be named in a cache entry")
+    return name
+
+
+def _own_name(cls: type) -> str:
+    """The name of one of mkcompiler's classes (a reader accepts no other records, enums, named tuples)."""
+    if not _is_own(cls.__module__):
+        raise TypeError(f"{cls!r} is not mkcompiler's: it cannot be stored in a cache entry")
+    return _class_name(cls)
+
+
+def _is_own(module: str) -> bool:
+    return module == "mkcompiler" or module.startswith("mkcompiler.")
+
+
+def _lookup(name: str):
+    module, _, qualname = name.partition(":")
+    obj = sys.modules.get(module)  # never imports: only what this process has loaded
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    if obj is None:
+        raise ValueError(f"no {name} in this process")
+    return obj
+
+
+def _own_class(name: str) -> type:
+    cls = _lookup(name) if _is_own(name.partition(":")[0]) else None
+    if not isinstance(cls, type):
+        raise ValueError(f"{name} is not a class of mkcompiler")
+    return cls
+
+
+def _is_node_type(x) -> bool:
+    """A pytree node type (TreeSpec.type: a registered class, or collections.namedtuple) or a
+    named tuple class (a namedtuple node's context)."""
+    try:
+        return x in pytree.SUPPORTED_NODES or (isinstance(x, type) and pytree.is_namedtuple_class(x))
+    except TypeError:  # unhashable
+        return False
+
+
+def _node_type(name: str):
+    node = _lookup(name)
+    if not _is_node_type(node):
+        raise ValueError(f"{name} is not a pytree node type")
+    return node
+
+
+class _Encoder:
+    """Values -> JSON-able tagged values; arrays and bytes go to `blob`."""
+
+    def __init__(self):
+        self.blob = bytearray()
+
+    def raw(self, data: bytes) -> list[int]:
+        at = len(self.blob)
+        self.blob += data
+        return [at, len(data)]
+
+    def value(self, x):
+        if x is None or type(x) in (bool, int, float, str):
+            return x
+        if isinstance(x, enum.Enum):
+            return {"enum": [_own_name(type(x)), x.name]}
+        if type(x) is list:
+            return [self.value(v) for v in x]
+        if type(x) is tuple:
+            return {"tuple": [self.value(v) for v in x]}
+        if type(x) is dict:
+            return {"dict": [[self.value(k), self.value(v)] for k, v in x.items()]}
+        if type(x) is torch.Size:
+            return {"size": list(x)}
+        if isinstance(x, torch.dtype):
+            return {"dtype": str(x).removeprefix("torch.")}
+        if isinstance(x, (bytes, bytearray)):
+            return {"bytes": self.raw(bytes(x))}
+        if isinstance(x, np.ndarray) and x.dtype.kind in ARRAY_KINDS:
+            return {"array": [x.dtype.str, list(x.shape), *self.raw(np.ascontiguousarray(x).tobytes())]}
+        if isinstance(x, np.generic) and x.dtype.kind in ARRAY_KINDS:
+            return {"np": [x.dtype.str, x.item()]}
+        if isinstance(x, pytree.TreeSpec):
+            return self.spec(x)
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            return self.record(x)
+        if isinstance(x, tuple) and pytree.is_namedtuple_instance(x):
+            return {"namedtuple": [_own_name(type(x)), [self.value(v) for v in x]]}
+        if _is_node_type(x):
+            return {"type": _class_name(x)}
+        raise TypeError(f"a {type(x).__qualname__} cannot be stored in a cache entry")
+
+    def record(self, x) -> dict:
+        names = [f.name for f in dataclasses.fields(x)]
+        if set(getattr(x, "__dict__", {})) - set(names):
+            raise TypeError(f"a {type(x).__qualname__} with attributes beside its fields")
+        return {"record": [_own_name(type(x)), [[n, self.value(getattr(x, n))] for n in names]]}
+
+    def spec(self, s) -> dict:
+        if s.is_leaf():
+            return {"spec": None}
+        children = [self.spec(c) for c in s.children()]
+        return {"spec": [self.value(s.type), self.value(s.context), children]}
+
+
+def _array(blob: bytes, dtype: str, shape: list, at: int, nbytes: int) -> np.ndarray:
+    dt = np.dtype(dtype)
+    if dt.kind not in ARRAY_KINDS or dt.itemsize * int(np.prod(shape)) != nbytes or at + nbytes > len(blob):
+        raise ValueError("an array that does not fit its entry")
+    return np.frombuffer(blob, dt, nbytes // dt.itemsize, at).reshape(shape).copy()  # writable, like the original
+
+
+def _bytes_at(blob: bytes, at: int, nbytes: int) -> bytes:
+    if at + nbytes > len(blob):
+        raise ValueError("bytes beyond the entry's end")
+    return bytes(blob[at : at + nbytes])
+
+
+def _record(name: str, pairs: list):
+    cls = _own_class(name)
+    if not dataclasses.is_dataclass(cls) or [p[0] for p in pairs] != [f.name for f in dataclasses.fields(cls)]:
+        raise ValueError(f"the fields of {name} differ")
+    obj = object.__new__(cls)
+    for field_name, v in pairs:
+        object.__setattr__(obj, field_name, v)  # frozen and slotted dataclasses too
+    return obj
+
+
+def _enum(name: str, member: str):
+    cls = _own_class(name)
+    if not issubclass(cls, enum.Enum):
+        raise ValueError(f"{name} is not an enum")
+    return cls.__members__[member]
+
+
+def _namedtuple(name: str, items: list):
+    cls = _own_class(name)
+    if not pytree.is_namedtuple_class(cls) or len(items) != len(cls._fields):
+        raise ValueError(f"{name} is not a named tuple of {len(items)} fields")
+    return tuple.__new__(cls, items)
+
+
+def _spec(parts):
+    if parts is None:
+        return pytree.treespec_leaf()
+    node, context, children = parts
+    if not _is_node_type(node) or not all(isinstance(c, pytree.TreeSpec) for c in children):
+        raise ValueError("a malformed tree spec")
+    return pytree.TreeSpec(node, context, children)
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"no dtype torch.{name}")
+    return dtype
+
+
+def _scalar(dtype: str, v):
+    dt = np.dtype(dtype)
+    if dt.kind not in ARRAY_KINDS:
+        raise ValueError(f"a numpy scalar of dtype {dtype}")
+    return dt.type(v)
+
+
+def _decoder(blob: bytes):
+    """json.loads' object_hook: each tagged value, its contents already decoded."""
+    tags = {
+        "tuple": tuple,
+        "dict": lambda pairs: {k: v for k, v in pairs},
+        "size": torch.Size,
+        "dtype": _dtype,
+        "bytes": lambda loc: _bytes_at(blob, *loc),
+        "array": lambda a: _array(blob, *a),
+        "np": lambda a: _scalar(*a),
+        "enum": lambda a: _enum(*a),
+        "record": lambda a: _record(*a),
+        "namedtuple": lambda a: _namedtuple(*a),
+        "type": _node_type,
+        "spec": _spec,
+    }
+
+    def hook(obj: dict):
+        if len(obj) != 1 or next(iter(obj)) not in tags:
+            raise ValueError(f"an unknown value {sorted(obj)[:3]}")
+        tag, v = next(iter(obj.items()))
+        return tags[tag](v)
+
+    return hook
+
+
+def encode(kind: str, key: str, value) -> bytes:
+    """An entry file's bytes (see the format above)."""
+    enc = _Encoder()
+    text = json.dumps([FORMAT, kind, key, enc.value(value)], separators=(",", ":"), allow_nan=True)
+    rest = text.encode() + b"\n" + bytes(enc.blob)
+    return MAGIC + hashlib.sha256(rest).hexdigest().encode() + b"\n" + rest
+
+
+def decode(data: bytes, kind: str, key: str):
+    """The value of an entry file written by encode(kind, key, value); ValueError if it is not one."""
+    head = len(MAGIC) + 65
+    if data[: len(MAGIC)] != MAGIC or data[head - 1 : head] != b"\n":
+        raise ValueError("not a compile cache entry of this version")
+    rest = data[head:]
+    if hashlib.sha256(rest).hexdigest().encode() != data[len(MAGIC) : head - 1]:
+        raise ValueError("truncated or corrupt (checksum)")
+    end = rest.find(b"\n")
+    if end < 0:
+        raise ValueError("truncated")
+    try:
+        doc = json.loads(rest[:end], object_hook=_decoder(rest[end + 1 :]))
+    except (ValueError, RecursionError, KeyError, TypeError, IndexError, AttributeError) as e:  # not JSON, bad tags
+        raise ValueError(f"malformed: {type(e).__name__}: {e}") from None
+    if not (isinstance(doc, list) and len(doc) == 4) or doc[:3] != [FORMAT, kind, key]:
+        raise ValueError("an entry of another format or for another key")
+    return doc[3]
 
 
 # ---- entries ----
 
 
-def _path(kind: str, key: str) -> str:
-    root = os.path.join(cache_dir(), "compile")
-    os.makedirs(root, exist_ok=True)
-    return os.path.join(root, f"{kind}-{key}.pkl")
+@dataclasses.dataclass
+class DagData:
+    """The DAG as columns (one list per TileTask field, in field order) and predecessor arrays."""
+
+    columns: list[list]
+    pred_count: np.ndarray
+    pred: np.ndarray
+    counter_sizes: list[int]
 
 
-def _write(kind: str, key: str, obj) -> None:
-    payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    path = _path(kind, key)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
+@dataclasses.dataclass
+class GraphEntry:
+    """What a graph key leads to: the compilation without any tensor of the model."""
+
+    checked: bool  # compiled with the passes' invariant checks on (settings.debug >= 1)
+    graph: Graph  # with no params: `sources` says where each comes from
+    sources: dict[int, tuple]
+    dag: DagData
+    fields: dict  # the rest of the Compilation (schedule, queue, ...), whatever fields it has
+
+
+@dataclasses.dataclass
+class ModelEntry:
+    """What a model key leads to: a graph key."""
+
+    graph_key: str
+
+
+ENTRY_TYPES = {"graph": GraphEntry, "model": ModelEntry}
+_warned: set[tuple[str, str]] = set()  # (directory, problem) warned about in this process
+
+
+def _warn_once(directory: str, problem: str, message: str) -> None:
+    if (directory, problem) not in _warned:
+        _warned.add((directory, problem))
+        warnings.warn(message, stacklevel=5)
+
+
+def _unsafe(path: str) -> str | None:
+    """Why another user could write in directory `path`, or None."""
+    st = os.stat(path)
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        return "it belongs to another user"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"it is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _directory() -> str | None:
+    """The entries' directory (created owner-only), or None when another user could write there:
+    then the cache is not used (entries are data, but a planted one could still mislead)."""
+    root = cache_dir()
+    path = os.path.join(root, "compile")
+    for d in (root, path):
+        os.makedirs(d, mode=0o700, exist_ok=True)  # the root: cache_dir made it
+        why = _unsafe(d)
+        if why is not None:
+            stats["unsafe directory"] += 1
+            _warn_once(
+                d,
+                "unsafe",
+                f"mkcompiler: not using the compile cache in {d}: {why}; models compile without it "
+                "(chmod 700 the directory, or set MKCOMPILER_CACHE to one only you can write to)",
+            )
+            return None
+    return path
+
+
+def _path(directory: str, kind: str, key: str) -> str:
+    return os.path.join(directory, f"{kind}-{key}.entry")
+
+
+def _write(kind: str, key: str, obj) -> bool:
+    """Store an entry; False when the directory is not used (_directory has warned)."""
+    directory = _directory()
+    if directory is None:
+        return False
+    data = encode(kind, key, obj)
+    path = _path(directory, kind, key)
+    # mkstemp creates the file owner-only (0600); os.replace keeps that, and readers never see half an entry.
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n")
-            f.write(payload)
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return True
 
 
 def _read(kind: str, key: str):
-    """The stored object, or None when absent, unreadable or corrupt (then it is recompiled)."""
+    """The stored entry (GraphEntry or ModelEntry), or None when absent, unreadable or not an entry
+    of this version: then the model is compiled again (and the entry rewritten)."""
+    directory = _directory()
+    if directory is None:
+        return None
+    path = _path(directory, kind, key)
     try:
-        path = _path(kind, key)
-        if not os.path.exists(path):
-            return None
         with open(path, "rb") as f:
             data = f.read()
-        head = len(MAGIC) + 65
-        if (
-            data[: len(MAGIC)] != MAGIC
-            or hashlib.sha256(data[head:]).hexdigest().encode() + b"\n" != data[len(MAGIC) : head]
-        ):
-            raise ValueError("bad header or checksum")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch's pytree specs, unpickled
-            obj = pickle.loads(data[head:])
-        if not isinstance(obj, dict) or obj.get("format") != FORMAT or obj.get("key") != key:
-            raise ValueError("not an entry for this key")
-        return obj
-    except Exception:
-        stats["corrupt"] += 1
+    except FileNotFoundError:
+        return None
+    try:
+        entry = decode(data, kind, key)
+        _check(entry, kind)
+        return entry
+    except ValueError as e:
+        _ignore(path, e)
         return None
 
 
-def _dag_data(dag: TileDAG) -> dict:
-    """The DAG as columns (one list per TileTask field, in field order) and predecessor arrays."""
+def _check(entry, kind: str) -> None:
+    """Raise ValueError unless `entry` is a `kind` entry that this source can use."""
+    if not isinstance(entry, ENTRY_TYPES[kind]):
+        raise ValueError(f"not a {kind} entry")
+    if kind == "model" and not isinstance(entry.graph_key, str):
+        raise ValueError("a model entry without a graph key")
+    if kind == "graph":
+        stored = {f.name for f in dataclasses.fields(Compilation)} - set(LIVE_FIELDS)
+        ok = isinstance(entry.graph, Graph) and isinstance(entry.dag, DagData) and isinstance(entry.sources, dict)
+        if not (ok and isinstance(entry.fields, dict) and set(entry.fields) == stored):
+            raise ValueError("a graph entry of another version")
+
+
+def _ignore(path: str, error: Exception) -> None:
+    stats["corrupt"] += 1
+    directory = os.path.dirname(path)
+    _warn_once(
+        directory,
+        "unreadable",
+        f"mkcompiler: ignoring the compile cache entry {os.path.basename(path)} in {directory} ({error}); "
+        "the model is compiled instead",
+    )
+
+
+def _dag_data(dag: TileDAG) -> DagData:
     preds = [list(dag.graph.pred[t]) for t in range(len(dag))]
-    return {
-        "columns": [[getattr(task, f.name) for task in dag.tasks] for f in dataclasses.fields(TileTask)],
-        "pred_count": np.array([len(p) for p in preds], dtype=np.int64),
-        "pred": np.fromiter((u for p in preds for u in p), dtype=np.int64),
-        "counter_sizes": list(dag.counter_sizes),
-    }
+    return DagData(
+        columns=[[getattr(task, f.name) for task in dag.tasks] for f in dataclasses.fields(TileTask)],
+        pred_count=np.array([len(p) for p in preds], dtype=np.int64),
+        pred=np.fromiter((u for p in preds for u in p), dtype=np.int64),
+        counter_sizes=list(dag.counter_sizes),
+    )
 
 
-def _rebuild_dag(data: dict) -> TileDAG:
+def _rebuild_dag(data: DagData) -> TileDAG:
     """The stored DAG with the same tasks and adjacency order as the original (build_dag adds
     each task's edges in turn, so successors are in increasing order). Fields are positional:
     an entry is only read by the source that wrote it (the key holds source_digest)."""
-    tasks = [TileTask(*values) for values in zip(*data["columns"])]
-    succ = np.repeat(np.arange(len(tasks), dtype=np.int64), data["pred_count"])
-    dag = TileDAG(tasks, zip(data["pred"].tolist(), succ.tolist()))
-    dag.counter_sizes = data["counter_sizes"]
+    tasks = [TileTask(*values) for values in zip(*data.columns)]
+    succ = np.repeat(np.arange(len(tasks), dtype=np.int64), data.pred_count)
+    dag = TileDAG(tasks, zip(data.pred.tolist(), succ.tolist()))
+    dag.counter_sizes = data.counter_sizes
     return dag
 
 
@@ -503,21 +824,19 @@ class CachedCompilation(Compilation):
 
 def store(comp: Compilation, gkey: str, sources: dict[int, tuple], mkey: str | None, checked: bool) -> None:
     """Write the entry for graph key `gkey` and, if given, the model key pointing to it. Failing
-    to write (a full disk, a read-only directory, an output type pickle refuses) only warns."""
+    to write (a full disk, a read-only directory, a value the entry format has no type for) only warns."""
     graph = copy.copy(comp.graph)
     graph.params = {}  # never tensors: `sources` says where each comes from
-    entry = {
-        "format": FORMAT,
-        "key": gkey,
-        "checked": checked,  # compiled with the passes' invariant checks on (settings.debug >= 1)
-        "graph": graph,
-        "sources": sources,
-        "dag": _dag_data(comp.dag),
-        # the rest of the Compilation (schedule, queue, ...), whatever fields it has
-        "fields": {f.name: getattr(comp, f.name) for f in dataclasses.fields(comp) if f.name not in LIVE_FIELDS},
-    }
+    entry = GraphEntry(
+        checked=checked,
+        graph=graph,
+        sources=sources,
+        dag=_dag_data(comp.dag),
+        fields={f.name: getattr(comp, f.name) for f in dataclasses.fields(comp) if f.name not in LIVE_FIELDS},
+    )
     try:
-        _write("graph", gkey, entry)
+        if not _write("graph", gkey, entry):
+            return
         stats["store"] += 1
     except Exception as e:
         _store_failed(e)
@@ -530,7 +849,7 @@ def link(mkey: str, gkey: str, sources: dict[int, tuple]) -> None:
     """Point model key `mkey` at the entry `gkey`, unless a parameter can only come from a capture."""
     if all(s[0] != "capture" for s in sources.values()):
         try:
-            _write("model", mkey, {"format": FORMAT, "key": mkey, "graph_key": gkey})
+            _write("model", mkey, ModelEntry(gkey))
         except Exception as e:
             _store_failed(e)
 
@@ -541,28 +860,35 @@ def _store_failed(e: Exception) -> None:
         warnings.warn(f"mkcompiler: cannot write the compile cache in {cache_dir()}: {e}", stacklevel=4)
 
 
-def _compilation(entry: dict, params: dict, settings, num_workers: int, status: str) -> CachedCompilation:
+def _compilation(
+    entry: GraphEntry, gkey: str, params: dict, settings, num_workers: int, status: str
+) -> CachedCompilation:
     registry.load_all()  # the op families codegen and the VM look up (capture loads them otherwise)
-    graph = entry["graph"]
+    graph = entry.graph
     graph.params = params
-    comp = CachedCompilation(graph, settings, num_workers, **entry["fields"])
-    comp._dag_data = entry["dag"]
+    comp = CachedCompilation(graph, settings, num_workers, **entry.fields)
+    comp._dag_data = entry.dag
     comp.cache = status
-    comp.graph_key = entry["key"]
+    comp.graph_key = gkey
     return comp
 
 
-def _usable(entry, settings) -> bool:
-    return entry is not None and (settings.debug < 1 or entry["checked"])
+def _read_graph(gkey: str, settings) -> GraphEntry | None:
+    """The graph entry, if usable (compiled with the checks when settings.debug asks for them)."""
+    registry.load_all()  # entries name op families' attribute classes: their modules must be loaded
+    entry = _read("graph", gkey)
+    if entry is None or (settings.debug >= 1 and not entry.checked):
+        return None
+    return entry
 
 
 def load_graph(gkey: str, graph: Graph, settings, num_workers: int) -> CachedCompilation | None:
     """The entry for a freshly captured graph; its parameters are the capture's own tensors."""
-    entry = _read("graph", gkey)
-    if not _usable(entry, settings):
+    entry = _read_graph(gkey, settings)
+    if entry is None:
         return None
     stats["graph hit"] += 1
-    return _compilation(entry, dict(graph.params), settings, num_workers, "graph hit")
+    return _compilation(entry, gkey, dict(graph.params), settings, num_workers, "graph hit")
 
 
 def load_model(
@@ -572,13 +898,13 @@ def load_model(
     pointer = _read("model", mkey)
     if pointer is None:
         return None
-    entry = _read("graph", pointer["graph_key"])
-    if not _usable(entry, settings):
+    entry = _read_graph(pointer.graph_key, settings)
+    if entry is None:
         return None
     tensors = _module_tensors(model)
-    buffers = entry["graph"].buffers
+    buffers = entry.graph.buffers
     params = {}
-    for bid, src in entry["sources"].items():
+    for bid, src in entry.sources.items():
         buf = buffers[bid]
         if src[0] == "model":
             t = tensors.get(src[1])
@@ -593,7 +919,7 @@ def load_model(
         else:
             return None
     stats["hit"] += 1
-    return _compilation(entry, params, settings, num_workers, "hit")
+    return _compilation(entry, pointer.graph_key, params, settings, num_workers, "hit")
 
 
 source_digest()  # the files as this process loaded them (not as later edited)
