@@ -8,8 +8,9 @@ Chunks are a multiple of BN keys; chosen automatically, none is empty (only the 
 from __future__ import annotations
 
 import torch
-from mkcompiler.ops.attention import kv_chunk
+from mkcompiler.ops.attention import ATTENTION_KINDS, kv_chunk
 from mkcompiler.ops.base import cdiv
+from mkcompiler.ops.registry import FAMILIES
 
 from mkcompiler.ir.graph import Graph, OpNode
 from mkcompiler.ir.settings import Settings
@@ -36,16 +37,17 @@ def split_kv(graph: Graph, settings: Settings, num_workers: int) -> Graph:
     ops: list[OpNode] = []
     for op in graph.ops:
         ops.append(op)
-        if op.kind != "attention":
+        if op.kind not in ATTENTION_KINDS:
             continue
-        q, k = op.inputs[0], op.inputs[1]
+        q, family = op.inputs[0], FAMILIES[op.kind]
         b, h, sq, d = q.shape[0], q.shape[1], q.shape[2], op.outputs[0].shape[3]
         bm, bn = op.attrs.tile
-        tiles = b * k.shape[1] * cdiv(op.attrs.group * sq, bm)  # (batch, kv head, packed row block)
-        p = choose_kv_splits(tiles, k.shape[2], bn, settings, num_workers)
+        keys = family.keys(op)
+        tiles = b * family.kv_heads(op) * cdiv(op.attrs.group * sq, bm)  # (batch, kv head, packed row block)
+        p = choose_kv_splits(tiles, keys, bn, settings, num_workers)
         # A tile whose keys fit one block gains nothing from a software pipeline, whose buffers
         # cost registers and shared memory in the whole kernel (ops/attention.py STAGES).
-        op.attrs.stages = 1 if kv_chunk(k.shape[2], p, bn) <= bn else settings.num_stages
+        op.attrs.stages = 1 if kv_chunk(keys, p, bn) <= bn else settings.num_stages
         if p == 1:
             continue
         out = op.outputs[0]

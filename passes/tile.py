@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from mkcompiler.ops.attention import ATTENTION_KINDS
 from mkcompiler.ops.base import next_pow2
 from mkcompiler.ops.matmul import DECODE_ROWS
 from mkcompiler.ops.reduce import RowAttrs
@@ -65,7 +66,7 @@ def choose_tiles(graph: Graph, settings: Settings, num_workers: int = 1) -> Grap
             # split_k may have chosen a decode BN for the op's sibling group (split_k.decode_tiling)
             op.attrs.tile = matmul_tile(a.shape[0], b.shape[1], a.shape[1], settings, half, op.attrs.bn)
             op.attrs.group_rows = max(1, settings.matmul_group_rows)  # queue order of its tiles
-        elif op.kind == "attention":
+        elif op.kind in ATTENTION_KINDS:
             q, k = op.inputs[0], op.inputs[1]
             # A tile's rows are the packed rows of the query heads sharing one kv head (group x
             # Sq, ops/attention.py). Decode (few of them): wider key blocks, fewer dependent steps.

@@ -7,6 +7,9 @@ AttentionInterface: every family computes its projections, rotary embeddings and
 it always does and hands the attention function query, key and value, which this one appends to
 the pools through the page table and attends with. So torch.export (mkcompiler.compile) and
 torch.compile capture one graph for any family whose attention goes through the interface.
+Attention is the custom op mkcompiler::paged_attention (ops/attention.py): eagerly it gathers
+each sequence's pages, compiled it is a tile that reads keys and values through the page table;
+the append is an index_put through the slot mapping (a scatter, ops/scatter.py).
 
 A step is a prefill chunk of one sequence plus one decode token each of B others (chunked
 prefill mixed with decode, as examples/llama.MixedStep batches them), all through the page
@@ -20,10 +23,10 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mkcompiler.frontend.hf import _head_shape
+from mkcompiler.ops.attention import paged_attention as paged_attention_op
 
 ATTENTION = "mkcompiler_paged"  # the name registered in transformers' AttentionInterface
 CONTEXT_KWARG = "mkcompiler_paged"  # the forward kwarg that carries a step's PagedContext to the attention calls
@@ -55,34 +58,7 @@ class PagedContext:
     pools: list[tuple[torch.Tensor, torch.Tensor]]
     inputs: PagedInputs
     n_chunk: int
-    key_pos: torch.Tensor  # [L = P x page_size] the position of each gathered key slot
-
-    def masks(self, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chunk mask [C, L], decode mask [B, 1, 1, L]), true where a query attends: keys at or
-        before its position (and within the window)."""
-        pos = self.inputs.positions[:, None]
-        keep = self.key_pos[None, :] <= pos
-        if sliding_window is not None:
-            keep = keep & (self.key_pos[None, :] > pos - sliding_window)
-        return keep[: self.n_chunk], keep[self.n_chunk :, None, None, :]
-
-
-def gather_pages(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """pool [N, page, H, D], tables [S, P] -> [S, H, P x page, D]: each sequence's slots in order."""
-    s, p = tables.shape
-    _, page, h, d = pool.shape
-    return pool[tables].reshape(s, p * page, h, d).transpose(1, 2)
-
-
-def attend(q, k, v, mask, scale: float | None, softcap: float | None) -> torch.Tensor:
-    """Grouped-query attention of q [S, Hq, M, D] over k, v [S, Hkv, L, D] where mask [.., M, L] is true."""
-    if softcap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
-    scores = softcap * torch.tanh(scores / softcap)  # logit soft-capping (Gemma 2)
-    return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+    ends: torch.Tensor  # [T] keys each token sees: its position + 1 (causal; earlier pages included)
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -96,13 +72,14 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     k_pool[x.slot_pages, x.slot_offsets] = key[0].transpose(0, 1).to(k_pool.dtype)
     v_pool[x.slot_pages, x.slot_offsets] = value[0].transpose(0, 1).to(v_pool.dtype)
     q = query[0].to(k_pool.dtype)  # [Hq, T, D]
-    c, softcap = ctx.n_chunk, kwargs.get("softcap")
-    chunk_mask, decode_mask = ctx.masks(kwargs.get("sliding_window"))
-    chunk_kv = [gather_pages(pool, x.chunk_pages[None]) for pool in (k_pool, v_pool)]
-    out_chunk = attend(q[None, :, :c], *chunk_kv, chunk_mask, scaling, softcap)  # [1, Hq, C, D]
-    decode_kv = [gather_pages(pool, x.decode_pages) for pool in (k_pool, v_pool)]
-    out_decode = attend(
-        q[:, c:].transpose(0, 1)[:, :, None], *decode_kv, decode_mask, scaling, softcap
+    c = ctx.n_chunk
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    options = (scale, kwargs.get("sliding_window") or 0, kwargs.get("softcap") or 0.0)
+    out_chunk = paged_attention_op(
+        q[None, :, :c], k_pool, v_pool, x.chunk_pages[None], ctx.ends[None, :c], *options
+    )  # [1, Hq, C, D]
+    out_decode = paged_attention_op(
+        q[:, c:].transpose(0, 1)[:, :, None], k_pool, v_pool, x.decode_pages, ctx.ends[c:, None], *options
     )  # [B, Hq, 1, D]
     out = torch.cat((out_chunk[0].transpose(0, 1), out_decode[:, :, 0]))  # [T, Hq, D]
     return out[None].to(query.dtype), None
@@ -152,8 +129,7 @@ class PagedLM(nn.Module):
     def forward(self, tokens, positions, slot_pages, slot_offsets, chunk_pages, decode_pages, sample_rows):
         inputs = PagedInputs(tokens, positions, slot_pages, slot_offsets, chunk_pages, decode_pages, sample_rows)
         n_chunk = tokens.shape[0] - decode_pages.shape[0]
-        key_pos = torch.arange(chunk_pages.shape[0] * self.page_size, device=tokens.device)
-        ctx = PagedContext(self.pools(), inputs, n_chunk, key_pos)
+        ctx = PagedContext(self.pools(), inputs, n_chunk, positions + 1)
         with attention_implementation(self.model.config, ATTENTION):
             out = self.model(
                 input_ids=tokens[None], position_ids=positions[None], use_cache=False, **{CONTEXT_KWARG: ctx}

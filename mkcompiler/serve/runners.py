@@ -37,7 +37,7 @@ class StepRunner:
 
                 step = mkcompiler.compile(self.lm, tuple(inputs), **self.options)
             else:  # eager, or torch.compile (which recompiles once per new shape itself)
-                step = self._dynamo or self.lm
+                step = self._dynamo if self._dynamo is not None else self.lm
             self._steps[key] = step
         return step
 

@@ -317,8 +317,10 @@ def offline_section(mk) -> tuple[list[str], bool]:
 def _has_half_dots(mk) -> bool:
     import torch
 
+    from mkcompiler.ops.attention import ATTENTION_KINDS
+
     return any(
-        op.kind in ("matmul", "attention") and op.inputs[0].dtype in (torch.float16, torch.bfloat16)
+        op.kind in ("matmul", *ATTENTION_KINDS) and op.inputs[0].dtype in (torch.float16, torch.bfloat16)
         for op in mk.graph.ops
     )
 
