@@ -36,6 +36,7 @@ SLOW = {
         "test_hf_greedy_fp32",
         "test_hf_teacher_forced_bf16",
         "test_other_families_compile_through_the_generic_pipeline",
+        "test_hf_batch2_next_token",
     },
     "tests/test_offline_sm90.py": {
         "test_llama_kernels_compile_for_sm90_without_spills",
@@ -56,6 +57,7 @@ SLOW = {
         "test_batched_decode_matches_eager",
         "test_logits_match_eager",
         "test_greedy_loop_generates_eager_tokens_with_launches_only",
+        "test_decode_writes_only_its_slot",
     },
     "tests/test_cli.py": {"test_inspect_transformer_block_prints_every_section"},
     "tests/test_fuse_norm_fast.py": {
@@ -88,6 +90,10 @@ SLOW = {
     },
     "tests/test_new_user.py": {"test_factory_file_path_imports_its_siblings_from_another_directory"},
     "tests/test_serve.py": {"test_megakernel_steps_equal_eager"},
+    "tests/test_paged_attention.py": {
+        "test_engine_megakernels_attend_through_the_page_tables",
+        "test_paged_kernel_compiles_for_sm90_without_spills",
+    },
     "benchmarks/tests/test_serve_throughput_cli.py": {"test_tiny_run_writes_a_row_per_engine"},
 }
 

@@ -1,8 +1,9 @@
 """LayerNorm and RMSNorm over the last dim, as single row ops.
 
-RMSNorm written by hand (pow, mean, add, rsqrt, mul) needs no pattern: it lowers through
-elementwise + reduce. These cover `aten.native_layer_norm` (what nn.LayerNorm exports to)
-and `aten.rms_norm` where a graph keeps it whole.
+These cover `aten.native_layer_norm` (what nn.LayerNorm exports to) and `aten.rms_norm` (capture
+keeps it whole on every target). A norm written by hand (pow, mean, add, rsqrt, mul; mean,
+sub, var, sqrt, div) lowers through elementwise + reduce, and passes/canonicalize.py turns it
+into this op.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from mkcompiler.passes.canonicalize import canonicalize
 from mkcompiler.passes.cleanup import check_single_writer_order, eliminate_dead_ops
 from mkcompiler.passes.counters import assign_counters, check_counters
 from mkcompiler.passes.dependencies import build_dag, check_dag
@@ -46,6 +47,12 @@ def _verify(c: Compilation) -> None:
 
 # (name, step, invariant check or None)
 PIPELINE = [
+    # Every spelling of a norm, softmax or activation -> the op the fusions expect (passes/canonicalize.py).
+    (
+        "canonicalize",
+        lambda c: setattr(c, "graph", canonicalize(c.graph)),
+        lambda c: check_single_writer_order(c.graph),
+    ),
     (
         "eliminate_dead_ops",
         lambda c: setattr(c, "graph", eliminate_dead_ops(c.graph)),

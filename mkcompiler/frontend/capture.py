@@ -17,10 +17,12 @@ import torch._decomp
 import torch.utils._pytree as pytree
 from torch.export.graph_signature import InputKind, OutputKind
 
-from mkcompiler.errors import UnsupportedOpError
+from mkcompiler.errors import ModelError, UnsupportedOpError
+from mkcompiler.frontend.checks import attribute_state, check_attributes_unchanged
+from mkcompiler.frontend.complex_values import COMPLEX_LOWERINGS, Complex, involves_complex, lower_complex
 from mkcompiler.ir.graph import BufferKind, Graph, OpNode, View
 from mkcompiler.ops import registry
-from mkcompiler.ops.base import ALIGN_BYTES
+from mkcompiler.ops.base import ALIGN_BYTES, TL_DTYPE
 from mkcompiler.ops.elementwise import VALUE_DTYPES, ElementwiseAttrs
 from mkcompiler.ops.matmul import MatmulAttrs
 
@@ -45,6 +47,15 @@ def user_source(fx_node) -> str:
 def _at(fx_node) -> str:
     where = user_source(fx_node) if fx_node is not None else ""
     return f" at {where}" if where else ""
+
+
+ROLES = {
+    BufferKind.INPUT: "input",
+    BufferKind.PARAM: "parameter",
+    BufferKind.STATE: "model state",
+    BufferKind.ACT: "intermediate",
+    BufferKind.OUTPUT: "output",
+}
 
 
 class Refused:
@@ -114,6 +125,10 @@ class LoweringContext:
         for x in inputs:
             if isinstance(x, Refused):
                 self.unsupported(node, x.what)
+        for v in (*inputs, *outputs):  # kernels load and store only these (int8, fp8, float64: fallback='eager')
+            if isinstance(v, View) and v.dtype not in TL_DTYPE:
+                buf = self.graph.buffers[v.buffer]
+                self.unsupported(node, f"{kind} on the {v.dtype} {ROLES[buf.kind]} {buf.name!r}")
         op = OpNode(
             kind,
             tuple(inputs),
@@ -189,7 +204,9 @@ def bound_tensor(name: str, t: torch.Tensor, kind: BufferKind = BufferKind.PARAM
     return t
 
 
-def _bind_param(graph: Graph, name: str, t: torch.Tensor, kind: BufferKind = BufferKind.PARAM) -> View:
+def _bind_param(graph: Graph, name: str, t: torch.Tensor, kind: BufferKind = BufferKind.PARAM) -> View | Complex:
+    if t.is_complex():  # read in place through its (re, im) pairs (frontend/complex_values.py)
+        return Complex.of_pairs(_bind_param(graph, name, torch.view_as_real(t), kind))
     t = bound_tensor(name, t, kind, stacklevel=3)
     span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride())) if t.numel() else 0
     buf = graph.add_buffer(name, max(span, 1), t.dtype, kind)
@@ -197,12 +214,46 @@ def _bind_param(graph: Graph, name: str, t: torch.Tensor, kind: BufferKind = Buf
     return View(buf.id, t.dtype, tuple(t.shape), tuple(t.stride()), 0)
 
 
+# ---- models that would compile into a wrong answer (see also frontend/checks.py) ----
+
+DROPOUT_OPS = {torch.ops.aten.native_dropout.default, torch.ops.aten.dropout.default}
+
+
+def _check_no_dropout(model: torch.nn.Module, ep) -> None:
+    """Dropout in training mode draws a new mask at every call: almost always a model left in
+    train() by mistake (nn.Module's default)."""
+    if not model.training:
+        return
+    for n in ep.graph.nodes:
+        if n.op != "call_function" or n.target not in DROPOUT_OPS:
+            continue
+        p, train = n.args[1], n.args[2] if len(n.args) > 2 else True
+        if p > 0 and train is not False:
+            stack = list((n.meta.get("nn_module_stack") or {}).values())  # (module path, type), outermost first
+            where = f" in module {stack[-1][0]!r}" if stack and stack[-1][0] else ""
+            raise ModelError(
+                f"the model is in training mode and applies dropout (p={p}){where}{_at(n)}: "
+                "a megakernel for inference needs model.eval()"
+            )
+
+
 def capture(model: torch.nn.Module, example_inputs: tuple) -> Graph:
     """Export `model` and lower it into an op graph."""
     registry.load_all()
+    before, seen = attribute_state(model), {}
+
+    def after_forward(module, args, out) -> None:  # returns None: the output stays forward's
+        seen.setdefault("after", attribute_state(module))
+
+    hook = model.register_forward_hook(after_forward)
     with warnings.catch_warnings():  # torch.export's own deprecation chatter
         warnings.simplefilter("ignore", FutureWarning)
-        ep = torch.export.export(model, tuple(example_inputs), strict=False)
+        try:
+            ep = torch.export.export(model, tuple(example_inputs), strict=False)
+        finally:
+            hook.remove()
+        check_attributes_unchanged(model, before, seen.get("after", before))
+        _check_no_dropout(model, ep)
         ep = ep.run_decompositions(_decompositions())
     graph = Graph(out_spec=ep.call_spec.out_spec, in_spec=ep.call_spec.in_spec)
     ctx = LoweringContext(graph)
@@ -264,9 +315,12 @@ EXTRA_DECOMPOSITIONS = (
 
 def _decompositions():
     """Core ATen, but scaled_dot_product_attention stays whole (ops/attention.py lowers it), and
-    a few more ops decomposed (EXTRA_DECOMPOSITIONS)."""
+    so does rms_norm (ops/norm.py: one norm op on every target; a CUDA export keeps it whole as
+    _fused_rms_norm, a CPU one would decompose it), and a few more ops decomposed
+    (EXTRA_DECOMPOSITIONS)."""
     table = torch.export.default_decompositions()
     table.pop(torch.ops.aten.scaled_dot_product_attention.default, None)
+    table.pop(torch.ops.aten.rms_norm.default, None)
     table.update(torch._decomp.get_decompositions(EXTRA_DECOMPOSITIONS))
     return table
 
@@ -354,7 +408,8 @@ def _unlowerable_ops(fx_graph) -> list:
         elif n.op == "call_function":
             inputs = n.all_input_nodes
             folds[n] = n.target in SHAPE_ONLY or all(folds.get(a, False) for a in inputs)
-            if n.target in IGNORED or n.target is operator.getitem or n.target in registry.LOWERINGS:
+            lowered = n.target in registry.LOWERINGS or n.target in COMPLEX_LOWERINGS
+            if n.target in IGNORED or n.target is operator.getitem or lowered:
                 continue
             if not folds[n]:
                 found.append(n)
@@ -371,11 +426,13 @@ def _lower_node(ctx, fx_node, env):
     folded = _fold(fx_node, env)
     if folded is not None:
         return folded
+    args = _map_arg(fx_node.args, env, ctx)
+    kwargs = {k: _map_arg(v, env, ctx) for k, v in fx_node.kwargs.items()}
+    if involves_complex(fx_node, args, kwargs):
+        return lower_complex(ctx, fx_node, args, kwargs)
     fn = registry.LOWERINGS.get(target)
     if fn is None:
         ctx.unsupported(fx_node, f"the op {target}")
-    args = _map_arg(fx_node.args, env, ctx)
-    kwargs = {k: _map_arg(v, env, ctx) for k, v in fx_node.kwargs.items()}
     return fn(ctx, fx_node, *args, **kwargs)
 
 
@@ -384,5 +441,7 @@ def _output_value(ctx, fx_node, x, env):
         v = _map_arg(x, env, ctx)
         if isinstance(v, Refused):
             ctx.unsupported(x, v.what)
+        if isinstance(v, Complex):
+            ctx.unsupported(x, "a complex model output (return torch.view_as_real of it)")
         return v
     return x
