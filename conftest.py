@@ -60,6 +60,10 @@ SLOW = {
         "test_decode_writes_only_its_slot",
     },
     "tests/test_cli.py": {"test_inspect_transformer_block_prints_every_section"},
+    "tests/test_llama_spellings.py": {
+        "test_written_compiles_like_canonical_and_matches_eager",
+        "test_greedy_loop_of_the_written_spelling_gives_eager_tokens",
+    },
     "tests/test_fuse_norm_fast.py": {
         "test_rms_norm_in_loop",
         "test_layer_norm_in_loop",

@@ -5,11 +5,16 @@ torch.compile, over a grid of batch sizes and context lengths, with the HBM floo
     python benchmarks/decode_latency.py --models llama-3.2-1b --batches 1 16 --ctxs 512 \\
         --baseline-modes max-autotune --time-budget 540 --json /tmp/decode.json
     python benchmarks/decode_latency.py --dry-run             # the case grid and its bytes, no GPU
+    python benchmarks/decode_latency.py --models llama-3.2-1b --batches 1 --ctxs 512 \
+        --spelling canonical written --no-torch-compile         # the same model spelled two ways
 
 Random bf16 weights of the real shapes (examples/llama.py), KV caches filled with random values,
 decode at position ctx (ctx tokens already in the cache). Everything runs in one process, one
 case after another; every case builds its model (max_seq_len = ctx + steps + 1, max_batch =
 batch), compiles one megakernel for it and frees everything before the next case.
+--spelling picks how examples/llama.py writes the norms, RoPE and attention (LlamaConfig.spelling:
+canonical, written); each spelling is a case of its own (same weights, caches and tokens), next to
+the other spellings of the same shape.
 
 Per case:
 - mkcompiler: `mkcompiler.compile(model, (tok, pos))` once; times the full call `mk(tok, pos)`
@@ -61,7 +66,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-from examples.llama import CONFIGS, LlamaConfig, random_llama  # noqa: E402
+from examples.llama import CONFIGS, SPELLINGS, LlamaConfig, random_llama  # noqa: E402
 
 # Nothing here touches CUDA at import time: mkcompiler, triton and bench_mlp are imported in the
 # functions that run on the GPU.
@@ -69,6 +74,7 @@ from examples.llama import CONFIGS, LlamaConfig, random_llama  # noqa: E402
 DEFAULT_MODELS = ("llama-3.2-1b", "llama-3.1-8b")
 DEFAULT_BATCHES = (1, 4, 16)
 DEFAULT_CTXS = (512, 4096)
+DEFAULT_SPELLINGS = ("canonical",)
 DEFAULT_TC_MODES = ("max-autotune-no-cudagraphs", "max-autotune")
 TC_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 TOL = 5e-2  # relative error of bf16 logits vs eager bf16 above which a case is flagged
@@ -152,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"context lengths (decode position); default {' '.join(map(str, DEFAULT_CTXS))}",
     )
     p.add_argument(
+        "--spelling",
+        nargs="+",
+        type=_list_of(str, "--spelling"),
+        default=None,
+        help=f"how the model writes its norms, RoPE and attention ({', '.join(SPELLINGS)}); each a case; "
+        f"default {' '.join(DEFAULT_SPELLINGS)}",
+    )
+    p.add_argument(
         "--steps-check",
         type=int,
         default=2,
@@ -195,17 +209,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.models = _flatten(args.models, DEFAULT_MODELS)
     args.batches = _flatten(args.batches, DEFAULT_BATCHES)
     args.ctxs = _flatten(args.ctxs, DEFAULT_CTXS)
+    args.spelling = _flatten(args.spelling, DEFAULT_SPELLINGS)
     modes = _flatten(args.baseline_modes, DEFAULT_TC_MODES)
     for name in args.models:
         if name not in CONFIGS:
             p.error(f"--models: unknown model {name!r}; known: {', '.join(CONFIGS)}")
+    for name in args.spelling:
+        if name not in SPELLINGS:
+            p.error(f"--spelling: unknown spelling {name!r}; known: {', '.join(SPELLINGS)}")
     if modes == ["none"] or args.no_torch_compile:
         modes = []
     for m in modes:
         if m not in TC_MODES:
             p.error(f"--baseline-modes: unknown torch.compile mode {m!r}; known: {', '.join(TC_MODES)} or none")
     args.baseline_modes = list(dict.fromkeys(modes))  # keep the order, drop repeats
-    for what in ("models", "batches", "ctxs"):
+    for what in ("models", "batches", "ctxs", "spelling"):
         setattr(args, what, list(dict.fromkeys(getattr(args, what))))
         if not getattr(args, what):
             p.error(f"--{what}: empty")
@@ -216,10 +234,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def case_grid(args) -> list[tuple[str, int, int]]:
-    """(model, batch, ctx) in run order: model, then batch, then context (same-batch cases in a
-    row let torch.compile reuse its autotuning of the matmul shapes)."""
-    return list(itertools.product(args.models, args.batches, args.ctxs))
+def case_grid(args) -> list[tuple[str, int, int, str]]:
+    """(model, batch, ctx, spelling) in run order: model, then batch, then context, then spelling
+    (same-batch cases in a row let torch.compile reuse its autotuning of the matmul shapes; the
+    spellings of one shape side by side)."""
+    return list(itertools.product(args.models, args.batches, args.ctxs, args.spelling))
 
 
 # ---------------------------------------------------------------- bytes and the floor
@@ -311,12 +330,22 @@ def notes_of(row: dict) -> str:
     return "; ".join(notes).replace("|", "/")
 
 
+def spelling_of(row: dict) -> str:
+    return row.get("spelling", "canonical")  # rows recorded before --spelling existed: canonical
+
+
+def case_name(row: dict) -> str:
+    return f"{row['model']} b{row['batch']} ctx{row['ctx']}" + (
+        "" if spelling_of(row) == "canonical" else f" {spelling_of(row)}"
+    )
+
+
 def format_table(rows: list[dict]) -> str:
-    """A markdown table, one line per case: model, batch, ctx, floor, then per implementation
+    """A markdown table, one line per case: model, batch, ctx, spelling, floor, then per implementation
     ms/step, tokens/s and % of floor, then the best baseline, mkcompiler's speed-up over it (call
     and kernel), the largest relative error of its logits vs eager and notes."""
     impls = ordered_impls(k for r in rows for k in r.get("ms", {}))
-    head = ["model", "batch", "ctx", "floor ms"]
+    head = ["model", "batch", "ctx", "spelling", "floor ms"]
     for k in impls:
         s = SHORT.get(k, k)
         head += [f"{s} ms", f"{s} tok/s", f"{s} % floor"]
@@ -324,7 +353,7 @@ def format_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         m = metrics(r)
-        cells = [str(r["model"]), str(r["batch"]), str(r["ctx"]), _fmt(r.get("floor_ms"), ".3f")]
+        cells = [str(r["model"]), str(r["batch"]), str(r["ctx"]), spelling_of(r), _fmt(r.get("floor_ms"), ".3f")]
         for k in impls:
             cells += [
                 _fmt(r.get("ms", {}).get(k), ".3f"),
@@ -345,6 +374,7 @@ def format_table(rows: list[dict]) -> str:
 
 def legend(modes) -> str:
     parts = [
+        "spelling = how examples/llama.py writes its norms, RoPE and attention (LlamaConfig.spelling)",
         "mk call = `mk(tok, pos)` (checks, launch, error read, output copy)",
         "mk kernel = `mk.launch()`",
         "eager = the module under torch.no_grad",
@@ -427,11 +457,16 @@ def default_dtype_and_device(dtype: torch.dtype, device):
         torch.set_default_dtype(old)
 
 
-def build_model(name: str, batch: int, ctx: int, steps: int, device, seed: int = 0, dtype=torch.bfloat16):
-    """Random weights, caches sized for this case and filled with random values (N(0, 0.5))."""
+def build_model(
+    name: str, batch: int, ctx: int, steps: int, device, seed: int = 0, dtype=torch.bfloat16, spelling="canonical"
+):
+    """Random weights, caches sized for this case and filled with random values (N(0, 0.5)); the
+    same for every spelling."""
     max_seq_len = ctx + steps + 1
     with default_dtype_and_device(dtype, device):
-        model = random_llama(name, dtype=dtype, device=device, seed=seed, max_seq_len=max_seq_len, max_batch=batch)
+        model = random_llama(
+            name, dtype=dtype, device=device, seed=seed, max_seq_len=max_seq_len, max_batch=batch, spelling=spelling
+        )
     model.eval()
     with torch.no_grad():
         for layer in model.layers:
@@ -488,13 +523,14 @@ def bench(fn, args) -> float:
     return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
 
 
-def new_row(model: str, batch: int, ctx: int, steps: int) -> dict:
+def new_row(model: str, batch: int, ctx: int, steps: int, spelling: str = "canonical") -> dict:
     c = config_of(model)
     w, kv = weight_bytes_read(c, batch), kv_bytes_read(c, batch, ctx)
     return {
         "model": model,
         "batch": batch,
         "ctx": ctx,
+        "spelling": spelling,
         "max_seq_len": ctx + steps + 1,
         "status": "not run",
         "weight_bytes_read": w,
@@ -618,7 +654,7 @@ def run_case(row: dict, args, bw: float, budget: Budget, dev) -> None:
     torch.cuda.reset_peak_memory_stats()
     row["status"] = "partial"
     try:
-        model = build_model(name, batch, ctx, args.steps_check, dev, seed=args.seed)
+        model = build_model(name, batch, ctx, args.steps_check, dev, seed=args.seed, spelling=spelling_of(row))
         # Bytes from the module itself (the formulas above agree; tests check them on the CPU).
         es = model.embed.weight.element_size()
         row["weight_bytes_all"] = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -678,12 +714,15 @@ def write_json(path: str | None, result: dict) -> None:
 
 def dry_run(args) -> int:
     say(f"{len(case_grid(args))} cases; torch.compile modes: {', '.join(args.baseline_modes) or 'none'}")
-    say(f"{'model':<14}{'batch':>6}{'ctx':>6}{'weights read GB':>17}{'KV read GB':>12}{'KV alloc GB':>13}")
-    for name, batch, ctx in case_grid(args):
-        r = new_row(name, batch, ctx, args.steps_check)
+    say(
+        f"{'model':<14}{'batch':>6}{'ctx':>6}  {'spelling':<10}{'weights read GB':>17}{'KV read GB':>12}"
+        f"{'KV alloc GB':>13}"
+    )
+    for name, batch, ctx, spelling in case_grid(args):
+        r = new_row(name, batch, ctx, args.steps_check, spelling)
         say(
-            f"{name:<14}{batch:>6}{ctx:>6}{r['weight_bytes_read'] / 1e9:>17.3f}{r['kv_bytes_read'] / 1e9:>12.3f}"
-            f"{r['kv_bytes_allocated'] / 1e9:>13.3f}"
+            f"{name:<14}{batch:>6}{ctx:>6}  {spelling:<10}{r['weight_bytes_read'] / 1e9:>17.3f}"
+            f"{r['kv_bytes_read'] / 1e9:>12.3f}{r['kv_bytes_allocated'] / 1e9:>13.3f}"
         )
     return 0
 
@@ -712,9 +751,9 @@ def main(argv=None) -> int:
             f"commit {result['git']['commit']}; copy bandwidth {bw / 1e9:.0f} GB/s"
         )
         cases = case_grid(args)
-        result["cases"] = [new_row(m, b, c, args.steps_check) for m, b, c in cases]
+        result["cases"] = [new_row(m, b, c, args.steps_check, sp) for m, b, c, sp in cases]
         for i, row in enumerate(result["cases"]):
-            tag = f"[{i + 1}/{len(cases)}] {row['model']} batch {row['batch']} ctx {row['ctx']}"
+            tag = f"[{i + 1}/{len(cases)}] {row['model']} batch {row['batch']} ctx {row['ctx']} {spelling_of(row)}"
             if not budget.fits("setup", "mkcompiler", model=row["model"]):
                 result["stopped"] = f"time budget: {budget.left():.0f} s left before {tag}"
                 say(f"stopping: {result['stopped']}")
@@ -754,10 +793,10 @@ def main(argv=None) -> int:
         say(format_table(done))
         say("")
         say(legend(args.baseline_modes))
-    not_run = [f"{r['model']} b{r['batch']} ctx{r['ctx']}" for r in result["cases"] if r["status"] == "not run"]
+    not_run = [case_name(r) for r in result["cases"] if r["status"] == "not run"]
     if not_run:
         say(f"not run: {', '.join(not_run)}")
-    flagged = [f"{r['model']} b{r['batch']} ctx{r['ctx']} ({r['max_rel_err']:.2e})" for r in done if r["tol_exceeded"]]
+    flagged = [f"{case_name(r)} ({r['max_rel_err']:.2e})" for r in done if r["tol_exceeded"]]
     if flagged:
         say(f"FLAG: mkcompiler logits rel err above {args.tol:g}: {', '.join(flagged)}")
     if args.json:

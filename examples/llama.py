@@ -3,10 +3,16 @@ write it: nothing in it knows about mkcompiler. `forward(tokens, input_pos)` run
 (S tokens) or decode (S = 1); the KV cache is a module buffer updated in place.
 
     from examples.llama import Llama, LlamaConfig
+
+`LlamaConfig.spelling` picks how the norms, RoPE and attention are written: "canonical"
+(nn.RMSNorm, rotate-half by slicing, F.scaled_dot_product_attention) or "written" (the same layer
+spelled out as much model code spells it: WrittenRMSNorm, rotate_half_chunked, Attention.written).
+Both compile to the same structure (passes/canonicalize.py; tests/test_llama_spellings.py).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,11 +32,18 @@ class LlamaConfig:
     max_batch: int = 1
     rope_theta: float = 500000.0
     norm_eps: float = 1e-5
+    spelling: str = "canonical"  # one of SPELLINGS
+
+    def __post_init__(self):
+        if self.spelling not in SPELLINGS:
+            raise ValueError(f"spelling {self.spelling!r}: expected one of {', '.join(SPELLINGS)}")
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
+
+SPELLINGS = ("canonical", "written")
 
 CONFIGS = {
     "tiny": LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=128, max_seq_len=64),
@@ -43,6 +56,44 @@ CONFIGS = {
 def rotate_half(x):
     x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
     return torch.cat((-x2, x1), dim=-1)
+
+
+# ---- the "written" spelling: the same layer spelled out the way much model code spells it ----
+
+
+class WrittenRMSNorm(nn.Module):
+    """nn.RMSNorm written out in fp32, cast back, then the weight (Llama's reference code); its
+    parameter has nn.RMSNorm's name, so one state dict loads into either."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rms_norm(c: LlamaConfig) -> nn.Module:
+    return WrittenRMSNorm(c.dim, c.norm_eps) if c.spelling == "written" else nn.RMSNorm(c.dim, eps=c.norm_eps)
+
+
+def rotate_half_chunked(x, cos, sin):
+    """RoPE as rotate-half written with chunk + cat, in fp32: x [B, S, H, D] (before the heads'
+    transpose) rotates the pairs (x[i], x[i + D/2]) by cos, sin [S, D] fp32 (the angles twice).
+
+    Not interleaved pairs or a complex product (Llama-2/3's reference): that stack of pairs
+    compiles to 3 more elementwise ops per layer. Nothing folds it into the KV-cache scatter
+    reading K (the scatter reads the stack's (D/2, 2) dims merged into one) nor into attention
+    reading Q (fold_cats folds a cat only into elementwise ops and scatters)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return (x.float() * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]).type_as(x)
+
+
+def repeat_kv(x, groups: int):
+    """[B, Hkv, L, D] -> [B, Hkv * groups, L, D], each KV head repeated for its query heads."""
+    b, hk, n, d = x.shape
+    return x[:, :, None].expand(b, hk, groups, n, d).reshape(b, hk * groups, n, d)
 
 
 class Attention(nn.Module):
@@ -58,6 +109,8 @@ class Attention(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
 
     def forward(self, x, cos, sin, mask, input_pos):
+        if self.c.spelling == "written":
+            return self.written(x, cos, sin, mask, input_pos)
         b, s, _ = x.shape
         c = self.c
         q = self.wq(x).view(b, s, c.n_heads, c.head_dim).transpose(1, 2)
@@ -69,6 +122,24 @@ class Attention(nn.Module):
         self.v_cache[:b, :, input_pos] = v
         o = F.scaled_dot_product_attention(q, self.k_cache[:b], self.v_cache[:b], attn_mask=mask, enable_gqa=True)
         return self.wo(o.transpose(1, 2).reshape(b, s, c.dim))
+
+    def written(self, x, cos, sin, mask, input_pos):
+        """forward with RoPE in [B, S, H, D] (rotate_half_chunked; cos, sin [S, D] fp32) and attention
+        written out: repeat_kv, scores scaled by 1 / sqrt(d), the keys past each position filled
+        with -inf, softmax in fp32, then the values."""
+        b, s, _ = x.shape
+        c = self.c
+        q = rotate_half_chunked(self.wq(x).view(b, s, c.n_heads, c.head_dim), cos, sin).transpose(1, 2)
+        k = rotate_half_chunked(self.wk(x).view(b, s, c.n_kv_heads, c.head_dim), cos, sin).transpose(1, 2)
+        v = self.wv(x).view(b, s, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        self.k_cache[:b, :, input_pos] = k
+        self.v_cache[:b, :, input_pos] = v
+        groups = c.n_heads // c.n_kv_heads
+        keys, values = repeat_kv(self.k_cache[:b], groups), repeat_kv(self.v_cache[:b], groups)
+        scores = q @ keys.transpose(-1, -2) / math.sqrt(c.head_dim)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        p = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        return self.wo((p @ values).transpose(1, 2).reshape(b, s, c.dim))
 
 
 class MLP(nn.Module):
@@ -85,9 +156,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, c: LlamaConfig):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(c.dim, eps=c.norm_eps)
+        self.attn_norm = rms_norm(c)
         self.attn = Attention(c)
-        self.mlp_norm = nn.RMSNorm(c.dim, eps=c.norm_eps)
+        self.mlp_norm = rms_norm(c)
         self.mlp = MLP(c)
 
     def forward(self, x, cos, sin, mask, input_pos):
@@ -101,7 +172,7 @@ class Llama(nn.Module):
         self.c = c
         self.embed = nn.Embedding(c.vocab_size, c.dim)
         self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
-        self.norm = nn.RMSNorm(c.dim, eps=c.norm_eps)
+        self.norm = rms_norm(c)
         self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2).float() / c.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -111,7 +182,10 @@ class Llama(nn.Module):
         x = self.embed(tokens)
         freqs = input_pos[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        if self.c.spelling == "written":  # fp32 tables (rotate_half_chunked)
+            cos, sin = emb.cos(), emb.sin()
+        else:
+            cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         mask = input_pos[:, None] >= torch.arange(self.c.max_seq_len, device=tokens.device)[None, :]
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos)
@@ -186,6 +260,8 @@ class MixedStep(nn.Module):
 
     def forward(self, chunk_tokens, chunk_pos, dec_tokens, dec_pos):
         m = self.model
+        if m.c.spelling != "canonical":  # _attention below is the canonical spelling's
+            raise ValueError(f"MixedStep needs a model of the canonical spelling, not {m.c.spelling!r}")
         n_chunk, batch = chunk_tokens.shape[1], dec_tokens.shape[0]
         if batch + 1 > m.c.max_batch:
             raise ValueError(f"{batch} decoding sequences need a KV cache of {batch + 1} rows, not {m.c.max_batch}")

@@ -407,6 +407,25 @@ def _resolve_masks(graph: Graph, match: _Match) -> _Masks | None:
     return _Masks(is_causal, view, runtime[0].kind == "drop")
 
 
+def _double_negation(graph: Graph, masks: _Masks, writers) -> _Masks:
+    """A drop mask that is the negation of a keep mask (`masked_fill(~keep, -inf)`) -> that keep
+    mask, read where the negation reads it: no negation op for the attention op (per layer, as the
+    model computes `~keep` per layer), the same mask read as F.scaled_dot_product_attention's."""
+    if masks.mask is None or not masks.negate:
+        return masks
+    ws = writers.get(masks.mask.buffer, [])
+    if len(ws) != 1 or ws[0].kind != "elementwise" or not _is_identity(graph, ws[0].outputs[0]):
+        return masks
+    (op,) = ws
+    if op.attrs.expr[:3] not in (("op", "logical_not", torch.bool), ("op", "bitwise_not", torch.bool)):
+        return masks
+    if op.attrs.expr[3:] != (("in", 0),) or op.inputs[0].dtype != torch.bool:
+        return masks
+    src = op.inputs[0]
+    keep = _fit(src.buffer, src.dtype, src.offsets()[masks.mask.offsets()].reshape(masks.mask.shape))
+    return masks if keep is None else replace(masks, mask=keep, negate=False)
+
+
 def _fold_output_copy(graph: Graph, out: View, readers) -> tuple[View, OpNode | None]:
     """If the one reader of the attention output is a plain copy of all of it (the transpose and
     reshape back to [B, S, H * D]), the attention op writes where the copy would (as
@@ -457,6 +476,7 @@ def fuse_written_attention(graph: Graph) -> Graph:
         match = _match(graph, sm, writers, readers)
         masks = _resolve_masks(graph, match) if match is not None else None
         if masks is not None:
+            masks = _double_negation(graph, masks, writers)
             _rewrite(graph, match, masks, readers)
     return graph
 

@@ -24,12 +24,13 @@ def test_default_grid_is_both_models_three_batches_two_contexts():
     args = dl.parse_args([])
     grid = dl.case_grid(args)
     assert len(grid) == 12
-    assert grid[0] == ("llama-3.2-1b", 1, 512)
-    assert grid[1] == ("llama-3.2-1b", 1, 4096)  # context innermost: same-batch cases in a row
-    assert grid[-1] == ("llama-3.1-8b", 16, 4096)
-    assert {m for m, _, _ in grid} == {"llama-3.2-1b", "llama-3.1-8b"}
-    assert {b for _, b, _ in grid} == {1, 4, 16}
-    assert {c for _, _, c in grid} == {512, 4096}
+    assert grid[0] == ("llama-3.2-1b", 1, 512, "canonical")
+    assert grid[1] == ("llama-3.2-1b", 1, 4096, "canonical")  # context inner: same-batch cases in a row
+    assert grid[-1] == ("llama-3.1-8b", 16, 4096, "canonical")
+    assert {m for m, _, _, _ in grid} == {"llama-3.2-1b", "llama-3.1-8b"}
+    assert {b for _, b, _, _ in grid} == {1, 4, 16}
+    assert {c for _, _, c, _ in grid} == {512, 4096}
+    assert {s for _, _, _, s in grid} == {"canonical"}
     assert args.baseline_modes == ["max-autotune-no-cudagraphs", "max-autotune"]
     assert args.steps_check == 2 and args.time_budget is None and args.json is None
 
@@ -43,7 +44,21 @@ def test_default_grid_is_both_models_three_batches_two_contexts():
     ],
 )
 def test_flags_restrict_the_grid(argv):
-    assert dl.case_grid(dl.parse_args(argv)) == [("llama-3.1-8b", 1, 4096), ("llama-3.1-8b", 16, 4096)]
+    assert dl.case_grid(dl.parse_args(argv)) == [
+        ("llama-3.1-8b", 1, 4096, "canonical"),
+        ("llama-3.1-8b", 16, 4096, "canonical"),
+    ]
+
+
+def test_each_spelling_is_a_case_beside_the_others_of_its_shape():
+    argv = ["--models", "llama-3.2-1b", "--batches", "1", "4", "--ctxs", "512", "--spelling", "canonical", "written"]
+    assert dl.case_grid(dl.parse_args(argv)) == [
+        ("llama-3.2-1b", 1, 512, "canonical"),
+        ("llama-3.2-1b", 1, 512, "written"),
+        ("llama-3.2-1b", 4, 512, "canonical"),
+        ("llama-3.2-1b", 4, 512, "written"),
+    ]
+    assert dl.parse_args(["--spelling", "written,written"]).spelling == ["written"]
 
 
 def test_other_flags():
@@ -70,6 +85,7 @@ def test_other_flags():
         ["--baseline-modes", "fast"],
         ["--steps-check", "-1"],
         ["--time-budget", "0"],
+        ["--spelling", "interleaved"],
     ],
 )
 def test_bad_flags_exit_with_usage(argv, capsys):
@@ -149,6 +165,7 @@ def test_format_table():
             max_rel_err=0.07,
             tol_exceeded=True,
             status="partial",
+            spelling="written",
             skipped=["tc:max-autotune-no-cudagraphs (time budget)"],
             errors={"eager": "OutOfMemoryError: CUDA out of memory.\nmore"},
         ),
@@ -156,9 +173,9 @@ def test_format_table():
     lines = dl.format_table(rows).splitlines()
     assert len(lines) == 4
     head = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert head[:4] == ["model", "batch", "ctx", "floor ms"]
+    assert head[:5] == ["model", "batch", "ctx", "spelling", "floor ms"]
     # implementations in a fixed order whatever order the rows give them in, three columns each
-    assert head[4:7] == ["mk call ms", "mk call tok/s", "mk call % floor"]
+    assert head[5:8] == ["mk call ms", "mk call tok/s", "mk call % floor"]
     assert [h[: -len(" ms")] for h in head if h.endswith(" ms") and h != "floor ms"] == [
         "mk call",
         "mk kernel",
@@ -170,12 +187,14 @@ def test_format_table():
     assert set(lines[1].strip("|").split("|")) == {"---"} and lines[1].count("|") == lines[0].count("|")
     cells = dict(zip(head, (c.strip() for c in lines[2].strip("|").split("|"))))
     assert cells["model"] == "llama-3.2-1b" and cells["batch"] == "1" and cells["ctx"] == "512"
+    assert cells["spelling"] == "canonical"  # a row without one (recorded before --spelling)
     assert cells["floor ms"] == "0.850"
     assert cells["mk call ms"] == "3.400" and cells["mk call tok/s"] == "294" and cells["mk call % floor"] == "25.0%"
     assert cells["tc+graphs tok/s"] == "714" and cells["best baseline"] == "tc+graphs"
     assert cells["mk call speed-up"] == "0.41x" and cells["mk kernel speed-up"] == "0.82x"
     assert cells["mk rel err"] == "3.1e-02" and cells["notes"] == ""
     cells = dict(zip(head, (c.strip() for c in lines[3].strip("|").split("|"))))
+    assert cells["spelling"] == "written"
     assert cells["tc ms"] == "—" and cells["tc % floor"] == "—"  # not measured
     assert cells["mk call tok/s"] == "2000" and cells["mk kernel % floor"] == "160.0%"
     assert cells["best baseline"] == "tc+graphs" and cells["mk call speed-up"] == "1.25x"
@@ -213,10 +232,47 @@ def test_build_model_on_cpu():
     torch.testing.assert_close(model.inv_freq.float(), ref.inv_freq.to(torch.bfloat16).float())
 
 
+def test_build_model_spellings_share_weights_and_caches():
+    """Two spellings of one case: the same parameters and caches, the same logits (bf16)."""
+    models = {
+        sp: dl.build_model("tiny", batch=1, ctx=8, steps=2, device="cpu", spelling=sp)
+        for sp in ("canonical", "written")
+    }
+    assert models["written"].c.spelling == "written" and models["canonical"].c.spelling == "canonical"
+    canonical, written = models["canonical"].state_dict(), models["written"].state_dict()
+    assert canonical.keys() == written.keys() and all(torch.equal(canonical[k], written[k]) for k in canonical)
+    assert torch.equal(models["canonical"].layers[1].attn.k_cache, models["written"].layers[1].attn.k_cache)
+    tok, pos = torch.tensor([[3]]), torch.tensor([8])
+    with torch.no_grad():
+        got, want = (models[sp](tok, pos).float() for sp in ("written", "canonical"))
+    assert dl.rel(got, want) < 3e-2
+
+
 def test_dry_run_needs_no_gpu(capsys):
     assert dl.main(["--dry-run", "--models", "llama-3.1-8b", "--batches", "16", "--ctxs", "4096"]) == 0
     out = capsys.readouterr().out
     assert "1 cases" in out and "llama-3.1-8b" in out and "8.592" in out  # KV read GB
+
+
+def test_dry_run_lists_each_spelling(capsys):
+    argv = [
+        "--dry-run",
+        "--models",
+        "llama-3.2-1b",
+        "--batches",
+        "1",
+        "--ctxs",
+        "512",
+        "--spelling",
+        "canonical",
+        "written",
+    ]
+    assert dl.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "2 cases" in out[0] and "spelling" in out[1]
+    rows = [line.split() for line in out[2:]]
+    assert [r[3] for r in rows] == ["canonical", "written"]
+    assert rows[0][4:] == rows[1][4:]  # the same model: the same bytes
 
 
 def test_compile_options_parse_literals():
