@@ -163,6 +163,11 @@ class CompiledGraph:
         self._values = [i for i, r in enumerate(self.roles) if r is Role.VALUE]
         self.compiled: dict[tuple, object] = {}
         self._addresses: dict[tuple, tuple] = {}  # key -> the bound tensors' addresses it was compiled for
+        # The device the graph runs on: its bound tensors' (the model's weights). Graph inputs dynamo
+        # hands over on another device (a CPU tensor transformers makes for a GPU model) are copied
+        # there at each call, as an eager op mixing devices would read them.
+        bound = [example_inputs[i] for i in self._bound]
+        self.device = bound[0].device if bound else None
         self._warned = False
 
     def _key(self, args) -> tuple:
@@ -175,8 +180,15 @@ class CompiledGraph:
         addresses = tuple([args[i].data_ptr() for i in self._bound])
         if self._addresses.get(key) != addresses and not self._compile(key, addresses, args):
             return self.graph_module(*args)  # past the recompile limit
-        # Megakernels take contiguous inputs (dynamo may pass views, e.g. the last row of a batch).
-        return self.compiled[key](*(args[i].contiguous() for i in self._inputs))
+        return self.compiled[key](*self._inputs_of(args))
+
+    def _inputs_of(self, args) -> tuple:
+        """The megakernel's inputs: contiguous (dynamo may pass views, e.g. the last row of a batch),
+        on the graph's device."""
+        inputs = (args[i].contiguous() for i in self._inputs)
+        if self.device is None:
+            return tuple(inputs)
+        return tuple(x if x.device == self.device else x.to(self.device) for x in inputs)
 
     def _compile(self, key: tuple, addresses: tuple, args) -> bool:
         """Compile for this call's key and bound tensors; False when the key is new and the
@@ -198,7 +210,7 @@ class CompiledGraph:
         self.compiled.pop(key, None)  # the old tensors are not kept alive while compiling for the new ones
         self._addresses.pop(key, None)
         model = _GraphModel(self.graph_module, self.roles, list(args))
-        inputs = tuple(args[i].contiguous() for i in self._inputs)
+        inputs = self._inputs_of(args)
         with torch.no_grad():
             self.compiled[key] = mk_compile(model, inputs, **self.options)
         self._addresses[key] = addresses
