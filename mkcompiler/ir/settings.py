@@ -66,9 +66,6 @@ class Settings:
     # "acquire" (GPU, the default: every poll an ld.acquire)
     waits: str = "acquire"
     preload_args: bool = True  # load an instruction's args before its wait (codegen.generate)
-    # GPU, static schedules: before each wait, a worker asks L2 for the weights of its next decode
-    # matmuls, keeping at most this many bytes asked for ahead (backends/triton/prefetch.py); 0: off
-    prefetch_ahead_bytes: int = 0
     workers_per_sm: int = 1  # default num_workers = SMs x this (co-resident: registers and shared memory permitting)
     # Generate for Triton's CPU interpreter (True) or a GPU (False); default (None): as Triton runs
     # in this process (triton_interprets()), resolved by mkcompiler.compile (Settings.for_target).

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
-from mkcompiler.backends.triton import prefetch
 from mkcompiler.errors import InputError, MegakernelError, check_input, flatten_call
 from mkcompiler.ir.graph import BufferKind, View
 from mkcompiler.ir.layout import NUM_ERROR_FIELDS, NUM_STAMPS, NUM_VIEW_FIELDS, ErrorField, Field, ViewField
@@ -192,7 +191,6 @@ class Megakernel:
         self._track_view_addrs(q.views)
         self.order = torch.from_numpy(np.ascontiguousarray(q.worker_order)).to(dev)
         self.worker_begin = torch.from_numpy(np.ascontiguousarray(q.worker_begin)).to(dev)
-        self._plan_prefetch()
         self._max_count = int(q.waits[:, 1].max()) if len(q.waits) else 1
         rows = q.rows[:, Field.WAIT_END] - q.rows[:, Field.WAIT_BEGIN]
         self.wait_mode = wait_mode(self.settings.waits, self.interpret, int(rows.max()) if len(rows) else 0)
@@ -209,19 +207,6 @@ class Megakernel:
         self._views_of_buffer = [order[starts[b] : starts[b + 1]] for b in range(len(itemsize))]
         self._addrs_synced = np.full(len(itemsize), -1, dtype=np.int64)  # nothing synced yet
 
-    def _plan_prefetch(self) -> None:
-        """The L2 prefetch table (Settings.prefetch_ahead_bytes), for static schedules on a GPU;
-        its addresses are written by _sync_view_addrs."""
-        budget = self.settings.prefetch_ahead_bytes
-        self._pf_table = None
-        self.pf = self.addrs  # a placeholder argument: PREFETCH=0 never reads it
-        if budget <= 0 or self.interpret or self.settings.schedule != "static":
-            return
-        plan = prefetch.plan_prefetch(self.queue, self.graph.buffers, budget)
-        if plan.num_regions:
-            self._pf_table = prefetch.PrefetchTable(plan)
-            self.pf = torch.zeros(self._pf_table.fields.size, dtype=torch.int64, device=self.device)
-
     def _sync_view_addrs(self) -> None:
         """Rewrite the ADDR of every view whose buffer moved since the last launch (all of them
         at the first; a bound input that is a new tensor; tensor parallelism moving buffers into
@@ -230,8 +215,6 @@ class Megakernel:
         moved = np.nonzero(addrs != self._addrs_synced)[0]
         if len(moved) == 0:
             return
-        if self._pf_table is not None and np.isin(moved, self._pf_table.used).any():
-            self.pf.copy_(torch.from_numpy(self._pf_table.rows(addrs).reshape(-1)))
         rows = np.concatenate([self._views_of_buffer[b] for b in moved])
         values = addrs[self._view_buffer[rows]] + self._view_offset_bytes[rows]
         update = torch.from_numpy(np.stack([rows, values])).to(self.device)
@@ -337,7 +320,6 @@ class Megakernel:
             PROFILE=prof is not None,
             LOGICAL_CLOCK=self.interpret,
             WAIT_MODE=self.wait_mode,
-            PREFETCH=prefetch.ENTRIES if self._pf_table is not None else 0,
         )
         if not self.interpret:
             kwargs.update(
@@ -359,7 +341,6 @@ class Megakernel:
                 self.views,
                 self.order,
                 self.worker_begin,
-                self.pf,
                 self.generation,
                 self.err if prof is None else prof,
                 *self.extra_args,

@@ -42,7 +42,6 @@ SIGNATURE = {
     "views_ptr": "*i64",
     "order_ptr": "*i32",
     "worker_begin_ptr": "*i32",
-    "pf_ptr": "*i64",
     "generation": "i32",
     "prof_ptr": "*i64",
     "MAX_SPIN": "constexpr",
@@ -50,7 +49,6 @@ SIGNATURE = {
     "PROFILE": "constexpr",
     "LOGICAL_CLOCK": "constexpr",
     "WAIT_MODE": "constexpr",
-    "PREFETCH": "constexpr",
 }
 # A tensor-parallel kernel (codegen_tp.py) takes the rank's table after prof_ptr.
 _AFTER = list(SIGNATURE).index("prof_ptr") + 1
@@ -97,7 +95,6 @@ def compile_sm90(
     timeout: float = 600,
     profile: bool = False,
     waits: str | None = None,
-    prefetch: int = 0,
 ) -> dict:
     """Compile megakernel source for sm_`arch` in a subprocess; return its resource report:
     regs (per thread), spill_stores / spill_loads / spilled_bytes (bytes per thread), shared
@@ -120,7 +117,6 @@ def compile_sm90(
         "--dynamic" if dynamic else "--static",
         *(["--profile"] if profile else []),
         *([f"--waits={waits}"] if waits else []),
-        f"--prefetch={prefetch}",
     ]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -163,7 +159,6 @@ def _compile(
     dynamic: bool,
     profile: bool = False,
     waits: str | None = None,
-    prefetch: int = 0,
 ):
     """triton.compile for a CUDA target without a driver; returns (kernel, ptxas log)."""
     import triton
@@ -182,7 +177,6 @@ def _compile(
         (index["LOGICAL_CLOCK"],): False,
         # "acquire-many": the kernel runtime.wait_mode gives queues with more than 3 waits in a row
         (index["WAIT_MODE"],): WAIT_MANY_MODE if waits == "acquire-many" else WAIT_MODES.index(waits),
-        (index["PREFETCH"],): prefetch,
     }
     # The JIT marks 16-byte-aligned pointers divisible by 16; without it nothing is vectorized.
     signature = signature_of(kernel.arg_names)
@@ -232,13 +226,12 @@ def report_for(
     dump_dir: str | None = None,
     profile: bool = False,
     waits: str | None = None,
-    prefetch: int = 0,
 ) -> dict:
     num_warps = num_warps or default_num_warps()
     num_stages = num_stages or default_num_stages()
     kernel = _load_kernel(path)
     t0 = time.perf_counter()
-    compiled, log = _compile(kernel, num_warps, num_stages, arch, dynamic, profile, waits, prefetch)
+    compiled, log = _compile(kernel, num_warps, num_stages, arch, dynamic, profile, waits)
     seconds = time.perf_counter() - t0
     res = _res_usage(compiled.asm["cubin"])
     stores, loads = _ptxas_spills(log)
@@ -254,7 +247,6 @@ def report_for(
         "dynamic": dynamic,
         "profile": profile,
         "waits": waits or default_waits(),
-        "prefetch": prefetch,
         "regs": res["reg"],
         "spill_stores": stores,
         "spill_loads": loads,
@@ -283,7 +275,6 @@ def main(argv=None) -> None:
         default=None,
         help='Settings.waits of the compile (default: Settings), or "acquire-many" (acquire waits with wait_many)',
     )
-    p.add_argument("--prefetch", type=int, default=0, help="regions per position of the L2 prefetch table (0: none)")
     p.add_argument("--dump", metavar="DIR", help="write ttir/ttgir/llir/ptx here")
     p.add_argument("--json", action="store_true", help="print the report as one JSON line")
     a = p.parse_args(argv)
@@ -294,7 +285,7 @@ def main(argv=None) -> None:
         env = dict(os.environ, TRITON_INTERPRET="0", TRITON_ALWAYS_COMPILE="1")
         args = sys.argv[1:] if argv is None else list(argv)
         os.execve(sys.executable, [sys.executable, "-m", "mkcompiler.tools.offline", *args], env)
-    r = report_for(a.source, a.num_warps, a.num_stages, a.arch, a.dynamic, a.dump, a.profile, a.waits, a.prefetch)
+    r = report_for(a.source, a.num_warps, a.num_stages, a.arch, a.dynamic, a.dump, a.profile, a.waits)
     print(json.dumps(r) if a.json else format_report(r))
 
 

@@ -18,17 +18,7 @@ HEADER = """\
 import triton
 import triton.language as tl
 {tp_imports}
-from mkcompiler.ops.kernel_lib import (
-    aborted,
-    load_header,
-    load_wait,
-    now,
-    prefetch_fields,
-    prefetch_issue,
-    preload,
-    signal,
-    wait_all,
-)
+from mkcompiler.ops.kernel_lib import aborted, load_header, load_wait, now, preload, signal, wait_all
 from mkcompiler.ops.common import (
     aligned_stride,
     arg,
@@ -61,15 +51,12 @@ LOOP_HEAD = '''
 # recompile the whole megakernel at launches 1, 16, 32, ...
 @triton.jit(do_not_specialize=["generation", "n_instr"])
 def megakernel(instr_ptr, n_instr, waits_ptr, counters_ptr, head_ptr, err_ptr, addrs_ptr, views_ptr,
-               order_ptr, worker_begin_ptr, pf_ptr, generation, prof_ptr,{tp} MAX_SPIN: tl.constexpr,
-               DYNAMIC: tl.constexpr, PROFILE: tl.constexpr, LOGICAL_CLOCK: tl.constexpr, WAIT_MODE: tl.constexpr,
-               PREFETCH: tl.constexpr):
+               order_ptr, worker_begin_ptr, generation, prof_ptr,{tp} MAX_SPIN: tl.constexpr, DYNAMIC: tl.constexpr,
+               PROFILE: tl.constexpr, LOGICAL_CLOCK: tl.constexpr, WAIT_MODE: tl.constexpr):
     """Each program is one worker: fetch an instruction, wait for its inputs, run its tile, signal.
     PROFILE (a separate compile, only when asked) stamps (worker, fetch, ready, end) per
     instruction into prof_ptr (ir/layout.StampField's columns); prof_ptr[-1] is the logical clock.
-    WAIT_MODE: how waits acquire (kernel_lib.wait_all; 1 and 2 are inline PTX, GPU only).
-    PREFETCH > 0 (static schedules on a GPU): pf_ptr is the L2 prefetch table (backends/triton/
-    prefetch.py), PREFETCH regions per position, issued before each instruction's wait."""
+    WAIT_MODE: how waits acquire (kernel_lib.wait_all; 1 and 2 are inline PTX, GPU only)."""
     pid = tl.program_id(0)
 {start}    if DYNAMIC:
         # The head only grows: each launch takes n_instr + num_programs fetches from it.
@@ -86,8 +73,6 @@ def megakernel(instr_ptr, n_instr, waits_ptr, counters_ptr, head_ptr, err_ptr, a
     # one read of its counter instead of a chain of dependent reads (index, row, wait row).
     op, w_begin, w_end = load_header(instr_ptr, idx, cursor < stop)
     counter, count = load_wait(waits_ptr, w_begin, w_end)
-    if PREFETCH > 0:
-        pf_addr, pf_shape = prefetch_fields(pf_ptr, cursor, cursor < stop, PREFETCH)
 {before_loop}    while cursor < stop:
         if DYNAMIC:
             # Fetch ahead: take the next index now, so the atomic's latency overlaps this
@@ -99,9 +84,6 @@ def megakernel(instr_ptr, n_instr, waits_ptr, counters_ptr, head_ptr, err_ptr, a
         else:
             next_cursor = cursor + 1
             next_idx = tl.load(order_ptr + next_cursor, mask=next_cursor < stop, other=0)
-        if PREFETCH > 0:  # this position's regions (loaded one instruction ago), then the next one's
-            prefetch_issue(pf_addr, pf_shape)
-            pf_addr, pf_shape = prefetch_fields(pf_ptr, next_cursor, next_cursor < stop, PREFETCH)
         stopping = aborted(err_ptr)  # read early: its latency overlaps the wait and the tile
         row = instr_ptr + idx * NUM_FIELDS
         if PROFILE:
