@@ -150,6 +150,12 @@ def _compile(model, example_inputs, options, settings, num_workers, device, prog
             comp.cache = "miss"
     comp.timings = {**timings, **comp.timings}
     progress.step("codegen")
+    if settings.backend == "gluon" and make is Megakernel:
+        from mkcompiler.runtime.gluon import compile_gluon  # None: warned, the Triton backend runs it
+
+        mk = compile_gluon(comp, model, device)
+        if mk is not None:
+            return mk
     source = generate(comp.queue, settings.preload_args, settings.early_weights)
     if settings.dump_dir:  # beside the passes' dumps: the kernel as a standalone file
         os.makedirs(settings.dump_dir, exist_ok=True)

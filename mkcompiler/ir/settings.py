@@ -14,6 +14,7 @@ UNKEYED = ("debug", "dump_dir", "cache", "progress", "errors")
 WAIT_MODES = ("atomic", "fence", "acquire")
 # The kernel's WAIT_MODE past WAIT_MODES: "acquire" with kernel_lib.wait_many (runtime.wait_mode).
 WAIT_MANY_MODE = len(WAIT_MODES)
+BACKENDS = ("triton", "gluon")  # Settings.backend
 
 
 def triton_interprets() -> bool:
@@ -81,6 +82,9 @@ class Settings:
     dump_dir: str | None = os.environ.get("MKCOMPILER_DUMP") or None
     cache: bool = True  # reuse compiled queues from the on-disk cache (MKCOMPILER_CACHE, mkcompiler/tools/cache.py)
     progress: bool = True  # a progress line on stderr (a terminal only) once a compile takes over 2 s
+    # The kernel's generator: "triton" (backends/triton) or "gluon" (backends/gluon/codegen.py: the
+    # warp-specialized sm_90 decode kernel; a graph it cannot run compiles on Triton, with a warning)
+    backend: str = "triton"
 
     def replace(self, **changes) -> Settings:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
@@ -97,6 +101,8 @@ class Settings:
             raise ValueError(f"waits must be one of {WAIT_MODES}, not {s.waits!r}")
         if s.errors not in ("sync", "deferred"):
             raise ValueError(f"errors must be 'sync' or 'deferred', not {s.errors!r}")
+        if s.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, not {s.backend!r}")
         if s.fallback not in ("error", "eager"):
             raise ValueError(f"fallback must be 'error' or 'eager', not {s.fallback!r}")
         return s

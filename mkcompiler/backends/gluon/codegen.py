@@ -1,0 +1,453 @@
+"""Generate the Gluon (warp-specialized, sm_90) persistent decode kernel from a compiled Queue.
+
+The kernel runs the SAME queue as the Triton backend (rows, wait rows, views, counters and the
+static worker lists), so capture, passes, the VM and the runtime's bookkeeping stay as they are.
+One CTA per worker (one per SM), two partitions joined by a shared-memory weight ring:
+
+  * loader (1 warp, generated: the TMA descriptors are kernel arguments, picked by a static
+    if-chain since Gluon cannot index a descriptor array): walks the worker's list and TMA-loads
+    each matmul instruction's weight blocks (plan.py's loader walk), blocking only on a free ring
+    slot, never on a dependency counter, so it streams ahead through every wait;
+  * compute (the default warps): per instruction a bounded wait on its counters (acquire),
+    dispatch on the opcode (tiles.matmul_tile taking its blocks from the ring; elementwise
+    routines generated here as Gluon twins of ops/elementwise.py's), the stores, the release
+    signal. A wait that gives up records the error (kernel_lib's record) and from then on the
+    worker only drains its ring blocks, so its loader ends and the launch returns.
+
+Both partitions read the K chunk of each instruction's blocks from one per-instruction table
+(tiles.TMA_*, `tma_table`), built from the plan's loader walk after `DecodePlan.check` proved it
+equal to the compute walk derived from the ops: the ring is a FIFO, the two must agree.
+
+What the backend runs (`unsupported` names the rest; the compile then falls back to Triton):
+decode matmuls (BM <= 16 rows, bf16 weights read in place as whole row-major [N, K] parameters,
+split-K partials, bias, a folded RMSNorm) and elementwise ops over contiguous views.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mkcompiler.backends.gluon import tiles
+from mkcompiler.backends.gluon.plan import STREAMED_KINDS, DecodePlan, decode_plan, stack_key
+from mkcompiler.ir.dag import TileDAG
+from mkcompiler.ir.graph import Graph
+from mkcompiler.ir.layout import Field, ViewField
+from mkcompiler.ir.queue import Queue
+from mkcompiler.ops.base import next_pow2, tl_dtype
+from mkcompiler.ops.elementwise import OPS, expr_source, has_positional, op_names
+from mkcompiler.ops.matmul import DECODE_ROWS
+from mkcompiler.ops.registry import FAMILIES
+
+COMPUTE_WARPS = 4
+LOADER_WARPS = 1
+LOADER_REGS = 48
+MAX_DESCRIPTORS = 8  # TMA descriptors per launch (kernel arguments)
+RING_BYTES = 160 * 1024  # shared memory for the weight ring (Hopper: 227 KiB per CTA)
+MIN_BUF, MAX_BUF = 2, 8
+MATMUL, ELEMENTWISE = "matmul", "elementwise"
+# Gluon's twins of what the elementwise templates call as tl.<name> and gl lacks (tiles.py)
+LOCAL_FUNCTIONS = ("sigmoid",)
+_TL_NAME = re.compile(r"\btl\.(\w+)")
+
+
+class GluonUnsupported(RuntimeError):
+    """The graph has something the Gluon backend cannot run (the message names it)."""
+
+
+# ---- what runs here ----
+
+
+def _gl_name(name: str) -> str | None:
+    """The Gluon spelling of tl.<name> in generated code, or None when there is none."""
+    if not tiles.HAVE_GLUON:
+        return None
+    if name in LOCAL_FUNCTIONS:
+        return name
+    from triton.experimental.gluon import language as gl
+
+    return f"gl.{name}" if hasattr(gl, name) else None
+
+
+def gluon_source(triton_src: str) -> str:
+    """A line of Triton elementwise source (ops/elementwise.expr_source) in Gluon; GluonUnsupported
+    names a tl function without a twin."""
+
+    def sub(m):
+        twin = _gl_name(m.group(1))
+        if twin is None:
+            raise GluonUnsupported(f"tl.{m.group(1)}")
+        return twin
+
+    return _TL_NAME.sub(sub, triton_src)
+
+
+def _elementwise_problem(key) -> str | None:
+    if key.shape is not None or any(f == 0 for f in key.flat):
+        return "strided views"
+    if has_positional(key.expr):
+        return "positional (cat) leaves"
+    for name in set(op_names(key.expr)):
+        try:
+            gluon_source(OPS[name][0])
+        except GluonUnsupported as e:
+            return f"{name} ({e})"
+    return None
+
+
+def _matmul_problem(key) -> str | None:
+    if key.tile[0] > DECODE_ROWS:
+        return f"{key.tile[0]}-row tiles (decode matmuls have at most {DECODE_ROWS})"
+    if key.b != torch.bfloat16:
+        return f"{key.b} weights (the ring holds bf16)"
+    norm = key.norm
+    if norm is not None and (not norm.rms or norm.bias_dtype is not None):
+        return "a folded LayerNorm or norm bias"
+    return None
+
+
+def _problem(key) -> str | None:
+    if key[0] == MATMUL:
+        return _matmul_problem(key)
+    if key[0] == ELEMENTWISE:
+        return _elementwise_problem(key)
+    return "no Gluon tile"
+
+
+def unsupported(graph: Graph, queue: Queue) -> list[str]:
+    """What keeps this compiled graph off the Gluon backend, one line per op (empty: it runs)."""
+    if not tiles.HAVE_GLUON:
+        return ["triton.experimental.gluon is not importable"]
+    if queue.has_remote_waits():
+        return ["tensor-parallel waits"]
+    problems: dict[str, list[str]] = {}
+    for op in graph.ops:
+        why = _problem(FAMILIES[op.kind].key(op))
+        if why is None and op.kind == MATMUL:
+            b = op.inputs[1]
+            if graph.buffers[b.buffer].kind not in STREAMED_KINDS:
+                why = "a weight that is not a parameter"
+            elif b.strides[0] != 1 or (b.shape[1] > 1 and b.strides[1] != b.shape[0]) or b.offset != 0:
+                why = "a weight that is not a whole row-major [N, K] parameter"
+        if why is not None:
+            problems.setdefault(f"{op.kind} ({why})", []).append(op.name)
+    if not any(op.kind == MATMUL for op in graph.ops):
+        problems.setdefault("no matmul (nothing to stream)", [])
+    return [f"{what}: {', '.join(names[:6])}{' ...' if len(names) > 6 else ''}" for what, names in problems.items()]
+
+
+# ---- the plan's tables ----
+
+
+@dataclass(frozen=True)
+class GluonKernel:
+    """What a launch needs besides the queue: the source, the plan (weights, stacks), the
+    descriptors' (stack group) in argument order, the ring's box and depth, the TMA table."""
+
+    source: str
+    plan: DecodePlan
+    groups: tuple[int, ...]  # descriptor d covers stack group groups[d]
+    box: tuple[int, int]  # (BN, BK) of every ring slot
+    num_buf: int
+    tma: np.ndarray  # int32 [n_instr, tiles.NUM_TMA_FIELDS]
+
+
+def tma_table(queue: Queue, plan: DecodePlan, groups: Sequence[int]) -> np.ndarray:
+    """Per instruction: (descriptor, first row in its stacked buffer, K_LO, K_HI) of its blocks, from
+    the loader walk (blocks of one instruction are consecutive BK steps of one weight rows box)."""
+    table = np.zeros((len(queue), tiles.NUM_TMA_FIELDS), dtype=np.int32)
+    desc_of = {g: d for d, g in enumerate(groups)}
+    for p in plan.workers:
+        for step in p.loads:
+            i, b = step.instruction, step.block
+            group, row, _ = plan.stacks.locate(b)
+            if table[i, tiles.TMA_K_HI] == 0:
+                table[i, tiles.TMA_DESC] = desc_of[group]
+                table[i, tiles.TMA_ROW] = row
+                table[i, tiles.TMA_K_LO] = b.k0
+            table[i, tiles.TMA_K_HI] = b.k1
+    return table
+
+
+def ring_depth(box: tuple[int, int]) -> int:
+    slot = box[0] * box[1] * torch.bfloat16.itemsize
+    return max(MIN_BUF, min(MAX_BUF, RING_BYTES // slot))
+
+
+def build(graph: Graph, dag: TileDAG, queue: Queue) -> GluonKernel:
+    """The Gluon kernel of a compiled queue; GluonUnsupported if it has what the backend lacks
+    (`unsupported`), or a plan it cannot run (several boxes, too many descriptors, a weight that
+    cannot be stacked). The plan's walks are checked equal (plan.PlanError otherwise)."""
+    problems = unsupported(graph, queue)
+    if problems:
+        raise GluonUnsupported("; ".join(problems))
+    plan = decode_plan(graph, dag, queue, check=True)
+    descriptors = plan.descriptors()
+    boxes = {box for _, box in descriptors}
+    if len(boxes) != 1:
+        raise GluonUnsupported(f"matmul weight boxes {sorted(boxes)}: the ring holds one box shape")
+    if len(descriptors) > MAX_DESCRIPTORS:
+        raise GluonUnsupported(f"{len(descriptors)} TMA descriptors (at most {MAX_DESCRIPTORS})")
+    if any(stack_key(w) is None for w in plan.weights):
+        raise GluonUnsupported("a weight that cannot be stacked")
+    groups = tuple(g for g, _ in descriptors)
+    (box,) = boxes
+    tma = tma_table(queue, plan, groups)
+    source = generate(queue, len(groups), _row_counts(queue))
+    return GluonKernel(source, plan, groups, box, ring_depth(box), tma)
+
+
+def _row_counts(queue: Queue) -> dict[int, int]:
+    """Per matmul opcode: the most rows (M) any of its instructions has (A's padded dim 2)."""
+    most: dict[int, int] = {}
+    for i in range(len(queue)):
+        o = int(queue.rows[i, Field.OPCODE])
+        if queue.opcode_keys[o][0] == MATMUL:
+            va = int(queue.rows[i, Field.ARG0 + tiles.MatmulArg.A])
+            most[o] = max(most.get(o, 1), int(queue.views[va, ViewField.SIZE0 + 2]))
+    return most
+
+
+# ---- the source ----
+
+
+def gl_dtype(dtype: torch.dtype) -> str:
+    return tl_dtype(dtype).replace("tl.", "gl.")
+
+
+HEADER = """\
+# Generated by mkcompiler (backends/gluon/codegen.py): the warp-specialized decode kernel.
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
+
+from mkcompiler.backends.gluon.tiles import (
+    TMA_LOAD,
+    add,
+    arg,
+    field,
+    matmul_tile,
+    sigmoid,
+    signal,
+    tma_field,
+    view_base,
+    view_numel,
+    wait_counters,
+)
+
+OPCODE = gl.constexpr({opcode})
+T_DESC = gl.constexpr({t_desc})
+T_ROW = gl.constexpr({t_row})
+T_K_LO = gl.constexpr({t_k_lo})
+T_K_HI = gl.constexpr({t_k_hi})
+LOADER_WARPS = gl.constexpr({loader_warps})
+LOADER_REGS = gl.constexpr({loader_regs})
+"""
+
+LOADER = '''
+
+@gluon.jit
+def loader({descs}, order_ptr, worker_begin_ptr, tma_ptr, bufs, ready, empty):
+    """The worker's matmul weight blocks, in list order, into the ring; waits only for free slots."""
+    NUM_BUF: gl.constexpr = bufs.type.shape[0]
+    BK: gl.constexpr = bufs.type.shape[2]
+    NBYTES: gl.constexpr = w0.block_type.nbytes
+    pid = gl.program_id(0)
+    it = 0
+    for cursor in range(gl.load(worker_begin_ptr + pid), gl.load(worker_begin_ptr + pid + 1)):
+        idx = gl.load(order_ptr + cursor)
+        d = tma_field(tma_ptr, idx, T_DESC)
+        row = tma_field(tma_ptr, idx, T_ROW)
+        for k in range(tma_field(tma_ptr, idx, T_K_LO), tma_field(tma_ptr, idx, T_K_HI), BK):
+            s = it % NUM_BUF
+            mbarrier.wait(empty.index(s), ((it // NUM_BUF) & 1) ^ 1)  # first lap: free at once
+            mbarrier.expect(ready.index(s), NBYTES)
+{issue}            it += 1
+'''
+
+ISSUE = """\
+            if d == {d}:
+                TMA_LOAD(w{d}, [row, k], ready.index(s), bufs.index(s))
+"""
+
+COMPUTE_HEAD = '''
+
+@gluon.jit
+def compute(instr_ptr, waits_ptr, counters_ptr, err_ptr, views_ptr, order_ptr, worker_begin_ptr, tma_ptr, generation,
+            bufs, ready, empty, MAX_SPIN: gl.constexpr, num_warps: gl.constexpr):
+    """The worker's list: wait (bounded), run the tile, signal; after a wait gave up (ok == 0),
+    only take and release ring blocks."""
+    pid = gl.program_id(0)
+    it = 0
+    ok = 1
+    for cursor in range(gl.load(worker_begin_ptr + pid), gl.load(worker_begin_ptr + pid + 1)):
+        idx = gl.load(order_ptr + cursor)
+        op = field(instr_ptr, idx, OPCODE)
+        if ok != 0:
+            ok = wait_counters(instr_ptr, waits_ptr, counters_ptr, err_ptr, idx, generation, MAX_SPIN)
+'''
+
+COMPUTE_TAIL = """\
+        if ok != 0:
+            signal(instr_ptr, counters_ptr, idx)
+"""
+
+KERNEL = """
+
+@gluon.jit(do_not_specialize=["generation"])
+def megakernel({descs}, instr_ptr, waits_ptr, counters_ptr, err_ptr, views_ptr, order_ptr, worker_begin_ptr, tma_ptr,
+               generation, MAX_SPIN: gl.constexpr, NUM_BUF: gl.constexpr, num_warps: gl.constexpr):
+    bufs = gl.allocate_shared_memory(w0.dtype, [NUM_BUF] + w0.block_type.shape, w0.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(NUM_BUF):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    gl.warp_specialize(
+        [
+            (compute, (instr_ptr, waits_ptr, counters_ptr, err_ptr, views_ptr, order_ptr, worker_begin_ptr, tma_ptr,
+                       generation, bufs, ready, empty, MAX_SPIN, num_warps)),
+            (loader, ({descs}, order_ptr, worker_begin_ptr, tma_ptr, bufs, ready, empty)),
+        ],
+        [LOADER_WARPS],
+        [LOADER_REGS],
+    )
+"""
+
+
+def matmul_call(key, rows: int) -> str:
+    norm = key.norm
+    mode = tiles.NORM_NONE if norm is None else (tiles.NORM_RMS_IN_LOOP if norm.in_loop else tiles.NORM_RMS_SWEEP)
+    has_nw = norm is not None and norm.weight_dtype is not None
+    return (
+        "it = matmul_tile(instr_ptr, views_ptr, tma_ptr, idx, ok, it, bufs, ready, empty, "
+        f"{gl_dtype(key.a)}, {gl_dtype(key.c)}, {gl_dtype(key.dot)}, {key.bias is not None}, "
+        f"{gl_dtype(key.bias if key.bias is not None else torch.float32)}, {mode}, "
+        f"{norm.eps if norm is not None else 0.0!r}, {gl_dtype(norm.h_dtype if norm else torch.float32)}, {has_nw}, "
+        f"{gl_dtype(norm.weight_dtype if has_nw else torch.float32)}, {next_pow2(rows)}, num_warps)"
+    )
+
+
+def elementwise_routine(key, name: str) -> str:
+    """The Gluon twin of Elementwise.emit's routine (contiguous views only: `unsupported`): the
+    instruction's blocks of BLOCK elements, every input loaded at the output's linear index, the
+    expression (ops/elementwise.expr_source, translated by gluon_source), the store."""
+    n = len(key.in_dtypes)
+    vec = max(1, min(8, key.block // (32 * COMPUTE_WARPS)))
+    lines, result = expr_source(key.expr, n, "lin")
+    src = [
+        "",
+        "",
+        "@gluon.jit",
+        f"def {name}(instr_ptr, views_ptr, idx, ok, num_warps: gl.constexpr):",
+        f"    BLOCK: gl.constexpr = {key.block}",
+        f"    LAYOUT: gl.constexpr = gl.BlockedLayout([{vec}], [32], [num_warps], [0])",
+        "    out_v = arg(instr_ptr, idx, 0)",
+        f"    first = arg(instr_ptr, idx, {n + 1})",
+        "    n = view_numel(views_ptr, out_v)",
+        f"    for blk in range(first, first + arg(instr_ptr, idx, {n + 2}) * ok):  # the tile's blocks",
+        "        lin = blk * BLOCK + gl.arange(0, BLOCK, layout=LAYOUT)",
+        "        mask = lin < n",
+    ]
+    for k, dt in enumerate(key.in_dtypes):
+        p = f"view_base(views_ptr, arg(instr_ptr, idx, {k + 1}), {gl_dtype(dt)}) + lin"
+        src.append(f"        x{k} = gl.load({p}, mask=mask, other=0.0, cache_modifier='.cg').to(gl.float32)")
+    for line in lines:
+        line = line.replace("tl.zeros([BLOCK], tl.float32)", "gl.zeros([BLOCK], gl.float32, layout=LAYOUT)")
+        src.append(f"        {gluon_source(line)}")
+    out = gl_dtype(key.out_dtype)
+    src.append(f"        gl.store(view_base(views_ptr, out_v, {out}) + lin, {result}.to({out}), mask=mask)")
+    return "\n".join(src) + "\n"
+
+
+def generate(queue: Queue, num_descriptors: int, rows: dict[int, int]) -> str:
+    """The kernel's source: one branch per opcode; `rows` (matmul opcode -> most rows) sizes the
+    matmul tiles' row dimension."""
+    if not 1 <= num_descriptors <= MAX_DESCRIPTORS:
+        raise GluonUnsupported(f"{num_descriptors} TMA descriptors (1..{MAX_DESCRIPTORS})")
+    descs = ", ".join(f"w{d}" for d in range(num_descriptors))
+    routines, branches = [], []
+    for opcode, key in enumerate(queue.opcode_keys):
+        if key[0] == MATMUL:
+            call = matmul_call(key, rows.get(opcode, 1))
+        elif key[0] == ELEMENTWISE:
+            name = f"op{opcode}_elementwise"
+            routines.append(elementwise_routine(key, name))
+            call = f"{name}(instr_ptr, views_ptr, idx, ok, num_warps)"
+        else:
+            raise GluonUnsupported(f"opcode {opcode} ({queue.opcode_names[opcode]}): no Gluon tile")
+        branches.append(f"        if op == {opcode}:  # {queue.opcode_names[opcode]}\n            {call}\n")
+    header = HEADER.format(
+        opcode=int(Field.OPCODE),
+        t_desc=tiles.TMA_DESC,
+        t_row=tiles.TMA_ROW,
+        t_k_lo=tiles.TMA_K_LO,
+        t_k_hi=tiles.TMA_K_HI,
+        loader_warps=LOADER_WARPS,
+        loader_regs=LOADER_REGS,
+    )
+    issue = "".join(ISSUE.format(d=d) for d in range(num_descriptors))
+    return (
+        header
+        + "".join(routines)
+        + LOADER.format(descs=descs, issue=issue)
+        + COMPUTE_HEAD
+        + "".join(branches)
+        + COMPUTE_TAIL
+        + KERNEL.format(descs=descs)
+    )
+
+
+# ---- offline compile (CPU only) ----
+
+
+PTX_OPS = (
+    "cp.async.bulk.tensor",
+    "mbarrier.try_wait",
+    "mbarrier.arrive",
+    "expect_tx",
+    "ld.volatile.global",
+    "ld.global.gpu.acquire",  # a wait's final acquire (the atomic add of 0 compiles to it)
+    "atom.global.gpu.release",
+)
+
+
+def weight_layout(box: tuple[int, int]):
+    from triton.experimental.gluon import language as gl
+
+    return gl.NVMMASharedLayout.get_default_for(list(box), gl.bfloat16)
+
+
+def compile_offline(kernel: GluonKernel, max_spin: int, arch: int = 90, keep_asm: bool = False) -> dict:
+    """Compile the generated kernel for sm_`arch` without a GPU (ptxas.compile_report): registers,
+    spills, shared memory, PTX op counts."""
+    import importlib.util
+    import os
+    import sys
+    import tempfile
+
+    from mkcompiler.backends.gluon.ptxas import compile_report
+
+    # Gluon's JIT reads a kernel's source from its file: import the source from one.
+    name = f"mkcompiler_gluon_offline_{abs(hash(kernel.source)):x}"
+    path = os.path.join(tempfile.mkdtemp(prefix="mkcompiler-gluon-"), name + ".py")
+    with open(path, "w") as f:
+        f.write(kernel.source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    desc = f"tensordesc<bf16[{kernel.box[0]}, {kernel.box[1]}],{weight_layout(kernel.box)!r}>"
+    sig = {f"w{d}": desc for d in range(len(kernel.groups))}
+    pointers = ("instr_ptr", "waits_ptr", "counters_ptr", "err_ptr", "views_ptr", "order_ptr", "worker_begin_ptr")
+    sig.update({p: "*i32" for p in pointers}, views_ptr="*i64", tma_ptr="*i32", generation="i32")
+    sig.update(MAX_SPIN="constexpr", NUM_BUF="constexpr", num_warps="constexpr")
+    attrs = {p: [["tt.divisibility", 16]] for p in (*pointers, "tma_ptr")}
+    cst = {"MAX_SPIN": max_spin, "NUM_BUF": kernel.num_buf, "num_warps": COMPUTE_WARPS}
+    r = compile_report(module.megakernel, sig, cst, attrs, COMPUTE_WARPS, arch, PTX_OPS, GluonUnsupported, keep_asm)
+    r.update(box=kernel.box, num_buf=kernel.num_buf, descriptors=len(kernel.groups))
+    return r

@@ -1,0 +1,307 @@
+"""Gluon device functions of the generated decode kernel (backends/gluon/codegen.py): the queue
+protocol (bounded waits, the error record, release signals) and the decode matmul tile.
+
+They read the SAME encoding as the Triton backend (ir/layout.py: instruction rows, wait rows, the
+view table with its ADDR column kept current by the runtime), so one queue runs on either backend.
+Twins of ops/kernel_lib.py and ops/common.py, written for Gluon: a Gluon kernel cannot call
+@triton.jit functions (in the CPU suite they are interpreter functions), and every tensor needs
+an explicit layout.
+
+Per SM the compute partition runs this module's routines; the loader partition (generated: its
+TMA descriptors are the kernel's arguments) fills the weight ring they consume. Ring protocol
+(ring.py models it): block c of a worker's walk is in slot c % NUM_BUF; compute waits on
+`ready[s]` for phase (c // NUM_BUF) & 1, reads the block into registers, and only then (after a
+partition barrier, so every compute warp has read it) arrives on `empty[s]`.
+
+Importing this module does no CUDA work and never fails without Gluon (HAVE_GLUON).
+"""
+
+from __future__ import annotations
+
+from mkcompiler.backends.gluon.plan import MatmulArg
+from mkcompiler.ir.layout import NUM_FIELDS, NUM_VIEW_FIELDS, NUM_WAIT_FIELDS, ErrorField, Field, ViewField, WaitField
+
+# The per-instruction TMA table (int32 [n_instr, NUM_TMA_FIELDS]) both partitions read: which
+# descriptor, the first weight row in its stacked buffer, and the K chunk [K_LO, K_HI) of the
+# instruction's weight blocks (K_LO == K_HI: nothing to stream). codegen.tma_table builds it from
+# the plan's loader walk.
+TMA_DESC, TMA_ROW, TMA_K_LO, TMA_K_HI = range(4)
+NUM_TMA_FIELDS = 4
+ABORT_CHECK = 64  # polls between reads of the error flag (as kernel_lib)
+# Matmul instruction args past MatmulArg (Matmul.instruction_tail): a folded norm's weight.
+NORM_WEIGHT_ARG = int(MatmulArg.KS) + 1
+# matmul_tile's NORM: what a folded norm the tile applies.
+NORM_NONE, NORM_RMS_IN_LOOP, NORM_RMS_SWEEP = 0, 1, 2
+MAX_KSUB = 128  # columns of a ring slot matmul_tile holds in registers at once
+
+try:  # Gluon (triton.experimental.gluon, 3.6 API); only defines functions, no CUDA work
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+
+    HAVE_GLUON = True
+except Exception:  # noqa: BLE001  (old Triton, or no Triton: the CPU suite must still import this)
+    HAVE_GLUON = False
+
+
+if HAVE_GLUON:
+    # 3.6 name first (renamed gl.barrier later)
+    CTA_BARRIER = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+    TMA_LOAD = tma.async_copy_global_to_shared if hasattr(tma, "async_copy_global_to_shared") else tma.async_load
+
+    _NUM_FIELDS = gl.constexpr(NUM_FIELDS)
+    _OPCODE = gl.constexpr(int(Field.OPCODE))
+    _ARG0 = gl.constexpr(int(Field.ARG0))
+    _WAIT_BEGIN = gl.constexpr(int(Field.WAIT_BEGIN))
+    _WAIT_END = gl.constexpr(int(Field.WAIT_END))
+    _SIGNAL = gl.constexpr(int(Field.SIGNAL))
+    _WAIT_ROW = gl.constexpr(NUM_WAIT_FIELDS)
+    _W_COUNTER = gl.constexpr(int(WaitField.COUNTER))
+    _W_COUNT = gl.constexpr(int(WaitField.COUNT))
+    _VIEW_ROW = gl.constexpr(NUM_VIEW_FIELDS)
+    _V_SIZE0 = gl.constexpr(int(ViewField.SIZE0))
+    _V_STRIDE0 = gl.constexpr(int(ViewField.STRIDE0))
+    _V_ADDR = gl.constexpr(int(ViewField.ADDR))
+    _E_FLAG = gl.constexpr(int(ErrorField.FLAG))
+    _E_INSTRUCTION = gl.constexpr(int(ErrorField.INSTRUCTION))
+    _E_COUNTER = gl.constexpr(int(ErrorField.COUNTER))
+    _E_VALUE = gl.constexpr(int(ErrorField.VALUE))
+    _E_TARGET = gl.constexpr(int(ErrorField.TARGET))
+    _E_WORKER = gl.constexpr(int(ErrorField.WORKER))
+    _TMA_ROW = gl.constexpr(NUM_TMA_FIELDS)
+    _T_DESC = gl.constexpr(TMA_DESC)
+    _T_ROW = gl.constexpr(TMA_ROW)
+    _T_K_LO = gl.constexpr(TMA_K_LO)
+    _T_K_HI = gl.constexpr(TMA_K_HI)
+    _ABORT_CHECK = gl.constexpr(ABORT_CHECK)
+    _A = gl.constexpr(int(MatmulArg.A))
+    _BIAS = gl.constexpr(int(MatmulArg.BIAS))
+    _C = gl.constexpr(int(MatmulArg.C))
+    _TN = gl.constexpr(int(MatmulArg.TN))
+    _KS = gl.constexpr(int(MatmulArg.KS))
+    _NW = gl.constexpr(NORM_WEIGHT_ARG)
+    _RMS_IN_LOOP = gl.constexpr(NORM_RMS_IN_LOOP)
+    _RMS_SWEEP = gl.constexpr(NORM_RMS_SWEEP)
+    MAX_KSUB_C = gl.constexpr(MAX_KSUB)
+
+    @gluon.jit
+    def add(a, b):
+        # gl.sum's combine function is a @triton.jit one (an interpreter function in the CPU suite)
+        return a + b
+
+    @gluon.jit
+    def sigmoid(x):
+        """tl.sigmoid's formula (the elementwise family's templates use it)."""
+        return 1.0 / (1.0 + gl.exp(-x))
+
+    # ---- the encoding ----
+
+    @gluon.jit
+    def field(instr_ptr, idx, f: gl.constexpr):
+        return gl.load(instr_ptr + idx * _NUM_FIELDS + f)
+
+    @gluon.jit
+    def arg(instr_ptr, idx, i: gl.constexpr):
+        return gl.load(instr_ptr + idx * _NUM_FIELDS + _ARG0 + i)
+
+    @gluon.jit
+    def tma_field(tma_ptr, idx, f: gl.constexpr):
+        return gl.load(tma_ptr + idx * _TMA_ROW + f)
+
+    @gluon.jit
+    def view_field(views_ptr, v, f: gl.constexpr):
+        return gl.load(views_ptr + v.to(gl.int64) * _VIEW_ROW + f)
+
+    @gluon.jit
+    def view_base(views_ptr, v, DT: gl.constexpr):
+        """Typed pointer to element 0 of view v (its row's ADDR)."""
+        return view_field(views_ptr, v, _V_ADDR).to(gl.pointer_type(DT), bitcast=True)
+
+    @gluon.jit
+    def view_size(views_ptr, v, d: gl.constexpr):
+        return view_field(views_ptr, v, _V_SIZE0 + d)
+
+    @gluon.jit
+    def view_stride(views_ptr, v, d: gl.constexpr):
+        return view_field(views_ptr, v, _V_STRIDE0 + d)
+
+    @gluon.jit
+    def view_numel(views_ptr, v):
+        return (
+            view_size(views_ptr, v, 0)
+            * view_size(views_ptr, v, 1)
+            * view_size(views_ptr, v, 2)
+            * view_size(views_ptr, v, 3)
+        )
+
+    # ---- the protocol ----
+
+    @gluon.jit
+    def aborted(err_ptr):
+        """True once any worker has given up."""
+        return gl.load(err_ptr + _E_FLAG, volatile=True) != 0
+
+    @gluon.jit
+    def record_stuck_wait(err_ptr, idx, counter, value, target):
+        """kernel_lib.record_stuck_wait's record (ErrorField): the first worker to give up tells."""
+        if gl.atomic_cas(err_ptr + _E_FLAG, 0, 1) == 0:
+            gl.store(err_ptr + _E_INSTRUCTION, idx)
+            gl.store(err_ptr + _E_COUNTER, counter)
+            gl.store(err_ptr + _E_VALUE, value)
+            gl.store(err_ptr + _E_TARGET, target)
+            gl.store(err_ptr + _E_WORKER, gl.program_id(0))
+
+    @gluon.jit
+    def wait_counters(instr_ptr, waits_ptr, counters_ptr, err_ptr, idx, generation, MAX_SPIN: gl.constexpr):
+        """Wait (acquire) until each of instruction idx's counters reaches count x generation: volatile
+        polls (every thread; no barrier per poll), then one acquire atomic, whose broadcast answer is
+        uniform. Returns 1, or 0 after MAX_SPIN polls of one row (or once another worker gave up:
+        the error flag is read every ABORT_CHECK polls), the stuck row then recorded."""
+        w = field(instr_ptr, idx, _WAIT_BEGIN)
+        w_end = field(instr_ptr, idx, _WAIT_END)
+        ok = 1
+        while (w < w_end) & (ok == 1):
+            counter = gl.load(waits_ptr + w * _WAIT_ROW + _W_COUNTER)
+            target = gl.load(waits_ptr + w * _WAIT_ROW + _W_COUNT) * generation
+            seen = gl.load(counters_ptr + counter, volatile=True)
+            spins = 0
+            while (seen < target) & (spins < MAX_SPIN):
+                seen = gl.load(counters_ptr + counter, volatile=True)
+                spins += 1
+                if spins % _ABORT_CHECK == 0:
+                    if aborted(err_ptr):
+                        spins = MAX_SPIN
+            value = gl.atomic_add(counters_ptr + counter, 0, sem="acquire", scope="gpu")
+            if value < target:
+                ok = 0
+                record_stuck_wait(err_ptr, idx, counter, value, target)
+            w += 1
+        return ok
+
+    @gluon.jit
+    def signal(instr_ptr, counters_ptr, idx):
+        """Release: the instruction's stores, by every compute warp, before its counter's add."""
+        counter = field(instr_ptr, idx, _SIGNAL)
+        if counter >= 0:
+            CTA_BARRIER()
+            gl.atomic_add(counters_ptr + counter, 1, sem="release", scope="gpu")
+
+    # ---- the decode matmul tile ----
+
+    @gluon.jit
+    def _rms_sweep(a_ptr, sam, sak, M, K, ms, EPS: gl.constexpr, BK: gl.constexpr, cols):
+        """1 / sqrt(mean(x^2) + eps) of each of the tile's rows over all of K (a split-K tile's
+        folded RMSNorm), as a [MP] vector (rows past M: 1)."""
+        s2 = gl.zeros(ms.shape, gl.float32, layout=ms.type.layout)
+        for m in range(0, M):
+            for k in range(0, K, BK):
+                kk = k + cols
+                x = gl.load(a_ptr + m * sam + kk * sak, mask=kk < K, other=0.0, cache_modifier=".cg").to(gl.float32)
+                s2 = gl.where(ms == m, s2 + gl.reduce(x * x, 0, add), s2)
+        return 1.0 / gl.sqrt(s2 / K + EPS)
+
+    @gluon.jit
+    def matmul_tile(
+        instr_ptr,
+        views_ptr,
+        tma_ptr,
+        idx,
+        ok,
+        it,
+        bufs,
+        ready,
+        empty,
+        A_DT: gl.constexpr,
+        C_DT: gl.constexpr,
+        DOT_DT: gl.constexpr,
+        HAS_BIAS: gl.constexpr,
+        BIAS_DT: gl.constexpr,
+        NORM: gl.constexpr,
+        EPS: gl.constexpr,
+        H_DT: gl.constexpr,
+        HAS_NW: gl.constexpr,
+        NW_DT: gl.constexpr,
+        MP: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        """One decode matmul instruction (ops/matmul.matmul_tile's arithmetic, BM rows of which M
+        are real, M <= MP): C[m, n] (split ks: its fp32 partial) = sum over the instruction's K chunk
+        of A'[m, k] * W[n, k], W's [BN, BK] blocks taken from the ring (`it`: ring entries consumed
+        so far; returned advanced), A' = A rounded to the dot's dtype, or a folded RMSNorm's input
+        (NORM: in the loop, rows scaled at the end; or a sweep first). fp32 accumulation by FMAs
+        (M <= 16 rows need no tensor cores). ok == 0 (a wait gave up): the blocks are still taken
+        and released (the loader must end), nothing is read or stored."""
+        NUM_BUF: gl.constexpr = bufs.type.shape[0]
+        BN: gl.constexpr = bufs.type.shape[1]
+        BK: gl.constexpr = bufs.type.shape[2]
+        # A slot is read KSUB columns at a time: a whole [64, 256] block in registers (and its
+        # products) spills at 4 warps.
+        KSUB: gl.constexpr = BK if BK < MAX_KSUB_C else MAX_KSUB_C
+        VEC: gl.constexpr = 8  # 16 B of bf16 per thread per row
+        TPW_K: gl.constexpr = KSUB // VEC if KSUB // VEC < 32 else 32
+        TPW_N: gl.constexpr = 32 // TPW_K
+        blk: gl.constexpr = gl.BlockedLayout([1, VEC], [TPW_N, TPW_K], [num_warps, 1], [1, 0])
+        cols = gl.arange(0, KSUB, layout=gl.SliceLayout(0, blk))
+        rows = gl.arange(0, BN, layout=gl.SliceLayout(1, blk))
+        ms = gl.arange(0, MP, layout=gl.SliceLayout(0, blk))  # the tile's rows of A and C
+        va = arg(instr_ptr, idx, _A)
+        vc = arg(instr_ptr, idx, _C)
+        k_lo = tma_field(tma_ptr, idx, _T_K_LO)
+        k_hi = tma_field(tma_ptr, idx, _T_K_HI)
+        M = view_size(views_ptr, va, 2) * ok  # 0 rows once a wait gave up: nothing is read
+        K = view_size(views_ptr, va, 3)
+        N = view_size(views_ptr, vc, 3)
+        a_ptr = view_base(views_ptr, va, A_DT)
+        sam = view_stride(views_ptr, va, 2)
+        sak = view_stride(views_ptr, va, 3)
+        nw_ptr = a_ptr
+        snw = sak
+        if HAS_NW:
+            vnw = arg(instr_ptr, idx, _NW)
+            nw_ptr = view_base(views_ptr, vnw, NW_DT)
+            snw = view_stride(views_ptr, vnw, 3)
+        s2 = gl.zeros([MP], gl.float32, layout=gl.SliceLayout(0, blk))
+        rstd = gl.full([MP], 1.0, gl.float32, layout=gl.SliceLayout(0, blk))
+        if NORM == _RMS_SWEEP:
+            rstd = _rms_sweep(a_ptr, sam, sak, M, K, ms, EPS, KSUB, cols)
+        acc = gl.zeros([BN, MP], gl.float32, layout=blk)
+        for k in range(k_lo, k_hi, BK):
+            s = it % NUM_BUF
+            mbarrier.wait(ready.index(s), (it // NUM_BUF) & 1)
+            slot = bufs.index(s)
+            for h in gl.static_range(BK // KSUB):
+                kk = k + h * KSUB + cols
+                kmask = kk < k_hi
+                g = gl.full([KSUB], 1.0, gl.float32, layout=gl.SliceLayout(0, blk))
+                if HAS_NW:
+                    g = gl.load(nw_ptr + kk * snw, mask=kmask & (M > 0), other=0.0).to(gl.float32)
+                w = slot.slice(h * KSUB, KSUB, dim=1).load(blk).to(DOT_DT).to(gl.float32)
+                for m in range(0, M):
+                    # x after the wait, from L2 (another SM wrote it)
+                    x = gl.load(a_ptr + m * sam + kk * sak, mask=kmask, other=0.0, cache_modifier=".cg")
+                    x = x.to(gl.float32)
+                    if NORM == _RMS_IN_LOOP:
+                        s2 = gl.where(ms == m, s2 + gl.reduce(x * x, 0, add), s2)
+                        a = (x * g).to(H_DT)
+                    elif NORM == _RMS_SWEEP:
+                        r = gl.reduce(gl.where(ms == m, rstd, 0.0), 0, add)
+                        a = (x * r * g).to(H_DT)
+                    else:
+                        a = x
+                    part = gl.reduce(w * a.to(DOT_DT).to(gl.float32)[None, :], 1, add)
+                    acc = gl.where(ms[None, :] == m, acc + part[:, None], acc)
+            CTA_BARRIER()  # every compute warp has read the slot before it is given back
+            mbarrier.arrive(empty.index(s), count=1)
+            it += 1
+        if M > 0:
+            if NORM == _RMS_IN_LOOP:
+                acc = acc * (1.0 / gl.sqrt(s2 / K + EPS))[None, :]
+            rn = arg(instr_ptr, idx, _TN) * BN + rows
+            if HAS_BIAS:
+                vb = arg(instr_ptr, idx, _BIAS)
+                bias = gl.load(view_base(views_ptr, vb, BIAS_DT) + rn * view_stride(views_ptr, vb, 3), mask=rn < N)
+                acc += bias.to(gl.float32)[:, None]
+            c_ptr = view_base(views_ptr, vc, C_DT) + arg(instr_ptr, idx, _KS) * view_stride(views_ptr, vc, 1)
+            offs = ms[None, :] * view_stride(views_ptr, vc, 2) + rn[:, None] * view_stride(views_ptr, vc, 3)
+            gl.store(c_ptr + offs, acc.to(C_DT), mask=(rn[:, None] < N) & (ms[None, :] < M))
+        return it
