@@ -21,7 +21,7 @@ import torch
 from mkcompiler.ops.attention import AttentionAttrs
 from mkcompiler.ops.elementwise import ElementwiseAttrs, has_positional
 
-from mkcompiler.ir.graph import Graph, OpNode, View
+from mkcompiler.ir.graph import BufferKind, Graph, OpNode, View
 from mkcompiler.ir.layout import MAX_RANK
 
 
@@ -139,7 +139,7 @@ def _is_copy(op: OpNode) -> bool:
     return op.kind == "elementwise" and op.attrs.expr[1:2] == ("copy",) and op.attrs.expr[3:] == (("in", 0),)
 
 
-def _const_value(graph: Graph, v: View) -> torch.Tensor | None:
+def const_value(graph: Graph, v: View) -> torch.Tensor | None:
     buf = graph.buffers[v.buffer]
     t = graph.params.get(v.buffer)
     if t is None or not buf.name.startswith(CONST_PREFIX):
@@ -152,7 +152,7 @@ def _scalar(graph: Graph, op: OpNode, e) -> float | None:
     if e[0] == "const":
         return float(e[1])
     if e[0] == "in" and all(st == 0 for st in op.inputs[e[1]].strides):
-        t = _const_value(graph, op.inputs[e[1]])
+        t = const_value(graph, op.inputs[e[1]])
         return None if t is None else float(t.reshape(-1)[0]) if t.numel() else None
     return None
 
@@ -380,7 +380,7 @@ def _resolve_masks(graph: Graph, match: _Match) -> _Masks | None:
         flat = mk.view.reshape((b * h, m, n))
         if flat is not None and flat.strides[0] == 0:
             flat = flat.slice(0, 0, 1)  # the same for every batch entry: one copy of it
-        value = _const_value(graph, flat) if flat is not None else None
+        value = const_value(graph, flat) if flat is not None else None
         if value is None:
             runtime.append(mk)
         elif mk.kind == "add":
@@ -442,17 +442,25 @@ def _fold_output_copy(graph: Graph, out: View, readers) -> tuple[View, OpNode | 
     return (out, None) if view is None else (view, rs[0])
 
 
-def _rewrite(graph: Graph, match: _Match, masks: _Masks, readers) -> None:
+def _rewrite(graph: Graph, match: _Match, masks: _Masks, readers, kept: dict[View, View]) -> None:
     """The attention op in place of the second product; the first product, the masks and softmax
-    are left for the dead-op pass (canonicalize runs it after each rule; something else may read them)."""
+    are left for the dead-op pass (canonicalize runs it after each rule; something else may read them).
+    A drop mask gets one negation per mask view (`kept`: drop view -> keep view, shared by the
+    attention ops of every layer reading that mask), placed before the first of them; not a mask
+    in model state (ops between the layers may write it)."""
     first = next(i for i, op in enumerate(graph.ops) if op is match.pv[0])
     new_ops = []
     mask = masks.mask
-    if mask is not None and masks.negate:
-        keep = graph.new_tensor(f"{match.softmax.name}_keep", mask.shape, torch.bool)
+    if mask is not None and masks.negate and mask not in kept:
+        once = mask  # broadcast dims (stride 0) negated once, then broadcast again
+        for d in (d for d, st in enumerate(mask.strides) if st == 0):
+            once = once.slice(d, 0, 1)
+        keep = graph.new_tensor(f"{match.softmax.name}_keep", once.shape, torch.bool)
         expr = ("op", "logical_not", torch.bool, ("in", 0))
-        new_ops.append(OpNode("elementwise", (mask,), (keep,), ElementwiseAttrs(expr), name=match.softmax.name))
-        mask = keep
+        new_ops.append(OpNode("elementwise", (once,), (keep,), ElementwiseAttrs(expr), name=match.softmax.name))
+        kept[mask] = keep.expand(mask.shape)
+    if mask is not None and masks.negate:
+        mask = kept[mask] if graph.buffers[mask.buffer].kind != BufferKind.STATE else kept.pop(mask)
     out, folded = _fold_output_copy(graph, match.out, readers)
     d = match.q.shape[3]
     scale = match.chain.scale
@@ -471,13 +479,14 @@ def _rewrite(graph: Graph, match: _Match, masks: _Masks, readers) -> None:
 
 def fuse_written_attention(graph: Graph) -> Graph:
     """Attention written out (module docstring) -> the fused attention op (ops/attention.py)."""
+    kept: dict[View, View] = {}
     for sm in [op for op in graph.ops if op.kind == "softmax"]:
         writers, readers = _writers(graph), _readers(graph)
         match = _match(graph, sm, writers, readers)
         masks = _resolve_masks(graph, match) if match is not None else None
         if masks is not None:
             masks = _double_negation(graph, masks, writers)
-            _rewrite(graph, match, masks, readers)
+            _rewrite(graph, match, masks, readers, kept)
     return graph
 
 

@@ -20,6 +20,15 @@ canonical structure:
   row-major index), and codegen merges the two dims again wherever every view allows
   (ops/elementwise.joint_coalesce).
 
+Where the pairs end up outside elementwise ops:
+- a KV-cache append storing rotated k: `split_scatter` splits the scatter's (d/2, 2) dim as
+  pair_frame does an elementwise op's, so fuse.fold_cats folds the pieces into it (rotate-half's
+  structure);
+- attention reading rotated q: fuse.fold_cats merges interleaved pieces no reader can take into
+  one op writing the whole stack;
+- torch.polar's magnitude (`ones_like`) is a constant of one value: `uniform_constants` makes it
+  a literal, so a complex product's pieces fit the scatter's input slots.
+
 RULES lists the rewrites in order; passes/canonicalize.py runs them with its own.
 """
 
@@ -28,6 +37,9 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from mkcompiler.ops.elementwise import has_positional
+from mkcompiler.ops.scatter import parts
+from mkcompiler.passes.canon_attention import const_value
 from mkcompiler.passes.fuse import cat_layouts
 
 from mkcompiler.ir.graph import Graph, OpNode, View, contiguous_strides
@@ -78,6 +90,44 @@ def stack_as_cat(graph: Graph) -> Graph:
             i = next(i for i in range(full.shape[d]) if full.select(d, i) == p.outputs[0])
             p.outputs = (full.slice(d, i, i + 1),)
             p.inputs = tuple(None if v is None else v.unsqueeze(d) for v in p.inputs)
+    return graph
+
+
+# ---- constants of one value: literals ----
+
+
+def _literal(graph: Graph, v: View | None) -> float | None:
+    """The value of every element of `v`, when v reads a compile-time constant (capture's Const
+    buffers: torch.polar's magnitude `ones_like(angles)`) whose elements are all one number."""
+    t = None if v is None else const_value(graph, v)
+    if t is None or t.numel() == 0 or t.dtype.is_complex:
+        return None
+    first = t.reshape(-1)[0]
+    return float(first) if bool((t == first).all()) and math.isfinite(float(first)) else None
+
+
+def _with_literals(expr, literal: dict[int, float], slot: dict[int, int]):
+    if expr[0] == "in":
+        return ("const", literal[expr[1]]) if expr[1] in literal else ("in", slot[expr[1]])
+    if expr[0] == "op":
+        return expr[:3] + tuple(_with_literals(a, literal, slot) for a in expr[3:])
+    return expr
+
+
+def uniform_constants(graph: Graph) -> Graph:
+    """An elementwise op's input that is a constant of one value becomes a literal in its
+    expression: one load less, and one instruction slot (a complex product's pieces then fit the
+    KV-cache scatter's slots as rotate-half's do). Elementwise arithmetic is fp32 whatever the
+    input's dtype, so the literal is the value the load would give."""
+    for op in graph.ops:
+        if op.kind != "elementwise" or has_positional(op.attrs.expr):
+            continue
+        literal = {k: c for k, v in enumerate(op.inputs) if (c := _literal(graph, v)) is not None}
+        if not literal:
+            continue
+        kept = [k for k in range(len(op.inputs)) if k not in literal]
+        op.attrs = replace(op.attrs, expr=_with_literals(op.attrs.expr, literal, {k: i for i, k in enumerate(kept)}))
+        op.inputs = tuple(op.inputs[k] for k in kept)
     return graph
 
 
@@ -141,6 +191,8 @@ def pair_frame(graph: Graph) -> Graph:
         """Enqueue the elementwise readers of `buffer` reading whole rows of it merged; go on
         through those reading it in the pair frame already."""
         for u in readers.get(buffer, []):
+            if u.kind == "scatter" and id(u) not in split and split_scatter(u, buffer, row, pair):
+                split.add(id(u))
             if u is skip or u.kind != "elementwise" or id(u) in split:
                 continue
             dims = [_merged_dim(v, row) for v in u.inputs if v is not None and v.buffer == buffer]
@@ -173,4 +225,63 @@ def pair_frame(graph: Graph) -> Graph:
     return graph
 
 
-RULES = [("rope_stack_as_cat", stack_as_cat), ("rope_pair_frame", pair_frame)]
+# ---- a KV-cache append storing the pairs: the scatter in the pair frame too ----
+
+
+def _drop_dim(views: list[View], k: int) -> list[View]:
+    return [v.select(k, 0) for v in views]
+
+
+def _merge_dims(views: list[View], k: int) -> list[View] | None:
+    """The views with dims k and k + 1 merged, when every view walks them as one dim."""
+    if any(v.strides[k] != v.strides[k + 1] * v.shape[k + 1] for v in views):
+        return None
+    return [
+        replace(
+            v,
+            shape=v.shape[:k] + (v.shape[k] * v.shape[k + 1],) + v.shape[k + 2 :],
+            strides=v.strides[:k] + (v.strides[k + 1],) + v.strides[k + 2 :],
+        )
+        for v in views
+    ]
+
+
+def split_scatter(op: OpNode, buffer: int, row: int, pair: int) -> bool:
+    """Split the dim along which scatter `op` (a KV-cache append) reads whole rows of `buffer` as
+    its values into (row / pair, pair), in its values, update and base alike (the same elements
+    written in the same order: the scatter's row-major update index is unchanged). Then the
+    values can be the interleaved cat's pieces, read in their own frame (fuse.fold_cats), as the
+    rotate-half cat is. The update keeps at most MAX_RANK dims (ops/scatter.py): size-1 dims
+    other than the indexed ones are dropped, then neighbours every view walks as one are merged;
+    if that is not enough, nothing changes. Returns whether it split."""
+    values, _, update, base = parts(op)
+    if op.attrs.expr is not None or any(v.buffer == buffer for v in op.inputs[len(values) :]):
+        return False
+    dims = [e for v in values if v.buffer == buffer for e in [_merged_dim(v, row)]]
+    indexed = [op.attrs.dim] + ([op.attrs.dim2] if op.attrs.dim2 is not None else [])
+    if not dims or None in dims or len(set(dims)) != 1 or dims[0] in indexed:
+        return False
+    e = dims[0]
+    views = [_split_view(v, e, pair) for v in (*values, update, base)]
+    indexed = [d + (d > e) for d in indexed]
+    for k in reversed(range(views[-2].rank)):  # size-1 dims: no index walks them
+        if len(views[0].shape) > MAX_RANK and views[-2].shape[k] == 1 and k not in indexed:
+            views, indexed = _drop_dim(views, k), [d - (d > k) for d in indexed]
+    for k in reversed(range(e)):  # neighbours before the pair dims, unindexed: one dim
+        merged = _merge_dims(views, k) if views[0].rank > MAX_RANK and {k, k + 1}.isdisjoint(indexed) else None
+        if merged is not None:
+            views, indexed = merged, [d - (d > k) for d in indexed]
+    if views[0].rank > MAX_RANK:
+        return False
+    n = len(values)
+    op.inputs = (*views[:n], *op.inputs[n:-2], views[n], views[n + 1])
+    op.outputs = (views[n + 1],)
+    op.attrs = replace(op.attrs, dim=indexed[0], dim2=indexed[1] if len(indexed) > 1 else None)
+    return True
+
+
+RULES = [
+    ("uniform_constants", uniform_constants),
+    ("rope_stack_as_cat", stack_as_cat),
+    ("rope_pair_frame", pair_frame),
+]

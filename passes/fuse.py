@@ -24,11 +24,11 @@ from __future__ import annotations
 import math
 
 import torch
-from mkcompiler.ops.elementwise import group_windows, has_positional, slot_windows
+from mkcompiler.ops.elementwise import ElementwiseAttrs, group_windows, has_positional, slot_windows
 from mkcompiler.ops.scatter import Scatter, parts, tail_size
 
-from mkcompiler.ir.graph import BufferKind, Graph, View, contiguous_strides
-from mkcompiler.ir.layout import NUM_ARGS
+from mkcompiler.ir.graph import BufferKind, Graph, OpNode, View, contiguous_strides
+from mkcompiler.ir.layout import MAX_RANK, NUM_ARGS
 
 MAX_INPUTS = NUM_ARGS - 3  # instruction args: output view, the inputs, first block, block count
 
@@ -108,12 +108,9 @@ def window_dims(view: View, out_shape) -> tuple[list[int], list[int | None]] | N
     dim of `view` does not walk one dim without carrying into the next."""
     out_shape = tuple(out_shape)
     cs = contiguous_strides(out_shape)
-    if not 0 <= view.offset < max(math.prod(out_shape), 1):
+    start = _first_index(view, out_shape)
+    if start is None:
         return None
-    start, rest = [], view.offset  # the window's first output index
-    for c in cs:
-        start.append(rest // c)
-        rest %= c
     used, dims = set(), []
     for size, st in zip(view.shape, view.strides):
         if size == 1 or st == 0:
@@ -125,6 +122,17 @@ def window_dims(view: View, out_shape) -> tuple[list[int], list[int | None]] | N
         used.add(found[0])
         dims.append(found[0])
     return start, dims
+
+
+def _first_index(view: View, out_shape: tuple[int, ...]) -> list[int] | None:
+    """The index in a contiguous tensor of shape out_shape of the element `view` starts at."""
+    if not 0 <= view.offset < max(math.prod(out_shape), 1):
+        return None
+    start, rest = [], view.offset
+    for c in contiguous_strides(out_shape):
+        start.append(rest // c)
+        rest %= c
+    return start
 
 
 def _inline_producers(graph: Graph, shared: bool) -> int:
@@ -303,14 +311,52 @@ def cat_layouts(graph: Graph, buffer: int, pieces: list) -> list[tuple[tuple[int
     return found
 
 
-def _shifted(x: View, view: View, start: list[int], dims: list, d: int, lo: int) -> View:
+def _run_walk(view: View, shape, d: int) -> tuple[list[int], list] | None:
+    """window_dims for a read whose dims may each walk a run of neighbouring dims of the cat
+    (shape) as one (whole: from index 0 to their end): a tuple of those dims in place of one
+    dim (a KV-cache scatter walking batch and heads as one, passes/canon_rope.split_scatter).
+    The cat's dim d is walked alone. None when some dim of `view` walks neither."""
+    cs, start = contiguous_strides(shape), _first_index(view, tuple(shape))
+    if start is None:
+        return None
+    dims, used = [], set()
+    for size, st in zip(view.shape, view.strides):
+        if size == 1 or st == 0:
+            dims.append(None)
+            continue
+        found = [j for j, c in enumerate(cs) if c == st and shape[j] > 1]
+        if len(found) != 1:
+            return None
+        run, n = [found[0]], shape[found[0]]
+        while n < size and run[0] > 0:
+            run.insert(0, run[0] - 1)
+            n *= shape[run[0]]
+        if n != size or used & set(run) or (d in run and len(run) > 1):
+            return None
+        if len(run) > 1 and any(start[j] for j in run):
+            return None
+        if len(run) == 1 and start[run[0]] + size > shape[run[0]]:
+            return None
+        used.update(run)
+        dims.append(run[0] if len(run) == 1 else tuple(run))
+    return start, dims
+
+
+def _shifted(x: View, view: View, start: list[int], dims: list, d: int, lo: int) -> View | None:
     """The view of x (a piece's input, of the piece's shape) giving, at each element of `view` (a
     read of the cat, walking it as `start`, `dims` say), the input of the piece element that
     lands there, for a piece landing at lo along the cat's dim d. Only elements whose index
-    along d falls in the piece address x; the others may point outside x's buffer."""
-    strides = tuple(0 if j is None else x.strides[j] for j in dims)
+    along d falls in the piece address x; the others may point outside x's buffer. None when x
+    does not walk a run of dims (_run_walk) as one."""
+    strides = []
+    for j in dims:
+        if isinstance(j, tuple):
+            if any(x.strides[i] != x.strides[i + 1] * x.shape[i + 1] for i in j[:-1]):
+                return None
+            j = j[-1]
+        strides.append(0 if j is None else x.strides[j])
     offset = x.offset + sum((m - (lo if j == d else 0)) * st for j, (m, st) in enumerate(zip(start, x.strides)))
-    return View(x.buffer, x.dtype, tuple(view.shape), strides, offset)
+    return View(x.buffer, x.dtype, tuple(view.shape), tuple(strides), offset)
 
 
 def _cat_read(view: View, layout, slot) -> tuple | None:
@@ -320,7 +366,7 @@ def _cat_read(view: View, layout, slot) -> tuple | None:
     through its window only. slot(view, window) gives an input's slot. None if `view` is no
     window of the cat."""
     shape, d, spans = layout
-    walk = window_dims(view, shape)
+    walk = window_dims(view, shape) or _run_walk(view, shape, d)
     if walk is None:
         return None
     start, dims = walk
@@ -340,7 +386,10 @@ def _cat_read(view: View, layout, slot) -> tuple | None:
         for j, x in enumerate(p.inputs):
             if x.shape != p.outputs[0].shape:
                 return None
-            mapping[j] = slot(_shifted(x, view, start, dims, d, lo), win)
+            shifted = _shifted(x, view, start, dims, d, lo)
+            if shifted is None:
+                return None
+            mapping[j] = slot(shifted, win)
         values.append(_windowed(p.attrs.expr, mapping, win))
     expr = values[-1]
     dtype = spans[0][2].outputs[0].dtype
@@ -381,27 +430,58 @@ def _plan_cat(u, buffer: int, layout, position, writes):
     reads = [i for i, v in enumerate(values) if v.buffer == buffer]
     if any(i in windows or values[i].shape != tuple(shape) for i in reads):
         return None
-    inputs = [v for v in values if v.buffer != buffer]
-    slot_wins = [windows.get(i) for i, v in enumerate(values) if v.buffer != buffer]
-    keep = {i: k for k, i in enumerate(i for i, v in enumerate(values) if v.buffer != buffer)}
-
-    def slot(view, win):
-        for k, (v, w) in enumerate(zip(inputs, slot_wins)):
-            if v == view and w == win:
-                return k
-        inputs.append(view)
-        slot_wins.append(win)
-        return len(inputs) - 1
-
+    others = [i for i, v in enumerate(values) if v.buffer != buffer]
+    slots = _Slots([values[i] for i in others], [windows.get(i) for i in others])
+    keep = {i: k for k, i in enumerate(others)}
     replaced = {}
     for i in reads:
-        e = _cat_read(values[i], layout, slot)
+        e = _cat_read(values[i], layout, slots.slot)
         if e is None:
             return None
         replaced[i] = e
-    if len(inputs) > most:
+    if len(slots.inputs) > most:
         return None
-    return tuple(inputs), group_windows(_substitute_each(expr, replaced, keep), inputs)
+    return tuple(slots.inputs), group_windows(_substitute_each(expr, replaced, keep), slots.inputs)
+
+
+class _Slots:
+    """An expression's input slots, each a (view, window) pair: `slot` gives the slot of one,
+    adding it when new (a view read through two windows takes two slots)."""
+
+    def __init__(self, inputs: list, windows: list):
+        self.inputs, self.windows = inputs, windows
+
+    def slot(self, view: View, win) -> int:
+        for k, (v, w) in enumerate(zip(self.inputs, self.windows)):
+            if v == view and w == win:
+                return k
+        self.inputs.append(view)
+        self.windows.append(win)
+        return len(self.inputs) - 1
+
+
+def _interleaved(layout) -> bool:
+    """Do the cat's pieces alternate element by element (pieces of size 1 along its innermost
+    non-trivial dim: a stack along the last dim, passes/canon_rope.stack_as_cat)?"""
+    shape, d, spans = layout
+    return all(hi - lo == 1 for lo, hi, _ in spans) and math.prod(shape[d + 1 :]) == 1
+
+
+def _merged_cat(graph: Graph, buffer: int, layout) -> OpNode | None:
+    """One elementwise op writing the whole cat, each element computed by the piece landing
+    there (_cat_read of the cat by itself), or None when its inputs would not fit an instruction
+    or a view would need more dims than an instruction row has."""
+    shape, _, spans = layout
+    first = spans[0][2]
+    full = View(buffer, first.outputs[0].dtype, shape, contiguous_strides(shape), 0)
+    slots = _Slots([], [])
+    expr = _cat_read(full, layout, slots.slot)
+    if expr is None or len(slots.inputs) > MAX_INPUTS:
+        return None
+    if any(v.coalesced().rank > MAX_RANK for v in [full, *slots.inputs]):  # encode's limit on each view
+        return None
+    attrs = ElementwiseAttrs(group_windows(expr, slots.inputs))
+    return OpNode("elementwise", tuple(slots.inputs), (full,), attrs, name=first.name, source=first.source)
 
 
 def fold_cats(graph: Graph) -> Graph:
@@ -419,7 +499,7 @@ def fold_cats(graph: Graph) -> Graph:
         for o in op.outputs:
             writes.setdefault(o.buffer, []).append(i)
             writers.setdefault(o.buffer, []).append(op)
-    removed = set()
+    removed, replacing = set(), {}
     cats = [b for b, ws in writers.items() if len(ws) > 1 and b not in outputs]
     for b in sorted(cats, key=lambda b: max(position[id(p)] for p in writers[b]), reverse=True):
         pieces = writers[b]
@@ -428,15 +508,21 @@ def fold_cats(graph: Graph) -> Graph:
         users = [
             u for u in graph.ops if id(u) not in removed and any(v is not None and v.buffer == b for v in u.inputs)
         ]
-        for layout in cat_layouts(graph, b, pieces) if users else ():
+        layouts = cat_layouts(graph, b, pieces) if users else []
+        for layout in layouts:
             plans = [_plan_cat(u, b, layout, position, writes) for u in users]
             if all(plan is not None for plan in plans):
                 break
         else:
+            merged = [op for op in (_merged_cat(graph, b, la) for la in layouts if _interleaved(la)) if op]
+            if merged:  # pieces writing every other element each: one op writing them all instead
+                last = max(pieces, key=lambda p: position[id(p)])
+                replacing[id(last)] = merged[0]
+                removed.update(id(p) for p in pieces if p is not last)
             continue
         for u, (inputs, expr) in zip(users, plans):
             u.inputs = inputs + (tuple(u.inputs[-tail_size(u) :]) if u.kind == "scatter" else ())
             u.attrs.expr = expr
         removed.update(id(p) for p in pieces)
-    graph.ops = [op for op in graph.ops if id(op) not in removed]
+    graph.ops = [replacing.get(id(op), op) for op in graph.ops if id(op) not in removed]
     return graph

@@ -233,6 +233,63 @@ def test_decode_spellings_compile_as_sdpa(attend):
         assert torch.equal(model.k_cache, eager.k_cache)
 
 
+class SharedDropMask(torch.nn.Module):
+    """Two decode layers (each appending to its own caches) reading one drop mask built once,
+    `future = arange > pos`, through masked_fill (written) or its negation as SDPA's keep mask
+    (canonical); the second layer's queries are the first layer's output."""
+
+    def __init__(self, written: bool):
+        super().__init__()
+        self.written = written
+        for name in ("k0", "v0", "k1", "v1"):
+            self.register_buffer(name, torch.zeros(B, HK, L, D))
+
+    def layer(self, q, k, v, kc, vc, pos, mask):
+        kc[:, :, pos] = k
+        vc[:, :, pos] = v
+        if not self.written:
+            return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=True)
+        kc, vc = kc.repeat_interleave(G, 1), vc.repeat_interleave(G, 1)
+        scores = (q @ kc.transpose(-1, -2) / math.sqrt(D)).masked_fill(mask, float("-inf"))
+        return torch.softmax(scores, -1) @ vc
+
+    def forward(self, q, k, v, pos):
+        future = torch.arange(L)[None, :] > pos[:, None]
+        mask = future if self.written else ~future  # SDPA's keep mask: negated once, before the layers
+        o = self.layer(q, k, v, self.k0, self.v0, pos, mask)
+        return heads_out(self.layer(o, k * 2.0, v, self.k1, self.v1, pos, mask))
+
+
+def test_a_drop_mask_shared_by_layers_is_negated_once():
+    """canon_attention negates a drop mask once per mask, not once per layer: the comparison and
+    its negation are then one op, as SDPA's keep mask is (the same structure), and eager's values."""
+    structures = []
+    for written in (False, True):
+        model = SharedDropMask(written)
+        _decode_cache_of(model)
+        mk = mkcompiler.compile(model, decode_args(0, 3), cache=False)
+        structures.append(structure(mk))
+    kinds, _, _ = structures[1]
+    assert (
+        kinds["attention"] == 2 and kinds["softmax"] == 0 and kinds["elementwise"] == 1
+    )  # the mask (k * 2 goes into its scatter)
+    assert structures[1] == structures[0]
+    eager = SharedDropMask(True)
+    for pos in (4, 10):
+        _decode_cache_of(model)
+        _decode_cache_of(eager)
+        args = decode_args(pos, pos)
+        mk.poison()
+        assert rel_err(mk(*args), eager(*args)) <= 1e-4
+        assert rel_err(model.k1, eager.k1) <= 1e-6
+
+
+def _decode_cache_of(model):
+    g = torch.Generator().manual_seed(7)
+    for cache in model.buffers():
+        cache.copy_(torch.randn(cache.shape, generator=g))
+
+
 # ---- views of rank 5 that no attention consumes ----
 
 

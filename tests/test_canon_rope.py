@@ -3,6 +3,7 @@ canonical spelling (HF's apply_rotary_pos_emb, examples/llama.py) does: the same
 instruction count and dependent stages (passes/canon_rope.py, frontend/complex_values.py), and
 each spelling's own eager values (fp32, fresh inputs, runtime positions)."""
 
+import copy
 import functools
 from collections import Counter
 
@@ -256,3 +257,88 @@ class ComplexOut(torch.nn.Module):
 def test_a_complex_output_is_refused_clearly():
     with pytest.raises(UnsupportedOpError, match="complex model output"):
         mkcompiler.compile(ComplexOut(), (torch.randn(2, 8),), cache=False)
+
+
+# ---- q and k rotated, k stored in a KV cache, attention reading q (decode and prefill) ----
+
+HK, L = 1, 12  # kv heads (H query heads share them), cache length
+
+
+class RotaryCachedAttention(torch.nn.Module):
+    """One attention layer: q and k rotated in [B, H, S, D], k appended to the KV cache (a scatter
+    reading the rotated k), attention reading the rotated q and the caches, keys past each
+    position masked; the angles from runtime positions."""
+
+    def __init__(self, rope, batch):
+        super().__init__()
+        self.rope = rope
+        self.wq = torch.nn.Linear(H * D, H * D, bias=False)
+        self.wk = torch.nn.Linear(H * D, HK * D, bias=False)
+        self.wv = torch.nn.Linear(H * D, HK * D, bias=False)
+        self.wo = torch.nn.Linear(H * D, H * D, bias=False)
+        self.register_buffer("k_cache", torch.zeros(batch, HK, L, D))
+        self.register_buffer("v_cache", torch.zeros(batch, HK, L, D))
+        self.register_buffer("inv_freq", 1.0 / 10000.0 ** (torch.arange(0, D, 2).float() / D), persistent=False)
+
+    def forward(self, x, pos):
+        b, s, _ = x.shape
+        f = pos.float()[:, None] * self.inv_freq[None, :]
+        q = self.rope(self.wq(x).view(b, s, H, D).transpose(1, 2), f)
+        k = self.rope(self.wk(x).view(b, s, HK, D).transpose(1, 2), f)
+        self.k_cache[:, :, pos] = k
+        self.v_cache[:, :, pos] = self.wv(x).view(b, s, HK, D).transpose(1, 2)
+        keep = pos[:, None] >= torch.arange(L)[None, :]
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q, self.k_cache, self.v_cache, attn_mask=keep, enable_gqa=True
+        )
+        return self.wo(o.transpose(1, 2).reshape(b, s, H * D))
+
+
+def cached_example(step: str, batch: int, seed: int):
+    """(x, positions): a prefill of S tokens from position 0, or one decode token later on."""
+    g = torch.Generator().manual_seed(seed)
+    s, start = (S, 0) if step == "prefill" else (1, S + seed % (L - S))
+    return torch.randn(batch, s, H * D, generator=g), torch.arange(start, start + s)
+
+
+def cached_model(rope, batch: int):
+    torch.manual_seed(0)
+    model = RotaryCachedAttention(rope, batch)
+    g = torch.Generator().manual_seed(1)
+    for cache in (model.k_cache, model.v_cache):
+        cache.copy_(torch.randn(cache.shape, generator=g))
+    return model
+
+
+@functools.cache
+def cached_reference(step: str, batch: int):
+    model = cached_model(canonical, batch)
+    return structure(mkcompiler.compile(model, cached_example(step, batch, 0), cache=False))
+
+
+CACHED = [(pairs_strided, "decode", 1), (pairs_strided, "prefill", 1), (complex_llama2, "decode", 2)]
+CACHED += [(complex_llama2, "prefill", 1)]
+
+
+@pytest.mark.parametrize(
+    "rope, step, batch", CACHED, ids=lambda a: a.__name__ if callable(a) else f"batch{a}" if isinstance(a, int) else a
+)
+def test_rotated_k_in_the_cache_and_q_in_attention_compile_like_rotate_half(rope, step, batch):
+    """The interleaved pairs of k go into the KV-cache scatter (passes/canon_rope.split_scatter,
+    then fuse.fold_cats; with batch > 1, batch and kv heads walked as one dim of the scatter),
+    those of q into one op that attention reads (fuse.fold_cats merges interleaved pieces no
+    reader can take): rotate-half's op kinds, instructions and stages, and eager's values."""
+    model = cached_model(rope, batch)
+    eager = copy.deepcopy(model)
+    mk = mkcompiler.compile(model, cached_example(step, batch, 0), cache=False)
+    kinds, rows, stages = structure(mk)
+    assert kinds == Counter({"matmul": 4, "elementwise": 2, "scatter": 2, "attention": 1})
+    assert (kinds, rows, stages) == cached_reference(step, batch)
+    (scatter_k, _) = [op for op in mk.graph.ops if op.kind == "scatter"]
+    assert scatter_k.attrs.expr is not None  # k rotated where it is stored
+    for seed in (5, 9):
+        args = cached_example(step, batch, seed)
+        mk.poison()
+        assert rel_err(mk(*args), eager(*args)) <= 1e-4
+        assert rel_err(model.k_cache, eager.k_cache) <= 1e-5
+        assert rel_err(model.v_cache, eager.v_cache) <= 1e-5
