@@ -15,8 +15,10 @@ Model: examples/hf_decode.py's SIZES (a Hugging Face LlamaForCausalLM of the rea
 weights, --dtype). Engines (--engines, in order): mkcompiler (mkcompiler.serve, megakernel
 steps), torch.compile (the same engine, steps through torch.compile), eager (the same engine,
 eager steps), hf (transformers' continuous batching manager, its paged "sdpa" attention; skipped
-when the installed transformers has none). Each engine gets a warm-up run of a few requests
-first (compiles), not timed.
+when the installed transformers has none). Step shapes (--buckets): the engine's choice per
+backend (coarse for megakernels, powers of two otherwise). Each compiled engine first compiles
+every step shape (--precompile, where there are at most PRECOMPILE_MAX), then every engine gets
+a warm-up run of a few requests; neither is timed.
 
 Reported per engine: requests/s, output tokens/s, time to first token (TTFT: arrival to first
 token) and time per output token (TPOT: per request, (last - first token) / (tokens - 1)), p50
@@ -41,8 +43,10 @@ import mkcompiler  # noqa: E402,F401  (before transformers: Triton must see TRIT
 from examples.hf_decode import SIZES  # noqa: E402
 from mkcompiler.frontend.hf import random_model  # noqa: E402
 from mkcompiler.serve import Engine, EngineConfig, SamplingParams  # noqa: E402
+from mkcompiler.serve.batch import BUCKET_POLICIES  # noqa: E402
 
 ENGINES = ("mkcompiler", "torch.compile", "eager", "hf")
+PRECOMPILE_MAX = 64  # step shapes compiled up front at most (powers of two can make hundreds)
 
 
 @dataclass(frozen=True)
@@ -189,7 +193,7 @@ def hf_unavailable(model) -> str | None:
 def engine_config(args, backend="eager") -> EngineConfig:
     return EngineConfig(
         max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, page_size=args.page_size,
-        num_pages=args.num_pages, max_chunk=args.max_chunk, backend=backend,
+        num_pages=args.num_pages, max_chunk=args.max_chunk, backend=backend, buckets=args.buckets,
     )  # fmt: skip
 
 
@@ -208,6 +212,14 @@ def bench(model, name: str, args, requests, warmup, sync) -> Row:
         timings, seconds = run_hf(model, requests, sync, engine_config(args))
         return summarize(name, timings, seconds)
     engine = make_engine(model, name, args)
+    if args.precompile and name != "eager":
+        shapes = len(engine.buckets.grid())
+        if shapes <= PRECOMPILE_MAX:
+            t0 = time.perf_counter()
+            engine.precompile()
+            print(f"{name}: {shapes} step shapes compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+        else:
+            print(f"{name}: {shapes} step shapes, not compiled up front (> {PRECOMPILE_MAX})", flush=True)
     run_engine(engine, warmup, sync)
     steps = engine.steps
     timings, seconds = run_engine(engine, requests, sync)
@@ -238,6 +250,11 @@ def parse_args(argv=None):
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--num-pages", type=int, default=None)
     ap.add_argument("--max-chunk", type=int, default=256)
+    ap.add_argument("--buckets", choices=BUCKET_POLICIES, default=None, help="step shapes (default: per backend)")
+    ap.add_argument(
+        "--precompile", action=argparse.BooleanOptionalAction, default=True,
+        help=f"compile every step shape before the warm-up (engines with at most {PRECOMPILE_MAX})",
+    )  # fmt: skip
     ap.add_argument("--engines", default="mkcompiler,torch.compile,hf")
     ap.add_argument("--warmup-requests", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)

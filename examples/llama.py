@@ -82,10 +82,9 @@ def rotate_half_chunked(x, cos, sin):
     """RoPE as rotate-half written with chunk + cat, in fp32: x [B, S, H, D] (before the heads'
     transpose) rotates the pairs (x[i], x[i + D/2]) by cos, sin [S, D] fp32 (the angles twice).
 
-    Not interleaved pairs or a complex product (Llama-2/3's reference): that stack of pairs
-    compiles to 3 more elementwise ops per layer. Nothing folds it into the KV-cache scatter
-    reading K (the scatter reads the stack's (D/2, 2) dims merged into one) nor into attention
-    reading Q (fold_cats folds a cat only into elementwise ops and scatters)."""
+    Interleaved pairs or a complex product (Llama-2/3's reference) compile to the same structure
+    at batch 1 (passes/canon_rope.py); a batched prefill's K scatter would need 5 dims and keeps
+    one more elementwise op, so the written spelling uses rotate-half."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return (x.float() * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]).type_as(x)
 
@@ -108,9 +107,12 @@ class Attention(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
 
-    def forward(self, x, cos, sin, mask, input_pos):
+    def forward(self, x, cos, sin, mask, input_pos, attention=None):
+        """attention: None, or a function (self, q, k, v) -> o, q [B, heads, S, head dim] and k, v
+        [B, kv heads, S, head dim] after RoPE, o as q, that attends in place of the KV cache and
+        the mask (a paged KV cache: mkcompiler/serve/paged_lm.py); self.layer_idx names the layer."""
         if self.c.spelling == "written":
-            return self.written(x, cos, sin, mask, input_pos)
+            return self.written(x, cos, sin, mask, input_pos, attention)
         b, s, _ = x.shape
         c = self.c
         q = self.wq(x).view(b, s, c.n_heads, c.head_dim).transpose(1, 2)
@@ -118,12 +120,14 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, s, c.n_kv_heads, c.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if attention is not None:
+            return self.wo(attention(self, q, k, v).transpose(1, 2).reshape(b, s, c.dim))
         self.k_cache[:b, :, input_pos] = k
         self.v_cache[:b, :, input_pos] = v
         o = F.scaled_dot_product_attention(q, self.k_cache[:b], self.v_cache[:b], attn_mask=mask, enable_gqa=True)
         return self.wo(o.transpose(1, 2).reshape(b, s, c.dim))
 
-    def written(self, x, cos, sin, mask, input_pos):
+    def written(self, x, cos, sin, mask, input_pos, attention=None):
         """forward with RoPE in [B, S, H, D] (rotate_half_chunked; cos, sin [S, D] fp32) and attention
         written out: repeat_kv, scores scaled by 1 / sqrt(d), the keys past each position filled
         with -inf, softmax in fp32, then the values."""
@@ -132,6 +136,8 @@ class Attention(nn.Module):
         q = rotate_half_chunked(self.wq(x).view(b, s, c.n_heads, c.head_dim), cos, sin).transpose(1, 2)
         k = rotate_half_chunked(self.wk(x).view(b, s, c.n_kv_heads, c.head_dim), cos, sin).transpose(1, 2)
         v = self.wv(x).view(b, s, c.n_kv_heads, c.head_dim).transpose(1, 2)
+        if attention is not None:
+            return self.wo(attention(self, q, k, v).transpose(1, 2).reshape(b, s, c.dim))
         self.k_cache[:b, :, input_pos] = k
         self.v_cache[:b, :, input_pos] = v
         groups = c.n_heads // c.n_kv_heads
@@ -161,8 +167,8 @@ class Block(nn.Module):
         self.mlp_norm = rms_norm(c)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, mask, input_pos):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos)
+    def forward(self, x, cos, sin, mask, input_pos, attention=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, input_pos, attention)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -176,9 +182,16 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2).float() / c.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        for i, layer in enumerate(self.layers):
+            layer.attn.layer_idx = i  # what an attention function tells layers apart by (as transformers')
 
-    def forward(self, tokens, input_pos):
-        """tokens [B, S] int64, input_pos [S] int64 (cache slots) -> logits [B, S, vocab]."""
+    def forward(self, tokens, input_pos, attention=None, logits_to_keep=None):
+        """tokens [B, S] int64, input_pos [S] int64 (cache slots) -> logits [B, S, vocab].
+
+        attention: None (the KV cache), or Attention.forward's function, for every layer; then
+        input_pos is only each token's position (RoPE), so the S tokens may come from several
+        sequences. logits_to_keep: None, or an int64 index of the rows of S whose logits to return
+        (only they reach the norm and the LM head) -> logits [B, len(logits_to_keep), vocab]."""
         x = self.embed(tokens)
         freqs = input_pos[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -188,7 +201,9 @@ class Llama(nn.Module):
             cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         mask = input_pos[:, None] >= torch.arange(self.c.max_seq_len, device=tokens.device)[None, :]
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos)
+            x = layer(x, cos, sin, mask, input_pos, attention)
+        if logits_to_keep is not None:
+            x = x[:, logits_to_keep]
         return self.lm_head(self.norm(x))
 
     def reset_cache(self) -> None:

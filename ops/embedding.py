@@ -67,34 +67,53 @@ def lower_embedding(ctx, node, weight, indices, padding_idx=-1, scale_grad_by_fr
     return out
 
 
-def _rows_of(ctx, node, x, index):
-    """x[index] along dim 0 (index a tensor of any shape): an embedding lookup in x seen as
-    [x.shape[0], the rest] (a copy first when x's other dims cannot be merged)."""
+def _take(ctx, node, x, dim, index):
+    """x indexed along `dim` by an integer tensor of any shape (out: x.shape[:dim] + index.shape +
+    x.shape[dim + 1:]): an embedding lookup in x seen as [x.shape[dim], the other dims] (a copy
+    first when those dims cannot be merged without one). Its rows are written in index order, so
+    for dim > 0 they go to out seen with the index dims first: free when the dims before `dim`
+    have size 1 (a batch of one, hidden[:, rows] before an LM head), else through a copy."""
     if x.rank == 0:
         ctx.unsupported(node, "indexing a 0-d tensor")
-    flat = (x.shape[0], x.numel // max(x.shape[0], 1))
-    weight = x.reshape(flat) if x.rank != 2 else x
+    dim %= x.rank
+    n = x.shape[dim]
+    others = x.numel // max(n, 1)
+    moved = x.permute((dim, *range(dim), *range(dim + 1, x.rank)))
+    weight = moved.reshape((n, others))
     if weight is None:
-        weight = ctx.copy(x).reshape(flat)
-    out = ctx.new_output(node)
+        weight = ctx.copy(moved).reshape((n, others))
     index = ctx.row_input(index) if index.rank else index.reshape((1,))
-    ctx.emit(node, "embedding", (weight, index), (out,), RowAttrs())
+    out = ctx.new_output(node)
+    k = out.rank - x.rank + 1  # the index's dims, at dim..dim+k of out
+    order = (*range(dim, dim + k), *range(dim), *range(dim + k, out.rank))
+    rows = out.permute(order).reshape((index.numel, others))
+    if dim == 0 and out.shape[-1] == others:
+        rows = out  # rank 2 and more, already a row per index
+    if rows is not None:
+        ctx.emit(node, "embedding", (weight, index), (rows,), RowAttrs())
+        return out
+    gathered = ctx.graph.new_tensor(node.name, (index.numel, others), out.dtype)
+    ctx.emit(node, "embedding", (weight, index), (gathered,), RowAttrs())
+    moved_out = out.permute(order)
+    back = sorted(range(out.rank), key=order.__getitem__)  # the inverse of order
+    ctx.copy_into(gathered.reshape(moved_out.shape).permute(back), out)
     return out
 
 
 @lowers(aten.index_select.default)
 def lower_index_select(ctx, node, x, dim, index):
-    if dim % max(x.rank, 1) != 0:
-        ctx.unsupported(node, f"index_select along dim {dim} (dim 0 only)")
-    return _rows_of(ctx, node, x, index)
+    return _take(ctx, node, x, dim, index)
 
 
 @lowers(aten.index.Tensor)
 def lower_index(ctx, node, x, indices):
-    """x[index] with one index tensor, on dim 0 (x[:, index] and several index tensors: refused)."""
-    if len(indices) != 1 or indices[0] is None or indices[0].dtype == torch.bool:
-        ctx.unsupported(node, "tensor indexing other than x[index] on dim 0 with one integer index tensor")
-    return _rows_of(ctx, node, x, indices[0])
+    """x[..., index] with one integer index tensor on any dim (x[:, rows]); several index tensors
+    and boolean masks: refused."""
+    given = [(d, i) for d, i in enumerate(indices) if i is not None]
+    if len(given) != 1 or given[0][1].dtype == torch.bool:
+        ctx.unsupported(node, "tensor indexing other than by one integer index tensor on one dim")
+    dim, index = given[0]
+    return _take(ctx, node, x, dim, index)
 
 
 class EmbeddingKey(NamedTuple):

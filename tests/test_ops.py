@@ -319,9 +319,11 @@ def test_row_indexing(dtype):
     )
 
 
-def test_indexing_along_another_dim_is_refused():
-    with pytest.raises(mkcompiler.UnsupportedOpError, match="dim 0"):
-        mkcompiler.compile(Fn(lambda x: x[:, torch.tensor([0, 2])]), (randn(R, C, dtype=torch.float32),), **OPTS)
+def test_indexing_by_several_index_tensors_is_refused():
+    """(One index tensor on any dim is a gather: tests/test_serve_steps.py.)"""
+    idx = torch.tensor([0, 2])
+    with pytest.raises(mkcompiler.UnsupportedOpError, match="one integer index tensor on one dim"):
+        mkcompiler.compile(Fn(lambda x: x[idx, idx]), (randn(R, C, dtype=torch.float32),), **OPTS)
 
 
 # ---- layout ops ----

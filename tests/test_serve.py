@@ -136,12 +136,15 @@ def test_configurations_that_cannot_serve_are_refused():
     model = random_model("llama", seed=0)
     with pytest.raises(ValueError, match="cannot hold one max_seq_len=32 sequence"):
         LLM(model, max_batch_size=2, max_seq_len=32, page_size=4, num_pages=8)
-    with pytest.raises(TypeError, match="Hugging Face causal LM"):
+    with pytest.raises(TypeError, match="a Hugging Face causal LM .* or a model whose forward"):
         LLM(torch.nn.Linear(2, 2))
 
 
 def test_megakernel_steps_equal_eager():
-    """backend='mkcompiler': every step one megakernel (interpreter), one compile per shape bucket."""
+    """backend='mkcompiler': every step one megakernel (interpreter), one compile per shape bucket
+    (coarse buckets: the longest page table always), the LM head over the sampled rows only."""
+    from test_serve_steps import check_lm_heads
+
     model = random_model("llama", seed=1)
     ps = prompts(6, [5, 9, 3])
     llm = LLM(model, max_batch_size=2, max_seq_len=16, page_size=4, max_chunk=8, backend="mkcompiler",
@@ -149,3 +152,5 @@ def test_megakernel_steps_equal_eager():
     outs = llm.generate(ps, SamplingParams(max_new_tokens=4))
     assert outs == [alone(model, p, 4) for p in ps]
     assert 1 < llm.engine.runner.compiles < llm.engine.steps
+    assert {p for _, _, p in llm.engine.runner._steps} == {llm.engine.config.pages_per_sequence}
+    check_lm_heads(llm.engine)

@@ -5,7 +5,9 @@ the device in two copies (one int64, one float32)."""
 from __future__ import annotations
 
 import bisect
+import itertools
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -14,11 +16,28 @@ from mkcompiler.serve.pages import SCRATCH, PageAllocator
 from mkcompiler.serve.sampling import SamplingRows
 from mkcompiler.serve.scheduler import Sequence, StepPlan
 
+BucketPolicy = Literal["powers_of_two", "coarse"]
+BUCKET_POLICIES: tuple[str, ...] = ("powers_of_two", "coarse")
+# Coarse buckets step by this factor: a part is padded to at most 4x its rows, and the compiles
+# of a (chunk, batch) grid grow as log4 of each limit (5 x 4 for chunks of 256 and 64 sequences).
+COARSE_RATIO = 4
+
 
 def powers_of_two(limit: int) -> tuple[int, ...]:
     """1, 2, 4, ... up to limit, and limit itself."""
     sizes = [1 << i for i in range(limit.bit_length()) if 1 << i < limit]
     return (*sizes, limit)
+
+
+def geometric(limit: int, ratio: int) -> tuple[int, ...]:
+    """limit, limit / ratio, limit / ratio^2, ... (rounded down) and 1, ascending: the largest
+    bucket is the limit itself (a full chunk or batch pads nothing)."""
+    sizes = {1, limit}
+    n = limit
+    while n > 1:
+        n //= ratio
+        sizes.add(max(n, 1))
+    return tuple(sorted(sizes))
 
 
 @dataclass(frozen=True)
@@ -30,11 +49,35 @@ class Buckets:
     pages: tuple[int, ...]  # page-table length P
 
     @classmethod
-    def default(cls, max_chunk: int, max_batch: int, max_pages: int) -> Buckets:
+    def powers_of_two(cls, max_chunk: int, max_batch: int, max_pages: int) -> Buckets:
+        """Little padding, many shapes (up to log2 of each limit, multiplied): for backends whose
+        compiles are cheap."""
         return cls(powers_of_two(max_chunk), powers_of_two(max_batch), powers_of_two(max_pages))
+
+    @classmethod
+    def coarse(cls, max_chunk: int, max_batch: int, max_pages: int) -> Buckets:
+        """Few shapes, for megakernels (a compile each): chunks and batches in COARSE_RATIO steps,
+        and one page-table length, the longest (attention stops at each row's end at run time,
+        so a longer table costs its entries, not their keys)."""
+        return cls(geometric(max_chunk, COARSE_RATIO), geometric(max_batch, COARSE_RATIO), (max_pages,))
+
+    @classmethod
+    def of(cls, policy: BucketPolicy, max_chunk: int, max_batch: int, max_pages: int) -> Buckets:
+        if policy not in BUCKET_POLICIES:
+            raise ValueError(f"buckets must be one of {BUCKET_POLICIES}, not {policy!r}")
+        return getattr(cls, policy)(max_chunk, max_batch, max_pages)
+
+    @property
+    def shapes(self) -> int:
+        """How many step shapes there are (a bound on the compiles)."""
+        return len(self.chunk) * len(self.batch) * len(self.pages)
 
     def fit(self, chunk: int, batch: int, pages: int) -> tuple[int, int, int]:
         return _round_up(self.chunk, chunk), _round_up(self.batch, batch), _round_up(self.pages, pages)
+
+    def grid(self) -> list[tuple[int, int, int]]:
+        """Every step shape (C, B, P)."""
+        return list(itertools.product(self.chunk, self.batch, self.pages))
 
 
 def _round_up(sizes: tuple[int, ...], n: int) -> int:
@@ -76,6 +119,16 @@ def build_step(plan: StepPlan, pages: PageAllocator, buckets: Buckets, vocab_siz
     parts = ints.split([c + b] * 4 + [p, b * p, 1 + b] + [1 + b] * 3)
     inputs = PagedInputs(*parts[:5], parts[5].view(b, p), parts[6])
     return Step(inputs, SamplingRows(floats[0], parts[7], floats[1], parts[8], parts[9]), owners)
+
+
+def padding_step(shape: tuple[int, int, int], device) -> PagedInputs:
+    """A step of shape (C, B, P) made of padding rows only (token 0 at position 0, its keys and
+    values written to slot 0 of the scratch page, every table the scratch page): running it compiles that
+    shape and leaves every live sequence's cache as it was."""
+    c, b, p = shape
+    ints = torch.tensor([0] * (4 * (c + b)) + [SCRATCH] * ((1 + b) * p) + [0, *range(c, c + b)], dtype=torch.int64)
+    parts = ints.to(device).split([c + b] * 4 + [p, b * p, 1 + b])  # separate memory each, as build_step's
+    return PagedInputs(*parts[:5], parts[5].view(b, p), parts[6])
 
 
 def _padded(table: list[int], n: int) -> list[int]:

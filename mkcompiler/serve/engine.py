@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from mkcompiler.serve.batch import Buckets, build_step
+from mkcompiler.serve.batch import BucketPolicy, Buckets, build_step, padding_step
 from mkcompiler.serve.paged_lm import PagedLM
 from mkcompiler.serve.pages import PageAllocator, pages_for
 from mkcompiler.serve.params import SamplingParams, check_request
@@ -35,6 +35,13 @@ class EngineConfig:
     max_chunk: int = 256  # prompt tokens per step (chunked prefill)
     backend: Backend = "eager"
     seed: int = 0  # draws the seeds of requests that give none
+    buckets: BucketPolicy | None = None  # step shapes (batch.Buckets); None: coarse for megakernels, else powers of two
+
+    @property
+    def bucket_policy(self) -> BucketPolicy:
+        if self.buckets is not None:
+            return self.buckets
+        return "coarse" if self.backend == "mkcompiler" else "powers_of_two"
 
     @property
     def pages_per_sequence(self) -> int:
@@ -62,19 +69,14 @@ class EngineConfig:
 class Engine:
     def __init__(self, model: nn.Module, config: EngineConfig, compile_options: dict | None = None):
         config.check()
-        if not hasattr(model, "config") or not hasattr(model.config, "get_text_config"):
-            raise TypeError(
-                "mkcompiler.serve takes a Hugging Face causal LM (its attention goes through transformers' "
-                "AttentionInterface); got " + type(model).__name__
-            )
         self.config = config
-        self.lm = PagedLM(model, config.pool_pages, config.page_size).eval()
+        self.lm = PagedLM(model, config.pool_pages, config.page_size).eval()  # TypeError for other models
         self.device = next(model.parameters()).device
         self.pages = PageAllocator(config.pool_pages, config.page_size)
         self.scheduler = Scheduler(
             self.pages, config.max_batch_size, config.max_batch_size + config.chunk, config.chunk
         )
-        self.buckets = Buckets.default(config.chunk, config.max_batch_size, config.pages_per_sequence)
+        self.buckets = Buckets.of(config.bucket_policy, config.chunk, config.max_batch_size, config.pages_per_sequence)
         self.runner = StepRunner(self.lm, config.backend, compile_options)
         self._seeds = random.Random(config.seed)
         self._next_id = 0
@@ -110,6 +112,15 @@ class Engine:
 
     def output(self, request_id: int) -> list[int]:
         return list(self.sequences[request_id].generated)
+
+    def precompile(self) -> int:
+        """Compile (and run once, on padding rows only) every step shape of the buckets, so that
+        no compile happens while serving; returns the compiles made. Megakernels' coarse buckets
+        have a few dozen shapes at most; powers of two, hundreds."""
+        before = self.runner.compiles
+        for shape in self.buckets.grid():
+            self.runner(padding_step(shape, self.device))
+        return self.runner.compiles - before
 
     def step(self) -> list[tuple[int, int]]:
         """One batched step: (request id, new token) for each token it produced."""
@@ -155,7 +166,7 @@ class LLM:
         compile_options: dict | None = None,
         **options,
     ):
-        """options: the other fields of EngineConfig (num_pages, max_chunk, backend, seed)."""
+        """options: the other fields of EngineConfig (num_pages, max_chunk, backend, seed, buckets)."""
         config = EngineConfig(max_batch_size, max_seq_len, page_size, **options)
         self.engine = Engine(model, config, compile_options)
 
