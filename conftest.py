@@ -99,7 +99,20 @@ SLOW = {
         "test_import_mkcompiler_registers_the_backend_lazily",
     },
     "tests/test_new_user.py": {"test_factory_file_path_imports_its_siblings_from_another_directory"},
-    "tests/test_serve.py": {"test_megakernel_steps_equal_eager"},
+    "tests/test_serve.py": {
+        "test_megakernel_steps_equal_eager",
+        "test_greedy_equals_each_request_alone_with_preemption",
+    },
+    # the spelling galleries (the quick tier keeps one test of each module: rank-5 views, shared
+    # masks, batched pairs, the complex table)
+    "tests/test_canon_rope.py": {
+        "test_every_spelling_compiles_like_the_canonical_one",
+        "test_rotated_k_in_the_cache_and_q_in_attention_compile_like_rotate_half",
+    },
+    "tests/test_canon_attention.py": {
+        "test_prefill_spellings_compile_as_sdpa",
+        "test_decode_spellings_compile_as_sdpa",
+    },
     "tests/test_serve_steps.py": {
         "test_a_compiled_step_sends_only_the_sampled_rows_to_the_lm_head",
         "test_our_llama_megakernel_steps_are_few_and_equal_eager",
