@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from unittest import mock
 
 import torch
 
@@ -29,27 +28,12 @@ from examples.llama import CONFIGS, random_llama  # noqa: E402
 OUTSIDE_LAYERS = 4  # links of the chain taken to lie outside the decoder layers (an estimate)
 
 
-def keep_rms_norm_whole():
-    """A patch making a CPU capture build the GPU's graph (interpret=False gives its tiles)."""
-    import mkcompiler.frontend.capture as capture
-
-    table = capture._decompositions
-
-    def keep_rms_norm():
-        t = table()
-        t.pop(torch.ops.aten.rms_norm.default, None)
-        return t
-
-    return mock.patch.object(capture, "_decompositions", keep_rms_norm)
-
-
 def stages(model, inputs, options: dict, workers: int) -> dict:
     import networkx as nx
 
     import mkcompiler
 
-    with keep_rms_norm_whole():
-        mk = mkcompiler.compile(model, inputs, num_workers=workers, cache=False, interpret=False, **options)
+    mk = mkcompiler.compile(model, inputs, num_workers=workers, cache=False, interpret=False, **options)
     chain = nx.dag_longest_path_length(mk.dag.graph) + 1
     layers = model.c.n_layers
     return {"instructions": len(mk.queue), "chain": chain, "per_layer": (chain - OUTSIDE_LAYERS) / layers}

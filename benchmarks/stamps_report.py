@@ -51,28 +51,18 @@ def stages(path: str, layer: int) -> list[str]:
 
 def gantt(path: str, png: str, opts: dict, title: str, ctx: int) -> None:
     import sys
-    from unittest import mock
 
     import torch
 
     sys.path.insert(0, ".")
     import mkcompiler
-    import mkcompiler.frontend.capture as capture
     from examples.llama import random_llama
     from mkcompiler.tools.profiling import Profile
-
-    decomps = capture._decompositions
-
-    def keep_rms_norm():  # as CUDA exports nn.RMSNorm (one norm op), not the CPU decomposition
-        table = decomps()
-        table.pop(torch.ops.aten.rms_norm.default, None)
-        return table
 
     # As profile_decode.py builds it (the cache length decides the split-KV tiles).
     model = random_llama("llama-3.2-1b", dtype=torch.bfloat16, max_seq_len=ctx + 8, max_batch=1)
     inputs = (torch.zeros(1, 1, dtype=torch.long), torch.tensor([ctx]))
-    with mock.patch.object(capture, "_decompositions", keep_rms_norm):  # interpret=False: the GPU's tiles
-        mk = mkcompiler.compile(model, inputs, num_workers=132, cache=False, interpret=False, **opts)
+    mk = mkcompiler.compile(model, inputs, num_workers=132, cache=False, interpret=False, **opts)  # the GPU's tiles
     stamps = np.load(path, allow_pickle=True)["stamps"]
     if len(stamps) != len(mk.queue):
         raise SystemExit(f"{len(stamps)} stamps but the rebuilt queue has {len(mk.queue)} instructions: other options?")

@@ -59,16 +59,20 @@ def check_kernel_and_vm(mk, model, args, tol: float, vm_tol: float = 1e-5) -> No
         assert rel_err(v, g) <= vm_tol
 
 
-def keep_rms_norm_whole(monkeypatch) -> None:
-    """On the CPU nn.RMSNorm decomposes (pow, mean, rsqrt, mul): keep aten.rms_norm whole so it
-    lowers to a norm op, as nn.RMSNorm's _fused_rms_norm does on a GPU."""
-    from mkcompiler.frontend import capture
+def op_structure(mk) -> tuple:
+    """(op kinds with counts, instructions, dependent stages: ops on the longest chain of ops)
+    of a megakernel: what two spellings of one computation must share."""
+    import functools
+    from collections import Counter
 
-    table = capture._decompositions
+    dag, ops = mk.dag, mk.graph.ops
+    preds: dict[int, set] = {}
+    for a, b in dag.edges:
+        if dag.tasks[a].op != dag.tasks[b].op:
+            preds.setdefault(dag.tasks[b].op, set()).add(dag.tasks[a].op)
 
-    def keep():
-        t = table()
-        t.pop(torch.ops.aten.rms_norm.default, None)
-        return t
+    @functools.cache
+    def level(o):
+        return 1 + max((level(p) for p in preds.get(o, ())), default=0)
 
-    monkeypatch.setattr(capture, "_decompositions", keep)
+    return Counter(op.kind for op in ops), len(mk.queue.rows), max(level(o) for o in range(len(ops)))

@@ -9,38 +9,14 @@ from collections import Counter
 
 import pytest
 import torch
-from mkcompiler.passes import canon_rope, canonicalize
 
 import mkcompiler
 from mkcompiler.errors import UnsupportedOpError
+from tests.helpers import op_structure as structure
 from tests.helpers import rel_err
 
 B, S, H, D = 1, 4, 2, 16  # batch 1: see test_batched_pairs_compile_and_match
 P = D // 2
-
-
-@pytest.fixture(autouse=True)
-def canonicalised(monkeypatch):
-    """The rules run in the canonicalize stage; until it lists them, appended there."""
-    names = [name for name, _ in canonicalize.RULES]
-    missing = [rule for rule in canon_rope.RULES if rule[0] not in names]
-    if missing:
-        monkeypatch.setattr(canonicalize, "RULES", [*canonicalize.RULES, *missing])
-
-
-def structure(mk) -> tuple:
-    """(op kinds with counts, instructions, dependent stages: ops on the longest chain)."""
-    dag, ops = mk.dag, mk.graph.ops
-    preds: dict[int, set] = {}
-    for a, b in dag.edges:
-        if dag.tasks[a].op != dag.tasks[b].op:
-            preds.setdefault(dag.tasks[b].op, set()).add(dag.tasks[a].op)
-
-    @functools.cache
-    def level(o):
-        return 1 + max((level(p) for p in preds.get(o, ())), default=0)
-
-    return Counter(op.kind for op in ops), len(mk.queue.rows), max(level(o) for o in range(len(ops)))
 
 
 # Each spelling: (x [B, H, S, D], angles [S, D/2] = position * inverse frequency) -> rotated x.

@@ -13,17 +13,12 @@ from mkcompiler.ops.registry import FAMILIES
 import mkcompiler
 from mkcompiler.tools.offline import compile_sm90, format_report
 from mkcompiler.vm import run_megakernel
-from tests.helpers import keep_rms_norm_whole, reference, rel_err
+from tests.helpers import reference, rel_err
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 # VM (each op's torch reference, float64 inside) against the kernel: fp32 agrees to rounding;
 # bf16 outputs may differ by one bf16 step where the two land on either side of a rounding edge.
 VM_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
-@pytest.fixture(autouse=True)
-def keep_rms_norm(monkeypatch):
-    keep_rms_norm_whole(monkeypatch)
 
 
 class NormLinear(torch.nn.Module):

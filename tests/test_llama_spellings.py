@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import mkcompiler
+from tests.helpers import op_structure as structure
 from tests.helpers import rel_err
-from tests.test_canon_attention import structure
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ is not an installed package
 from examples.llama import GreedyLoop, random_llama  # noqa: E402
