@@ -66,7 +66,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-from examples.llama import CONFIGS, SPELLINGS, LlamaConfig, random_llama  # noqa: E402
+from examples.llama import CONFIGS, SPELLINGS, LlamaConfig, fill_caches, random_llama  # noqa: E402
 
 # Nothing here touches CUDA at import time: mkcompiler, triton and bench_mlp are imported in the
 # functions that run on the GPU.
@@ -467,11 +467,7 @@ def build_model(
         model = random_llama(
             name, dtype=dtype, device=device, seed=seed, max_seq_len=max_seq_len, max_batch=batch, spelling=spelling
         )
-    model.eval()
-    with torch.no_grad():
-        for layer in model.layers:
-            layer.attn.k_cache.normal_(0.0, 0.5)
-            layer.attn.v_cache.normal_(0.0, 0.5)
+    fill_caches(model.eval())
     return model
 
 

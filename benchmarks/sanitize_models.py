@@ -63,14 +63,10 @@ def llama(dtype: torch.dtype, shape: dict | None):
     """examples/llama.py's decode step with random caches, compared with eager in its dtype."""
 
     def build(device):
-        from examples.llama import random_llama
+        from examples.llama import fill_caches, random_llama
 
         model = random_llama("tiny", dtype=dtype, device=device, **(shape or {}))
-        model.eval()
-        with torch.no_grad():
-            for layer in model.layers:
-                layer.attn.k_cache.normal_(0.0, 0.5)
-                layer.attn.v_cache.normal_(0.0, 0.5)
+        fill_caches(model.eval())
         c = model.c
 
         def inputs(call):

@@ -67,17 +67,13 @@ def rss_bytes() -> int:
 
 def build(device: str):
     """(model, dtype, pairs): the soak's model with random caches, and the inputs it cycles over."""
-    from examples.llama import random_llama
+    from examples.llama import fill_caches, random_llama
 
     if device == "cuda":
         dtype, model = torch.bfloat16, random_llama("tiny", dtype=torch.bfloat16, device="cuda", **SMALL)
     else:
         dtype, model = torch.float32, random_llama("tiny", dtype=torch.float32)
-    model.eval()
-    with torch.no_grad():
-        for layer in model.layers:
-            layer.attn.k_cache.normal_(0.0, 0.5)
-            layer.attn.v_cache.normal_(0.0, 0.5)
+    fill_caches(model.eval())
     c = model.c
     g = torch.Generator().manual_seed(0)
     toks = torch.randint(0, c.vocab_size, (PAIRS, 1, 1), generator=g).to(device)

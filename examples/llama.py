@@ -228,6 +228,16 @@ def random_llama(name_or_config, dtype=torch.float32, device="cpu", seed=0, **ov
     return model.to(device=device, dtype=dtype)
 
 
+def fill_caches(model: Llama, std: float = 0.5) -> Llama:
+    """Random values in every layer's KV cache (a decode step then attends over real-looking keys
+    at any position, not zeros); returns the model."""
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attn.k_cache.normal_(0.0, std)
+            layer.attn.v_cache.normal_(0.0, std)
+    return model
+
+
 class GreedyLoop(nn.Module):
     """One greedy decode step with its loop state on the device: the current token and position
     and the tokens generated so far are module buffers the step updates in place. A megakernel

@@ -31,7 +31,7 @@ from helpers import rel_err
 from mkcompiler.ops.registry import FAMILIES
 
 import mkcompiler
-from examples.llama import GreedyLoop, random_llama
+from examples.llama import GreedyLoop, fill_caches, random_llama
 from mkcompiler.backends.triton import threaded_interp
 from mkcompiler.vm import run_megakernel
 
@@ -55,11 +55,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 def llama_1b(max_seq_len: int):
     """Llama-3.2-1B shapes, random bf16 weights, KV caches of random values (as decode_latency.py)."""
     model = random_llama("llama-3.2-1b", dtype=torch.bfloat16, device="cuda", n_layers=LAYERS, max_seq_len=max_seq_len)
-    model.eval()
-    with torch.no_grad():
-        for layer in model.layers:
-            layer.attn.k_cache.normal_(0.0, 0.5)
-            layer.attn.v_cache.normal_(0.0, 0.5)
+    fill_caches(model.eval())
     return model
 
 
@@ -143,10 +139,7 @@ def test_greedy_loop_generates_the_same_tokens_on_every_run():
 def tiny_decode():
     """A tiny fp32 Llama decode step with split-K and split-KV forced, on four workers."""
     model = random_llama("tiny", dtype=torch.float32, seed=1)
-    with torch.no_grad():
-        for layer in model.layers:
-            layer.attn.k_cache.normal_(0.0, 0.5)
-            layer.attn.v_cache.normal_(0.0, 0.5)
+    fill_caches(model)
     return model, (torch.tensor([[17]]), torch.tensor([40]))
 
 
