@@ -48,6 +48,7 @@ SLOW = {
         "test_llama_kernels_compile_for_sm90_without_spills",
         "test_profile_and_wait_variants_compile_for_sm90",
         "test_mlp_block_compiles_for_sm90_without_spills",
+        "test_known_spilling_kernels_compile_without_spills",
     },
     "tests/test_tp_kernel.py": {
         "test_gathers_and_reduces_over_four_ranks_with_static_schedules",

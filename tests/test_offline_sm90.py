@@ -2,6 +2,7 @@
 in the wheel). Catches source that runs in the interpreter but that the compiler refuses, and
 register spills at the default configuration (registers are the max over all opcodes)."""
 
+import functools
 import os
 import re
 import subprocess
@@ -92,22 +93,27 @@ def llama_sources() -> dict[str, str]:
     }
 
 
-SPILL_BUDGET = 128  # bytes per thread (see test_llama_kernels_compile_for_sm90_without_spills)
+# Kernels known to spill (issue 18's register work): the greedy step's decode matmuls with folded
+# RMSNorm statistics (the norm is one op on every target since the canonicalisation stage, so this
+# CPU compile sees what a GPU compiles: 96 B at the 255-register cap), and wait_many beside them.
+KNOWN_SPILLS = ("greedy step", "acquire waits, many rows")
+
+
+@functools.cache
+def llama_reports() -> dict[str, dict]:
+    sources = llama_sources()
+    with ThreadPoolExecutor(3) as pool:
+        return dict(zip(sources, pool.map(compile_sm90, sources.values())))
 
 
 def test_llama_kernels_compile_for_sm90_without_spills():
-    sources = llama_sources()
-    with ThreadPoolExecutor(3) as pool:
-        reports = dict(zip(sources, pool.map(compile_sm90, sources.values())))
+    reports = llama_reports()
     summary = "\n".join(f"{k}: {format_report(r)}" for k, r in reports.items())
     print("\n" + summary)
     for name, r in reports.items():
         assert r["regs"] > 0, summary
-        # The greedy step's decode matmuls with folded RMSNorm statistics (the norm is one op on every
-        # target since the canonicalisation stage, so this CPU compile now sees what a GPU compiles)
-        # spill a little at the 255-register cap: at most SPILL_BUDGET, until issue 18's register work.
-        budget = SPILL_BUDGET if name == "greedy step" else 0
-        assert r["spilled_bytes"] <= budget and r["local"] <= budget, summary
+        if name not in KNOWN_SPILLS:
+            assert r["spilled_bytes"] == 0 and r["local"] == 0, summary
 
 
 def decode_mlp_source() -> str:
@@ -118,9 +124,8 @@ def decode_mlp_source() -> str:
     return mkcompiler.compile(model, (x,), num_workers=132, interpret=False).source
 
 
-def test_profile_and_wait_variants_compile_for_sm90():
-    """The inline-PTX paths (%globaltimer stamps; acquire and fence waits) never run in the
-    interpreter: compile them for sm_90 here, beside the plain kernel."""
+@functools.cache
+def variant_reports() -> dict[str, dict]:
     source = decode_mlp_source()
     variants = {
         "plain": dict(waits="atomic"),
@@ -131,7 +136,13 @@ def test_profile_and_wait_variants_compile_for_sm90():
     }
     with ThreadPoolExecutor(3) as pool:
         futures = {k: pool.submit(compile_sm90, source, **v) for k, v in variants.items()}
-        reports = {k: f.result() for k, f in futures.items()}
+        return {k: f.result() for k, f in futures.items()}
+
+
+def test_profile_and_wait_variants_compile_for_sm90():
+    """The inline-PTX paths (%globaltimer stamps; acquire and fence waits) never run in the
+    interpreter: compile them for sm_90 here, beside the plain kernel."""
+    reports = variant_reports()
     for name, r in reports.items():
         print(f"\n{name}: {format_report(r)}")
         assert r["regs"] > 0 and r["ptx_lines"] > 0
@@ -146,7 +157,11 @@ def test_profile_and_wait_variants_compile_for_sm90():
         assert r["waits"] == mode and r["spilled_bytes"] == 0, format_report(r)
         assert r["ptx_lines"] != reports["plain"]["ptx_lines"]
     many = reports["acquire waits, many rows"]  # wait_many only where asked for: more code there
-    # wait_many's reductions beside a folded-norm decode matmul: a few bytes at the register cap
-    assert many["spilled_bytes"] <= 16 and many["ptx_lines"] > reports["acquire waits"]["ptx_lines"], format_report(
-        many
-    )
+    assert many["ptx_lines"] > reports["acquire waits"]["ptx_lines"], format_report(many)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 18: these kernels spill at the register cap (KNOWN_SPILLS)")
+@pytest.mark.parametrize("name", KNOWN_SPILLS)
+def test_known_spilling_kernels_compile_without_spills(name):
+    r = {**llama_reports(), **variant_reports()}[name]
+    assert r["spilled_bytes"] == 0 and r["local"] == 0, format_report(r)
