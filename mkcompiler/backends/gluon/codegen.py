@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from mkcompiler.backends.gluon import tiles
+from mkcompiler.backends.gluon.family import GLUON_FAMILIES, Emitted, GluonFamily, register
 from mkcompiler.backends.gluon.plan import STREAMED_KINDS, DecodePlan, decode_plan, stack_key
 from mkcompiler.ir.dag import TileDAG
 from mkcompiler.ir.graph import Graph
@@ -110,12 +111,18 @@ def _matmul_problem(key) -> str | None:
     return None
 
 
+def _emit_matmul(key, opcode: int, queue: Queue) -> Emitted:
+    return Emitted("", matmul_call(key, _row_counts(queue).get(opcode, 1)))
+
+
+def _emit_elementwise(key, opcode: int, queue: Queue) -> Emitted:
+    name = f"op{opcode}_elementwise"
+    return Emitted(elementwise_routine(key, name), f"{name}(instr_ptr, views_ptr, idx, ok, num_warps)")
+
+
 def _problem(key) -> str | None:
-    if key[0] == MATMUL:
-        return _matmul_problem(key)
-    if key[0] == ELEMENTWISE:
-        return _elementwise_problem(key)
-    return "no Gluon tile"
+    family = GLUON_FAMILIES.get(key[0])
+    return "no Gluon tile" if family is None else family.problem(key)
 
 
 def unsupported(graph: Graph, queue: Queue) -> list[str]:
@@ -197,7 +204,7 @@ def build(graph: Graph, dag: TileDAG, queue: Queue) -> GluonKernel:
     groups = tuple(g for g, _ in descriptors)
     (box,) = boxes
     tma = tma_table(queue, plan, groups)
-    source = generate(queue, len(groups), _row_counts(queue))
+    source = generate(queue, len(groups))
     return GluonKernel(source, plan, groups, box, ring_depth(box), tma)
 
 
@@ -364,22 +371,22 @@ def elementwise_routine(key, name: str) -> str:
     return "\n".join(src) + "\n"
 
 
-def generate(queue: Queue, num_descriptors: int, rows: dict[int, int]) -> str:
-    """The kernel's source: one branch per opcode; `rows` (matmul opcode -> most rows) sizes the
-    matmul tiles' row dimension."""
+def generate(queue: Queue, num_descriptors: int) -> str:
+    """The kernel's source: one branch per opcode, written by its family (GLUON_FAMILIES)."""
     if not 1 <= num_descriptors <= MAX_DESCRIPTORS:
         raise GluonUnsupported(f"{num_descriptors} TMA descriptors (1..{MAX_DESCRIPTORS})")
     descs = ", ".join(f"w{d}" for d in range(num_descriptors))
     routines, branches = [], []
+    imports: dict[str, set[str]] = {}
     for opcode, key in enumerate(queue.opcode_keys):
-        if key[0] == MATMUL:
-            call = matmul_call(key, rows.get(opcode, 1))
-        elif key[0] == ELEMENTWISE:
-            name = f"op{opcode}_elementwise"
-            routines.append(elementwise_routine(key, name))
-            call = f"{name}(instr_ptr, views_ptr, idx, ok, num_warps)"
-        else:
+        family = GLUON_FAMILIES.get(key[0])
+        if family is None:
             raise GluonUnsupported(f"opcode {opcode} ({queue.opcode_names[opcode]}): no Gluon tile")
+        emitted = family.emit(key, opcode, queue)
+        if family.imports:
+            imports.setdefault(family.module, set()).update(family.imports)
+        routines.append(emitted.routines)
+        call = emitted.call.replace("\n", "\n            ")
         branches.append(f"        if op == {opcode}:  # {queue.opcode_names[opcode]}\n            {call}\n")
     header = HEADER.format(
         opcode=int(Field.OPCODE),
@@ -391,8 +398,10 @@ def generate(queue: Queue, num_descriptors: int, rows: dict[int, int]) -> str:
         loader_regs=LOADER_REGS,
     )
     issue = "".join(ISSUE.format(d=d) for d in range(num_descriptors))
+    extra = "".join(f"from {module} import {', '.join(sorted(names))}\n" for module, names in sorted(imports.items()))
     return (
         header
+        + extra
         + "".join(routines)
         + LOADER.format(descs=descs, issue=issue)
         + COMPUTE_HEAD
@@ -451,3 +460,8 @@ def compile_offline(kernel: GluonKernel, max_spin: int, arch: int = 90, keep_asm
     r = compile_report(module.megakernel, sig, cst, attrs, COMPUTE_WARPS, arch, PTX_OPS, GluonUnsupported, keep_asm)
     r.update(box=kernel.box, num_buf=kernel.num_buf, descriptors=len(kernel.groups))
     return r
+
+
+# The families this file writes; the others' modules register themselves when imported (below).
+register(MATMUL, GluonFamily(_matmul_problem, _emit_matmul))
+register(ELEMENTWISE, GluonFamily(_elementwise_problem, _emit_elementwise))
