@@ -98,9 +98,15 @@ class GluonMegakernel(Megakernel):
             self._descs = [TensorDescriptor.from_tensor(t, list(self.kernel.box), layout) for t in self.stacks]
         return self._descs
 
+    def profile(self, *args, **kwargs):
+        """Megakernel.profile's stamps, plus `loads`: per instruction when the loader issued its
+        first weight block (ns, -1: it streams nothing), so the picture shows how far ahead of
+        each matmul's wait its weights were asked for."""
+        result = super().profile(*args, **kwargs)
+        result.loads = self._loads.cpu().numpy()
+        return result
+
     def launch(self, prof: torch.Tensor | None = None) -> None:
-        if prof is not None:
-            raise MegakernelError("profiles of the Gluon backend are not implemented yet (issue 17)")
         if not self.launchable:
             raise MegakernelError(
                 "this Gluon megakernel was generated without a GPU (Triton interprets in this process): it cannot be "
@@ -110,6 +116,9 @@ class GluonMegakernel(Megakernel):
             self.reset()
         self.generation += 1
         self._sync_view_addrs()
+        loads = self.counters  # unused by a normal launch (PROFILE=False)
+        if prof is not None:
+            self._loads = loads = torch.full((len(self.queue),), -1, dtype=torch.int64, device=self.device)
         with _cooperative_errors(self):
             self._kernel[(self.num_workers,)](
                 *self.descriptors(),
@@ -121,9 +130,12 @@ class GluonMegakernel(Megakernel):
                 self.order,
                 self.worker_begin,
                 self.tma,
+                self.counters if prof is None else prof,
+                loads,
                 self.generation,
                 MAX_SPIN=self.max_spin,
                 NUM_BUF=self.kernel.num_buf,
+                PROFILE=prof is not None,
                 num_warps=COMPUTE_WARPS,
                 launch_cooperative_grid=True,
             )

@@ -184,6 +184,9 @@ class Profile:
     source: str  # "gpu", "interpreter" or "vm"
     device_name: str = ""
     compilation: object | None = None  # passes.pipeline.Compilation (graph and DAG for bytes/FLOPs)
+    # Gluon backend: per instruction, when its loader issued the first weight block (same clock as
+    # the stamps; -1: nothing streamed). None for backends without a loader.
+    loads: np.ndarray | None = None
 
     # -- derived arrays --
     def ran(self) -> np.ndarray:
@@ -401,7 +404,29 @@ class Profile:
             lines += self._worker_section(t, top)
             lines += self._gap_section(t)
             lines += self._slowest_section(t, top)
+            lines += self._loader_section()
         return "\n".join(lines)
+
+    def _loader_section(self) -> list[str]:
+        """How far ahead of each streamed instruction's wait its loader asked for the weights:
+        lead = ready - first block issued (> 0: the weights were on their way before the
+        activations were ready, the point of a loader that never waits)."""
+        if self.loads is None:
+            return []
+        loads = np.asarray(self.loads, dtype=np.int64)
+        stamps = np.asarray(self.stamps)
+        sel = (loads >= 0) & self.ran()
+        if not sel.any():
+            return ["", "loader: no streamed instruction ran"]
+        lead = (stamps[sel, StampField.READY] - loads[sel]).astype(np.float64)
+        p10, p50, p90 = np.percentile(lead, [10, 50, 90])
+        unit = self.unit
+        return [
+            "",
+            f"loader lead (ready - first weight block issued) over {int(sel.sum())} streamed instructions: "
+            f"median {_fmt_time(p50, unit)}, p10 {_fmt_time(p10, unit)}, p90 {_fmt_time(p90, unit)}; "
+            f"{100 * float((lead > 0).mean()):.0f}% issued before their wait ended",
+        ]
 
     def _timeline(self) -> _Timeline:
         ok, worker, fetch, ready, end, _ = self._times()

@@ -25,7 +25,6 @@ split-K partials, bias, a folded RMSNorm) and elementwise ops over contiguous vi
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,7 +39,6 @@ from mkcompiler.ir.graph import Graph
 from mkcompiler.ir.layout import Field, ViewField
 from mkcompiler.ir.queue import Queue
 from mkcompiler.ops.base import next_pow2, tl_dtype
-from mkcompiler.ops.elementwise import OPS, expr_source, has_positional, op_names
 from mkcompiler.ops.matmul import DECODE_ROWS
 from mkcompiler.ops.registry import FAMILIES
 
@@ -50,10 +48,7 @@ LOADER_REGS = 48
 MAX_DESCRIPTORS = 8  # TMA descriptors per launch (kernel arguments)
 RING_BYTES = 160 * 1024  # shared memory for the weight ring (Hopper: 227 KiB per CTA)
 MIN_BUF, MAX_BUF = 2, 8
-MATMUL, ELEMENTWISE = "matmul", "elementwise"
-# Gluon's twins of what the elementwise templates call as tl.<name> and gl lacks (tiles.py)
-LOCAL_FUNCTIONS = ("sigmoid",)
-_TL_NAME = re.compile(r"\btl\.(\w+)")
+MATMUL = "matmul"
 
 
 class GluonUnsupported(RuntimeError):
@@ -61,43 +56,6 @@ class GluonUnsupported(RuntimeError):
 
 
 # ---- what runs here ----
-
-
-def _gl_name(name: str) -> str | None:
-    """The Gluon spelling of tl.<name> in generated code, or None when there is none."""
-    if not tiles.HAVE_GLUON:
-        return None
-    if name in LOCAL_FUNCTIONS:
-        return name
-    from triton.experimental.gluon import language as gl
-
-    return f"gl.{name}" if hasattr(gl, name) else None
-
-
-def gluon_source(triton_src: str) -> str:
-    """A line of Triton elementwise source (ops/elementwise.expr_source) in Gluon; GluonUnsupported
-    names a tl function without a twin."""
-
-    def sub(m):
-        twin = _gl_name(m.group(1))
-        if twin is None:
-            raise GluonUnsupported(f"tl.{m.group(1)}")
-        return twin
-
-    return _TL_NAME.sub(sub, triton_src)
-
-
-def _elementwise_problem(key) -> str | None:
-    if key.shape is not None or any(f == 0 for f in key.flat):
-        return "strided views"
-    if has_positional(key.expr):
-        return "positional (cat) leaves"
-    for name in set(op_names(key.expr)):
-        try:
-            gluon_source(OPS[name][0])
-        except GluonUnsupported as e:
-            return f"{name} ({e})"
-    return None
 
 
 def _matmul_problem(key) -> str | None:
@@ -113,11 +71,6 @@ def _matmul_problem(key) -> str | None:
 
 def _emit_matmul(key, opcode: int, queue: Queue) -> Emitted:
     return Emitted("", matmul_call(key, _row_counts(queue).get(opcode, 1)))
-
-
-def _emit_elementwise(key, opcode: int, queue: Queue) -> Emitted:
-    name = f"op{opcode}_elementwise"
-    return Emitted(elementwise_routine(key, name), f"{name}(instr_ptr, views_ptr, idx, ok, num_warps)")
 
 
 def _problem(key) -> str | None:
@@ -238,8 +191,10 @@ from mkcompiler.backends.gluon.tiles import (
     arg,
     field,
     matmul_tile,
+    now,
     sigmoid,
     signal,
+    stamp,
     tma_field,
     view_base,
     view_numel,
@@ -258,8 +213,9 @@ LOADER_REGS = gl.constexpr({loader_regs})
 LOADER = '''
 
 @gluon.jit
-def loader({descs}, order_ptr, worker_begin_ptr, tma_ptr, bufs, ready, empty):
-    """The worker's matmul weight blocks, in list order, into the ring; waits only for free slots."""
+def loader({descs}, order_ptr, worker_begin_ptr, tma_ptr, bufs, ready, empty, load_ptr, PROFILE: gl.constexpr):
+    """The worker's matmul weight blocks, in list order, into the ring; waits only for free slots.
+    PROFILE: load_ptr[idx] = when the instruction's first block was issued."""
     NUM_BUF: gl.constexpr = bufs.type.shape[0]
     BK: gl.constexpr = bufs.type.shape[2]
     NBYTES: gl.constexpr = w0.block_type.nbytes
@@ -273,7 +229,10 @@ def loader({descs}, order_ptr, worker_begin_ptr, tma_ptr, bufs, ready, empty):
             s = it % NUM_BUF
             mbarrier.wait(empty.index(s), ((it // NUM_BUF) & 1) ^ 1)  # first lap: free at once
             mbarrier.expect(ready.index(s), NBYTES)
-{issue}            it += 1
+{issue}            if PROFILE:
+                if k == tma_field(tma_ptr, idx, T_K_LO):
+                    gl.store(load_ptr + idx, now())
+            it += 1
 '''
 
 ISSUE = """\
@@ -285,29 +244,39 @@ COMPUTE_HEAD = '''
 
 @gluon.jit
 def compute(instr_ptr, waits_ptr, counters_ptr, err_ptr, views_ptr, order_ptr, worker_begin_ptr, tma_ptr, generation,
-            bufs, ready, empty, MAX_SPIN: gl.constexpr, num_warps: gl.constexpr):
+            bufs, ready, empty, prof_ptr, MAX_SPIN: gl.constexpr, PROFILE: gl.constexpr, num_warps: gl.constexpr):
     """The worker's list: wait (bounded), run the tile, signal; after a wait gave up (ok == 0),
-    only take and release ring blocks."""
+    only take and release ring blocks. PROFILE: the Triton backend's stamps (ir/layout.StampField)
+    of every instruction that ran."""
     pid = gl.program_id(0)
     it = 0
     ok = 1
     for cursor in range(gl.load(worker_begin_ptr + pid), gl.load(worker_begin_ptr + pid + 1)):
         idx = gl.load(order_ptr + cursor)
         op = field(instr_ptr, idx, OPCODE)
+        t_fetch = 0
+        t_ready = 0
+        if PROFILE:
+            t_fetch = now()
         if ok != 0:
             ok = wait_counters(instr_ptr, waits_ptr, counters_ptr, err_ptr, idx, generation, MAX_SPIN)
+        if PROFILE:
+            t_ready = now()
 '''
 
 COMPUTE_TAIL = """\
         if ok != 0:
             signal(instr_ptr, counters_ptr, idx)
+            if PROFILE:
+                stamp(prof_ptr, idx, pid, t_fetch, t_ready, now())
 """
 
 KERNEL = """
 
 @gluon.jit(do_not_specialize=["generation"])
 def megakernel({descs}, instr_ptr, waits_ptr, counters_ptr, err_ptr, views_ptr, order_ptr, worker_begin_ptr, tma_ptr,
-               generation, MAX_SPIN: gl.constexpr, NUM_BUF: gl.constexpr, num_warps: gl.constexpr):
+               prof_ptr, load_ptr, generation, MAX_SPIN: gl.constexpr, NUM_BUF: gl.constexpr, PROFILE: gl.constexpr,
+               num_warps: gl.constexpr):
     bufs = gl.allocate_shared_memory(w0.dtype, [NUM_BUF] + w0.block_type.shape, w0.layout)
     ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
@@ -317,8 +286,8 @@ def megakernel({descs}, instr_ptr, waits_ptr, counters_ptr, err_ptr, views_ptr, 
     gl.warp_specialize(
         [
             (compute, (instr_ptr, waits_ptr, counters_ptr, err_ptr, views_ptr, order_ptr, worker_begin_ptr, tma_ptr,
-                       generation, bufs, ready, empty, MAX_SPIN, num_warps)),
-            (loader, ({descs}, order_ptr, worker_begin_ptr, tma_ptr, bufs, ready, empty)),
+                       generation, bufs, ready, empty, prof_ptr, MAX_SPIN, PROFILE, num_warps)),
+            (loader, ({descs}, order_ptr, worker_begin_ptr, tma_ptr, bufs, ready, empty, load_ptr, PROFILE)),
         ],
         [LOADER_WARPS],
         [LOADER_REGS],
@@ -337,38 +306,6 @@ def matmul_call(key, rows: int) -> str:
         f"{norm.eps if norm is not None else 0.0!r}, {gl_dtype(norm.h_dtype if norm else torch.float32)}, {has_nw}, "
         f"{gl_dtype(norm.weight_dtype if has_nw else torch.float32)}, {next_pow2(rows)}, num_warps)"
     )
-
-
-def elementwise_routine(key, name: str) -> str:
-    """The Gluon twin of Elementwise.emit's routine (contiguous views only: `unsupported`): the
-    instruction's blocks of BLOCK elements, every input loaded at the output's linear index, the
-    expression (ops/elementwise.expr_source, translated by gluon_source), the store."""
-    n = len(key.in_dtypes)
-    vec = max(1, min(8, key.block // (32 * COMPUTE_WARPS)))
-    lines, result = expr_source(key.expr, n, "lin")
-    src = [
-        "",
-        "",
-        "@gluon.jit",
-        f"def {name}(instr_ptr, views_ptr, idx, ok, num_warps: gl.constexpr):",
-        f"    BLOCK: gl.constexpr = {key.block}",
-        f"    LAYOUT: gl.constexpr = gl.BlockedLayout([{vec}], [32], [num_warps], [0])",
-        "    out_v = arg(instr_ptr, idx, 0)",
-        f"    first = arg(instr_ptr, idx, {n + 1})",
-        "    n = view_numel(views_ptr, out_v)",
-        f"    for blk in range(first, first + arg(instr_ptr, idx, {n + 2}) * ok):  # the tile's blocks",
-        "        lin = blk * BLOCK + gl.arange(0, BLOCK, layout=LAYOUT)",
-        "        mask = lin < n",
-    ]
-    for k, dt in enumerate(key.in_dtypes):
-        p = f"view_base(views_ptr, arg(instr_ptr, idx, {k + 1}), {gl_dtype(dt)}) + lin"
-        src.append(f"        x{k} = gl.load({p}, mask=mask, other=0.0, cache_modifier='.cg').to(gl.float32)")
-    for line in lines:
-        line = line.replace("tl.zeros([BLOCK], tl.float32)", "gl.zeros([BLOCK], gl.float32, layout=LAYOUT)")
-        src.append(f"        {gluon_source(line)}")
-    out = gl_dtype(key.out_dtype)
-    src.append(f"        gl.store(view_base(views_ptr, out_v, {out}) + lin, {result}.to({out}), mask=mask)")
-    return "\n".join(src) + "\n"
 
 
 def generate(queue: Queue, num_descriptors: int) -> str:
@@ -422,6 +359,7 @@ PTX_OPS = (
     "ld.volatile.global",
     "ld.global.gpu.acquire",  # a wait's final acquire (the atomic add of 0 compiles to it)
     "atom.global.gpu.release",
+    "globaltimer",
 )
 
 
@@ -431,9 +369,11 @@ def weight_layout(box: tuple[int, int]):
     return gl.NVMMASharedLayout.get_default_for(list(box), gl.bfloat16)
 
 
-def compile_offline(kernel: GluonKernel, max_spin: int, arch: int = 90, keep_asm: bool = False) -> dict:
-    """Compile the generated kernel for sm_`arch` without a GPU (ptxas.compile_report): registers,
-    spills, shared memory, PTX op counts."""
+def compile_offline(
+    kernel: GluonKernel, max_spin: int, arch: int = 90, keep_asm: bool = False, profile: bool = False
+) -> dict:
+    """Compile the generated kernel (its profiling variant with `profile`) for sm_`arch` without a
+    GPU (ptxas.compile_report): registers, spills, shared memory, PTX op counts."""
     import importlib.util
     import os
     import sys
@@ -454,9 +394,10 @@ def compile_offline(kernel: GluonKernel, max_spin: int, arch: int = 90, keep_asm
     sig = {f"w{d}": desc for d in range(len(kernel.groups))}
     pointers = ("instr_ptr", "waits_ptr", "counters_ptr", "err_ptr", "views_ptr", "order_ptr", "worker_begin_ptr")
     sig.update({p: "*i32" for p in pointers}, views_ptr="*i64", tma_ptr="*i32", generation="i32")
-    sig.update(MAX_SPIN="constexpr", NUM_BUF="constexpr", num_warps="constexpr")
+    sig.update(prof_ptr="*i64", load_ptr="*i64")
+    sig.update(MAX_SPIN="constexpr", NUM_BUF="constexpr", PROFILE="constexpr", num_warps="constexpr")
     attrs = {p: [["tt.divisibility", 16]] for p in (*pointers, "tma_ptr")}
-    cst = {"MAX_SPIN": max_spin, "NUM_BUF": kernel.num_buf, "num_warps": COMPUTE_WARPS}
+    cst = {"MAX_SPIN": max_spin, "NUM_BUF": kernel.num_buf, "PROFILE": profile, "num_warps": COMPUTE_WARPS}
     r = compile_report(module.megakernel, sig, cst, attrs, COMPUTE_WARPS, arch, PTX_OPS, GluonUnsupported, keep_asm)
     r.update(box=kernel.box, num_buf=kernel.num_buf, descriptors=len(kernel.groups))
     return r
@@ -464,4 +405,7 @@ def compile_offline(kernel: GluonKernel, max_spin: int, arch: int = 90, keep_asm
 
 # The families this file writes; the others' modules register themselves when imported (below).
 register(MATMUL, GluonFamily(_matmul_problem, _emit_matmul))
-register(ELEMENTWISE, GluonFamily(_elementwise_problem, _emit_elementwise))
+from mkcompiler.backends.gluon import attention as _attention  # noqa: E402,F401  registers its families
+from mkcompiler.backends.gluon import elementwise as _elementwise  # noqa: E402,F401  registers its family
+from mkcompiler.backends.gluon import small_ops as _small_ops  # noqa: E402,F401  registers its families
+from mkcompiler.backends.gluon.elementwise import gluon_source  # noqa: E402,F401  (moved there; tests use it)

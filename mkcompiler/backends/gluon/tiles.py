@@ -19,7 +19,17 @@ Importing this module does no CUDA work and never fails without Gluon (HAVE_GLUO
 from __future__ import annotations
 
 from mkcompiler.backends.gluon.plan import MatmulArg
-from mkcompiler.ir.layout import NUM_FIELDS, NUM_VIEW_FIELDS, NUM_WAIT_FIELDS, ErrorField, Field, ViewField, WaitField
+from mkcompiler.ir.layout import (
+    NUM_FIELDS,
+    NUM_STAMPS,
+    NUM_VIEW_FIELDS,
+    NUM_WAIT_FIELDS,
+    ErrorField,
+    Field,
+    StampField,
+    ViewField,
+    WaitField,
+)
 
 # The per-instruction TMA table (int32 [n_instr, NUM_TMA_FIELDS]) both partitions read: which
 # descriptor, the first weight row in its stacked buffer, and the K chunk [K_LO, K_HI) of the
@@ -68,6 +78,11 @@ if HAVE_GLUON:
     _E_VALUE = gl.constexpr(int(ErrorField.VALUE))
     _E_TARGET = gl.constexpr(int(ErrorField.TARGET))
     _E_WORKER = gl.constexpr(int(ErrorField.WORKER))
+    _NUM_STAMPS = gl.constexpr(NUM_STAMPS)
+    _S_WORKER = gl.constexpr(int(StampField.WORKER))
+    _S_FETCH = gl.constexpr(int(StampField.FETCH))
+    _S_READY = gl.constexpr(int(StampField.READY))
+    _S_END = gl.constexpr(int(StampField.END))
     _TMA_ROW = gl.constexpr(NUM_TMA_FIELDS)
     _T_DESC = gl.constexpr(TMA_DESC)
     _T_ROW = gl.constexpr(TMA_ROW)
@@ -133,6 +148,22 @@ if HAVE_GLUON:
             * view_size(views_ptr, v, 2)
             * view_size(views_ptr, v, 3)
         )
+
+    # ---- profile stamps (the profiling variant only: PROFILE) ----
+
+    @gluon.jit
+    def now():
+        """%globaltimer in ns (kernel_lib.now's GPU stamp)."""
+        return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
+
+    @gluon.jit
+    def stamp(prof_ptr, idx, worker, t_fetch, t_ready, t_end):
+        """Instruction idx's row of ir/layout.StampField (worker, fetch, ready, end)."""
+        row = prof_ptr + idx.to(gl.int64) * _NUM_STAMPS
+        gl.store(row + _S_WORKER, worker.to(gl.int64))
+        gl.store(row + _S_FETCH, t_fetch)
+        gl.store(row + _S_READY, t_ready)
+        gl.store(row + _S_END, t_end)
 
     # ---- the protocol ----
 
