@@ -128,23 +128,6 @@ def test_decode_attention_compiles_for_sm90_without_spills(compiled):
 
 
 @needs_gluon
-def test_llama_decode_step_runs_its_attention_on_gluon():
-    """A split-KV Llama decode step: attention and its combine are not among what the backend lacks
-    (other families may still be: they are not this module's)."""
-    from examples.llama import random_llama
-
-    model = random_llama("tiny", dtype=torch.bfloat16, max_seq_len=1024)
-    args = (torch.tensor([[3]]), torch.tensor([700]))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", GluonFallbackWarning)
-        mk = mkcompiler.compile(model, args, backend="gluon", interpret=False, num_workers=132, cache=False)
-    splits = [op.attrs.split for op in mk.graph.ops if op.kind == "attention"]
-    assert len(splits) == 2 and min(splits) > 1, splits
-    problems = codegen.unsupported(mk.graph, mk.queue)
-    assert not [p for p in problems if "attention" in p], problems
-
-
-@needs_gluon
 def test_prefill_attention_falls_back_with_its_reason():
     c = Case(4, 2, 32, 64, 64, causal=True)
     model, args = make(c)
@@ -175,7 +158,144 @@ class _Key:
     bn: int
 
 
-# ---- GPU ----
+# ---- the tiles' arithmetic on the CPU (tests/gluon_shim.py: torch as `gl`) ----
+
+
+@dataclass
+class _Layout:
+    """What the shim needs of a layout: its rank (attention.along shapes its aranges by it)."""
+
+    rank: int
+
+
+def attention_shim(mk):
+    """A GluonShim that also runs attention.py's routines: their bodies re-bound to the shim's
+    namespace, with layouts that know their rank and the gl calls they make beyond the shim's
+    (expand_dims, convert_layout, multiple_of, the L2 prefetch's inline asm: a no-op)."""
+    import types
+
+    from tests.gluon_shim import GluonShim, Ptr
+
+    shim = GluonShim(mk)
+    ns = shim.ns
+    for name, value in vars(attention).items():
+        fn = getattr(value, "fn", None)
+        if isinstance(fn, types.FunctionType) and fn.__module__ == attention.__name__:  # not tiles' (arg...)
+            ns[name] = types.FunctionType(fn.__code__, ns, name, fn.__defaults__, fn.__closure__)
+        elif type(value).__name__ == "constexpr":
+            ns[name] = value.value
+    views = shim.views
+
+    class Addr:
+        def __init__(self, v):
+            self.v = v
+
+        def to(self, pointer, bitcast=False):
+            return Ptr(self.v, pointer)
+
+    def along(n, axis, layout):
+        shape = [1] * layout.rank
+        shape[axis] = n
+        return torch.arange(n, dtype=torch.int32).reshape(shape)
+
+    gl = ns["gl"]
+    gl.BlockedLayout = lambda size, threads, warps, order: _Layout(len(warps))
+    gl.SliceLayout = lambda dim, parent: _Layout(parent.rank - 1)
+    gl.pointer_type = lambda dtype: dtype
+    gl.expand_dims = lambda x, axis: x.unsqueeze(axis)
+    gl.convert_layout = lambda x, layout: x
+    gl.multiple_of = lambda x, v: x
+    gl.inline_asm_elementwise = lambda *a: None
+    ns.update(along=along, view_field=lambda views_ptr, v, f: Addr(views[int(v), f].clone()))
+    return shim
+
+
+def run_attention_on_the_cpu(mk, args, ok: int = 1):
+    """The queue in list order (vm.run_queue, static lists): attention and its combine through their
+    Gluon routines (attention_shim), the rest through their ops' torch references."""
+    from mkcompiler.ops.registry import FAMILIES
+
+    from mkcompiler.backends.gluon.family import GLUON_FAMILIES
+    from mkcompiler.vm import run_queue
+
+    mk._bind(tuple(args), {})
+    shim = attention_shim(mk)
+    q, ran = mk.queue, set()
+
+    def execute(i):
+        o = int(q.rows[i, Field.OPCODE])
+        key = q.opcode_keys[o]
+        if key[0] in ("attention", "attention_combine"):
+            shim.run(i, GLUON_FAMILIES[key[0]].emit(key, o, q), ok=ok)
+            ran.add(key[0])
+        else:
+            task = mk.dag.tasks[int(q.rows[i, Field.TASK])]
+            op = mk.graph.ops[task.op]
+            FAMILIES[op.kind].reference(op, task.coords, mk.tensor_of)
+
+    run_queue(q, execute, dynamic=False, seed=0)
+    return mk.outputs(), ran
+
+
+@needs_gluon
+@pytest.mark.parametrize("name", list(CASES))
+def test_attention_tiles_run_on_the_cpu_give_eager_outputs(name):
+    """attention_tile and attention_combine_tile's bodies with torch as `gl` on a compiled kernel's
+    own buffers, views and instruction rows (matmuls by their references), intermediates poisoned."""
+    c = CASES[name]
+    model, args = make(c)
+    mk = mkcompiler.compile(model, tuple(args), interpret=False, num_workers=132, cache=False)
+    mk.poison()
+    got, ran = run_attention_on_the_cpu(mk, args)
+    assert ran == ({"attention", "attention_combine"} if c.split else {"attention"})
+    for g, w in zip(got, reference(model, args)):
+        assert rel_err(g, w) <= 2e-2, name  # bf16 outputs
+
+
+@needs_gluon
+def test_llama_decode_step_runs_its_attention_on_gluon():
+    """A split-KV Llama decode step: attention and its combine are not among what the backend lacks
+    (other families may still be: not this module's), and through their routines on the CPU (the
+    rest by references) the step gives eager's logits."""
+    import copy
+
+    from examples.llama import fill_caches, random_llama
+
+    model = fill_caches(random_llama("tiny", dtype=torch.bfloat16, max_seq_len=1024))
+    args = (torch.tensor([[3]]), torch.tensor([700]))
+    eager = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GluonFallbackWarning)
+        mk = mkcompiler.compile(model, args, backend="gluon", interpret=False, num_workers=132, cache=False)
+    splits = [op.attrs.split for op in mk.graph.ops if op.kind == "attention"]
+    assert len(splits) == 2 and min(splits) > 1, splits
+    problems = codegen.unsupported(mk.graph, mk.queue)
+    assert not [p for p in problems if "attention" in p], problems
+    mk.poison()
+    got, ran = run_attention_on_the_cpu(mk, args)
+    assert ran == {"attention", "attention_combine"}
+    assert rel_err(got, eager(*args)) <= 2e-2
+
+
+@needs_gluon
+def test_attention_tiles_after_a_failed_wait_touch_nothing():
+    """ok == 0: neither tile reads or writes (poisoned buffers keep their NaN; every output too)."""
+    c = CASES["gqa4_split_bool_mask"]
+    model, args = make(c)
+    mk = mkcompiler.compile(model, tuple(args), interpret=False, num_workers=132, cache=False)
+    mk._bind(tuple(args), {})
+    for b in mk.buffers.values():
+        b.fill_(7)
+    before = [b.clone() for b in mk.buffers.values()]
+    shim = attention_shim(mk)
+    from mkcompiler.backends.gluon.family import GLUON_FAMILIES
+
+    for i in range(len(mk.queue)):
+        o = int(mk.queue.rows[i, Field.OPCODE])
+        key = mk.queue.opcode_keys[o]
+        if key[0] in ("attention", "attention_combine"):
+            shim.run(i, GLUON_FAMILIES[key[0]].emit(key, o, mk.queue), ok=0)
+    assert all(torch.equal(a, b) for a, b in zip(before, mk.buffers.values()))
 
 
 @pytest.mark.gpu

@@ -39,9 +39,8 @@ from mkcompiler.ops.matmul import DECODE_ROWS
 
 ATTENTION, COMBINE = "attention", "attention_combine"
 MODULE = "mkcompiler.backends.gluon.attention"
-COMPUTE_WARPS = 4  # codegen.COMPUTE_WARPS (not imported: codegen imports this module)
 # Register budgets of attention_tile (elements per warp per key step, checked offline on sm_90 at
-# 4 warps: no spills), spent on keys per step (BNW): K (and as many of V) a warp holds, twice with
+# codegen's 4 compute warps: no spills), spent on keys per step (BNW): K (and as many of V) a warp holds, twice with
 # the prefetched step; and the products of R rows with them (R x BNW x BD: 4096 spilled at R = 4).
 WARP_KV_ELEMS = 1024
 WARP_PRODUCT_ELEMS = 2048
@@ -108,7 +107,7 @@ if tiles.HAVE_GLUON:
     def head_base(views_ptr, v, DT: gl.constexpr, AL: gl.constexpr):
         """(base pointer, strides of dims 0, 1, 2) of a [B, H, S, D] view; AL: 16-byte aligned base
         and outer strides (ops/attention.head_rows: the hint is applied on the cast itself)."""
-        VEC: gl.constexpr = 128 // DT.primitive_bitwidth
+        VEC: gl.constexpr = 16 // DT.itemsize
         # the cast here, not view_base's: a hint on a call's result is lost when it is inlined
         base = view_field(views_ptr, v, _V_ADDR).to(gl.pointer_type(DT), bitcast=True)
         s0 = view_stride(views_ptr, v, 0)
@@ -136,11 +135,13 @@ if tiles.HAVE_GLUON:
         return r < n_rows, hk * GROUP + r // Sq, r % Sq
 
     @gluon.jit
-    def prefetch_keys(ptr, s2, s3, lo, hi, D, n: gl.constexpr, BD: gl.constexpr, num_warps: gl.constexpr):
+    def prefetch_keys(
+        ptr, s2, s3, lo, hi, D, DT: gl.constexpr, n: gl.constexpr, BD: gl.constexpr, num_warps: gl.constexpr
+    ):
         """Ask L2 for the 128-byte lines of rows [lo, min(lo + n, hi)) (lo < hi) of one head's K or V
         (a hint: no data comes back, nothing waits). Addresses stay inside the rows' D elements
         (clamped, not masked: inline asm has no mask)."""
-        LINE: gl.constexpr = 1024 // ptr.dtype.element_ty.primitive_bitwidth  # elements per line
+        LINE: gl.constexpr = 128 // DT.itemsize  # elements per line
         LINES: gl.constexpr = (BD + LINE - 1) // LINE
         L1D: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
         i = gl.arange(0, n * LINES, layout=L1D)
@@ -272,8 +273,8 @@ if tiles.HAVE_GLUON:
             l_i = gl.zeros([R, S], gl.float32, layout=gl.SliceLayout(2, LS))
             acc = gl.zeros([R, S, BD], gl.float32, layout=LA)
             if kv_lo < end:  # L2 gets the first AHEAD keys now, then each step's the window after
-                prefetch_keys(k_ptr, sk2, sk3, kv_lo, end, D, AHEAD, BD, num_warps)
-                prefetch_keys(v_ptr, sv2, sv3, kv_lo, end, D, AHEAD, BD, num_warps)
+                prefetch_keys(k_ptr, sk2, sk3, kv_lo, end, D, K_DT, AHEAD, BD, num_warps)
+                prefetch_keys(v_ptr, sv2, sv3, kv_lo, end, D, V_DT, AHEAD, BD, num_warps)
             # step kv_lo's keys and values, loaded ahead (every step loads the next one's)
             cols4 = kv_lo + keys4
             kv_mask = (cols4 < end) & d_ok4
@@ -283,8 +284,8 @@ if tiles.HAVE_GLUON:
                 k = k_next
                 v = v_next
                 if n0 + AHEAD < end:
-                    prefetch_keys(k_ptr, sk2, sk3, n0 + AHEAD, end, D, STEP, BD, num_warps)
-                    prefetch_keys(v_ptr, sv2, sv3, n0 + AHEAD, end, D, STEP, BD, num_warps)
+                    prefetch_keys(k_ptr, sk2, sk3, n0 + AHEAD, end, D, K_DT, STEP, BD, num_warps)
+                    prefetch_keys(v_ptr, sv2, sv3, n0 + AHEAD, end, D, V_DT, STEP, BD, num_warps)
                 ahead = n0 + STEP + keys4
                 ahead_ok = (ahead < end) & d_ok4
                 k_next = gl.load(k_ptr + (ahead * sk2 + d4 * sk3), mask=ahead_ok, other=0.0)
@@ -389,6 +390,7 @@ if tiles.HAVE_GLUON:
 
 
 def gl_dtype(dtype: torch.dtype) -> str:
+    """codegen.gl_dtype (not imported: codegen imports this module to register its families)."""
     return tl_dtype(dtype).replace("tl.", "gl.")
 
 
