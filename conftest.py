@@ -57,7 +57,7 @@ SLOW = {
         "test_llama_kernels_compile_for_sm90_without_spills",
         "test_profile_and_wait_variants_compile_for_sm90",
         "test_mlp_block_compiles_for_sm90_without_spills",
-        "test_known_spilling_kernels_compile_without_spills",
+        "test_prefill_warpgroup_mmas_are_not_serialized",
     },
     "tests/test_tp_kernel.py": {
         "test_gathers_and_reduces_over_four_ranks_with_static_schedules",

@@ -4,6 +4,17 @@ Only the dispatcher (and fused elementwise routines) are generated; op bodies ar
 @triton.jit functions in ops/. One branch per opcode (op kind + config), so the kernel's
 size depends on the kinds of ops used, not on model depth. The source runs standalone:
 it imports only triton and mkcompiler.
+
+Branches live in one noinline function, run_tile, called from the dispatch loop (issue 18).
+Inlined in the loop, every opcode's thread-index arithmetic (layout offsets, shared-memory
+addresses: the same for every instruction) was hoisted out of the loop by LLVM and held in
+registers across every other opcode's tile: the tiny Llama's greedy step spilled 96 B at the
+255-register cap. In a function without a loop each branch computes its own (a few integer
+instructions per tile), and ptxas allocates registers across the call without a stack frame.
+One function for all of them, not one per opcode: Triton picks layouts per function, and
+tiles compiled beside each other keep the layouts they had inlined (one function per opcode
+gave the 1B decode kernel's attention loop 46% more instructions). Tiles whose dots may be
+warpgroup MMAs stay inline (warpgroup_mma): ptxas serializes every wgmma of a called function.
 """
 
 from __future__ import annotations
@@ -126,6 +137,34 @@ EARLY_WAIT_ARGS = (
     "(idx, w_begin, w_end, counter, count, waits_ptr, counters_ptr, err_ptr, generation, MAX_SPIN, WAIT_MODE, "
     "PROFILE, prof_ptr + n_instr * NUM_STAMPS, LOGICAL_CLOCK)"
 )
+# Families whose tiles run tl.dot, and the rows of a dot of a tile of that key. On sm_90 Triton
+# makes a dot of 64 rows or more (a multiple of 64) a warpgroup MMA (wgmma), and ptxas
+# serializes the wgmmas of a function reached through a call (C7510: each waits for the one
+# before), so those tiles stay in the dispatch loop. Every family with a dot is listed here
+# (tests/test_codegen_dispatch.py checks the routines).
+DOT_ROWS = {
+    "matmul": lambda key: key.tile[0],
+    "attention": lambda key: key.bm,
+    "paged_attention": lambda key: key.bm,
+}
+WGMMA_ROWS = 64
+# The opcodes called through run_tile (module docstring). {params}: op, what every tile call
+# reads from the dispatcher (pre, addrs_ptr, views_ptr; tp_ptr in a tensor-parallel kernel) and,
+# with tiles that wait themselves, `wait` (EARLY_WAIT_ARGS, one tuple): their (ok, ready stamp)
+# is returned (kernel_lib.wait_in_tile), ok = 1 from the others (the dispatcher's wait was theirs).
+RUN_TILE = """
+@triton.jit(noinline=True)
+def run_tile({params}):
+    \"\"\"Instruction `op`'s tile (the opcodes without warpgroup MMAs).\"\"\"
+{body}"""
+SELF_WAITING_INIT = "    ok = 1\n    t_early = tl.zeros((), tl.int64)\n"
+SELF_WAITING_RETURN = "    return ok, t_early\n"
+EARLY_RUN_CALL = """\
+ok, t_early = run_tile({args})
+if PROFILE:
+    if {skip}:  # ready after the tile's own wait
+        t_ready = t_early
+"""
 SIGNAL = "            {signal_call}\n"
 EARLY_SIGNAL = """\
             if ok != 0:
@@ -133,6 +172,42 @@ EARLY_SIGNAL = """\
             else:  # a tile's own wait gave up (recorded): stop, as after the dispatcher's
                 next_cursor = stop
 """
+
+
+def warpgroup_mma(key) -> bool:
+    """May a tile of this key run a warpgroup MMA (DOT_ROWS)?"""
+    rows = DOT_ROWS.get(key[0])
+    return rows is not None and rows(key) >= WGMMA_ROWS
+
+
+def branch(first: bool, opcode: int, name: str, call: str, waits_itself: bool, wait: str, indent: int) -> str:
+    """`if/elif op == opcode:` and its tile's call (the family's call expression, OpFamily.emit)
+    at `indent` spaces. `wait`: a self-waiting tile's wait, EARLY_WAIT_ARGS in the dispatch loop
+    (its ready stamp then becomes t_ready there) or "wait", run_tile's parameter, inside run_tile."""
+    pad = " " * indent
+    # {wait}: the tile's own wait's arguments, or None (OpFamily.early_wait)
+    call = call.format(row="pre", addrs="addrs_ptr", views="views_ptr", wait=wait if waits_itself else "None")
+    if waits_itself:
+        call = f"ok, t_early = {call}"
+        if wait == EARLY_WAIT_ARGS:
+            call += f"\n{pad}    if PROFILE:\n{pad}        t_ready = t_early"
+    return f"{pad}{'if' if first else 'elif'} op == {opcode}:  # {name}\n{pad}    {call}\n"
+
+
+def run_tile(tiles: list[tuple], tensor_parallel: bool) -> tuple[str, str]:
+    """(run_tile's source, its call from the loop, unindented) for `tiles`: (opcode, name, call,
+    waits_itself) as generate collects them."""
+    args = ["op", "pre", "addrs_ptr", "views_ptr"] + (["tp_ptr"] if tensor_parallel else [])
+    params = list(args)
+    body = "".join(branch(i == 0, *t, wait="wait", indent=4) for i, t in enumerate(tiles))
+    self_waiting = [t[0] for t in tiles if t[3]]
+    if not self_waiting:
+        return RUN_TILE.format(params=", ".join(params), body=body), f"run_tile({', '.join(args)})\n"
+    params.append("wait")
+    args.append(EARLY_WAIT_ARGS)
+    source = RUN_TILE.format(params=", ".join(params), body=SELF_WAITING_INIT + body + SELF_WAITING_RETURN)
+    skip = " | ".join(f"(op == {o})" for o in self_waiting)
+    return source, EARLY_RUN_CALL.replace("{args}", ", ".join(args)).replace("{skip}", skip)
 
 
 def generate(queue: Queue, preload_args: bool = True, early_weights: bool = False) -> str:
@@ -145,24 +220,24 @@ def generate(queue: Queue, preload_args: bool = True, early_weights: bool = Fals
     (codegen_tp.TENSOR_PARALLEL); single-GPU kernels have none of them."""
     tensor_parallel = codegen_tp.is_tensor_parallel(queue)
     ranks = codegen_tp.TENSOR_PARALLEL if tensor_parallel else codegen_tp.SINGLE_GPU
-    routines, branches, self_waiting = [], [], []
+    routines, inline, called, self_waiting = [], [], [], []
     for opcode, key in enumerate(queue.opcode_keys):
         fam = FAMILIES[key[0]]
         helper, call = fam.emit(key, f"op{opcode}_{key[0]}")
         if helper:
             routines.append(helper)
         waits_itself = early_weights and not tensor_parallel and fam.early_wait(key)
-        # {wait}: the tile's own wait's arguments, or None (OpFamily.early_wait)
-        call = call.format(
-            row="pre", addrs="addrs_ptr", views="views_ptr", wait=EARLY_WAIT_ARGS if waits_itself else "None"
-        )
-        keyword = "if" if opcode == 0 else "elif"
         if waits_itself:
             self_waiting.append(opcode)
-            call = f"ok, t_early = {call}\n                if PROFILE:\n                    t_ready = t_early"
-        branches.append(
-            f"            {keyword} op == {opcode}:  # {queue.opcode_names[opcode]}\n                {call}\n"
-        )
+        tile = (opcode, queue.opcode_names[opcode], call, waits_itself)
+        (inline if warpgroup_mma(key) else called).append(tile)
+    branches = [branch(i == 0, *t, wait=EARLY_WAIT_ARGS, indent=12) for i, t in enumerate(inline)]
+    if called:
+        source, call = run_tile(called, tensor_parallel)
+        routines.append(source)
+        pad = " " * (16 if inline else 12)
+        branches += ["            else:\n"] if inline else []
+        branches += [pad + line + "\n" for line in call.splitlines()]
     if not branches:
         branches.append("            pass\n")
     imports = sorted(
