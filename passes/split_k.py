@@ -61,7 +61,9 @@ def decode_tiling(graph: Graph, settings: Settings, num_workers: int) -> dict[in
         m, k, ns = a.shape[0], a.shape[1], [op.inputs[1].shape[1] for op in ops]
         half = dot_config(a.dtype, b.dtype, settings)[0] in (torch.bfloat16, torch.float16)
         bn = None
-        if m <= DECODE_ROWS and settings.matmul_tile is None:
+        # The Gluon backend's weight ring holds one box shape: every decode matmul keeps BN=64
+        # (with BK=256 in bf16 the box its streamer measured fastest, GLUON_BACKEND.md).
+        if m <= DECODE_ROWS and settings.matmul_tile is None and settings.backend != "gluon":
             wide = matmul_tile(m, max(ns), k, settings, half, 128)
             if _tile_count(m, ns, wide) >= WIDE_FILL * num_workers:
                 bn = 128

@@ -223,7 +223,7 @@ if HAVE_GLUON:
     def _rms_sweep(a_ptr, sam, sak, M, K, ms, EPS: gl.constexpr, BK: gl.constexpr, cols):
         """1 / sqrt(mean(x^2) + eps) of each of the tile's rows over all of K (a split-K tile's
         folded RMSNorm), as a [MP] vector (rows past M: 1)."""
-        s2 = gl.zeros(ms.shape, gl.float32, layout=ms.type.layout)
+        s2 = ms.to(gl.float32) * 0.0  # zeros in ms's layout (a layout taken from ms.type cannot be passed on)
         for m in range(0, M):
             for k in range(0, K, BK):
                 kk = k + cols
