@@ -220,16 +220,87 @@ if HAVE_GLUON:
     # ---- the decode matmul tile ----
 
     @gluon.jit
-    def _rms_sweep(a_ptr, sam, sak, M, K, ms, EPS: gl.constexpr, BK: gl.constexpr, cols):
+    def _rms_sweep(a_ptr, sam, sak, M, K, ms, EPS: gl.constexpr, num_warps: gl.constexpr):
         """1 / sqrt(mean(x^2) + eps) of each of the tile's rows over all of K (a split-K tile's
-        folded RMSNorm), as a [MP] vector (rows past M: 1)."""
+        folded RMSNorm), as a [MP] vector in ms's layout (rows past M: 1). Gluon pipelines no
+        loop, so each step issues two wide loads (16 B per thread each) before using either: a
+        2048-long row is one step, one memory latency."""
+        SW: gl.constexpr = 8 * 32 * num_warps
+        lay: gl.constexpr = gl.BlockedLayout([8], [32], [num_warps], [0])
+        offs = gl.arange(0, SW, layout=lay)
         s2 = ms.to(gl.float32) * 0.0  # zeros in ms's layout (a layout taken from ms.type cannot be passed on)
         for m in range(0, M):
-            for k in range(0, K, BK):
-                kk = k + cols
-                x = gl.load(a_ptr + m * sam + kk * sak, mask=kk < K, other=0.0, cache_modifier=".cg").to(gl.float32)
-                s2 = gl.where(ms == m, s2 + gl.reduce(x * x, 0, add), s2)
+            acc = gl.zeros([SW], gl.float32, layout=lay)
+            for k in range(0, K, 2 * SW):
+                k0 = k + offs
+                k1 = k0 + SW
+                x0 = gl.load(a_ptr + m * sam + k0 * sak, mask=k0 < K, other=0.0, cache_modifier=".cg")
+                x1 = gl.load(a_ptr + m * sam + k1 * sak, mask=k1 < K, other=0.0, cache_modifier=".cg")
+                x0 = x0.to(gl.float32)
+                x1 = x1.to(gl.float32)
+                acc += x0 * x0 + x1 * x1
+            s2 = gl.where(ms == m, s2 + gl.reduce(acc, 0, add), s2)
         return 1.0 / gl.sqrt(s2 / K + EPS)
+
+    @gluon.jit
+    def _row_part(a_ptr, sak, nw_ptr, snw, kk, k_hi, M, HAS_NW: gl.constexpr, NW_DT: gl.constexpr):
+        """One row's activations (and the folded norm's weights, else 1) at columns kk, fp32;
+        zeros past k_hi or when M == 0 (a wait gave up: nothing is read)."""
+        mask = (kk < k_hi) & (M > 0)
+        x = gl.load(a_ptr + kk * sak, mask=mask, other=0.0, cache_modifier=".cg").to(gl.float32)
+        g = x * 0.0 + 1.0
+        if HAS_NW:
+            g = gl.load(nw_ptr + kk * snw, mask=mask, other=0.0).to(gl.float32)
+        return x, g
+
+    @gluon.jit
+    def _row_dot(w, x, g, r, s2, NORM: gl.constexpr, H_DT: gl.constexpr, DOT_DT: gl.constexpr):
+        """[BN] partial sums of w[BN, KSUB] . A'[KSUB] for one row (A' as matmul_tile's), and the
+        in-loop norm's running sum of squares."""
+        if NORM == _RMS_IN_LOOP:
+            s2 += gl.reduce(x * x, 0, add)
+            a = (x * g).to(H_DT)
+        elif NORM == _RMS_SWEEP:
+            a = (x * r * g).to(H_DT)
+        else:
+            a = x
+        return gl.reduce(w * a.to(DOT_DT).to(gl.float32)[None, :], 1, add), s2
+
+    @gluon.jit
+    def _one_row_blocks(
+        a_ptr, sak, nw_ptr, snw, k_lo, k_hi, M, r, acc, it, bufs, ready, empty, cols,
+        blk: gl.constexpr, KSUB: gl.constexpr, HAS_NW: gl.constexpr, NW_DT: gl.constexpr,
+        NORM: gl.constexpr, H_DT: gl.constexpr, DOT_DT: gl.constexpr,
+    ):  # fmt: skip
+        """matmul_tile's K loop for one row (batch-1 decode): Gluon pipelines no loop, so the next
+        block's activations and norm weights are loaded before this block's ring wait and math
+        (their L2 latency hides behind it). A block is one or two KSUB halves of a ring slot.
+        Returns (acc, in-loop sum of squares, ring entries consumed)."""
+        NUM_BUF: gl.constexpr = bufs.type.shape[0]
+        BK: gl.constexpr = bufs.type.shape[2]
+        NH: gl.constexpr = BK // KSUB
+        gl.static_assert(NH <= 2, "a ring slot is at most two register halves")
+        s2 = gl.reduce(cols.to(gl.float32) * 0.0, 0, add)
+        x0, g0 = _row_part(a_ptr, sak, nw_ptr, snw, k_lo + cols, k_hi, M, HAS_NW, NW_DT)
+        x1, g1 = _row_part(a_ptr, sak, nw_ptr, snw, k_lo + (NH - 1) * KSUB + cols, k_hi, M, HAS_NW, NW_DT)
+        for k in range(k_lo, k_hi, BK):
+            n0, h0 = _row_part(a_ptr, sak, nw_ptr, snw, k + BK + cols, k_hi, M, HAS_NW, NW_DT)
+            n1, h1 = _row_part(a_ptr, sak, nw_ptr, snw, k + BK + (NH - 1) * KSUB + cols, k_hi, M, HAS_NW, NW_DT)
+            s = it % NUM_BUF
+            mbarrier.wait(ready.index(s), (it // NUM_BUF) & 1)
+            slot = bufs.index(s)
+            w = slot.slice(0, KSUB, dim=1).load(blk).to(DOT_DT).to(gl.float32)
+            part, s2 = _row_dot(w, x0, g0, r, s2, NORM, H_DT, DOT_DT)
+            acc += part[:, None]
+            if NH == 2:
+                w = slot.slice(KSUB, KSUB, dim=1).load(blk).to(DOT_DT).to(gl.float32)
+                part, s2 = _row_dot(w, x1, g1, r, s2, NORM, H_DT, DOT_DT)
+                acc += part[:, None]
+            CTA_BARRIER()  # every compute warp has read the slot before it is given back
+            mbarrier.arrive(empty.index(s), count=1)
+            it += 1
+            x0, g0, x1, g1 = n0, h0, n1, h1
+        return acc, s2, it
 
     @gluon.jit
     def matmul_tile(
@@ -294,36 +365,44 @@ if HAVE_GLUON:
         s2 = gl.zeros([MP], gl.float32, layout=gl.SliceLayout(0, blk))
         rstd = gl.full([MP], 1.0, gl.float32, layout=gl.SliceLayout(0, blk))
         if NORM == _RMS_SWEEP:
-            rstd = _rms_sweep(a_ptr, sam, sak, M, K, ms, EPS, KSUB, cols)
+            rstd = _rms_sweep(a_ptr, sam, sak, M, K, ms, EPS, num_warps)
         acc = gl.zeros([BN, MP], gl.float32, layout=blk)
-        for k in range(k_lo, k_hi, BK):
-            s = it % NUM_BUF
-            mbarrier.wait(ready.index(s), (it // NUM_BUF) & 1)
-            slot = bufs.index(s)
-            for h in gl.static_range(BK // KSUB):
-                kk = k + h * KSUB + cols
-                kmask = kk < k_hi
-                g = gl.full([KSUB], 1.0, gl.float32, layout=gl.SliceLayout(0, blk))
-                if HAS_NW:
-                    g = gl.load(nw_ptr + kk * snw, mask=kmask & (M > 0), other=0.0).to(gl.float32)
-                w = slot.slice(h * KSUB, KSUB, dim=1).load(blk).to(DOT_DT).to(gl.float32)
-                for m in range(0, M):
-                    # x after the wait, from L2 (another SM wrote it)
-                    x = gl.load(a_ptr + m * sam + kk * sak, mask=kmask, other=0.0, cache_modifier=".cg")
-                    x = x.to(gl.float32)
-                    if NORM == _RMS_IN_LOOP:
-                        s2 = gl.where(ms == m, s2 + gl.reduce(x * x, 0, add), s2)
-                        a = (x * g).to(H_DT)
-                    elif NORM == _RMS_SWEEP:
-                        r = gl.reduce(gl.where(ms == m, rstd, 0.0), 0, add)
-                        a = (x * r * g).to(H_DT)
-                    else:
-                        a = x
-                    part = gl.reduce(w * a.to(DOT_DT).to(gl.float32)[None, :], 1, add)
-                    acc = gl.where(ms[None, :] == m, acc + part[:, None], acc)
-            CTA_BARRIER()  # every compute warp has read the slot before it is given back
-            mbarrier.arrive(empty.index(s), count=1)
-            it += 1
+        if MP == 1:
+            r = gl.reduce(rstd, 0, add)
+            acc, s1, it = _one_row_blocks(
+                a_ptr, sak, nw_ptr, snw, k_lo, k_hi, M, r, acc, it, bufs, ready, empty, cols,
+                blk, KSUB, HAS_NW, NW_DT, NORM, H_DT, DOT_DT,
+            )  # fmt: skip
+            s2 = s2 + s1
+        else:  # several rows: one at a time
+            for k in range(k_lo, k_hi, BK):
+                s = it % NUM_BUF
+                mbarrier.wait(ready.index(s), (it // NUM_BUF) & 1)
+                slot = bufs.index(s)
+                for h in gl.static_range(BK // KSUB):
+                    kk = k + h * KSUB + cols
+                    kmask = kk < k_hi
+                    g = gl.full([KSUB], 1.0, gl.float32, layout=gl.SliceLayout(0, blk))
+                    if HAS_NW:
+                        g = gl.load(nw_ptr + kk * snw, mask=kmask & (M > 0), other=0.0).to(gl.float32)
+                    w = slot.slice(h * KSUB, KSUB, dim=1).load(blk).to(DOT_DT).to(gl.float32)
+                    for m in range(0, M):
+                        # x after the wait, from L2 (another SM wrote it)
+                        x = gl.load(a_ptr + m * sam + kk * sak, mask=kmask, other=0.0, cache_modifier=".cg")
+                        x = x.to(gl.float32)
+                        if NORM == _RMS_IN_LOOP:
+                            s2 = gl.where(ms == m, s2 + gl.reduce(x * x, 0, add), s2)
+                            a = (x * g).to(H_DT)
+                        elif NORM == _RMS_SWEEP:
+                            r = gl.reduce(gl.where(ms == m, rstd, 0.0), 0, add)
+                            a = (x * r * g).to(H_DT)
+                        else:
+                            a = x
+                        part = gl.reduce(w * a.to(DOT_DT).to(gl.float32)[None, :], 1, add)
+                        acc = gl.where(ms[None, :] == m, acc + part[:, None], acc)
+                CTA_BARRIER()  # every compute warp has read the slot before it is given back
+                mbarrier.arrive(empty.index(s), count=1)
+                it += 1
         if M > 0:
             if NORM == _RMS_IN_LOOP:
                 acc = acc * (1.0 / gl.sqrt(s2 / K + EPS))[None, :]
