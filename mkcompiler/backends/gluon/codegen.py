@@ -9,18 +9,20 @@ One CTA per worker (one per SM), two partitions joined by a shared-memory weight
     each matmul instruction's weight blocks (plan.py's loader walk), blocking only on a free ring
     slot, never on a dependency counter, so it streams ahead through every wait;
   * compute (the default warps): per instruction a bounded wait on its counters (acquire),
-    dispatch on the opcode (tiles.matmul_tile taking its blocks from the ring; elementwise
-    routines generated here as Gluon twins of ops/elementwise.py's), the stores, the release
-    signal. A wait that gives up records the error (kernel_lib's record) and from then on the
+    dispatch on the opcode (each family's tile: tiles.matmul_tile taking its blocks from the
+    ring; the others in elementwise.py, attention.py, small_ops.py, Gluon twins of the Triton
+    routines reading the same instruction args and views), the stores, the release signal. A wait that gives up records the error (kernel_lib's record) and from then on the
     worker only drains its ring blocks, so its loader ends and the launch returns.
 
 Both partitions read the K chunk of each instruction's blocks from one per-instruction table
 (tiles.TMA_*, `tma_table`), built from the plan's loader walk after `DecodePlan.check` proved it
 equal to the compute walk derived from the ops: the ring is a FIFO, the two must agree.
 
-What the backend runs (`unsupported` names the rest; the compile then falls back to Triton):
-decode matmuls (BM <= 16 rows, bf16 weights read in place as whole row-major [N, K] parameters,
-split-K partials, bias, a folded RMSNorm) and elementwise ops over contiguous views.
+What the backend runs (family.GLUON_FAMILIES; `unsupported` names the rest and the compile then
+falls back to Triton): decode matmuls (BM <= 16 rows, bf16 weights read in place as whole
+row-major [N, K] parameters, one ring box for all, split-K partials, bias, a folded RMSNorm),
+elementwise ops (strided views, cat windows), decode attention and its split-KV combine,
+embedding, the KV-cache scatter, row reductions, argmax and softmax.
 """
 
 from __future__ import annotations
