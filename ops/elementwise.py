@@ -444,6 +444,8 @@ def expr_source(expr, n_inputs: int, lin: str | None = None) -> tuple[list[str],
         else:
             _, name, dtype, *args = e
             code = OPS[name][0].format(*(visit(a) for a in args))
+            if all(a[0] == "const" for a in args):  # a constant-only node (a fill): still a [BLOCK] tensor
+                code = f"({code}) + tl.zeros([BLOCK], tl.float32)"
             out = f"t{len(lines)}"
             lines.append(f"{out} = ({code}){_round_src(dtype)}")
         memo[e] = out

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TOL, compile_and_check
+from helpers import TOL, compile_and_check, rel_err
 from torch import nn
 
 import mkcompiler
@@ -448,3 +448,24 @@ def test_unsupported_op_names_op_and_source(fn, op):
 def test_reduction_over_other_dim_is_refused():
     with pytest.raises(mkcompiler.UnsupportedOpError, match="last dim"):
         mkcompiler.compile(Fn(lambda x: x.sum(0)), (randn(R, C, dtype=torch.float32),), **OPTS)
+
+
+
+def test_a_fill_written_in_part_runs():
+    """A zeros buffer written in part (HF Llama-1B's generate hands dynamo such a fill) is a
+    constant-only elementwise node: it once generated `(0.0).to(tl.bfloat16)`, which fails (a
+    Python float has no .to). Every constant-only node is a [BLOCK] tensor."""
+
+    class Fill(torch.nn.Module):
+        def forward(self, x):
+            z = torch.zeros(x.shape, dtype=torch.bfloat16, device=x.device)
+            z[:, 1:3] = x[:, 1:3].to(torch.bfloat16) * 3
+            return z
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    mk = mkcompiler.compile(Fill(), (x,), cache=False)
+    assert any("tl.zeros([BLOCK]" in line and "(0.0)" in line for line in mk.source.splitlines())
+    out = mk(x)
+    assert out[:, [0, 3, 4, 5, 6, 7]].abs().sum() == 0
+    assert rel_err(out, Fill()(x)) <= 2e-2
