@@ -200,10 +200,12 @@ from mkcompiler.backends.gluon.tiles import (
     tma_field,
     view_base,
     view_numel,
-    wait_counters,
+    wait_rows,
 )
 
 OPCODE = gl.constexpr({opcode})
+W_BEGIN = gl.constexpr({w_begin})
+W_END = gl.constexpr({w_end})
 T_DESC = gl.constexpr({t_desc})
 T_ROW = gl.constexpr({t_row})
 T_K_LO = gl.constexpr({t_k_lo})
@@ -253,17 +255,27 @@ def compute(instr_ptr, waits_ptr, counters_ptr, err_ptr, views_ptr, order_ptr, w
     pid = gl.program_id(0)
     it = 0
     ok = 1
-    for cursor in range(gl.load(worker_begin_ptr + pid), gl.load(worker_begin_ptr + pid + 1)):
-        idx = gl.load(order_ptr + cursor)
-        op = field(instr_ptr, idx, OPCODE)
+    begin = gl.load(worker_begin_ptr + pid)
+    end = gl.load(worker_begin_ptr + pid + 1)
+    idx = gl.load(order_ptr + begin, mask=begin < end, other=0)
+    op = field(instr_ptr, idx, OPCODE)
+    w_begin = field(instr_ptr, idx, W_BEGIN)
+    w_end = field(instr_ptr, idx, W_END)
+    for cursor in range(begin, end):
+        # Gluon pipelines nothing: the next instruction's index is asked for before this one's
+        # wait, its header after it, so both latencies hide behind the wait and the tile.
+        n_idx = gl.load(order_ptr + cursor + 1, mask=cursor + 1 < end, other=0)
         t_fetch = 0
         t_ready = 0
         if PROFILE:
             t_fetch = now()
         if ok != 0:
-            ok = wait_counters(instr_ptr, waits_ptr, counters_ptr, err_ptr, idx, generation, MAX_SPIN)
+            ok = wait_rows(waits_ptr, counters_ptr, err_ptr, idx, w_begin, w_end, generation, MAX_SPIN)
         if PROFILE:
             t_ready = now()
+        n_op = field(instr_ptr, n_idx, OPCODE)
+        n_w_begin = field(instr_ptr, n_idx, W_BEGIN)
+        n_w_end = field(instr_ptr, n_idx, W_END)
 '''
 
 COMPUTE_TAIL = """\
@@ -271,6 +283,10 @@ COMPUTE_TAIL = """\
             signal(instr_ptr, counters_ptr, idx)
             if PROFILE:
                 stamp(prof_ptr, idx, pid, t_fetch, t_ready, now())
+        idx = n_idx
+        op = n_op
+        w_begin = n_w_begin
+        w_end = n_w_end
 """
 
 KERNEL = """
@@ -329,6 +345,8 @@ def generate(queue: Queue, num_descriptors: int) -> str:
         branches.append(f"        if op == {opcode}:  # {queue.opcode_names[opcode]}\n            {call}\n")
     header = HEADER.format(
         opcode=int(Field.OPCODE),
+        w_begin=int(Field.WAIT_BEGIN),
+        w_end=int(Field.WAIT_END),
         t_desc=tiles.TMA_DESC,
         t_row=tiles.TMA_ROW,
         t_k_lo=tiles.TMA_K_LO,

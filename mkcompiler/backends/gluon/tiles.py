@@ -183,13 +183,12 @@ if HAVE_GLUON:
             gl.store(err_ptr + _E_WORKER, gl.program_id(0))
 
     @gluon.jit
-    def wait_counters(instr_ptr, waits_ptr, counters_ptr, err_ptr, idx, generation, MAX_SPIN: gl.constexpr):
-        """Wait (acquire) until each of instruction idx's counters reaches count x generation: volatile
-        polls (every thread; no barrier per poll), then one acquire atomic, whose broadcast answer is
-        uniform. Returns 1, or 0 after MAX_SPIN polls of one row (or once another worker gave up:
-        the error flag is read every ABORT_CHECK polls), the stuck row then recorded."""
-        w = field(instr_ptr, idx, _WAIT_BEGIN)
-        w_end = field(instr_ptr, idx, _WAIT_END)
+    def wait_rows(waits_ptr, counters_ptr, err_ptr, idx, w, w_end, generation, MAX_SPIN: gl.constexpr):
+        """Wait (acquire) until each counter of instruction idx's wait rows [w, w_end) (loaded by
+        the caller, ahead) reaches count x generation: volatile polls (every thread; no barrier
+        per poll), then one acquire atomic, whose broadcast answer is uniform. Returns 1, or 0
+        after MAX_SPIN polls of one row (or once another worker gave up: the error flag is read
+        every ABORT_CHECK polls), the stuck row then recorded."""
         ok = 1
         while (w < w_end) & (ok == 1):
             counter = gl.load(waits_ptr + w * _WAIT_ROW + _W_COUNTER)
