@@ -7,6 +7,7 @@ dynamic queue head are never reset between calls: targets scale with the launch 
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import hashlib
@@ -135,15 +136,18 @@ class Megakernel:
         self.max_spin = self.settings.max_spin or default_max_spin(self.interpret)
         self._kernel = load_source(source).megakernel
         g = self.graph
-        self.buffers: dict[int, torch.Tensor] = {}
-        for b in g.buffers:
-            if b.kind in (BufferKind.ACT, BufferKind.OUTPUT):
-                self.buffers[b.id] = torch.empty(b.numel, dtype=b.dtype, device=device)
         self._bound: dict[int, torch.Tensor] = {}
+        # The host's address table. Invariant: written in place only (never replaced), so
+        # _addrs_np, a numpy view of its memory, always reads its current values; per-call code
+        # reads it there (a host comparison, no tensor op).
         self._addrs_host = torch.zeros(len(g.buffers), dtype=torch.int64)
-        for bid, t in {**self.buffers, **g.params}.items():
+        self._addrs_np = self._addrs_host.numpy()
+        for bid, t in g.params.items():
             self._addrs_host[bid] = t.data_ptr()
         self.addrs = self._addrs_host.to(device)
+        # Intermediates get memory when a view of the queue (upload_queue) or an output names them.
+        self.buffers: dict[int, torch.Tensor] = {}
+        self._allocate(v.buffer for v in g.outputs if isinstance(v, View))
         self.counters = torch.zeros(max(self.queue.num_counters, 1), dtype=torch.int32, device=device)
         self.head = torch.zeros(1, dtype=torch.int32, device=device)
         self.err = torch.zeros(NUM_ERROR_FIELDS, dtype=torch.int32, device=device)
@@ -201,17 +205,37 @@ class Megakernel:
         that _sync_view_addrs keeps equal to the buffer's address plus the offset."""
         itemsize = np.array([b.dtype.itemsize for b in self.graph.buffers], dtype=np.int64)
         self._view_buffer = views[:, ViewField.BUFFER].astype(np.int64)
+        self._allocate(np.unique(self._view_buffer).tolist())
         self._view_offset_bytes = views[:, ViewField.OFFSET] * itemsize[self._view_buffer]
         order = np.argsort(self._view_buffer, kind="stable")
         starts = np.searchsorted(self._view_buffer[order], np.arange(len(itemsize) + 1))
         self._views_of_buffer = [order[starts[b] : starts[b + 1]] for b in range(len(itemsize))]
         self._addrs_synced = np.full(len(itemsize), -1, dtype=np.int64)  # nothing synced yet
 
+    def _allocate(self, bids) -> None:
+        """Memory for the intermediate and output buffers among `bids` that have none yet. Only
+        buffers that a view of the queue or an output names are allocated: ops the passes fold
+        away (a norm, RoPE or attention spelled out in many ops, canonicalized into one) leave
+        their buffers in the graph, and those would otherwise take memory (77 MB for a written-out
+        Llama-3.2-1B) and a place in every call's overlap check (_written)."""
+        new = False
+        for bid in bids:
+            b = self.graph.buffers[bid]
+            if bid in self.buffers or b.kind not in (BufferKind.ACT, BufferKind.OUTPUT):
+                continue
+            self.buffers[bid] = torch.empty(b.numel, dtype=b.dtype, device=self.device)
+            self._addrs_host[bid] = self.buffers[bid].data_ptr()
+            new = True
+        if new:
+            self.addrs.copy_(self._addrs_host)
+            for cached in ("_written", "_written_spans"):  # recomputed with the new buffers
+                self.__dict__.pop(cached, None)
+
     def _sync_view_addrs(self) -> None:
         """Rewrite the ADDR of every view whose buffer moved since the last launch (all of them
         at the first; a bound input that is a new tensor; tensor parallelism moving buffers into
         its arena): one host comparison per launch, a small upload when something moved."""
-        addrs = self._addrs_host.numpy()
+        addrs = self._addrs_np
         moved = np.nonzero(addrs != self._addrs_synced)[0]
         if len(moved) == 0:
             return
@@ -253,8 +277,8 @@ class Megakernel:
             if t.data_ptr() % ALIGN_BYTES:
                 t = t.clone()  # kernels assume 16-byte aligned buffers (wide loads)
             self._bound[bid] = t
-            if self._addrs_host[bid] != t.data_ptr():
-                self._addrs_host[bid] = t.data_ptr()
+            if self._addrs_np[bid] != t.data_ptr():
+                self._addrs_np[bid] = t.data_ptr()
                 changed = True
         if changed:
             self.addrs.copy_(self._addrs_host)
@@ -262,6 +286,28 @@ class Megakernel:
     @functools.cached_property
     def _written(self) -> list[tuple[int, int, str]]:
         return self._written_ranges()  # buffers never move: computed once, not per call
+
+    @functools.cached_property
+    def _written_spans(self) -> tuple[list[int], list[int]]:
+        """_written as (starts, ends) of disjoint ranges sorted by start (overlapping or touching
+        ranges merged): both lists increase, so whether [lo, hi) meets any written range is one
+        bisection (_meets_written), whatever the number of buffers."""
+        starts: list[int] = []
+        ends: list[int] = []
+        for start, end, _ in sorted(self._written):
+            if starts and start <= ends[-1]:
+                ends[-1] = max(ends[-1], end)
+            else:
+                starts.append(start)
+                ends.append(end)
+        return starts, ends
+
+    def _meets_written(self, lo: int, hi: int) -> bool:
+        """Whether [lo, hi) shares a byte with a range of _written (start < hi and lo < end): the
+        last merged range starting below hi has the largest end of all that do."""
+        starts, ends = self._written_spans
+        i = bisect.bisect_left(starts, hi) - 1
+        return i >= 0 and ends[i] > lo
 
     def _written_ranges(self) -> list[tuple[int, int, str]]:
         """[start, end) byte ranges of the memory the kernel writes: its intermediates and outputs,
@@ -291,7 +337,9 @@ class Megakernel:
                         f"expected inputs in separate memory, got bytes [{lo:#x}, {hi:#x}) and "
                         f"[{spans[j][0]:#x}, {spans[j][1]:#x}); pass a .clone()"
                     )
-            for start, end, what in self._written:
+            if not self._meets_written(lo, hi):
+                continue
+            for start, end, what in self._written:  # which one, for the message
                 if start < hi and lo < end:
                     raise InputError(
                         f"input {i} ({names[i]!r}) overlaps the megakernel's buffer {what!r}, which the kernel "
