@@ -20,7 +20,13 @@ matmul like the others). Per run:
   / the whole kernel's time is printed beside it;
 - baselines in the same process: eager, and torch.compile in --baseline-modes (default
   max-autotune-no-cudagraphs and max-autotune; "none" for none).
---time-budget S skips what its estimate says would end after S seconds.
+--time-budget S skips what its estimate says would end after S seconds. --opt K=V (repeatable)
+applies to every variant (`--opt backend=gluon`: each variant on the Gluon backend; a row records
+the backend that ran it and any fallback warning). --mlp-only times the layers' MLPs alone
+(x + down(silu(gate(x)) * up(x)) per layer on random hidden states: no norms, attention,
+embedding or LM head), a graph of matmuls and elementwise ops the Gluon backend runs whole:
+
+    python benchmarks/prefill_matmul.py --mlp-only --opt backend=gluon --variant "" --json /tmp/gluon.json
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import torch
 
@@ -66,7 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--rep", type=int, default=50, help="do_bench repetition time (ms)")
     p.add_argument("--dry-run", action="store_true", help="no GPU: tiny model, 8 tokens, the Triton interpreter")
+    p.add_argument("--opt", action="append", default=[], metavar="K=V", help="an option for every variant")
+    p.add_argument("--mlp-only", action="store_true", help="the layers' MLPs alone (no norms, attention, head)")
     return p
+
+
+class MLPStack(torch.nn.Module):
+    """The Llama's layers' MLPs with their residual adds, nothing else: x [T, dim] -> [T, dim]."""
+
+    def __init__(self, llama):
+        super().__init__()
+        self.mlps = torch.nn.ModuleList(layer.mlp for layer in llama.layers)
+
+    def forward(self, x):
+        for mlp in self.mlps:
+            x = x + mlp(x)
+        return x
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -142,8 +164,15 @@ def run_variant(model, inputs, opts_text: str, ref_logits, time_ms) -> dict:
 
     row = {"variant": opts_text or "default"}
     t0 = time.perf_counter()
-    mk = mkcompiler.compile(model, inputs, **compile_options(opts_text.split()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mk = mkcompiler.compile(model, inputs, **compile_options(opts_text.split()))
     row["compile_s"] = time.perf_counter() - t0
+    row["backend"] = type(mk).__name__
+    fallback = [str(w.message) for w in caught if "backend=" in str(w.message)]
+    if fallback:
+        row["fallback"] = fallback[0][:2000]
+        say(f"  {row['variant']}: {row['fallback'][:400]}")
     row["instructions"], row["workers"] = len(mk.queue), mk.num_workers
     row["tiles"] = sorted({str(op.attrs.tile) for op in mk.graph.ops if op.kind == "matmul"})
     out = mk(*inputs)
@@ -228,14 +257,21 @@ def main(argv=None) -> int:
         model = random_llama(args.model, dtype=dtype, device=device, n_layers=args.layers, max_seq_len=args.tokens)
     model.eval()
     gen = torch.Generator(device=device).manual_seed(1)
-    tokens = torch.randint(0, model.c.vocab_size, (1, args.tokens), device=device, generator=gen)
-    inputs = (tokens, torch.arange(args.tokens, device=device))
+    if args.mlp_only:
+        model = MLPStack(model).eval()
+        dim = model.mlps[0].gate.in_features
+        inputs = (torch.randn(args.tokens, dim, device=device, generator=gen).to(dtype),)
+    else:
+        tokens = torch.randint(0, model.c.vocab_size, (1, args.tokens), device=device, generator=gen)
+        inputs = (tokens, torch.arange(args.tokens, device=device))
     with torch.no_grad():
         ref_logits = model(*inputs).float()
     result = {
         "model": args.model,
         "layers": args.layers,
         "tokens": args.tokens,
+        "mlp_only": args.mlp_only,
+        "opt": args.opt,
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "CPU (interpreter)",
         "git": git_info(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -244,6 +280,7 @@ def main(argv=None) -> int:
     }
     say(f"prefill_matmul: {args.model} x {args.layers} layers, {args.tokens} tokens, {result['device']}")
     for opts in args.variant:
+        opts = " ".join([*args.opt, opts]).strip()
         if not budget("variant"):
             result["variants"].append({"variant": opts or "default", "skipped": "time budget"})
             continue

@@ -14,15 +14,23 @@ from mkcompiler.ir.settings import Settings
 DECODE_STEP_BYTES = 32 * 1024  # weight bytes per K step of a decode tile (all a worker has in flight)
 # Deepest decode K block: BN=32 tiles at 512 (DECODE_STEP_BYTES) spilled 652 B with a folded norm.
 DECODE_MAX_BK = 256
+# The Gluon backend's large-M tile (backends/gluon/prefill.py): one 4-warp wgmma warpgroup, a
+# 128x128 fp32 accumulator, 64-deep K steps; its standalone twin (gluon/matmul.py) measured 86-103%
+# of cuBLAS at M=512..2048 on Llama-3.1-8B shapes (RESULTS.md, issue 18 groundwork). 128x256 needs
+# 8 compute warps. One shape for every large-M matmul: one A/B ring box per kernel.
+GLUON_LARGE_TILE = (128, 128, 64)
 
 
 def matmul_tile(m: int, n: int, k: int, settings: Settings, half: bool = True, bn: int | None = None):
     """(BM, BN, BK) of a matmul. Decode (m <= DECODE_ROWS): BN is 64 unless decode_tiling chose
     128 for the op's sibling group; BK keeps DECODE_STEP_BYTES of weights per step (a 256-deep
-    block at BN=64 in bf16 runs near HBM rate per SM; fp32 dots, on FMA units, get half)."""
+    block at BN=64 in bf16 runs near HBM rate per SM; fp32 dots, on FMA units, get half). Large M
+    with half operands on the Gluon backend: GLUON_LARGE_TILE."""
     if settings.matmul_tile is not None:
         return tuple(settings.matmul_tile)
     bm = min(64, max(16, next_pow2(m)))
+    if m > DECODE_ROWS and half and settings.backend == "gluon":
+        return GLUON_LARGE_TILE
     if m > DECODE_ROWS:
         bn = min(128 if m > 64 else 64, max(16, next_pow2(n)))  # large M (prefill): fewer, wider tiles
         return (bm, bn, min(64, max(16, next_pow2(k))))

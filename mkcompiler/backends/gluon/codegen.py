@@ -22,7 +22,9 @@ What the backend runs (family.GLUON_FAMILIES; `unsupported` names the rest and t
 falls back to Triton): decode matmuls (BM <= 16 rows, bf16 weights read in place as whole
 row-major [N, K] parameters, one ring box for all, split-K partials, bias, a folded RMSNorm),
 elementwise ops (strided views, cat windows), decode attention and its split-KV combine,
-embedding, the KV-cache scatter, row reductions, argmax and softmax.
+embedding, the KV-cache scatter, row reductions, argmax and softmax. Large-M matmuls (prefill,
+large batch: more than DECODE_ROWS rows) run from a second ring with two more loader warps and
+async wgmma (prefill.py); a kernel with them is generated with prefill.source_parts.
 """
 
 from __future__ import annotations
@@ -33,15 +35,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mkcompiler.backends.gluon import tiles
+from mkcompiler.backends.gluon import prefill, tiles
 from mkcompiler.backends.gluon.family import GLUON_FAMILIES, Emitted, GluonFamily, register
-from mkcompiler.backends.gluon.plan import STREAMED_KINDS, DecodePlan, decode_plan, stack_key
+from mkcompiler.backends.gluon.plan import STREAMED_KINDS, DecodePlan, decode_plan, kernel_stacks, stack_key
 from mkcompiler.ir.dag import TileDAG
 from mkcompiler.ir.graph import Graph
 from mkcompiler.ir.layout import Field, ViewField
 from mkcompiler.ir.queue import Queue
 from mkcompiler.ops.base import next_pow2, tl_dtype
-from mkcompiler.ops.matmul import DECODE_ROWS
 from mkcompiler.ops.registry import FAMILIES
 
 COMPUTE_WARPS = 4
@@ -61,8 +62,8 @@ class GluonUnsupported(RuntimeError):
 
 
 def _matmul_problem(key) -> str | None:
-    if key.tile[0] > DECODE_ROWS:
-        return f"{key.tile[0]}-row tiles (decode matmuls have at most {DECODE_ROWS})"
+    if prefill.large(key):  # more than DECODE_ROWS rows: a large-M tile (prefill.py)
+        return prefill.problem(key)
     if key.b != torch.bfloat16:
         return f"{key.b} weights (the ring holds bf16)"
     norm = key.norm
@@ -72,6 +73,8 @@ def _matmul_problem(key) -> str | None:
 
 
 def _emit_matmul(key, opcode: int, queue: Queue) -> Emitted:
+    if prefill.large(key):
+        return prefill.emit(key, opcode, queue)
     return Emitted("", matmul_call(key, _row_counts(queue).get(opcode, 1)))
 
 
@@ -116,6 +119,12 @@ class GluonKernel:
     box: tuple[int, int]  # (BN, BK) of every ring slot
     num_buf: int
     tma: np.ndarray  # int32 [n_instr, tiles.NUM_TMA_FIELDS]
+    # Large-M matmuls (prefill.py; empty without): their plan, B descriptors' stack groups (after
+    # the decode ones in argument order), A/B ring depth and per-instruction table.
+    prefill_plan: DecodePlan | None = None
+    prefill_groups: tuple[int, ...] = ()
+    prefill_buf: int = 0
+    ptab: np.ndarray | None = None
 
 
 def tma_table(queue: Queue, plan: DecodePlan, groups: Sequence[int]) -> np.ndarray:
@@ -135,9 +144,9 @@ def tma_table(queue: Queue, plan: DecodePlan, groups: Sequence[int]) -> np.ndarr
     return table
 
 
-def ring_depth(box: tuple[int, int]) -> int:
+def ring_depth(box: tuple[int, int], ring_bytes: int = RING_BYTES) -> int:
     slot = box[0] * box[1] * torch.bfloat16.itemsize
-    return max(MIN_BUF, min(MAX_BUF, RING_BYTES // slot))
+    return max(MIN_BUF, min(MAX_BUF, ring_bytes // slot))
 
 
 def build(graph: Graph, dag: TileDAG, queue: Queue) -> GluonKernel:
@@ -147,6 +156,8 @@ def build(graph: Graph, dag: TileDAG, queue: Queue) -> GluonKernel:
     problems = unsupported(graph, queue)
     if problems:
         raise GluonUnsupported("; ".join(problems))
+    if prefill.has_large(queue):
+        return _build_large(graph, dag, queue)
     plan = decode_plan(graph, dag, queue, check=True)
     descriptors = plan.descriptors()
     boxes = {box for _, box in descriptors}
@@ -161,6 +172,34 @@ def build(graph: Graph, dag: TileDAG, queue: Queue) -> GluonKernel:
     tma = tma_table(queue, plan, groups)
     source = generate(queue, len(groups))
     return GluonKernel(source, plan, groups, box, ring_depth(box), tma)
+
+
+def _build_large(graph: Graph, dag: TileDAG, queue: Queue) -> GluonKernel:
+    """build() for a queue with large-M matmuls: two plans (decode, large-M) over one stack layout,
+    each walk pair checked; decode descriptors then the large-M B descriptors, MAX_DESCRIPTORS in
+    all; each ring sized for what the kernel has (both: SHARED_RING_BYTES each)."""
+    stacks = kernel_stacks(graph, dag, queue)
+    plan = decode_plan(graph, dag, queue, check=True, stacks=stacks)
+    large = decode_plan(graph, dag, queue, check=True, large=True, stacks=stacks)
+    descriptors, pdescriptors = plan.descriptors(), large.descriptors()
+    boxes = {box for _, box in descriptors}
+    if len(boxes) > 1:
+        raise GluonUnsupported(f"matmul weight boxes {sorted(boxes)}: the ring holds one box shape")
+    if len(descriptors) + len(pdescriptors) > MAX_DESCRIPTORS:
+        raise GluonUnsupported(
+            f"{len(descriptors)} + {len(pdescriptors)} TMA descriptors (decode + large-M; at most {MAX_DESCRIPTORS})"
+        )
+    if any(stack_key(w) is None for w in plan.weights):
+        raise GluonUnsupported("a weight that cannot be stacked")
+    groups = tuple(g for g, _ in descriptors)
+    pgroups = tuple(g for g, _ in pdescriptors)
+    box = next(iter(boxes), (0, 0))  # (0, 0): no decode matmuls, no weight ring
+    ring_bytes = prefill.SHARED_RING_BYTES if groups else prefill.RING_BYTES
+    num_buf = ring_depth(box, prefill.SHARED_RING_BYTES) if groups else 0
+    source = generate(queue, len(groups), len(pgroups))
+    tma = tma_table(queue, plan, groups)
+    ptab = prefill.prefill_table(queue, large, pgroups)
+    return GluonKernel(source, plan, groups, box, num_buf, tma, large, pgroups, prefill.ring_depth(ring_bytes), ptab)
 
 
 def _row_counts(queue: Queue) -> dict[int, int]:
@@ -326,9 +365,10 @@ def matmul_call(key, rows: int) -> str:
     )
 
 
-def generate(queue: Queue, num_descriptors: int) -> str:
-    """The kernel's source: one branch per opcode, written by its family (GLUON_FAMILIES)."""
-    if not 1 <= num_descriptors <= MAX_DESCRIPTORS:
+def generate(queue: Queue, num_descriptors: int, num_prefill: int = 0) -> str:
+    """The kernel's source: one branch per opcode, written by its family (GLUON_FAMILIES).
+    `num_prefill`: large-M B descriptors (prefill.py's ring and loaders; 0: the decode kernel)."""
+    if not 1 <= num_descriptors + num_prefill <= MAX_DESCRIPTORS:
         raise GluonUnsupported(f"{num_descriptors} TMA descriptors (1..{MAX_DESCRIPTORS})")
     descs = ", ".join(f"w{d}" for d in range(num_descriptors))
     routines, branches = [], []
@@ -356,6 +396,15 @@ def generate(queue: Queue, num_descriptors: int) -> str:
     )
     issue = "".join(ISSUE.format(d=d) for d in range(num_descriptors))
     extra = "".join(f"from {module} import {', '.join(sorted(names))}\n" for module, names in sorted(imports.items()))
+    if num_prefill:
+        parts = prefill.source_parts(num_descriptors, num_prefill, LOADER_WARPS, LOADER_REGS)
+        old, new = prefill.COMPUTE_PARAMS
+        if COMPUTE_HEAD.count(old) != 1:
+            raise AssertionError(f"COMPUTE_HEAD's signature lost {old!r}: prefill.COMPUTE_PARAMS must follow it")
+        loader = LOADER.format(descs=descs, issue=issue) if num_descriptors else ""
+        head = COMPUTE_HEAD.replace(old, new)
+        body = "".join(routines) + loader + parts["loader"] + head + "".join(branches) + COMPUTE_TAIL
+        return header + extra + parts["imports"] + body + parts["kernel"]
     return (
         header
         + extra
@@ -412,14 +461,23 @@ def compile_offline(
     spec.loader.exec_module(module)
     desc = f"tensordesc<bf16[{kernel.box[0]}, {kernel.box[1]}],{weight_layout(kernel.box)!r}>"
     sig = {f"w{d}": desc for d in range(len(kernel.groups))}
+    pdesc = f"tensordesc<bf16[{prefill.TILE[1]}, {prefill.TILE[2]}],{prefill.b_layout()!r}>"
+    sig.update({f"p{d}": pdesc for d in range(len(kernel.prefill_groups))})
     pointers = ("instr_ptr", "waits_ptr", "counters_ptr", "err_ptr", "views_ptr", "order_ptr", "worker_begin_ptr")
-    sig.update({p: "*i32" for p in pointers}, views_ptr="*i64", tma_ptr="*i32", generation="i32")
-    sig.update(prof_ptr="*i64", load_ptr="*i64")
+    sig.update({p: "*i32" for p in pointers}, views_ptr="*i64", tma_ptr="*i32")
+    if kernel.prefill_groups:
+        sig.update(ptab_ptr="*i32")
+    sig.update(prof_ptr="*i64", load_ptr="*i64", generation="i32")
     sig.update(MAX_SPIN="constexpr", NUM_BUF="constexpr", PROFILE="constexpr", num_warps="constexpr")
     attrs = {p: [["tt.divisibility", 16]] for p in (*pointers, "tma_ptr")}
     cst = {"MAX_SPIN": max_spin, "NUM_BUF": kernel.num_buf, "PROFILE": profile, "num_warps": COMPUTE_WARPS}
+    if kernel.prefill_groups:
+        sig.update(P_BUF="constexpr")
+        cst.update(P_BUF=kernel.prefill_buf)
+        attrs.update(ptab_ptr=[["tt.divisibility", 16]])
     r = compile_report(module.megakernel, sig, cst, attrs, COMPUTE_WARPS, arch, PTX_OPS, GluonUnsupported, keep_asm)
     r.update(box=kernel.box, num_buf=kernel.num_buf, descriptors=len(kernel.groups))
+    r.update(prefill_buf=kernel.prefill_buf, prefill_descriptors=len(kernel.prefill_groups))
     return r
 
 

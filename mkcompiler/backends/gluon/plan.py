@@ -39,6 +39,7 @@ from mkcompiler.ir.graph import Buffer, BufferKind, Graph, OpNode, View
 from mkcompiler.ir.layout import NUM_ARGS, Field, ViewField
 from mkcompiler.ir.queue import Queue
 from mkcompiler.ops.base import cdiv
+from mkcompiler.ops.matmul import DECODE_ROWS
 from mkcompiler.ops.registry import FAMILIES
 
 MATMUL = "matmul"
@@ -219,9 +220,18 @@ def worker_plans(
     return tuple(plans)
 
 
-def queue_loader_blocks(queue: Queue, buffers: Sequence[Buffer]) -> Callable[[int], tuple[WeightBlock, ...]]:
+def is_large(bm: int) -> bool:
+    """A BM-row matmul tile is large-M (prefill, large batch: prefill.py's A/B ring), else decode
+    (the weight ring): each walk takes only its own kind of matmul."""
+    return bm > DECODE_ROWS
+
+
+def queue_loader_blocks(
+    queue: Queue, buffers: Sequence[Buffer], large: bool = False
+) -> Callable[[int], tuple[WeightBlock, ...]]:
     """The loader's view: instruction i's blocks from its encoded row, as matmul_tile addresses
-    its weight (B view row, the K chunk of split KS of S, columns TN*BN of N)."""
+    its weight (B view row, the K chunk of split KS of S, columns TN*BN of N). `large`: the walk
+    of large-M matmuls (prefill.py's B loader), else of decode ones."""
     views = queue.views
 
     def size(v: int, d: int) -> int:
@@ -229,7 +239,7 @@ def queue_loader_blocks(queue: Queue, buffers: Sequence[Buffer]) -> Callable[[in
 
     def blocks(i: int) -> tuple[WeightBlock, ...]:
         key = queue.opcode_keys[int(queue.rows[i, Field.OPCODE])]
-        if key[0] != MATMUL:
+        if key[0] != MATMUL or is_large(key_tile(key)[0]) != large:
             return ()
         args = queue.rows[i, Field.ARG0 : Field.ARG0 + NUM_ARGS].tolist()
         va, vb, vc = args[MatmulArg.A], args[MatmulArg.B], args[MatmulArg.C]
@@ -251,14 +261,16 @@ def queue_loader_blocks(queue: Queue, buffers: Sequence[Buffer]) -> Callable[[in
     return blocks
 
 
-def dag_compute_blocks(graph: Graph, dag: TileDAG, queue: Queue) -> Callable[[int], tuple[WeightBlock, ...]]:
+def dag_compute_blocks(
+    graph: Graph, dag: TileDAG, queue: Queue, large: bool = False
+) -> Callable[[int], tuple[WeightBlock, ...]]:
     """Compute's view: instruction i's blocks from its tile task and op (the matmul family's tile
-    and K range)."""
+    and K range); `large` as queue_loader_blocks."""
 
     def blocks(i: int) -> tuple[WeightBlock, ...]:
         task = dag.tasks[int(queue.rows[i, Field.TASK])]
         op = graph.ops[task.op]
-        if op.kind != MATMUL:
+        if op.kind != MATMUL or is_large(op_tile(op)[0]) != large:
             return ()
         b = op_weight_view(op)
         buf = graph.buffers[b.buffer]
@@ -368,15 +380,37 @@ def build_plan(
     queue: Queue,
     loader_blocks: Callable[[int], Sequence[WeightBlock]],
     compute_blocks: Callable[[int], Sequence[WeightBlock]],
+    stacks: StackLayout | None = None,
 ) -> DecodePlan:
+    """`stacks`: a layout shared with another plan of the same kernel (one stacked buffer per
+    weight group, whichever ring streams it); None: stack this plan's weights."""
     workers = worker_plans(queue, loader_blocks, compute_blocks)
-    stacks = stack_weights(s.block.weight for p in workers for s in p.loads)
+    if stacks is None:
+        stacks = stack_weights(s.block.weight for p in workers for s in p.loads)
     return DecodePlan(workers, stacks)
 
 
-def decode_plan(graph: Graph, dag: TileDAG, queue: Queue, check: bool = True) -> DecodePlan:
-    """The plan of a compiled queue (its static worker lists); `check`: the two walks agree."""
-    plan = build_plan(queue, queue_loader_blocks(queue, graph.buffers), dag_compute_blocks(graph, dag, queue))
+def decode_plan(
+    graph: Graph, dag: TileDAG, queue: Queue, check: bool = True, large: bool = False, stacks: StackLayout | None = None
+) -> DecodePlan:
+    """The plan of a compiled queue (its static worker lists); `check`: the two walks agree.
+    `large`: the plan of its large-M matmuls (prefill.py), else of its decode ones."""
+    plan = build_plan(
+        queue,
+        queue_loader_blocks(queue, graph.buffers, large),
+        dag_compute_blocks(graph, dag, queue, large),
+        stacks,
+    )
     if check:
         plan.check()
     return plan
+
+
+def kernel_stacks(graph: Graph, dag: TileDAG, queue: Queue) -> StackLayout:
+    """One stack layout for every streamed weight of a kernel, decode and large-M alike (a
+    weight both read, as a mixed prefill + decode step's, is stacked once)."""
+    weights = []
+    for large in (False, True):
+        blocks = queue_loader_blocks(queue, graph.buffers, large)
+        weights += [b.weight for i in range(len(queue)) for b in blocks(i)]
+    return stack_weights(weights)
