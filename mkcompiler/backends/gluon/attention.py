@@ -422,7 +422,8 @@ def kv_shape(key, rows: int) -> tuple[int, int, int]:
     r = min(MAX_ROWS, next_pow2(rows))
     vec = min(key.bd, 16 // max(key.k.itemsize, key.v.itemsize))
     tpw_n = 32 // min(32, key.bd // vec)  # lanes along the keys (the rest span the head dim)
-    bnw = max(tpw_n, min(key.bn, WARP_KV_ELEMS // key.bd, WARP_PRODUCT_ELEMS // (r * key.bd)))
+    wide = max(key.k.itemsize, key.v.itemsize) // 2  # fp32 keys: twice the registers per element
+    bnw = max(tpw_n, min(key.bn, WARP_KV_ELEMS // key.bd, WARP_PRODUCT_ELEMS // (r * key.bd * max(1, wide))))
     return r, bnw, vec
 
 
