@@ -51,7 +51,9 @@ class Settings:
     elementwise_block: int | None = None  # elements per elementwise tile; default: by size (passes/tile.py)
     row_block: int = 4  # rows per tile for norms, reductions, softmax, embedding
     row_chunk: int = 1024  # columns per step of a row sweep (max)
-    num_warps: int = 8  # warps per worker: 4 spills registers once prefill-sized tiles and attention share the kernel
+    # warps per worker (Gluon backend: its compute partition; the loader warps come on top): 4
+    # spills registers once prefill-sized tiles and attention share the kernel
+    num_warps: int = 8
     num_stages: int = 3  # software-pipeline depth of tile loops (3: faster on decode than 2 or 4)
     # Large-M matmuls: tiles in the queue (and so, in dynamic fetch, in execution order) by groups
     # of this many tile rows, column by column within a group, so that the tiles running together

@@ -21,7 +21,7 @@ import warnings
 import torch
 
 from mkcompiler.backends.gluon import prefill
-from mkcompiler.backends.gluon.codegen import COMPUTE_WARPS, GluonKernel, GluonUnsupported, build, weight_layout
+from mkcompiler.backends.gluon.codegen import GluonKernel, GluonUnsupported, build, weight_layout
 from mkcompiler.errors import MegakernelError
 from mkcompiler.runtime.megakernel import COUNTER_LIMIT, Megakernel, _cooperative_errors
 
@@ -40,7 +40,7 @@ def compile_gluon(comp, model: torch.nn.Module, device: torch.device) -> GluonMe
         why = f"a {comp.settings.schedule} schedule (it runs static worker lists)"
     else:
         try:
-            kernel = build(comp.graph, comp.dag, comp.queue)
+            kernel = build(comp.graph, comp.dag, comp.queue, comp.settings.num_warps)
         except GluonUnsupported as e:
             why = str(e)
     if why is not None:
@@ -198,7 +198,7 @@ class GluonMegakernel(Megakernel):
                 MAX_SPIN=self.max_spin,
                 NUM_BUF=self.kernel.num_buf,
                 PROFILE=prof is not None,
-                num_warps=COMPUTE_WARPS,
+                num_warps=self.kernel.num_warps,
                 launch_cooperative_grid=True,
                 **large,
             )

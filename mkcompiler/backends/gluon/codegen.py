@@ -30,7 +30,7 @@ async wgmma (prefill.py); a kernel with them is generated with prefill.source_pa
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -45,7 +45,6 @@ from mkcompiler.ir.queue import Queue
 from mkcompiler.ops.base import next_pow2, tl_dtype
 from mkcompiler.ops.registry import FAMILIES
 
-COMPUTE_WARPS = 4
 LOADER_WARPS = 1
 LOADER_REGS = 48
 MAX_DESCRIPTORS = 8  # TMA descriptors per launch (kernel arguments)
@@ -125,6 +124,7 @@ class GluonKernel:
     prefill_groups: tuple[int, ...] = ()
     prefill_buf: int = 0
     ptab: np.ndarray | None = None
+    num_warps: int = 4  # the compute partition's (Settings.num_warps); the loaders' are fixed
 
 
 def tma_table(queue: Queue, plan: DecodePlan, groups: Sequence[int]) -> np.ndarray:
@@ -149,10 +149,15 @@ def ring_depth(box: tuple[int, int], ring_bytes: int = RING_BYTES) -> int:
     return max(MIN_BUF, min(MAX_BUF, ring_bytes // slot))
 
 
-def build(graph: Graph, dag: TileDAG, queue: Queue) -> GluonKernel:
-    """The Gluon kernel of a compiled queue; GluonUnsupported if it has what the backend lacks
-    (`unsupported`), or a plan it cannot run (several boxes, too many descriptors, a weight that
-    cannot be stacked). The plan's walks are checked equal (plan.PlanError otherwise)."""
+def build(graph: Graph, dag: TileDAG, queue: Queue, num_warps: int) -> GluonKernel:
+    """The Gluon kernel of a compiled queue, its compute partition `num_warps` wide;
+    GluonUnsupported if it has what the backend lacks (`unsupported`), or a plan it cannot run
+    (several boxes, too many descriptors, a weight that cannot be stacked). The plan's walks are
+    checked equal (plan.PlanError otherwise)."""
+    return replace(_build(graph, dag, queue), num_warps=num_warps)
+
+
+def _build(graph: Graph, dag: TileDAG, queue: Queue) -> GluonKernel:
     problems = unsupported(graph, queue)
     if problems:
         raise GluonUnsupported("; ".join(problems))
@@ -470,12 +475,12 @@ def compile_offline(
     sig.update(prof_ptr="*i64", load_ptr="*i64", generation="i32")
     sig.update(MAX_SPIN="constexpr", NUM_BUF="constexpr", PROFILE="constexpr", num_warps="constexpr")
     attrs = {p: [["tt.divisibility", 16]] for p in (*pointers, "tma_ptr")}
-    cst = {"MAX_SPIN": max_spin, "NUM_BUF": kernel.num_buf, "PROFILE": profile, "num_warps": COMPUTE_WARPS}
+    cst = {"MAX_SPIN": max_spin, "NUM_BUF": kernel.num_buf, "PROFILE": profile, "num_warps": kernel.num_warps}
     if kernel.prefill_groups:
         sig.update(P_BUF="constexpr")
         cst.update(P_BUF=kernel.prefill_buf)
         attrs.update(ptab_ptr=[["tt.divisibility", 16]])
-    r = compile_report(module.megakernel, sig, cst, attrs, COMPUTE_WARPS, arch, PTX_OPS, GluonUnsupported, keep_asm)
+    r = compile_report(module.megakernel, sig, cst, attrs, kernel.num_warps, arch, PTX_OPS, GluonUnsupported, keep_asm)
     r.update(box=kernel.box, num_buf=kernel.num_buf, descriptors=len(kernel.groups))
     r.update(prefill_buf=kernel.prefill_buf, prefill_descriptors=len(kernel.prefill_groups))
     return r
