@@ -5,8 +5,11 @@ torch.compile, over a grid of batch sizes and context lengths, with the HBM floo
     python benchmarks/decode_latency.py --models llama-3.2-1b --batches 1 16 --ctxs 512 \\
         --baseline-modes max-autotune --time-budget 540 --json /tmp/decode.json
     python benchmarks/decode_latency.py --dry-run             # the case grid and its bytes, no GPU
-    python benchmarks/decode_latency.py --models llama-3.2-1b --batches 1 --ctxs 512 \
+    python benchmarks/decode_latency.py --models llama-3.2-1b --batches 1 --ctxs 512 \\
         --spelling canonical written --no-torch-compile         # the same model spelled two ways
+    python benchmarks/decode_latency.py --models llama-3.2-1b --batches 1 --ctxs 512 \\
+        --backend triton gluon --no-torch-compile               # the same model on both kernel generators
+    python benchmarks/decode_latency.py --dry-run --backend triton gluon
 
 Random bf16 weights of the real shapes (examples/llama.py), KV caches filled with random values,
 decode at position ctx (ctx tokens already in the cache). Everything runs in one process, one
@@ -15,10 +18,18 @@ batch), compiles one megakernel for it and frees everything before the next case
 --spelling picks how examples/llama.py writes the norms, RoPE and attention (LlamaConfig.spelling:
 canonical, written); each spelling is a case of its own (same weights, caches and tokens), next to
 the other spellings of the same shape.
+--backend picks mkcompiler's kernel generator (Settings.backend: triton, gluon); each backend is a
+case of its own, next to the other backends of the same (model, batch, ctx, spelling). Those
+cases share one model (built once: the same weights, caches and tokens), compile one megakernel
+each in turn (the previous one freed first), and share one run of the baselines (eager,
+torch.compile): every row holds the same baseline figures. A row records the megakernel class
+that ran (a Gluon compile that falls back to Triton warns, GluonFallbackWarning: the row keeps
+the text and its notes say "fell back to triton"). `--opt backend=...` alone means --backend.
 
 Per case:
-- mkcompiler: `mkcompiler.compile(model, (tok, pos))` once; times the full call `mk(tok, pos)`
-  (input checks, launch, error-record read, output copy) and `mk.launch()` alone (kernel);
+- mkcompiler: `mkcompiler.compile(model, (tok, pos), backend=<the case's>, <--opt K=V>...)` once;
+  times the full call `mk(tok, pos)` (input checks, launch, error-record read, output copy) and
+  `mk.launch()` alone (kernel);
 - eager (the same module, under torch.no_grad);
 - torch.compile(mode="max-autotune-no-cudagraphs") and torch.compile(mode="max-autotune")
   (CUDA graphs), each 40-60 s of compile and autotuning: --baseline-modes picks them,
@@ -60,6 +71,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 
 import torch
 
@@ -75,6 +87,9 @@ DEFAULT_MODELS = ("llama-3.2-1b", "llama-3.1-8b")
 DEFAULT_BATCHES = (1, 4, 16)
 DEFAULT_CTXS = (512, 4096)
 DEFAULT_SPELLINGS = ("canonical",)
+BACKENDS = ("triton", "gluon")  # mkcompiler.ir.settings.BACKENDS (not imported here: see above); a test compares
+DEFAULT_BACKENDS = ("triton",)
+GLUON_MK = "mkcompiler.runtime.gluon.GluonMegakernel"  # what a Gluon compile that did not fall back returns
 DEFAULT_TC_MODES = ("max-autotune-no-cudagraphs", "max-autotune")
 TC_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 TOL = 5e-2  # relative error of bf16 logits vs eager bf16 above which a case is flagged
@@ -166,6 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"default {' '.join(DEFAULT_SPELLINGS)}",
     )
     p.add_argument(
+        "--backend",
+        nargs="+",
+        type=_list_of(str, "--backend"),
+        default=None,
+        help=f"mkcompiler's kernel generator ({', '.join(BACKENDS)}; Settings.backend); each a case, sharing the "
+        f"baselines of its shape; default {' '.join(DEFAULT_BACKENDS)}",
+    )
+    p.add_argument(
         "--steps-check",
         type=int,
         default=2,
@@ -193,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="K=V",
-        help="mkcompiler.compile option (repeatable), e.g. schedule=dynamic",
+        help="mkcompiler.compile option (repeatable), e.g. schedule=dynamic; backend=B alone is --backend B",
     )
     p.add_argument("--dry-run", action="store_true", help="print the cases and their bytes; no GPU needed")
     return p
@@ -210,6 +233,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.batches = _flatten(args.batches, DEFAULT_BATCHES)
     args.ctxs = _flatten(args.ctxs, DEFAULT_CTXS)
     args.spelling = _flatten(args.spelling, DEFAULT_SPELLINGS)
+    args.backend = backends_of(p, args)
     modes = _flatten(args.baseline_modes, DEFAULT_TC_MODES)
     for name in args.models:
         if name not in CONFIGS:
@@ -217,13 +241,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in args.spelling:
         if name not in SPELLINGS:
             p.error(f"--spelling: unknown spelling {name!r}; known: {', '.join(SPELLINGS)}")
+    for name in args.backend:
+        if name not in BACKENDS:
+            p.error(f"--backend: unknown backend {name!r}; known: {', '.join(BACKENDS)}")
     if modes == ["none"] or args.no_torch_compile:
         modes = []
     for m in modes:
         if m not in TC_MODES:
             p.error(f"--baseline-modes: unknown torch.compile mode {m!r}; known: {', '.join(TC_MODES)} or none")
     args.baseline_modes = list(dict.fromkeys(modes))  # keep the order, drop repeats
-    for what in ("models", "batches", "ctxs", "spelling"):
+    for what in ("models", "batches", "ctxs", "spelling", "backend"):
         setattr(args, what, list(dict.fromkeys(getattr(args, what))))
         if not getattr(args, what):
             p.error(f"--{what}: empty")
@@ -234,11 +261,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def case_grid(args) -> list[tuple[str, int, int, str]]:
-    """(model, batch, ctx, spelling) in run order: model, then batch, then context, then spelling
-    (same-batch cases in a row let torch.compile reuse its autotuning of the matmul shapes; the
-    spellings of one shape side by side)."""
-    return list(itertools.product(args.models, args.batches, args.ctxs, args.spelling))
+def backends_of(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """--backend, or the backend `--opt backend=B` names (one axis, so that every row says which
+    backend it asked for); both at once is an error."""
+    opt = compile_options(args.opt).get("backend")
+    if args.backend is not None and opt is not None:
+        p.error(f"--opt backend={opt} and --backend: give the backends with --backend only")
+    if args.backend is None:
+        return [opt] if opt is not None else list(DEFAULT_BACKENDS)
+    return _flatten(args.backend, DEFAULT_BACKENDS)
+
+
+def case_grid(args) -> list[tuple[str, int, int, str, str]]:
+    """(model, batch, ctx, spelling, backend) in run order: model, then batch, then context, then
+    spelling, then backend (same-batch cases in a row let torch.compile reuse its autotuning of the
+    matmul shapes; the spellings of one shape side by side; the backends of one (model, batch,
+    ctx, spelling) in a row: they share its model and baselines, see shape_groups)."""
+    return list(itertools.product(args.models, args.batches, args.ctxs, args.spelling, args.backend))
 
 
 # ---------------------------------------------------------------- bytes and the floor
@@ -317,10 +356,19 @@ def _fmt(v, spec: str, suffix: str = "") -> str:
     return f"{v:{spec}}{suffix}"
 
 
+def fell_back(row: dict) -> bool:
+    """The Gluon backend was asked for and the Triton one ran: it warned, or (should a fallback ever
+    not warn) another megakernel class ran."""
+    ran = row.get("megakernel")
+    return bool(row.get("fallback")) or (backend_of(row) == "gluon" and ran is not None and ran != GLUON_MK)
+
+
 def notes_of(row: dict) -> str:
     notes = []
     if row.get("tol_exceeded"):
         notes.append("FLAG rel err > tol")
+    if fell_back(row):
+        notes.append("fell back to triton")
     if row.get("status") not in (None, "done"):
         notes.append(str(row["status"]))
     for phase in row.get("skipped", []):
@@ -334,18 +382,31 @@ def spelling_of(row: dict) -> str:
     return row.get("spelling", "canonical")  # rows recorded before --spelling existed: canonical
 
 
+def backend_of(row: dict) -> str:
+    return row.get("backend", "triton")  # rows recorded before --backend existed: triton
+
+
+def shape_of(row: dict) -> tuple:
+    """What the backend cases of one shape share: one model, one run of the baselines."""
+    return row["model"], row["batch"], row["ctx"], spelling_of(row)
+
+
+def shape_groups(rows: list[dict]) -> list[list[dict]]:
+    """Runs of consecutive rows of one shape (case_grid puts the backends of a shape in a row)."""
+    return [list(g) for _, g in itertools.groupby(rows, key=shape_of)]
+
+
 def case_name(row: dict) -> str:
-    return f"{row['model']} b{row['batch']} ctx{row['ctx']}" + (
-        "" if spelling_of(row) == "canonical" else f" {spelling_of(row)}"
-    )
+    extra = [v for v, default in ((spelling_of(row), "canonical"), (backend_of(row), "triton")) if v != default]
+    return f"{row['model']} b{row['batch']} ctx{row['ctx']}" + "".join(f" {v}" for v in extra)
 
 
 def format_table(rows: list[dict]) -> str:
-    """A markdown table, one line per case: model, batch, ctx, spelling, floor, then per implementation
-    ms/step, tokens/s and % of floor, then the best baseline, mkcompiler's speed-up over it (call
-    and kernel), the largest relative error of its logits vs eager and notes."""
+    """A markdown table, one line per case: model, batch, ctx, spelling, backend, floor, then per
+    implementation ms/step, tokens/s and % of floor, then the best baseline, mkcompiler's speed-up
+    over it (call and kernel), the largest relative error of its logits vs eager and notes."""
     impls = ordered_impls(k for r in rows for k in r.get("ms", {}))
-    head = ["model", "batch", "ctx", "spelling", "floor ms"]
+    head = ["model", "batch", "ctx", "spelling", "backend", "floor ms"]
     for k in impls:
         s = SHORT.get(k, k)
         head += [f"{s} ms", f"{s} tok/s", f"{s} % floor"]
@@ -353,7 +414,8 @@ def format_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         m = metrics(r)
-        cells = [str(r["model"]), str(r["batch"]), str(r["ctx"]), spelling_of(r), _fmt(r.get("floor_ms"), ".3f")]
+        cells = [str(r["model"]), str(r["batch"]), str(r["ctx"]), spelling_of(r), backend_of(r)]
+        cells.append(_fmt(r.get("floor_ms"), ".3f"))
         for k in impls:
             cells += [
                 _fmt(r.get("ms", {}).get(k), ".3f"),
@@ -375,6 +437,9 @@ def format_table(rows: list[dict]) -> str:
 def legend(modes) -> str:
     parts = [
         "spelling = how examples/llama.py writes its norms, RoPE and attention (LlamaConfig.spelling)",
+        "backend = mkcompiler's kernel generator asked for (Settings.backend; a Gluon compile that fell back "
+        "to Triton says so in notes); the backends of one (model, batch, ctx, spelling) share its model and "
+        "one run of the baselines (the same baseline figures in each of their rows)",
         "mk call = `mk(tok, pos)` (checks, launch, error read, output copy)",
         "mk kernel = `mk.launch()`",
         "eager = the module under torch.no_grad",
@@ -519,7 +584,7 @@ def bench(fn, args) -> float:
     return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
 
 
-def new_row(model: str, batch: int, ctx: int, steps: int, spelling: str = "canonical") -> dict:
+def new_row(model: str, batch: int, ctx: int, steps: int, spelling: str = "canonical", backend: str = "triton") -> dict:
     c = config_of(model)
     w, kv = weight_bytes_read(c, batch), kv_bytes_read(c, batch, ctx)
     return {
@@ -527,6 +592,9 @@ def new_row(model: str, batch: int, ctx: int, steps: int, spelling: str = "canon
         "batch": batch,
         "ctx": ctx,
         "spelling": spelling,
+        "backend": backend,
+        "megakernel": None,  # the class that ran: GLUON_MK, or Megakernel where Gluon fell back
+        "fallback": None,  # the GluonFallbackWarning's text
         "max_seq_len": ctx + steps + 1,
         "status": "not run",
         "weight_bytes_read": w,
@@ -547,9 +615,19 @@ def new_row(model: str, batch: int, ctx: int, steps: int, spelling: str = "canon
     }
 
 
-def _error(row: dict, phase: str, e: BaseException) -> None:
+def case_rows(args) -> list[dict]:
+    """A row per case of case_grid, not run yet."""
+    return [new_row(m, b, c, args.steps_check, sp, be) for m, b, c, sp, be in case_grid(args)]
+
+
+def _error(row: dict, phase: str, e: BaseException, also=()) -> None:
+    """Records the error in `row` (and the rows in `also`: other backends of a shape that failed
+    before their own phases) and says it once."""
     row["errors"][phase] = f"{type(e).__name__}: {e}"[:4000]
     row.setdefault("tracebacks", {})[phase] = traceback.format_exc()[-8000:]
+    for other in also:
+        other["errors"][phase] = row["errors"][phase]
+        other.setdefault("tracebacks", {})[phase] = row["tracebacks"][phase]
     say(f"  {phase} FAILED: {type(e).__name__}: {str(e)[:500]}")
 
 
@@ -567,17 +645,51 @@ def compile_options(pairs: list[str]) -> dict:
     return opts
 
 
-def run_mkcompiler(model, tok, ctx: int, row: dict, args, dev) -> None:
+def compile_megakernel(model, inputs, options: dict):
+    """`mkcompiler.compile(model, inputs, **options)` -> (megakernel, text of the Gluon backend's
+    fallback warning or None). The fallback warning is caught (the caller records and says it);
+    any other warning is shown as usual."""
     import mkcompiler
 
+    if options.get("backend") != "gluon":  # only the Gluon backend falls back (and needs its import)
+        return mkcompiler.compile(model, inputs, **options), None
+    from mkcompiler.runtime.gluon import GluonFallbackWarning
+
+    caught = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", GluonFallbackWarning)
+            mk = mkcompiler.compile(model, inputs, **options)
+    finally:  # outside catch_warnings: the others go to the warning machinery it replaced
+        for w in caught:
+            if not issubclass(w.category, GluonFallbackWarning):
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    fallback = [str(w.message) for w in caught if issubclass(w.category, GluonFallbackWarning)]
+    return mk, "; ".join(fallback) or None
+
+
+def class_name(obj) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def run_mkcompiler(model, tok, ctx: int, row: dict, args, dev, said: set) -> None:
+    """Compiles and times the row's backend; `said`: fallback texts already in the log."""
     t0 = time.perf_counter()
     pos = torch.tensor([ctx], device=dev)
-    mk = mkcompiler.compile(model, (tok, pos), **compile_options(args.opt))
+    mk, row["fallback"] = compile_megakernel(
+        model, (tok, pos), {**compile_options(args.opt), "backend": row["backend"]}
+    )
     row["compile_s"]["mkcompiler"] = time.perf_counter() - t0
+    row["megakernel"] = class_name(mk)
     row["mk"] = {"instructions": len(mk.queue), "workers": mk.num_workers, "timings": mk.timings}
     say(
-        f"  mkcompiler compiled in {row['compile_s']['mkcompiler']:.1f} s: {len(mk.queue)} instructions, {mk.num_workers} workers"
+        f"  mkcompiler ({row['backend']}) compiled in {row['compile_s']['mkcompiler']:.1f} s: {row['megakernel']}, "
+        f"{len(mk.queue)} instructions, {mk.num_workers} workers"
     )
+    if row["fallback"]:
+        known = row["fallback"] in said
+        said.add(row["fallback"])
+        say(f"  {row['backend']} fell back to triton" + (" (as above)" if known else f": {row['fallback']}"))
     t0 = time.perf_counter()
     mk(tok, pos)  # the first launch compiles the Triton kernel
     torch.cuda.synchronize()
@@ -642,59 +754,106 @@ def run_torch_compile(model, tok, pos, mode: str, row: dict, args) -> None:
     torch._dynamo.reset()
 
 
-def run_case(row: dict, args, bw: float, budget: Budget, dev) -> None:
-    name, batch, ctx = row["model"], row["batch"], row["ctx"]
+def baseline_part() -> dict:
+    """Where a shape's baselines record what they measure (the keys run_eager, run_torch_compile
+    and _error write), to be shared by its backend rows (share)."""
+    return {"ms": {}, "tc_rel_err": {}, "compile_s": {}, "phase_s": {}, "skipped": [], "errors": {}}
+
+
+def share(part: dict, rows: list[dict]) -> None:
+    """Adds `part` (values measured once for a shape) to each of its rows: dicts merged, lists
+    extended, other values set."""
+    for r in rows:
+        for k, v in part.items():
+            if isinstance(v, dict):
+                r.setdefault(k, {}).update(v)
+            elif isinstance(v, list):
+                r.setdefault(k, []).extend(v)
+            else:
+                r[k] = v
+
+
+def run_phase(row: dict, phase: str, fn, budget: Budget, model: str) -> None:
+    """Runs one phase, recording its time, or its error in `row` (an error does not end the case)."""
+    t0 = time.perf_counter()
+    failed = False
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - one failing implementation must not end the run
+        _error(row, phase, e)
+        failed = True
+    if failed:  # out here the traceback (and the tensors its frames hold) is gone
+        free_memory()
+    row["phase_s"][phase] = time.perf_counter() - t0
+    budget.record(phase, model, row["phase_s"][phase])
+
+
+def run_shape(rows: list[dict], args, bw: float, budget: Budget, dev, said: set) -> None:
+    """The backend rows of one (model, batch, ctx, spelling): one model, one megakernel per row (each
+    freed before the next), then the baselines once, shared by every row. `said`: see run_mkcompiler."""
+    first = rows[0]
+    name, batch, ctx = first["model"], first["batch"], first["ctx"]
     model = tok = pos = None
     phases = []
+    base = baseline_part()
     phase_t0 = time.perf_counter()
     torch.cuda.reset_peak_memory_stats()
-    row["status"] = "partial"
+    for row in rows:
+        row["status"] = "partial"
     try:
-        model = build_model(name, batch, ctx, args.steps_check, dev, seed=args.seed, spelling=spelling_of(row))
+        model = build_model(name, batch, ctx, args.steps_check, dev, seed=args.seed, spelling=spelling_of(first))
         # Bytes from the module itself (the formulas above agree; tests check them on the CPU).
         es = model.embed.weight.element_size()
-        row["weight_bytes_all"] = sum(p.numel() * p.element_size() for p in model.parameters())
-        row["weight_bytes_read"] = row["weight_bytes_all"] - model.embed.weight.numel() * es + batch * model.c.dim * es
-        row["floor_ms"] = floor_ms(row["weight_bytes_read"], row["kv_bytes_read"], bw)
+        built = {"weight_bytes_all": sum(p.numel() * p.element_size() for p in model.parameters())}
+        built["weight_bytes_read"] = (
+            built["weight_bytes_all"] - model.embed.weight.numel() * es + batch * model.c.dim * es
+        )
+        built["floor_ms"] = floor_ms(built["weight_bytes_read"], first["kv_bytes_read"], bw)
         gen = torch.Generator(device=dev).manual_seed(args.seed + 1)
         tok = torch.randint(0, model.c.vocab_size, (batch, 1), device=dev, generator=gen)
         pos = torch.tensor([ctx], device=dev)
         torch.cuda.synchronize()
-        row["phase_s"]["setup"] = time.perf_counter() - phase_t0
-        budget.record("setup", name, row["phase_s"]["setup"])
+        built["phase_s"] = {"setup": time.perf_counter() - phase_t0}
+        share(built, rows)
+        budget.record("setup", name, built["phase_s"]["setup"])
         say(
-            f"  built in {row['phase_s']['setup']:.1f} s: weights read {row['weight_bytes_read'] / 1e9:.2f} GB, "
-            f"KV read {row['kv_bytes_read'] / 1e9:.3f} GB (allocated {row['kv_bytes_allocated'] / 1e9:.2f} GB), "
-            f"floor {row['floor_ms']:.3f} ms"
+            f"  built in {built['phase_s']['setup']:.1f} s: weights read {built['weight_bytes_read'] / 1e9:.2f} GB, "
+            f"KV read {first['kv_bytes_read'] / 1e9:.3f} GB (allocated {first['kv_bytes_allocated'] / 1e9:.2f} GB), "
+            f"floor {built['floor_ms']:.3f} ms"
         )
-        phases.append(("mkcompiler", lambda: run_mkcompiler(model, tok, ctx, row, args, dev)))
+        for row in rows:  # the first always runs (main checked that it fits)
+            if row is not first and not budget.fits("mkcompiler", model=name):
+                row["skipped"].append("mkcompiler (time budget)")
+                say(f"  skipped mkcompiler ({backend_of(row)}): {budget.left():.0f} s left")
+                continue
+            run_phase(
+                row, "mkcompiler", lambda row=row: run_mkcompiler(model, tok, ctx, row, args, dev, said), budget, name
+            )
+            # The megakernel goes before the next. A Gluon one re-binds the module's parameters to
+            # views of its weight stacks (runtime/gluon.py): the same values, kept by the module, so
+            # the later megakernels and the baselines read the same weights.
+            free_memory()
         if not args.no_eager:
-            phases.append(("eager", lambda: run_eager(model, tok, pos, row, args)))
+            phases.append(("eager", lambda: run_eager(model, tok, pos, base, args)))
         for mode in args.baseline_modes:
-            phases.append((f"tc:{mode}", lambda mode=mode: run_torch_compile(model, tok, pos, mode, row, args)))
+            phases.append((f"tc:{mode}", lambda mode=mode: run_torch_compile(model, tok, pos, mode, base, args)))
         for phase, fn in phases:
-            if phase != "mkcompiler" and not budget.fits(phase, model=name):
-                row["skipped"].append(f"{phase} (time budget)")
+            if not budget.fits(phase, model=name):
+                base["skipped"].append(f"{phase} (time budget)")
                 say(f"  skipped {phase}: {budget.left():.0f} s left, needs ~{budget.estimate(phase, name):.0f} s")
                 continue
-            t0 = time.perf_counter()
-            failed = False
-            try:
-                fn()
-            except Exception as e:  # noqa: BLE001 - one failing implementation must not end the run
-                _error(row, phase, e)
-                failed = True
-            if failed:  # out here the traceback (and the tensors its frames hold) is gone
-                free_memory()
-            row["phase_s"][phase] = time.perf_counter() - t0
-            budget.record(phase, name, row["phase_s"][phase])
-        row["status"] = "done"
+            run_phase(base, phase, fn, budget, name)
+        for row in rows:
+            row["status"] = "done"
     finally:
-        row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        row.update(metrics(row))
+        share(base, rows)  # what the baselines measured, also when interrupted
+        peak = torch.cuda.max_memory_allocated() / 1e9
         model = tok = pos = phases = None  # the phase closures hold the model too
         free_memory()
-        row["mem_after_free_gb"] = torch.cuda.memory_allocated() / 1e9
+        for row in rows:
+            row["peak_mem_gb"] = peak  # of the shape: its model, every backend's megakernel, the baselines
+            row.update(metrics(row))
+            row["mem_after_free_gb"] = torch.cuda.memory_allocated() / 1e9
 
 
 def write_json(path: str | None, result: dict) -> None:
@@ -709,16 +868,19 @@ def write_json(path: str | None, result: dict) -> None:
 
 
 def dry_run(args) -> int:
-    say(f"{len(case_grid(args))} cases; torch.compile modes: {', '.join(args.baseline_modes) or 'none'}")
+    rows = case_rows(args)
     say(
-        f"{'model':<14}{'batch':>6}{'ctx':>6}  {'spelling':<10}{'weights read GB':>17}{'KV read GB':>12}"
+        f"{len(rows)} cases, {len(shape_groups(rows))} shapes (one model and one run of the baselines each); "
+        f"torch.compile modes: {', '.join(args.baseline_modes) or 'none'}"
+    )
+    say(
+        f"{'model':<14}{'batch':>6}{'ctx':>6}  {'spelling':<10}{'backend':<8}{'weights read GB':>17}{'KV read GB':>12}"
         f"{'KV alloc GB':>13}"
     )
-    for name, batch, ctx, spelling in case_grid(args):
-        r = new_row(name, batch, ctx, args.steps_check, spelling)
+    for r in rows:
         say(
-            f"{name:<14}{batch:>6}{ctx:>6}  {spelling:<10}{r['weight_bytes_read'] / 1e9:>17.3f}"
-            f"{r['kv_bytes_read'] / 1e9:>12.3f}{r['kv_bytes_allocated'] / 1e9:>13.3f}"
+            f"{r['model']:<14}{r['batch']:>6}{r['ctx']:>6}  {r['spelling']:<10}{r['backend']:<8}"
+            f"{r['weight_bytes_read'] / 1e9:>17.3f}{r['kv_bytes_read'] / 1e9:>12.3f}{r['kv_bytes_allocated'] / 1e9:>13.3f}"
         )
     return 0
 
@@ -746,25 +908,31 @@ def main(argv=None) -> int:
             f"{result['device']} ({result['sm_count']} SMs), torch {result['torch']}, triton {result['triton']}, "
             f"commit {result['git']['commit']}; copy bandwidth {bw / 1e9:.0f} GB/s"
         )
-        cases = case_grid(args)
-        result["cases"] = [new_row(m, b, c, args.steps_check, sp) for m, b, c, sp in cases]
-        for i, row in enumerate(result["cases"]):
-            tag = f"[{i + 1}/{len(cases)}] {row['model']} batch {row['batch']} ctx {row['ctx']} {spelling_of(row)}"
-            if not budget.fits("setup", "mkcompiler", model=row["model"]):
+        result["cases"] = case_rows(args)
+        groups = shape_groups(result["cases"])
+        said = set()  # Gluon fallback texts already in the log
+        for i, rows in enumerate(groups):
+            first = rows[0]
+            tag = (
+                f"[{i + 1}/{len(groups)}] {first['model']} batch {first['batch']} ctx {first['ctx']} "
+                f"{spelling_of(first)} {' '.join(backend_of(r) for r in rows)}"
+            )
+            if not budget.fits("setup", "mkcompiler", model=first["model"]):
                 result["stopped"] = f"time budget: {budget.left():.0f} s left before {tag}"
                 say(f"stopping: {result['stopped']}")
                 break
             say(f"{tag} ({budget.elapsed():.0f} s elapsed)")
             failed = False
             try:
-                run_case(row, args, bw, budget, dev)
+                run_shape(rows, args, bw, budget, dev, said)
             except Exception as e:  # noqa: BLE001 - an out-of-memory case must not end the run
-                row["status"] = "error"
-                _error(row, "case", e)
+                for row in rows:
+                    row["status"] = "error"
+                _error(first, "case", e, also=rows[1:])
                 failed = True
             if failed:
                 free_memory()
-            if row["errors"]:
+            if any(row["errors"] for row in rows):
                 rc = 1
             write_json(args.json, result)
     except (BudgetExceeded, KeyboardInterrupt) as e:
