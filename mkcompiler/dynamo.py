@@ -14,7 +14,9 @@ Dynamo passes a graph's parameters, buffers and other tensors as graph inputs. H
   writes in place (a KV cache reached through an argument, as Hugging Face's StaticCache is).
   Bound tensors become buffers of a module around the graph (`_GraphModel`), so capture reads
   them in place and updates the written ones in place (model state): no copy, per call or ever;
-- an input: any other tensor, given to the megakernel at each call;
+- an input: any other tensor, given to the megakernel at each call. One on another device, or
+  strided, is given as a contiguous copy on the graph's device; where the graph writes a tensor
+  computed from it, the graph reads a clone of it (see `_private_inputs`);
 - a value: an int or float (the size of a dynamic dimension), a constant of the compile.
 Graphs are compiled when first called, for the call's shapes and values, and again for each new
 combination: dynamo's guards bring a new shape to a new graph, or its automatic dynamic shapes
@@ -36,6 +38,7 @@ from __future__ import annotations
 import enum
 import importlib.abc
 import importlib.machinery
+import operator
 import sys
 import warnings
 import weakref
@@ -43,7 +46,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from mkcompiler.api import compile as mk_compile
 from mkcompiler.ir.settings import Settings
@@ -90,18 +95,118 @@ def _roles(gm: fx.GraphModule, example_inputs: list) -> list[Role]:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(example_inputs):
         raise ValueError(f"the graph has {len(placeholders)} inputs, dynamo gave {len(example_inputs)}")
-    return [_role(n, x) for n, x in zip(placeholders, example_inputs)]
+    written = _written_placeholders(gm)
+    return [_role(n, x, n in written) for n, x in zip(placeholders, example_inputs)]
 
 
-def _role(node: fx.Node, example) -> Role:
+def _role(node: fx.Node, example, written: bool) -> Role:
     if not isinstance(example, torch.Tensor):
         return Role.VALUE
     # Dynamo marks module parameters and buffers (and tensors given to mark_static_address) static.
     static = isinstance(example, nn.Parameter) or getattr(example, "_dynamo_static_input_type", None) is not None
-    # Dynamo traced the graph on fake tensors: an in-place write bumped the placeholder's version.
+    # Dynamo traced the graph on fake tensors: an in-place write bumped the placeholder's version
+    # (views share their base's counter). `written` is the same fact read off the graph's ops.
     traced = node.meta.get("example_value")
-    written = isinstance(traced, torch.Tensor) and traced._version > 0
-    return Role.BOUND if static or written else Role.INPUT
+    bumped = isinstance(traced, torch.Tensor) and not traced.is_inference() and traced._version > 0
+    return Role.BOUND if static or written or bumped else Role.INPUT
+
+
+# ---- what the graph writes ----
+
+# Python's augmented assignments: dynamo records `x += y` on a tensor as operator.iadd(x, y).
+_AUGMENTED = {
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+}  # fmt: skip
+_NOT_DATA = {"requires_grad_", "share_memory_"}  # in-place by name, but they write no values
+
+
+def _written_args(node: fx.Node) -> list[fx.Node]:
+    """The tensors `node` writes in place: `x.add_(y)`, `x[i] = v`, `x += y`, `op(..., out=x)`,
+    `f(x, inplace=True)`, an aten op whose schema marks an argument written."""
+    if node.op not in ("call_method", "call_function", "call_module"):
+        return []
+    target, args = node.target, node.args
+    written = [a for a in pytree.tree_leaves(node.kwargs.get("out")) if isinstance(a, fx.Node)]
+    if node.kwargs.get("inplace") is True and args:
+        written.append(args[0])
+    if isinstance(target, torch._ops.OpOverload):
+        schema = target._schema.arguments
+        for i, a in enumerate(args):
+            if i < len(schema) and schema[i].alias_info is not None and schema[i].alias_info.is_write:
+                written.append(a)
+    elif target in _AUGMENTED or target is operator.setitem or target == "__setitem__":
+        written.append(args[0])
+    elif _in_place_name(target if node.op == "call_method" else getattr(target, "__name__", "")) and args:
+        written.append(args[0])  # x.add_(y), torch.relu_(x), torch.Tensor.add_(x, y), F.relu_(x)
+    return [a for a in written if isinstance(a, fx.Node)]
+
+
+def _in_place_name(name) -> bool:
+    """PyTorch's convention: a trailing underscore names the in-place variant."""
+    return isinstance(name, str) and name.endswith("_") and not name.startswith("_") and name not in _NOT_DATA
+
+
+def _storage(node: fx.Node) -> StorageWeakRef | None:
+    """The storage of the fake tensor dynamo traced for `node` (views share their base's)."""
+    value = node.meta.get("example_value")
+    if not isinstance(value, torch.Tensor) or value.is_sparse:
+        return None
+    return StorageWeakRef(value.untyped_storage())
+
+
+def _written_placeholders(gm: fx.GraphModule) -> set[fx.Node]:
+    """Placeholders whose memory the graph writes: an in-place op writes the placeholder or a
+    view of it (the written tensor shares its storage, in dynamo's trace), however many view,
+    slicing or alias ops lie between. Where dynamo recorded no fake value, every placeholder the
+    written tensor is computed from counts as written: bound, read in place, is never wrong, only
+    rebound when its address changes."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    by_storage: dict = {}
+    for p in placeholders:
+        if (s := _storage(p)) is not None:
+            by_storage.setdefault(s, []).append(p)
+    written: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        for a in _written_args(node):
+            s = _storage(a)
+            if s is not None:
+                written.update(by_storage.get(s, ()))
+            else:
+                written.update(p for p in _sources(a) if p.op == "placeholder")
+    return written
+
+
+def _sources(node: fx.Node) -> set[fx.Node]:
+    """`node` and every node it is computed from."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen
+
+
+def _private_inputs(gm: fx.GraphModule, roles: list[Role], device) -> set[int]:
+    """Inputs the graph must read as a clone: those given as a copy (`CompiledGraph._inputs_of`:
+    from another device, or strided) that a tensor the graph writes is computed from.
+
+    Why: an op that copied the input in dynamo's trace (`x.to("cuda")` of a CPU tensor,
+    `x.contiguous()` of a strided one; Hugging Face's StaticLayer moves its CPU `cumulative_length`
+    to the GPU and adds to the result in place) returns the copy we give it itself, so the export
+    sees the graph write one of its inputs (USER_INPUT_MUTATION), which dynamo's graph never does.
+    A clone restores dynamo's semantics: the write lands in a temporary of the megakernel."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    feeding = set().union(*(_sources(a) for n in gm.graph.nodes for a in _written_args(n)))
+    private = set()
+    for i, (p, role) in enumerate(zip(placeholders, roles)):
+        traced = p.meta.get("example_value")
+        if role is not Role.INPUT or p not in feeding or not isinstance(traced, torch.Tensor):
+            continue
+        if (device is not None and traced.device != device) or not traced.is_contiguous():
+            private.add(i)
+    return private
 
 
 @dataclass(frozen=True)
@@ -111,6 +216,7 @@ class _Slot:
     role: Role
     name: str  # the buffer (BOUND)
     value: object = None  # the constant (VALUE)
+    clone: bool = False  # an INPUT the graph reads as a clone (`_private_inputs`)
 
 
 class _GraphModel(nn.Module):
@@ -118,7 +224,7 @@ class _GraphModel(nn.Module):
     buffers (the tensors themselves, detached: same storage, so capture reads them in place and
     writes model state in place), values are constants of this compile."""
 
-    def __init__(self, gm: fx.GraphModule, roles: list[Role], args: list):
+    def __init__(self, gm: fx.GraphModule, roles: list[Role], args: list, private: frozenset = frozenset()):
         super().__init__()
         self.graph_module = gm
         self._slots = []
@@ -128,7 +234,7 @@ class _GraphModel(nn.Module):
                 name = f"bound_{i}"
             if role is Role.BOUND:
                 self.register_buffer(name, a.detach(), persistent=False)
-            self._slots.append(_Slot(role, name, a if role is Role.VALUE else None))
+            self._slots.append(_Slot(role, name, a if role is Role.VALUE else None, i in private))
 
     def forward(self, *inputs):
         given = iter(inputs)
@@ -137,7 +243,8 @@ class _GraphModel(nn.Module):
             if slot.role is Role.BOUND:
                 args.append(getattr(self, slot.name))
             elif slot.role is Role.INPUT:
-                args.append(next(given))
+                x = next(given)
+                args.append(x.clone() if slot.clone else x)  # an op of the graph: the megakernel copies x
             else:
                 args.append(slot.value)
         # Run node by node with each node's meta current, so that capture's nodes keep the stack
@@ -168,6 +275,7 @@ class CompiledGraph:
         # there at each call, as an eager op mixing devices would read them.
         bound = [example_inputs[i] for i in self._bound]
         self.device = bound[0].device if bound else None
+        self._private = frozenset(_private_inputs(gm, self.roles, self.device))
         self._warned = False
 
     def _key(self, args) -> tuple:
@@ -209,7 +317,7 @@ class CompiledGraph:
             return False
         self.compiled.pop(key, None)  # the old tensors are not kept alive while compiling for the new ones
         self._addresses.pop(key, None)
-        model = _GraphModel(self.graph_module, self.roles, list(args))
+        model = _GraphModel(self.graph_module, self.roles, list(args), self._private)
         inputs = self._inputs_of(args)
         with torch.no_grad():
             self.compiled[key] = mk_compile(model, inputs, **self.options)

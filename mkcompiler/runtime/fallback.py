@@ -69,13 +69,87 @@ def _export(model: torch.nn.Module, example_inputs: tuple) -> fx.GraphModule:
         if n.op == "call_module" and n.target == "_guards_fn":  # input checks: SegmentedModel checks its inputs
             gm.graph.erase_node(n)
     _hoist_constants(gm)
+    _relax_views(gm)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
 
 
+# aten.view and _unsafe_view fail on strides they cannot express; aten.reshape copies instead.
+_VIEWS = (aten.view.default, aten._unsafe_view.default)
+
+
+def _relax_views(gm: fx.GraphModule) -> None:
+    """Turn the graph's views into reshapes wherever nothing writes through them.
+
+    Export decomposed each `reshape` into a `view` where the traced (fake) strides allowed one.
+    Segments run on other strides: a megakernel segment is exported again on contiguous inputs
+    (and receives contiguous ones), an eager op's real kernel may lay out its result otherwise
+    than its fake did (CUDA attention). A view valid on the traced strides then raises. Reshape
+    is the same view where one exists and a copy only where view would raise, so values never
+    change; what a copy loses is aliasing, which matters only to a write through the view (or
+    through a view of it) meant to reach its base. The exported graph is functional but for its
+    in-place state writes (`copy_` into a buffer or an input), so a view none of whose aliases
+    is written in place is safe to relax; the others stay views."""
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in _VIEWS and not _written_through(n):
+            n.target = aten.reshape.default
+
+
+def _written_through(node: fx.Node) -> bool:
+    """Does an op write in place into `node` or into a tensor that aliases it (a view of it, a view of that, ...)?"""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for u in n.users:
+            if _writes(u, n):
+                return True
+            if _aliases(u, n):
+                todo.append(u)
+    return False
+
+
+def _schema(n: fx.Node):
+    return n.target._schema if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) else None
+
+
+def _writes(user: fx.Node, n: fx.Node) -> bool:
+    """Does `user` write into its argument `n` in place (per its schema; an unknown callable might)?"""
+    schema = _schema(user)
+    if schema is None:  # a callable of unknown effect (a higher-order op, a submodule) may write
+        return user.op != "output" and user.target is not operator.getitem
+    given = _arguments(user)
+    return any(a.alias_info is not None and a.alias_info.is_write and given.get(a.name) is n for a in schema.arguments)
+
+
+def _aliases(user: fx.Node, n: fx.Node) -> bool:
+    """May `user`'s result share memory with its argument `n` (a view op; an item of one's outputs)?"""
+    if user.target is operator.getitem or user.op != "call_function":
+        return True
+    schema = _schema(user)
+    return schema is None or any(r.alias_info is not None for r in schema.returns)
+
+
 def _random(n: fx.Node) -> bool:
-    return isinstance(n.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in n.target.tags
+    """Does the op draw random numbers at this call? ATen tags every op that may (dropout, and
+    attention for its dropout_p) nondeterministic_seeded; one whose dropout probability is 0, or
+    that is not in training, draws none (attention in inference: it compiles)."""
+    if not isinstance(n.target, torch._ops.OpOverload) or torch.Tag.nondeterministic_seeded not in n.target.tags:
+        return False
+    given = _arguments(n)
+    return not (given.get("dropout_p", given.get("p")) == 0 or given.get("train") is False)
+
+
+def _arguments(n: fx.Node) -> dict:
+    """An aten node's arguments by schema name, defaults included."""
+    arguments = n.target._schema.arguments
+    given = {a.name: a.default_value for a in arguments if a.has_default_value()}
+    given.update(zip((a.name for a in arguments), n.args))
+    given.update(n.kwargs)
+    return given
 
 
 def _hoist_constants(gm: fx.GraphModule) -> None:
