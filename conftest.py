@@ -111,11 +111,11 @@ SLOW = {
         "test_entry_point_names_the_backend_without_importing_mkcompiler",
         "test_import_mkcompiler_registers_the_backend_lazily",
     },
-    "tests/test_new_user.py": {"test_factory_file_path_imports_its_siblings_from_another_directory"},
     "tests/test_dynamo_mutation.py": {
         "test_hf_prefill_with_its_counter_an_input_gives_eager_tokens",
         "test_attention_without_dropout_is_not_a_random_op",
     },
+    "tests/test_new_user.py": {"test_factory_file_path_imports_its_siblings_from_another_directory"},
     "tests/test_serve.py": {
         "test_megakernel_steps_equal_eager",
         "test_greedy_equals_each_request_alone_with_preemption",
