@@ -24,6 +24,7 @@ SLOW = {
     "benchmarks/tests/test_prefill_matmul_cli.py": {"*"},
     "benchmarks/tests/test_tp_throughput_cli.py": {"*"},
     "tests/test_fuzz.py": {"*"},
+    "tests/test_compile_speed.py": {"test_hf_queue_equals_the_networkx_passes"},
     "tests/test_canonicalize_norms.py": {
         "test_every_spelling_compiles_like_the_canonical_one",
         "test_canonical_spellings_match_eager",

@@ -20,6 +20,7 @@ Communication families (tensor parallelism, ops/comm.py) also read their peers' 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -133,13 +134,36 @@ def _coalesce(shape, strides) -> tuple[list[int], list[int]]:
     return sizes, steps
 
 
+# Regions are memoized relative to the view's offset (the interval arithmetic below is the same
+# for every offset): a model's layers repeat the same view shapes and tiles, so build_dag computes
+# each tile shape's intervals once instead of once per layer. Bounded: per process, never stale
+# (a pure function of its arguments).
+REGION_MEMO = 1 << 14
+
+
+def shifted(intervals: Intervals, offset: int) -> Intervals:
+    """`intervals` moved by `offset` elements."""
+    if not offset:
+        return intervals
+    return tuple((lo + offset, hi + offset) for lo, hi in intervals)
+
+
 def box_access(view: View, box: tuple[tuple[int, int], ...]) -> Access:
     """Elements of `view` with index d in [box[d][0], box[d][1]) for every dim."""
+    try:
+        intervals = _box_intervals(view.shape, view.strides, box)
+    except TypeError:  # a box of lists (unhashable)
+        intervals = _box_intervals(view.shape, view.strides, tuple((lo, hi) for lo, hi in box))
+    return Access(view.buffer, shifted(intervals, view.offset))
+
+
+@functools.lru_cache(maxsize=REGION_MEMO)
+def _box_intervals(shape, strides, box) -> Intervals:
+    """box_access's intervals for a view at offset 0."""
     # Arithmetic of View.slice per dim, then View.coalesced (no intermediate View objects:
     # build_dag calls this for every tile).
-    sizes = list(view.shape)
-    offset = view.offset
-    strides = view.strides
+    sizes = list(shape)
+    offset = 0
     rank = len(sizes)
     for d, (lo, hi) in enumerate(box):
         d %= rank
@@ -147,7 +171,7 @@ def box_access(view: View, box: tuple[tuple[int, int], ...]) -> Access:
         offset += start * strides[d]
         sizes[d] = end - start if end > start else 0
     if 0 in sizes:
-        return Access(view.buffer, ())
+        return ()
     shape, steps = _coalesce(sizes, strides)
     # Innermost contiguous run stays one interval; enumerate the outer index space.
     if steps[-1] == 1:
@@ -158,17 +182,17 @@ def box_access(view: View, box: tuple[tuple[int, int], ...]) -> Access:
     if math.prod(outer_shape) > 4 * MAX_INTERVALS:  # View.span of the coalesced view
         lo = offset + sum((sz - 1) * st for sz, st in zip(shape, steps) if st < 0)
         hi = offset + sum((sz - 1) * st for sz, st in zip(shape, steps) if st > 0)
-        return Access(view.buffer, ((lo, hi + 1),))
+        return ((lo, hi + 1),)
     if len(outer_shape) == 1 and outer_steps[0] > run:  # disjoint rows in increasing order
         n, st = outer_shape[0], outer_steps[0]
         if n > MAX_INTERVALS:
-            return Access(view.buffer, ((offset, offset + (n - 1) * st + run),))
+            return ((offset, offset + (n - 1) * st + run),)
         end = offset + n * st
-        return Access(view.buffer, tuple(zip(range(offset, end, st), range(offset + run, end + run, st))))
+        return tuple(zip(range(offset, end, st), range(offset + run, end + run, st)))
     starts = [offset]
     for sz, st in zip(outer_shape, outer_steps):
         starts = [s + i * st for s in starts for i in range(sz)]
-    return Access(view.buffer, merge_intervals((s, s + run) for s in starts))
+    return merge_intervals((s, s + run) for s in starts)
 
 
 def linear_access(view: View, start: int, end: int) -> Access:
@@ -179,19 +203,23 @@ def linear_access(view: View, start: int, end: int) -> Access:
         return Access(view.buffer, ((view.offset + start, view.offset + end),))
     if start >= end:
         return Access(view.buffer, ())
-    shape, steps = _coalesce(view.shape, view.strides)
+    return Access(view.buffer, shifted(_linear_intervals(view.shape, view.strides, start, end), view.offset))
+
+
+@functools.lru_cache(maxsize=REGION_MEMO)
+def _linear_intervals(shape, strides, start: int, end: int) -> Intervals:
+    """linear_access's intervals for a strided view at offset 0 (start < end)."""
+    coalesced, steps = _coalesce(shape, strides)
     if start < 0 or steps[-1] != 1:  # element by element
-        return Access(
-            view.buffer, offsets_intervals(_linear_offsets(view.offset, view.shape, view.strides, start, end))
-        )
+        return offsets_intervals(_linear_offsets(0, shape, strides, start, end))
     # Rows of the coalesced view (its innermost dim is contiguous) instead of single elements.
-    inner = shape[-1]
+    inner = coalesced[-1]
     r0, r1 = start // inner, -(-end // inner)
-    lo = _linear_offsets(view.offset, shape[:-1], steps[:-1], r0, r1)
+    lo = _linear_offsets(0, coalesced[:-1], steps[:-1], r0, r1)
     hi = lo + inner
     lo[0] += start - r0 * inner
     hi[-1] -= r1 * inner - end
-    return Access(view.buffer, runs_intervals(lo, hi))
+    return runs_intervals(lo, hi)
 
 
 def _linear_offsets(offset: int, shape, strides, start: int, end: int) -> np.ndarray:
@@ -304,13 +332,24 @@ class OpFamily:
     def work(self, node: OpNode, coords) -> Work:
         """Bytes the tile reads and writes, from `regions` (a family whose routine moves other
         bytes than its regions say, e.g. where they are bounding intervals of strided views, or
-        computes FLOPs worth counting, overrides this)."""
-        reads, writes = self.regions(node, coords)
+        computes FLOPs worth counting, overrides this or region_work)."""
+        return self.region_work(node, coords, *self.regions(node, coords))
+
+    def region_work(self, node: OpNode, coords, reads: list[Access], writes: list[Access]) -> Work:
+        """The default work, from the tile's regions (given: computed once by `tile`)."""
         size = {v.buffer: v.dtype.itemsize for v in (*node.inputs, *node.outputs) if v is not None}
         return Work(float(sum(elements(a) * size[a.buffer] for a in (*reads, *writes))))
 
     def cost(self, node: OpNode, coords) -> float:
         return tile_ns(self.work(node, coords))
+
+    def tile(self, node: OpNode, coords) -> tuple[list[Access], list[Access], float]:
+        """(reads, writes, cost) of one tile, what build_dag asks of every tile: the regions
+        once, where the cost comes from them (work not overridden), not a second time."""
+        reads, writes = self.regions(node, coords)
+        if type(self).work is OpFamily.work and type(self).cost is OpFamily.cost:
+            return reads, writes, tile_ns(self.region_work(node, coords, reads, writes))
+        return reads, writes, self.cost(node, coords)
 
     def emit(self, key: tuple, name: str) -> tuple[str, str]:
         """(source defining helpers or '', call expression with {row},{addrs},{views})."""

@@ -24,13 +24,16 @@ a positional expression into another op (`has_positional`).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
 from mkcompiler.ops.base import (
+    REGION_MEMO,
     Access,
+    Intervals,
     OpFamily,
     Work,
     cdiv,
@@ -38,6 +41,7 @@ from mkcompiler.ops.base import (
     flat_flags,
     linear_access,
     offsets_intervals,
+    shifted,
     tl_dtype,
 )
 from mkcompiler.ops.registry import family, lowers
@@ -418,9 +422,15 @@ def window_access(v, start: int, end: int, win) -> Access:
     """The elements view v gives linear indices [start, end) inside window `win` (regions)."""
     if min(end, v.numel) - start > WINDOW_EXACT_MAX:
         return linear_access(v, start, end)
-    lin = torch.arange(start, min(end, v.numel), dtype=torch.int64)
-    offs = linear_offsets(v, lin[in_window(lin, win)])
-    return Access(v.buffer, offsets_intervals(offs.numpy()))
+    return Access(v.buffer, shifted(_window_intervals(v.shape, v.strides, start, min(end, v.numel), win), v.offset))
+
+
+@functools.lru_cache(maxsize=REGION_MEMO)
+def _window_intervals(shape, strides, start: int, end: int, win) -> Intervals:
+    """window_access's intervals for a view at offset 0 (memoized as ops/base.py's regions are)."""
+    lin = torch.arange(start, end, dtype=torch.int64)
+    offs = linear_offsets(View(0, torch.float32, shape, strides, 0), lin[in_window(lin, win)])
+    return offsets_intervals(offs.numpy())
 
 
 def expr_source(expr, n_inputs: int, lin: str | None = None) -> tuple[list[str], str]:
@@ -596,12 +606,11 @@ class Elementwise(OpFamily):
         ]
         return reads, [linear_access(node.outputs[0], lo, hi)]
 
-    def work(self, node, coords):
+    def region_work(self, node, coords, reads, writes):
         """Each view's distinct elements (a broadcast input reads few), at most one per element of
         the span: a strided view's region can collapse to its bounding interval (ops/base.py
         MAX_INTERVALS), which bounds dependencies but would count elements never read."""
         lo, hi = self.span(node, coords)
-        reads, writes = self.regions(node, coords)
         views = (*node.inputs, node.outputs[0])
         return Work(float(sum(min(elements(a), hi - lo) * v.dtype.itemsize for a, v in zip((*reads, *writes), views))))
 

@@ -9,29 +9,44 @@ so counters are never reset between launches.
 
 from __future__ import annotations
 
+import numpy as np
+
 from mkcompiler.ir.dag import TileDAG
 
 
 def assign_counters(dag: TileDAG) -> TileDAG:
-    """Sets each task's signal and waits, and dag.counter_sizes (in place)."""
-    group_of: dict[frozenset, int] = {}
+    """Sets each task's signal and waits, and dag.counter_sizes (in place). Counters are numbered
+    in the order their groups first appear in task order."""
+    n = len(dag)
+    group_of: dict[tuple[int, ...], int] = {}
     sizes: list[int] = []
-    successors = dict(dag.graph.adjacency())  # task -> {successor: {}} (plain dicts: the hot loop)
+    signal = np.full(n, -1, dtype=np.int64)
+    for t, succ in enumerate(_sorted_successors(dag)):
+        if succ:
+            c = group_of.setdefault(succ, len(sizes))
+            if c == len(sizes):
+                sizes.append(0)
+            signal[t] = c
+            sizes[c] += 1
+    # A task's waits: the distinct groups of its predecessors, in counter order.
+    waiter = np.repeat(np.arange(n, dtype=np.int64), np.diff(dag.pred_begin))
+    code = np.unique(waiter * (len(sizes) + 1) + signal[dag.pred_index])
+    waiter, counter = code // (len(sizes) + 1), code % (len(sizes) + 1)
+    bounds = np.searchsorted(waiter, np.arange(n + 1)).tolist()
+    counters, signals = counter.tolist(), signal.tolist()
     for t, task in enumerate(dag.tasks):
-        succ = frozenset(successors[t])
-        if not succ:
-            task.signal = -1
-            continue
-        if succ not in group_of:
-            group_of[succ] = len(sizes)
-            sizes.append(0)
-        task.signal = group_of[succ]
-        sizes[task.signal] += 1
-    for t, preds in dag.graph.pred.items():
-        groups = sorted({dag.tasks[p].signal for p in preds})
-        dag.tasks[t].waits = tuple((c, sizes[c]) for c in groups)
+        task.signal = signals[t]
+        task.waits = tuple((c, sizes[c]) for c in counters[bounds[t] : bounds[t + 1]])
     dag.counter_sizes = sizes
     return dag
+
+
+def _sorted_successors(dag: TileDAG) -> list[tuple[int, ...]]:
+    """Per task, its successors as a sorted tuple (the key of its counter group)."""
+    owner = np.repeat(np.arange(len(dag), dtype=np.int64), np.diff(dag.succ_begin))
+    succ = dag.succ_index[np.lexsort((dag.succ_index, owner))].tolist()
+    bounds = dag.succ_begin.tolist()
+    return [tuple(succ[b:e]) for b, e in zip(bounds, bounds[1:])]
 
 
 def check_counters(dag: TileDAG) -> None:

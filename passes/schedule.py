@@ -12,6 +12,7 @@ import heapq
 from dataclasses import dataclass
 
 import networkx as nx
+import numpy as np
 
 from mkcompiler.ir.dag import TileDAG
 
@@ -23,19 +24,33 @@ class Schedule:
     makespan_ns: float
 
 
-def bottom_levels(dag: TileDAG) -> dict[int, float]:
-    level: dict[int, float] = {}
-    successors = dict(dag.graph.adjacency())
-    for t in reversed(list(nx.topological_sort(dag.graph))):
-        level[t] = dag.tasks[t].cost + max((level[s] for s in successors[t]), default=0.0)
+def bottom_levels(dag: TileDAG) -> list[float]:
+    """Per task: its cost plus the largest bottom level of its successors (0 for none)."""
+    cost = [task.cost for task in dag.tasks]
+    level = [0.0] * len(dag)
+    successors = dag.successor_lists()
+    get = level.__getitem__
+    for t in _reverse_topological(dag):
+        succ = successors[t]
+        level[t] = cost[t] + (max(map(get, succ)) if succ else 0.0)
     return level
+
+
+def _reverse_topological(dag: TileDAG) -> list[int]:
+    """Tasks, every one after its successors: the ids backwards where every edge goes from a
+    lower id to a higher one (build_dag's DAGs), else networkx's order, reversed."""
+    u, v = dag.edge_arrays()
+    if (u < v).all():
+        return list(range(len(dag) - 1, -1, -1))
+    return list(reversed(list(nx.topological_sort(dag.graph))))
 
 
 def list_schedule(dag: TileDAG, num_workers: int) -> Schedule:
     level = bottom_levels(dag)
     cost = [task.cost for task in dag.tasks]
-    missing = dict(dag.graph.in_degree())
-    ready_at = {t: 0.0 for t in range(len(dag))}
+    successors = dag.successor_lists()
+    missing = np.diff(dag.pred_begin).tolist()
+    ready_at = [0.0] * len(dag)
     ready = [(-level[t], t) for t in range(len(dag)) if missing[t] == 0]
     heapq.heapify(ready)
     workers = [(0.0, w) for w in range(num_workers)]  # (free at, worker)
@@ -43,16 +58,25 @@ def list_schedule(dag: TileDAG, num_workers: int) -> Schedule:
     running: list[tuple[float, int]] = []  # (finish, task)
     order, lists = [], [[] for _ in range(num_workers)]
     makespan = 0.0
+
+    def release(t: int, finish: float) -> None:
+        for s in successors[t]:
+            missing[s] -= 1
+            if ready_at[s] < finish:
+                ready_at[s] = finish
+            if missing[s] == 0:
+                heapq.heappush(ready, (-level[s], s))
+
     while ready or running:
         if not ready:  # advance time to the next finish
             finish, t = heapq.heappop(running)
-            _release(dag, t, finish, missing, ready_at, ready, level)
+            release(t, finish)
             continue
         free_at, w = heapq.heappop(workers)
         # Let tasks that finish before this worker is free release their successors first.
         while running and running[0][0] <= free_at:
             finish, t = heapq.heappop(running)
-            _release(dag, t, finish, missing, ready_at, ready, level)
+            release(t, finish)
         _, t = heapq.heappop(ready)
         start = max(free_at, ready_at[t])
         finish = start + cost[t]
@@ -62,11 +86,3 @@ def list_schedule(dag: TileDAG, num_workers: int) -> Schedule:
         heapq.heappush(workers, (finish, w))
         makespan = max(makespan, finish)
     return Schedule(order, lists, makespan)
-
-
-def _release(dag, t, finish, missing, ready_at, ready, level):
-    for s in dag.successors(t):
-        missing[s] -= 1
-        ready_at[s] = max(ready_at[s], finish)
-        if missing[s] == 0:
-            heapq.heappush(ready, (-level[s], s))

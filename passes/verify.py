@@ -24,7 +24,7 @@ def _positions(order: list[int]) -> np.ndarray:
 
 
 def _edges(dag: TileDAG) -> np.ndarray:
-    return np.array(list(dag.edges), dtype=np.int64).reshape(-1, 2)
+    return np.stack(dag.edge_arrays(), axis=1)
 
 
 def check_dynamic(dag: TileDAG, order: list[int]) -> None:
