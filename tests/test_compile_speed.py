@@ -19,6 +19,7 @@ from mkcompiler.passes.schedule import Schedule
 from models import ResidualMLP, TransformerMLP
 from test_build_dag import build_dag_reference
 
+import mkcompiler
 from mkcompiler.frontend.capture import capture
 from mkcompiler.ir.dag import TileDAG, TileTask
 from mkcompiler.ir.settings import Settings
@@ -271,3 +272,21 @@ def test_scheduler_handles_edges_against_id_order():
     ref = copy.deepcopy(dag)
     got, want = list_schedule(dag, 2), list_schedule_reference(ref, 2)
     assert got.order == want.order and got.worker_lists == want.worker_lists
+
+
+def test_cache_entries_store_the_dag_arrays_without_building_networkx():
+    """tools/cache._dag_data reads TileDAG's arrays: the same predecessor lists, in the order the
+    networkx view gives them, and no networkx graph is built to write an entry."""
+    from mkcompiler.tools.cache import _dag_data, _rebuild_dag
+
+    torch.manual_seed(0)
+    model = TransformerMLP(dim=32, hidden=64, layers=2)
+    mk = mkcompiler.compile(model, (torch.randn(4, 32),), cache=False, num_workers=4)
+    dag = mk.dag
+    data = _dag_data(dag)
+    assert dag._graph is None  # writing the entry built no networkx graph
+    preds = [list(dag.graph.pred[t]) for t in range(len(dag))]
+    assert data.pred_count.tolist() == [len(p) for p in preds] and sum(data.pred_count) > 0
+    assert data.pred.tolist() == [u for p in preds for u in p]
+    back = _rebuild_dag(data)
+    assert list(back.graph.edges) == list(dag.graph.edges)

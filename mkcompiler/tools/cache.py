@@ -780,11 +780,11 @@ def _ignore(path: str, error: Exception) -> None:
 
 
 def _dag_data(dag: TileDAG) -> DagData:
-    preds = [list(dag.graph.pred[t]) for t in range(len(dag))]
+    # The DAG's own arrays (the order networkx's pred lists would give): no networkx graph built.
     return DagData(
         columns=[[getattr(task, f.name) for task in dag.tasks] for f in dataclasses.fields(TileTask)],
-        pred_count=np.array([len(p) for p in preds], dtype=np.int64),
-        pred=np.fromiter((u for p in preds for u in p), dtype=np.int64),
+        pred_count=np.diff(dag.pred_begin).astype(np.int64),
+        pred=np.asarray(dag.pred_index, dtype=np.int64),
         counter_sizes=list(dag.counter_sizes),
     )
 
