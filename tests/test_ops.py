@@ -450,7 +450,6 @@ def test_reduction_over_other_dim_is_refused():
         mkcompiler.compile(Fn(lambda x: x.sum(0)), (randn(R, C, dtype=torch.float32),), **OPTS)
 
 
-
 def test_a_fill_written_in_part_runs():
     """A zeros buffer written in part (HF Llama-1B's generate hands dynamo such a fill) is a
     constant-only elementwise node: it once generated `(0.0).to(tl.bfloat16)`, which fails (a
