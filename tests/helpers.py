@@ -76,3 +76,16 @@ def op_structure(mk) -> tuple:
         return 1 + max((level(p) for p in preds.get(o, ())), default=0)
 
     return Counter(op.kind for op in ops), len(mk.queue.rows), max(level(o) for o in range(len(ops)))
+
+
+def new_graphs(before: list) -> list:
+    """The dynamo backend's CompiledGraphs made since `before` (a compiled_graphs() list)."""
+    from mkcompiler import dynamo
+
+    ids = {id(g) for g in before}
+    return [g for g in dynamo.compiled_graphs() if id(g) not in ids]
+
+
+def runners(graphs: list) -> list:
+    """What each of these CompiledGraphs runs for its compiled shapes (Megakernel, SegmentedModel)."""
+    return [r for g in graphs for r in g.compiled.values()]

@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import rel_err
+from helpers import new_graphs, rel_err, runners
 from torch import nn
 
 import mkcompiler
@@ -32,15 +32,6 @@ def _fresh(on_device):
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-def _new_graphs(before: list) -> list:
-    ids = {id(g) for g in before}
-    return [g for g in dynamo.compiled_graphs() if id(g) not in ids]
-
-
-def _runners(graphs: list) -> list:
-    return [r for g in graphs for r in g.compiled.values()]
 
 
 class Cached(nn.Module):
@@ -88,7 +79,7 @@ def test_kv_cache_buffer_is_written_in_place():
         _check_step(compiled, model, ref, 4, step)
     assert model.cache.data_ptr() == cache and model.up.weight.data_ptr() == weight
     assert model.cache[:3].abs().sum() > 0  # written by the megakernel (eager's equal, above)
-    (mk,) = _runners(_new_graphs(before))
+    (mk,) = runners(new_graphs(before))
     assert isinstance(mk, Megakernel), "the cache write runs inside the megakernel"
     # The megakernel reads and writes the module's own tensors (bound in place, never copied).
     addresses = {t.data_ptr() for t in mk.graph.params.values()}
@@ -112,7 +103,7 @@ def test_cache_argument_written_in_place_and_bound_again_when_it_moves():
             got, want = compiled(x, cache, pos), _append(x, ref, pos)
             assert rel_err(got, want) <= 1e-5 and rel_err(cache, ref) <= 1e-5
         assert cache.data_ptr() == address and cache[:3].abs().sum() > 0
-        (mk,) = _runners(_new_graphs(before))
+        (mk,) = runners(new_graphs(before))
         assert isinstance(mk, Megakernel) and address in {t.data_ptr() for t in mk.graph.params.values()}
 
 
@@ -122,8 +113,8 @@ def test_graph_break_gives_two_megakernels():
     compiled = torch.compile(model, backend="mkcompiler")
     for step in range(2):
         _check_step(compiled, model, ref, 4, step)
-    graphs = _new_graphs(before)
-    assert len(graphs) == 2 and all(isinstance(r, Megakernel) for r in _runners(graphs))
+    graphs = new_graphs(before)
+    assert len(graphs) == 2 and all(isinstance(r, Megakernel) for r in runners(graphs))
 
 
 def test_unsupported_op_runs_eagerly_inside_the_graph():
@@ -133,7 +124,7 @@ def test_unsupported_op_runs_eagerly_inside_the_graph():
     with pytest.warns(FallbackWarning, match="cumsum"):
         _check_step(compiled, model, ref, 4, 0)
     _check_step(compiled, model, ref, 4, 1)
-    (seg,) = _runners(_new_graphs(before))
+    (seg,) = runners(new_graphs(before))
     assert isinstance(seg, SegmentedModel) and seg.megakernels
     assert [op for op, _, _ in seg.fallen_back] == ["aten.cumsum.default"]
     with pytest.raises(mkcompiler.UnsupportedOpError, match="cumsum"):  # the default of mkcompiler.compile
@@ -147,10 +138,10 @@ def test_new_shapes_recompile():
     compiled = torch.compile(model, backend="mkcompiler")
     for step, rows in enumerate((4, 4, 6, 2, 6)):
         _check_step(compiled, model, ref, rows, step)
-    graphs = _new_graphs(before)
+    graphs = new_graphs(before)
     # Dynamo: a static graph for 4 rows, then one with a symbolic row count, compiled for 6 and 2 rows.
     assert sorted(len(g.compiled) for g in graphs) == [1, 2]
-    assert all(isinstance(r, Megakernel) for r in _runners(graphs))
+    assert all(isinstance(r, Megakernel) for r in runners(graphs))
 
 
 def test_recompile_limit_warns_and_runs_eagerly():
@@ -163,7 +154,7 @@ def test_recompile_limit_warns_and_runs_eagerly():
         with pytest.warns(dynamo.RecompileLimitWarning, match="recompile_limit"):
             _check_step(compiled, model, ref, 5, 2)  # eager: still eager's result
         _check_step(compiled, model, ref, 6, 3)
-    (graph,) = _new_graphs(before)
+    (graph,) = new_graphs(before)
     assert len(graph.compiled) == 2
 
 
@@ -172,7 +163,7 @@ def test_options_pass_through_and_are_checked():
     before = dynamo.compiled_graphs()
     compiled = torch.compile(model, backend="mkcompiler", options={"num_workers": 3, "row_block": 2})
     _check_step(compiled, model, ref, 4, 0)
-    (mk,) = _runners(_new_graphs(before))
+    (mk,) = runners(new_graphs(before))
     assert mk.num_workers == 3 and mk.settings.row_block == 2
     torch._dynamo.reset()
     with pytest.raises(Exception, match="unknown mkcompiler options"):
@@ -188,7 +179,7 @@ def test_compile_cache_serves_a_second_compile():
     model, ref = _pair()  # other weights: the cache holds none
     before = dynamo.compiled_graphs()
     _check_step(torch.compile(model, backend="mkcompiler"), model, ref, 4, 1)
-    (mk,) = _runners(_new_graphs(before))
+    (mk,) = runners(new_graphs(before))
     assert mk.compilation.cache in ("hit", "graph hit")
 
 
@@ -246,6 +237,6 @@ def test_hf_generate_static_cache_gives_eager_tokens(family, device):
         got = [model.generate(p, max_new_tokens=8, do_sample=False) for p in prompts]
     for g, w in zip(got, want):
         assert torch.equal(g, w), f"{g.tolist()} != eager {w.tolist()}"
-    graphs = _new_graphs(before)
+    graphs = new_graphs(before)
     assert len(graphs) == 2  # prefill and decode
-    assert all(isinstance(r, Megakernel) for r in _runners(graphs))
+    assert all(isinstance(r, Megakernel) for r in runners(graphs))

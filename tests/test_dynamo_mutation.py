@@ -19,7 +19,7 @@ import warnings
 import pytest
 import torch
 import torch.fx as fx
-from helpers import rel_err
+from helpers import new_graphs, rel_err, runners
 from torch import nn
 
 import mkcompiler
@@ -39,15 +39,6 @@ def _fresh():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-def _new_graphs(before: list) -> list:
-    ids = {id(g) for g in before}
-    return [g for g in dynamo.compiled_graphs() if id(g) not in ids]
-
-
-def _runners(graphs: list) -> list:
-    return [r for g in graphs for r in g.compiled.values()]
 
 
 # ---- 1. a cache argument written through a view ----
@@ -96,7 +87,7 @@ def test_cache_argument_written_through_a_view_matches_eager(write, static):
             assert rel_err(got, want) <= 1e-5, rel_err(got, want)
             assert rel_err(cache, ref) <= 1e-6, "the cache differs from eager's"
     assert cache.data_ptr() == address and cache[:, :, :3].abs().sum() > 0
-    (graph,) = _new_graphs(before)
+    (graph,) = new_graphs(before)
     placeholders = [n.name for n in graph.graph_module.graph.nodes if n.op == "placeholder"]
     roles = dict(zip(placeholders, graph.roles))
     assert roles["l_cache_"] is dynamo.Role.BOUND and roles["l_x_"] is dynamo.Role.INPUT
@@ -167,7 +158,7 @@ def test_input_copied_for_the_megakernel_and_written_after_an_alias_is_not_writt
             for g, w in zip(got, want):
                 assert rel_err(g, w) <= 1e-5, rel_err(g, w)
             assert torch.equal(base, kept), "the graph wrote its input (eager does not)"
-    (graph,) = _new_graphs(before)
+    (graph,) = new_graphs(before)
     (private,) = graph._private  # the counter, read through a clone
     assert graph.roles[private] is dynamo.Role.INPUT
     assert all(isinstance(r, Megakernel) for r in graph.compiled.values())
@@ -216,7 +207,7 @@ def test_hf_generate_with_a_lazily_made_static_cache_gives_eager_tokens_on_the_g
         warnings.simplefilter("error", FallbackWarning)
         got = model.generate(prompt, max_new_tokens=8, do_sample=False)
     assert torch.equal(got, want), f"{got.tolist()} != eager {want.tolist()}"
-    assert all(isinstance(r, Megakernel) for r in _runners(_new_graphs(before)))
+    assert all(isinstance(r, Megakernel) for r in runners(new_graphs(before)))
 
 
 # ---- 2. fallback="eager": views traced on other strides ----
@@ -343,12 +334,12 @@ def test_hf_prefill_with_its_counter_an_input_gives_eager_tokens(monkeypatch, mo
         warnings.simplefilter("error" if moved else "ignore", FallbackWarning)
         got = model.generate(prompt, max_new_tokens=3, do_sample=False)
     assert torch.equal(got, want), f"{got.tolist()} != eager {want.tolist()}"
-    graphs = _new_graphs(before)
+    graphs = new_graphs(before)
     assert len(graphs) == 2
     if moved:
-        assert all(isinstance(r, Megakernel) for r in _runners(graphs)) and all(g._private for g in graphs)
+        assert all(isinstance(r, Megakernel) for r in runners(graphs)) and all(g._private for g in graphs)
     else:
-        assert any(isinstance(r, SegmentedModel) for r in _runners(graphs))
+        assert any(isinstance(r, SegmentedModel) for r in runners(graphs))
 
 
 class AttendThenMask(nn.Module):
