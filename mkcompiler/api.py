@@ -156,6 +156,10 @@ def _compile(model, example_inputs, options, settings, num_workers, device, prog
         mk = compile_gluon(comp, model, device)
         if mk is not None:
             return mk
+        # The passes tiled for the Gluon backend (one ring box, its large-M tile): the Triton
+        # kernel gets its own tiling, from a compile for it.
+        triton = settings.replace(backend="triton")
+        return _compile(model, example_inputs, {**options, "backend": "triton"}, triton, num_workers, device, progress)
     source = generate(comp.queue, settings.preload_args, settings.early_weights)
     if settings.dump_dir:  # beside the passes' dumps: the kernel as a standalone file
         os.makedirs(settings.dump_dir, exist_ok=True)

@@ -113,6 +113,24 @@ def test_the_interpreter_falls_back_to_triton_with_a_warning():
     assert rel_err(mk(x), reference(model, [x])) <= 1e-4
 
 
+def test_a_fallback_gets_the_triton_backends_own_tiles():
+    """The passes tile for the backend (Gluon: one 64-wide ring box for every decode matmul);
+    a graph that falls back is compiled again for Triton, whose 128-wide decode tiles it gets."""
+    torch.manual_seed(0)
+    model = TransformerMLP(dim=256, hidden=1024).to(torch.bfloat16)
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    options = dict(num_workers=4, cache=False)
+    triton = mkcompiler.compile(model, (x,), backend="triton", interpret=True, **options)
+    with pytest.warns(GluonFallbackWarning, match="interpreter"):
+        fallback = mkcompiler.compile(model, (x,), backend="gluon", interpret=True, **options)
+    assert type(fallback) is Megakernel and fallback.queue.descs == triton.queue.descs
+    assert np.array_equal(fallback.queue.rows, triton.queue.rows)
+    if tiles.HAVE_GLUON:  # what the Gluon backend itself would have run: other tiles
+        gluon = mkcompiler.compile(model, (x,), backend="gluon", interpret=False, **options)
+        assert isinstance(gluon, GluonMegakernel) and gluon.queue.descs != triton.queue.descs
+    assert rel_err(fallback(x), reference(model, [x])) <= 3e-2
+
+
 def test_backend_setting_is_checked():
     with pytest.raises(ValueError, match="backend must be one of"):
         mkcompiler.Settings().replace(backend="cuda")
