@@ -339,18 +339,11 @@ KERNEL = """
 def megakernel({descs}, instr_ptr, waits_ptr, counters_ptr, err_ptr, views_ptr, order_ptr, worker_begin_ptr, tma_ptr,
                prof_ptr, load_ptr, generation, MAX_SPIN: gl.constexpr, NUM_BUF: gl.constexpr, PROFILE: gl.constexpr,
                num_warps: gl.constexpr):
-    bufs = gl.allocate_shared_memory(w0.dtype, [NUM_BUF] + w0.block_type.shape, w0.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(NUM_BUF):
-        mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(empty.index(s), count=1)
-    gl.warp_specialize(
+{decode_ring}    gl.warp_specialize(
         [
             (compute, (instr_ptr, waits_ptr, counters_ptr, err_ptr, views_ptr, order_ptr, worker_begin_ptr, tma_ptr,
                        generation, bufs, ready, empty, prof_ptr, MAX_SPIN, PROFILE, num_warps)),
-            (loader, ({descs}, order_ptr, worker_begin_ptr, tma_ptr, bufs, ready, empty, load_ptr, PROFILE)),
-        ],
+{decode_loader}        ],
         [LOADER_WARPS],
         [LOADER_REGS],
     )
@@ -418,7 +411,9 @@ def generate(queue: Queue, num_descriptors: int, num_prefill: int = 0) -> str:
         + COMPUTE_HEAD
         + "".join(branches)
         + COMPUTE_TAIL
-        + KERNEL.format(descs=descs)
+        + KERNEL.format(
+            decode_ring=prefill.DECODE_RING, decode_loader=prefill.DECODE_LOADER.format(descs=descs), descs=descs
+        )
     )
 
 
