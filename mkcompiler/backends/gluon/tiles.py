@@ -253,17 +253,18 @@ if HAVE_GLUON:
         return x, g
 
     @gluon.jit
-    def _row_dot(w, x, g, r, s2, NORM: gl.constexpr, H_DT: gl.constexpr, DOT_DT: gl.constexpr):
-        """[BN] partial sums of w[BN, KSUB] . A'[KSUB] for one row (A' as matmul_tile's), and the
-        in-loop norm's running sum of squares."""
+    def _row_products(w, x, g, r, s2, NORM: gl.constexpr, H_DT: gl.constexpr, DOT_DT: gl.constexpr):
+        """w[BN, KSUB] * A'[KSUB] (A' as matmul_tile's), unreduced, and the in-loop norm's running
+        squares per column: the caller sums both over K once, after its loop, so the K loop has
+        no cross-thread reduction."""
         if NORM == _RMS_IN_LOOP:
-            s2 += gl.reduce(x * x, 0, add)
+            s2 += x * x
             a = (x * g).to(H_DT)
         elif NORM == _RMS_SWEEP:
             a = (x * r * g).to(H_DT)
         else:
             a = x
-        return gl.reduce(w * a.to(DOT_DT).to(gl.float32)[None, :], 1, add), s2
+        return w * a.to(DOT_DT).to(gl.float32)[None, :], s2
 
     @gluon.jit
     def _one_row_blocks(
@@ -276,10 +277,12 @@ if HAVE_GLUON:
         (their L2 latency hides behind it). A block is one or two KSUB halves of a ring slot.
         Returns (acc, in-loop sum of squares, ring entries consumed)."""
         NUM_BUF: gl.constexpr = bufs.type.shape[0]
+        BN: gl.constexpr = bufs.type.shape[1]
         BK: gl.constexpr = bufs.type.shape[2]
         NH: gl.constexpr = BK // KSUB
         gl.static_assert(NH <= 2, "a ring slot is at most two register halves")
-        s2 = gl.reduce(cols.to(gl.float32) * 0.0, 0, add)
+        prods = gl.zeros([BN, KSUB], gl.float32, layout=blk)  # summed over K after the loop
+        sq = cols.to(gl.float32) * 0.0  # the in-loop norm's squares per column, likewise
         x0, g0 = _row_part(a_ptr, sak, nw_ptr, snw, k_lo + cols, k_hi, M, HAS_NW, NW_DT)
         x1, g1 = _row_part(a_ptr, sak, nw_ptr, snw, k_lo + (NH - 1) * KSUB + cols, k_hi, M, HAS_NW, NW_DT)
         for k in range(k_lo, k_hi, BK):
@@ -289,17 +292,18 @@ if HAVE_GLUON:
             mbarrier.wait(ready.index(s), (it // NUM_BUF) & 1)
             slot = bufs.index(s)
             w = slot.slice(0, KSUB, dim=1).load(blk).to(DOT_DT).to(gl.float32)
-            part, s2 = _row_dot(w, x0, g0, r, s2, NORM, H_DT, DOT_DT)
-            acc += part[:, None]
+            part, sq = _row_products(w, x0, g0, r, sq, NORM, H_DT, DOT_DT)
+            prods += part
             if NH == 2:
                 w = slot.slice(KSUB, KSUB, dim=1).load(blk).to(DOT_DT).to(gl.float32)
-                part, s2 = _row_dot(w, x1, g1, r, s2, NORM, H_DT, DOT_DT)
-                acc += part[:, None]
+                part, sq = _row_products(w, x1, g1, r, sq, NORM, H_DT, DOT_DT)
+                prods += part
             CTA_BARRIER()  # every compute warp has read the slot before it is given back
             mbarrier.arrive(empty.index(s), count=1)
             it += 1
             x0, g0, x1, g1 = n0, h0, n1, h1
-        return acc, s2, it
+        acc += gl.reduce(prods, 1, add)[:, None]
+        return acc, gl.reduce(sq, 0, add), it
 
     @gluon.jit
     def matmul_tile(
