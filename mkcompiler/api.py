@@ -158,7 +158,7 @@ def _compile(model, example_inputs, options, settings, num_workers, device, prog
             return mk
         # The passes tiled for the Gluon backend (one ring box, its large-M tile): the Triton
         # kernel gets its own tiling, from a compile for it.
-        triton = settings.replace(backend="triton")
+        triton = Settings().replace(**{**options, "backend": "triton"}).for_target()  # its own defaults (warps)
         return _compile(model, example_inputs, {**options, "backend": "triton"}, triton, num_workers, device, progress)
     source = generate(comp.queue, settings.preload_args, settings.early_weights)
     if settings.dump_dir:  # beside the passes' dumps: the kernel as a standalone file

@@ -125,10 +125,18 @@ def test_a_fallback_gets_the_triton_backends_own_tiles():
         fallback = mkcompiler.compile(model, (x,), backend="gluon", interpret=True, **options)
     assert type(fallback) is Megakernel and fallback.queue.descs == triton.queue.descs
     assert np.array_equal(fallback.queue.rows, triton.queue.rows)
+    assert fallback.settings.num_warps == triton.settings.num_warps == 8  # Triton's warps, not Gluon's 4
     if tiles.HAVE_GLUON:  # what the Gluon backend itself would have run: other tiles
         gluon = mkcompiler.compile(model, (x,), backend="gluon", interpret=False, **options)
         assert isinstance(gluon, GluonMegakernel) and gluon.queue.descs != triton.queue.descs
     assert rel_err(fallback(x), reference(model, [x])) <= 3e-2
+
+
+def test_each_backend_has_its_own_default_warps_and_a_set_value_wins():
+    s = mkcompiler.Settings()
+    assert s.replace(interpret=False).for_target().num_warps == 8
+    assert s.replace(interpret=False, backend="gluon").for_target().num_warps == 4
+    assert s.replace(interpret=False, backend="gluon", num_warps=8).for_target().num_warps == 8
 
 
 def test_backend_setting_is_checked():

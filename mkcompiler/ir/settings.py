@@ -15,6 +15,10 @@ WAIT_MODES = ("atomic", "fence", "acquire")
 # The kernel's WAIT_MODE past WAIT_MODES: "acquire" with kernel_lib.wait_many (runtime.wait_mode).
 WAIT_MANY_MODE = len(WAIT_MODES)
 BACKENDS = ("triton", "gluon")  # Settings.backend
+# Settings.num_warps unless set, per backend. Gluon's compute partition: 4 (Llama-3.2-1B decode
+# step on an H100, session 12: 2.25 ms at 4 warps, 3.07 ms at 8; memory-latency-bound tiles, and a
+# warpgroup is what wgmma needs).
+DEFAULT_WARPS = {"triton": 8, "gluon": 4}
 
 
 def triton_interprets() -> bool:
@@ -51,9 +55,9 @@ class Settings:
     elementwise_block: int | None = None  # elements per elementwise tile; default: by size (passes/tile.py)
     row_block: int = 4  # rows per tile for norms, reductions, softmax, embedding
     row_chunk: int = 1024  # columns per step of a row sweep (max)
-    # warps per worker (Gluon backend: its compute partition; the loader warps come on top): 4
-    # spills registers once prefill-sized tiles and attention share the kernel
-    num_warps: int = 8
+    # warps per worker (Gluon backend: its compute partition; the loader warps come on top);
+    # default DEFAULT_WARPS[backend], filled in by for_target
+    num_warps: int | None = None
     num_stages: int = 3  # software-pipeline depth of tile loops (3: faster on decode than 2 or 4)
     # Large-M matmuls: tiles in the queue (and so, in dynamic fetch, in execution order) by groups
     # of this many tile rows, column by column within a group, so that the tiles running together
@@ -114,7 +118,8 @@ class Settings:
         unless set) and schedule (see Settings.schedule). What the passes are given."""
         interpret = triton_interprets() if self.interpret is None else self.interpret
         schedule = self.schedule or ("dynamic" if interpret else "static")
-        return dataclasses.replace(self, interpret=interpret, schedule=schedule)
+        warps = self.num_warps or DEFAULT_WARPS[self.backend]
+        return dataclasses.replace(self, interpret=interpret, schedule=schedule, num_warps=warps)
 
     def key(self) -> tuple:
         return tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in UNKEYED)

@@ -67,7 +67,7 @@ def default_num_warps() -> int:
     """What a megakernel launches with unless told otherwise (one definition: settings.py)."""
     from mkcompiler.ir.settings import Settings
 
-    return Settings().num_warps
+    return Settings().replace(interpret=False).for_target().num_warps
 
 
 def default_waits() -> str:
@@ -263,7 +263,7 @@ def report_for(
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Compile a generated megakernel source file for sm_90 (no GPU needed).")
     p.add_argument("source", help="generated megakernel source (mk.source written to a file)")
-    p.add_argument("--num-warps", type=int, default=None, help="default: Settings().num_warps")
+    p.add_argument("--num-warps", type=int, default=None, help="default: the Triton backend's (settings.DEFAULT_WARPS)")
     p.add_argument("--num-stages", type=int, default=None, help="default: Settings().num_stages")
     p.add_argument("--arch", type=int, default=90)
     sched = p.add_mutually_exclusive_group()
