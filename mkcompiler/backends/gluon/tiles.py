@@ -43,6 +43,9 @@ NORM_WEIGHT_ARG = int(MatmulArg.KS) + 1
 # matmul_tile's NORM: what a folded norm the tile applies.
 NORM_NONE, NORM_RMS_IN_LOOP, NORM_RMS_SWEEP = 0, 1, 2
 MAX_KSUB = 128  # columns of a ring slot matmul_tile holds in registers at once
+# Batch-1 decode: activation columns staged in shared memory at once (fp32; with a folded norm's
+# weights, twice): 2 x 8 KB, beside the weight ring.
+XK_PIECE = 2048
 
 try:  # Gluon (triton.experimental.gluon, 3.6 API); only defines functions, no CUDA work
     from triton.experimental import gluon
@@ -98,6 +101,7 @@ if HAVE_GLUON:
     _RMS_IN_LOOP = gl.constexpr(NORM_RMS_IN_LOOP)
     _RMS_SWEEP = gl.constexpr(NORM_RMS_SWEEP)
     MAX_KSUB_C = gl.constexpr(MAX_KSUB)
+    XK_PIECE_C = gl.constexpr(XK_PIECE)
 
     @gluon.jit
     def add(a, b):
@@ -242,19 +246,8 @@ if HAVE_GLUON:
         return 1.0 / gl.sqrt(s2 / K + EPS)
 
     @gluon.jit
-    def _row_part(a_ptr, sak, nw_ptr, snw, kk, k_hi, M, HAS_NW: gl.constexpr, NW_DT: gl.constexpr):
-        """One row's activations (and the folded norm's weights, else 1) at columns kk, fp32;
-        zeros past k_hi or when M == 0 (a wait gave up: nothing is read)."""
-        mask = (kk < k_hi) & (M > 0)
-        x = gl.load(a_ptr + kk * sak, mask=mask, other=0.0, cache_modifier=".cg").to(gl.float32)
-        g = x * 0.0 + 1.0
-        if HAS_NW:
-            g = gl.load(nw_ptr + kk * snw, mask=mask, other=0.0).to(gl.float32)
-        return x, g
-
-    @gluon.jit
     def _row_products(w, x, g, r, s2, NORM: gl.constexpr, H_DT: gl.constexpr, DOT_DT: gl.constexpr):
-        """w[BN, KSUB] * A'[KSUB] (A' as matmul_tile's), unreduced, and the in-loop norm's running
+        """w[BN, KSUB] * A'[1, KSUB] (A' as matmul_tile's), unreduced, and the in-loop norm's running
         squares per column: the caller sums both over K once, after its loop, so the K loop has
         no cross-thread reduction."""
         if NORM == _RMS_IN_LOOP:
@@ -264,46 +257,87 @@ if HAVE_GLUON:
             a = (x * r * g).to(H_DT)
         else:
             a = x
-        return w * a.to(DOT_DT).to(gl.float32)[None, :], s2
+        return w * a.to(DOT_DT).to(gl.float32), s2
+
+    @gluon.jit
+    def _stage_row(xs, gs, a_ptr, sak, nw_ptr, snw, p0, k_hi, M, HAS_NW: gl.constexpr, num_warps: gl.constexpr):
+        """Columns [p0, p0 + NCH * KSUB) of the row's activations (and the folded norm's weights),
+        fp32, into shared memory as [NCH, KSUB] (zeros past k_hi, or everywhere once a wait gave
+        up: M == 0): every load issued at once, so the piece costs one memory latency, not one per
+        ring slot. Barriers before (the previous piece was read by every warp) and after (stored)."""
+        NCH: gl.constexpr = xs.type.shape[0]
+        KSUB: gl.constexpr = xs.type.shape[1]
+        TK: gl.constexpr = KSUB // 4 if KSUB // 4 < 32 else 32
+        lay: gl.constexpr = gl.BlockedLayout([1, 4], [32 // TK, TK], [num_warps, 1], [1, 0])
+        kk = (
+            p0
+            + gl.arange(0, NCH, layout=gl.SliceLayout(1, lay))[:, None] * KSUB
+            + gl.arange(0, KSUB, layout=gl.SliceLayout(0, lay))[None, :]
+        )
+        mask = (kk < k_hi) & (M > 0)
+        x = gl.load(a_ptr + kk * sak, mask=mask, other=0.0, cache_modifier=".cg").to(gl.float32)
+        CTA_BARRIER()
+        xs.store(x)
+        if HAS_NW:
+            gs.store(gl.load(nw_ptr + kk * snw, mask=mask, other=0.0).to(gl.float32))
+        CTA_BARRIER()
 
     @gluon.jit
     def _one_row_blocks(
         a_ptr, sak, nw_ptr, snw, k_lo, k_hi, M, r, acc, it, bufs, ready, empty, cols,
         blk: gl.constexpr, KSUB: gl.constexpr, HAS_NW: gl.constexpr, NW_DT: gl.constexpr,
-        NORM: gl.constexpr, H_DT: gl.constexpr, DOT_DT: gl.constexpr,
+        NORM: gl.constexpr, H_DT: gl.constexpr, DOT_DT: gl.constexpr, num_warps: gl.constexpr,
     ):  # fmt: skip
-        """matmul_tile's K loop for one row (batch-1 decode): Gluon pipelines no loop, so the next
-        block's activations and norm weights are loaded before this block's ring wait and math
-        (their L2 latency hides behind it). A block is one or two KSUB halves of a ring slot.
-        Returns (acc, in-loop sum of squares, ring entries consumed)."""
+        """matmul_tile's K loop for one row (batch-1 decode). Gluon pipelines no loop, and one
+        activation load per ring slot would expose an L2 latency per slot (longer than the slot's
+        math): the row's activations and norm weights are staged in shared memory a piece of
+        XK_PIECE columns at a time (_stage_row), then each slot reads them from there. A slot is
+        one or two KSUB halves. Returns (acc, in-loop sum of squares, ring entries consumed)."""
         NUM_BUF: gl.constexpr = bufs.type.shape[0]
         BN: gl.constexpr = bufs.type.shape[1]
         BK: gl.constexpr = bufs.type.shape[2]
         NH: gl.constexpr = BK // KSUB
+        NCH: gl.constexpr = XK_PIECE_C // KSUB
         gl.static_assert(NH <= 2, "a ring slot is at most two register halves")
+        gl.static_assert(NCH % NH == 0, "a staged piece holds whole ring slots")
+        stage: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+        xs = gl.allocate_shared_memory(gl.float32, [NCH, KSUB], stage)
+        gs = xs
+        if HAS_NW:
+            gs = gl.allocate_shared_memory(gl.float32, [NCH, KSUB], stage)
+        # read back as [1, KSUB] rows in the weights' layout (they broadcast over the slot's rows);
+        # the layout may have one dimension fewer than the buffer: .index(c) is a [1, KSUB] row
+        xr = xs._reinterpret(gl.float32, [NCH, 1, KSUB], stage)
+        gr = gs._reinterpret(gl.float32, [NCH, 1, KSUB], stage)
         prods = gl.zeros([BN, KSUB], gl.float32, layout=blk)  # summed over K after the loop
-        sq = cols.to(gl.float32) * 0.0  # the in-loop norm's squares per column, likewise
-        x0, g0 = _row_part(a_ptr, sak, nw_ptr, snw, k_lo + cols, k_hi, M, HAS_NW, NW_DT)
-        x1, g1 = _row_part(a_ptr, sak, nw_ptr, snw, k_lo + (NH - 1) * KSUB + cols, k_hi, M, HAS_NW, NW_DT)
-        for k in range(k_lo, k_hi, BK):
-            n0, h0 = _row_part(a_ptr, sak, nw_ptr, snw, k + BK + cols, k_hi, M, HAS_NW, NW_DT)
-            n1, h1 = _row_part(a_ptr, sak, nw_ptr, snw, k + BK + (NH - 1) * KSUB + cols, k_hi, M, HAS_NW, NW_DT)
-            s = it % NUM_BUF
-            mbarrier.wait(ready.index(s), (it // NUM_BUF) & 1)
-            slot = bufs.index(s)
-            w = slot.slice(0, KSUB, dim=1).load(blk).to(DOT_DT).to(gl.float32)
-            part, sq = _row_products(w, x0, g0, r, sq, NORM, H_DT, DOT_DT)
-            prods += part
-            if NH == 2:
-                w = slot.slice(KSUB, KSUB, dim=1).load(blk).to(DOT_DT).to(gl.float32)
-                part, sq = _row_products(w, x1, g1, r, sq, NORM, H_DT, DOT_DT)
+        sq = gl.zeros([1, KSUB], gl.float32, layout=blk)  # the in-loop norm's squares per column, likewise
+        g0 = sq + 1.0
+        g1 = g0
+        for p0 in range(k_lo, k_hi, NCH * KSUB):
+            _stage_row(xs, gs, a_ptr, sak, nw_ptr, snw, p0, k_hi, M, HAS_NW, num_warps)
+            for j in range(0, gl.minimum(k_hi - p0, NCH * KSUB), BK):
+                c = j // KSUB
+                x0 = xr.index(c).load(blk)
+                if HAS_NW:
+                    g0 = gr.index(c).load(blk)
+                s = it % NUM_BUF
+                mbarrier.wait(ready.index(s), (it // NUM_BUF) & 1)
+                slot = bufs.index(s)
+                w = slot.slice(0, KSUB, dim=1).load(blk).to(DOT_DT).to(gl.float32)
+                part, sq = _row_products(w, x0, g0, r, sq, NORM, H_DT, DOT_DT)
                 prods += part
-            CTA_BARRIER()  # every compute warp has read the slot before it is given back
-            mbarrier.arrive(empty.index(s), count=1)
-            it += 1
-            x0, g0, x1, g1 = n0, h0, n1, h1
+                if NH == 2:
+                    x1 = xr.index(c + 1).load(blk)
+                    if HAS_NW:
+                        g1 = gr.index(c + 1).load(blk)
+                    w = slot.slice(KSUB, KSUB, dim=1).load(blk).to(DOT_DT).to(gl.float32)
+                    part, sq = _row_products(w, x1, g1, r, sq, NORM, H_DT, DOT_DT)
+                    prods += part
+                CTA_BARRIER()  # every compute warp has read the slot before it is given back
+                mbarrier.arrive(empty.index(s), count=1)
+                it += 1
         acc += gl.reduce(prods, 1, add)[:, None]
-        return acc, gl.reduce(sq, 0, add), it
+        return acc, gl.reduce(gl.reduce(sq, 1, add), 0, add), it
 
     @gluon.jit
     def matmul_tile(
@@ -374,7 +408,7 @@ if HAVE_GLUON:
             r = gl.reduce(rstd, 0, add)
             acc, s1, it = _one_row_blocks(
                 a_ptr, sak, nw_ptr, snw, k_lo, k_hi, M, r, acc, it, bufs, ready, empty, cols,
-                blk, KSUB, HAS_NW, NW_DT, NORM, H_DT, DOT_DT,
+                blk, KSUB, HAS_NW, NW_DT, NORM, H_DT, DOT_DT, num_warps,
             )  # fmt: skip
             s2 = s2 + s1
         else:  # several rows: one at a time
