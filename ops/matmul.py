@@ -372,6 +372,9 @@ class MatmulAttrs:
     dot: tuple[torch.dtype, str] | None = None  # tl.dot's (operand dtype, precision) (passes/tile.py)
     tile: tuple[int, int, int] | None = None  # (BM, BN, BK) (passes/tile.py)
     group_rows: int = 1  # queue order of the tiles (Matmul.tiles)
+    # No op of the graph writes B (a parameter, or an input the kernel never writes): its loads
+    # may be issued before the tile's wait (Matmul.early_wait). passes/tile.py sets it.
+    b_fixed: bool = False
 
 
 class MatmulInputs(NamedTuple):
@@ -408,6 +411,7 @@ class MatmulKey(NamedTuple):
     tile: tuple[int, int, int]
     units: tuple[bool, ...]  # matmul_tile's UNITS (A_K_UNIT .. KN_DIV, in its order)
     norm: FoldedNormKey | None
+    b_fixed: bool  # MatmulAttrs.b_fixed
 
 
 def _norm_reference(x, node, tensor_of):
@@ -523,6 +527,7 @@ class Matmul(OpFamily):
             node.attrs.tile,
             units,
             self.norm_key(node),
+            node.attrs.b_fixed,
         )
 
     def norm_key(self, node) -> FoldedNormKey | None:
@@ -571,11 +576,13 @@ class Matmul(OpFamily):
         )
 
     def early_wait(self, key) -> bool:
-        """A decode matmul tile (BM at most DECODE_ROWS) waits itself: its first weight
-        block and every view's address are asked for first (matmul_tile's `wait`). Larger tiles keep
-        the dispatcher's wait: their first block would hold registers across it (a Llama
-        prefill kernel spilled) for a load that is a small part of their time."""
-        return key.tile[0] <= DECODE_ROWS
+        """A decode matmul tile (BM at most DECODE_ROWS) whose B nothing writes (a weight) waits
+        itself: its first B block and every view's address are asked for first (matmul_tile's
+        `wait`). A B that another instruction writes (x @ y.T of two activations) must not be read
+        before the wait: the GPU fuzz found such tiles reading unwritten memory. Larger tiles keep
+        the dispatcher's wait: their first block would hold registers across it (a Llama prefill
+        kernel spilled) for a load that is a small part of their time."""
+        return key.tile[0] <= DECODE_ROWS and key.b_fixed
 
     def splits(self, node) -> int:
         c = node.outputs[0]

@@ -64,9 +64,11 @@ def elementwise_block(numel: int, settings: Settings, num_workers: int) -> int:
 
 
 def choose_tiles(graph: Graph, settings: Settings, num_workers: int = 1) -> Graph:
+    written = {v.buffer for op in graph.ops for v in op.outputs}
     for op in graph.ops:
         if op.kind == "matmul":
             a, b = op.inputs[:2]
+            op.attrs.b_fixed = b.buffer not in written  # its loads may precede the wait (Matmul.early_wait)
             norm = op.attrs.norm
             a_dtype = norm.h_dtype if norm is not None else a.dtype  # a folded norm's output dtype
             op.attrs.dot = dot_config(a_dtype, b.dtype, settings)

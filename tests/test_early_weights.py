@@ -101,3 +101,25 @@ def test_profile_ready_stamps_come_after_the_inputs():
     index = {int(q.rows[i, Field.TASK]): i for i in range(len(q))}
     for u, v in dag.edges:
         assert end[index[u]] <= ready[index[v]], (u, v)
+
+
+class ActivationTimesActivation(torch.nn.Module):
+    """x @ x.T, then (x @ x.T) @ (x @ x.T).T: the second product's B is written by the first
+    (the GPU fuzz's reduced case, tests/fuzz_repros/cuda_seed0_model9.py)."""
+
+    def forward(self, x):
+        y = x @ x.T
+        return y @ y.T
+
+
+def test_a_matmul_whose_b_another_instruction_writes_waits_before_reading_it():
+    """Only a B nothing writes (a weight, an input) may be read before the tile's wait: on an H100
+    the second product read unwritten memory (inf), which the interpreter, running programs one
+    after another, could not show. Its opcode stays on the dispatcher's wait in the GPU kernel."""
+    x = torch.randn(6, 20)
+    mk = mkcompiler.compile(ActivationTimesActivation(), (x,), interpret=False, num_workers=8, cache=False)
+    keys = mk.queue.opcode_keys
+    assert sorted(k.b_fixed for k in keys) == [False, True], keys  # x.T: an input; y.T: the first product's
+    line = next(line for line in mk.source.splitlines() if "these tiles wait themselves" in line)
+    for o, k in enumerate(keys):
+        assert (f"(op == {o})" in line) == k.b_fixed, (o, line)

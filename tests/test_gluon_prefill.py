@@ -171,7 +171,7 @@ def test_tile_choice_follows_the_backend():
 def test_problems_name_what_large_m_tiles_refuse():
     bf, f32 = torch.bfloat16, torch.float32
     units = (True, True, False, True, True, True, True, True)
-    ok = MatmulKey("matmul", bf, bf, None, bf, bf, "tf32", GLUON_LARGE_TILE, units, None)
+    ok = MatmulKey("matmul", bf, bf, None, bf, bf, "tf32", GLUON_LARGE_TILE, units, None, True)
     assert codegen._matmul_problem(ok) is None
     assert "tile" in codegen._matmul_problem(ok._replace(tile=(64, 128, 64)))
     assert "operands" in codegen._matmul_problem(ok._replace(a=f32, dot=f32))
