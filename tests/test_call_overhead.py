@@ -199,8 +199,8 @@ def test_an_input_in_memory_the_kernel_writes_is_refused_by_name(where):
 @pytest.mark.gpu
 def test_the_spellings_decode_calls_run_within_3_percent_on_a_gpu():
     """Issue 19's acceptance: Llama-3.2-1B shapes, batch 1, ctx 512, bf16, one process; the
-    whole call mk(tok, pos) of the two spellings (medians of do_bench, best of two rounds each,
-    interleaved) within 3% of each other, and their logits agree (same weights and caches)."""
+    whole call mk(tok, pos) of the two spellings (medians of do_bench, best of six rounds each,
+    in alternating order) within 3% of each other, and their logits agree (same weights and caches)."""
     import triton
 
     from tests.helpers import rel_err
@@ -214,9 +214,13 @@ def test_the_spellings_decode_calls_run_within_3_percent_on_a_gpu():
         mk = mkcompiler.compile(m, (tok, pos), cache=False)
         runs[spelling] = (m, mk, tok, pos, mk(tok, pos).float())
     assert rel_err(runs["written"][4], runs["canonical"][4]) <= 5e-2  # bf16, as decode_latency.py's tolerance
+    # Host time per call varies up to 2x between rounds of one model on the H100 machines
+    # (session 12, benchmarks/call_trace.py), more than the spellings differ: rounds in
+    # alternating order, the best of each spelling compared.
     call, kernel = {s: [] for s in SPELLINGS}, {s: [] for s in SPELLINGS}
-    for _ in range(2):
-        for s, (_, mk, tok, pos, _) in runs.items():
+    for r in range(6):
+        for s in SPELLINGS if r % 2 == 0 else SPELLINGS[::-1]:
+            _, mk, tok, pos, _ = runs[s]
             call[s].append(triton.testing.do_bench(lambda mk=mk, t=tok, p=pos: mk(t, p), return_mode="median"))
             kernel[s].append(triton.testing.do_bench(mk.launch, return_mode="median"))
             mk.check()
