@@ -129,6 +129,10 @@ SLOW = {
         "test_attention_without_dropout_is_not_a_random_op",
         "test_hf_prefill_with_its_counter_an_input_gives_eager_tokens",
     },
+    "tests/test_dynamo_overhead.py": {
+        "test_an_hf_decode_step_is_one_launch_and_copies_no_bound_tensor",
+        "test_python_calls_of_a_call_do_not_grow_with_the_bound_tensors",
+    },
     "tests/test_new_user.py": {"test_factory_file_path_imports_its_siblings_from_another_directory"},
     "tests/test_serve.py": {
         "test_greedy_equals_each_request_alone_with_preemption",

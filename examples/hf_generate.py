@@ -12,14 +12,21 @@ megakernel that writes the static cache in place. Usage:
     python examples/hf_generate.py --size llama-3.2-1b --dtype bfloat16 --new-tokens 64   # real shapes (GPU)
     python examples/hf_generate.py --model-dir ./my-checkpoint          # local weights (safetensors)
 
-Checks the tokens against eager generate() and prints the decode time per token as generate()
-sees it (median gap between tokens: the megakernel plus transformers' own work per step). Model sizes and loading are
-examples/hf_decode.py's, which runs the same model through mkcompiler.compile directly.
+Checks the tokens against eager generate() and prints, per decode step (medians):
+- the gap between tokens as generate() sees it: the forward plus transformers' own work per step
+  (logits processors, stopping criteria, the streamer), which no backend removes;
+- the compiled forward inside generate(): the call of `model.forward`, synchronized (on a GPU)
+  before and after: dynamo's guards, its code around the graph, our CompiledGraph, the megakernel;
+- the last decode step replayed: the compiled forward again, and its megakernels called directly,
+  `mk(...)` as examples/hf_decode.py calls its own (the reference the forward is compared with).
+Model sizes and loading are examples/hf_decode.py's, which runs the same model through
+mkcompiler.compile directly.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -51,16 +58,87 @@ class StepTimer:
     def decode_ms(self) -> float:
         # stamps[0]: the prompt; [1]: the prefill's token; [2]: the first decode step's, which also binds
         # the megakernel to this generate()'s new cache. The median of the steps after it.
-        gaps = [b - a for a, b in zip(self.stamps[2:], self.stamps[3:])]
-        return sorted(gaps)[len(gaps) // 2] * 1e3 if gaps else float("nan")
+        return median_ms([b - a for a, b in zip(self.stamps[2:], self.stamps[3:])])
 
 
-def generate(model, prompt, new_tokens: int, device: str) -> tuple[torch.Tensor, StepTimer]:
-    timer = StepTimer(device)
-    tokens = model.generate(
-        prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=timer
-    )
-    return tokens, timer
+def median_ms(seconds: list[float]) -> float:
+    return sorted(seconds)[len(seconds) // 2] * 1e3 if seconds else float("nan")
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str):
+    """fn() and its time in seconds: from a synchronized start to its results ready on the
+    device (host work and kernels alike)."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - t0
+
+
+class ForwardTimer:
+    """Wraps `model.forward` (generate() calls it for each step): times each decode call (one new
+    token per sequence) and keeps the last one's arguments, to replay that step."""
+
+    def __init__(self, model, device: str):
+        self.forward, self.device, self.seconds, self.last = model.forward, device, [], None
+
+        @functools.wraps(self.forward)  # generate() reads forward's signature (through __wrapped__)
+        def forward(*args, **kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None or ids.shape[-1] != 1:
+                return self.forward(*args, **kwargs)  # the prefill
+            self.last = (args, kwargs)
+            out, seconds = timed(lambda: self.forward(*args, **kwargs), self.device)
+            self.seconds.append(seconds)
+            return out
+
+        model.forward = forward
+
+    def decode_ms(self) -> float:
+        # The first decode step also binds the megakernel to this generate()'s new cache.
+        return median_ms(self.seconds[1:])
+
+
+def generate(model, prompt, new_tokens: int, device: str) -> tuple[torch.Tensor, StepTimer, ForwardTimer]:
+    """Greedy generate() of `new_tokens` tokens, timing the gaps between tokens and the decode
+    forward calls (model.forward is wrapped for the call only)."""
+    timer, forward = StepTimer(device), ForwardTimer(model, device)
+    try:
+        tokens = model.generate(
+            prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=timer
+        )
+    finally:
+        model.forward = forward.forward
+    return tokens, timer, forward
+
+
+def replay(forward: ForwardTimer, repeats: int) -> tuple[float, float, int]:
+    """The last decode step of a generate(), again: the compiled forward on its arguments, and the
+    megakernels that forward ran, each called directly on the inputs it gave them (mk(...), as
+    examples/hf_decode.py calls its own), alternately `repeats` times. Medians in ms, and the number
+    of megakernels (graph breaks give several). The step rewrites the cache slot it wrote: the same
+    values, nothing else changes."""
+    graphs = mkcompiler.dynamo.compiled_graphs()
+    for g in graphs:
+        g.last_call = None
+    args, kwargs = forward.last
+
+    def step():
+        return forward.forward(*args, **kwargs)
+
+    step()  # marks the graphs this step runs
+    calls = [(g.compiled[g.last_call[0]], g.last_call[1]) for g in graphs if g.last_call is not None]
+
+    def direct():
+        return [mk(*inputs) for mk, inputs in calls]
+
+    times = [(timed(step, forward.device)[1], timed(direct, forward.device)[1]) for _ in range(repeats)]
+    return median_ms([f for f, _ in times]), median_ms([d for _, d in times]), len(calls)
 
 
 def main():
@@ -81,16 +159,28 @@ def main():
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), device=device)
     if not args.no_check:
         with torch.no_grad():
-            want, eager = generate(model, prompt, args.new_tokens, device)
-        print(f"eager generate(): decode {eager.decode_ms():.2f} ms/token (median)")
+            want, eager, eager_forward = generate(model, prompt, args.new_tokens, device)
+        print(
+            f"eager generate(): decode {eager.decode_ms():.2f} ms/token, "
+            f"its forward {eager_forward.decode_ms():.2f} ms/step (medians)"
+        )
 
     model.forward = torch.compile(model.forward, backend="mkcompiler")
     t0 = time.perf_counter()
     generate(model, prompt, 2, device)  # compiles the prefill and the decode graph
     print(f"first generate() (dynamo capture and two mkcompiler compiles): {time.perf_counter() - t0:.1f} s")
     # Each generate() makes a new static cache: the megakernels are bound to it again (a compile-cache hit).
-    tokens, timer = generate(model, prompt, args.new_tokens, device)
-    print(f"generate() with backend='mkcompiler': decode {timer.decode_ms():.2f} ms/token (median)")
+    tokens, timer, forward = generate(model, prompt, args.new_tokens, device)
+    print(
+        f"generate() with backend='mkcompiler': decode {timer.decode_ms():.2f} ms/token (gap between tokens), "
+        f"compiled forward {forward.decode_ms():.2f} ms/step (medians)"
+    )
+    with torch.no_grad():
+        step_ms, mk_ms, n = replay(forward, max(args.new_tokens, 10))
+    print(
+        f"last decode step replayed: compiled forward {step_ms:.3f} ms, its {n} megakernel(s) called directly "
+        f"mk(...) {mk_ms:.3f} ms (forward/mk {step_ms / mk_ms:.3f}x; medians)"
+    )
     for graph in mkcompiler.dynamo.compiled_graphs():
         print(" ", graph, "->", ", ".join(type(r).__name__ for r in graph.compiled.values()))
     new = tokens[0, args.prompt_len :].tolist()

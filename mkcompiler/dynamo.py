@@ -268,6 +268,9 @@ class CompiledGraph:
         self._bound = [i for i, r in enumerate(self.roles) if r is Role.BOUND]
         self._inputs = [i for i, r in enumerate(self.roles) if r is Role.INPUT]
         self._values = [i for i, r in enumerate(self.roles) if r is Role.VALUE]
+        # A decode step passes ~200 bound tensors: the per-call work picks them out of the
+        # arguments and reads their addresses in C loops (itemgetter, map), not Python ones.
+        self._take_bound, self._take_inputs, self._take_values = map(_picker, (self._bound, self._inputs, self._values))
         self.compiled: dict[tuple, object] = {}
         self._addresses: dict[tuple, tuple] = {}  # key -> the bound tensors' addresses it was compiled for
         # The device the graph runs on: its bound tensors' (the model's weights). Graph inputs dynamo
@@ -277,28 +280,42 @@ class CompiledGraph:
         self.device = bound[0].device if bound else None
         self._private = frozenset(_private_inputs(gm, self.roles, self.device))
         self._warned = False
-
-    def _key(self, args) -> tuple:
-        # Dynamo guards every tensor's dtype, sizes and strides, or passes the symbols of its
-        # dynamic sizes as values: input shapes and values determine the layouts of the rest.
-        return tuple(args[i].shape for i in self._inputs), tuple(args[i] for i in self._values)
+        # The key and megakernel inputs of the last call that ran compiled: `compiled[key](*inputs)`
+        # repeats its megakernel call alone (examples/hf_generate.py times it beside the whole step;
+        # `compiled[key].profile(*inputs)` profiles it). Holds the last inputs until the next call.
+        self.last_call: tuple[tuple, tuple] | None = None
 
     def __call__(self, *args):
-        key = self._key(args)
-        addresses = tuple([args[i].data_ptr() for i in self._bound])
-        if self._addresses.get(key) != addresses and not self._compile(key, addresses, args):
+        inputs = self._take_inputs(args)
+        # Dynamo guards every tensor's dtype, sizes and strides, or passes the symbols of its
+        # dynamic sizes as values: input shapes and values determine the layouts of the rest.
+        key = (tuple(map(_SHAPE, inputs)), self._take_values(args))
+        if not self._bound_in_place(key, args) and not self._compile(key, args):
             return self.graph_module(*args)  # past the recompile limit
-        return self.compiled[key](*self._inputs_of(args))
+        inputs = self._inputs_of(inputs)
+        self.last_call = (key, inputs)
+        return self.compiled[key](*inputs)
 
-    def _inputs_of(self, args) -> tuple:
+    def _addresses_of(self, args) -> tuple:
+        return tuple(map(_DATA_PTR, self._take_bound(args)))
+
+    def _bound_in_place(self, key: tuple, args) -> bool:
+        """Whether `key` is compiled for the bound tensors where this call's are: each at the
+        address it was bound at (a new KV cache, or a parameter whose `.data` was replaced, is
+        not; the tensor objects may be the same while their memory moved, so addresses decide)."""
+        addresses = self._addresses.get(key)
+        return addresses is not None and self._addresses_of(args) == addresses
+
+    def _inputs_of(self, inputs: tuple) -> tuple:
         """The megakernel's inputs: contiguous (dynamo may pass views, e.g. the last row of a batch),
-        on the graph's device."""
-        inputs = (args[i].contiguous() for i in self._inputs)
-        if self.device is None:
-            return tuple(inputs)
-        return tuple(x if x.device == self.device else x.to(self.device) for x in inputs)
+        on the graph's device. The usual call passes them as they are (no copy, no new tuple)."""
+        device = self.device
+        if all(x.is_contiguous() and (device is None or x.device == device) for x in inputs):
+            return inputs
+        inputs = [x.contiguous() for x in inputs]
+        return tuple(x if device is None or x.device == device else x.to(device) for x in inputs)
 
-    def _compile(self, key: tuple, addresses: tuple, args) -> bool:
+    def _compile(self, key: tuple, args) -> bool:
         """Compile for this call's key and bound tensors; False when the key is new and the
         recompile limit is reached."""
         from torch._dynamo import config  # imported: dynamo is calling us
@@ -318,10 +335,10 @@ class CompiledGraph:
         self.compiled.pop(key, None)  # the old tensors are not kept alive while compiling for the new ones
         self._addresses.pop(key, None)
         model = _GraphModel(self.graph_module, self.roles, list(args), self._private)
-        inputs = self._inputs_of(args)
+        inputs = self._inputs_of(self._take_inputs(args))
         with torch.no_grad():
             self.compiled[key] = mk_compile(model, inputs, **self.options)
-        self._addresses[key] = addresses
+        self._addresses[key] = self._addresses_of(args)
         return True
 
     def __repr__(self):
@@ -330,6 +347,21 @@ class CompiledGraph:
             f"<CompiledGraph {counts[Role.INPUT]} inputs, {counts[Role.BOUND]} bound tensors, "
             f"{counts[Role.VALUE]} values; compiled for {len(self.compiled)} shape(s)>"
         )
+
+
+_SHAPE = operator.attrgetter("shape")
+_DATA_PTR = torch.Tensor.data_ptr
+
+
+def _picker(indices: list[int]):
+    """`args -> tuple(args[i] for i in indices)`, as one C call (itemgetter) for any count
+    (itemgetter alone returns a bare item for one index and refuses none)."""
+    if len(indices) > 1:
+        return operator.itemgetter(*indices)
+    if indices:
+        (i,) = indices
+        return lambda args: (args[i],)
+    return lambda args: ()
 
 
 # ---- registration ----
