@@ -164,7 +164,7 @@ class GluonShim:
             return c, view_numel(views_ptr, vx) // c
 
         return dict(
-            arg=lambda instr_ptr, ins, i: torch.tensor(int(rows[int(ins), Field.ARG0 + i]), dtype=torch.int32),
+            arg=lambda row, ins, i: torch.tensor(int(rows[int(ins), Field.ARG0 + i]), dtype=torch.int32),
             view_base=view_base,
             view_base_aligned=view_base,
             view_size=lambda views_ptr, v, d: field(v, ViewField.SIZE0 + d),
@@ -180,7 +180,7 @@ class GluonShim:
         if key and key not in self.ns.setdefault("_defined", set()):
             exec(emitted.routines, self.ns)
             self.ns["_defined"].add(key)
-        scope = dict(instr_ptr=None, views_ptr=None, tma_ptr=None, idx=i, ok=ok, num_warps=4)
+        scope = dict(row=None, views_ptr=None, tma_ptr=None, idx=i, ok=ok, num_warps=4)
         exec(emitted.call, self.ns, scope)
 
 

@@ -155,7 +155,7 @@ def _triton_body(src: str) -> list[str]:
         s = line.strip()
         if not s or s.startswith(("@triton.jit", "def ")):
             continue
-        s = s.replace("arg(row_ptr, ", "arg(instr_ptr, ins, ").replace(
+        s = s.replace("arg(row_ptr, ", "arg(row, ins, ").replace(
             "tl.arange(0, BLOCK)", "gl.arange(0, BLOCK, layout=LAYOUT)"
         )
         out.append(gluon_line(s))

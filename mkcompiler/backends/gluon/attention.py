@@ -151,7 +151,7 @@ if tiles.HAVE_GLUON:
 
     @gluon.jit
     def attention_tile(
-        instr_ptr,
+        row,
         views_ptr,
         idx,
         ok,
@@ -202,13 +202,13 @@ if tiles.HAVE_GLUON:
         LR: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, LS))  # one value per row [R]
         STEP: gl.constexpr = S * BNW
         AHEAD: gl.constexpr = PF_STEPS * STEP  # keys asked of L2 ahead of the step being loaded
-        vq = arg(instr_ptr, idx, _Q)
-        vk = arg(instr_ptr, idx, _K)
-        vv = arg(instr_ptr, idx, _V)
-        vo = arg(instr_ptr, idx, _OUT)
-        b = arg(instr_ptr, idx, _B)
-        hk = arg(instr_ptr, idx, _HK)
-        r0 = arg(instr_ptr, idx, _MB) * BM
+        vq = arg(row, idx, _Q)
+        vk = arg(row, idx, _K)
+        vv = arg(row, idx, _V)
+        vo = arg(row, idx, _OUT)
+        b = arg(row, idx, _B)
+        hk = arg(row, idx, _HK)
+        r0 = arg(row, idx, _MB) * BM
         # sizes in int32 (index math stays 32-bit; offsets become 64-bit with the strides)
         Sq = view_size(views_ptr, vq, 2).to(gl.int32)
         D = view_size(views_ptr, vq, 3).to(gl.int32)
@@ -220,8 +220,8 @@ if tiles.HAVE_GLUON:
         kv_lo = 0
         kv_end = Skv
         if SPLIT:  # the chunks of Attention.kv_range
-            part = arg(instr_ptr, idx, _PART)
-            vml = arg(instr_ptr, idx, _ML)
+            part = arg(row, idx, _PART)
+            vml = arg(row, idx, _ML)
             parts = (view_size(views_ptr, vml, 0) // view_size(views_ptr, vq, 0)).to(gl.int32)
             chunk = (((Skv + parts - 1) // parts + BN - 1) // BN) * BN
             kv_lo = part * chunk
@@ -261,7 +261,7 @@ if tiles.HAVE_GLUON:
                 row_okR, hR, qiR = packed_rows(g + gl.arange(0, R, layout=LR), n_rows, hk, Sq, GROUP)
                 end = gl.minimum(end, gl.reduce(gl.where(row_okR, qiR, 0), 0, maximum) + 1)
             if HAS_MASK:
-                vm = arg(instr_ptr, idx, _MASK)
+                vm = arg(row, idx, _MASK)
                 m_rows = (
                     view_base(views_ptr, vm, M_DT)
                     + b * view_stride(views_ptr, vm, 0)
@@ -338,18 +338,18 @@ if tiles.HAVE_GLUON:
 
     @gluon.jit
     def attention_combine_tile(
-        instr_ptr, views_ptr, idx, ok, O_DT: gl.constexpr, BM: gl.constexpr, BD: gl.constexpr, num_warps: gl.constexpr
+        row, views_ptr, idx, ok, O_DT: gl.constexpr, BM: gl.constexpr, BD: gl.constexpr, num_warps: gl.constexpr
     ):
         """ops/attention.attention_combine_rows: out[b, h] = sum_p exp(m_p - M) acc_p /
         sum_p exp(m_p - M) l_p over the split-KV chunks (fp32)."""
         VEC: gl.constexpr = 4  # 16 B of the fp32 partials per thread
         TPW_D: gl.constexpr = BD // VEC if BD // VEC < 32 else 32
         blk: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TPW_D, TPW_D], [num_warps, 1], [1, 0])
-        vpart = arg(instr_ptr, idx, _C_PART)  # [P*B, H, Sq, D] fp32 unnormalised partial outputs
-        vml = arg(instr_ptr, idx, _C_ML)  # [P*B, H, Sq, 2] fp32 (max, sum) per chunk
-        vo = arg(instr_ptr, idx, _C_OUT)  # [B, H, Sq, D]
-        b = arg(instr_ptr, idx, _C_B)
-        h = arg(instr_ptr, idx, _C_H)
+        vpart = arg(row, idx, _C_PART)  # [P*B, H, Sq, D] fp32 unnormalised partial outputs
+        vml = arg(row, idx, _C_ML)  # [P*B, H, Sq, 2] fp32 (max, sum) per chunk
+        vo = arg(row, idx, _C_OUT)  # [B, H, Sq, D]
+        b = arg(row, idx, _C_B)
+        h = arg(row, idx, _C_H)
         B = view_size(views_ptr, vo, 0)
         P = (view_size(views_ptr, vml, 0) // B) * ok  # a wait gave up: no chunk is read
         Sq = view_size(views_ptr, vo, 2) * ok  # ... and no row stored
@@ -444,7 +444,7 @@ def _emit_attention(key, opcode: int, queue: Queue) -> Emitted:
     )
     return Emitted(
         "",
-        f"attention_tile(instr_ptr, views_ptr, idx, ok, {dts}, {key.mask is not None}, {key.mask == torch.bool}, "
+        f"attention_tile(row, views_ptr, idx, ok, {dts}, {key.mask is not None}, {key.mask == torch.bool}, "
         f"{key.causal}, {key.scale!r}, {key.group}, {key.bm}, {key.bn}, {key.bd}, {key.split}, "
         f"{', '.join(map(str, key.units))}, {d_vec}, {r}, {bnw}, {vec}, {PF_STEPS}, num_warps)",
     )
@@ -452,7 +452,7 @@ def _emit_attention(key, opcode: int, queue: Queue) -> Emitted:
 
 def _emit_combine(key, opcode: int, queue: Queue) -> Emitted:
     return Emitted(
-        "", f"attention_combine_tile(instr_ptr, views_ptr, idx, ok, {gl_dtype(key.out)}, {key.bm}, {key.bd}, num_warps)"
+        "", f"attention_combine_tile(row, views_ptr, idx, ok, {gl_dtype(key.out)}, {key.bm}, {key.bd}, num_warps)"
     )
 
 

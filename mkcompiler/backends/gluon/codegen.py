@@ -238,6 +238,7 @@ from mkcompiler.backends.gluon.tiles import (
     field,
     matmul_tile,
     now,
+    preload_row,
     sigmoid,
     signal,
     stamp,
@@ -313,6 +314,7 @@ def compute(instr_ptr, waits_ptr, counters_ptr, err_ptr, views_ptr, order_ptr, w
         t_ready = 0
         if PROFILE:
             t_fetch = now()
+        row = preload_row(instr_ptr, idx)  # the tile's args, in flight during the wait
         if ok != 0:
             ok = wait_rows(waits_ptr, counters_ptr, err_ptr, idx, w_begin, w_end, generation, MAX_SPIN)
         if PROFILE:
@@ -355,7 +357,7 @@ def matmul_call(key, rows: int) -> str:
     mode = tiles.NORM_NONE if norm is None else (tiles.NORM_RMS_IN_LOOP if norm.in_loop else tiles.NORM_RMS_SWEEP)
     has_nw = norm is not None and norm.weight_dtype is not None
     return (
-        "it = matmul_tile(instr_ptr, views_ptr, tma_ptr, idx, ok, it, bufs, ready, empty, "
+        "it = matmul_tile(row, views_ptr, tma_ptr, idx, ok, it, bufs, ready, empty, "
         f"{gl_dtype(key.a)}, {gl_dtype(key.c)}, {gl_dtype(key.dot)}, {key.bias is not None}, "
         f"{gl_dtype(key.bias if key.bias is not None else torch.float32)}, {mode}, "
         f"{norm.eps if norm is not None else 0.0!r}, {gl_dtype(norm.h_dtype if norm else torch.float32)}, {has_nw}, "

@@ -6,7 +6,7 @@ expr_source for the expression, input_loads for the loads with their windows and
 the index split over the key's shape), each line translated by `gluon_line`: the Gluon view
 helpers (views.py) take the Triton helpers' arguments less the address table, and tl.<name>
 becomes its Gluon twin. Only the skeleton differs: the instruction's args are read through its
-index (`arg(instr_ptr, ins, i)`, same arg numbers), BLOCK and the 1-D layout are constexprs of
+index (`arg(row, ins, i)`, same arg numbers), BLOCK and the 1-D layout are constexprs of
 the routine. So the index arithmetic of strided views and windows is the Triton routine's.
 
 `gluon_source` / `gluon_line` also serve the scatter family (small_ops.py), whose values are an
@@ -98,20 +98,20 @@ def elementwise_routine(key, name: str) -> str:
         "",
         "",
         "@gluon.jit",
-        f"def {name}(instr_ptr, views_ptr, ins, num_warps: gl.constexpr):",
+        f"def {name}(row, views_ptr, ins, num_warps: gl.constexpr):",
         f"    BLOCK: gl.constexpr = {key.block}",
         "    LAYOUT: gl.constexpr = flat_layout(BLOCK, num_warps)",
-        "    out_v = arg(instr_ptr, ins, 0)",
-        f"    first = arg(instr_ptr, ins, {n + 1})",
+        "    out_v = arg(row, ins, 0)",
+        f"    first = arg(row, ins, {n + 1})",
         f"    n = {numel}",
-        f"    for blk in range(first, first + arg(instr_ptr, ins, {n + 2})):  # the tile's blocks",
+        f"    for blk in range(first, first + arg(row, ins, {n + 2})):  # the tile's blocks",
         "        lin = blk * BLOCK + gl.arange(0, BLOCK, layout=LAYOUT)",
         "        mask = lin < n",
     ]
     body = []
     if shape is not None:  # once for every strided view: they share the shape
         body.append(f"i0, i1, i2, i3 = split_index(lin, {shape[1]}, {shape[2]}, {shape[3]})")
-    body += input_loads(key.expr, key.in_dtypes, flat[1:], lambda k: f"arg(instr_ptr, ins, {k + 1})", shape is not None)
+    body += input_loads(key.expr, key.in_dtypes, flat[1:], lambda k: f"arg(row, ins, {k + 1})", shape is not None)
     body += lines
     out = tl_dtype(key.out_dtype)
     if flat[0] == 0 and shape is not None:
@@ -124,7 +124,7 @@ def elementwise_routine(key, name: str) -> str:
 
 def _emit_elementwise(key, opcode: int, queue: Queue) -> Emitted:
     name = f"op{opcode}_elementwise"
-    return Emitted(elementwise_routine(key, name), guarded(f"{name}(instr_ptr, views_ptr, idx, num_warps)"))
+    return Emitted(elementwise_routine(key, name), guarded(f"{name}(row, views_ptr, idx, num_warps)"))
 
 
 register(ELEMENTWISE, GluonFamily(lambda key: expr_problem(key.expr), _emit_elementwise, VIEWS_MODULE, VIEW_HELPERS))

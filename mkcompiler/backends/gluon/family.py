@@ -15,7 +15,7 @@ from mkcompiler.ir.queue import Queue
 class Emitted:
     """What a family adds to the generated source for one opcode: device functions of its own
     (generated text, may be empty) and the statement the compute partition's branch runs. The
-    statement sees the compute partition's names: instr_ptr, views_ptr, tma_ptr, idx, ok, it,
+    statement sees the compute partition's names: row (tiles.preload_row), views_ptr, tma_ptr, idx, ok, it,
     bufs, ready, empty, num_warps (a statement that consumes ring blocks assigns `it`)."""
 
     routines: str

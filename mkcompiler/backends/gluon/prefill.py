@@ -87,7 +87,7 @@ def emit(key, opcode: int, queue: Queue) -> Emitted:
     dt = {k: tl_dtype(v).replace("tl.", "gl.") for k, v in (("c", key.c), ("bias", bias))}
     return Emitted(
         "",
-        f"prefill_tile(instr_ptr, views_ptr, idx, ok, pring, {dt['c']}, {key.units[3]}, {key.bias is not None}, "
+        f"prefill_tile(row, views_ptr, idx, ok, pring, {dt['c']}, {key.units[3]}, {key.bias is not None}, "
         f"{dt['bias']}, num_warps)",
     )
 
@@ -244,7 +244,16 @@ if tiles.HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
     from mkcompiler.backends.gluon.matmul import _acc_layout
-    from mkcompiler.backends.gluon.tiles import TMA_LOAD, arg, field, view_base, view_size, view_stride, wait_rows
+    from mkcompiler.backends.gluon.tiles import (
+        TMA_LOAD,
+        arg,
+        arg_at,
+        field,
+        view_base,
+        view_size,
+        view_stride,
+        wait_rows,
+    )
 
     A_LAYOUT = gl.constexpr(gl.NVMMASharedLayout.get_default_for([TILE[0], TILE[2]], gl.bfloat16))
     PTAB_FIELDS = gl.constexpr((PTAB_DESC, PTAB_ROW, PTAB_K_LO, PTAB_K_HI, PTAB_POS))
@@ -311,7 +320,7 @@ if tiles.HAVE_GLUON:
                 if ok != 0:
                     fence_proxy_async_global()
                     _landed(p_ready, first, last)
-                    va = arg(instr_ptr, idx, _A)
+                    va = arg_at(instr_ptr, idx, _A)
                     desc = tma.make_tensor_descriptor(
                         view_base(views_ptr, va, gl.bfloat16),
                         [view_size(views_ptr, va, 2).to(gl.int32), view_size(views_ptr, va, 3).to(gl.int32)],
@@ -319,7 +328,7 @@ if tiles.HAVE_GLUON:
                         [BM, BK],
                         a_bufs.type.layout,
                     )
-                    row = arg(instr_ptr, idx, _TM) * BM
+                    row = arg_at(instr_ptr, idx, _TM) * BM
                     for k in range(k_lo, k_hi, BK):
                         s = e % P_BUF
                         mbarrier.wait(p_empty.index(s), ((e // P_BUF) & 1) ^ 1)
@@ -336,7 +345,7 @@ if tiles.HAVE_GLUON:
                 last = e - 1
 
     @gluon.jit
-    def prefill_tile(instr_ptr, views_ptr, idx, ok, pring, C_DT: gl.constexpr, C_N_UNIT: gl.constexpr,
+    def prefill_tile(row, views_ptr, idx, ok, pring, C_DT: gl.constexpr, C_N_UNIT: gl.constexpr,
                      HAS_BIAS: gl.constexpr, BIAS_DT: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
         """One large-M matmul instruction: C[rows, cols] (split KS: its fp32 partial) = the K chunk
         of A @ W^T (+ bias), fp32 accumulation by async wgmma from the A/B ring. ok == 0 (a wait
@@ -351,13 +360,13 @@ if tiles.HAVE_GLUON:
         k_lo = ptab_field(ptab_ptr, idx, _K_LO)
         k_hi = ptab_field(ptab_ptr, idx, _K_HI)
         pos = ptab_field(ptab_ptr, idx, _POS)
-        va = arg(instr_ptr, idx, _A)
-        vc = arg(instr_ptr, idx, _C)
+        va = arg(row, idx, _A)
+        vc = arg(row, idx, _C)
         N = view_size(views_ptr, vc, 3)
-        rn = arg(instr_ptr, idx, _TN) * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, acc_layout))
+        rn = arg(row, idx, _TN) * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, acc_layout))
         acc = gl.zeros([BM, BN], gl.float32, layout=acc_layout)
         if HAS_BIAS:  # the MMAs accumulate onto the bias: no [BN] vector live in the epilogue
-            vb = arg(instr_ptr, idx, _BIAS)
+            vb = arg(row, idx, _BIAS)
             bias = gl.load(view_base(views_ptr, vb, BIAS_DT) + rn * view_stride(views_ptr, vb, 3), mask=rn < N)
             acc += bias.to(gl.float32)[None, :]
         e = pos
@@ -374,8 +383,8 @@ if tiles.HAVE_GLUON:
             mbarrier.arrive(p_empty.index((e - 1) % P_BUF), count=1)
         if ok != 0:
             M = view_size(views_ptr, va, 2)
-            rm = arg(instr_ptr, idx, _TM) * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, acc_layout))
-            c_ptr = view_base(views_ptr, vc, C_DT) + arg(instr_ptr, idx, _KS) * view_stride(views_ptr, vc, 1)
+            rm = arg(row, idx, _TM) * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, acc_layout))
+            c_ptr = view_base(views_ptr, vc, C_DT) + arg(row, idx, _KS) * view_stride(views_ptr, vc, 1)
             # A literal unit column stride (C_N_UNIT: the key's) and a row pointer per row: each
             # thread's columns are immediate offsets, not 64 more address registers (with the bias
             # in the epilogue, or a second store path for inner tiles, 128x128 spilled).

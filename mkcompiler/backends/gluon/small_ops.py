@@ -71,9 +71,9 @@ if tiles.HAVE_GLUON:
         return C, view_numel(views_ptr, vx) // C
 
     @gluon.jit
-    def tile_rows(instr_ptr, ins, i: gl.constexpr, BR: gl.constexpr, L: gl.constexpr):
+    def tile_rows(row, ins, i: gl.constexpr, BR: gl.constexpr, L: gl.constexpr):
         """The tile's BR row numbers (arg i: the tile's index), in the rows' slice of L."""
-        return arg(instr_ptr, ins, i) * BR + gl.arange(0, BR, layout=gl.SliceLayout(1, L))
+        return arg(row, ins, i) * BR + gl.arange(0, BR, layout=gl.SliceLayout(1, L))
 
     @gluon.jit
     def chunk_cols(c0, BC: gl.constexpr, L: gl.constexpr):
@@ -81,7 +81,7 @@ if tiles.HAVE_GLUON:
 
     @gluon.jit
     def embedding_rows(
-        instr_ptr,
+        row,
         views_ptr,
         ins,
         W_DT: gl.constexpr,
@@ -95,13 +95,13 @@ if tiles.HAVE_GLUON:
         """ops/embedding.embedding_rows: out[r, :] = weight[ids[r], :] for the tile's BR rows;
         negative ids count from the end, out-of-range ones write zeros."""
         L: gl.constexpr = rows_layout(BC, num_warps)
-        vw = arg(instr_ptr, ins, 0)
-        vi = arg(instr_ptr, ins, 1)
-        vy = arg(instr_ptr, ins, 2)
+        vw = arg(row, ins, 0)
+        vi = arg(row, ins, 1)
+        vy = arg(row, ins, 2)
         R = view_numel(views_ptr, vi)
         V = view_size(views_ptr, vw, 2)
         C = view_size(views_ptr, vw, 3)
-        rows = tile_rows(instr_ptr, ins, 3, BR, L)
+        rows = tile_rows(row, ins, 3, BR, L)
         row_ok = rows < R
         i_ptr = view_base(views_ptr, vi, I_DT) + view_offsets(views_ptr, vi, rows)
         ids = gl.load(i_ptr, mask=row_ok, other=0, cache_modifier=".cg").to(gl.int64)
@@ -119,7 +119,7 @@ if tiles.HAVE_GLUON:
 
     @gluon.jit
     def reduce_rows(
-        instr_ptr,
+        row,
         views_ptr,
         ins,
         X_DT: gl.constexpr,
@@ -133,10 +133,10 @@ if tiles.HAVE_GLUON:
     ):
         """ops/reduce.reduce_rows: the sum, mean or max of each of the tile's rows."""
         L: gl.constexpr = rows_layout(BC, num_warps)
-        vx = arg(instr_ptr, ins, 0)
-        vy = arg(instr_ptr, ins, 1)
+        vx = arg(row, ins, 0)
+        vy = arg(row, ins, 1)
         C, R = row_shape(views_ptr, vx, X_DT, X_FLAT)
-        rows = tile_rows(instr_ptr, ins, 2, BR, L)
+        rows = tile_rows(row, ins, 2, BR, L)
         if MODE == _AMAX:
             acc = gl.full([BR], float("-inf"), gl.float32, layout=gl.SliceLayout(1, L))
         else:
@@ -155,7 +155,7 @@ if tiles.HAVE_GLUON:
 
     @gluon.jit
     def argmax_rows(
-        instr_ptr,
+        row,
         views_ptr,
         ins,
         X_DT: gl.constexpr,
@@ -169,10 +169,10 @@ if tiles.HAVE_GLUON:
         """ops/reduce.argmax_rows: the index of the first maximum of each of the tile's rows (as
         torch.argmax), stored through fp32 as the Triton routine does (exact below 2**24)."""
         L: gl.constexpr = rows_layout(BC, num_warps)
-        vx = arg(instr_ptr, ins, 0)
-        vy = arg(instr_ptr, ins, 1)
+        vx = arg(row, ins, 0)
+        vy = arg(row, ins, 1)
         C, R = row_shape(views_ptr, vx, X_DT, X_FLAT)
-        rows = tile_rows(instr_ptr, ins, 2, BR, L)
+        rows = tile_rows(row, ins, 2, BR, L)
         best = gl.full([BR], float("-inf"), gl.float32, layout=gl.SliceLayout(1, L))
         best_i = gl.zeros([BR], gl.int32, layout=gl.SliceLayout(1, L))
         for c0 in range(0, C, BC):
@@ -191,7 +191,7 @@ if tiles.HAVE_GLUON:
 
     @gluon.jit
     def softmax_rows(
-        instr_ptr,
+        row,
         views_ptr,
         ins,
         X_DT: gl.constexpr,
@@ -204,10 +204,10 @@ if tiles.HAVE_GLUON:
     ):
         """ops/reduce.softmax_rows: an online max and sum of exponentials, then the outputs."""
         L: gl.constexpr = rows_layout(BC, num_warps)
-        vx = arg(instr_ptr, ins, 0)
-        vy = arg(instr_ptr, ins, 1)
+        vx = arg(row, ins, 0)
+        vy = arg(row, ins, 1)
         C, R = row_shape(views_ptr, vx, X_DT, X_FLAT)
-        rows = tile_rows(instr_ptr, ins, 2, BR, L)
+        rows = tile_rows(row, ins, 2, BR, L)
         row_ok = rows < R
         m = gl.full([BR], float("-inf"), gl.float32, layout=gl.SliceLayout(1, L))
         s = gl.zeros([BR], gl.float32, layout=gl.SliceLayout(1, L))
@@ -239,9 +239,7 @@ def _emit_embedding(key, opcode: int, queue: Queue) -> Emitted:
     br, bc = key.tile
     dts = ", ".join(gl_dtype(d) for d in (key.weight, key.index, key.y))
     # y_flat is a bool (contiguous or not): 1 or 0 as the view helpers' FLAT
-    return Emitted(
-        "", guarded(f"embedding_rows(instr_ptr, views_ptr, idx, {dts}, {br}, {bc}, {int(key.y_flat)}, num_warps)")
-    )
+    return Emitted("", guarded(f"embedding_rows(row, views_ptr, idx, {dts}, {br}, {bc}, {int(key.y_flat)}, num_warps)"))
 
 
 def _emit_row_op(key, opcode: int, queue: Queue) -> Emitted:
@@ -249,7 +247,7 @@ def _emit_row_op(key, opcode: int, queue: Queue) -> Emitted:
     br, bc = key.tile
     mode = f"{MODES[key.mode]}, " if key.kind == REDUCE else ""
     args = f"{gl_dtype(key.x)}, {gl_dtype(key.y)}, {mode}{br}, {bc}, {', '.join(map(str, key.flat))}"
-    return Emitted("", guarded(f"{ROW_ROUTINES[key.kind]}(instr_ptr, views_ptr, idx, {args}, num_warps)"))
+    return Emitted("", guarded(f"{ROW_ROUTINES[key.kind]}(row, views_ptr, idx, {args}, num_warps)"))
 
 
 # ---- scatter: generated per opcode ----
@@ -273,17 +271,17 @@ def scatter_routine(key, name: str) -> str:
         "",
         "",
         "@gluon.jit",
-        f"def {name}(instr_ptr, views_ptr, ins, num_warps: gl.constexpr):",
+        f"def {name}(row, views_ptr, ins, num_warps: gl.constexpr):",
         f"    BLOCK: gl.constexpr = {key.block}",
         "    LAYOUT: gl.constexpr = flat_layout(BLOCK, num_warps)",
-        *(f"    {v} = arg(instr_ptr, ins, {k + i})" for i, v in enumerate(names)),
+        *(f"    {v} = arg(row, ins, {k + i})" for i, v in enumerate(names)),
         *(f"    {gluon_line(line)}" for line in setup),
         f"    for start in range(r0 * {per_row}, gl.minimum(r1 * {per_row}, {total}), BLOCK):",
         "        lin = start + gl.arange(0, BLOCK, layout=LAYOUT)",
         f"        mask = (lin < r1 * {per_row}) & (lin < {total})",
         f"        i0, i1, i2, i3 = split_index(lin, {shape[1]}, {shape[2]}, {shape[3]})",
     ]
-    body = input_loads(expr, in_dtypes, key.flat, lambda i: f"arg(instr_ptr, ins, {i})", True)
+    body = input_loads(expr, in_dtypes, key.flat, lambda i: f"arg(row, ins, {i})", True)
     body += lines + store(result)
     src += [f"        {gluon_line(line)}" for line in body]
     return "\n".join(src) + "\n"
@@ -291,7 +289,7 @@ def scatter_routine(key, name: str) -> str:
 
 def _emit_scatter(key, opcode: int, queue: Queue) -> Emitted:
     name = f"op{opcode}_scatter"
-    return Emitted(scatter_routine(key, name), guarded(f"{name}(instr_ptr, views_ptr, idx, num_warps)"))
+    return Emitted(scatter_routine(key, name), guarded(f"{name}(row, views_ptr, idx, num_warps)"))
 
 
 register(EMBEDDING, GluonFamily(lambda key: None, _emit_embedding, MODULE, ("embedding_rows",)))

@@ -43,6 +43,10 @@ NORM_WEIGHT_ARG = int(MatmulArg.KS) + 1
 # matmul_tile's NORM: what a folded norm the tile applies.
 NORM_NONE, NORM_RMS_IN_LOOP, NORM_RMS_SWEEP = 0, 1, 2
 MAX_KSUB = 128  # columns of a ring slot matmul_tile holds in registers at once
+# Args of an instruction the compute partition loads before its wait (preload_row): fewer than the
+# Triton backend's PRELOADED_ARGS, as the 1B step's kernel at 4 compute warps spilled 12 B with 8
+# or 10 held across the wait (0 with 6).
+GLUON_PRELOADED_ARGS = 6
 # Batch-1 decode: activation columns staged in shared memory at once (fp32; with a folded norm's
 # weights, twice): 2 x 8 KB, beside the weight ring.
 XK_PIECE = 2048
@@ -65,6 +69,7 @@ if HAVE_GLUON:
     _NUM_FIELDS = gl.constexpr(NUM_FIELDS)
     _OPCODE = gl.constexpr(int(Field.OPCODE))
     _ARG0 = gl.constexpr(int(Field.ARG0))
+    _PRELOADED = gl.constexpr(GLUON_PRELOADED_ARGS)
     _WAIT_BEGIN = gl.constexpr(int(Field.WAIT_BEGIN))
     _WAIT_END = gl.constexpr(int(Field.WAIT_END))
     _SIGNAL = gl.constexpr(int(Field.SIGNAL))
@@ -120,8 +125,31 @@ if HAVE_GLUON:
         return gl.load(instr_ptr + idx * _NUM_FIELDS + f)
 
     @gluon.jit
-    def arg(instr_ptr, idx, i: gl.constexpr):
+    def arg_at(instr_ptr, idx, i: gl.constexpr):
+        """Instruction argument i, loaded (partitions that have no preloaded row: the loaders)."""
         return gl.load(instr_ptr + idx * _NUM_FIELDS + _ARG0 + i)
+
+    @gluon.jit
+    def preload_row(instr_ptr, idx):
+        """(instr_ptr, the first GLUON_PRELOADED_ARGS args of instruction idx): what the compute
+        partition's tiles take as `row` (arg). Loaded before the instruction's wait, these
+        independent loads overlap it, and the tile finds its view ids and coordinates in
+        registers: after the wait's acquire (which invalidates L1) a load of the row would be a
+        dependent trip to L2 at the tile's start (the Triton backend's kernel_lib.preload)."""
+        args = ()
+        for i in gl.static_range(_PRELOADED):
+            args = args + (gl.load(instr_ptr + idx * _NUM_FIELDS + _ARG0 + i),)
+        return instr_ptr, args
+
+    @gluon.jit
+    def arg(row, idx, i: gl.constexpr):
+        """Instruction argument i of the preloaded `row` (preload_row): a register for the first
+        GLUON_PRELOADED_ARGS, else a load."""
+        if i < _PRELOADED:
+            value = row[1][i]
+        else:
+            value = gl.load(row[0] + idx * _NUM_FIELDS + _ARG0 + i)
+        return value
 
     @gluon.jit
     def tma_field(tma_ptr, idx, f: gl.constexpr):
@@ -341,7 +369,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def matmul_tile(
-        instr_ptr,
+        row,
         views_ptr,
         tma_ptr,
         idx,
@@ -383,8 +411,8 @@ if HAVE_GLUON:
         cols = gl.arange(0, KSUB, layout=gl.SliceLayout(0, blk))
         rows = gl.arange(0, BN, layout=gl.SliceLayout(1, blk))
         ms = gl.arange(0, MP, layout=gl.SliceLayout(0, blk))  # the tile's rows of A and C
-        va = arg(instr_ptr, idx, _A)
-        vc = arg(instr_ptr, idx, _C)
+        va = arg(row, idx, _A)
+        vc = arg(row, idx, _C)
         k_lo = tma_field(tma_ptr, idx, _T_K_LO)
         k_hi = tma_field(tma_ptr, idx, _T_K_HI)
         M = view_size(views_ptr, va, 2) * ok  # 0 rows once a wait gave up: nothing is read
@@ -396,7 +424,7 @@ if HAVE_GLUON:
         nw_ptr = a_ptr
         snw = sak
         if HAS_NW:
-            vnw = arg(instr_ptr, idx, _NW)
+            vnw = arg(row, idx, _NW)
             nw_ptr = view_base(views_ptr, vnw, NW_DT)
             snw = view_stride(views_ptr, vnw, 3)
         s2 = gl.zeros([MP], gl.float32, layout=gl.SliceLayout(0, blk))
@@ -443,12 +471,12 @@ if HAVE_GLUON:
         if M > 0:
             if NORM == _RMS_IN_LOOP:
                 acc = acc * (1.0 / gl.sqrt(s2 / K + EPS))[None, :]
-            rn = arg(instr_ptr, idx, _TN) * BN + rows
+            rn = arg(row, idx, _TN) * BN + rows
             if HAS_BIAS:
-                vb = arg(instr_ptr, idx, _BIAS)
+                vb = arg(row, idx, _BIAS)
                 bias = gl.load(view_base(views_ptr, vb, BIAS_DT) + rn * view_stride(views_ptr, vb, 3), mask=rn < N)
                 acc += bias.to(gl.float32)[:, None]
-            c_ptr = view_base(views_ptr, vc, C_DT) + arg(instr_ptr, idx, _KS) * view_stride(views_ptr, vc, 1)
+            c_ptr = view_base(views_ptr, vc, C_DT) + arg(row, idx, _KS) * view_stride(views_ptr, vc, 1)
             offs = ms[None, :] * view_stride(views_ptr, vc, 2) + rn[:, None] * view_stride(views_ptr, vc, 3)
             gl.store(c_ptr + offs, acc.to(C_DT), mask=(rn[:, None] < N) & (ms[None, :] < M))
         return it
