@@ -56,7 +56,7 @@ def describe(x) -> str:
     return type(x).__name__
 
 
-def _children(spec) -> list:
+def pytree_children(spec) -> list:
     return spec.children() if hasattr(spec, "children") else spec.children_specs  # torch < 2.7 has no children()
 
 
@@ -65,7 +65,7 @@ def flatten_call(args: tuple, kwargs: dict, spec, names: list[str]) -> list:
     (args, kwargs), is `spec`); raise InputError unless the call is structured exactly like them.
     A leaf is returned whatever it is (check_input checks it), so a list where a tensor was expected
     is reported as such instead of being flattened into its items."""
-    args_spec, kwargs_spec = _children(spec)
+    args_spec, kwargs_spec = pytree_children(spec)
     if len(args) != args_spec.num_children:
         given = "; ".join(describe(a) for a in args[:4]) + ("; ..." if len(args) > 4 else "")
         raise InputError(
@@ -75,7 +75,7 @@ def flatten_call(args: tuple, kwargs: dict, spec, names: list[str]) -> list:
             + (f" (and keyword arguments {sorted(kwargs)})" if kwargs else "")
         )
     leaves: list = []
-    for k, (a, s) in enumerate(zip(args, _children(args_spec))):
+    for k, (a, s) in enumerate(zip(args, pytree_children(args_spec))):
         _flatten_up_to(a, s, f"argument {k}", leaves)
     _flatten_up_to(dict(kwargs), kwargs_spec, "keyword arguments", leaves)
     return leaves
@@ -98,7 +98,7 @@ def _flatten_up_to(x, spec, where: str, leaves: list) -> None:
         if len(children) != spec.num_children or context != spec.context:
             raise InputError(f"{where}: expected {spec.num_children} items ({spec}), got {describe(x)}")
         keys = list(range(len(children)))
-    for key, c, s in zip(keys, children, _children(spec)):
+    for key, c, s in zip(keys, children, pytree_children(spec)):
         _flatten_up_to(c, s, f"{where}[{key!r}]", leaves)
 
 

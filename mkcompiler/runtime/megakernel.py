@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
-from mkcompiler.errors import InputError, MegakernelError, check_input, flatten_call
+from mkcompiler.errors import InputError, MegakernelError, check_input, flatten_call, pytree_children
 from mkcompiler.ir.graph import BufferKind, View
 from mkcompiler.ir.layout import NUM_ERROR_FIELDS, NUM_STAMPS, NUM_VIEW_FIELDS, ErrorField, Field, ViewField
 from mkcompiler.ir.settings import WAIT_MANY_MODE, WAIT_MODES, default_max_spin, register_cap, triton_interprets
@@ -255,7 +255,30 @@ class Megakernel:
     # ---- calling ----
     def input_names(self) -> list[str]:
         """The flat user inputs' names: the forward's parameter names, as torch.export keeps them."""
-        return [self.graph.buffers[bid].name for bid, _, _ in self.graph.inputs]
+        return list(self._input_names)
+
+    @functools.cached_property
+    def _input_names(self) -> tuple[str, ...]:
+        return tuple(self.graph.buffers[bid].name for bid, _, _ in self.graph.inputs)
+
+    @functools.cached_property
+    def _checks(self) -> tuple[tuple[str, tuple, torch.dtype], ...]:
+        """Per flat input: (what an error calls it, expected shape, dtype): built once, not per call."""
+        return tuple(
+            (f"input {i} ({self.graph.buffers[bid].name!r})", tuple(shape), dtype)
+            for i, (bid, shape, dtype) in enumerate(self.graph.inputs)
+        )
+
+    @functools.cached_property
+    def _positional_leaves(self) -> int:
+        """N when a call's structure is N tensors as positional arguments (in_spec: a tuple of N
+        leaves, no keyword arguments): such a call's flat inputs are its args as they are, and
+        flatten_call (which reports any other structure) is not needed. -1 otherwise."""
+        args_spec, kwargs_spec = pytree_children(self.in_spec)
+        leaves = pytree_children(args_spec)
+        if kwargs_spec.num_children or not all(c.is_leaf() for c in leaves):
+            return -1
+        return len(leaves)
 
     @functools.cached_property
     def in_spec(self) -> pytree.TreeSpec:
@@ -268,9 +291,12 @@ class Megakernel:
         """Point the address table at the call's inputs, once every input has been checked:
         a refused call changes nothing (no binding, no launch, counters and state untouched)."""
         expected = self.graph.inputs
-        flat = flatten_call(args, kwargs, self.in_spec, self.input_names())
-        for i, (t, (bid, shape, dtype)) in enumerate(zip(flat, expected)):
-            check_input(t, f"input {i} ({self.graph.buffers[bid].name!r})", tuple(shape), dtype, self.device)
+        if not kwargs and len(args) == self._positional_leaves:
+            flat = args
+        else:
+            flat = flatten_call(args, kwargs, self.in_spec, self.input_names())
+        for t, (what, shape, dtype) in zip(flat, self._checks):
+            check_input(t, what, shape, dtype, self.device)
         self._check_overlaps(flat)
         changed = False
         for t, (bid, _, _) in zip(flat, expected):
@@ -325,7 +351,7 @@ class Megakernel:
     def _check_overlaps(self, flat: list[torch.Tensor]) -> None:
         """Inputs are read while the kernel writes elsewhere: each input must have memory of its
         own, shared with no other input and with nothing the kernel writes."""
-        names = self.input_names()
+        names = self._input_names
         spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in flat]
         for i, (lo, hi) in enumerate(spans):
             if lo == hi:
