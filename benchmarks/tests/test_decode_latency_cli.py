@@ -571,3 +571,22 @@ def test_both_backends_run_side_by_side_on_a_gpu(tmp_path, capsys):
     for r in rows:
         assert r["max_rel_err"] <= dl.TOL and r["ms"][dl.MK_CALL] > 0 and not r["errors"]
     assert ("fell back to triton" in out) == bool(rows[1]["fallback"])
+
+
+def test_fp32_twin_is_the_model_and_its_caches_in_fp32():
+    """--fp32-ref's reference: the same weights and cache contents in fp32, the original untouched;
+    its logits are closer to bf16 eager's than bf16 noise allows them to differ."""
+    model = dl.build_model("tiny", batch=1, ctx=8, steps=2, device="cpu")
+    exact = dl.fp32_twin(model)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in exact.parameters()} == {torch.float32}
+    k, k32 = model.layers[0].attn.k_cache, exact.layers[0].attn.k_cache
+    assert k32.dtype == torch.float32 and torch.equal(k32, k.float()) and k32.data_ptr() != k.data_ptr()
+    tok, pos = torch.tensor([[3]]), torch.tensor([8])
+    with torch.no_grad():
+        err = dl.rel(model(tok, pos).float(), exact(tok, pos).double())
+    assert 0 < err < 3e-2
+
+
+def test_fp32_ref_flag():
+    assert dl.parse_args(["--fp32-ref"]).fp32_ref and not dl.parse_args([]).fp32_ref
