@@ -126,14 +126,15 @@ def test_python_calls_of_a_call_do_not_grow_with_the_bound_tensors():
 def test_a_parameter_whose_memory_moved_is_bound_again():
     """`.data` replaced: the same Parameter object, its memory elsewhere (dynamo's guards pass).
     The address check sees it and binds the megakernel to the new memory: eager's result."""
+    start = dynamo.compiled_graphs()  # other tests' graphs may still be alive
     model, ref, compiled = compiled_stack(2)
     check_step(compiled, model, ref, 0)
+    (graph,) = new_graphs(start)
     before = dynamo.compiled_graphs()
     for m in (model, ref):
         m.layers[1].weight.data = torch.randn(D, D, generator=torch.Generator().manual_seed(1)).to(m.cache.device)
     check_step(compiled, model, ref, 1)
     assert not new_graphs(before), "dynamo did not recompile: the backend bound the new memory itself"
-    (graph,) = dynamo.compiled_graphs()
     (mk,) = graph.compiled.values()
     assert model.layers[1].weight.data_ptr() in {t.data_ptr() for t in mk.graph.params.values()}
 
