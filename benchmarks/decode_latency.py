@@ -60,6 +60,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import copy
 import gc
 import itertools
 import json
@@ -518,8 +519,6 @@ FP32_FLOOR = 1e-3
 
 def fp32_twin(model: torch.nn.Module) -> torch.nn.Module:
     """An fp32 copy of the model, caches included, in their state now (the exact reference)."""
-    import copy
-
     return copy.deepcopy(model).float()
 
 

@@ -51,7 +51,7 @@ def compile(model: torch.nn.Module, example_inputs, **options) -> Megakernel | S
     elif tp_plan is not None or tp_group is not None:
         raise ValueError("tp_plan and tp_group need tensor_parallel=N")
     # The target (Settings.interpret) is decided here, once; the passes, codegen, cache and runtime read it.
-    settings = Settings().replace(**options).for_target()
+    settings = _settings(options)
     interpret = settings.interpret
     if interpret and not triton_interprets():
         raise ValueError(
@@ -93,6 +93,11 @@ def compile(model: torch.nn.Module, example_inputs, **options) -> Megakernel | S
     status = getattr(getattr(mk, "compilation", None), "cache", "off")
     progress.close("compiled" + {"hit": " (cached)", "graph hit": " (cached passes)"}.get(status, ""))
     return mk
+
+
+def _settings(options: dict) -> Settings:
+    """The options over the defaults, the target's filled in (Settings.for_target)."""
+    return Settings().replace(**options).for_target()
 
 
 def _compile(model, example_inputs, options, settings, num_workers, device, progress, make=Megakernel):
@@ -158,7 +163,7 @@ def _compile(model, example_inputs, options, settings, num_workers, device, prog
             return mk
         # The passes tiled for the Gluon backend (one ring box, its large-M tile): the Triton
         # kernel gets its own tiling, from a compile for it.
-        triton = Settings().replace(**{**options, "backend": "triton"}).for_target()  # its own defaults (warps)
+        triton = _settings({**options, "backend": "triton"})  # the Triton backend's own defaults (warps)
         return _compile(model, example_inputs, {**options, "backend": "triton"}, triton, num_workers, device, progress)
     source = generate(comp.queue, settings.preload_args, settings.early_weights)
     if settings.dump_dir:  # beside the passes' dumps: the kernel as a standalone file

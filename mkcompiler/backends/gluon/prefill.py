@@ -328,12 +328,12 @@ if tiles.HAVE_GLUON:
                         [BM, BK],
                         a_bufs.type.layout,
                     )
-                    row = arg_at(instr_ptr, idx, _TM) * BM
+                    off_m = arg_at(instr_ptr, idx, _TM) * BM
                     for k in range(k_lo, k_hi, BK):
                         s = e % P_BUF
                         mbarrier.wait(p_empty.index(s), ((e // P_BUF) & 1) ^ 1)
                         mbarrier.expect(p_ready.index(s), NBYTES)
-                        TMA_LOAD(desc, [row, k], p_ready.index(s), a_bufs.index(s))
+                        TMA_LOAD(desc, [off_m, k], p_ready.index(s), a_bufs.index(s))
                         e += 1
                 else:
                     for _k in range(k_lo, k_hi, BK):

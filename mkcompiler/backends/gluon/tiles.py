@@ -312,8 +312,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _one_row_blocks(
-        a_ptr, sak, nw_ptr, snw, k_lo, k_hi, M, r, acc, it, bufs, ready, empty, cols,
-        blk: gl.constexpr, KSUB: gl.constexpr, HAS_NW: gl.constexpr, NW_DT: gl.constexpr,
+        a_ptr, sak, nw_ptr, snw, k_lo, k_hi, M, r, acc, it, bufs, ready, empty,
+        blk: gl.constexpr, KSUB: gl.constexpr, HAS_NW: gl.constexpr,
         NORM: gl.constexpr, H_DT: gl.constexpr, DOT_DT: gl.constexpr, num_warps: gl.constexpr,
     ):  # fmt: skip
         """matmul_tile's K loop for one row (batch-1 decode). Gluon pipelines no loop, and one
@@ -435,8 +435,8 @@ if HAVE_GLUON:
         if MP == 1:
             r = gl.reduce(rstd, 0, add)
             acc, s1, it = _one_row_blocks(
-                a_ptr, sak, nw_ptr, snw, k_lo, k_hi, M, r, acc, it, bufs, ready, empty, cols,
-                blk, KSUB, HAS_NW, NW_DT, NORM, H_DT, DOT_DT, num_warps,
+                a_ptr, sak, nw_ptr, snw, k_lo, k_hi, M, r, acc, it, bufs, ready, empty,
+                blk, KSUB, HAS_NW, NORM, H_DT, DOT_DT, num_warps,
             )  # fmt: skip
             s2 = s2 + s1
         else:  # several rows: one at a time
