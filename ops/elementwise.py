@@ -121,6 +121,12 @@ OPS = {
     "where": ("tl.where({0} != 0.0, {1}, {2})", lambda c, a, b: torch.where(c != 0, a, b)),
 }
 
+# Ops compiled to long library code on a GPU (libdevice's precise sin / cos with their range
+# reductions, erf, log): each element a thread holds inlines a copy. passes/fuse.py computes
+# such a producer once rather than again in each of several readers (RoPE's cos and sin, read
+# by every layer through a broadcast over heads, were evaluated per element of every reader).
+LIBRARY_OPS = frozenset({"sin", "cos", "erf", "log", "log2", "log1p", "expm1", "pow", "gelu"})
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Integer and bool values are computed in fp32 too: exact for |x| < 2**24 (positions, indices,
 # masks); what needs more range is refused at capture.

@@ -6,7 +6,8 @@ over P's inputs seen through each read's window of the output (`transfer`: a bro
 reshape, a slice such as RoPE's halves). Buffers are written once and not mutated between P and
 its reader (checked: state is updated in place), so computing P's tree later, inside a reader,
 gives the same values. P is spliced when it has one reader op (x * sigmoid(x) reads x twice),
-or when it is small (at most DUPLICATE_MAX_ELEMENTS: then it is recomputed in every reader); a
+or when it is small (at most DUPLICATE_MAX_ELEMENTS: then it is recomputed in every reader) and
+calls no long library code (sin, cos, ...: ops/elementwise.LIBRARY_OPS); a
 merged node keeps the reader's output view (which may be a slice, e.g. of a cat).
 
 Elementwise producers also fuse into the scatters that store their values (`fuse_into_scatter`:
@@ -24,7 +25,14 @@ from __future__ import annotations
 import math
 
 import torch
-from mkcompiler.ops.elementwise import ElementwiseAttrs, group_windows, has_positional, slot_windows
+from mkcompiler.ops.elementwise import (
+    LIBRARY_OPS,
+    ElementwiseAttrs,
+    group_windows,
+    has_positional,
+    op_names,
+    slot_windows,
+)
 from mkcompiler.ops.scatter import Scatter, parts, tail_size
 
 from mkcompiler.ir.graph import BufferKind, Graph, OpNode, View, contiguous_strides
@@ -138,8 +146,8 @@ def _first_index(view: View, out_shape: tuple[int, ...]) -> list[int] | None:
 def _inline_producers(graph: Graph, shared: bool) -> int:
     """Splice each elementwise producer into the elementwise ops reading it, when all of them
     can take it; returns the number of splices. Not `shared`: producers read by one op only
-    (nothing is recomputed). `shared`: small producers (at most DUPLICATE_MAX_ELEMENTS) are
-    recomputed inside each of their readers (a split-K sum read by RoPE's pieces and product
+    (nothing is recomputed). `shared`: small producers (at most DUPLICATE_MAX_ELEMENTS) without
+    library calls (_library) are recomputed inside each of their readers (a split-K sum read by RoPE's pieces and product
     costs no stage of its own). Each reading view must be a window of the producer's output
     (transfer), the result must fit the reader's instruction, and no op between the producer
     and the reader may write the producer's inputs (in-place state updates)."""
@@ -158,6 +166,8 @@ def _inline_producers(graph: Graph, shared: bool) -> int:
             continue
         if (len(users) > 1 and not shared) or (shared and out.numel > DUPLICATE_MAX_ELEMENTS):
             continue
+        if len(users) > 1 and _library(p):
+            continue
         if out.buffer in outputs:
             continue
         plans = {id(u): _plan_inline(u, p, position, writes) for u in users}
@@ -169,6 +179,14 @@ def _inline_producers(graph: Graph, shared: bool) -> int:
         removed.add(id(p))
     graph.ops = [op for op in graph.ops if id(op) not in removed]
     return splices
+
+
+def _library(p) -> bool:
+    """Does p's expression call long library code (LIBRARY_OPS)? Then it is not recomputed in
+    each of several readers: once, in its own op, costs a small tile off the layers' critical
+    path (RoPE's cos and sin depend on the positions only) instead of inlined copies per element
+    in every reader."""
+    return any(name in LIBRARY_OPS for name in op_names(p.attrs.expr))
 
 
 def written_between(p, consumer, position, writes) -> bool:

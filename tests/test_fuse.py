@@ -165,3 +165,35 @@ def test_a_cat_piece_is_not_taken_for_the_whole_cat():
     mk.poison()
     for got, want in zip(mk(*args), model(*args)):
         assert rel_err(got, want) <= 1e-6
+
+
+class SharedRotary(torch.nn.Module):
+    """cos and sin of per-position angles, read by two rotations through a broadcast over heads
+    (RoPE's tables read by every layer), and a cheap shared scale read by both too."""
+
+    def forward(self, q, k, pos, inv_freq):
+        ang = pos[:, None].float() * inv_freq[None, :]  # [S, D]
+        cos, sin = ang.cos(), ang.sin()
+        s = pos[:, None].float() * 0.5 + 1.0  # cheap: recomputed in each reader
+        return q * cos * s + q * q * sin, k * cos * s - k * sin
+
+
+def test_library_calls_are_computed_once_not_in_each_reader():
+    """sin / cos (ops/elementwise.LIBRARY_OPS) read by several ops stay ops of their own, each
+    element computed once; the cheap shared producer is still inlined; values as eager's."""
+    torch.manual_seed(0)
+    model = SharedRotary()
+    args = (torch.randn(2, 4, 3, 8), torch.randn(2, 4, 3, 8), torch.tensor([5, 9, 30]), torch.rand(8))
+    mk = mkcompiler.compile(model, args)
+    exprs = {op.name: str(op.attrs.expr) for op in mk.graph.ops if op.kind == "elementwise"}
+    own = [n for n, e in exprs.items() if e.startswith("('op', 'cos'") or e.startswith("('op', 'sin'")]
+    assert len(own) == 2, exprs  # cos and sin, each its own op
+    readers = [n for n in exprs if n not in own]
+    assert readers and not any("'cos'" in exprs[n] or "'sin'" in exprs[n] for n in readers), exprs
+    assert all("'mul'" in exprs[n] for n in readers)  # the cheap scale went into the readers
+    assert len(mk.graph.ops) == 4, list(exprs)  # cos, sin, two rotations (the angles and s inlined)
+    for p in ([1, 2, 3], [40, 0, 7]):
+        args = (torch.randn(2, 4, 3, 8), torch.randn(2, 4, 3, 8), torch.tensor(p), torch.rand(8))
+        mk.poison()
+        for got, want in zip(mk(*args), model(*args)):
+            assert rel_err(got, want) <= 1e-5
