@@ -166,8 +166,8 @@ def _inline_producers(graph: Graph, shared: bool) -> int:
             continue
         if (len(users) > 1 and not shared) or (shared and out.numel > DUPLICATE_MAX_ELEMENTS):
             continue
-        if len(users) > 1 and _library(p):
-            continue
+        if len({u.outputs[0].buffer for u in users}) > 1 and _library(p):
+            continue  # pieces of one cat (one output buffer) are one reader: each computes its part
         if out.buffer in outputs:
             continue
         plans = {id(u): _plan_inline(u, p, position, writes) for u in users}
@@ -183,9 +183,9 @@ def _inline_producers(graph: Graph, shared: bool) -> int:
 
 def _library(p) -> bool:
     """Does p's expression call long library code (LIBRARY_OPS)? Then it is not recomputed in
-    each of several readers: once, in its own op, costs a small tile off the layers' critical
-    path (RoPE's cos and sin depend on the positions only) instead of inlined copies per element
-    in every reader."""
+    readers writing different outputs: once, in its own op, costs a small tile off the layers'
+    critical path (RoPE's cos and sin depend on the positions only) instead of inlined copies per
+    element in every reader (every layer's RoPE of q and k)."""
     return any(name in LIBRARY_OPS for name in op_names(p.attrs.expr))
 
 
