@@ -213,6 +213,7 @@ def attention_shim(mk):
     gl.inline_asm_elementwise = lambda *a: None
     gl.SwizzledSharedLayout = lambda *a, **k: None
     gl.static_range = range
+    ns["CTA_BARRIER"] = lambda: None
     gl.allocate_shared_memory = lambda dtype, shape, layout: _Shared(torch.full(shape, float("nan"), dtype=dtype))
 
     def copy(smem, ptr, mask=None):

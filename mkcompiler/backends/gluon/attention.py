@@ -58,7 +58,16 @@ if tiles.HAVE_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
-    from mkcompiler.backends.gluon.tiles import _V_ADDR, add, arg, view_base, view_field, view_size, view_stride
+    from mkcompiler.backends.gluon.tiles import (
+        _V_ADDR,
+        CTA_BARRIER,
+        add,
+        arg,
+        view_base,
+        view_field,
+        view_size,
+        view_stride,
+    )
 
     NEG_INF = gl.constexpr(float("-inf"))
     _Q, _K, _V, _MASK, _OUT = gl.constexpr(Q), gl.constexpr(K), gl.constexpr(V), gl.constexpr(MASK), gl.constexpr(OUT)
@@ -291,9 +300,11 @@ if tiles.HAVE_GLUON:
             # Keys and values NSTEP steps at a time into shared memory by cp.async (no registers
             # held; one memory latency per piece, not one per step), L2 asked for the next piece
             # meanwhile. Each thread reads back exactly the elements it copied (the copy and the
-            # read use L4), so its own wait_group is the only synchronisation.
+            # read use L3), so its own wait_group orders copy before read; a barrier orders the
+            # last piece's reads before the next piece's copies (cp.async writes asynchronously).
             for p0 in range(kv_lo, end, PIECE):
                 if CP_ASYNC:
+                    CTA_BARRIER()  # the previous piece (or row group) is read before it is overwritten
                     for jj in gl.static_range(NSTEP):
                         keysC = p0 + jj * STEP + keys3
                         okC = (keysC < end) & d_ok3
