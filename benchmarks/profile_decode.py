@@ -27,12 +27,14 @@ from examples.llama import random_llama  # noqa: E402
 from mkcompiler.ir.layout import Field  # noqa: E402
 
 
-def profile_variant(model, tok, pos, opts: dict, out: str, tag: str) -> dict:
-    """Compile, profile (stamps saved to out/stamps<tag>.npz, summary printed) and time one variant."""
+def profile_variant(model, tok, pos, opts: dict, out: str, tag: str, ref: torch.Tensor) -> dict:
+    """Compile, check against eager's logits `ref`, profile (stamps saved to out/stamps<tag>.npz,
+    summary printed) and time one variant."""
     t0 = time.perf_counter()
     mk = mkcompiler.compile(model, (tok, pos), **opts)
     print(f"compiled in {time.perf_counter() - t0:.1f} s, {len(mk.queue)} instructions", flush=True)
-    mk(tok, pos)
+    got = mk(tok, pos).float()
+    err = float((got - ref).norm() / ref.norm())
     for _ in range(3):
         prof = mk.profile(tok, pos)
     s = prof.stamps.astype(np.int64)
@@ -51,8 +53,12 @@ def profile_variant(model, tok, pos, opts: dict, out: str, tag: str) -> dict:
     span = prof.span() / 1e3  # us
     kernel = triton.testing.do_bench(mk.launch, warmup=20, rep=200, return_mode="median")
     call = triton.testing.do_bench(lambda: mk(tok, pos), warmup=20, rep=200, return_mode="median")
-    print(f"RESULT {opts}: kernel {kernel:.3f} ms, call {call:.3f} ms, profiled span {span / 1e3:.3f} ms", flush=True)
-    return {"options": opts, "kernel_ms": kernel, "call_ms": call, "span_ms": span / 1e3}
+    print(
+        f"RESULT {opts}: kernel {kernel:.3f} ms, call {call:.3f} ms, profiled span {span / 1e3:.3f} ms, "
+        f"logits rel err vs eager {err:.1e}",
+        flush=True,
+    )
+    return {"options": opts, "kernel_ms": kernel, "call_ms": call, "span_ms": span / 1e3, "rel_err": err}
 
 
 def main() -> None:
@@ -75,6 +81,8 @@ def main() -> None:
     model = random_llama(args.model, dtype=torch.bfloat16, device=dev, max_seq_len=args.ctx + 8, max_batch=args.batch)
     tok = torch.randint(0, model.c.vocab_size, (args.batch, 1), device=dev)
     pos = torch.tensor([args.ctx], device=dev)
+    with torch.no_grad():
+        ref = model(tok, pos).float()  # eager's logits (the step writes the same cache slot each call)
     variants = args.variant or [""]
     results = []
     for n, variant in enumerate(variants):
@@ -82,11 +90,13 @@ def main() -> None:
         tag = args.tag if len(variants) == 1 else f"{args.tag}_{n}"
         print(f"=== variant {n}: {opts}", flush=True)
         try:
-            results.append(profile_variant(model, tok, pos, opts, args.out, tag))
+            results.append(profile_variant(model, tok, pos, opts, args.out, tag, ref))
         except Exception as e:  # noqa: BLE001  (one variant failing must not lose the others' figures)
             print(f"variant {n} failed: {type(e).__name__}: {e}", flush=True)
     for r in results:
-        print(f"SUMMARY kernel {r['kernel_ms']:.3f} ms  call {r['call_ms']:.3f} ms  {r['options']}")
+        print(
+            f"SUMMARY kernel {r['kernel_ms']:.3f} ms  call {r['call_ms']:.3f} ms  err {r['rel_err']:.1e}  {r['options']}"
+        )
 
 
 if __name__ == "__main__":
