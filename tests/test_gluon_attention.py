@@ -47,8 +47,6 @@ CASES = {
     "gqa2_causal_4_rows_d48": Case(4, 2, 48, 4, 64, causal=True, split=False),
     "gqa8_d128_two_row_groups": Case(8, 1, 128, 1, 256),
     "gqa2_fp32_short_last_chunk": Case(4, 2, 32, 1, 300, mask="bool", dtype=torch.float32, rows=2),
-    # head rows of 40 B: no 16-byte cp.async copies (copies_whole_rows), keys loaded per step
-    "gqa2_d20_per_step_loads": Case(4, 2, 20, 1, 200, mask="bool", rows=2),
 }
 
 
@@ -118,17 +116,15 @@ def test_decode_attention_compiles_for_sm90_without_spills(compiled):
     assert isinstance(mk, GluonMegakernel) and not mk.launchable
     kinds = opcodes(mk)
     assert "attention" in kinds and ("attention_combine" in kinds) == c.split, kinds
-    # the packed rows held at once: R, BNW, VEC, KV_STAGE, KEY_BYTES, CP_ASYNC end the call
+    # the packed rows held at once: R, BNW, VEC, PF_STEPS end the call
     call = next(line for line in mk.source.splitlines() if "attention_tile(" in line)
-    assert int(call.rsplit(",", 7)[1]) == c.rows, call
+    assert int(call.rsplit(",", 5)[1]) == c.rows, call
     rep = codegen.compile_offline(mk.kernel, default_max_spin(interpret=False), keep_asm=True)
     print(f"\nsm_90 {c}: {rep['regs']} regs, {rep['spilled_bytes']} B spilled, {rep['shared']} B shared")
     assert rep["spilled_bytes"] == 0, rep["ptxas_log"]
     assert rep["regs"] > 0 and len(rep["setmaxnreg"]) >= 2, rep
-    if c.d % 8 == 0:  # keys and values copied in 16-byte units (the aligned views' hints reached them)
-        assert "cp.async.cg.shared.global" in rep["ptx"]
-    else:  # 40-byte head rows: no cp.async (copies_whole_rows), per-step loads
-        assert "cp.async.cg" not in rep["ptx"] and "cp.async.ca" not in rep["ptx"]
+    # keys and values in 16-byte loads (the aligned views' hints reached the loads)
+    assert "ld.global.v4.b32" in rep["ptx"]
 
 
 @needs_gluon
@@ -211,35 +207,8 @@ def attention_shim(mk):
     gl.convert_layout = lambda x, layout: x
     gl.multiple_of = lambda x, v: x
     gl.inline_asm_elementwise = lambda *a: None
-    gl.SwizzledSharedLayout = lambda *a, **k: None
-    gl.static_range = range
-    ns["CTA_BARRIER"] = lambda: None
-    gl.allocate_shared_memory = lambda dtype, shape, layout: _Shared(torch.full(shape, float("nan"), dtype=dtype))
-
-    def copy(smem, ptr, mask=None):
-        # cp.async: masked-off elements are not written (NaN from the allocation stays: the tile
-        # must not let them reach its results)
-        got = gl.load(ptr, mask=mask, other=0.0)
-        smem.t.copy_(torch.where(torch.as_tensor(mask).expand(got.shape), got, smem.t))
-
-    async_copy = types.SimpleNamespace(
-        async_copy_global_to_shared=copy, commit_group=lambda: None, wait_group=lambda n: None
-    )
-    ns.update(along=along, view_field=lambda views_ptr, v, f: Addr(views[int(v), f].clone()), async_copy=async_copy)
+    ns.update(along=along, view_field=lambda views_ptr, v, f: Addr(views[int(v), f].clone()))
     return shim
-
-
-@dataclass
-class _Shared:
-    """A shared-memory buffer of the shim: a tensor; .index(i) its i-th slice, .load its values."""
-
-    t: torch.Tensor
-
-    def index(self, i):
-        return _Shared(self.t[int(i)])
-
-    def load(self, layout):
-        return self.t.clone()
 
 
 def run_attention_on_the_cpu(mk, args, ok: int = 1):

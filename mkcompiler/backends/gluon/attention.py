@@ -13,11 +13,9 @@ slice of every key step (BNW keys) with its own online softmax for R packed rows
 (a row group; more rows: more groups, their keys read again from L2), the slices merged across warps
 once per row group (flash-decoding inside the CTA). So every key and value is loaded once per row
 group, by one warp, and every reduction of the key loop stays inside a warp (shuffles, no CTA
-barrier per step). Latency, not bandwidth, bounds a decode tile (a step is ~8 KB, and Gluon does not
-software-pipeline loops): keys and values are copied into shared memory KV_STAGE_BYTES at a time by
-cp.async, every copy of a piece issued before any is waited for (one memory latency per piece, no
-registers held), and L2 is asked for the next piece meanwhile (prefetch.global.L2, a hint). Rows
-that cp.async cannot copy in 16-byte units (strided or unaligned heads) are loaded per step.
+barrier per step). Latency, not bandwidth, bounds a decode tile (a step is ~8 KB): the next step's
+keys and values are loaded into registers before this step's math (Gluon does not software-pipeline
+loops), and L2 is asked PF_STEPS steps ahead of that (prefetch.global.L2, a hint).
 
 The split-KV chunks are attention_tile's (Attention.kv_range: chunks of the key's BN keys), so
 partials land where AttentionCombine (and the Triton backend's combine) expect them. Rows that keep
@@ -47,7 +45,7 @@ MODULE = "mkcompiler.backends.gluon.attention"
 WARP_KV_ELEMS = 1024
 WARP_PRODUCT_ELEMS = 2048
 MAX_ROWS = 4  # rows held at once (8 spilled at any BNW); more packed rows: row groups
-KV_STAGE_BYTES = 32 * 1024  # keys and values staged in shared memory at once (beside the weight ring)
+PF_STEPS = 4  # key steps asked of L2 ahead of the one loaded into registers (latency: 1 step is ~8 KB)
 # attention args (Attention.view_args + tile coords + instruction_tail)
 Q, K, V, MASK, OUT, B, HK, MB, PART, ML = range(10)
 # attention_combine args (AttentionCombine: inputs, output, coords)
@@ -56,18 +54,8 @@ C_PART, C_ML, C_OUT, C_B, C_H = range(5)
 if tiles.HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
-    from mkcompiler.backends.gluon.tiles import (
-        _V_ADDR,
-        CTA_BARRIER,
-        add,
-        arg,
-        view_base,
-        view_field,
-        view_size,
-        view_stride,
-    )
+    from mkcompiler.backends.gluon.tiles import _V_ADDR, add, arg, view_base, view_field, view_size, view_stride
 
     NEG_INF = gl.constexpr(float("-inf"))
     _Q, _K, _V, _MASK, _OUT = gl.constexpr(Q), gl.constexpr(K), gl.constexpr(V), gl.constexpr(MASK), gl.constexpr(OUT)
@@ -196,9 +184,7 @@ if tiles.HAVE_GLUON:
         R: gl.constexpr,
         BNW: gl.constexpr,
         VEC: gl.constexpr,
-        KV_STAGE: gl.constexpr,
-        KEY_BYTES: gl.constexpr,
-        CP_ASYNC: gl.constexpr,
+        PF_STEPS: gl.constexpr,
         num_warps: gl.constexpr,
     ):
         """One attention instruction (ops/attention.attention_tile's arithmetic: q scaled and rounded
@@ -215,12 +201,7 @@ if tiles.HAVE_GLUON:
         LO: gl.constexpr = gl.SliceLayout(1, LA)  # merged rows [R, BD]
         LR: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, LS))  # one value per row [R]
         STEP: gl.constexpr = S * BNW
-        # KV_STAGE bytes of keys and values (KEY_BYTES per key) staged at once, in whole steps
-        NSTEP: gl.constexpr = KV_STAGE // (STEP * KEY_BYTES) if KV_STAGE // (STEP * KEY_BYTES) > 1 else 1
-        PIECE: gl.constexpr = NSTEP * STEP
-        STAGE: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0])  # per step [S, BNW, BD]
-        ks = gl.allocate_shared_memory(K_DT, [NSTEP, S, BNW, BD], STAGE)
-        vs = gl.allocate_shared_memory(V_DT, [NSTEP, S, BNW, BD], STAGE)
+        AHEAD: gl.constexpr = PF_STEPS * STEP  # keys asked of L2 ahead of the step being loaded
         vq = arg(row, idx, _Q)
         vk = arg(row, idx, _K)
         vv = arg(row, idx, _V)
@@ -262,17 +243,11 @@ if tiles.HAVE_GLUON:
         dO = along(BD, 1, LO)
         keys4 = along(S, 1, L4) * BNW + along(BNW, 2, L4)  # [1, S, BNW, 1]: the step's key offsets
         keysS = along(S, 1, LS) * BNW + along(BNW, 2, LS)  # the same, as scores
-        # one step's keys and head dims as [S, BNW, BD] (L4 less its rows): what cp.async copies
-        L3: gl.constexpr = gl.SliceLayout(0, L4)
-        keys3 = along(S, 0, L3) * BNW + along(BNW, 1, L3)
-        d3 = along(BD, 2, L3)
         if D_EXACT:
             d_ok4 = d4 < BD
-            d_ok3 = d3 < BD
             d_okO = dO < BD
         else:
             d_ok4 = d4 < D
-            d_ok3 = d3 < D
             d_okO = dO < D
         for g in range(r0, n_rows, R):
             row4 = g + along(R, 0, L4)
@@ -297,60 +272,46 @@ if tiles.HAVE_GLUON:
             m_i = gl.full([R, S], NEG_INF, gl.float32, layout=gl.SliceLayout(2, LS))
             l_i = gl.zeros([R, S], gl.float32, layout=gl.SliceLayout(2, LS))
             acc = gl.zeros([R, S, BD], gl.float32, layout=LA)
-            # Keys and values NSTEP steps at a time into shared memory by cp.async (no registers
-            # held; one memory latency per piece, not one per step), L2 asked for the next piece
-            # meanwhile. Each thread reads back exactly the elements it copied (the copy and the
-            # read use L3), so its own wait_group orders copy before read; a barrier orders the
-            # last piece's reads before the next piece's copies (cp.async writes asynchronously).
-            for p0 in range(kv_lo, end, PIECE):
-                if CP_ASYNC:
-                    CTA_BARRIER()  # the previous piece (or row group) is read before it is overwritten
-                    for jj in gl.static_range(NSTEP):
-                        keysC = p0 + jj * STEP + keys3
-                        okC = (keysC < end) & d_ok3
-                        async_copy.async_copy_global_to_shared(ks.index(jj), k_ptr + (keysC * sk2 + d3 * sk3), mask=okC)
-                        async_copy.async_copy_global_to_shared(vs.index(jj), v_ptr + (keysC * sv2 + d3 * sv3), mask=okC)
-                    async_copy.commit_group()
-                if p0 + PIECE < end:
-                    prefetch_keys(k_ptr, sk2, sk3, p0 + PIECE, end, D, K_DT, PIECE, BD, num_warps)
-                    prefetch_keys(v_ptr, sv2, sv3, p0 + PIECE, end, D, V_DT, PIECE, BD, num_warps)
-                if CP_ASYNC:
-                    async_copy.wait_group(0)
-                for j in range(0, gl.minimum(NSTEP, (end - p0 + STEP - 1) // STEP)):
-                    n0 = p0 + j * STEP
-                    cols4 = n0 + keys4
-                    kv_ok = (cols4 < end) & d_ok4
-                    if CP_ASYNC:
-                        k = gl.expand_dims(ks.index(j).load(L3), 0)
-                        v = gl.expand_dims(vs.index(j).load(L3), 0)
-                        # masked-off copies wrote nothing: stale values must not reach s or P x V
-                        k = gl.where(kv_ok, k, 0.0)
-                        v = gl.where(kv_ok, v, 0.0)
+            if kv_lo < end:  # L2 gets the first AHEAD keys now, then each step's the window after
+                prefetch_keys(k_ptr, sk2, sk3, kv_lo, end, D, K_DT, AHEAD, BD, num_warps)
+                prefetch_keys(v_ptr, sv2, sv3, kv_lo, end, D, V_DT, AHEAD, BD, num_warps)
+            # step kv_lo's keys and values, loaded ahead (every step loads the next one's)
+            cols4 = kv_lo + keys4
+            kv_mask = (cols4 < end) & d_ok4
+            k_next = gl.load(k_ptr + (cols4 * sk2 + d4 * sk3), mask=kv_mask, other=0.0)
+            v_next = gl.load(v_ptr + (cols4 * sv2 + d4 * sv3), mask=kv_mask, other=0.0)
+            for n0 in range(kv_lo, end, STEP):
+                k = k_next
+                v = v_next
+                if n0 + AHEAD < end:
+                    prefetch_keys(k_ptr, sk2, sk3, n0 + AHEAD, end, D, K_DT, STEP, BD, num_warps)
+                    prefetch_keys(v_ptr, sv2, sv3, n0 + AHEAD, end, D, V_DT, STEP, BD, num_warps)
+                ahead = n0 + STEP + keys4
+                ahead_ok = (ahead < end) & d_ok4
+                k_next = gl.load(k_ptr + (ahead * sk2 + d4 * sk3), mask=ahead_ok, other=0.0)
+                v_next = gl.load(v_ptr + (ahead * sv2 + d4 * sv3), mask=ahead_ok, other=0.0)
+                colsS = n0 + keysS
+                keep = row_okS & (colsS < end)
+                if CAUSAL:
+                    keep = keep & (colsS <= qiS)
+                s = gl.reduce(q * k.to(DOT_DT).to(gl.float32), 3, add)  # [R, S, BNW]
+                if HAS_MASK:
+                    mval = gl.load(m_rows + colsS * sm3, mask=keep, other=0)
+                    if MASK_BOOL:
+                        keep = keep & (mval != 0)
                     else:
-                        k = gl.load(k_ptr + (cols4 * sk2 + d4 * sk3), mask=kv_ok, other=0.0)
-                        v = gl.load(v_ptr + (cols4 * sv2 + d4 * sv3), mask=kv_ok, other=0.0)
-                    colsS = n0 + keysS
-                    keep = row_okS & (colsS < end)
-                    if CAUSAL:
-                        keep = keep & (colsS <= qiS)
-                    s = gl.reduce(q * k.to(DOT_DT).to(gl.float32), 3, add)  # [R, S, BNW]
-                    if HAS_MASK:
-                        mval = gl.load(m_rows + colsS * sm3, mask=keep, other=0)
-                        if MASK_BOOL:
-                            keep = keep & (mval != 0)
-                        else:
-                            s = s + mval.to(gl.float32)
-                    s = gl.where(keep, s, NEG_INF)
-                    m_new = gl.maximum(m_i, gl.reduce(s, 2, maximum))
-                    m_safe = gl.where(m_new == NEG_INF, 0.0, m_new)  # slices with nothing kept yet
-                    p = gl.exp(s - gl.expand_dims(m_safe, 2))
-                    alpha = gl.exp(m_i - m_safe)
-                    l_i = l_i * alpha + gl.reduce(p, 2, add)
-                    p = gl.expand_dims(p.to(DOT_DT).to(gl.float32), 3)
-                    pv = gl.reduce(p * v.to(DOT_DT).to(gl.float32), 2, add)  # [R, S, BD]
-                    alpha = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(2, LA)), 2)
-                    acc = acc * alpha + pv
-                    m_i = m_new
+                        s = s + mval.to(gl.float32)
+                s = gl.where(keep, s, NEG_INF)
+                m_new = gl.maximum(m_i, gl.reduce(s, 2, maximum))
+                m_safe = gl.where(m_new == NEG_INF, 0.0, m_new)  # slices with nothing kept yet
+                p = gl.exp(s - gl.expand_dims(m_safe, 2))
+                alpha = gl.exp(m_i - m_safe)
+                l_i = l_i * alpha + gl.reduce(p, 2, add)
+                p = gl.expand_dims(p.to(DOT_DT).to(gl.float32), 3)
+                pv = gl.reduce(p * v.to(DOT_DT).to(gl.float32), 2, add)  # [R, S, BD]
+                alpha = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(2, LA)), 2)
+                acc = acc * alpha + pv
+                m_i = m_new
             # merge the S slices of each row (the only reductions across warps)
             big = gl.reduce(m_i, 1, maximum)  # [R]
             w = gl.exp(m_i - gl.expand_dims(gl.where(big == NEG_INF, 0.0, big), 1))
@@ -466,15 +427,6 @@ def kv_shape(key, rows: int) -> tuple[int, int, int]:
     return r, bnw, vec
 
 
-def copies_whole_rows(key, vec: int, d_vec: bool) -> bool:
-    """Can attention_tile stage K and V by cp.async? Its copies are 16 bytes, so each thread's
-    VEC head-dim elements must be 16 contiguous, aligned bytes of unit-stride rows (else the tile
-    loads each step's keys and values into registers)."""
-    _, k_unit, v_unit, _, _, _, k_al, v_al, _, _ = key.units
-    same = key.k.itemsize == key.v.itemsize
-    return bool(k_unit and v_unit and k_al and v_al and d_vec and same and vec * key.k.itemsize == 16)
-
-
 def head_dims_of(queue: Queue, opcode: int) -> set[int]:
     """The head dims (q's last dim) of this attention opcode's instructions."""
     views = {
@@ -494,8 +446,7 @@ def _emit_attention(key, opcode: int, queue: Queue) -> Emitted:
         "",
         f"attention_tile(row, views_ptr, idx, ok, {dts}, {key.mask is not None}, {key.mask == torch.bool}, "
         f"{key.causal}, {key.scale!r}, {key.group}, {key.bm}, {key.bn}, {key.bd}, {key.split}, "
-        f"{', '.join(map(str, key.units))}, {d_vec}, {r}, {bnw}, {vec}, {KV_STAGE_BYTES}, "
-        f"{key.bd * (key.k.itemsize + key.v.itemsize)}, {copies_whole_rows(key, vec, d_vec)}, num_warps)",
+        f"{', '.join(map(str, key.units))}, {d_vec}, {r}, {bnw}, {vec}, {PF_STEPS}, num_warps)",
     )
 
 
