@@ -149,9 +149,8 @@ def _inline_producers(graph: Graph, shared: bool) -> int:
     (nothing is recomputed). `shared`: small producers (at most DUPLICATE_MAX_ELEMENTS) without
     library calls (_library) are recomputed inside each of their readers (a split-K sum read by
     RoPE's pieces and product costs no stage of its own). Each reading view must be a window of
-    the producer's output
-    (transfer), the result must fit the reader's instruction, and no op between the producer and
-    the reader may write the producer's inputs (in-place state updates)."""
+    the producer's output (transfer), the result must fit the reader's instruction, and no op
+    between the producer and the reader may write the producer's inputs (in-place state updates)."""
     outputs, readers = graph.output_buffers(), graph.readers()
     position = {id(op): i for i, op in enumerate(graph.ops)}
     writes: dict[int, list[int]] = {}
