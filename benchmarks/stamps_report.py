@@ -4,6 +4,7 @@ Gantt picture, for which the queue is rebuilt here with the same options (it mus
 instructions as the stamps).
 
     python benchmarks/stamps_report.py OUT/stamps_v2.npz --layer 8
+    python benchmarks/stamps_report.py OUT/stamps_v2.npz --kinds --slow   # per tile kind; slow tiles' workers
     python benchmarks/stamps_report.py OUT/stamps_v2.npz --gantt docs/x.png --opt waits=acquire --opt fuse_norm=True
 """
 
@@ -49,6 +50,43 @@ def stages(path: str, layer: int) -> list[str]:
     return out
 
 
+def kind_medians(path: str) -> list[str]:
+    """One line per opcode: its instructions and their median ready->end time (us): the figure to
+    compare between backends or trees (two runs' opcodes are named the same when their ops are)."""
+    d = np.load(path, allow_pickle=True)
+    s, kinds = d["stamps"].astype(np.int64), d["kinds"]
+    times = collections.defaultdict(list)
+    for i, k in enumerate(kinds):
+        times[str(k)].append((s[i, 3] - s[i, 2]) / 1e3)
+    out = [f"{'opcode':34s} {'tiles':>6s} {'median us':>9s}"]
+    out += [f"{k[:34]:34s} {len(v):6d} {np.median(v):9.2f}" for k, v in times.items()]
+    return out
+
+
+def slow_tiles(path: str, factor: float = 1.6, min_tiles: int = 32) -> list[str]:
+    """Per op with at least `min_tiles` tiles: those slower than `factor` x the op's median, and the
+    workers that ran them (a group of workers streaming at a lower rate shows here: session 13)."""
+    d = np.load(path, allow_pickle=True)
+    s, names = d["stamps"].astype(np.int64), d["op_names"]
+    by_op = collections.defaultdict(list)
+    for i, n in enumerate(names):
+        by_op[str(n)].append(i)
+    out = []
+    for n, idx in by_op.items():
+        if len(idx) < min_tiles:
+            continue
+        t = (s[idx, 3] - s[idx, 2]) / 1e3
+        med = float(np.median(t))
+        slow = [i for i, ti in zip(idx, t) if ti > factor * med]
+        if slow:
+            workers = sorted({int(s[i, 0]) for i in slow})
+            worst = max((s[i, 3] - s[i, 2]) / 1e3 for i in slow)
+            out.append(
+                f"{n}: {len(slow)} of {len(idx)} tiles > {factor} x median {med:.2f} us (max {worst:.2f}), workers {workers}"
+            )
+    return out or [f"no op has tiles slower than {factor} x its median"]
+
+
 def gantt(path: str, png: str, opts: dict, title: str, ctx: int) -> None:
     import sys
 
@@ -78,8 +116,14 @@ def main() -> None:
     p.add_argument("--opt", action="append", default=[], help="compile option k=v of the profiled run")
     p.add_argument("--title", default="Llama-3.2-1B decode step")
     p.add_argument("--ctx", type=int, default=512, help="profile_decode.py's --ctx")
+    p.add_argument("--kinds", action="store_true", help="median tile time per opcode")
+    p.add_argument("--slow", action="store_true", help="tiles slower than 1.6 x their op's median, with their workers")
     a = p.parse_args()
     print("\n".join(stages(a.stamps, a.layer)))
+    if a.kinds:
+        print("\n".join(kind_medians(a.stamps)))
+    if a.slow:
+        print("\n".join(slow_tiles(a.stamps)))
     if a.gantt:
         from decode_latency import compile_options  # this directory: run as a script
 
