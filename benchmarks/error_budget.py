@@ -171,12 +171,9 @@ def _kernel_attention_reference(self, node, coords, tensor_of):
     """Attention.reference with the kernel's roundings (ops/attention.py attention_tile): q * scale
     rounded to the dot dtype (bf16) before QK^T, and P rounded to it before P @ V; the row sum
     stays unrounded (fp32 in the kernel)."""
-    q, k, v, mask = node.inputs
-    b, hk, _, p = coords
-    ks = slice(*self.kv_range(node, p))
-    kk = tensor_of(k)[b, hk, ks].double()
-    vv = tensor_of(v)[b, hk, ks].double()
-    ob = p * q.shape[0] + b
+    q, _, _, mask = node.inputs
+    b = coords[0]
+    ks, kk, vv, ob = self.kv_block(node, coords, tensor_of)
     for h, q0, q1 in self.row_segments(node, coords):
         rs = slice(q0, q1)
         qs = (tensor_of(q)[b, h, rs].float() * node.attrs.scale).to(q.dtype).double()

@@ -484,13 +484,18 @@ class Attention(OpFamily):
         split = f" kv{self.kv_range(node, p)[0]}:" if self.splits(node) > 1 else ""
         return f"{node.name}[b{b} kvh{hk} {heads} r{m * bm}:+{bm}{split}]"
 
-    def reference(self, node, coords, tensor_of):
-        q, k, v, mask = node.inputs
+    def kv_block(self, node, coords, tensor_of) -> tuple[slice, torch.Tensor, torch.Tensor, int]:
+        """A tile's keys: (their slice of the cache, its K and V rows of the tile's kv head in fp64,
+        the output's batch row: the chunk's partials of batch b sit at p x B + b)."""
+        q, k, v, _ = node.inputs
         b, hk, _, p = coords
         ks = slice(*self.kv_range(node, p))
-        kk = tensor_of(k)[b, hk, ks].double()
-        vv = tensor_of(v)[b, hk, ks].double()
-        ob = p * q.shape[0] + b
+        return ks, tensor_of(k)[b, hk, ks].double(), tensor_of(v)[b, hk, ks].double(), p * q.shape[0] + b
+
+    def reference(self, node, coords, tensor_of):
+        q, k, _, mask = node.inputs
+        b = coords[0]
+        ks, kk, vv, ob = self.kv_block(node, coords, tensor_of)
         for h, q0, q1 in self.row_segments(node, coords):
             rs = slice(q0, q1)
             s = (tensor_of(q)[b, h, rs].double() * node.attrs.scale) @ kk.T
