@@ -58,8 +58,8 @@ def cheap(mm: OpNode, inputs: list) -> bool:
 
 def fuse_into_matmul_a(graph: Graph, settings: Settings) -> Graph:
     """Give each decode matmul whose A an elementwise producer computes that producer's
-    expression (module docstring). Only the Triton backend's tile computes an A expression."""
-    if not settings.fuse_matmul_a or settings.backend != "triton":
+    expression (module docstring)."""
+    if not settings.fuse_matmul_a:
         return graph
     outputs, readers = graph.output_buffers(), graph.readers()
     position = {id(op): i for i, op in enumerate(graph.ops)}

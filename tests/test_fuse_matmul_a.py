@@ -4,6 +4,8 @@ The kernel (interpreter) must give the same values as the graph compiled without
 both must match eager; the producer leaves the path from the previous matmul to the next."""
 
 import copy
+import os
+import warnings
 
 import pytest
 import torch
@@ -11,7 +13,13 @@ import torch.nn.functional as F
 from mkcompiler.ops.matmul import MAX_A_INPUTS
 
 import mkcompiler
-from tests.helpers import rel_err
+from mkcompiler.backends.gluon import codegen, tiles
+from mkcompiler.ir.settings import default_max_spin
+from mkcompiler.runtime.gluon import GluonFallbackWarning, GluonMegakernel
+from mkcompiler.tools.offline import compile_sm90, format_report
+from tests.helpers import reference, rel_err
+
+needs_gluon = pytest.mark.skipif(not tiles.HAVE_GLUON, reason="triton.experimental.gluon not importable")
 
 
 class GatedMLP(torch.nn.Module):
@@ -47,7 +55,7 @@ class GeluProjection(torch.nn.Module):
 
 
 def compile_both(model, args, **options):
-    fused = mkcompiler.compile(model, args, cache=False, **options)
+    fused = mkcompiler.compile(model, args, cache=False, fuse_matmul_a=True, **options)
     plain = mkcompiler.compile(copy.deepcopy(model), args, cache=False, fuse_matmul_a=False, **options)
     return fused, plain
 
@@ -120,7 +128,7 @@ def test_library_calls_are_read_not_recomputed():
 def test_several_rows_read_their_a(rows):
     torch.manual_seed(0)
     model = GatedMLP()
-    fused = mkcompiler.compile(model, (torch.randn(rows, 64),), cache=False)
+    fused = mkcompiler.compile(model, (torch.randn(rows, 64),), cache=False, fuse_matmul_a=True)
     assert all(e is None for e in matmul_exprs(fused))
 
 
@@ -129,8 +137,51 @@ def test_too_many_inputs_keep_the_producer():
     torch.manual_seed(0)
     model = GatedMLP()
     h = torch.randn(1, 64)
-    fused = mkcompiler.compile(model, (h,), cache=False, split_k=MAX_A_INPUTS)
+    fused = mkcompiler.compile(model, (h,), cache=False, split_k=MAX_A_INPUTS, fuse_matmul_a=True)
     adds = [e for e in matmul_exprs(fused) if e is not None and e[1] == "add"]
     assert not adds
     fused.poison()
     assert rel_err(fused(h), model(h)) < 1e-4
+
+
+def _bf16_mlp(device="cpu"):
+    torch.manual_seed(0)
+    return GatedMLP(dim=256, hidden=512).to(device, torch.bfloat16), torch.randn(
+        1, 256, dtype=torch.bfloat16, device=device
+    )
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU-only check (offline compile)")
+def test_triton_kernel_compiles_for_sm90_without_spills():
+    model, h = _bf16_mlp()
+    mk = mkcompiler.compile(model, (h,), interpret=False, num_workers=132, cache=False, fuse_matmul_a=True)
+    assert sum(e is not None for e in matmul_exprs(mk)) >= 3
+    r = compile_sm90(mk.source)
+    assert r["regs"] > 0 and r["spilled_bytes"] == 0 and r["local"] == 0, format_report(r)
+
+
+@needs_gluon
+def test_gluon_kernel_compiles_for_sm90_without_spills():
+    model, h = _bf16_mlp()
+    mk = mkcompiler.compile(
+        model, (h,), backend="gluon", interpret=False, num_workers=132, cache=False, fuse_matmul_a=True
+    )
+    assert isinstance(mk, GluonMegakernel) and "_a_load" in mk.source
+    r = codegen.compile_offline(mk.kernel, default_max_spin(interpret=False))
+    assert r["regs"] > 0 and r["spilled_bytes"] == 0, r
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "gluon"])
+def test_gpu_decode_matches_the_unfused_kernel_and_eager(backend):
+    model, h = _bf16_mlp("cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GluonFallbackWarning)  # the Gluon case must run on Gluon
+        fused, plain = compile_both(model, (h,), backend=backend)
+    assert sum(e is not None for e in matmul_exprs(fused)) >= 3
+    for seed in range(3):  # fresh inputs, repeated calls
+        torch.manual_seed(100 + seed)
+        h = torch.randn(1, 256, dtype=torch.bfloat16, device="cuda")
+        got = fused(h)
+        assert torch.equal(got, plain(h))  # the same roundings in the same order
+        assert rel_err(got, reference(model, [h])) <= 3e-2

@@ -43,6 +43,8 @@ from mkcompiler.ir.graph import Graph
 from mkcompiler.ir.layout import Field, ViewField
 from mkcompiler.ir.queue import Queue
 from mkcompiler.ops.base import next_pow2, tl_dtype
+from mkcompiler.ops.elementwise import expr_source
+from mkcompiler.ops.matmul import A_MORE_ARG
 from mkcompiler.ops.registry import FAMILIES
 
 LOADER_WARPS = 1
@@ -68,13 +70,24 @@ def _matmul_problem(key) -> str | None:
     norm = key.norm
     if norm is not None and (not norm.rms or norm.bias_dtype is not None):
         return "a folded LayerNorm or norm bias"
+    if key.a_expr is not None:
+        from mkcompiler.backends.gluon.elementwise import expr_problem
+
+        why = expr_problem(key.a_expr.expr)
+        if why is not None:
+            return f"an A expression calling {why}"
     return None
 
 
 def _emit_matmul(key, opcode: int, queue: Queue) -> Emitted:
     if prefill.large(key):
         return prefill.emit(key, opcode, queue)
-    return Emitted("", matmul_call(key, _row_counts(queue).get(opcode, 1)))
+    call = matmul_call(key, _row_counts(queue).get(opcode, 1))
+    if key.a_expr is None:
+        return Emitted("", call)
+    name = f"op{opcode}"
+    call = call.removesuffix(")") + f", A_PTRS={name}_a_ptrs, A_LOAD={name}_a_load)"
+    return Emitted(matmul_a_routines(key.a_expr, key.a, name), call)
 
 
 def _problem(key) -> str | None:
@@ -245,6 +258,7 @@ from mkcompiler.backends.gluon.tiles import (
     tma_field,
     view_base,
     view_numel,
+    view_stride,
     wait_rows,
 )
 
@@ -363,6 +377,44 @@ def matmul_call(key, rows: int) -> str:
         f"{norm.eps if norm is not None else 0.0!r}, {gl_dtype(norm.h_dtype if norm else torch.float32)}, {has_nw}, "
         f"{gl_dtype(norm.weight_dtype if has_nw else torch.float32)}, {next_pow2(rows)}, num_warps)"
     )
+
+
+def matmul_a_routines(key, a_dtype: torch.dtype, name: str) -> str:
+    """The Gluon twin of ops/matmul.a_expr_routines: `{name}_a_ptrs` (each input's base and K
+    stride, addressed before the wait) and `{name}_a_load` (A's one row at columns kk, any
+    layout: tiles._load_a's A_LOAD), the expression's lines translated (elementwise.gluon_line)."""
+    from mkcompiler.backends.gluon.elementwise import gluon_line
+
+    ptrs, loads = [], []
+    for i, (dt, k_unit) in enumerate(zip(key.in_dtypes, key.k_units)):
+        slot = 0 if i == 0 else A_MORE_ARG + i - 1
+        ptrs += [
+            f"    v{i} = arg(row, idx, {slot})",
+            f"    b{i} = view_base(views_ptr, v{i}, {gl_dtype(dt)})",
+            f"    k{i} = {'1' if k_unit else f'view_stride(views_ptr, v{i}, 3)'}",
+        ]
+        loads.append(
+            f"    x{i} = gl.load(ref[{2 * i}] + kk * ref[{2 * i + 1}], mask=mask, other=0.0, "
+            'cache_modifier=".cg").to(gl.float32)'
+        )
+    lines, result = expr_source(key.expr, len(key.in_dtypes))
+    together = ", ".join(f"b{i}, k{i}" for i in range(len(key.in_dtypes)))
+    src = [
+        "",
+        "",
+        "@gluon.jit",
+        f"def {name}_a_ptrs(row, idx, views_ptr):",
+        *ptrs,
+        f"    return ({together})",
+        "",
+        "",
+        "@gluon.jit",
+        f"def {name}_a_load(ref, kk, mask):",
+        *loads,
+        *(f"    {gluon_line(line)}" for line in lines),
+        f"    return gl.where(mask, {result}, 0.0).to({gl_dtype(a_dtype)})",
+    ]
+    return "\n".join(src) + "\n"
 
 
 def generate(queue: Queue, num_descriptors: int, num_prefill: int = 0) -> str:
