@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from mkcompiler.ops.attention import combine_partials
 from mkcompiler.ops.base import (
     ALIGN_BYTES,
     OpFamily,
@@ -410,6 +411,16 @@ class FoldedNorm:
     name: str = ""  # the norm op's (reports)
 
 
+@dataclass(frozen=True)
+class CombinedA:
+    """A = attention_combine(partials, max_and_sum) for one batch row, flattened over (head, dim):
+    column c is head c // head_dim, dim c % head_dim (ops/attention.combine_partials)."""
+
+    splits: int  # key chunks P: partials [P, H, 1, D]
+    head_dim: int
+    dtype: torch.dtype  # the combine's output dtype: A's
+
+
 @dataclass
 class MatmulAttrs:
     norm: FoldedNorm | None = None  # passes/fuse_norm.py
@@ -423,6 +434,9 @@ class MatmulAttrs:
     # A computed by the tile from its producer's inputs (passes/fuse_matmul_a.py): an elementwise
     # expression (ops/elementwise.py) over Matmul.a_inputs, rounded to its root's dtype.
     a_expr: tuple | None = None
+    # A is a split-KV attention's combined output, computed by the tile from the chunks' partials
+    # (passes/fuse_matmul_a.py): node.inputs[A_MORE:] are the partials and their (max, sum).
+    a_combine: CombinedA | None = None
 
 
 class MatmulInputs(NamedTuple):
@@ -457,6 +471,13 @@ class AExprKey(NamedTuple):
     k_units: tuple[bool, ...]  # each input's K stride is 1 (a literal stride in the loads)
 
 
+class ACombineKey(NamedTuple):
+    """What a tile computing A from split-KV partials (MatmulAttrs.a_combine) specialises on."""
+
+    splits: int
+    head_dim: int
+
+
 class MatmulKey(NamedTuple):
     kind: str
     a: torch.dtype
@@ -470,6 +491,7 @@ class MatmulKey(NamedTuple):
     norm: FoldedNormKey | None
     b_fixed: bool  # MatmulAttrs.b_fixed
     a_expr: AExprKey | None = None
+    a_combine: ACombineKey | None = None
 
 
 def a_expr_routines(key: AExprKey, a_dtype: torch.dtype, name: str) -> str:
@@ -508,6 +530,47 @@ def a_expr_routines(key: AExprKey, a_dtype: torch.dtype, name: str) -> str:
         f"    return tl.where(row_ok & col_ok, {result}, 0.0).to({tl_dtype(a_dtype)})",
     ]
     return "\n".join(src) + "\n\n\n"
+
+
+def a_combine_routines(key: ACombineKey, a_dtype: torch.dtype, name: str) -> str:
+    """Source of `{name}_a_ptrs` and `{name}_a_load` (as a_expr_routines) for A = the split-KV
+    combine of attention partials [P, H, 1, D] and their (max, sum) [P, H, 1, 2]: column c is
+    head c // D, dim c % D, computed as ops/attention.attention_combine_rows computes it (the
+    same fp32 operations in the same order), in A's one row."""
+    return (
+        "\n".join(
+            [
+                "@triton.jit",
+                f"def {name}_a_ptrs(row_ptr, addrs_ptr, views_ptr):",
+                f"    vp = arg(row_ptr, {A_MORE_ARG})",
+                f"    vm = arg(row_ptr, {A_MORE_ARG + 1})",
+                "    part = view_base(addrs_ptr, views_ptr, vp, tl.float32)",
+                "    ml = view_base(addrs_ptr, views_ptr, vm, tl.float32)",
+                "    return (part, view_stride(views_ptr, vp, 0), view_stride(views_ptr, vp, 1), view_stride(views_ptr, vp, 3),",
+                "            ml, view_stride(views_ptr, vm, 0), view_stride(views_ptr, vm, 1), view_stride(views_ptr, vm, 3))",
+                "",
+                "",
+                "@triton.jit",
+                f"def {name}_a_load(ref, rows, cols, row_ok, col_ok):",
+                f"    head = cols // {key.head_dim}",
+                f"    part = ref[0] + head * ref[2] + (cols % {key.head_dim}) * ref[3]",
+                "    ml = ref[4] + head * ref[6]",
+                "    big = tl.load(ml, mask=col_ok, other=float('-inf'))",
+                f"    for p in tl.static_range(1, {key.splits}):",
+                "        big = tl.maximum(big, tl.load(ml + p * ref[5], mask=col_ok, other=float('-inf')))",
+                "    big = tl.where(big == float('-inf'), 0.0, big)",
+                "    acc = tl.zeros_like(big)",
+                "    total = tl.zeros_like(big)",
+                f"    for p in tl.static_range(0, {key.splits}):",
+                "        w = tl.exp(tl.load(ml + p * ref[5], mask=col_ok, other=float('-inf')) - big)",
+                "        total += w * tl.load(ml + p * ref[5] + ref[7], mask=col_ok, other=0.0)",
+                "        acc += w * tl.load(part + p * ref[1], mask=col_ok, other=0.0)",
+                "    out = acc / tl.where(total > 0, total, 1.0)",
+                f"    return tl.where(row_ok & col_ok, out, 0.0).to({tl_dtype(a_dtype)})",
+            ]
+        )
+        + "\n\n\n"
+    )
 
 
 def _norm_reference(x, node, tensor_of):
@@ -600,7 +663,9 @@ class Matmul(OpFamily):
 
     @staticmethod
     def a_dtype(node) -> torch.dtype:
-        expr = node.attrs.a_expr
+        expr, combine = node.attrs.a_expr, node.attrs.a_combine
+        if combine is not None:
+            return combine.dtype
         return expr[2] if expr is not None else node.inputs[0].dtype
 
     def key(self, node):
@@ -635,6 +700,7 @@ class Matmul(OpFamily):
             self.norm_key(node),
             node.attrs.b_fixed,
             self.a_expr_key(node),
+            ACombineKey(c.splits, c.head_dim) if (c := node.attrs.a_combine) is not None else None,
         )
 
     def a_expr_key(self, node) -> AExprKey | None:
@@ -689,8 +755,11 @@ class Matmul(OpFamily):
                 f"{norm.in_loop}, {norm.weight_flat}, {norm.bias_flat}"
             )
         routines, a_fns = "", ""
-        if key.a_expr is not None:
-            routines = a_expr_routines(key.a_expr, key.a, name)
+        if key.a_expr is not None or key.a_combine is not None:
+            if key.a_expr is not None:
+                routines = a_expr_routines(key.a_expr, key.a, name)
+            else:
+                routines = a_combine_routines(key.a_combine, key.a, name)
             a_fns = f", A_PTRS={name}_a_ptrs, A_LOAD={name}_a_load"
         return routines, (  # {wait}: the tile's own wait (early_wait), or None
             f"matmul_tile({{row}}, {{addrs}}, {{views}}, ({', '.join(map(tl_dtype, dts))}), {bias is not None}, "
@@ -741,7 +810,7 @@ class Matmul(OpFamily):
             reads.append(box_access(bias, (cols,)))
         # A folded norm reads whole rows of x (its statistics), and its weight and bias.
         a_ks = (0, a.shape[1]) if node.attrs.norm is not None else ks
-        reads += [box_access(x, (rows, a_ks)) for x in self.a_inputs(node)]
+        reads += self.a_reads(node, rows, a_ks)
         reads += [whole(v) for v in (ins.norm_weight, ins.norm_bias) if v is not None]
         out = box_access(c, ((s, s + 1), rows, cols)) if c.rank == 3 else box_access(c, (rows, cols))
         return reads, [out]
@@ -758,6 +827,8 @@ class Matmul(OpFamily):
         k0, k1 = self.k_range(node, s)
         k = k1 - k0
         a_bytes = sum(x.dtype.itemsize for x in self.a_inputs(node))
+        if node.attrs.a_combine is not None:  # every chunk's partial (fp32) per column
+            a_bytes = 4 * node.attrs.a_combine.splits
         nbytes = rows * k * a_bytes + k * cols * b.dtype.itemsize + rows * cols * c.dtype.itemsize
         if bias is not None:
             nbytes += cols * bias.dtype.itemsize
@@ -768,10 +839,23 @@ class Matmul(OpFamily):
         split = f", k{self.k_range(node, coords[2])[0]}:" if self.splits(node) > 1 else ""
         return f"{node.name}[m{coords[0] * bm}:+{bm}, n{coords[1] * bn}:+{bn}{split}]"
 
+    def a_reads(self, node, rows: tuple[int, int], ks: tuple[int, int]) -> list:
+        """What the tile reads for A's rows x columns ks: A, an A expression's inputs there, or the
+        split-KV partials (and their max and sum) of the heads those columns belong to."""
+        combine = node.attrs.a_combine
+        if combine is None:
+            return [box_access(x, (rows, ks)) for x in self.a_inputs(node)]
+        part, ml = node.inputs[A_MORE:]
+        heads = (ks[0] // combine.head_dim, cdiv(ks[1], combine.head_dim))
+        return [box_access(v, ((0, v.shape[0]), heads, (0, 1), (0, v.shape[3]))) for v in (part, ml)]
+
     def a_value(self, node, rs: slice, tensor_of) -> torch.Tensor:
         """Rows rs of A: read, or computed by its expression as the tile does (fp32, each node
         rounded to its dtype)."""
-        expr = node.attrs.a_expr
+        expr, combine = node.attrs.a_expr, node.attrs.a_combine
+        if combine is not None:
+            part, ml = (tensor_of(v)[:, :, 0] for v in node.inputs[A_MORE:])
+            return combine_partials(part, ml).reshape(1, -1)[rs].to(combine.dtype)
         if expr is None:
             return tensor_of(node.inputs[0])[rs]
         ins = [tensor_of(v)[rs] for v in self.a_inputs(node)]

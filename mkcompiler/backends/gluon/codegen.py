@@ -83,11 +83,13 @@ def _emit_matmul(key, opcode: int, queue: Queue) -> Emitted:
     if prefill.large(key):
         return prefill.emit(key, opcode, queue)
     call = matmul_call(key, _row_counts(queue).get(opcode, 1))
-    if key.a_expr is None:
+    if key.a_expr is None and key.a_combine is None:
         return Emitted("", call)
     name = f"op{opcode}"
     call = call.removesuffix(")") + f", A_PTRS={name}_a_ptrs, A_LOAD={name}_a_load)"
-    return Emitted(matmul_a_routines(key.a_expr, key.a, name), call)
+    if key.a_expr is not None:
+        return Emitted(matmul_a_routines(key.a_expr, key.a, name), call)
+    return Emitted(matmul_a_combine_routines(key.a_combine, key.a, name), call)
 
 
 def _problem(key) -> str | None:
@@ -415,6 +417,48 @@ def matmul_a_routines(key, a_dtype: torch.dtype, name: str) -> str:
         f"    return gl.where(mask, {result}, 0.0).to({gl_dtype(a_dtype)})",
     ]
     return "\n".join(src) + "\n"
+
+
+def matmul_a_combine_routines(key, a_dtype: torch.dtype, name: str) -> str:
+    """The Gluon twin of ops/matmul.a_combine_routines: A's row at columns kk combined from the
+    split-KV partials, with attention_combine_rows' fp32 operations in its order."""
+    d = key.head_dim
+    return (
+        "\n".join(
+            [
+                "",
+                "",
+                "@gluon.jit",
+                f"def {name}_a_ptrs(row, idx, views_ptr):",
+                f"    vp = arg(row, idx, {A_MORE_ARG})",
+                f"    vm = arg(row, idx, {A_MORE_ARG + 1})",
+                "    part = view_base(views_ptr, vp, gl.float32)",
+                "    ml = view_base(views_ptr, vm, gl.float32)",
+                "    return (part, view_stride(views_ptr, vp, 0), view_stride(views_ptr, vp, 1), view_stride(views_ptr, vp, 3),",
+                "            ml, view_stride(views_ptr, vm, 0), view_stride(views_ptr, vm, 1), view_stride(views_ptr, vm, 3))",
+                "",
+                "",
+                "@gluon.jit",
+                f"def {name}_a_load(ref, kk, mask):",
+                f"    head = kk // {d}",
+                f"    part = ref[0] + head * ref[2] + (kk % {d}) * ref[3]",
+                "    ml = ref[4] + head * ref[6]",
+                "    big = gl.load(ml, mask=mask, other=float('-inf'), cache_modifier='.cg')",
+                f"    for p in gl.static_range(1, {key.splits}):",
+                "        big = gl.maximum(big, gl.load(ml + p * ref[5], mask=mask, other=float('-inf'), cache_modifier='.cg'))",
+                "    big = gl.where(big == float('-inf'), 0.0, big)",
+                "    acc = gl.zeros_like(big)",
+                "    total = gl.zeros_like(big)",
+                f"    for p in gl.static_range(0, {key.splits}):",
+                "        w = gl.exp(gl.load(ml + p * ref[5], mask=mask, other=float('-inf'), cache_modifier='.cg') - big)",
+                "        total += w * gl.load(ml + p * ref[5] + ref[7], mask=mask, other=0.0, cache_modifier='.cg')",
+                "        acc += w * gl.load(part + p * ref[1], mask=mask, other=0.0, cache_modifier='.cg')",
+                "    out = acc / gl.where(total > 0, total, 1.0)",
+                f"    return gl.where(mask, out, 0.0).to({gl_dtype(a_dtype)})",
+            ]
+        )
+        + "\n"
+    )
 
 
 def generate(queue: Queue, num_descriptors: int, num_prefill: int = 0) -> str:
