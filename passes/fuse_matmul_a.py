@@ -24,7 +24,7 @@ import dataclasses
 
 from mkcompiler.ops.elementwise import has_positional
 from mkcompiler.ops.matmul import A_MORE, MAX_A_INPUTS, CombinedA
-from mkcompiler.passes.fuse import _library, reindex, sole_writers, transfer_inputs, written_between
+from mkcompiler.passes.fuse import calls_library, op_positions, reindex, sole_writers, transfer_inputs, written_between
 
 from mkcompiler.ir.graph import Graph, OpNode, View
 from mkcompiler.ir.settings import Settings
@@ -47,7 +47,7 @@ def has_constant_node(expr) -> bool:
 def computable(p: OpNode) -> bool:
     """Can a matmul tile compute p's expression in place of reading p's output?"""
     expr = p.attrs.expr
-    return expr[0] == "op" and not has_positional(expr) and not _library(p) and not has_constant_node(expr)
+    return expr[0] == "op" and not has_positional(expr) and not calls_library(p) and not has_constant_node(expr)
 
 
 def cheap(mm: OpNode, inputs: list) -> bool:
@@ -109,11 +109,7 @@ def fuse_into_matmul_a(graph: Graph, settings: Settings) -> Graph:
     if not settings.fuse_matmul_a:
         return graph
     outputs, readers = graph.output_buffers(), graph.readers()
-    position = {id(op): i for i, op in enumerate(graph.ops)}
-    writes: dict[int, list[int]] = {}
-    for i, op in enumerate(graph.ops):
-        for o in op.outputs:
-            writes.setdefault(o.buffer, []).append(i)
+    position, writes = op_positions(graph)
     sole, combines = sole_writers(graph), _combine_writers(graph)
     taken: dict[int, tuple[OpNode, set[int]]] = {}  # producer id -> (it, ids of the matmuls that took it)
     for mm in graph.ops:

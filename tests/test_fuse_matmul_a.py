@@ -20,6 +20,7 @@ from mkcompiler.ir.settings import default_max_spin
 from mkcompiler.runtime.gluon import GluonFallbackWarning, GluonMegakernel
 from mkcompiler.tools.offline import compile_sm90, format_report
 from tests.helpers import rel_err
+from tests.test_fuse_cat import op_levels
 
 needs_gluon = pytest.mark.skipif(not tiles.HAVE_GLUON, reason="triton.experimental.gluon not importable")
 
@@ -97,20 +98,7 @@ def test_the_gate_and_the_residual_sum_leave_the_chain():
 
 def _longest_chain(mk) -> int:
     """Ops on the longest dependency chain of the op graph."""
-    import functools
-
-    dag = mk.dag
-    preds: dict[int, set[int]] = {}
-    for a, b in dag.edges:
-        oa, ob = dag.tasks[a].op, dag.tasks[b].op
-        if oa != ob:
-            preds.setdefault(ob, set()).add(oa)
-
-    @functools.cache
-    def level(o):
-        return 1 + max((level(p) for p in preds.get(o, ())), default=0)
-
-    return max(level(o) for o in range(len(mk.graph.ops)))
+    return max(op_levels(mk).values()) + 1
 
 
 def test_library_calls_are_read_not_recomputed():
