@@ -123,13 +123,7 @@ def fuse_into_matmul_a(graph: Graph, settings: Settings) -> Graph:
             continue  # A's buffer read as another operand too (x @ x.T): keep the one read
         if written_between(p, mm, position, writes):
             continue
-        if p.kind == "elementwise":
-            plan = _expr_plan(mm, p)
-        else:
-            # The Gluon tile stages 2048 columns of A at once (tiles._stage_row): three loads per
-            # chunk per column spilled 2880 B (a 2-layer test Llama, 8 chunks). Triton's tile
-            # computes A per K block (0 spills).
-            plan = _combine_plan(mm, p) if settings.backend == "triton" else None
+        plan = _expr_plan(mm, p) if p.kind == "elementwise" else _combine_plan(mm, p)
         if plan is None:
             continue
         mm.inputs, mm.attrs = plan

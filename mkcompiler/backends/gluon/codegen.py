@@ -86,9 +86,11 @@ def _emit_matmul(key, opcode: int, queue: Queue) -> Emitted:
     if key.a_expr is None and key.a_combine is None:
         return Emitted("", call)
     name = f"op{opcode}"
-    call = call.removesuffix(")") + f", A_PTRS={name}_a_ptrs, A_LOAD={name}_a_load)"
+    fns = f", A_PTRS={name}_a_ptrs, A_LOAD={name}_a_load"
     if key.a_expr is not None:
-        return Emitted(matmul_a_routines(key.a_expr, key.a, name), call)
+        return Emitted(matmul_a_routines(key.a_expr, key.a, name), call.removesuffix(")") + fns + ")")
+    # the combine's chunks stage COMBINE_ROWS rows of the staged row at a time (tiles._stage_row)
+    call = call.removesuffix(")") + fns + f", A_ROWS={COMBINE_ROWS})"
     return Emitted(matmul_a_combine_routines(key.a_combine, key.a, name), call)
 
 
@@ -419,9 +421,16 @@ def matmul_a_routines(key, a_dtype: torch.dtype, name: str) -> str:
     return "\n".join(src) + "\n"
 
 
+# Rows of KSUB columns a combining tile stages at a time: the whole 2048-column piece at once (16
+# columns a thread at 4 warps, 3 loads per chunk per column) spilled 2,880 B on a 2-layer test
+# Llama with 8 chunks, 360 B even summing one chunk at a time.
+COMBINE_ROWS = 4
+
+
 def matmul_a_combine_routines(key, a_dtype: torch.dtype, name: str) -> str:
     """The Gluon twin of ops/matmul.a_combine_routines: A's row at columns kk combined from the
-    split-KV partials, with attention_combine_rows' fp32 operations in its order."""
+    split-KV partials, with attention_combine_rows' fp32 operations in its order, every load in
+    flight at once (one memory latency; the tile stages COMBINE_ROWS rows at a time for it)."""
     d = key.head_dim
     return (
         "\n".join(

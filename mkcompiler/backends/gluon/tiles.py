@@ -300,27 +300,44 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _stage_row(
-        xs, gs, a_ref, nw_ptr, snw, p0, k_hi, M, HAS_NW: gl.constexpr, num_warps: gl.constexpr, A_LOAD: gl.constexpr
-    ):
+        xs, gs, a_ref, nw_ptr, snw, p0, k_hi, M, HAS_NW: gl.constexpr, num_warps: gl.constexpr,
+        A_LOAD: gl.constexpr, A_ROWS: gl.constexpr,
+    ):  # fmt: skip
         """Columns [p0, p0 + NCH * KSUB) of the row's activations (and the folded norm's weights),
         fp32, into shared memory as [NCH, KSUB] (zeros past k_hi, or everywhere once a wait gave
         up: M == 0): every load issued at once, so the piece costs one memory latency, not one per
-        ring slot. Barriers before (the previous piece was read by every warp) and after (stored)."""
+        ring slot. Barriers before (the previous piece was read by every warp) and after (stored).
+        A_ROWS > 0: A_ROWS rows of KSUB columns at a time, up to k_hi only (an A computed from
+        many loads per column: a split-KV combine's; the whole piece at once spilled); the rows
+        past k_hi are left as they were (the K loop reads none of them)."""
         NCH: gl.constexpr = xs.type.shape[0]
         KSUB: gl.constexpr = xs.type.shape[1]
         TK: gl.constexpr = KSUB // 4 if KSUB // 4 < 32 else 32
         lay: gl.constexpr = gl.BlockedLayout([1, 4], [32 // TK, TK], [num_warps, 1], [1, 0])
-        kk = (
-            p0
-            + gl.arange(0, NCH, layout=gl.SliceLayout(1, lay))[:, None] * KSUB
-            + gl.arange(0, KSUB, layout=gl.SliceLayout(0, lay))[None, :]
-        )
-        mask = (kk < k_hi) & (M > 0)
-        x = _load_a(a_ref, 0, kk, mask, A_LOAD).to(gl.float32)
-        CTA_BARRIER()
-        xs.store(x)
-        if HAS_NW:
-            gs.store(gl.load(nw_ptr + kk * snw, mask=mask, other=0.0).to(gl.float32))
+        if A_ROWS == 0:
+            kk = (
+                p0
+                + gl.arange(0, NCH, layout=gl.SliceLayout(1, lay))[:, None] * KSUB
+                + gl.arange(0, KSUB, layout=gl.SliceLayout(0, lay))[None, :]
+            )
+            mask = (kk < k_hi) & (M > 0)
+            x = _load_a(a_ref, 0, kk, mask, A_LOAD).to(gl.float32)
+            CTA_BARRIER()
+            xs.store(x)
+            if HAS_NW:
+                gs.store(gl.load(nw_ptr + kk * snw, mask=mask, other=0.0).to(gl.float32))
+        else:
+            gl.static_assert(not HAS_NW, "rows at a time: no folded norm weights to stage")
+            gl.static_assert(NCH % A_ROWS == 0, "the piece splits into whole row groups")
+            groups = xs._reinterpret(gl.float32, [NCH // A_ROWS, A_ROWS, KSUB], xs.type.layout)
+            offs = (
+                gl.arange(0, A_ROWS, layout=gl.SliceLayout(1, lay))[:, None] * KSUB
+                + gl.arange(0, KSUB, layout=gl.SliceLayout(0, lay))[None, :]
+            )
+            CTA_BARRIER()
+            for g in range(0, gl.cdiv(gl.minimum(k_hi - p0, NCH * KSUB), A_ROWS * KSUB)):
+                kk = p0 + g * (A_ROWS * KSUB) + offs
+                groups.index(g).store(_load_a(a_ref, 0, kk, (kk < k_hi) & (M > 0), A_LOAD).to(gl.float32))
         CTA_BARRIER()
 
     @gluon.jit
@@ -328,6 +345,7 @@ if HAVE_GLUON:
         a_ref, nw_ptr, snw, k_lo, k_hi, M, r, acc, it, bufs, ready, empty,
         blk: gl.constexpr, KSUB: gl.constexpr, HAS_NW: gl.constexpr,
         NORM: gl.constexpr, H_DT: gl.constexpr, DOT_DT: gl.constexpr, num_warps: gl.constexpr, A_LOAD: gl.constexpr,
+        A_ROWS: gl.constexpr,
     ):  # fmt: skip
         """matmul_tile's K loop for one row (batch-1 decode). Gluon pipelines no loop, and one
         activation load per ring slot would expose an L2 latency per slot (longer than the slot's
@@ -355,7 +373,7 @@ if HAVE_GLUON:
         g0 = sq + 1.0
         g1 = g0
         for p0 in range(k_lo, k_hi, NCH * KSUB):
-            _stage_row(xs, gs, a_ref, nw_ptr, snw, p0, k_hi, M, HAS_NW, num_warps, A_LOAD)
+            _stage_row(xs, gs, a_ref, nw_ptr, snw, p0, k_hi, M, HAS_NW, num_warps, A_LOAD, A_ROWS)
             for j in range(0, gl.minimum(k_hi - p0, NCH * KSUB), BK):
                 c = j // KSUB
                 x0 = xr.index(c).load(blk)
@@ -405,6 +423,7 @@ if HAVE_GLUON:
         num_warps: gl.constexpr,
         A_PTRS: gl.constexpr = None,
         A_LOAD: gl.constexpr = None,
+        A_ROWS: gl.constexpr = 0,
     ):
         """One decode matmul instruction (ops/matmul.matmul_tile's arithmetic, BM rows of which M
         are real, M <= MP): C[m, n] (split ks: its fp32 partial) = sum over the instruction's K chunk
@@ -413,7 +432,8 @@ if HAVE_GLUON:
         (NORM: in the loop, rows scaled at the end; or a sweep first). fp32 accumulation by FMAs
         (M <= 16 rows need no tensor cores). ok == 0 (a wait gave up): the blocks are still taken
         and released (the loader must end), nothing is read or stored. A_PTRS, A_LOAD: an A
-        expression's generated addressing and loader (matmul_a_routines), or None."""
+        expression's generated addressing and loader (matmul_a_routines), or None; A_ROWS: rows
+        of the staged row computed at a time (_stage_row; 0: the whole piece)."""
         NUM_BUF: gl.constexpr = bufs.type.shape[0]
         BN: gl.constexpr = bufs.type.shape[1]
         BK: gl.constexpr = bufs.type.shape[2]
@@ -455,7 +475,7 @@ if HAVE_GLUON:
             r = gl.reduce(rstd, 0, add)
             acc, s1, it = _one_row_blocks(
                 a_ref, nw_ptr, snw, k_lo, k_hi, M, r, acc, it, bufs, ready, empty,
-                blk, KSUB, HAS_NW, NORM, H_DT, DOT_DT, num_warps, A_LOAD,
+                blk, KSUB, HAS_NW, NORM, H_DT, DOT_DT, num_warps, A_LOAD, A_ROWS,
             )  # fmt: skip
             s2 = s2 + s1
         else:  # several rows: one at a time
