@@ -100,3 +100,35 @@ def test_bad_arguments_fail_with_a_message(capsys):
     assert "MODULE:FACTORY" in capsys.readouterr().err
     assert main(["frobnicate"]) == 2
     assert main([]) == 2 and "inspect MODULE:FACTORY" in capsys.readouterr().out
+
+
+def test_inspect_a_gluon_kernel_compiles_it_offline(tmp_path, capsys):
+    """A factory asking for the Gluon backend, with --gpu-codegen (Gluon runs only on a GPU): the
+    offline section compiles the Gluon kernel (its own signature), not the Triton one's."""
+    from mkcompiler.backends.gluon import tiles
+
+    if not tiles.HAVE_GLUON:
+        import pytest
+
+        pytest.skip("triton.experimental.gluon not importable")
+    path = tmp_path / "gluon_factory.py"
+    path.write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from tests.models import TransformerMLP
+
+            def mlp():
+                torch.manual_seed(0)
+                model = TransformerMLP(dim=256, hidden=512, layers=2).to(torch.bfloat16)
+                return model, (torch.randn(1, 256, dtype=torch.bfloat16),), {"backend": "gluon", "cache": False}
+            """
+        )
+    )
+    assert main(["inspect", f"{path}:mlp", "--workers", "132", "--gpu-codegen", "--limit", "2"]) == 0
+    s = sections(capsys.readouterr().out)
+    assert "GluonMegakernel" in s["== model"]
+    offline = s["== offline sm_90"]
+    assert re.search(r"sm_90 \(Gluon: 4 compute warps and the loaders\): \d+ regs/thread, \d+ B spilled", offline), (
+        offline
+    )

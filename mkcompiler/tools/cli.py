@@ -291,10 +291,13 @@ def tiling_section(mk) -> list[str]:
 
 
 def offline_section(mk) -> tuple[list[str], bool]:
+    from mkcompiler.runtime.gluon import GluonMegakernel
     from mkcompiler.tools.offline import OfflineCompileError, compile_sm90, format_report
 
     s = mk.settings
     lines = [heading("offline sm_90 compile (no GPU needed)")]
+    if isinstance(mk, GluonMegakernel):
+        return lines + _gluon_offline(mk), True
     try:
         r = compile_sm90(mk.source, num_warps=s.num_warps, num_stages=s.num_stages, dynamic=s.schedule != "static")
     except (OfflineCompileError, OSError, ValueError) as e:
@@ -312,6 +315,20 @@ def offline_section(mk) -> tuple[list[str], bool]:
             "--gpu-codegen generates what a GPU would run"
         )
     return lines, True
+
+
+def _gluon_offline(mk) -> list[str]:
+    """offline_section's lines for the Gluon backend's kernel (its own signature and compile)."""
+    from mkcompiler.backends.gluon import codegen
+    from mkcompiler.ir.settings import default_max_spin
+
+    k = mk.kernel
+    r = codegen.compile_offline(k, default_max_spin(interpret=False))
+    return [
+        f"  sm_{r['arch']} (Gluon: {k.num_warps} compute warps and the loaders): {r['regs']} regs/thread, "
+        f"{r['spilled_bytes']} B spilled, {r['shared']} B shared, {r['ptx_lines']} PTX lines, "
+        f"{r['compile_s']:.1f} s; weight ring {k.num_buf} x {k.box}"
+    ]
 
 
 def _has_half_dots(mk) -> bool:
