@@ -700,8 +700,12 @@ class Matmul(OpFamily):
             self.norm_key(node),
             node.attrs.b_fixed,
             self.a_expr_key(node),
-            ACombineKey(c.splits, c.head_dim) if (c := node.attrs.a_combine) is not None else None,
+            self.a_combine_key(node),
         )
+
+    def a_combine_key(self, node) -> ACombineKey | None:
+        combine = node.attrs.a_combine
+        return None if combine is None else ACombineKey(combine.splits, combine.head_dim)
 
     def a_expr_key(self, node) -> AExprKey | None:
         expr = node.attrs.a_expr

@@ -79,10 +79,11 @@ def _expr_plan(mm: OpNode, p: OpNode):
     mapping = transfer_inputs(mm.inputs[0], p, inputs)
     if mapping is None or len(inputs) > MAX_A_INPUTS or not cheap(mm, inputs):
         return None
+    expr = reindex(p.attrs.expr, mapping)
+    if expr[2] != mm.inputs[0].dtype:  # p stores its value in A's dtype: the expression's root rounds to it
+        expr = ("op", "copy", mm.inputs[0].dtype, expr)
     base = list(mm.inputs) + [None] * (A_MORE - len(mm.inputs))
-    return (inputs[0], *base[1:A_MORE], *inputs[1:]), dataclasses.replace(
-        mm.attrs, a_expr=reindex(p.attrs.expr, mapping)
-    )
+    return (inputs[0], *base[1:A_MORE], *inputs[1:]), dataclasses.replace(mm.attrs, a_expr=expr)
 
 
 def _combine_plan(mm: OpNode, c: OpNode):
