@@ -19,6 +19,7 @@ from mkcompiler.backends.gluon import codegen, tiles
 from mkcompiler.ir.settings import default_max_spin
 from mkcompiler.runtime.gluon import GluonFallbackWarning, GluonMegakernel
 from mkcompiler.tools.offline import compile_sm90, format_report
+from mkcompiler.vm import run_megakernel
 from tests.helpers import rel_err
 from tests.test_fuse_cat import op_levels
 
@@ -219,3 +220,24 @@ def test_the_output_projection_combines_the_attention_chunks(dtype):
         got = fused(q)
         assert rel_err(got, plain(q)) < (1e-6 if dtype == torch.float32 else 1e-2)
         assert rel_err(got, model(q)) < (1e-4 if dtype == torch.float32 else 3e-2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_reference_vm_runs_the_fused_queue_under_interleavings(seed):
+    """The VM executes the fused queue with each op's reference (Matmul.a_value: the expression,
+    or the combine, in fp64) in seeded interleavings of the workers: the waits the fused regions
+    give are enough for eager's answer."""
+    torch.manual_seed(0)
+    model = GatedMLP()
+    h = torch.randn(1, 64)
+    fused = mkcompiler.compile(model, (h,), cache=False, fuse_matmul_a=True, split_k=2, num_workers=5)
+    fused.poison()
+    out, _ = run_megakernel(fused, h, seed=seed, dynamic=True)
+    assert rel_err(out, model(h)) < 1e-4
+    attention = DecodeAttention()
+    q = torch.randn(1, 4, 1, 16)
+    combined = mkcompiler.compile(attention, (q,), cache=False, fuse_matmul_a=True, split_kv=4, num_workers=5)
+    assert fused_kinds(combined) == (0, 1)
+    combined.poison()
+    out, _ = run_megakernel(combined, q, seed=seed, dynamic=True)
+    assert rel_err(out, attention(q)) < 1e-4
