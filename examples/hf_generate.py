@@ -1,6 +1,7 @@
 """Hugging Face generate() with megakernels: the usual static-cache recipe, backend="mkcompiler".
 
     model.generation_config.cache_implementation = "static"
+    model.generation_config.disable_compile = True  # not transformers' own torch.compile (inductor) on top
     options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe} if args.skip_module_guards else {}
     model.forward = torch.compile(model.forward, backend="mkcompiler", options=options)
     model.generate(prompt, max_new_tokens=64, do_sample=False)
@@ -125,14 +126,15 @@ def replay(forward: ForwardTimer, repeats: int) -> tuple[float, float, int]:
     examples/hf_decode.py calls its own), alternately `repeats` times. Medians in ms, and the number
     of megakernels (graph breaks give several). The step rewrites the cache slot it wrote: the same
     values, nothing else changes."""
-    graphs = mkcompiler.dynamo.compiled_graphs()
-    for g in graphs:
-        g.last_call = None
     args, kwargs = forward.last
 
     def step():
         return forward.forward(*args, **kwargs)
 
+    step()  # dynamo may compile again here (e.g. another grad mode than generate()'s): graphs after it
+    graphs = mkcompiler.dynamo.compiled_graphs()
+    for g in graphs:
+        g.last_call = None
     step()  # marks the graphs this step runs
     calls = [(g.compiled[g.last_call[0]], g.last_call[1]) for g in graphs if g.last_call is not None]
 
@@ -164,6 +166,10 @@ def main():
     device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
     model = load_model(args, device)
     model.generation_config.cache_implementation = "static"
+    # On a GPU with a static cache transformers compiles the decode step itself (inductor, wrapping
+    # model.__call__): that compile would trace through our forward and run instead of the
+    # megakernels (session 14: the replay found none). Eager must be eager too.
+    model.generation_config.disable_compile = True
     torch.manual_seed(0)
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), device=device)
     if not args.no_check:

@@ -586,20 +586,15 @@ class AttentionCombine(OpFamily):
         b, h = coords
         B = out.shape[0]
         idx = [p * B + b for p in range(part.shape[0] // B)]
-        tensor_of(out)[b, h] = combine_partials(tensor_of(part)[idx, h], tensor_of(ml)[idx, h]).to(out.dtype)
-
-
-def combine_partials(part: torch.Tensor, ml: torch.Tensor) -> torch.Tensor:
-    """The split-KV combine in fp64: part [P, ..., D] the chunks' unnormalised outputs, ml [P, ..., 2]
-    their (max, sum); sum_p exp(m_p - M) part_p / sum_p exp(m_p - M) l_p, [..., D] (0 where no
-    chunk kept a key). AttentionCombine's reference, and a matmul's A computed from the partials
-    (MatmulAttrs.a_combine)."""
-    mx, sm = ml[..., 0].double(), ml[..., 1].double()
-    big = mx.amax(0)
-    big = torch.where(big == float("-inf"), 0.0, big)
-    w = torch.exp(mx - big)
-    total = (w * sm).sum(0)
-    return (w[..., None] * part.double()).sum(0) / torch.where(total > 0, total, 1.0)[..., None]
+        mx = tensor_of(ml)[idx, h, :, 0].double()
+        sm = tensor_of(ml)[idx, h, :, 1].double()
+        acc = tensor_of(part)[idx, h].double()
+        big = mx.amax(0)
+        big = torch.where(big == float("-inf"), 0.0, big)
+        w = torch.exp(mx - big)
+        total = (w * sm).sum(0)
+        res = (w[..., None] * acc).sum(0) / torch.where(total > 0, total, 1.0)[:, None]
+        tensor_of(out)[b, h] = res.to(out.dtype)
 
 
 # ---- paged attention: keys and values read through page tables (mkcompiler/serve) ----

@@ -147,12 +147,16 @@ def _inline_producers(graph: Graph, shared: bool) -> int:
     """Splice each elementwise producer into the elementwise ops reading it, when all of them
     can take it; returns the number of splices. Not `shared`: producers read by one op only
     (nothing is recomputed). `shared`: small producers (at most DUPLICATE_MAX_ELEMENTS) without
-    library calls (calls_library) are recomputed inside each of their readers (a split-K sum read by
+    library calls (_library) are recomputed inside each of their readers (a split-K sum read by
     RoPE's pieces and product costs no stage of its own). Each reading view must be a window of
     the producer's output (transfer), the result must fit the reader's instruction, and no op
     between the producer and the reader may write the producer's inputs (in-place state updates)."""
     outputs, readers = graph.output_buffers(), graph.readers()
-    position, writes = op_positions(graph)
+    position = {id(op): i for i, op in enumerate(graph.ops)}
+    writes: dict[int, list[int]] = {}
+    for i, op in enumerate(graph.ops):
+        for o in op.outputs:
+            writes.setdefault(o.buffer, []).append(i)
     removed, splices = set(), 0
     sole = sole_writers(graph)
     for p in graph.ops:
@@ -162,7 +166,7 @@ def _inline_producers(graph: Graph, shared: bool) -> int:
             continue
         if (len(users) > 1 and not shared) or (shared and out.numel > DUPLICATE_MAX_ELEMENTS):
             continue
-        if len({u.outputs[0].buffer for u in users}) > 1 and calls_library(p):
+        if len({u.outputs[0].buffer for u in users}) > 1 and _library(p):
             continue  # pieces of one cat (one output buffer) are one reader: each computes its part
         if out.buffer in outputs:
             continue
@@ -177,18 +181,7 @@ def _inline_producers(graph: Graph, shared: bool) -> int:
     return splices
 
 
-def op_positions(graph: Graph) -> tuple[dict[int, int], dict[int, list[int]]]:
-    """({id(op): its index in graph order}, {buffer: indices of the ops writing it}): what
-    written_between asks."""
-    position = {id(op): i for i, op in enumerate(graph.ops)}
-    writes: dict[int, list[int]] = {}
-    for i, op in enumerate(graph.ops):
-        for o in op.outputs:
-            writes.setdefault(o.buffer, []).append(i)
-    return position, writes
-
-
-def calls_library(p) -> bool:
+def _library(p) -> bool:
     """Does p's expression call long library code (LIBRARY_OPS)? Then it is not recomputed in
     readers writing different outputs: once, in its own op, costs a small tile off the layers'
     critical path (RoPE's cos and sin depend on the positions only) instead of inlined copies per

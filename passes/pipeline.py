@@ -13,7 +13,6 @@ from mkcompiler.passes.counters import assign_counters, check_counters
 from mkcompiler.passes.dependencies import build_dag, check_dag
 from mkcompiler.passes.encode import encode
 from mkcompiler.passes.fuse import fuse_elementwise
-from mkcompiler.passes.fuse_matmul_a import fuse_into_matmul_a
 from mkcompiler.passes.fuse_norm import fuse_norm_into_matmul
 from mkcompiler.passes.ranks import add_remote_waits, check_remote_waits, choose_comm_tiles
 from mkcompiler.passes.schedule import Schedule, list_schedule
@@ -80,11 +79,6 @@ PIPELINE = [
     (
         "split_kv",
         lambda c: setattr(c, "graph", split_kv(c.graph, c.settings, c.num_workers)),
-        lambda c: check_single_writer_order(c.graph),
-    ),
-    (
-        "fuse_matmul_a",
-        lambda c: setattr(c, "graph", fuse_into_matmul_a(c.graph, c.settings)),
         lambda c: check_single_writer_order(c.graph),
     ),
     ("build_dag", lambda c: setattr(c, "dag", build_dag(c.graph)), lambda c: check_dag(c.dag)),

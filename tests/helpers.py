@@ -6,9 +6,8 @@ import torch.utils._pytree as pytree
 import mkcompiler
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
-# Two splits forced (small test models' K is too short for split_k to choose any), and the
-# matmuls computing their A (fuse_matmul_a, off by default until measured).
-FOLDED = dict(split_k=2, fuse_matmul_a=True)
+# Two splits forced (small test models' K is too short for split_k to choose any).
+FOLDED = dict(split_k=2)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

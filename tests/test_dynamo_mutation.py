@@ -198,6 +198,7 @@ def test_hf_generate_with_a_lazily_made_static_cache_gives_eager_tokens_on_the_g
 
     model = random_model("llama", seed=1, device="cuda")
     model.generation_config.cache_implementation = "static"
+    model.generation_config.disable_compile = True  # README: not inductor on a GPU
     prompt = torch.randint(0, 128, (1, 5), device="cuda")
     with torch.no_grad():
         want = model.generate(prompt, max_new_tokens=8, do_sample=False)
@@ -208,6 +209,9 @@ def test_hf_generate_with_a_lazily_made_static_cache_gives_eager_tokens_on_the_g
         got = model.generate(prompt, max_new_tokens=8, do_sample=False)
     assert torch.equal(got, want), f"{got.tolist()} != eager {want.tolist()}"
     assert all(isinstance(r, Megakernel) for r in runners(new_graphs(before)))
+    # The prefill and the decode step both ran through our graphs (transformers' own compile of
+    # the step, which disable_compile turns off, would have run inductor in their place).
+    assert sum(g.last_call is not None for g in new_graphs(before)) >= 2
 
 
 # ---- 2. fallback="eager": views traced on other strides ----
@@ -324,6 +328,7 @@ def test_hf_prefill_with_its_counter_an_input_gives_eager_tokens(monkeypatch, mo
         )
     model = random_model("llama", seed=1)
     model.generation_config.cache_implementation = "static"
+    model.generation_config.disable_compile = True  # README: not inductor on a GPU
     prompt = torch.randint(0, 128, (1, 8))
     with torch.no_grad():
         want = model.generate(prompt, max_new_tokens=3, do_sample=False)

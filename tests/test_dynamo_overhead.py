@@ -165,6 +165,7 @@ def hf_llama(device):
 
     model = random_model("llama", seed=1, device=device)
     model.generation_config.cache_implementation = "static"
+    model.generation_config.disable_compile = True  # README: not inductor on a GPU
     prompt = torch.randint(0, 128, (1, 5), device=device)
     with torch.no_grad():
         want, _, _ = generate(model, prompt, 6, device)

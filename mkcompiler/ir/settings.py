@@ -65,10 +65,6 @@ class Settings:
     matmul_group_rows: int = 8
     # fold LayerNorm/RMSNorm into decode matmuls, the statistics summed in the K loop (passes/fuse_norm.py)
     fuse_norm: bool = True
-    # batch-1 decode matmuls compute their A from its elementwise producer's inputs (a residual
-    # add, a SwiGLU gate), one dependent stage less each (passes/fuse_matmul_a.py). Off until
-    # measured: an earlier form (the gate only, A loaded as BM x BK blocks) was slower (RESULTS.md)
-    fuse_matmul_a: bool = False
     # matmul tiles wait for their inputs themselves, after asking for their first weight block
     # and addressing their views (OpFamily.early_wait, codegen.generate)
     early_weights: bool = True

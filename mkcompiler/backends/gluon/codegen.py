@@ -43,8 +43,6 @@ from mkcompiler.ir.graph import Graph
 from mkcompiler.ir.layout import Field, ViewField
 from mkcompiler.ir.queue import Queue
 from mkcompiler.ops.base import next_pow2, tl_dtype
-from mkcompiler.ops.elementwise import expr_source
-from mkcompiler.ops.matmul import A_MORE_ARG
 from mkcompiler.ops.registry import FAMILIES
 
 LOADER_WARPS = 1
@@ -70,28 +68,13 @@ def _matmul_problem(key) -> str | None:
     norm = key.norm
     if norm is not None and (not norm.rms or norm.bias_dtype is not None):
         return "a folded LayerNorm or norm bias"
-    if key.a_expr is not None:
-        from mkcompiler.backends.gluon.elementwise import expr_problem
-
-        why = expr_problem(key.a_expr.expr)
-        if why is not None:
-            return f"an A expression calling {why}"
     return None
 
 
 def _emit_matmul(key, opcode: int, queue: Queue) -> Emitted:
     if prefill.large(key):
         return prefill.emit(key, opcode, queue)
-    call = matmul_call(key, _row_counts(queue).get(opcode, 1))
-    if key.a_expr is None and key.a_combine is None:
-        return Emitted("", call)
-    name = f"op{opcode}"
-    fns = f", A_PTRS={name}_a_ptrs, A_LOAD={name}_a_load"
-    if key.a_expr is not None:
-        return Emitted(matmul_a_routines(key.a_expr, key.a, name), call.removesuffix(")") + fns + ")")
-    # the combine's chunks stage COMBINE_ROWS rows of the staged row at a time (tiles._stage_row)
-    call = call.removesuffix(")") + fns + f", A_ROWS={COMBINE_ROWS})"
-    return Emitted(matmul_a_combine_routines(key.a_combine, key.a, name), call)
+    return Emitted("", matmul_call(key, _row_counts(queue).get(opcode, 1)))
 
 
 def _problem(key) -> str | None:
@@ -262,7 +245,6 @@ from mkcompiler.backends.gluon.tiles import (
     tma_field,
     view_base,
     view_numel,
-    view_stride,
     wait_rows,
 )
 
@@ -380,93 +362,6 @@ def matmul_call(key, rows: int) -> str:
         f"{gl_dtype(key.bias if key.bias is not None else torch.float32)}, {mode}, "
         f"{norm.eps if norm is not None else 0.0!r}, {gl_dtype(norm.h_dtype if norm else torch.float32)}, {has_nw}, "
         f"{gl_dtype(norm.weight_dtype if has_nw else torch.float32)}, {next_pow2(rows)}, num_warps)"
-    )
-
-
-def matmul_a_routines(key, a_dtype: torch.dtype, name: str) -> str:
-    """The Gluon twin of ops/matmul.a_expr_routines: `{name}_a_ptrs` (each input's base and K
-    stride, addressed before the wait) and `{name}_a_load` (A's one row at columns kk, any
-    layout: tiles._load_a's A_LOAD), the expression's lines translated (elementwise.gluon_line)."""
-    from mkcompiler.backends.gluon.elementwise import gluon_line
-
-    ptrs, loads = [], []
-    for i, (dt, k_unit) in enumerate(zip(key.in_dtypes, key.k_units)):
-        slot = 0 if i == 0 else A_MORE_ARG + i - 1
-        ptrs += [
-            f"    v{i} = arg(row, idx, {slot})",
-            f"    b{i} = view_base(views_ptr, v{i}, {gl_dtype(dt)})",
-            f"    k{i} = {'1' if k_unit else f'view_stride(views_ptr, v{i}, 3)'}",
-        ]
-        loads.append(
-            f"    x{i} = gl.load(ref[{2 * i}] + kk * ref[{2 * i + 1}], mask=mask, other=0.0, "
-            'cache_modifier=".cg").to(gl.float32)'
-        )
-    lines, result = expr_source(key.expr, len(key.in_dtypes))
-    together = ", ".join(f"b{i}, k{i}" for i in range(len(key.in_dtypes)))
-    src = [
-        "",
-        "",
-        "@gluon.jit",
-        f"def {name}_a_ptrs(row, idx, views_ptr):",
-        *ptrs,
-        f"    return ({together})",
-        "",
-        "",
-        "@gluon.jit",
-        f"def {name}_a_load(ref, kk, mask):",
-        *loads,
-        *(f"    {gluon_line(line)}" for line in lines),
-        f"    return gl.where(mask, {result}, 0.0).to({gl_dtype(a_dtype)})",
-    ]
-    return "\n".join(src) + "\n"
-
-
-# Rows of KSUB columns a combining tile stages at a time: the whole 2048-column piece at once (16
-# columns a thread at 4 warps, 3 loads per chunk per column) spilled 2,880 B on a 2-layer test
-# Llama with 8 chunks, 360 B even summing one chunk at a time.
-COMBINE_ROWS = 4
-
-
-def matmul_a_combine_routines(key, a_dtype: torch.dtype, name: str) -> str:
-    """The Gluon twin of ops/matmul.a_combine_routines: A's row at columns kk combined from the
-    split-KV partials, with attention_combine_rows' fp32 operations in its order, every load in
-    flight at once (one memory latency; the tile stages COMBINE_ROWS rows at a time for it)."""
-    d = key.head_dim
-    return (
-        "\n".join(
-            [
-                "",
-                "",
-                "@gluon.jit",
-                f"def {name}_a_ptrs(row, idx, views_ptr):",
-                f"    vp = arg(row, idx, {A_MORE_ARG})",
-                f"    vm = arg(row, idx, {A_MORE_ARG + 1})",
-                "    part = view_base(views_ptr, vp, gl.float32)",
-                "    ml = view_base(views_ptr, vm, gl.float32)",
-                "    return (part, view_stride(views_ptr, vp, 0), view_stride(views_ptr, vp, 1), view_stride(views_ptr, vp, 3),",
-                "            ml, view_stride(views_ptr, vm, 0), view_stride(views_ptr, vm, 1), view_stride(views_ptr, vm, 3))",
-                "",
-                "",
-                "@gluon.jit",
-                f"def {name}_a_load(ref, kk, mask):",
-                f"    head = kk // {d}",
-                f"    part = ref[0] + head * ref[2] + (kk % {d}) * ref[3]",
-                "    ml = ref[4] + head * ref[6]",
-                "    big = gl.load(ml, mask=mask, other=float('-inf'), cache_modifier='.cg')",
-                f"    for p in gl.static_range(1, {key.splits}):",
-                "        big = gl.maximum(big, gl.load(ml + p * ref[5], mask=mask, other=float('-inf'), cache_modifier='.cg'))",
-                "    big = gl.where(big == float('-inf'), 0.0, big)",
-                "    acc = gl.zeros_like(big)",
-                "    total = gl.zeros_like(big)",
-                f"    for p in gl.static_range(0, {key.splits}):",
-                "        w = gl.exp(gl.load(ml + p * ref[5], mask=mask, other=float('-inf'), cache_modifier='.cg') - big)",
-                "        total += w * gl.load(ml + p * ref[5] + ref[7], mask=mask, other=0.0, cache_modifier='.cg')",
-                "        acc += w * gl.load(part + p * ref[1], mask=mask, other=0.0, cache_modifier='.cg')",
-                "    out = acc / gl.where(total > 0, total, 1.0)",
-                f"    return gl.where(mask, out, 0.0).to({gl_dtype(a_dtype)})",
-            ]
-        )
-        + "\n"
     )
 
 
