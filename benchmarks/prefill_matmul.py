@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="no GPU: tiny model, 8 tokens, the Triton interpreter")
     p.add_argument("--opt", action="append", default=[], metavar="K=V", help="an option for every variant")
     p.add_argument("--mlp-only", action="store_true", help="the layers' MLPs alone (no norms, attention, head)")
+    p.add_argument(
+        "--stamps",
+        default=None,
+        metavar="DIR",
+        help="save each variant's per-instruction stamps as DIR/stamps_<n>.npz (stamps_report.py reads them) "
+        "and print its profile summary (waiting per worker)",
+    )
     return p
 
 
@@ -159,7 +166,26 @@ def matmul_rate(prof) -> dict:
     return out
 
 
-def run_variant(model, inputs, opts_text: str, ref_logits, time_ms) -> dict:
+def save_stamps(mk, prof, path: str) -> None:
+    """The profile's stamps with each instruction's op and opcode names (profile_decode.py's format)."""
+    import numpy as np
+
+    from mkcompiler.ir.layout import Field
+
+    q, dag, graph = mk.queue, mk.dag, mk.graph
+    op_names = [graph.ops[dag.tasks[int(q.rows[i, Field.TASK])].op].name for i in range(len(q))]
+    kinds = [q.opcode_name(i) for i in range(len(q))]
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    np.savez_compressed(
+        path,
+        stamps=prof.stamps.astype(np.int64),
+        op_names=np.array(op_names),
+        kinds=np.array(kinds),
+        descs=np.array(q.descs),
+    )
+
+
+def run_variant(model, inputs, opts_text: str, ref_logits, time_ms, stamps: str | None = None) -> dict:
     import mkcompiler
 
     row = {"variant": opts_text or "default"}
@@ -181,6 +207,10 @@ def run_variant(model, inputs, opts_text: str, ref_logits, time_ms) -> dict:
     mk.check()
     prof = mk.profile(*inputs)
     row["matmul"] = matmul_rate(prof)
+    if stamps is not None:
+        save_stamps(mk, prof, stamps)
+        row["stamps"] = stamps
+        say(prof.summary())
     row["shapes"] = matmul_shapes(mk)
     say(
         f"  {row['variant']}: {row['instructions']} instructions, tiles {', '.join(row['tiles'])}; "
@@ -279,14 +309,15 @@ def main(argv=None) -> int:
         "baselines": {},
     }
     say(f"prefill_matmul: {args.model} x {args.layers} layers, {args.tokens} tokens, {result['device']}")
-    for opts in args.variant:
+    for n, opts in enumerate(args.variant):
         opts = " ".join([*args.opt, opts]).strip()
+        stamps = os.path.join(args.stamps, f"stamps_{n}.npz") if args.stamps else None
         if not budget("variant"):
             result["variants"].append({"variant": opts or "default", "skipped": "time budget"})
             continue
         t0 = time.perf_counter()
         try:
-            row = run_variant(model, inputs, opts, ref_logits, time_ms)
+            row = run_variant(model, inputs, opts, ref_logits, time_ms, stamps)
         except Exception as e:  # noqa: BLE001 - one variant's failure must not lose the others
             row = {"variant": opts or "default", "error": f"{type(e).__name__}: {str(e)[:2000]}"}
             say(f"  {row['variant']} FAILED: {row['error'][:400]}")

@@ -36,3 +36,16 @@ def test_dry_run_measures_every_variant_and_writes_the_table(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| matmul_tile=(16,16,16) | (16, 16, 16) |" in table and "| eager |" in table
     assert "| no_such_option=1 | " in table
+
+
+def test_stamps_are_saved_for_stamps_report(tmp_path, capsys):
+    """--stamps DIR: each variant's profile as DIR/stamps_<n>.npz, one row per instruction with its
+    op and opcode names (stamps_report.py's input), and the profile's summary printed."""
+    import numpy as np
+
+    rc = pm.main(["--dry-run", "--variant", "", "--stamps", str(tmp_path), "--baseline-modes", "none"])
+    assert rc == 0
+    d = np.load(tmp_path / "stamps_0.npz", allow_pickle=True)
+    assert d["stamps"].shape[0] == len(d["op_names"]) == len(d["kinds"]) > 0
+    assert any(str(k).startswith("matmul") for k in d["kinds"])
+    assert "waiting" in capsys.readouterr().out
