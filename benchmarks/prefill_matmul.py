@@ -51,6 +51,7 @@ from benchmarks.decode_latency import (  # noqa: E402
     git_info,
     rel,
 )
+from benchmarks.stamps_report import save_stamps  # noqa: E402
 from examples.llama import random_llama  # noqa: E402
 
 DEFAULT_MODES = ("max-autotune-no-cudagraphs", "max-autotune")
@@ -164,25 +165,6 @@ def matmul_rate(prof) -> dict:
         out["tflops_busy"] = f / (busy / workers * 1e-9) / 1e12
         out["tflops_span"] = f / (span * 1e-9) / 1e12
     return out
-
-
-def save_stamps(mk, prof, path: str) -> None:
-    """The profile's stamps with each instruction's op and opcode names (profile_decode.py's format)."""
-    import numpy as np
-
-    from mkcompiler.ir.layout import Field
-
-    q, dag, graph = mk.queue, mk.dag, mk.graph
-    op_names = [graph.ops[dag.tasks[int(q.rows[i, Field.TASK])].op].name for i in range(len(q))]
-    kinds = [q.opcode_name(i) for i in range(len(q))]
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    np.savez_compressed(
-        path,
-        stamps=prof.stamps.astype(np.int64),
-        op_names=np.array(op_names),
-        kinds=np.array(kinds),
-        descs=np.array(q.descs),
-    )
 
 
 def run_variant(model, inputs, opts_text: str, ref_logits, time_ms, stamps: str | None = None) -> dict:

@@ -15,16 +15,15 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from decode_latency import compile_options  # noqa: E402  (this directory: run as a script)
+from stamps_report import save_stamps  # noqa: E402
 
 import mkcompiler  # noqa: E402
 from examples.llama import random_llama  # noqa: E402
-from mkcompiler.ir.layout import Field  # noqa: E402
 
 
 def profile_variant(model, tok, pos, opts: dict, out: str, tag: str, ref: torch.Tensor) -> dict:
@@ -37,18 +36,7 @@ def profile_variant(model, tok, pos, opts: dict, out: str, tag: str, ref: torch.
     err = float((got - ref).norm() / ref.norm())
     for _ in range(3):
         prof = mk.profile(tok, pos)
-    s = prof.stamps.astype(np.int64)
-    q, dag, graph = mk.queue, mk.dag, mk.graph
-    op_names = [graph.ops[dag.tasks[int(q.rows[i, Field.TASK])].op].name for i in range(len(q))]
-    kinds = [q.opcode_name(i) for i in range(len(q))]
-    os.makedirs(out, exist_ok=True)
-    np.savez_compressed(
-        os.path.join(out, f"stamps{tag}.npz"),
-        stamps=s,
-        op_names=np.array(op_names),
-        kinds=np.array(kinds),
-        descs=np.array(q.descs),
-    )
+    save_stamps(mk, prof, os.path.join(out, f"stamps{tag}.npz"))
     print(prof.summary())  # per op kind, per SM, idle gaps (mkcompiler/tools/profiling.py)
     span = prof.span() / 1e3  # us
     kernel = triton.testing.do_bench(mk.launch, warmup=20, rep=200, return_mode="median")

@@ -16,6 +16,26 @@ import collections
 import numpy as np
 
 
+def save_stamps(mk, prof, path: str) -> None:
+    """Write a profile's stamps with each instruction's op and opcode names and descriptions:
+    the file this module reads (profile_decode.py and prefill_matmul.py --stamps write it)."""
+    import os
+
+    from mkcompiler.ir.layout import Field
+
+    q, dag, graph = mk.queue, mk.dag, mk.graph
+    op_names = [graph.ops[dag.tasks[int(q.rows[i, Field.TASK])].op].name for i in range(len(q))]
+    kinds = [q.opcode_name(i) for i in range(len(q))]
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    np.savez_compressed(
+        path,
+        stamps=prof.stamps.astype(np.int64),
+        op_names=np.array(op_names),
+        kinds=np.array(kinds),
+        descs=np.array(q.descs),
+    )
+
+
 def stages(path: str, layer: int) -> list[str]:
     """One line per op of the decoder layer `layer` (ops in order of first ready time; the layer
     is found by the k-th attention op), times in us from the step's first fetch."""

@@ -4,6 +4,9 @@ import json
 import re
 import textwrap
 
+import pytest
+
+from mkcompiler.backends.gluon import tiles
 from mkcompiler.tools.cli import main
 
 SECTIONS = [
@@ -102,15 +105,10 @@ def test_bad_arguments_fail_with_a_message(capsys):
     assert main([]) == 2 and "inspect MODULE:FACTORY" in capsys.readouterr().out
 
 
+@pytest.mark.skipif(not tiles.HAVE_GLUON, reason="triton.experimental.gluon not importable")
 def test_inspect_a_gluon_kernel_compiles_it_offline(tmp_path, capsys):
     """A factory asking for the Gluon backend, with --gpu-codegen (Gluon runs only on a GPU): the
     offline section compiles the Gluon kernel (its own signature), not the Triton one's."""
-    from mkcompiler.backends.gluon import tiles
-
-    if not tiles.HAVE_GLUON:
-        import pytest
-
-        pytest.skip("triton.experimental.gluon not importable")
     path = tmp_path / "gluon_factory.py"
     path.write_text(
         textwrap.dedent(

@@ -297,7 +297,10 @@ def offline_section(mk) -> tuple[list[str], bool]:
     s = mk.settings
     lines = [heading("offline sm_90 compile (no GPU needed)")]
     if isinstance(mk, GluonMegakernel):
-        return lines + _gluon_offline(mk), True
+        try:
+            return lines + _gluon_offline(mk), True
+        except Exception as e:  # noqa: BLE001  (Gluon's and Triton's compile errors: reported like the Triton path's)
+            return lines + [f"  FAILED: {type(e).__name__}: {str(e)[:2000]}"], False
     try:
         r = compile_sm90(mk.source, num_warps=s.num_warps, num_stages=s.num_stages, dynamic=s.schedule != "static")
     except (OfflineCompileError, OSError, ValueError) as e:
