@@ -32,7 +32,10 @@ from mkcompiler.ir.graph import OpNode, View
 
 # Region of one buffer: sorted, disjoint half-open element intervals.
 Intervals = tuple[tuple[int, int], ...]
-MAX_INTERVALS = 64  # more than this collapses to one bounding interval (conservative)
+# More than this collapses to one bounding interval (conservative). At least the rows of the
+# tallest tile (256): a tile's output box is one interval per row, and a bounding interval would
+# make every tile of the same rows wait for the tiles before it.
+MAX_INTERVALS = 256
 
 # Cost model (scheduling only): one tile runs on one SM, so rates are per SM. Measured on an
 # H100/H200 (1B decode profile, 2026-11-27): weight-streaming tiles move ~18-31 GB/s per SM

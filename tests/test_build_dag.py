@@ -207,3 +207,22 @@ def test_build_dag_with_degenerate_and_overlapping_writes():
                     want.add((int(ta), int(tb)))
         assert set(zip(u.tolist(), v.tolist())) == want
         assert len(u) == len(want)
+
+
+@pytest.mark.parametrize("tile", [(128, 128, 64), (256, 128, 64)], ids=["128 rows", "256 rows"])
+def test_tall_tiles_of_one_matmul_do_not_wait_on_each_other(tile):
+    """A large-M tile writes one interval per output row. Its region stays exact up to
+    base.MAX_INTERVALS rows: a bounding interval would overlap every tile of the same rows, and
+    each tile would wait for all tiles left of it (the Gluon prefill's 128-row tiles did: 8B MLP,
+    2048 tokens, up to 93 waits per gate tile, SMs waiting 80% of the kernel)."""
+    model = torch.nn.Linear(64, 512, bias=False)
+    x = torch.randn(512, 64)
+    comp = pipeline.Compilation(capture(model, (x,)), Settings(matmul_tile=tile).for_target(), 16)
+    for name, step, _ in pipeline.PIPELINE:
+        step(comp)
+        if name == "build_dag":
+            break
+    dag = comp.dag
+    tasks = [t for t in dag.tasks if comp.graph.ops[t.op].kind == "matmul"]
+    assert len(tasks) == (512 // tile[0]) * (512 // 128)
+    assert dag.number_of_edges() == 0
