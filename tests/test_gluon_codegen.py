@@ -95,13 +95,29 @@ def test_weights_are_rebound_to_stacked_buffers(gluon_mlp):
     assert all(p.data_ptr() in graph_ptrs for n, p in model.named_parameters() if n in inside)
 
 
+class PrefillAttention(torch.nn.Module):
+    """Causal attention over 64 query rows: a prefill tile, which the Gluon backend lacks."""
+
+    def __init__(self, dim=64, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim, bias=False)
+
+    def forward(self, x):
+        t, d = x.shape
+        q, k, v = self.qkv(x).view(t, 3, self.heads, d // self.heads).permute(1, 2, 0, 3)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
 @needs_gluon
 def test_an_op_the_backend_lacks_falls_back_to_triton_with_a_warning():
-    model, x = decode_mlp()
-    with pytest.warns(GluonFallbackWarning, match=r"norm \(no Gluon tile\): rms_norm"):
-        mk = mkcompiler.compile(
-            model, (x,), backend="gluon", fuse_norm=False, interpret=False, num_workers=8, cache=False
-        )
+    torch.manual_seed(0)
+    model = PrefillAttention().to(torch.bfloat16)
+    x = torch.randn(64, 64, dtype=torch.bfloat16)
+    with pytest.warns(
+        GluonFallbackWarning, match=r"cannot run attention \(64-row tiles .*scaled_dot_product_attention"
+    ):
+        mk = mkcompiler.compile(model, (x,), backend="gluon", interpret=False, num_workers=8, cache=False)
     assert type(mk) is Megakernel and "@triton.jit" in mk.source
 
 

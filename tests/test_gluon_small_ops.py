@@ -32,7 +32,7 @@ from tests.gluon_shim import GluonShim, run_with_gluon_tiles
 from tests.helpers import rel_err
 
 needs_gluon = pytest.mark.skipif(not tiles.HAVE_GLUON, reason="triton.experimental.gluon not importable")
-KINDS = ("embedding", "scatter", "reduce", "argmax", "softmax", "elementwise")
+KINDS = ("embedding", "scatter", "reduce", "argmax", "softmax", "norm", "elementwise")
 # A Llama whose decode matmuls share one weight box (the Gluon ring holds one box shape)
 SMALL_LLAMA = LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, hidden=512, max_seq_len=64)
 
@@ -82,6 +82,33 @@ class RopeKV(nn.Module):
         return self.wo(q.transpose(1, 2).reshape(b, n, -1)), mask
 
 
+class Norms(nn.Module):
+    """Standalone norms (no decode matmul folds them: what precedes large-M matmuls in a prefill
+    or a large-batch decode step): RMSNorm and LayerNorm, with and without weight and bias, over
+    rows whose length is not a multiple of the tile's columns; one feeds a large-M matmul (the
+    Gluon backend streams weights, so its graphs have a matmul)."""
+
+    def __init__(self, dim=320):
+        super().__init__()
+        self.head = nn.Linear(dim, 64, bias=False)
+        self.rms = nn.RMSNorm(dim, eps=1e-5)
+        self.ln = nn.LayerNorm(dim)
+        self.ln_no_bias = nn.LayerNorm(dim, bias=False)
+        with torch.no_grad():  # not the 1 / 0 initialisation: the weight and bias must show
+            for p in (self.rms.weight, self.ln.weight, self.ln.bias, self.ln_no_bias.weight):
+                p.normal_(1.0, 0.5)
+
+    def forward(self, x):
+        bare = torch.nn.functional.layer_norm(x, x.shape[-1:])
+        h = self.rms(x)
+        return h, self.head(h), self.ln(x) + 0.5, self.ln_no_bias(x), bare, torch.rms_norm(x, x.shape[-1:])
+
+
+def norms(dtype=torch.bfloat16, device="cpu", seed=0):
+    torch.manual_seed(seed)
+    return Norms().to(device, dtype), (3.0 * torch.randn(37, 320, device=device).to(dtype) + 1.0,)
+
+
 def embed_head(dtype=torch.bfloat16, device="cpu", seed=0):
     torch.manual_seed(seed)
     return EmbedHead().to(device, dtype), (torch.tensor([[5], [7], [511]], device=device),)
@@ -93,7 +120,7 @@ def rope_kv(dtype=torch.bfloat16, device="cpu", seed=0):
     return model, (torch.randn(1, 1, 256, dtype=dtype, device=device), torch.tensor([7], device=device))
 
 
-MODELS = {"embed_head": embed_head, "rope_kv": rope_kv}
+MODELS = {"embed_head": embed_head, "rope_kv": rope_kv, "norms": norms}
 
 
 def compile_gluon(model, inputs, **options):
@@ -132,10 +159,24 @@ def test_a_llama_decode_step_names_none_of_these_families():
 
 
 @needs_gluon
+def test_a_large_batch_decode_step_runs_on_gluon():
+    """Batch 32: the matmuls are large-M tiles, which fold no norm, so the step has standalone
+    norms; they run on the Gluon backend now (they sent 8B batch-64 decode to Triton)."""
+    model = fill_caches(random_llama(SMALL_LLAMA, dtype=torch.bfloat16, max_batch=32))
+    tokens = torch.randint(0, SMALL_LLAMA.vocab_size, (32, 1))
+    mk = compile_gluon(model, (tokens, torch.tensor([9])))
+    assert isinstance(mk, GluonMegakernel) and "norm" in {k[0] for k in mk.queue.opcode_keys}
+
+
+@needs_gluon
 def test_graphs_of_these_families_compile_for_sm90_without_spills(gluon_mk):
     name, mk = gluon_mk
     assert isinstance(mk, GluonMegakernel)
-    expected = {"embed_head": {"embedding", "argmax", "reduce", "softmax"}, "rope_kv": {"scatter", "elementwise"}}
+    expected = {
+        "embed_head": {"embedding", "argmax", "reduce", "softmax"},
+        "rope_kv": {"scatter", "elementwise"},
+        "norms": {"norm"},
+    }
     assert expected[name] <= {k[0] for k in mk.queue.opcode_keys}
     if name == "rope_kv":  # strided views and a cat read through windows, in elementwise and scatter
         ew = [k for _, k in keys_of(mk, "elementwise")]
@@ -224,7 +265,8 @@ def test_gluon_tiles_run_on_the_cpu_give_eager_outputs(name, dtype):
     mk = mkcompiler.compile(model, inputs, interpret=False, num_workers=8, cache=False)
     out, ran = run_with_gluon_tiles(mk, inputs, KINDS)
     ref = eager(*inputs)
-    assert {mk.queue.opcode_keys[o][0] for o in ran} >= ({"scatter"} if name == "rope_kv" else {"embedding", "argmax"})
+    ran_kinds = {"rope_kv": {"scatter"}, "embed_head": {"embedding", "argmax"}, "norms": {"norm"}}[name]
+    assert {mk.queue.opcode_keys[o][0] for o in ran} >= ran_kinds
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     for got, want in zip(out, ref):
         if want.dtype in (torch.int64, torch.bool):
@@ -233,7 +275,7 @@ def test_gluon_tiles_run_on_the_cpu_give_eager_outputs(name, dtype):
             assert rel_err(got, want) <= tol
     if name == "embed_head":  # the argmax of the kernel's own logits, exactly
         assert torch.equal(out[1], out[0].float().argmax(-1))
-    else:
+    elif name == "rope_kv":
         for cache in ("k_cache", "v_cache"):
             got, want = getattr(model, cache), getattr(eager, cache)
             assert rel_err(got, want) <= tol
@@ -294,6 +336,18 @@ def test_gpu_embedding_and_row_ops_match_eager():
         for got, want in zip(out[:1] + out[2:], ref[:1] + ref[2:]):
             assert rel_err(got, want) <= 3e-2
         assert torch.equal(out[1], out[0].float().argmax(-1))  # the first max of the kernel's own logits
+
+
+@pytest.mark.gpu
+def test_gpu_norms_match_eager():
+    model, (x,) = norms(device="cuda")
+    mk = compile_gluon(model, (x,))
+    assert isinstance(mk, GluonMegakernel) and "norm" in {k[0] for k in mk.queue.opcode_keys}
+    for seed in range(2):  # repeated calls, other inputs
+        torch.manual_seed(seed)
+        x = 3.0 * torch.randn_like(x) + 1.0
+        for got, want in zip(mk(x), model(x)):
+            assert rel_err(got, want) <= 3e-2
 
 
 @pytest.mark.gpu

@@ -1,8 +1,10 @@
 """The decode step's small op families on the Gluon backend: embedding lookups, indexed writes
 (scatter: the KV-cache append) and row ops (reduce: sum / mean / amax; argmax, the greedy step's
-last op; softmax). Each is the twin of its Triton routine in ops/ (embedding.embedding_rows,
-scatter._emit, reduce.reduce_rows / argmax_rows / softmax_rows): the SAME instruction args and
-views, the same arithmetic, in the compute partition (none streams weights through the ring).
+last op; softmax; norm: RMSNorm / LayerNorm where no decode matmul folds it, i.e. before large-M
+matmuls: prefill, large-batch decode). Each is the twin of its Triton routine in ops/
+(embedding.embedding_rows, scatter._emit, reduce.reduce_rows / argmax_rows / softmax_rows,
+norm.norm_rows): the SAME instruction args and views, the same arithmetic, in the compute
+partition (none streams weights through the ring).
 
 Row ops and the embedding are fixed device functions below (their keys are constexprs); the
 scatter's routine is generated per opcode from the Triton one's line generators
@@ -31,7 +33,7 @@ from mkcompiler.ops.reduce import MODES
 from mkcompiler.ops.scatter import destination_lines
 
 MODULE = "mkcompiler.backends.gluon.small_ops"
-EMBEDDING, SCATTER, REDUCE, ARGMAX, SOFTMAX = "embedding", "scatter", "reduce", "argmax", "softmax"
+EMBEDDING, SCATTER, REDUCE, ARGMAX, SOFTMAX, NORM = "embedding", "scatter", "reduce", "argmax", "softmax", "norm"
 ROW_ROUTINES = {REDUCE: "reduce_rows", ARGMAX: "argmax_rows", SOFTMAX: "softmax_rows"}
 INT32_MAX = 2**31 - 1
 
@@ -227,6 +229,66 @@ if tiles.HAVE_GLUON:
             x = load_view(views_ptr, vx, lin, mask, X_DT, X_FLAT)
             store_view(views_ptr, vy, lin, mask, gl.exp(x - m[:, None]) / s[:, None], Y_DT, Y_FLAT)
 
+    @gluon.jit
+    def norm_rows(
+        row,
+        views_ptr,
+        ins,
+        X_DT: gl.constexpr,
+        W_DT: gl.constexpr,
+        B_DT: gl.constexpr,
+        Y_DT: gl.constexpr,
+        HAS_W: gl.constexpr,
+        HAS_B: gl.constexpr,
+        RMS: gl.constexpr,
+        EPS: gl.constexpr,
+        BR: gl.constexpr,
+        BC: gl.constexpr,
+        X_FLAT: gl.constexpr,
+        W_FLAT: gl.constexpr,
+        B_FLAT: gl.constexpr,
+        Y_FLAT: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        """ops/norm.norm_rows: LayerNorm (mean, then the variance of x - mean) or RMSNorm (the
+        mean square) of each of the tile's rows, times the weight, plus the bias."""
+        L: gl.constexpr = rows_layout(BC, num_warps)
+        vx = arg(row, ins, 0)
+        vw = arg(row, ins, 1)
+        vb = arg(row, ins, 2)
+        vy = arg(row, ins, 3)
+        C, R = row_shape(views_ptr, vx, X_DT, X_FLAT)
+        rows = tile_rows(row, ins, 4, BR, L)
+        row_ok = rows < R
+        mean = gl.zeros([BR], gl.float32, layout=gl.SliceLayout(1, L))
+        if not RMS:
+            for c0 in range(0, C, BC):
+                cols = chunk_cols(c0, BC, L)
+                mask = row_ok[:, None] & (cols[None, :] < C)
+                mean += gl.reduce(
+                    load_view(views_ptr, vx, rows[:, None] * C + cols[None, :], mask, X_DT, X_FLAT), 1, add
+                )
+            mean = mean / C
+        var = gl.zeros([BR], gl.float32, layout=gl.SliceLayout(1, L))
+        for c0 in range(0, C, BC):
+            cols = chunk_cols(c0, BC, L)
+            mask = row_ok[:, None] & (cols[None, :] < C)
+            x = load_view(views_ptr, vx, rows[:, None] * C + cols[None, :], mask, X_DT, X_FLAT)
+            d = gl.where(mask, x - mean[:, None], 0.0)
+            var += gl.reduce(d * d, 1, add)
+        rstd = 1.0 / gl.sqrt(var / C + EPS)  # ops/norm.norm_rstd
+        for c0 in range(0, C, BC):
+            cols = chunk_cols(c0, BC, L)
+            col_ok = cols < C
+            mask = row_ok[:, None] & col_ok[None, :]
+            lin = rows[:, None] * C + cols[None, :]
+            y = (load_view(views_ptr, vx, lin, mask, X_DT, X_FLAT) - mean[:, None]) * rstd[:, None]
+            if HAS_W:
+                y = y * load_view(views_ptr, vw, cols, col_ok, W_DT, W_FLAT)[None, :]
+            if HAS_B:
+                y = y + load_view(views_ptr, vb, cols, col_ok, B_DT, B_FLAT)[None, :]
+            store_view(views_ptr, vy, lin, mask, y, Y_DT, Y_FLAT)
+
 
 def gl_dtype(dtype) -> str:
     return tl_dtype(dtype).replace("tl.", "gl.")
@@ -248,6 +310,18 @@ def _emit_row_op(key, opcode: int, queue: Queue) -> Emitted:
     mode = f"{MODES[key.mode]}, " if key.kind == REDUCE else ""
     args = f"{gl_dtype(key.x)}, {gl_dtype(key.y)}, {mode}{br}, {bc}, {', '.join(map(str, key.flat))}"
     return Emitted("", guarded(f"{ROW_ROUTINES[key.kind]}(row, views_ptr, idx, {args}, num_warps)"))
+
+
+def _emit_norm(key, opcode: int, queue: Queue) -> Emitted:
+    """norm (ops/norm.NormKey): the Triton call's arguments, an absent weight or bias as fp32 and
+    its HAS_ flag False."""
+    w, b = (gl_dtype(d) if d is not None else "gl.float32" for d in (key.weight, key.bias))
+    br, bc = key.tile
+    args = (
+        f"{gl_dtype(key.x)}, {w}, {b}, {gl_dtype(key.y)}, {key.weight is not None}, {key.bias is not None}, "
+        f"{key.rms}, {key.eps!r}, {br}, {bc}, {', '.join(map(str, key.flat))}"
+    )
+    return Emitted("", guarded(f"norm_rows(row, views_ptr, idx, {args}, num_warps)"))
 
 
 # ---- scatter: generated per opcode ----
@@ -294,5 +368,6 @@ def _emit_scatter(key, opcode: int, queue: Queue) -> Emitted:
 
 register(EMBEDDING, GluonFamily(lambda key: None, _emit_embedding, MODULE, ("embedding_rows",)))
 register(SCATTER, GluonFamily(lambda key: expr_problem(key.expr), _emit_scatter, VIEWS_MODULE, VIEW_HELPERS))
+register(NORM, GluonFamily(lambda key: None, _emit_norm, MODULE, ("norm_rows",)))
 for _kind, _routine in ROW_ROUTINES.items():
     register(_kind, GluonFamily(lambda key: None, _emit_row_op, MODULE, (_routine,)))
