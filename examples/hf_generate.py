@@ -14,6 +14,7 @@ megakernel that writes the static cache in place. Usage:
     python examples/hf_generate.py --size llama-3.2-1b --dtype bfloat16 --new-tokens 64   # real shapes (GPU)
     python examples/hf_generate.py --model-dir ./my-checkpoint          # local weights (safetensors)
     python examples/hf_generate.py --size llama-3.2-1b --dtype bfloat16 --skip-module-guards   # fewer dynamo guards (unsafe)
+    python examples/hf_generate.py --size llama-3.2-1b --dtype float32 --trace   # what the forward runs beside mk(...)
 
 Checks the tokens against eager generate() and prints, per decode step (medians):
 - the gap between tokens as generate() sees it: the forward plus transformers' own work per step
@@ -120,12 +121,12 @@ def generate(model, prompt, new_tokens: int, device: str) -> tuple[torch.Tensor,
     return tokens, timer, forward
 
 
-def replay(forward: ForwardTimer, repeats: int) -> tuple[float, float, int]:
+def replay(forward: ForwardTimer, repeats: int) -> tuple[float, float, int, dict]:
     """The last decode step of a generate(), again: the compiled forward on its arguments, and the
     megakernels that forward ran, each called directly on the inputs it gave them (mk(...), as
     examples/hf_decode.py calls its own), alternately `repeats` times. Medians in ms, and the number
-    of megakernels (graph breaks give several). The step rewrites the cache slot it wrote: the same
-    values, nothing else changes."""
+    of megakernels (graph breaks give several), and the two callables (for --trace). The step
+    rewrites the cache slot it wrote: the same values, nothing else changes."""
     args, kwargs = forward.last
 
     def step():
@@ -142,7 +143,22 @@ def replay(forward: ForwardTimer, repeats: int) -> tuple[float, float, int]:
         return [mk(*inputs) for mk, inputs in calls]
 
     times = [(timed(step, forward.device)[1], timed(direct, forward.device)[1]) for _ in range(repeats)]
-    return median_ms([f for f, _ in times]), median_ms([d for _, d in times]), len(calls)
+    callables = {"compiled forward": step, "mk(...) directly": direct}
+    return median_ms([f for f, _ in times]), median_ms([d for _, d in times]), len(calls), callables
+
+
+def trace(callables: dict, device: str, rows: int = 12) -> None:
+    """One call of each under torch.profiler: the operators and kernels it ran, by device time (on
+    a GPU) or host time: what the compiled forward runs beside its megakernels, and how long."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device != "cpu"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    for name, fn in callables.items():
+        with profile(activities=activities) as prof:
+            timed(fn, device)
+        print(f"--trace: {name}")
+        print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=rows))
 
 
 def main():
@@ -154,6 +170,9 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--no-check", action="store_true", help="skip the eager comparison")
+    ap.add_argument(
+        "--trace", action="store_true", help="profile one replayed step and its megakernels (torch.profiler)"
+    )
     ap.add_argument(
         "--skip-module-guards",
         action="store_true",
@@ -192,11 +211,13 @@ def main():
         f"compiled forward {forward.decode_ms():.2f} ms/step (medians)"
     )
     with torch.no_grad():
-        step_ms, mk_ms, n = replay(forward, max(args.new_tokens, 10))
-    print(
-        f"last decode step replayed: compiled forward {step_ms:.3f} ms, its {n} megakernel(s) called directly "
-        f"mk(...) {mk_ms:.3f} ms (forward/mk {step_ms / mk_ms:.3f}x; medians)"
-    )
+        step_ms, mk_ms, n, callables = replay(forward, max(args.new_tokens, 10))
+        print(
+            f"last decode step replayed: compiled forward {step_ms:.3f} ms, its {n} megakernel(s) called directly "
+            f"mk(...) {mk_ms:.3f} ms (forward/mk {step_ms / mk_ms:.3f}x; medians)"
+        )
+        if args.trace:
+            trace(callables, device)
     for graph in mkcompiler.dynamo.compiled_graphs():
         print(" ", graph, "->", ", ".join(type(r).__name__ for r in graph.compiled.values()))
     new = tokens[0, args.prompt_len :].tolist()
