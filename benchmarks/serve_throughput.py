@@ -13,7 +13,8 @@ Greedy decoding, no stop tokens: every request produces exactly its drawn output
 
 Model: examples/hf_decode.py's SIZES (a Hugging Face LlamaForCausalLM of the real shapes, random
 weights, --dtype). Engines (--engines, in order): mkcompiler (mkcompiler.serve, megakernel
-steps), torch.compile (the same engine, steps through torch.compile), eager (the same engine,
+steps), torch.compile (the same engine, steps through torch.compile; on a GPU mode
+"reduce-overhead": each step shape a CUDA graph), eager (the same engine,
 eager steps), hf (transformers' continuous batching manager, its paged "sdpa" attention; skipped
 when the installed transformers has none). Step shapes (--buckets): the engine's choice per
 backend (coarse for megakernels, powers of two otherwise). Each compiled engine first compiles
@@ -201,7 +202,8 @@ def make_engine(model, name: str, args) -> Engine:
     config = engine_config(args, name)
     options = dict(matmul_tile=(16, 128, 64), elementwise_block=1024, row_block=8) if args.tiny else {}
     if name == "torch.compile":
-        options = {}
+        # The issue's baseline: torch.compile'd steps replayed as CUDA graphs (CPU: no graphs)
+        options = {"mode": "reduce-overhead"} if torch.cuda.is_available() and not args.tiny else {}
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)  # one entry per bucket
     return Engine(model, config, options)
 
