@@ -86,3 +86,37 @@ def list_schedule(dag: TileDAG, num_workers: int) -> Schedule:
         heapq.heappush(workers, (finish, w))
         makespan = max(makespan, finish)
     return Schedule(order, lists, makespan)
+
+
+@dataclass(frozen=True)
+class ScheduleStats:
+    """How good a schedule is by the cost model's own numbers (ns): its makespan against the two
+    lower bounds (all work spread evenly over the workers; the longest cost path), and the
+    dependencies between tiles of one op (op index -> edges), which only overlapping writes of one
+    op justify: a count there is the first sign of regions coarser than the tiles (session 15:
+    128-row tiles whose regions collapsed made each gate tile wait for all tiles left of it)."""
+
+    makespan_ns: float
+    work_bound_ns: float
+    critical_path_ns: float
+    intra_op_edges: dict[int, int]
+
+    @property
+    def efficiency(self) -> float:
+        """The larger lower bound over the makespan (1: nothing better exists)."""
+        bound = max(self.work_bound_ns, self.critical_path_ns)
+        return bound / self.makespan_ns if self.makespan_ns > 0 else 1.0
+
+
+def schedule_stats(dag: TileDAG, schedule: Schedule, num_workers: int) -> ScheduleStats:
+    cost = np.array([task.cost for task in dag.tasks], dtype=np.float64)
+    u, v = dag.edge_arrays()
+    op = np.array([task.op for task in dag.tasks], dtype=np.int64)
+    same = op[u] == op[v] if len(u) else np.zeros(0, dtype=bool)
+    ops, counts = np.unique(op[u[same]], return_counts=True)
+    return ScheduleStats(
+        schedule.makespan_ns,
+        float(cost.sum()) / num_workers,
+        max(bottom_levels(dag), default=0.0),
+        dict(zip(ops.tolist(), counts.tolist())),
+    )

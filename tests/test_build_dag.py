@@ -209,20 +209,51 @@ def test_build_dag_with_degenerate_and_overlapping_writes():
         assert len(u) == len(want)
 
 
+def compile_to_schedule(model, inputs, num_workers: int, **settings):
+    comp = pipeline.Compilation(capture(model, inputs), Settings(**settings).for_target(), num_workers)
+    for name, step, _ in pipeline.PIPELINE:
+        step(comp)
+        if name == "schedule":
+            return comp
+
+
 @pytest.mark.parametrize("tile", [(128, 128, 64), (256, 128, 64)], ids=["128 rows", "256 rows"])
 def test_tall_tiles_of_one_matmul_do_not_wait_on_each_other(tile):
     """A large-M tile writes one interval per output row. Its region stays exact up to
     base.MAX_INTERVALS rows: a bounding interval would overlap every tile of the same rows, and
     each tile would wait for all tiles left of it (the Gluon prefill's 128-row tiles did: 8B MLP,
     2048 tokens, up to 93 waits per gate tile, SMs waiting 80% of the kernel)."""
-    model = torch.nn.Linear(64, 512, bias=False)
-    x = torch.randn(512, 64)
-    comp = pipeline.Compilation(capture(model, (x,)), Settings(matmul_tile=tile).for_target(), 16)
-    for name, step, _ in pipeline.PIPELINE:
-        step(comp)
-        if name == "build_dag":
-            break
+    comp = compile_to_schedule(torch.nn.Linear(64, 512, bias=False), (torch.randn(512, 64),), 16, matmul_tile=tile)
     dag = comp.dag
     tasks = [t for t in dag.tasks if comp.graph.ops[t.op].kind == "matmul"]
     assert len(tasks) == (512 // tile[0]) * (512 // 128)
     assert dag.number_of_edges() == 0
+
+
+def test_schedule_stats_show_tiles_of_one_op_waiting_on_each_other(monkeypatch):
+    """passes/schedule.schedule_stats (inspect's schedule section): the makespan is never below
+    its bounds, and regions too coarse for the tiles (here: MAX_INTERVALS back at 64 under
+    128-row tiles) show as edges inside the matmul and a longer critical path."""
+    from mkcompiler.passes.schedule import bottom_levels, schedule_stats
+
+    model, x = torch.nn.Linear(64, 512, bias=False), torch.randn(512, 64)
+
+    def stats():
+        base._box_intervals.cache_clear()  # memoized per box, not per limit
+        comp = compile_to_schedule(model, (x,), 16, matmul_tile=(128, 128, 64))
+        st = schedule_stats(comp.dag, comp.schedule, 16)
+        assert st.work_bound_ns == pytest.approx(sum(t.cost for t in comp.dag.tasks) / 16)
+        assert st.critical_path_ns == pytest.approx(max(bottom_levels(comp.dag)))
+        assert st.makespan_ns >= max(st.work_bound_ns, st.critical_path_ns) * (1 - 1e-9)
+        return comp, st
+
+    comp, exact = stats()
+    assert exact.intra_op_edges == {} and 0 < exact.efficiency <= 1
+    monkeypatch.setattr(base, "MAX_INTERVALS", 64)
+    try:
+        comp, coarse = stats()
+    finally:
+        base._box_intervals.cache_clear()
+    (op,) = coarse.intra_op_edges
+    assert comp.graph.ops[op].kind == "matmul" and coarse.intra_op_edges[op] > 0
+    assert coarse.critical_path_ns > exact.critical_path_ns

@@ -45,6 +45,9 @@ def test_inspect_transformer_block_prints_every_section(capsys):
     attn = next(ln for ln in tiling.splitlines() if ln.split()[:2] == ["scaled_dot_product_attention", "attention"])
     assert "tile=" in attn and attn.split()[3] == "2"  # decode: one tile per kv head (2 query heads each)
     assert re.search(r"mm_\d+\s+matmul\s+tile=\d+x\d+x\d+\s+\d+\s", tiling)
+    sched = s["== schedule"]
+    assert re.search(r"makespan [\d.]+ us on 4 workers; .* \(efficiency \d+%\)", sched), sched
+    assert "no tile waits on another tile of its own op" in sched
     queue = s["== instruction queue"]
     assert "... " in queue and "more instructions" in queue  # --limit 6
     assert len([ln for ln in queue.splitlines() if re.match(r"\s+\d+\s+\d+\s", ln)]) == 6

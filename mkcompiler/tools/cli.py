@@ -290,6 +290,29 @@ def tiling_section(mk) -> list[str]:
     return lines
 
 
+def schedule_section(mk) -> list[str]:
+    """The static schedule by the cost model (passes/schedule.schedule_stats): how far the
+    makespan is from its bounds, and tiles of one op waiting on each other."""
+    from mkcompiler.passes.schedule import schedule_stats
+
+    comp = mk.compilation
+    lines = [heading("schedule (the scheduler's cost model)")]
+    if comp.schedule is None:
+        return lines + ["  not kept (this compile came from the compile cache)"]
+    st = schedule_stats(comp.dag, comp.schedule, mk.num_workers)
+    lines.append(
+        f"  makespan {st.makespan_ns / 1e3:.1f} us on {mk.num_workers} workers; lower bounds: work / workers "
+        f"{st.work_bound_ns / 1e3:.1f} us, critical path {st.critical_path_ns / 1e3:.1f} us "
+        f"(efficiency {st.efficiency:.0%})"
+    )
+    if st.intra_op_edges:
+        named = ", ".join(f"{mk.graph.ops[o].name} {n}" for o, n in sorted(st.intra_op_edges.items()))
+        lines.append(f"  tiles of one op waiting on each other (only overlapping writes need it): {named}")
+    else:
+        lines.append("  no tile waits on another tile of its own op")
+    return lines
+
+
 def offline_section(mk) -> tuple[list[str], bool]:
     from mkcompiler.runtime.gluon import GluonMegakernel
     from mkcompiler.tools.offline import OfflineCompileError, compile_sm90, format_report
@@ -357,6 +380,7 @@ def cmd_inspect(a) -> int:
     print("\n".join(out))
     print("\n".join(graph_section(mk)))
     print("\n".join(tiling_section(mk)))
+    print("\n".join(schedule_section(mk)))
     print(heading("instruction queue"))
     print(mk.queue.table(None if a.limit <= 0 else a.limit))
     print(heading(f"generated kernel source ({mk.source.count(chr(10))} lines)"))
