@@ -13,6 +13,7 @@ SECTIONS = [
     "== model",
     "== op graph",
     "== tiling",
+    "== schedule",
     "== instruction queue",
     "== generated kernel source",
     "== offline sm_90",
