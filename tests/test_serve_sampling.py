@@ -86,3 +86,17 @@ def test_candidate_mask_keeps_the_most_likely_token_always():
     probs = torch.tensor([[0.9, 0.05, 0.05]])
     assert candidate_mask(probs, torch.tensor([3]), torch.tensor([0.01])).tolist() == [[True, False, False]]
     assert candidate_mask(probs, torch.tensor([3]), torch.tensor([0.92])).tolist() == [[True, True, False]]
+
+
+def test_rows_named_as_drawn_are_drawn_the_same_and_the_rest_are_argmax():
+    """sample(..., drawn): the engine names the rows with a temperature above 0; those draw the
+    tokens they draw without the list, the others are the argmax (no sort for a greedy step)."""
+    logits = torch.randn(16, V, generator=torch.Generator().manual_seed(6))
+    mixed = rows(16, temperature=0.8, top_k=10, top_p=0.9, seed0=40, step=2)
+    mixed.temperature[::3] = 0.0
+    drawn = [r for r in range(16) if r % 3]
+    want = sample(logits, mixed)
+    got = sample(logits, mixed, drawn)
+    assert torch.equal(got, want)
+    assert not torch.equal(got[drawn], logits[drawn].argmax(-1))  # the drawn rows did draw
+    assert torch.equal(sample(logits, rows(16, temperature=0.0), []), logits.argmax(-1))

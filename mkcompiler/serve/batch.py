@@ -94,6 +94,7 @@ class Step:
     inputs: PagedInputs
     sampling: SamplingRows
     owners: list[tuple[int, Sequence]]  # (row of the sampled tokens, its sequence)
+    drawn: list[int]  # rows sampled with a temperature above 0 (the rest: argmax; sampling.sample)
 
 
 def build_step(plan: StepPlan, pages: PageAllocator, buckets: Buckets, vocab_size: int, device) -> Step:
@@ -118,7 +119,8 @@ def build_step(plan: StepPlan, pages: PageAllocator, buckets: Buckets, vocab_siz
     floats = torch.tensor([temperature, top_p], dtype=torch.float32).to(device)
     parts = ints.split([c + b] * 4 + [p, b * p, 1 + b] + [1 + b] * 3)
     inputs = PagedInputs(*parts[:5], parts[5].view(b, p), parts[6])
-    return Step(inputs, SamplingRows(floats[0], parts[7], floats[1], parts[8], parts[9]), owners)
+    drawn = [r for r, t in enumerate(temperature) if t > 0]
+    return Step(inputs, SamplingRows(floats[0], parts[7], floats[1], parts[8], parts[9]), owners, drawn)
 
 
 def padding_step(shape: tuple[int, int, int], device) -> PagedInputs:

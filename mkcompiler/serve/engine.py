@@ -129,7 +129,7 @@ class Engine:
             return []
         step = build_step(plan, self.pages, self.buckets, self.vocab_size, self.device)
         logits = self.runner(step.inputs)
-        tokens = sample(logits, step.sampling).tolist()  # the step's one read from the device
+        tokens = sample(logits, step.sampling, step.drawn).tolist()  # the step's one read from the device
         self.steps += 1
         grown = self.scheduler.advance(plan, {seq.request_id: tokens[row] for row, seq in step.owners})
         for seq in grown:

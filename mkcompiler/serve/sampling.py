@@ -7,6 +7,7 @@ is batched with, however the batch is padded, and after a preemption and recompu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -50,15 +51,29 @@ def candidate_mask(sorted_probs: torch.Tensor, top_k: torch.Tensor, top_p: torch
     return (ranks[None, :] < top_k[:, None]) & (before < top_p[:, None])
 
 
-def sample(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
-    """logits [R, V] -> next tokens [R] int64 (on the logits' device). Sampling is Gumbel-max
-    over the candidates: argmax(logit / T + Gumbel noise) draws from softmax(logit / T)."""
+def sample(logits: torch.Tensor, rows: SamplingRows, drawn: Sequence[int] | None = None) -> torch.Tensor:
+    """logits [R, V] -> next tokens [R] int64 (on the logits' device): the argmax where the
+    temperature is 0, else a draw (`_draw`). `drawn`: the rows whose temperature is above 0, when
+    the caller knows them on the host (the engine does): the other rows then cost one argmax, and
+    a step of greedy requests no sort of its [R, V] logits. The draws are the same either way
+    (a draw depends on its row's seed and step only)."""
     logits = logits.float()
     greedy = logits.argmax(-1)
+    if drawn is None:
+        return torch.where(rows.temperature == 0, greedy, _draw(logits, rows))
+    if not drawn:
+        return greedy
+    index = torch.tensor(list(drawn), dtype=torch.int64, device=logits.device)
+    greedy[index] = _draw(logits.index_select(0, index), SamplingRows(*(t.index_select(0, index) for t in rows)))
+    return greedy
+
+
+def _draw(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
+    """Gumbel-max over each row's candidates: argmax(logit / T + Gumbel noise) draws from
+    softmax(logit / T) restricted to the top-k / top-p set."""
     scaled = logits / rows.temperature.clamp_min(1e-6)[:, None]
     sorted_logits, order = scaled.sort(-1, descending=True)
     keep = candidate_mask(sorted_logits.softmax(-1), rows.top_k, rows.top_p)
     gumbel = -torch.log(-torch.log(uniform_noise(rows.seed, rows.step, logits.shape[-1])))
     choice = torch.where(keep, sorted_logits + gumbel, float("-inf")).argmax(-1)
-    sampled = order.gather(1, choice[:, None])[:, 0]
-    return torch.where(rows.temperature == 0, greedy, sampled)
+    return order.gather(1, choice[:, None])[:, 0]
