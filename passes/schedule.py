@@ -93,8 +93,8 @@ class ScheduleStats:
     """How good a schedule is by the cost model's own numbers (ns): its makespan against the two
     lower bounds (all work spread evenly over the workers; the longest cost path), and the
     dependencies between tiles of one op (op index -> edges), which only overlapping writes of one
-    op justify: a count there is the first sign of regions coarser than the tiles (session 15:
-    128-row tiles whose regions collapsed made each gate tile wait for all tiles left of it)."""
+    op justify: a count there is the first sign of regions coarser than the tiles (a tile's
+    bounding interval overlaps every tile of the same rows, so they wait on each other)."""
 
     makespan_ns: float
     work_bound_ns: float
@@ -112,7 +112,7 @@ def schedule_stats(dag: TileDAG, schedule: Schedule, num_workers: int) -> Schedu
     cost = np.array([task.cost for task in dag.tasks], dtype=np.float64)
     u, v = dag.edge_arrays()
     op = np.array([task.op for task in dag.tasks], dtype=np.int64)
-    same = op[u] == op[v] if len(u) else np.zeros(0, dtype=bool)
+    same = op[u] == op[v]
     ops, counts = np.unique(op[u[same]], return_counts=True)
     return ScheduleStats(
         schedule.makespan_ns,
