@@ -158,7 +158,7 @@ def trace(callables: dict, device: str, rows: int = 12) -> None:
         with profile(activities=activities) as prof:
             timed(fn, device)
         print(f"--trace: {name}")
-        print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=rows))
+        print(prof.key_averages().table(sort_by="device_time_total" if cuda else "cpu_time_total", row_limit=rows))
 
 
 def main():
