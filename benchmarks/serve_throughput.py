@@ -231,7 +231,11 @@ def bench(model, name: str, args, requests, warmup, sync) -> Row:
         shapes = len(engine.buckets.grid())
         if shapes <= PRECOMPILE_MAX:
             t0 = time.perf_counter()
-            engine.precompile()
+
+            def said(shape, seconds, name=name):
+                print(f"{name}: step shape (chunk, batch, pages) {shape} compiled in {seconds:.1f} s", flush=True)
+
+            engine.precompile(said)
             print(f"{name}: {shapes} step shapes compiled in {time.perf_counter() - t0:.1f} s", flush=True)
         else:
             print(f"{name}: {shapes} step shapes, not compiled up front (> {PRECOMPILE_MAX})", flush=True)

@@ -190,7 +190,9 @@ def test_precompile_runs_every_shape_and_touches_no_live_page():
     ids = [engine.add_request(p, SamplingParams(5)) for p in ps]
     engine.step(), engine.step()
     live = [t[1:].clone() for t in engine.lm.buffers()]  # page 0 is the scratch page
-    assert engine.precompile() == 0  # eager: nothing compiles
+    reported = []
+    assert engine.precompile(lambda shape, seconds: reported.append((shape, seconds))) == 0  # eager: no compile
+    assert [shape for shape, _ in reported] == engine.buckets.grid() and all(s >= 0 for _, s in reported)
     step = padding_step((2, 3, 4), engine.device)
     assert len({t.data_ptr() for t in step}) == len(step)  # megakernels refuse inputs sharing memory
     assert set(engine.runner._steps) == set(engine.buckets.grid()) and len(engine.buckets.grid()) == 3 * 2

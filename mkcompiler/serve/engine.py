@@ -11,7 +11,8 @@ step() runs one batched step and returns the tokens it produced.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -113,13 +114,17 @@ class Engine:
     def output(self, request_id: int) -> list[int]:
         return list(self.sequences[request_id].generated)
 
-    def precompile(self) -> int:
+    def precompile(self, on_shape: Callable[[tuple[int, int, int], float], None] | None = None) -> int:
         """Compile (and run once, on padding rows only) every step shape of the buckets, so that
         no compile happens while serving; returns the compiles made. Megakernels' coarse buckets
-        have a few dozen shapes at most; powers of two, hundreds."""
+        have a few dozen shapes at most; powers of two, hundreds. `on_shape(shape, seconds)` is
+        called after each (progress: a shape's compile takes seconds to tens of seconds)."""
         before = self.runner.compiles
         for shape in self.buckets.grid():
+            t0 = time.perf_counter()
             self.runner(padding_step(shape, self.device))
+            if on_shape is not None:
+                on_shape(shape, time.perf_counter() - t0)
         return self.runner.compiles - before
 
     def step(self) -> list[tuple[int, int]]:
