@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 
 import numpy as np
 
@@ -19,8 +20,6 @@ import numpy as np
 def save_stamps(mk, prof, path: str) -> None:
     """Write a profile's stamps with each instruction's op and opcode names and descriptions:
     the file this module reads (profile_decode.py and prefill_matmul.py --stamps write it)."""
-    import os
-
     from mkcompiler.ir.layout import Field
 
     q, dag, graph = mk.queue, mk.dag, mk.graph

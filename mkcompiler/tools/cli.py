@@ -297,8 +297,8 @@ def schedule_section(mk) -> list[str]:
 
     comp = mk.compilation
     lines = [heading("schedule (the scheduler's cost model)")]
-    if comp.schedule is None:
-        return lines + ["  not kept (this compile came from the compile cache)"]
+    if comp.schedule is None:  # every pipeline run and cache entry has one; a hand-made compilation may not
+        return lines + ["  none recorded"]
     st = schedule_stats(comp.dag, comp.schedule, mk.num_workers)
     lines.append(
         f"  makespan {st.makespan_ns / 1e3:.1f} us on {mk.num_workers} workers; lower bounds: work / workers "
